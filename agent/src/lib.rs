@@ -1,0 +1,1 @@
+//! Blixard agent library.
