@@ -1,1 +1,11 @@
-//! Blixard agent library.
+//! Blixard's host agent, as a library.
+//!
+//! Dependency direction: `cli -> api -> node -> {consensus, state,
+//! scheduler, reconciler -> runtime}`. Nothing below `node` knows about
+//! gRPC or the CLI; `consensus` and `state` do no I/O of their own beyond
+//! the `storage` they are given. See ARCHITECTURE.md for the map.
+
+pub mod consensus;
+pub mod names;
+pub mod state;
+pub mod storage;

@@ -1,0 +1,555 @@
+//! The consensus core: raft-rs's `RawNode` over our redb [`Store`], driven
+//! by explicit inputs and producing explicit outputs.
+//!
+//! Inputs: [`Core::tick`], [`Core::step`] (a message from a peer),
+//! [`Core::propose`] / [`Core::propose_membership`], [`Core::read_index`],
+//! and the transport's feedback ([`Core::report_unreachable`],
+//! [`Core::report_snapshot`]). Outputs: messages handed to a [`Transport`],
+//! and a [`ReadyOutput`] from [`Core::handle_ready`] (applied entries with
+//! their outcomes, read states, role changes). The core never reads a clock,
+//! opens a socket or spawns a task, so the simulator drives the very same
+//! code as the daemon.
+//!
+//! # The order of one `Ready`, and why
+//!
+//! [`Core::handle_ready`] follows raft-rs's documented order. Each "before"
+//! prevents a specific failure:
+//!
+//! 1. `messages()` go out at once. They exist only on a leader and carry
+//!    entries the leader persists in parallel (Raft thesis 10.2.1); the
+//!    leader counts itself toward a quorum only after its own write (step 5).
+//! 2. A received snapshot, the committed entries' effects, the new entries
+//!    and the hard state are written in **one** transaction. Applying and
+//!    recording the applied index together means a crash can never re-apply
+//!    an entry (a re-applied `Place` would bump the generation twice and
+//!    the replicas would diverge).
+//! 3. That transaction is durable (fsync) before `persisted_messages()` are
+//!    sent. They hold votes and append acknowledgements: a vote sent before
+//!    its hard state is durable can be forgotten by a crash, after which the
+//!    node votes again in the same term and two leaders are elected in one
+//!    term; an acknowledgement sent before its entries are durable lets the
+//!    leader count a copy that a crash then loses, so a "committed" entry
+//!    disappears.
+//! 4. Only then `advance`: it tells raft-rs the entries are stable, and a
+//!    leader counts its own copy toward the commit index from here on.
+//!    Advancing before the write would let a leader commit on the strength
+//!    of a copy that is not on its disk.
+//! 5. The light ready: its commit index is written in the same transaction
+//!    as the entries it lets us apply (persist the commit index with or
+//!    before applying: a restarted node whose applied index exceeds its
+//!    commit index is refused by raft-rs), its messages go out, and
+//!    `advance_apply` follows the write.
+//!
+//! A storage error is fatal: the node stops (systemd restarts it) and the
+//! restarted node resumes from what is on disk. Nothing is ever wiped.
+
+mod slog_tracing;
+
+use std::collections::BTreeMap;
+
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message, Snapshot};
+use raft::{RawNode, ReadState, SnapshotStatus, StateRole};
+
+use crate::state::codec::{self, MemberInfo};
+use crate::state::{Command, Effect, MembershipChange, NodeId, Rejection, State};
+use crate::storage::{StorageError, Store, WriteBatch};
+
+/// Where the core sends messages; the daemon's transport or the simulated
+/// network.
+pub trait Transport {
+    fn send(&mut self, messages: Vec<Message>);
+}
+
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub id: NodeId,
+    /// Ticks without a leader before a follower campaigns (randomised by
+    /// raft-rs in `[election_tick, 2 * election_tick)`).
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    /// Compact the log once it holds more than this many applied entries.
+    pub log_compact_entries_max: u64,
+    /// Bytes of entries per append message.
+    pub max_size_per_msg: u64,
+    /// Append messages in flight per follower.
+    pub max_inflight_msgs: usize,
+    /// The largest command accepted by [`Core::propose`], in bytes.
+    pub proposal_bytes_max: usize,
+}
+
+impl CoreConfig {
+    pub fn new(id: NodeId) -> Self {
+        CoreConfig {
+            id,
+            election_tick: 10,
+            heartbeat_tick: 1,
+            log_compact_entries_max: 10_000,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            proposal_bytes_max: 1024 * 1024,
+        }
+    }
+}
+
+/// Identifies one proposal of one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProposalId {
+    pub proposer: NodeId,
+    pub seq: u64,
+}
+
+impl ProposalId {
+    fn encode(self) -> Vec<u8> {
+        codec::pb::ProposalContext { proposer: self.proposer, seq: self.seq }.encode_to_vec()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.is_empty() {
+            return None;
+        }
+        let ctx = codec::pb::ProposalContext::decode(bytes).ok()?;
+        Some(ProposalId { proposer: ctx.proposer, seq: ctx.seq })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    #[error("this member is not the leader")]
+    NotLeader { leader: Option<NodeId> },
+    #[error("the command is {size} bytes; the limit is {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("the leader dropped the proposal (leadership transfer or too much uncommitted data)")]
+    Dropped,
+}
+
+/// What became of a proposal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied: accepted with an effect, or rejected with a reason.
+    Applied(Result<Effect, Rejection>),
+    /// Another entry took its place in the log; it was not applied.
+    Dropped,
+    /// A snapshot skipped over it; it may or may not have been applied.
+    Unknown,
+}
+
+/// One applied log entry (or one resolved proposal of ours).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub index: u64,
+    pub proposal: Option<ProposalId>,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Follower,
+    Candidate,
+    PreCandidate,
+    Leader,
+}
+
+impl From<StateRole> for Role {
+    fn from(r: StateRole) -> Self {
+        match r {
+            StateRole::Follower => Role::Follower,
+            StateRole::Candidate => Role::Candidate,
+            StateRole::PreCandidate => Role::PreCandidate,
+            StateRole::Leader => Role::Leader,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoleChange {
+    pub role: Role,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+}
+
+/// The outputs of one [`Core::handle_ready`], besides the messages.
+#[derive(Debug, Default)]
+pub struct ReadyOutput {
+    /// Applied entries that carried a command or membership change, and our
+    /// proposals resolved as dropped or unknown, in log order.
+    pub applied: Vec<Applied>,
+    /// Answers to [`Core::read_index`]: `(context, index)`; a read is
+    /// linearizable once the applied index reaches `index`.
+    pub reads: Vec<(Vec<u8>, u64)>,
+    pub role: Option<RoleChange>,
+    /// The index of a snapshot installed from the leader.
+    pub snapshot_installed: Option<u64>,
+}
+
+/// Replication progress of one peer, as the leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerProgress {
+    pub id: NodeId,
+    pub matched: u64,
+    pub learner: bool,
+    /// Heard from within the last election timeout.
+    pub recent_active: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoreStatus {
+    pub id: NodeId,
+    pub role: Role,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub last_index: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// Filled in on the leader only.
+    pub progress: Vec<PeerProgress>,
+}
+
+/// The index raft-rs's log starts after for a freshly bootstrapped cluster.
+/// A joining node has an empty log (last index 0), so the leader must send
+/// it a snapshot, which carries the initial members the log does not.
+pub const BOOTSTRAP_INDEX: u64 = 5;
+pub const BOOTSTRAP_TERM: u64 = 5;
+
+pub struct Core {
+    raw: RawNode<Store>,
+    config: CoreConfig,
+    next_seq: u64,
+    /// Our proposals as leader: log index -> (id). Resolved when that index
+    /// is applied (ours or not) or skipped by a snapshot.
+    pending: BTreeMap<u64, ProposalId>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").field("id", &self.config.id).field("store", self.raw.store()).finish()
+    }
+}
+
+impl Core {
+    /// Starts (or restarts) a node over `store`, resuming from its persisted
+    /// hard state, conf state and snapshot point.
+    pub fn new(config: CoreConfig, store: Store) -> Result<Self, raft::Error> {
+        let raft_config = raft::Config {
+            id: config.id,
+            election_tick: config.election_tick,
+            heartbeat_tick: config.heartbeat_tick,
+            applied: store.applied(),
+            max_size_per_msg: config.max_size_per_msg,
+            max_inflight_msgs: config.max_inflight_msgs,
+            check_quorum: true,
+            pre_vote: true,
+            // Linearizable reads confirm leadership with a heartbeat round.
+            read_only_option: raft::ReadOnlyOption::Safe,
+            max_committed_size_per_ready: 4 * 1024 * 1024,
+            ..raft::Config::default()
+        };
+        raft_config.validate()?;
+        let logger = slog::Logger::root(slog_tracing::TracingDrain, slog::o!("raft_id" => config.id));
+        let raw = RawNode::new(&raft_config, store, &logger)?;
+        Ok(Core { raw, config, next_seq: 0, pending: BTreeMap::new() })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    pub fn store(&self) -> &Store {
+        self.raw.store()
+    }
+
+    pub fn state(&self) -> &State {
+        self.raw.store().state()
+    }
+
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    /// Feeds a message from a peer. Errors are messages raft-rs refuses
+    /// (from a removed peer, a local message type); the caller logs them.
+    pub fn step(&mut self, message: Message) -> Result<(), raft::Error> {
+        self.raw.step(message)
+    }
+
+    pub fn campaign(&mut self) -> Result<(), raft::Error> {
+        self.raw.campaign()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        let leader = self.raw.raft.leader_id;
+        (leader != raft::INVALID_ID).then_some(leader)
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    fn next_proposal(&mut self) -> ProposalId {
+        self.next_seq += 1;
+        ProposalId { proposer: self.config.id, seq: self.next_seq }
+    }
+
+    fn check_leader(&self) -> Result<(), ProposeError> {
+        if self.is_leader() {
+            Ok(())
+        } else {
+            Err(ProposeError::NotLeader { leader: self.leader() })
+        }
+    }
+
+    /// Proposes a command. Only the leader proposes (followers forward
+    /// requests to it), so the proposal's log index is known and its outcome
+    /// is always reported: applied, dropped, or unknown.
+    pub fn propose(&mut self, command: &Command) -> Result<ProposalId, ProposeError> {
+        self.check_leader()?;
+        let data = codec::encode_command(command);
+        if data.len() > self.config.proposal_bytes_max {
+            return Err(ProposeError::TooLarge { size: data.len(), max: self.config.proposal_bytes_max });
+        }
+        let id = self.next_proposal();
+        self.raw.propose(id.encode(), data).map_err(|_| ProposeError::Dropped)?;
+        self.track(id);
+        Ok(id)
+    }
+
+    /// Proposes a membership change as a Raft conf change. raft-rs turns it
+    /// into an empty entry while another change is unapplied; that shows up
+    /// as [`Outcome::Dropped`].
+    pub fn propose_membership(&mut self, change: &MembershipChange, at_unix_ms: u64) -> Result<ProposalId, ProposeError> {
+        self.check_leader()?;
+        let (change_type, info) = match change {
+            MembershipChange::AddLearner { name, address, .. } => (
+                ConfChangeType::AddLearnerNode,
+                MemberInfo { name: name.clone(), address: address.clone(), at_unix_ms },
+            ),
+            MembershipChange::Promote { .. } => (ConfChangeType::AddNode, MemberInfo { at_unix_ms, ..MemberInfo::default() }),
+            MembershipChange::Remove { .. } => (ConfChangeType::RemoveNode, MemberInfo { at_unix_ms, ..MemberInfo::default() }),
+        };
+        let mut cc = ConfChange::default();
+        cc.set_change_type(change_type);
+        cc.node_id = change.node();
+        cc.set_context(codec::encode_member_info(&info).into());
+        let id = self.next_proposal();
+        self.raw.propose_conf_change(id.encode(), cc).map_err(|_| ProposeError::Dropped)?;
+        self.track(id);
+        Ok(id)
+    }
+
+    fn track(&mut self, id: ProposalId) {
+        let index = self.raw.raft.raft_log.last_index();
+        self.pending.insert(index, id);
+    }
+
+    /// Asks for a linearizable read point; the answer arrives as
+    /// [`ReadyOutput::reads`] with this `context`.
+    pub fn read_index(&mut self, context: Vec<u8>) {
+        self.raw.read_index(context);
+    }
+
+    pub fn report_unreachable(&mut self, peer: NodeId) {
+        self.raw.report_unreachable(peer);
+    }
+
+    pub fn report_snapshot(&mut self, peer: NodeId, delivered: bool) {
+        let status = if delivered { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+        self.raw.report_snapshot(peer, status);
+    }
+
+    pub fn transfer_leader(&mut self, to: NodeId) {
+        self.raw.transfer_leader(to);
+    }
+
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready()
+    }
+
+    pub fn status(&self) -> CoreStatus {
+        let raft = &self.raw.raft;
+        let conf = raft.prs().conf();
+        let mut progress = Vec::new();
+        if raft.state == StateRole::Leader {
+            for (id, pr) in raft.prs().iter() {
+                progress.push(PeerProgress {
+                    id: *id,
+                    matched: pr.matched,
+                    learner: conf.learners().contains(id),
+                    recent_active: pr.recent_active,
+                });
+            }
+            progress.sort_by_key(|p| p.id);
+        }
+        let mut voters: Vec<NodeId> = conf.voters().ids().iter().collect();
+        voters.sort_unstable();
+        let mut learners: Vec<NodeId> = conf.learners().iter().copied().collect();
+        learners.sort_unstable();
+        CoreStatus {
+            id: self.config.id,
+            role: raft.state.into(),
+            leader: self.leader(),
+            term: raft.term,
+            commit: raft.raft_log.committed,
+            applied: self.raw.store().applied(),
+            last_index: raft.raft_log.last_index(),
+            voters,
+            learners,
+            progress,
+        }
+    }
+
+    /// Handles everything raft-rs has ready, in the order documented at the
+    /// top of this module. Returns `Err` only for a storage failure, after
+    /// which the node must stop.
+    pub fn handle_ready(&mut self, transport: &mut impl Transport) -> Result<ReadyOutput, StorageError> {
+        let mut out = ReadyOutput::default();
+        if !self.raw.has_ready() {
+            return Ok(out);
+        }
+        let mut ready = self.raw.ready();
+
+        // (1) A leader's messages may go out before its own write.
+        if !ready.messages().is_empty() {
+            transport.send(ready.take_messages());
+        }
+        if let Some(ss) = ready.ss() {
+            out.role = Some(RoleChange {
+                role: ss.raft_state.into(),
+                leader: (ss.leader_id != raft::INVALID_ID).then_some(ss.leader_id),
+                term: self.raw.raft.term,
+            });
+        }
+        out.reads = ready.take_read_states().into_iter().map(|ReadState { index, request_ctx }| (request_ctx, index)).collect();
+
+        // (2) Snapshot, applied entries, new entries and hard state: one
+        // transaction.
+        let mut batch = WriteBatch { sync: ready.must_sync(), ..WriteBatch::default() };
+        if !ready.snapshot().is_empty() {
+            let snapshot: Snapshot = ready.snapshot().clone();
+            let index = snapshot.get_metadata().index;
+            out.snapshot_installed = Some(index);
+            // Our proposals at or below the snapshot were either applied
+            // inside it or overwritten; we cannot tell which.
+            let skipped: Vec<u64> = self.pending.range(..=index).map(|(i, _)| *i).collect();
+            for i in skipped {
+                let id = self.pending.remove(&i).expect("listed above");
+                out.applied.push(Applied { index: i, proposal: Some(id), outcome: Outcome::Unknown });
+            }
+            batch.snapshot = Some(snapshot);
+        }
+        let committed = ready.take_committed_entries();
+        self.apply_entries(committed, &mut batch, &mut out);
+        batch.entries = ready.take_entries();
+        batch.hard_state = ready.hs().cloned();
+        self.maybe_compact(&mut batch);
+        if !batch.is_empty() {
+            // (3) Durable before the persisted messages go out.
+            self.raw.mut_store().commit(batch)?;
+        }
+        if !ready.persisted_messages().is_empty() {
+            transport.send(ready.take_persisted_messages());
+        }
+
+        // (4) Only now may raft-rs count our copy.
+        let mut light = self.raw.advance(ready);
+
+        // (5) The light ready.
+        let mut batch = WriteBatch { commit: light.commit_index(), ..WriteBatch::default() };
+        if !light.messages().is_empty() {
+            transport.send(light.take_messages());
+        }
+        let committed = light.take_committed_entries();
+        self.apply_entries(committed, &mut batch, &mut out);
+        self.maybe_compact(&mut batch);
+        if !batch.is_empty() {
+            self.raw.mut_store().commit(batch)?;
+        }
+        self.raw.advance_apply();
+        Ok(out)
+    }
+
+    /// Applies committed entries to the in-memory state and records the new
+    /// applied index and conf state in `batch`.
+    fn apply_entries(&mut self, entries: Vec<Entry>, batch: &mut WriteBatch, out: &mut ReadyOutput) {
+        for entry in entries {
+            let index = entry.index;
+            let context = ProposalId::decode(entry.get_context());
+            let outcome = match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.get_data().is_empty() => None,
+                EntryType::EntryNormal => {
+                    let result = codec::decode_command(entry.get_data())
+                        .map_err(|e| Rejection::Malformed(e.to_string()))
+                        .and_then(|command| self.raw.mut_store().state_mut().apply(&command));
+                    Some(result)
+                }
+                EntryType::EntryConfChange => Some(self.apply_conf_change(&entry, batch)),
+                // We only ever propose simple (v1) changes.
+                EntryType::EntryConfChangeV2 => {
+                    Some(Err(Rejection::Malformed("joint configuration changes are not used".into())))
+                }
+            };
+            batch.applied = Some(index);
+            // Resolve our own proposal at this index, whatever landed there.
+            if let Some(ours) = self.pending.remove(&index) {
+                let outcome = match (&outcome, context) {
+                    (Some(result), Some(id)) if id == ours => Outcome::Applied(result.clone()),
+                    _ => Outcome::Dropped,
+                };
+                out.applied.push(Applied { index, proposal: Some(ours), outcome });
+            } else if let Some(result) = outcome {
+                out.applied.push(Applied { index, proposal: context, outcome: Outcome::Applied(result) });
+            }
+        }
+    }
+
+    fn apply_conf_change(&mut self, entry: &Entry, batch: &mut WriteBatch) -> Result<Effect, Rejection> {
+        let cc = ConfChange::parse_from_bytes(entry.get_data())
+            .map_err(|e| Rejection::Malformed(format!("conf change: {e}")))?;
+        let info = codec::decode_member_info(cc.get_context())
+            .map_err(|e| Rejection::Malformed(format!("conf change context: {e}")))?;
+        let change = match cc.get_change_type() {
+            ConfChangeType::AddLearnerNode => {
+                MembershipChange::AddLearner { id: cc.node_id, name: info.name, address: info.address }
+            }
+            ConfChangeType::AddNode => MembershipChange::Promote { id: cc.node_id },
+            ConfChangeType::RemoveNode => MembershipChange::Remove { id: cc.node_id },
+        };
+        let effect = self.raw.mut_store().state_mut().apply_membership(&change, info.at_unix_ms)?;
+        if matches!(effect, Effect::MemberChanged { .. }) {
+            // A retried join of a member that is already in: Raft's
+            // configuration already has it.
+            return Ok(effect);
+        }
+        // The state accepted the change, so Raft's configuration must too;
+        // were it to refuse, the two would disagree from here on.
+        let conf_state = self
+            .raw
+            .apply_conf_change(&cc)
+            .unwrap_or_else(|e| panic!("raft refused membership change {change:?} that the state accepted: {e}"));
+        batch.conf_state = Some(conf_state);
+        Ok(effect)
+    }
+
+    /// Compacts the log when it holds more than the configured number of
+    /// applied entries, keeping the newer half so that a follower slightly
+    /// behind still catches up from the log rather than by snapshot.
+    fn maybe_compact(&self, batch: &mut WriteBatch) {
+        let store = self.raw.store();
+        let applied = batch.applied.unwrap_or(store.applied());
+        let (snapshot_index, _) = store.snapshot_point();
+        if batch.snapshot.is_some() || applied - snapshot_index <= self.config.log_compact_entries_max {
+            return;
+        }
+        let keep = self.config.log_compact_entries_max / 2;
+        let to = applied - keep;
+        if to > snapshot_index {
+            batch.compact_to = Some(to);
+        }
+    }
+}

@@ -1,0 +1,800 @@
+//! Commands and how they are applied.
+
+use super::types::{limits, *};
+use super::State;
+use crate::names::{self, NameError};
+
+/// A state-machine command as carried in one Raft log entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// The proposer's wall clock when it proposed; used as the `since` of
+    /// state changes so that every replica records the same time.
+    pub at_unix_ms: u64,
+    pub kind: CommandKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandKind {
+    CreateVm { name: String, spec: VmSpec },
+    UpdateVm { name: String, spec: VmSpec },
+    DeleteVm { name: String },
+    SetDesired { name: String, desired: Desired },
+    /// Place (or move) `vm` on `node`; refused unless the VM's generation is
+    /// still `expected_generation`, so decisions made on stale state lose.
+    Place { vm: String, node: NodeId, expected_generation: u64 },
+    Unplace { vm: String, expected_generation: u64 },
+    SetCapacity { node: NodeId, capacity: Capacity },
+    SetLabels { node: NodeId, labels: Labels },
+    SetRunners { node: NodeId, runners: Vec<String> },
+    SetDrain { node: NodeId, drain: bool },
+    SetStatus { node: NodeId, status: MemberStatus },
+    SetAddress { node: NodeId, address: String },
+    /// A host's report of what it observes of a VM placed on it.
+    Report {
+        node: NodeId,
+        vm: String,
+        generation: u64,
+        state: VmState,
+        last_error: Option<String>,
+    },
+}
+
+/// A membership change, carried in a Raft conf-change entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// A new member joins as a learner.
+    AddLearner { id: NodeId, name: String, address: String },
+    /// A caught-up learner becomes a voter.
+    Promote { id: NodeId },
+    Remove { id: NodeId },
+}
+
+impl MembershipChange {
+    pub fn node(&self) -> NodeId {
+        match self {
+            MembershipChange::AddLearner { id, .. }
+            | MembershipChange::Promote { id }
+            | MembershipChange::Remove { id } => *id,
+        }
+    }
+}
+
+/// What an accepted command changed; the node turns these into events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    None,
+    VmCreated { vm: String },
+    VmUpdated { vm: String },
+    VmDeleted { vm: String, was_on: Option<NodeId> },
+    DesiredSet { vm: String, desired: Desired },
+    Placed { vm: String, node: NodeId, from: Option<NodeId>, generation: u64 },
+    Unplaced { vm: String, from: Option<NodeId>, generation: u64 },
+    MemberChanged { node: NodeId },
+    /// The member changed and these VMs lost their placement because the
+    /// host no longer satisfies them (runner removed, labels changed).
+    MemberChangedUnplaced { node: NodeId, vms: Vec<String> },
+    StatusSet { node: NodeId, status: MemberStatus },
+    DrainSet { node: NodeId, drain: bool },
+    Reported { vm: String, state: VmState },
+    MemberAdded { node: NodeId },
+    MemberPromoted { node: NodeId },
+    MemberRemoved { node: NodeId, unplaced: Vec<String> },
+}
+
+/// Why a command was refused. Each message is one sentence that tells an
+/// operator what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("invalid {what} name: {source}")]
+    InvalidName { what: &'static str, source: NameError },
+    #[error("invalid value: {0}")]
+    InvalidValue(String),
+    #[error("no VM named {0:?}")]
+    UnknownVm(String),
+    #[error("a VM named {0:?} already exists")]
+    DuplicateVm(String),
+    #[error("no member with id {0}")]
+    UnknownNode(NodeId),
+    #[error("no member named {0:?}")]
+    UnknownNodeName(String),
+    #[error("a member named {name:?} already exists (id {id})")]
+    DuplicateMemberName { name: String, id: NodeId },
+    #[error("member {0} is already in the cluster")]
+    DuplicateMember(NodeId),
+    #[error("member {0} is not a learner")]
+    NotLearner(NodeId),
+    #[error("member {0} is the last voter and cannot be removed")]
+    LastVoter(NodeId),
+    #[error(
+        "VM {vm:?} does not fit on {node}: it needs {needed} {resource}, {available} of {limit} are free"
+    )]
+    OverCapacity { vm: String, node: String, resource: &'static str, needed: u64, available: u64, limit: u64 },
+    #[error("member {node} would have {used} {resource} placed but offers only {limit}; drain it first")]
+    CapacityBelowUse { node: String, resource: &'static str, used: u64, limit: u64 },
+    #[error("{node} does not have the runner for VM {vm:?} installed")]
+    MissingRunner { vm: String, node: String },
+    #[error("{node} does not accept new VMs: it is {why}")]
+    NodeUnavailable { node: String, why: &'static str },
+    #[error("VM {vm:?} is pinned to {pinned}, not {node}")]
+    PinnedElsewhere { vm: String, pinned: String, node: String },
+    #[error("VM {vm:?} needs label {key}={value} which {node} does not have")]
+    LabelMismatch { vm: String, node: String, key: String, value: String },
+    #[error("VM {vm:?} cannot share {node} with {other:?}: both are in anti-affinity group {group:?}")]
+    AntiAffinity { vm: String, node: String, group: String, other: String },
+    #[error("VM {vm:?} changed since the decision (generation {actual}, expected {expected})")]
+    StaleGeneration { vm: String, expected: u64, actual: u64 },
+    #[error("VM {vm:?} is not placed on member {node} under generation {generation}")]
+    NotPlacedThere { vm: String, node: NodeId, generation: u64 },
+    #[error("malformed command: {0}")]
+    Malformed(String),
+}
+
+impl State {
+    /// Applies one command. On `Err` nothing changed.
+    pub fn apply(&mut self, command: &Command) -> Result<Effect, Rejection> {
+        let at = command.at_unix_ms;
+        match &command.kind {
+            CommandKind::CreateVm { name, spec } => {
+                check_name("VM", name)?;
+                self.check_spec(spec)?;
+                if self.vms.contains_key(name) {
+                    return Err(Rejection::DuplicateVm(name.clone()));
+                }
+                let vm = Vm {
+                    name: name.clone(),
+                    spec: spec.clone(),
+                    placement: None,
+                    observed: Observed { state: VmState::Pending, since_unix_ms: at, last_error: None },
+                    generation: 0,
+                };
+                self.dirty.vms.insert(name.clone());
+                self.vms.insert(name.clone(), vm);
+                Ok(Effect::VmCreated { vm: name.clone() })
+            }
+            CommandKind::UpdateVm { name, spec } => {
+                check_name("VM", name)?;
+                self.check_spec(spec)?;
+                let vm = self.vm(name).ok_or_else(|| Rejection::UnknownVm(name.clone()))?;
+                // The VM keeps its host if the host still satisfies the new
+                // spec; otherwise it is unplaced and the scheduler finds it a
+                // new one ("constraint change" is a reason to move).
+                let keep = vm.placement.is_some_and(|p| {
+                    self.members
+                        .get(&p.node)
+                        .is_some_and(|m| constraint_violation(self, vm, spec, m).is_none())
+                });
+                let vm = self.vms.get_mut(name).expect("checked above");
+                vm.spec = spec.clone();
+                self.dirty.vms.insert(name.clone());
+                if !keep && vm.placement.is_some() {
+                    let from = vm.placement.map(|p| p.node);
+                    unplace(vm, at);
+                    return Ok(Effect::Unplaced { vm: name.clone(), from, generation: vm.generation });
+                }
+                Ok(Effect::VmUpdated { vm: name.clone() })
+            }
+            CommandKind::DeleteVm { name } => {
+                check_name("VM", name)?;
+                let vm = self.vms.remove(name).ok_or_else(|| Rejection::UnknownVm(name.clone()))?;
+                self.dirty.vms.insert(name.clone());
+                Ok(Effect::VmDeleted { vm: name.clone(), was_on: vm.placement.map(|p| p.node) })
+            }
+            CommandKind::SetDesired { name, desired } => {
+                check_name("VM", name)?;
+                let vm = self.vms.get_mut(name).ok_or_else(|| Rejection::UnknownVm(name.clone()))?;
+                vm.spec.desired = *desired;
+                self.dirty.vms.insert(name.clone());
+                Ok(Effect::DesiredSet { vm: name.clone(), desired: *desired })
+            }
+            CommandKind::Place { vm: name, node, expected_generation } => {
+                check_name("VM", name)?;
+                let vm = self.vm(name).ok_or_else(|| Rejection::UnknownVm(name.clone()))?;
+                check_generation(vm, *expected_generation)?;
+                let member = self.members.get(node).ok_or(Rejection::UnknownNode(*node))?;
+                if member.status == MemberStatus::Down {
+                    return Err(Rejection::NodeUnavailable { node: member.name.clone(), why: "down" });
+                }
+                if member.drain {
+                    return Err(Rejection::NodeUnavailable { node: member.name.clone(), why: "draining" });
+                }
+                if let Some(rejection) = constraint_violation(self, vm, &vm.spec, member) {
+                    return Err(rejection);
+                }
+                let vm = self.vms.get_mut(name).expect("checked above");
+                let from = vm.placement.map(|p| p.node);
+                vm.generation += 1;
+                vm.placement = Some(Placement { node: *node, generation: vm.generation });
+                vm.observed = Observed { state: VmState::Pending, since_unix_ms: at, last_error: None };
+                self.dirty.vms.insert(name.clone());
+                Ok(Effect::Placed { vm: name.clone(), node: *node, from, generation: vm.generation })
+            }
+            CommandKind::Unplace { vm: name, expected_generation } => {
+                check_name("VM", name)?;
+                let vm = self.vms.get_mut(name).ok_or_else(|| Rejection::UnknownVm(name.clone()))?;
+                check_generation(vm, *expected_generation)?;
+                let from = vm.placement.map(|p| p.node);
+                unplace(vm, at);
+                self.dirty.vms.insert(name.clone());
+                Ok(Effect::Unplaced { vm: name.clone(), from, generation: vm.generation })
+            }
+            CommandKind::SetCapacity { node, capacity } => {
+                check_capacity(capacity)?;
+                let member = self.members.get(node).ok_or(Rejection::UnknownNode(*node))?;
+                let used = self.used_on(*node, None);
+                let limit = capacity.limit();
+                if used.vcpu > limit.vcpu {
+                    return Err(Rejection::CapacityBelowUse {
+                        node: member.name.clone(),
+                        resource: "vcpu",
+                        used: used.vcpu,
+                        limit: limit.vcpu,
+                    });
+                }
+                if used.memory_mib > limit.memory_mib {
+                    return Err(Rejection::CapacityBelowUse {
+                        node: member.name.clone(),
+                        resource: "MiB of memory",
+                        used: used.memory_mib,
+                        limit: limit.memory_mib,
+                    });
+                }
+                self.member_mut(*node).capacity = *capacity;
+                Ok(Effect::MemberChanged { node: *node })
+            }
+            CommandKind::SetLabels { node, labels } => {
+                check_labels(labels)?;
+                self.members.get(node).ok_or(Rejection::UnknownNode(*node))?;
+                self.member_mut(*node).labels = labels.clone();
+                let vms = self.unplace_violations(*node, at);
+                Ok(Effect::MemberChangedUnplaced { node: *node, vms })
+            }
+            CommandKind::SetRunners { node, runners } => {
+                if runners.len() > limits::RUNNERS_MAX {
+                    return Err(Rejection::InvalidValue(format!(
+                        "{} runners reported; the limit is {}",
+                        runners.len(),
+                        limits::RUNNERS_MAX
+                    )));
+                }
+                for runner in runners {
+                    check_name("runner", runner)?;
+                }
+                self.members.get(node).ok_or(Rejection::UnknownNode(*node))?;
+                self.member_mut(*node).runners = runners.iter().cloned().collect();
+                let vms = self.unplace_violations(*node, at);
+                Ok(Effect::MemberChangedUnplaced { node: *node, vms })
+            }
+            CommandKind::SetDrain { node, drain } => {
+                self.members.get(node).ok_or(Rejection::UnknownNode(*node))?;
+                self.member_mut(*node).drain = *drain;
+                Ok(Effect::DrainSet { node: *node, drain: *drain })
+            }
+            CommandKind::SetStatus { node, status } => {
+                self.members.get(node).ok_or(Rejection::UnknownNode(*node))?;
+                self.member_mut(*node).status = *status;
+                Ok(Effect::StatusSet { node: *node, status: *status })
+            }
+            CommandKind::SetAddress { node, address } => {
+                check_address(address)?;
+                self.members.get(node).ok_or(Rejection::UnknownNode(*node))?;
+                self.member_mut(*node).address = address.clone();
+                Ok(Effect::MemberChanged { node: *node })
+            }
+            CommandKind::Report { node, vm: name, generation, state, last_error } => {
+                check_name("VM", name)?;
+                if let Some(error) = last_error
+                    && error.len() > limits::ERROR_LEN_MAX
+                {
+                    return Err(Rejection::InvalidValue(format!(
+                        "error text of {} bytes; the limit is {}",
+                        error.len(),
+                        limits::ERROR_LEN_MAX
+                    )));
+                }
+                let vm = self.vms.get_mut(name).ok_or_else(|| Rejection::UnknownVm(name.clone()))?;
+                if vm.placement != Some(Placement { node: *node, generation: *generation }) {
+                    return Err(Rejection::NotPlacedThere { vm: name.clone(), node: *node, generation: *generation });
+                }
+                if vm.observed.state != *state {
+                    vm.observed.since_unix_ms = at;
+                }
+                vm.observed.state = *state;
+                // An error stays visible until a later report replaces it.
+                if last_error.is_some() || *state == VmState::Running {
+                    vm.observed.last_error = last_error.clone();
+                }
+                self.dirty.vms.insert(name.clone());
+                Ok(Effect::Reported { vm: name.clone(), state: *state })
+            }
+        }
+    }
+
+    /// Applies a membership change. The caller applies the matching Raft
+    /// conf change only when this returns `Ok`, so the state's members and
+    /// Raft's configuration never disagree.
+    pub fn apply_membership(&mut self, change: &MembershipChange, at_unix_ms: u64) -> Result<Effect, Rejection> {
+        match change {
+            MembershipChange::AddLearner { id, name, address } => {
+                if *id == 0 {
+                    return Err(Rejection::InvalidValue("member id 0 is reserved".into()));
+                }
+                check_name("node", name)?;
+                check_address(address)?;
+                if let Some(existing) = self.members.get(id) {
+                    if existing.name == *name {
+                        // A retried join whose first attempt already landed.
+                        let member = self.member_mut(*id);
+                        member.address = address.clone();
+                        return Ok(Effect::MemberChanged { node: *id });
+                    }
+                    return Err(Rejection::DuplicateMember(*id));
+                }
+                if let Some(other) = self.member_by_name(name) {
+                    return Err(Rejection::DuplicateMemberName { name: name.clone(), id: other.id });
+                }
+                let mut member = Member::new(*id, name.clone(), address.clone());
+                member.learner = true;
+                self.dirty.members.insert(*id);
+                self.members.insert(*id, member);
+                Ok(Effect::MemberAdded { node: *id })
+            }
+            MembershipChange::Promote { id } => {
+                let member = self.members.get(id).ok_or(Rejection::UnknownNode(*id))?;
+                if !member.learner {
+                    return Err(Rejection::NotLearner(*id));
+                }
+                self.member_mut(*id).learner = false;
+                Ok(Effect::MemberPromoted { node: *id })
+            }
+            MembershipChange::Remove { id } => {
+                let member = self.members.get(id).ok_or(Rejection::UnknownNode(*id))?;
+                let voters = self.members.values().filter(|m| !m.learner).count();
+                if !member.learner && voters <= 1 {
+                    return Err(Rejection::LastVoter(*id));
+                }
+                let names: Vec<String> = self.vms_on(*id).map(|vm| vm.name.clone()).collect();
+                for name in &names {
+                    let vm = self.vms.get_mut(name).expect("listed above");
+                    unplace(vm, at_unix_ms);
+                    self.dirty.vms.insert(name.clone());
+                }
+                self.members.remove(id);
+                self.dirty.members.insert(*id);
+                Ok(Effect::MemberRemoved { node: *id, unplaced: names })
+            }
+        }
+    }
+
+    fn member_mut(&mut self, id: NodeId) -> &mut Member {
+        self.dirty.members.insert(id);
+        self.members.get_mut(&id).expect("caller checked the member exists")
+    }
+
+    /// Unplaces the VMs on `node` that the node no longer satisfies.
+    fn unplace_violations(&mut self, node: NodeId, at: u64) -> Vec<String> {
+        let Some(member) = self.members.get(&node) else { return Vec::new() };
+        let broken: Vec<String> = self
+            .vms_on(node)
+            .filter(|vm| constraint_violation(self, vm, &vm.spec, member).is_some())
+            .map(|vm| vm.name.clone())
+            .collect();
+        for name in &broken {
+            let vm = self.vms.get_mut(name).expect("listed above");
+            unplace(vm, at);
+            self.dirty.vms.insert(name.clone());
+        }
+        broken
+    }
+
+    fn check_spec(&self, spec: &VmSpec) -> Result<(), Rejection> {
+        if spec.vcpu == 0 || spec.vcpu > limits::VM_VCPU_MAX {
+            return Err(Rejection::InvalidValue(format!(
+                "vcpu must be between 1 and {}, not {}",
+                limits::VM_VCPU_MAX,
+                spec.vcpu
+            )));
+        }
+        if !(limits::VM_MEMORY_MIB_MIN..=limits::VM_MEMORY_MIB_MAX).contains(&spec.memory_mib) {
+            return Err(Rejection::InvalidValue(format!(
+                "memory must be between {} and {} MiB, not {}",
+                limits::VM_MEMORY_MIB_MIN,
+                limits::VM_MEMORY_MIB_MAX,
+                spec.memory_mib
+            )));
+        }
+        check_labels(&spec.labels)?;
+        if let Some(node) = &spec.node {
+            check_name("node", node)?;
+        }
+        if let Some(group) = &spec.anti_affinity {
+            check_name("anti-affinity group", group)?;
+        }
+        Ok(())
+    }
+}
+
+fn unplace(vm: &mut Vm, at: u64) {
+    if vm.placement.take().is_some() {
+        vm.generation += 1;
+    }
+    vm.observed = Observed { state: VmState::Pending, since_unix_ms: at, last_error: None };
+}
+
+fn check_generation(vm: &Vm, expected: u64) -> Result<(), Rejection> {
+    if vm.generation == expected {
+        Ok(())
+    } else {
+        Err(Rejection::StaleGeneration { vm: vm.name.clone(), expected, actual: vm.generation })
+    }
+}
+
+fn check_name(what: &'static str, name: &str) -> Result<(), Rejection> {
+    names::validate(name).map_err(|source| Rejection::InvalidName { what, source })
+}
+
+fn check_address(address: &str) -> Result<(), Rejection> {
+    let valid = address.len() <= limits::ADDRESS_LEN_MAX
+        && address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0))
+        && address.chars().all(|c| c.is_ascii_graphic());
+    if valid {
+        Ok(())
+    } else {
+        Err(Rejection::InvalidValue(format!("address {address:?} is not HOST:PORT")))
+    }
+}
+
+fn check_capacity(capacity: &Capacity) -> Result<(), Rejection> {
+    if capacity.vcpu > limits::HOST_VCPU_MAX {
+        return Err(Rejection::InvalidValue(format!(
+            "host vcpu must be at most {}, not {}",
+            limits::HOST_VCPU_MAX,
+            capacity.vcpu
+        )));
+    }
+    if capacity.memory_mib > limits::HOST_MEMORY_MIB_MAX {
+        return Err(Rejection::InvalidValue(format!(
+            "host memory must be at most {} MiB, not {}",
+            limits::HOST_MEMORY_MIB_MAX,
+            capacity.memory_mib
+        )));
+    }
+    let range = limits::OVERCOMMIT_PCT_MIN..=limits::OVERCOMMIT_PCT_MAX;
+    for (what, pct) in [("vcpu", capacity.vcpu_overcommit_pct), ("memory", capacity.memory_overcommit_pct)] {
+        if !range.contains(&pct) {
+            return Err(Rejection::InvalidValue(format!(
+                "{what} overcommit must be between {}% and {}%, not {pct}%",
+                limits::OVERCOMMIT_PCT_MIN,
+                limits::OVERCOMMIT_PCT_MAX
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_labels(labels: &Labels) -> Result<(), Rejection> {
+    if labels.len() > limits::LABELS_MAX {
+        return Err(Rejection::InvalidValue(format!(
+            "{} labels given; the limit is {}",
+            labels.len(),
+            limits::LABELS_MAX
+        )));
+    }
+    for (key, value) in labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= limits::LABEL_KEY_LEN_MAX
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+        if !key_ok {
+            return Err(Rejection::InvalidValue(format!(
+                "label key {key:?} must be 1 to {} characters of a-z, 0-9, '-', '_', '.', '/'",
+                limits::LABEL_KEY_LEN_MAX
+            )));
+        }
+        if value.len() > limits::LABEL_VALUE_LEN_MAX || !value.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(Rejection::InvalidValue(format!(
+                "label value for {key:?} must be at most {} printable ASCII characters without spaces",
+                limits::LABEL_VALUE_LEN_MAX
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The first hard constraint that `member` breaks for `vm` with `spec`, if
+/// any: runner, pin, labels, anti-affinity, capacity. Drain and down status
+/// are not constraints here: they stop new placements but do not by
+/// themselves move what already runs.
+pub(crate) fn constraint_violation(state: &State, vm: &Vm, spec: &VmSpec, member: &Member) -> Option<Rejection> {
+    if !member.runners.contains(&vm.name) {
+        return Some(Rejection::MissingRunner { vm: vm.name.clone(), node: member.name.clone() });
+    }
+    if let Some(pinned) = &spec.node
+        && *pinned != member.name
+    {
+        return Some(Rejection::PinnedElsewhere {
+            vm: vm.name.clone(),
+            pinned: pinned.clone(),
+            node: member.name.clone(),
+        });
+    }
+    for (key, value) in &spec.labels {
+        if member.labels.get(key) != Some(value) {
+            return Some(Rejection::LabelMismatch {
+                vm: vm.name.clone(),
+                node: member.name.clone(),
+                key: key.clone(),
+                value: value.clone(),
+            });
+        }
+    }
+    if let Some(group) = &spec.anti_affinity
+        && let Some(other) = state
+            .vms_on(member.id)
+            .find(|other| other.name != vm.name && other.spec.anti_affinity.as_ref() == Some(group))
+    {
+        return Some(Rejection::AntiAffinity {
+            vm: vm.name.clone(),
+            node: member.name.clone(),
+            group: group.clone(),
+            other: other.name.clone(),
+        });
+    }
+    let used = state.used_on(member.id, Some(&vm.name));
+    let limit = member.capacity.limit();
+    let checks = [
+        ("vcpu", u64::from(spec.vcpu), used.vcpu, limit.vcpu),
+        ("MiB of memory", spec.memory_mib, used.memory_mib, limit.memory_mib),
+    ];
+    for (resource, needed, used, limit) in checks {
+        if used + needed > limit {
+            return Some(Rejection::OverCapacity {
+                vm: vm.name.clone(),
+                node: member.name.clone(),
+                resource,
+                needed,
+                available: limit.saturating_sub(used),
+                limit,
+            });
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn cmd(kind: CommandKind) -> Command {
+        Command { at_unix_ms: 1000, kind }
+    }
+
+    fn spec(vcpu: u32, memory_mib: u64) -> VmSpec {
+        VmSpec { vcpu, memory_mib, ..VmSpec::default() }
+    }
+
+    /// Two members with 4 vcpu / 4096 MiB each and runners for a, b, c.
+    fn cluster() -> State {
+        let mut state = State::default();
+        for (id, name) in [(1, "h1"), (2, "h2")] {
+            state
+                .apply_membership(
+                    &MembershipChange::AddLearner { id, name: name.into(), address: format!("127.0.0.{id}:7000") },
+                    0,
+                )
+                .unwrap();
+            state.apply_membership(&MembershipChange::Promote { id }, 0).unwrap();
+            let capacity = Capacity { vcpu: 4, memory_mib: 4096, ..Capacity::default() };
+            state.apply(&cmd(CommandKind::SetCapacity { node: id, capacity })).unwrap();
+            let runners = vec!["a".into(), "b".into(), "c".into()];
+            state.apply(&cmd(CommandKind::SetRunners { node: id, runners })).unwrap();
+        }
+        state.take_dirty();
+        state
+    }
+
+    fn create(state: &mut State, name: &str, spec: VmSpec) -> Result<Effect, Rejection> {
+        state.apply(&cmd(CommandKind::CreateVm { name: name.into(), spec }))
+    }
+
+    fn place(state: &mut State, vm: &str, node: NodeId) -> Result<Effect, Rejection> {
+        let expected_generation = state.vm(vm).map_or(0, |v| v.generation);
+        state.apply(&cmd(CommandKind::Place { vm: vm.into(), node, expected_generation }))
+    }
+
+    /// Applies `command` expecting a rejection, and checks nothing changed.
+    fn rejected(state: &mut State, command: CommandKind) -> Rejection {
+        let before = state.clone();
+        let rejection = state.apply(&cmd(command)).expect_err("should be rejected");
+        assert_eq!(*state, before, "a rejected command changed the state");
+        rejection
+    }
+
+    #[test]
+    fn create_validates_name_and_resources() {
+        let mut state = cluster();
+        for bad in ["../x", "a b", "x.service", "A", &"a".repeat(64)] {
+            let r = rejected(&mut state, CommandKind::CreateVm { name: bad.into(), spec: spec(1, 128) });
+            assert!(matches!(r, Rejection::InvalidName { .. }), "{bad}: {r}");
+        }
+        for bad in [spec(0, 128), spec(1, 0), spec(1, 8), spec(5000, 128), spec(1, u64::MAX)] {
+            let r = rejected(&mut state, CommandKind::CreateVm { name: "a".into(), spec: bad });
+            assert!(matches!(r, Rejection::InvalidValue(_)), "{r}");
+        }
+        create(&mut state, "a", spec(1, 128)).unwrap();
+        let r = rejected(&mut state, CommandKind::CreateVm { name: "a".into(), spec: spec(1, 128) });
+        assert_eq!(r, Rejection::DuplicateVm("a".into()));
+    }
+
+    #[test]
+    fn unknown_vm_and_node_are_rejected() {
+        let mut state = cluster();
+        assert_eq!(
+            rejected(&mut state, CommandKind::DeleteVm { name: "nope".into() }),
+            Rejection::UnknownVm("nope".into())
+        );
+        create(&mut state, "a", spec(1, 128)).unwrap();
+        assert_eq!(
+            rejected(&mut state, CommandKind::Place { vm: "a".into(), node: 9, expected_generation: 0 }),
+            Rejection::UnknownNode(9)
+        );
+        assert_eq!(
+            rejected(&mut state, CommandKind::SetDrain { node: 9, drain: true }),
+            Rejection::UnknownNode(9)
+        );
+    }
+
+    #[test]
+    fn placement_respects_capacity_and_overcommit() {
+        let mut state = cluster();
+        create(&mut state, "a", spec(3, 1024)).unwrap();
+        create(&mut state, "b", spec(2, 1024)).unwrap();
+        place(&mut state, "a", 1).unwrap();
+        let r = place(&mut state, "b", 1).unwrap_err();
+        assert!(matches!(r, Rejection::OverCapacity { resource: "vcpu", needed: 2, available: 1, .. }), "{r}");
+        let capacity = Capacity { vcpu: 4, memory_mib: 4096, vcpu_overcommit_pct: 200, memory_overcommit_pct: 100 };
+        state.apply(&cmd(CommandKind::SetCapacity { node: 1, capacity })).unwrap();
+        place(&mut state, "b", 1).unwrap();
+        state.validate().unwrap();
+        // Capacity cannot drop below what is placed.
+        let r = rejected(&mut state, CommandKind::SetCapacity { node: 1, capacity: Capacity::default() });
+        assert!(matches!(r, Rejection::CapacityBelowUse { .. }), "{r}");
+    }
+
+    #[test]
+    fn placement_needs_the_runner_and_an_available_host() {
+        let mut state = cluster();
+        create(&mut state, "zz", spec(1, 128)).unwrap();
+        let r = place(&mut state, "zz", 1).unwrap_err();
+        assert!(matches!(r, Rejection::MissingRunner { .. }), "{r}");
+        create(&mut state, "a", spec(1, 128)).unwrap();
+        state.apply(&cmd(CommandKind::SetDrain { node: 1, drain: true })).unwrap();
+        assert!(matches!(place(&mut state, "a", 1), Err(Rejection::NodeUnavailable { why: "draining", .. })));
+        state.apply(&cmd(CommandKind::SetStatus { node: 2, status: MemberStatus::Down })).unwrap();
+        assert!(matches!(place(&mut state, "a", 2), Err(Rejection::NodeUnavailable { why: "down", .. })));
+    }
+
+    #[test]
+    fn placement_respects_pin_labels_and_anti_affinity() {
+        let mut state = cluster();
+        let pinned = VmSpec { node: Some("h2".into()), ..spec(1, 128) };
+        create(&mut state, "a", pinned).unwrap();
+        assert!(matches!(place(&mut state, "a", 1), Err(Rejection::PinnedElsewhere { .. })));
+        place(&mut state, "a", 2).unwrap();
+
+        let labelled = VmSpec { labels: [("rack".to_string(), "r1".to_string())].into(), ..spec(1, 128) };
+        create(&mut state, "b", labelled).unwrap();
+        assert!(matches!(place(&mut state, "b", 1), Err(Rejection::LabelMismatch { .. })));
+        let labels: Labels = [("rack".to_string(), "r1".to_string())].into();
+        state.apply(&cmd(CommandKind::SetLabels { node: 1, labels })).unwrap();
+        place(&mut state, "b", 1).unwrap();
+        // Removing the label unplaces the VM that needed it.
+        let effect = state.apply(&cmd(CommandKind::SetLabels { node: 1, labels: Labels::new() })).unwrap();
+        assert_eq!(effect, Effect::MemberChangedUnplaced { node: 1, vms: vec!["b".into()] });
+        assert_eq!(state.vm("b").unwrap().placement, None);
+
+        let group = |name: &str| VmSpec { anti_affinity: Some(name.into()), ..spec(1, 128) };
+        state.apply(&cmd(CommandKind::DeleteVm { name: "a".into() })).unwrap();
+        create(&mut state, "a", group("g")).unwrap();
+        create(&mut state, "c", group("g")).unwrap();
+        place(&mut state, "a", 1).unwrap();
+        assert!(matches!(place(&mut state, "c", 1), Err(Rejection::AntiAffinity { .. })));
+        place(&mut state, "c", 2).unwrap();
+        state.validate().unwrap();
+    }
+
+    #[test]
+    fn stale_generation_loses() {
+        let mut state = cluster();
+        create(&mut state, "a", spec(1, 128)).unwrap();
+        place(&mut state, "a", 1).unwrap();
+        let r = rejected(&mut state, CommandKind::Place { vm: "a".into(), node: 2, expected_generation: 0 });
+        assert!(matches!(r, Rejection::StaleGeneration { expected: 0, actual: 1, .. }), "{r}");
+        place(&mut state, "a", 2).unwrap();
+        assert_eq!(state.vm("a").unwrap().placement, Some(Placement { node: 2, generation: 2 }));
+    }
+
+    #[test]
+    fn reports_only_count_from_the_current_placement() {
+        let mut state = cluster();
+        create(&mut state, "a", spec(1, 128)).unwrap();
+        place(&mut state, "a", 1).unwrap();
+        let report = |node, generation, state| CommandKind::Report {
+            node,
+            vm: "a".into(),
+            generation,
+            state,
+            last_error: None,
+        };
+        state.apply(&cmd(report(1, 1, VmState::Running))).unwrap();
+        assert_eq!(state.vm("a").unwrap().observed.state, VmState::Running);
+        let r = rejected(&mut state, report(2, 1, VmState::Stopped));
+        assert!(matches!(r, Rejection::NotPlacedThere { .. }));
+        place(&mut state, "a", 2).unwrap();
+        let r = rejected(&mut state, report(1, 1, VmState::Running));
+        assert!(matches!(r, Rejection::NotPlacedThere { .. }));
+    }
+
+    #[test]
+    fn removing_runner_or_member_unplaces_its_vms() {
+        let mut state = cluster();
+        create(&mut state, "a", spec(1, 128)).unwrap();
+        create(&mut state, "b", spec(1, 128)).unwrap();
+        place(&mut state, "a", 1).unwrap();
+        place(&mut state, "b", 2).unwrap();
+        let effect = state.apply(&cmd(CommandKind::SetRunners { node: 1, runners: vec!["b".into()] })).unwrap();
+        assert_eq!(effect, Effect::MemberChangedUnplaced { node: 1, vms: vec!["a".into()] });
+        assert_eq!(state.member(1).unwrap().runners, set(&["b"]));
+        let effect = state.apply_membership(&MembershipChange::Remove { id: 2 }, 5).unwrap();
+        assert_eq!(effect, Effect::MemberRemoved { node: 2, unplaced: vec!["b".into()] });
+        assert!(state.vm("b").unwrap().placement.is_none());
+        let before = state.clone();
+        assert_eq!(state.apply_membership(&MembershipChange::Remove { id: 1 }, 5), Err(Rejection::LastVoter(1)));
+        assert_eq!(state, before);
+        state.validate().unwrap();
+    }
+
+    #[test]
+    fn membership_names_are_unique_and_joins_are_idempotent() {
+        let mut state = cluster();
+        let add = |id, name: &str| MembershipChange::AddLearner { id, name: name.into(), address: "10.0.0.9:7000".into() };
+        assert!(matches!(state.apply_membership(&add(3, "h1"), 0), Err(Rejection::DuplicateMemberName { .. })));
+        assert!(matches!(state.apply_membership(&add(3, "../x"), 0), Err(Rejection::InvalidName { .. })));
+        state.apply_membership(&add(3, "h3"), 0).unwrap();
+        assert_eq!(state.apply_membership(&add(3, "h3"), 0), Ok(Effect::MemberChanged { node: 3 }));
+        assert!(state.member(3).unwrap().learner);
+        state.apply_membership(&MembershipChange::Promote { id: 3 }, 0).unwrap();
+        assert_eq!(state.apply_membership(&MembershipChange::Promote { id: 3 }, 0), Err(Rejection::NotLearner(3)));
+        let bad_address = MembershipChange::AddLearner { id: 4, name: "h4".into(), address: "nope".into() };
+        assert!(matches!(state.apply_membership(&bad_address, 0), Err(Rejection::InvalidValue(_))));
+    }
+
+    #[test]
+    fn update_keeps_placement_when_it_still_fits() {
+        let mut state = cluster();
+        create(&mut state, "a", spec(1, 128)).unwrap();
+        place(&mut state, "a", 1).unwrap();
+        let update = |spec| CommandKind::UpdateVm { name: "a".into(), spec };
+        assert_eq!(state.apply(&cmd(update(spec(2, 256)))), Ok(Effect::VmUpdated { vm: "a".into() }));
+        assert_eq!(state.vm("a").unwrap().placement.map(|p| p.node), Some(1));
+        let effect = state.apply(&cmd(update(spec(8, 256)))).unwrap();
+        assert!(matches!(effect, Effect::Unplaced { from: Some(1), .. }));
+        state.validate().unwrap();
+    }
+
+    #[test]
+    fn labels_are_bounded() {
+        let mut state = cluster();
+        let many: Labels = (0..33).map(|i| (format!("k{i}"), "v".to_string())).collect();
+        assert!(matches!(rejected(&mut state, CommandKind::SetLabels { node: 1, labels: many }), Rejection::InvalidValue(_)));
+        let spaced: Labels = [("k".to_string(), "a b".to_string())].into();
+        assert!(matches!(rejected(&mut state, CommandKind::SetLabels { node: 1, labels: spaced }), Rejection::InvalidValue(_)));
+    }
+}

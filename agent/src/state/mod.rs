@@ -1,0 +1,147 @@
+//! The replicated state machine: members, VMs and their placements.
+//!
+//! This is deterministic, pure code. Every agent applies the same committed
+//! commands in the same order and must end in the same state, so nothing here
+//! reads a clock, a random number generator, the environment or the disk.
+//! Timestamps arrive inside commands (`Command::at_unix_ms`, set by the
+//! proposer).
+//!
+//! Every command is validated when it is applied: a rejected command returns a
+//! typed [`Rejection`] and changes nothing. The invariants that `validate`
+//! checks after every step in the simulator:
+//!
+//! - every placement points at an existing member;
+//! - on every member, the sum of the placed VMs' vcpu and memory stays within
+//!   the member's capacity times its overcommit ratio;
+//! - every placed VM's pinned node, labels, runner and anti-affinity group are
+//!   satisfied by its host (a change that would break one unplaces the VM);
+//! - every name is valid.
+
+mod apply;
+pub mod codec;
+mod types;
+
+pub use apply::{Command, CommandKind, Effect, MembershipChange, Rejection};
+pub use types::*;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The whole replicated state, as of some applied index.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct State {
+    members: BTreeMap<NodeId, Member>,
+    vms: BTreeMap<String, Vm>,
+    /// Rows changed since the last [`State::take_dirty`]; the storage writes
+    /// exactly these in the transaction that records the applied index.
+    dirty: Dirty,
+}
+
+/// Keys of rows changed by applied commands (including deletions).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dirty {
+    pub members: BTreeSet<NodeId>,
+    pub vms: BTreeSet<String>,
+}
+
+impl Dirty {
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty() && self.vms.is_empty()
+    }
+}
+
+impl State {
+    /// A state holding only `members`: the bootstrap state every initial
+    /// member derives from the same `initial_members` list.
+    pub fn with_members(members: impl IntoIterator<Item = Member>) -> Self {
+        let mut state = State::default();
+        for member in members {
+            state.dirty.members.insert(member.id);
+            state.members.insert(member.id, member);
+        }
+        state
+    }
+
+    pub fn members(&self) -> &BTreeMap<NodeId, Member> {
+        &self.members
+    }
+
+    pub fn member(&self, id: NodeId) -> Option<&Member> {
+        self.members.get(&id)
+    }
+
+    pub fn member_by_name(&self, name: &str) -> Option<&Member> {
+        self.members.values().find(|m| m.name == name)
+    }
+
+    pub fn vms(&self) -> &BTreeMap<String, Vm> {
+        &self.vms
+    }
+
+    pub fn vm(&self, name: &str) -> Option<&Vm> {
+        self.vms.get(name)
+    }
+
+    /// VMs placed on `node`.
+    pub fn vms_on(&self, node: NodeId) -> impl Iterator<Item = &Vm> {
+        self.vms
+            .values()
+            .filter(move |vm| vm.placement.map(|p| p.node) == Some(node))
+    }
+
+    /// Resources used on `node` by the VMs placed there, excluding `except`.
+    pub fn used_on(&self, node: NodeId, except: Option<&str>) -> Resources {
+        let mut used = Resources::default();
+        for vm in self.vms_on(node) {
+            if Some(vm.name.as_str()) != except {
+                used.vcpu += u64::from(vm.spec.vcpu);
+                used.memory_mib += vm.spec.memory_mib;
+            }
+        }
+        used
+    }
+
+    /// Takes the set of rows changed since the last call.
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Inserts or replaces rows as read back from storage. Used only when a
+    /// node opens its store; applied commands go through [`State::apply`].
+    pub fn load(members: Vec<Member>, vms: Vec<Vm>) -> Self {
+        State {
+            members: members.into_iter().map(|m| (m.id, m)).collect(),
+            vms: vms.into_iter().map(|v| (v.name.clone(), v)).collect(),
+            dirty: Dirty::default(),
+        }
+    }
+
+    /// Checks the invariants listed in the module documentation.
+    pub fn validate(&self) -> Result<(), String> {
+        for member in self.members.values() {
+            crate::names::validate(&member.name).map_err(|e| format!("member {}: {e}", member.id))?;
+            let used = self.used_on(member.id, None);
+            let limit = member.capacity.limit();
+            if used.vcpu > limit.vcpu || used.memory_mib > limit.memory_mib {
+                return Err(format!(
+                    "member {} is over capacity: used {used:?}, limit {limit:?}",
+                    member.name
+                ));
+            }
+        }
+        for vm in self.vms.values() {
+            crate::names::validate(&vm.name).map_err(|e| format!("vm: {e}"))?;
+            if let Some(placement) = vm.placement {
+                let member = self
+                    .members
+                    .get(&placement.node)
+                    .ok_or_else(|| format!("vm {} is placed on unknown node {}", vm.name, placement.node))?;
+                if placement.generation != vm.generation {
+                    return Err(format!("vm {} placement generation differs from its generation", vm.name));
+                }
+                apply::constraint_violation(self, vm, &vm.spec, member)
+                    .map_or(Ok(()), |r| Err(format!("vm {} breaks a constraint: {r}", vm.name)))?;
+            }
+        }
+        Ok(())
+    }
+}

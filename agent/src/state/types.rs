@@ -1,0 +1,219 @@
+//! Domain types of the replicated state. Wire and disk encodings live in
+//! `state::codec`; nothing here knows protobuf.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+/// A member's Raft id. Never 0 (raft-rs reserves it).
+pub type NodeId = u64;
+
+/// Host and VM labels: `key -> value`.
+pub type Labels = BTreeMap<String, String>;
+
+/// Bounds on what a command may carry, so a hostile or buggy client cannot
+/// make the state (and every snapshot) arbitrarily large.
+pub mod limits {
+    /// A VM may ask for 1..=VM_VCPU_MAX vcpus.
+    pub const VM_VCPU_MAX: u32 = 1024;
+    /// A VM may ask for VM_MEMORY_MIB_MIN..=VM_MEMORY_MIB_MAX MiB.
+    pub const VM_MEMORY_MIB_MIN: u64 = 16;
+    pub const VM_MEMORY_MIB_MAX: u64 = 16 * 1024 * 1024;
+    /// A host may offer at most this many vcpus and MiB.
+    pub const HOST_VCPU_MAX: u32 = 65_536;
+    pub const HOST_MEMORY_MIB_MAX: u64 = 64 * 1024 * 1024;
+    /// Overcommit ratios, in percent.
+    pub const OVERCOMMIT_PCT_MIN: u32 = 100;
+    pub const OVERCOMMIT_PCT_MAX: u32 = 1000;
+    pub const LABELS_MAX: usize = 32;
+    pub const LABEL_KEY_LEN_MAX: usize = 63;
+    pub const LABEL_VALUE_LEN_MAX: usize = 255;
+    pub const RUNNERS_MAX: usize = 100_000;
+    pub const ADDRESS_LEN_MAX: usize = 255;
+    pub const ERROR_LEN_MAX: usize = 1024;
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub vcpu: u64,
+    pub memory_mib: u64,
+}
+
+/// What a member offers to guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub vcpu: u32,
+    pub memory_mib: u64,
+    /// 100 = no overcommit, 150 = 1.5 guest vcpus per host vcpu.
+    pub vcpu_overcommit_pct: u32,
+    pub memory_overcommit_pct: u32,
+}
+
+impl Default for Capacity {
+    /// A member offers nothing until it reports its capacity.
+    fn default() -> Self {
+        Capacity {
+            vcpu: 0,
+            memory_mib: 0,
+            vcpu_overcommit_pct: 100,
+            memory_overcommit_pct: 100,
+        }
+    }
+}
+
+impl Capacity {
+    /// The most that may be placed on the member, overcommit included.
+    pub fn limit(&self) -> Resources {
+        Resources {
+            vcpu: u64::from(self.vcpu) * u64::from(self.vcpu_overcommit_pct) / 100,
+            memory_mib: self.memory_mib * u64::from(self.memory_overcommit_pct) / 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MemberStatus {
+    #[default]
+    Up,
+    Down,
+}
+
+impl fmt::Display for MemberStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MemberStatus::Up => "up",
+            MemberStatus::Down => "down",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: NodeId,
+    pub name: String,
+    /// `host:port` of the member's gRPC port.
+    pub address: String,
+    pub capacity: Capacity,
+    pub labels: Labels,
+    pub drain: bool,
+    /// Guests whose runner the member reports installed under its state dir.
+    pub runners: BTreeSet<String>,
+    pub status: MemberStatus,
+    pub learner: bool,
+}
+
+impl Member {
+    pub fn new(id: NodeId, name: impl Into<String>, address: impl Into<String>) -> Self {
+        Member {
+            id,
+            name: name.into(),
+            address: address.into(),
+            capacity: Capacity::default(),
+            labels: Labels::new(),
+            drain: false,
+            runners: BTreeSet::new(),
+            status: MemberStatus::Up,
+            learner: false,
+        }
+    }
+
+    /// Whether new placements may land here.
+    pub fn accepts_placements(&self) -> bool {
+        self.status == MemberStatus::Up && !self.drain
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Desired {
+    #[default]
+    Running,
+    Stopped,
+}
+
+impl fmt::Display for Desired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Desired::Running => "running",
+            Desired::Stopped => "stopped",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmSpec {
+    pub vcpu: u32,
+    pub memory_mib: u64,
+    /// Placement constraint: every label must be present on the host with
+    /// the same value.
+    pub labels: Labels,
+    /// Pinned host, by name.
+    pub node: Option<String>,
+    /// VMs sharing a group are never placed on the same host.
+    pub anti_affinity: Option<String>,
+    pub desired: Desired,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum VmState {
+    #[default]
+    Pending,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl VmState {
+    pub const ALL: [VmState; 6] = [
+        VmState::Pending,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Stopping,
+        VmState::Stopped,
+        VmState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Pending => "pending",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a VM is placed. `generation` changes on every placement change, so a
+/// host's report about an older placement is recognised and ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub node: NodeId,
+    pub generation: u64,
+}
+
+/// What the host running a VM last reported about it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub state: VmState,
+    pub since_unix_ms: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vm {
+    pub name: String,
+    pub spec: VmSpec,
+    pub placement: Option<Placement>,
+    pub observed: Observed,
+    /// Bumped on every placement change and kept when unplaced, so a
+    /// generation is never reused for a VM.
+    pub generation: u64,
+}
