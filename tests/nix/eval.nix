@@ -33,7 +33,7 @@ let
   ] // { description = "TOML value"; };
 
   fakePkgs = {
-    formats.toml = {}: {
+    formats.toml = _: {
       type = types.attrsOf tomlValue;
       # The value itself, plus an outPath so that it can stand in a unit file.
       generate = name: value: value // { outPath = storePath name; };
@@ -86,17 +86,19 @@ let
       };
       security.polkit.enable = mkOption { type = types.bool; default = false; };
       security.polkit.extraConfig = mkOption { type = types.lines; default = ""; };
-      microvm.stateDir = mkOption { type = types.str; default = "/var/lib/microvms"; };
-      microvm.autostart = listOfStr;
-      microvm.vms = mkOption {
-        default = { };
-        type = types.attrsOf (types.submodule {
-          options = {
-            config = mkOption { type = types.nullOr guestConfig; default = null; };
-            flake = mkOption { type = types.nullOr types.path; default = null; };
-            autostart = mkOption { type = types.bool; default = true; };
-          };
-        });
+      microvm = {
+        stateDir = mkOption { type = types.str; default = "/var/lib/microvms"; };
+        autostart = listOfStr;
+        vms = mkOption {
+          default = { };
+          type = types.attrsOf (types.submodule {
+            options = {
+              config = mkOption { type = types.nullOr guestConfig; default = null; };
+              flake = mkOption { type = types.nullOr types.path; default = null; };
+              autostart = mkOption { type = types.bool; default = true; };
+            };
+          });
+        };
       };
     };
   };
@@ -373,7 +375,7 @@ let
     testDisabledModuleSetsNothing = {
       expr =
         let cfg = evalHost [{ services.blixard.listenAddress = "10.0.0.1"; services.blixard.vms.web.config = { }; }];
-        in { inherit (cfg.systemd) services; inherit (cfg.microvm) vms; inherit (cfg.networking.firewall) allowedTCPPorts; assertions = cfg.assertions; };
+        in { inherit (cfg.systemd) services; inherit (cfg.microvm) vms; inherit (cfg.networking.firewall) allowedTCPPorts; inherit (cfg) assertions; };
       expected = { services = { }; vms = { }; allowedTCPPorts = [ ]; assertions = [ ]; };
     };
 
@@ -425,7 +427,7 @@ let
       expr =
         let cfg = evalHost (withVms { db = { flake = fakeFlake; memory = 4096; }; });
         in {
-          vm = (agentConfig cfg).vm;
+          inherit (agentConfig cfg) vm;
           flake = "${cfg.microvm.vms.db.flake}";
           config = cfg.microvm.vms.db.config;
           failed = failedMessages cfg;
