@@ -24,7 +24,9 @@ let
   # "host:port" or "[v6]:port", as the agent's config takes it.
   validEndpoint = endpoint: builtins.match "(\\[[0-9A-Fa-f:.]+]|[^]:/ []+):[0-9]{1,5}" endpoint != null;
   withPort = address: port:
-    if lib.hasInfix ":" address then "[${address}]:${toString port}" else "${address}:${toString port}";
+    if lib.hasInfix ":" address && !lib.hasPrefix "[" address
+    then "[${address}]:${toString port}"
+    else "${address}:${toString port}";
   listen = withPort cfg.listenAddress cfg.port;
 
   # Secrets reach the agent through systemd credentials, never the store.

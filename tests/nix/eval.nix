@@ -249,6 +249,14 @@ let
       expected = "[fd00::1]:7000";
     };
 
+    testBracketedIpv6ListenAddress = {
+      expr = (agentConfig (evalHost [{
+        networking.hostName = "h1";
+        services.blixard = { enable = true; listenAddress = "[fd00::1]"; initialMembers.h1 = "[fd00::1]:7000"; };
+      }])).listen;
+      expected = "[fd00::1]:7000";
+    };
+
     testSettingsAddsKeys = {
       expr = (agentConfig (evalHost [ base { services.blixard.settings.runtime.kind = "process"; } ])).runtime;
       expected = { kind = "process"; state_dir = "/var/lib/microvms"; };
