@@ -1,0 +1,151 @@
+# Shared pieces of the NixOS VM tests: cluster hosts, a tiny guest, and the
+# Python helpers every test script starts with.
+{ self, lib }:
+
+let
+  port = 7000;
+in
+rec {
+  # `address:port` of a test node. The test driver gives node N (in sorted
+  # name order) the static address 192.168.1.N on vlan 1; h1..h4 get .1..4.
+  endpoint = node: "${node.networking.primaryIPAddress}:${toString port}";
+
+  # A tiny guest. `microvm.cpu` keeps microvm.nix from passing -enable-kvm, so
+  # qemu (accel=kvm:tcg) uses KVM where the test VM offers nested
+  # virtualisation and falls back to TCG where it does not: the tests pass on
+  # builders without nested KVM, only slower. The tests watch the hypervisor
+  # process (microvm@NAME.service), not the guest's own boot.
+  guest = { lib, ... }: {
+    microvm = {
+      hypervisor = "qemu";
+      cpu = "max";
+      # The host's store over 9p: no store image to build per guest.
+      shares = [{
+        tag = "ro-store";
+        source = "/nix/store";
+        mountPoint = "/nix/.ro-store";
+        proto = "9p";
+      }];
+    };
+    system.stateVersion = lib.trivial.release;
+  };
+
+  # A declared blixard guest, sized here (the module sets microvm.vcpu/mem).
+  vm = {
+    config = guest;
+    vcpu = 1;
+    memory = 512;
+  };
+
+  # A host of the cluster, configured by the module alone.
+  host = { config, pkgs, ... }: {
+    imports = [ self.nixosModules.blixard ];
+    virtualisation = {
+      memorySize = 2048;
+      cores = 2;
+    };
+    environment.systemPackages = [ pkgs.jq ];
+    services.blixard = {
+      enable = true;
+      listenAddress = config.networking.primaryIPAddress;
+      inherit port;
+      openFirewall = true;
+      # Fixed, so that placement does not depend on what the test VM detects.
+      capacity = {
+        vcpu = 4;
+        memory = 4096;
+      };
+      metricsListenAddress = "127.0.0.1:9464";
+    };
+  };
+
+  # h1, h2 and h3 bootstrap the cluster from the same initialMembers.
+  founder = { nodes, ... }: {
+    imports = [ host ];
+    services.blixard.initialMembers = lib.genAttrs [ "h1" "h2" "h3" ] (name: endpoint nodes.${name});
+  };
+
+  # A standalone host (no test driver) for the evaluation check.
+  exampleHost = { lib, ... }: {
+    imports = [ self.nixosModules.blixard ];
+    boot.loader.grub.enable = false;
+    fileSystems."/" = {
+      device = "/dev/vda";
+      fsType = "ext4";
+    };
+    system.stateVersion = lib.trivial.release;
+    networking.hostName = "h1";
+    services.blixard = {
+      enable = true;
+      listenAddress = "10.0.0.1";
+      openFirewall = true;
+      initialMembers = {
+        h1 = "10.0.0.1:7000";
+        h2 = "10.0.0.2:7000";
+        h3 = "10.0.0.3:7000";
+      };
+      vms.web = vm // { labels.tier = "web"; };
+    };
+  };
+
+  python = ''
+    import json
+    import time
+
+
+    def cluster_status(machine):
+        return json.loads(machine.succeed("blixard-agent cluster status --json"))
+
+
+    def wait_for_cluster(machines, size):
+        """Wait until every machine sees `size` healthy voters and a leader."""
+        check = (
+            "blixard-agent cluster status --json | jq -e '"
+            f"(.members | length) == {size}"
+            ' and all(.members[]; .healthy and .role != "learner")'
+            " and .leader != null'"
+        )
+        for machine in machines:
+            machine.wait_until_succeeds(check, timeout=180)
+        leaders = {cluster_status(machine)["leader"] for machine in machines}
+        assert len(leaders) == 1, f"the hosts disagree on the leader: {leaders}"
+
+
+    def running_on(machines, vm):
+        """The machines on which microvm@VM.service is active."""
+        return [
+            machine
+            for machine in machines
+            if machine.execute(f"systemctl is-active --quiet microvm@{vm}.service")[0] == 0
+        ]
+
+
+    def wait_runs_once(machines, vm, timeout=300):
+        """Wait until VM runs on exactly one of the machines, and the cluster agrees."""
+        found = []
+
+        def check(_last_try):
+            found[:] = running_on(machines, vm)
+            return len(found) == 1
+
+        retry(check, timeout)
+        owner = found[0]
+        owner.wait_until_succeeds(
+            f"blixard-agent vm status {vm} --json"
+            f" | jq -e '.node == \"{owner.name}\" and .state == \"running\"'",
+            timeout=60,
+        )
+        return owner
+
+
+    def assert_stays_on(machines, vm, owner, seconds=10):
+        """For a while, VM runs on `owner` and nowhere else."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            where = [machine.name for machine in running_on(machines, vm)]
+            assert where == [owner.name], f"{vm} runs on {where}, expected only on {owner.name}"
+            time.sleep(1)
+
+
+  '';
+}
