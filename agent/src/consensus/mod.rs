@@ -367,6 +367,20 @@ impl Core {
         self.raw.transfer_leader(to);
     }
 
+    /// For the simulator: raft-rs draws its randomized election timeout from
+    /// the thread RNG, which would make runs unrepeatable. Called after every
+    /// input, this replaces a fresh draw (the election clock was just reset)
+    /// with `draw(range)` from the simulator's seeded RNG, before the draw
+    /// can influence anything (it is only read by the next tick).
+    pub fn redraw_election_timeout(&mut self, draw: impl FnOnce(std::ops::Range<usize>) -> usize) {
+        if self.raw.raft.election_elapsed == 0 {
+            let range = self.config.election_tick..2 * self.config.election_tick;
+            let timeout = draw(range.clone());
+            assert!(range.contains(&timeout), "election timeout {timeout} outside {range:?}");
+            self.raw.raft.set_randomized_election_timeout(timeout);
+        }
+    }
+
     pub fn has_ready(&self) -> bool {
         self.raw.has_ready()
     }

@@ -71,6 +71,11 @@ impl CrashDisk {
         self.lock().fail_sync_in = Some(n);
     }
 
+    /// Cancels a pending [`CrashDisk::fail_sync_in`].
+    pub fn clear_faults(&self) {
+        self.lock().fail_sync_in = None;
+    }
+
     /// Whether the disk failed (a sync failed or the process crashed).
     pub fn is_dead(&self) -> bool {
         self.lock().dead
