@@ -11,31 +11,72 @@ pub mod guest;
 pub mod testbed;
 pub mod wait;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 pub use testbed::{Host, Testbed};
 pub use wait::{Probe, wait_for, wait_until};
 
-/// The `blixard-agent` binary to put into hosts: `$BLIXARD_AGENT_BIN`, else the one in
-/// the target directory this test binary was built into (build it first with
-/// `cargo build -p blixard-agent`, in the same profile). It runs inside the hosts as is:
-/// their rootfs is the same Debian release as the build host, so its glibc and libgcc_s
-/// match.
+/// The `blixard-agent` binary to put into hosts: `$BLIXARD_AGENT_BIN` if set, else the
+/// workspace's agent, built by `cargo build -p blixard-agent` into the target directory
+/// and profile this test binary was built with (a no-op when it is up to date, so tests
+/// never run a stale agent). Built once per test process.
+///
+/// It runs inside the hosts as is: their rootfs is the same Debian release as the build
+/// host, so its glibc and libgcc_s match.
 pub fn agent_binary() -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     if let Some(path) = std::env::var_os("BLIXARD_AGENT_BIN") {
         return Ok(path.into());
     }
-    // A test binary is <target>/<profile>/deps/<name>-<hash>.
+    BUILT
+        .get_or_init(|| build_agent().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn build_agent() -> Result<PathBuf> {
+    // A test binary is <target dir>/<profile dir>/deps/<name>-<hash>.
     let exe = std::env::current_exe()?;
-    let profile_dir = exe.parent().and_then(|deps| deps.parent());
-    match profile_dir.map(|d| d.join("blixard-agent")) {
-        Some(path) if path.is_file() => Ok(path),
-        Some(path) => bail!(
-            "{} does not exist: run `cargo build -p blixard-agent` (same profile) first, or set BLIXARD_AGENT_BIN",
-            path.display()
-        ),
-        None => bail!("cannot find the target directory from {}", exe.display()),
+    let Some(profile_dir) = exe.parent().and_then(Path::parent) else {
+        bail!("cannot find the target directory from {}", exe.display());
+    };
+    let Some(target_dir) = profile_dir.parent() else {
+        bail!("cannot find the target directory from {}", exe.display());
+    };
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev",
+        Some(name) => name,
+        None => bail!("no profile directory in {}", exe.display()),
+    };
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace");
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "blixard-agent",
+            "--bin",
+            "blixard-agent",
+            "--profile",
+            profile,
+        ])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .current_dir(workspace)
+        .status()
+        .context("running cargo build -p blixard-agent")?;
+    if !status.success() {
+        bail!("cargo build -p blixard-agent failed ({status})");
     }
+    let binary = profile_dir.join("blixard-agent");
+    if !binary.is_file() {
+        bail!("cargo built the agent but {} is missing", binary.display());
+    }
+    Ok(binary)
 }

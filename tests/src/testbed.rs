@@ -85,22 +85,37 @@ impl Testbed {
         Environment::check().map(drop)
     }
 
-    /// Starts a bed of `n_hosts` hosts if this machine can; otherwise skips (returns
-    /// None, after saying why) when `BLIXARD_TESTBED=skip`, and panics when not.
+    /// Starts a bed of `n_hosts` hosts if this machine can; see [`Testbed::can_run`] for
+    /// what happens when it cannot.
     pub fn start_or_skip(n_hosts: usize) -> Option<Testbed> {
+        Testbed::can_run().then(|| {
+            Testbed::start(n_hosts).unwrap_or_else(|e| panic!("starting the test bed: {e:#}"))
+        })
+    }
+
+    /// True when this machine can run a test bed. When it cannot: with
+    /// `BLIXARD_TESTBED=skip`, says why and returns false (the test should return);
+    /// otherwise panics with the reason, so that CI never skips these tests silently.
+    pub fn can_run() -> bool {
         match Testbed::available() {
-            Ok(()) => Some(
-                Testbed::start(n_hosts).unwrap_or_else(|e| panic!("starting the test bed: {e:#}")),
-            ),
+            Ok(()) => true,
             Err(why) if std::env::var(SKIP_ENV).as_deref() == Ok("skip") => {
                 eprintln!("SKIPPED: the container test bed cannot run here: {why}");
-                None
+                false
             }
             Err(why) => panic!(
                 "the container test bed cannot run here: {why}\n\
                  (on a machine that cannot run it, {SKIP_ENV}=skip skips these tests; CI must not set it)"
             ),
         }
+    }
+
+    /// Removes what crashed or killed runs left behind (containers, bridges, veths,
+    /// mounts, files, cgroups), never touching a bed whose owner still runs. `start`
+    /// does this first; returns the names of the beds removed.
+    pub fn sweep() -> Result<Vec<String>> {
+        let cgroups = cgroup::Layout::detect().map_err(anyhow::Error::msg)?;
+        resources::sweep_stale(&cgroups)
     }
 
     /// Boots `n_hosts` hosts on a new bridge and waits until all are up.

@@ -20,11 +20,13 @@ fn ping(from: &Host, to: &Host) -> bool {
 
 #[test]
 fn three_hosts_boot_with_systemd_a_system_bus_and_a_shared_network() {
+    let started = Instant::now();
     let Some(bed) = Testbed::start_or_skip(3) else {
         return;
     };
     eprintln!(
-        "MEASURE: booting 3 hosts took {:.2} s",
+        "MEASURE: Testbed::start(3) took {:.2} s, of which booting {:.2} s",
+        started.elapsed().as_secs_f64(),
         bed.boot_time().as_secs_f64()
     );
 
@@ -97,6 +99,24 @@ fn three_hosts_boot_with_systemd_a_system_bus_and_a_shared_network() {
     })
     .unwrap();
     assert_eq!(reply, "hello-from-h1");
+    // The test process reaches hosts too, from the bridge's address. The listener
+    // restarts nc between connections, so a connect can be refused for a moment.
+    let greeting = wait_for(
+        "a TCP reply from h1:7000 to the test process",
+        SETTLE,
+        || {
+            let addr = (server.addr(), 7000).into();
+            let mut stream = match std::net::TcpStream::connect_timeout(&addr, SETTLE) {
+                Ok(stream) => stream,
+                Err(e) => return Ok(Probe::NotYet(e.to_string())),
+            };
+            let mut greeting = String::new();
+            std::io::Read::read_to_string(&mut stream, &mut greeting)?;
+            Ok(Probe::Ready(greeting))
+        },
+    )
+    .unwrap();
+    assert_eq!(greeting.trim(), "hello-from-h1");
 
     for host in bed.hosts() {
         eprintln!(
@@ -334,4 +354,20 @@ fn beds_run_side_by_side_and_drop_removes_everything() {
         a.host(0).exec(&["true"]).unwrap().status.success(),
         "the other bed is untouched"
     );
+}
+
+#[test]
+fn the_agent_binary_runs_inside_a_host() {
+    let Some(bed) = Testbed::start_or_skip(1) else {
+        return;
+    };
+    let host = bed.host(0);
+    host.install_agent(&blixard_systests::agent_binary().unwrap())
+        .unwrap();
+    let libs = host
+        .run(&["ldd", blixard_systests::testbed::AGENT_PATH])
+        .unwrap();
+    assert!(!libs.contains("not found"), "{libs}");
+    host.run(&[blixard_systests::testbed::AGENT_PATH, "--help"])
+        .unwrap();
 }

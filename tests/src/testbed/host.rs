@@ -457,6 +457,12 @@ impl Host {
         })
     }
 
+    /// The host PID of the container's init while the host runs: for
+    /// `nsenter --target=PID --all --root --wd bash` when debugging by hand.
+    pub fn leader_pid(&self) -> Option<u32> {
+        self.leader().ok()
+    }
+
     fn leader(&self) -> Result<u32> {
         let mut state = self.state();
         if state.nspawn.is_none() {
