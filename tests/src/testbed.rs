@@ -147,7 +147,13 @@ impl Testbed {
             lock: Some(lock),
         };
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        resources::ip(&["link", "add", "name", &bridge, "type", "bridge"])?;
+        // A fixed MAC: by default a bridge takes the lowest of its ports' MACs, which
+        // changes as hosts power off and boot, and hosts would then hold a stale ARP
+        // entry for this machine's address.
+        let mac = format!("02:62:78:74:62:{k:02x}");
+        resources::ip(&[
+            "link", "add", "name", &bridge, "address", &mac, "type", "bridge",
+        ])?;
         resources::ip(&[
             "addr",
             "add",
