@@ -5,16 +5,14 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/blixard/state/v1/state.proto"];
+    let protos = ["proto/blixard/state/v1/state.proto", "proto/blixard/v1/api.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
     let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
-        .file_descriptor_set_path(out.join("blixard_descriptor.bin"))
-        .compile_fds(fds)?;
+    // For gRPC server reflection.
+    std::fs::write(out.join("blixard_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
+    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
     Ok(())
 }

@@ -5,7 +5,10 @@
 //! gRPC or the CLI; `consensus` and `state` do no I/O of their own beyond
 //! the `storage` they are given. See ARCHITECTURE.md for the map.
 
+pub mod api;
+pub mod config;
 pub mod consensus;
 pub mod names;
+pub mod node;
 pub mod state;
 pub mod storage;

@@ -35,14 +35,8 @@ pub fn validate(name: &str) -> Result<(), NameError> {
         return Err(NameError::TooLong { name: truncate_for_display(name), len: chars });
     }
     let ok_first = first.is_ascii_lowercase() || first.is_ascii_digit();
-    let ok_rest = bytes[1..]
-        .iter()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
-    if ok_first && ok_rest {
-        Ok(())
-    } else {
-        Err(NameError::Invalid { name: truncate_for_display(name) })
-    }
+    let ok_rest = bytes[1..].iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+    if ok_first && ok_rest { Ok(()) } else { Err(NameError::Invalid { name: truncate_for_display(name) }) }
 }
 
 /// Keeps error messages one readable line even for hostile input.
@@ -100,10 +94,7 @@ mod tests {
 
     #[test]
     fn refuses_names_that_could_escape_a_unit_or_path() {
-        let bad = [
-            "", "../x", "a b", "x.service", "A", "Web", "-a", "a_b", "a/b", "é", "a\n", "ａ",
-            "a@b", "a.", ".",
-        ];
+        let bad = ["", "../x", "a b", "x.service", "A", "Web", "-a", "a_b", "a/b", "é", "a\n", "ａ", "a@b", "a.", "."];
         for name in bad {
             assert!(validate(name).is_err(), "{name:?} should be refused");
         }

@@ -47,18 +47,14 @@ impl Host {
             format!("#!/bin/sh\necho \"shutdown $(date +%s.%N)\" >> {log}\n"),
             0o755,
         )?;
-        let (uid, gid) = (
-            self.lookup_id("/etc/passwd", "microvm")?,
-            self.lookup_id("/etc/group", "kvm")?,
-        );
+        let (uid, gid) = (self.lookup_id("/etc/passwd", "microvm")?, self.lookup_id("/etc/group", "kvm")?);
         let dir = self.path(&format!("{STATE_DIR}/{name}"));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let current = dir.join("current");
         let _ = fs::remove_file(&current);
         symlink(&store_path, &current).with_context(|| format!("linking {}", current.display()))?;
         for path in [&dir, &current] {
-            lchown(path, Some(uid), Some(gid))
-                .with_context(|| format!("chown {}", path.display()))?;
+            lchown(path, Some(uid), Some(gid)).with_context(|| format!("chown {}", path.display()))?;
         }
         Ok(())
     }
@@ -80,9 +76,7 @@ impl Host {
         for line in text.lines() {
             let fields: Vec<&str> = line.split(':').collect();
             if fields.first() == Some(&name) && fields.len() > 2 {
-                return fields[2]
-                    .parse()
-                    .with_context(|| format!("bad id for {name} in {file}"));
+                return fields[2].parse().with_context(|| format!("bad id for {name} in {file}"));
             }
         }
         bail!("{name} is not in the host's {file}")
@@ -94,9 +88,7 @@ fn assert_valid_name(name: &str) {
     let bytes = name.as_bytes();
     let valid = (1..=63).contains(&bytes.len())
         && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
     assert!(valid, "{name:?} is not a valid VM name");
 }
 

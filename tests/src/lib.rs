@@ -32,10 +32,7 @@ pub fn agent_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("BLIXARD_AGENT_BIN") {
         return Ok(path.into());
     }
-    BUILT
-        .get_or_init(|| build_agent().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
+    BUILT.get_or_init(|| build_agent().map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
 }
 
 fn build_agent() -> Result<PathBuf> {
@@ -52,20 +49,9 @@ fn build_agent() -> Result<PathBuf> {
         Some(name) => name,
         None => bail!("no profile directory in {}", exe.display()),
     };
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ is inside the workspace");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace");
     let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "blixard-agent",
-            "--bin",
-            "blixard-agent",
-            "--profile",
-            profile,
-        ])
+        .args(["build", "--quiet", "-p", "blixard-agent", "--bin", "blixard-agent", "--profile", profile])
         .arg("--target-dir")
         .arg(target_dir)
         .current_dir(workspace)

@@ -88,9 +88,7 @@ impl Testbed {
     /// Starts a bed of `n_hosts` hosts if this machine can; see [`Testbed::can_run`] for
     /// what happens when it cannot.
     pub fn start_or_skip(n_hosts: usize) -> Option<Testbed> {
-        Testbed::can_run().then(|| {
-            Testbed::start(n_hosts).unwrap_or_else(|e| panic!("starting the test bed: {e:#}"))
-        })
+        Testbed::can_run().then(|| Testbed::start(n_hosts).unwrap_or_else(|e| panic!("starting the test bed: {e:#}")))
     }
 
     /// True when this machine can run a test bed. When it cannot: with
@@ -120,17 +118,11 @@ impl Testbed {
 
     /// Boots `n_hosts` hosts on a new bridge and waits until all are up.
     pub fn start(n_hosts: usize) -> Result<Testbed> {
-        assert!(
-            (1..=HOSTS_MAX).contains(&n_hosts),
-            "a bed has 1 to {HOSTS_MAX} hosts"
-        );
+        assert!((1..=HOSTS_MAX).contains(&n_hosts), "a bed has 1 to {HOSTS_MAX} hosts");
         let env = Environment::check().map_err(anyhow::Error::msg)?;
         let swept = resources::sweep_stale(&env.cgroups)?;
         if !swept.is_empty() {
-            eprintln!(
-                "testbed: removed leftovers of earlier runs: {}",
-                swept.join(", ")
-            );
+            eprintln!("testbed: removed leftovers of earlier runs: {}", swept.join(", "));
         }
         let lock = claim_bed_id(&env.cgroups)?;
         let k = lock.k;
@@ -151,21 +143,11 @@ impl Testbed {
         // changes as hosts power off and boot, and hosts would then hold a stale ARP
         // entry for this machine's address.
         let mac = format!("02:62:78:74:62:{k:02x}");
-        resources::ip(&[
-            "link", "add", "name", &bridge, "address", &mac, "type", "bridge",
-        ])?;
-        resources::ip(&[
-            "addr",
-            "add",
-            &format!("{}/{PREFIX_LEN}", bed.bridge_addr()),
-            "dev",
-            &bridge,
-        ])?;
+        resources::ip(&["link", "add", "name", &bridge, "address", &mac, "type", "bridge"])?;
+        resources::ip(&["addr", "add", &format!("{}/{PREFIX_LEN}", bed.bridge_addr()), "dev", &bridge])?;
         resources::ip(&["link", "set", "dev", &bridge, "up"])?;
 
-        let names: Vec<(String, Ipv4Addr)> = (0..n_hosts)
-            .map(|i| (format!("h{i}"), host_addr(k, i)))
-            .collect();
+        let names: Vec<(String, Ipv4Addr)> = (0..n_hosts).map(|i| (format!("h{i}"), host_addr(k, i))).collect();
         for (index, (name, addr)) in names.iter().enumerate() {
             let host_dir = dir.join(name);
             let upper = lay_out_root(&host_dir, &env.rootfs)?;
@@ -261,14 +243,8 @@ impl Testbed {
     pub fn diagnostics(&self) -> String {
         let mut text = String::new();
         for host in &self.hosts {
-            let _ = writeln!(
-                text,
-                "=== {} ({}, {}) running: {}",
-                host.name,
-                host.machine,
-                host.addr,
-                host.is_running()
-            );
+            let _ =
+                writeln!(text, "=== {} ({}, {}) running: {}", host.name, host.machine, host.addr, host.is_running());
             if let Ok(failed) = host.run(&["systemctl", "--failed", "--no-pager", "--plain"]) {
                 let _ = writeln!(text, "{failed}");
             }
@@ -291,10 +267,7 @@ impl Testbed {
         let lock = self.lock.take().expect("a bed is shut down once");
         if std::env::var(KEEP_ENV).as_deref() == Ok("1") {
             group.destroy()?;
-            eprintln!(
-                "testbed: kept {} ({KEEP_ENV}=1); the next run removes it",
-                self.dir.display()
-            );
+            eprintln!("testbed: kept {} ({KEEP_ENV}=1); the next run removes it", self.dir.display());
             return Ok(());
         }
         resources::remove_bed(&lock, &self.cgroups)
@@ -304,11 +277,7 @@ impl Testbed {
 impl Drop for Testbed {
     fn drop(&mut self) {
         if std::thread::panicking() && !self.hosts.is_empty() {
-            eprintln!(
-                "testbed: a test panicked; state of bed {}:\n{}",
-                self.bridge,
-                self.diagnostics()
-            );
+            eprintln!("testbed: a test panicked; state of bed {}:\n{}", self.bridge, self.diagnostics());
         }
         if let Err(e) = self.shutdown() {
             // Not a panic: this may run while unwinding. The next run's sweeper retries.
@@ -321,10 +290,7 @@ impl Environment {
     fn check() -> Result<Environment, String> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            return Err(
-                "it needs root (it creates bridges, mounts and containers): run the tests as root"
-                    .into(),
-            );
+            return Err("it needs root (it creates bridges, mounts and containers): run the tests as root".into());
         }
         for name in ["systemd-nspawn", "nsenter", "ip", "journalctl"] {
             cmd::tool(name).map_err(|e| e.to_string())?;
@@ -347,17 +313,14 @@ fn rootfs_path() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("BLIXARD_TESTBED_ROOTFS") {
         return Ok(path.into());
     }
-    let out = cmd::stdout_within(
-        Command::new("bash").args([PREPARE_SCRIPT, "--print-path"]),
-        PREPARE_TIMEOUT,
-    )?;
+    let out = cmd::stdout_within(Command::new("bash").args([PREPARE_SCRIPT, "--print-path"]), PREPARE_TIMEOUT)?;
     Ok(PathBuf::from(out.trim()))
 }
 
 /// Takes the lowest free bed number whose subnet nothing else on this machine uses.
 fn claim_bed_id(cgroups: &cgroup::Layout) -> Result<BedLock> {
-    let in_use = resources::ip(&["-4", "-o", "addr", "show"])?
-        + &resources::ip(&["-4", "route", "show", "table", "all"])?;
+    let in_use =
+        resources::ip(&["-4", "-o", "addr", "show"])? + &resources::ip(&["-4", "route", "show", "table", "all"])?;
     for k in 1..=BED_ID_MAX {
         let Some(lock) = BedLock::try_take(k)? else {
             continue;
@@ -374,12 +337,7 @@ fn claim_bed_id(cgroups: &cgroup::Layout) -> Result<BedLock> {
 }
 
 fn host_addr(k: u8, index: usize) -> Ipv4Addr {
-    Ipv4Addr::new(
-        10,
-        77,
-        k,
-        HOST_ADDR_BASE + u8::try_from(index).expect("fewer than 100 hosts"),
-    )
+    Ipv4Addr::new(10, 77, k, HOST_ADDR_BASE + u8::try_from(index).expect("fewer than 100 hosts"))
 }
 
 /// Lays out a host's root in `host_dir/root`: an overlay of the host's own upper layer
@@ -394,12 +352,7 @@ fn lay_out_root(host_dir: &Path, rootfs: &Path) -> Result<PathBuf> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     if std::env::var(ROOTFS_MODE_ENV).as_deref() != Ok("copy") {
-        let options = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            rootfs.display(),
-            upper.display(),
-            work.display()
-        );
+        let options = format!("lowerdir={},upperdir={},workdir={}", rootfs.display(), upper.display(), work.display());
         match mount_overlay(&root, &options) {
             Ok(()) => return Ok(upper),
             Err(e) => {
@@ -408,9 +361,7 @@ fn lay_out_root(host_dir: &Path, rootfs: &Path) -> Result<PathBuf> {
         }
     }
     let mut copy = Command::new("cp");
-    copy.args(["-a", "--reflink=auto"])
-        .arg(rootfs.join("."))
-        .arg(&root);
+    copy.args(["-a", "--reflink=auto"]).arg(rootfs.join(".")).arg(&root);
     cmd::stdout_within(&mut copy, COPY_TIMEOUT)?;
     Ok(root)
 }
@@ -421,20 +372,8 @@ fn mount_overlay(target: &Path, options: &str) -> std::io::Result<()> {
     let target = CString::new(target.as_os_str().as_encoded_bytes()).expect("no NUL in paths");
     let options = CString::new(options).expect("no NUL in paths");
     // SAFETY: valid C strings; overlay takes its options as a string.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            source.as_ptr(),
-            0,
-            options.as_ptr().cast(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), source.as_ptr(), 0, options.as_ptr().cast()) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// Per-host files: hostname, a machine id of its own (kept across power cycles like a
@@ -442,8 +381,7 @@ fn mount_overlay(target: &Path, options: &str) -> std::io::Result<()> {
 fn write_identity(host: &Host, all: &[(String, Ipv4Addr)]) -> Result<()> {
     host.write_file("/etc/hostname", format!("{}\n", host.name), 0o644)?;
     host.write_file("/etc/machine-id", format!("{}\n", random_hex(16)?), 0o444)?;
-    let mut hosts =
-        String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     for (name, addr) in all {
         let _ = writeln!(hosts, "{addr}\t{name}");
     }

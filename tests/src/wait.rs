@@ -28,11 +28,7 @@ pub enum Probe<T> {
 /// Polls `probe` until it returns [`Probe::Ready`] or `timeout` passes. An `Err` from
 /// the probe ends the wait at once: it means the condition can no longer become true
 /// (a host that was supposed to boot has exited, say).
-pub fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut probe: impl FnMut() -> Result<Probe<T>>,
-) -> Result<T> {
+pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<Probe<T>>) -> Result<T> {
     let started = Instant::now();
     let deadline = started + timeout;
     let mut interval = POLL_INTERVAL_MIN;
@@ -43,10 +39,7 @@ pub fn wait_for<T>(
         };
         let now = Instant::now();
         if now >= deadline {
-            bail!(
-                "timed out after {:.1} s waiting for {what}; last seen: {seen}",
-                started.elapsed().as_secs_f64()
-            );
+            bail!("timed out after {:.1} s waiting for {what}; last seen: {seen}", started.elapsed().as_secs_f64());
         }
         thread::sleep(interval.min(deadline - now));
         interval = (interval * 2).min(POLL_INTERVAL_MAX);
@@ -54,18 +47,8 @@ pub fn wait_for<T>(
 }
 
 /// [`wait_for`] a condition that is only true or false.
-pub fn wait_until(
-    what: &str,
-    timeout: Duration,
-    mut condition: impl FnMut() -> Result<bool>,
-) -> Result<()> {
-    wait_for(what, timeout, || {
-        Ok(if condition()? {
-            Probe::Ready(())
-        } else {
-            Probe::NotYet("false".into())
-        })
-    })
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> Result<bool>) -> Result<()> {
+    wait_for(what, timeout, || Ok(if condition()? { Probe::Ready(()) } else { Probe::NotYet("false".into()) }))
 }
 
 #[cfg(test)]
@@ -77,11 +60,7 @@ mod tests {
         let mut calls = 0;
         let value = wait_for("three calls", Duration::from_secs(5), || {
             calls += 1;
-            Ok(if calls == 3 {
-                Probe::Ready(calls)
-            } else {
-                Probe::NotYet(format!("{calls} calls"))
-            })
+            Ok(if calls == 3 { Probe::Ready(calls) } else { Probe::NotYet(format!("{calls} calls")) })
         })
         .unwrap();
         assert_eq!(value, 3);
@@ -89,15 +68,10 @@ mod tests {
 
     #[test]
     fn times_out_with_what_was_last_seen() {
-        let err = wait_for::<()>("never", Duration::from_millis(50), || {
-            Ok(Probe::NotYet("nope".into()))
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("waiting for never") && err.contains("last seen: nope"),
-            "{err}"
-        );
+        let err = wait_for::<()>("never", Duration::from_millis(50), || Ok(Probe::NotYet("nope".into())))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("waiting for never") && err.contains("last seen: nope"), "{err}");
     }
 
     #[test]

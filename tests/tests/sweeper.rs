@@ -63,53 +63,22 @@ fn leftovers_of_a_killed_run_are_swept_and_live_beds_are_not() {
     let machine = field(&host_line, "machine=").to_owned();
     let veth = format!("vb-{machine}");
 
-    let before = (
-        ifindex(&bridge),
-        ifindex(&veth),
-        inode(&dir),
-        process_start(&leader),
-    );
-    assert!(
-        before.0.is_some() && before.1.is_some() && before.2.is_some() && before.3.is_some(),
-        "{before:?}"
-    );
+    let before = (ifindex(&bridge), ifindex(&veth), inode(&dir), process_start(&leader));
+    assert!(before.0.is_some() && before.1.is_some() && before.2.is_some() && before.3.is_some(), "{before:?}");
 
     // The owner dies without a chance to clean up: everything it made stays.
     child.kill().unwrap();
     child.wait().unwrap();
-    assert_eq!(
-        ifindex(&bridge),
-        before.0,
-        "the bed is still there before the sweep"
-    );
-    assert_eq!(
-        process_start(&leader),
-        before.3,
-        "its containers still run before the sweep"
-    );
+    assert_eq!(ifindex(&bridge), before.0, "the bed is still there before the sweep");
+    assert_eq!(process_start(&leader), before.3, "its containers still run before the sweep");
 
     Testbed::sweep().unwrap();
-    assert!(
-        process_start(&leader).is_none() || process_start(&leader) != before.3,
-        "container init survived"
-    );
-    assert!(
-        ifindex(&bridge).is_none() || ifindex(&bridge) != before.0,
-        "bridge {bridge} survived"
-    );
-    assert!(
-        ifindex(&veth).is_none() || ifindex(&veth) != before.1,
-        "veth {veth} survived"
-    );
-    assert!(
-        inode(&dir).is_none() || inode(&dir) != before.2,
-        "{dir} survived"
-    );
+    assert!(process_start(&leader).is_none() || process_start(&leader) != before.3, "container init survived");
+    assert!(ifindex(&bridge).is_none() || ifindex(&bridge) != before.0, "bridge {bridge} survived");
+    assert!(ifindex(&veth).is_none() || ifindex(&veth) != before.1, "veth {veth} survived");
+    assert!(inode(&dir).is_none() || inode(&dir) != before.2, "{dir} survived");
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(
-        !mounts.contains(&format!("{dir}/")),
-        "mounts below {dir} survived"
-    );
+    assert!(!mounts.contains(&format!("{dir}/")), "mounts below {dir} survived");
 
     // The live bed, whose owner (this process) holds its lock, was left alone.
     assert!(live.host(0).exec(&["true"]).unwrap().status.success());

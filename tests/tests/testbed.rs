@@ -14,8 +14,7 @@ use blixard_systests::{Host, Probe, Testbed, guest, wait_for, wait_until};
 const SETTLE: Duration = Duration::from_secs(30);
 
 fn ping(from: &Host, to: &Host) -> bool {
-    from.exec(&["ping", "-c1", "-W1", &to.addr().to_string()])
-        .is_ok_and(|o| o.status.success())
+    from.exec(&["ping", "-c1", "-W1", &to.addr().to_string()]).is_ok_and(|o| o.status.success())
 }
 
 #[test]
@@ -33,14 +32,9 @@ fn three_hosts_boot_with_systemd_a_system_bus_and_a_shared_network() {
     for host in bed.hosts() {
         let state = host.exec(&["systemctl", "is-system-running"]).unwrap();
         let state = String::from_utf8_lossy(&state.stdout);
-        assert!(
-            matches!(state.trim(), "running" | "degraded"),
-            "{}: {state}",
-            host.name()
-        );
+        assert!(matches!(state.trim(), "running" | "degraded"), "{}: {state}", host.name());
         // The socket the agent's zbus connection opens, answering as root.
-        host.run(&["test", "-S", "/run/dbus/system_bus_socket"])
-            .unwrap();
+        host.run(&["test", "-S", "/run/dbus/system_bus_socket"]).unwrap();
         let id = host.run(&[
             "busctl",
             "call",
@@ -51,16 +45,11 @@ fn three_hosts_boot_with_systemd_a_system_bus_and_a_shared_network() {
         ]);
         assert!(id.unwrap().starts_with("s \""));
         assert_eq!(host.run(&["hostname"]).unwrap().trim(), host.name());
-        let addrs = host
-            .run(&["ip", "-4", "-o", "addr", "show", "dev", "host0"])
-            .unwrap();
+        let addrs = host.run(&["ip", "-4", "-o", "addr", "show", "dev", "host0"]).unwrap();
         assert!(addrs.contains(&format!(" {}/24 ", host.addr())), "{addrs}");
     }
-    let machine_ids: std::collections::BTreeSet<String> = bed
-        .hosts()
-        .iter()
-        .map(|h| h.read_file("/etc/machine-id").unwrap())
-        .collect();
+    let machine_ids: std::collections::BTreeSet<String> =
+        bed.hosts().iter().map(|h| h.read_file("/etc/machine-id").unwrap()).collect();
     assert_eq!(machine_ids.len(), 3, "every host has its own machine id");
 
     for from in bed.hosts() {
@@ -75,21 +64,10 @@ fn three_hosts_boot_with_systemd_a_system_bus_and_a_shared_network() {
 
     // TCP between hosts: a listener on h1 (a unit of h1's systemd), a client on h0.
     let server = bed.host(1);
-    server
-        .spawn_unit(
-            "tcp-hello",
-            &[
-                "sh",
-                "-c",
-                "while true; do echo hello-from-h1 | nc -N -l 7000; done",
-            ],
-        )
-        .unwrap();
+    server.spawn_unit("tcp-hello", &["sh", "-c", "while true; do echo hello-from-h1 | nc -N -l 7000; done"]).unwrap();
     let target = format!("{}", server.addr());
     let reply = wait_for("a TCP reply from h1:7000", SETTLE, || {
-        let out = bed
-            .host(0)
-            .exec(&["nc", "-N", "-w", "2", &target, "7000"])?;
+        let out = bed.host(0).exec(&["nc", "-N", "-w", "2", &target, "7000"])?;
         let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         Ok(if out.status.success() && !text.is_empty() {
             Probe::Ready(text)
@@ -101,29 +79,21 @@ fn three_hosts_boot_with_systemd_a_system_bus_and_a_shared_network() {
     assert_eq!(reply, "hello-from-h1");
     // The test process reaches hosts too, from the bridge's address. The listener
     // restarts nc between connections, so a connect can be refused for a moment.
-    let greeting = wait_for(
-        "a TCP reply from h1:7000 to the test process",
-        SETTLE,
-        || {
-            let addr = (server.addr(), 7000).into();
-            let mut stream = match std::net::TcpStream::connect_timeout(&addr, SETTLE) {
-                Ok(stream) => stream,
-                Err(e) => return Ok(Probe::NotYet(e.to_string())),
-            };
-            let mut greeting = String::new();
-            std::io::Read::read_to_string(&mut stream, &mut greeting)?;
-            Ok(Probe::Ready(greeting))
-        },
-    )
+    let greeting = wait_for("a TCP reply from h1:7000 to the test process", SETTLE, || {
+        let addr = (server.addr(), 7000).into();
+        let mut stream = match std::net::TcpStream::connect_timeout(&addr, SETTLE) {
+            Ok(stream) => stream,
+            Err(e) => return Ok(Probe::NotYet(e.to_string())),
+        };
+        let mut greeting = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut greeting)?;
+        Ok(Probe::Ready(greeting))
+    })
     .unwrap();
     assert_eq!(greeting.trim(), "hello-from-h1");
 
     for host in bed.hosts() {
-        eprintln!(
-            "MEASURE: {} uses {} KiB of its own on disk",
-            host.name(),
-            host.disk_usage_bytes() / 1024
-        );
+        eprintln!("MEASURE: {} uses {} KiB of its own on disk", host.name(), host.disk_usage_bytes() / 1024);
     }
 }
 
@@ -151,18 +121,12 @@ fn microvm_unit_starts_a_fake_guest_over_the_system_bus() {
             "replace",
         ])
         .unwrap();
-    assert!(
-        job.starts_with("o \"/org/freedesktop/systemd1/job/"),
-        "{job}"
-    );
+    assert!(job.starts_with("o \"/org/freedesktop/systemd1/job/"), "{job}");
     host.wait_unit_state(&unit, "active", SETTLE).unwrap();
     assert!(bed.unit_active(0, &unit).unwrap());
 
     let path = unit_object_path(&unit);
-    assert_eq!(
-        path,
-        "/org/freedesktop/systemd1/unit/microvm_40demo_2eservice"
-    );
+    assert_eq!(path, "/org/freedesktop/systemd1/unit/microvm_40demo_2eservice");
     let got = host
         .run(&[
             "busctl",
@@ -179,20 +143,11 @@ fn microvm_unit_starts_a_fake_guest_over_the_system_bus() {
     assert_eq!(host.unit_state_dbus(&unit).unwrap(), "active");
 
     // The runner really runs, as microvm:kvm, and microvm-set-booted did its part.
-    wait_until("the fake guest to log its start", SETTLE, || {
-        Ok(host.fake_guest_log("demo")?.len() == 1)
-    })
-    .unwrap();
-    let user = host
-        .sh("ps -o user= -p $(systemctl show -p MainPID --value microvm@demo.service)")
-        .unwrap();
+    wait_until("the fake guest to log its start", SETTLE, || Ok(host.fake_guest_log("demo")?.len() == 1)).unwrap();
+    let user = host.sh("ps -o user= -p $(systemctl show -p MainPID --value microvm@demo.service)").unwrap();
     assert_eq!(user.trim(), "microvm");
     assert!(host.path("/var/lib/microvms/demo/booted").is_symlink());
-    assert!(
-        bed.journal(0, &unit)
-            .unwrap()
-            .contains("Started microvm@demo.service")
-    );
+    assert!(bed.journal(0, &unit).unwrap().contains("Started microvm@demo.service"));
 
     // StopUnit runs microvm-shutdown and the unit stays down despite Restart=always.
     host.run(&[
@@ -225,11 +180,7 @@ fn cut_link_partitions_a_host_and_heal_link_rejoins_it() {
     assert!(!ping(h1, h2), "h2 still reachable from h1 after cut_link");
     assert!(ping(h0, h2), "the rest of the cluster must still talk");
     // Inside, nothing changed: the address stays, as when a switch port dies.
-    assert!(
-        h1.run(&["ip", "-4", "-o", "addr", "show", "dev", "host0"])
-            .unwrap()
-            .contains(&h1.addr().to_string())
-    );
+    assert!(h1.run(&["ip", "-4", "-o", "addr", "show", "dev", "host0"]).unwrap().contains(&h1.addr().to_string()));
 
     bed.heal_link(1).unwrap();
     wait_until("h0 to reach h1 again", SETTLE, || Ok(ping(h0, h1))).unwrap();
@@ -242,57 +193,33 @@ fn a_host_that_loses_power_comes_back_with_its_files() {
         return;
     };
     let (h0, h1) = (bed.host(0), bed.host(1));
-    h1.write_file("/var/lib/blixard/marker", "before the power cut\n", 0o644)
-        .unwrap();
+    h1.write_file("/var/lib/blixard/marker", "before the power cut\n", 0o644).unwrap();
     h1.install_fake_guest("demo").unwrap();
-    h1.run(&["systemctl", "start", "microvm@demo.service"])
-        .unwrap();
-    h1.wait_unit_state("microvm@demo.service", "active", SETTLE)
-        .unwrap();
+    h1.run(&["systemctl", "start", "microvm@demo.service"]).unwrap();
+    h1.wait_unit_state("microvm@demo.service", "active", SETTLE).unwrap();
     let machine_id = h1.read_file("/etc/machine-id").unwrap();
     let boot_id_before = h1.read_file_inside("/proc/sys/kernel/random/boot_id");
 
     let started = Instant::now();
     bed.power_off(1).unwrap();
-    eprintln!(
-        "MEASURE: power_off took {:.3} s",
-        started.elapsed().as_secs_f64()
-    );
+    eprintln!("MEASURE: power_off took {:.3} s", started.elapsed().as_secs_f64());
     assert!(!h1.is_running());
-    assert!(
-        h1.exec(&["true"]).is_err(),
-        "a powered-off host runs nothing"
-    );
+    assert!(h1.exec(&["true"]).is_err(), "a powered-off host runs nothing");
     assert!(!ping(h0, h1));
     assert!(h1.cut_link().is_err(), "no link while powered off");
     // Its journal is still readable from outside, like a disk pulled from a dead host.
-    assert!(
-        h1.journal("microvm@demo.service")
-            .unwrap()
-            .contains("Started microvm@demo.service")
-    );
+    assert!(h1.journal("microvm@demo.service").unwrap().contains("Started microvm@demo.service"));
 
     let started = Instant::now();
     bed.boot(1).unwrap();
-    eprintln!(
-        "MEASURE: boot after power_off took {:.3} s",
-        started.elapsed().as_secs_f64()
-    );
-    assert_eq!(
-        h1.read_file("/var/lib/blixard/marker").unwrap(),
-        "before the power cut\n"
-    );
+    eprintln!("MEASURE: boot after power_off took {:.3} s", started.elapsed().as_secs_f64());
+    assert_eq!(h1.read_file("/var/lib/blixard/marker").unwrap(), "before the power cut\n");
     assert_eq!(h1.read_file("/etc/machine-id").unwrap(), machine_id);
-    assert_ne!(
-        h1.read_file_inside("/proc/sys/kernel/random/boot_id"),
-        boot_id_before
-    );
+    assert_ne!(h1.read_file_inside("/proc/sys/kernel/random/boot_id"), boot_id_before);
     // The guest did not autostart (only the agent starts guests), but can start again.
     assert_eq!(h1.unit_state("microvm@demo.service").unwrap(), "inactive");
-    h1.run(&["systemctl", "start", "microvm@demo.service"])
-        .unwrap();
-    h1.wait_unit_state("microvm@demo.service", "active", SETTLE)
-        .unwrap();
+    h1.run(&["systemctl", "start", "microvm@demo.service"]).unwrap();
+    h1.wait_unit_state("microvm@demo.service", "active", SETTLE).unwrap();
     wait_until("h0 to reach h1 after its boot", SETTLE, || Ok(ping(h0, h1))).unwrap();
 }
 
@@ -317,16 +244,7 @@ fn beds_run_side_by_side_and_drop_removes_everything() {
     assert_ne!(a.bridge(), b.bridge());
     assert_ne!(a.host(0).addr(), b.host(0).addr());
     // Separate cgroups: each host's systemd sees only its own units.
-    let a_units = a
-        .host(0)
-        .run(&[
-            "systemctl",
-            "list-units",
-            "--plain",
-            "--no-legend",
-            "*.scope",
-        ])
-        .unwrap();
+    let a_units = a.host(0).run(&["systemctl", "list-units", "--plain", "--no-legend", "*.scope"]).unwrap();
     assert!(!a_units.contains(b.host(0).machine_name()), "{a_units}");
     // Separate bridges: no path from one bed to the other.
     assert!(!ping(a.host(0), b.host(0)));
@@ -334,26 +252,12 @@ fn beds_run_side_by_side_and_drop_removes_everything() {
     let (bridge, dir, veth) = (b.bridge().to_owned(), b.dir().to_owned(), b.host(0).veth());
     let root = b.host(0).root().to_owned();
     drop(b);
-    assert!(
-        !std::path::Path::new("/sys/class/net")
-            .join(&bridge)
-            .exists(),
-        "bridge {bridge} left behind"
-    );
-    assert!(
-        !std::path::Path::new("/sys/class/net").join(&veth).exists(),
-        "veth {veth} left behind"
-    );
+    assert!(!std::path::Path::new("/sys/class/net").join(&bridge).exists(), "bridge {bridge} left behind");
+    assert!(!std::path::Path::new("/sys/class/net").join(&veth).exists(), "veth {veth} left behind");
     assert!(!dir.exists(), "{} left behind", dir.display());
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(
-        !mounts.contains(root.to_str().unwrap()),
-        "overlay still mounted"
-    );
-    assert!(
-        a.host(0).exec(&["true"]).unwrap().status.success(),
-        "the other bed is untouched"
-    );
+    assert!(!mounts.contains(root.to_str().unwrap()), "overlay still mounted");
+    assert!(a.host(0).exec(&["true"]).unwrap().status.success(), "the other bed is untouched");
 }
 
 #[test]
@@ -362,12 +266,8 @@ fn the_agent_binary_runs_inside_a_host() {
         return;
     };
     let host = bed.host(0);
-    host.install_agent(&blixard_systests::agent_binary().unwrap())
-        .unwrap();
-    let libs = host
-        .run(&["ldd", blixard_systests::testbed::AGENT_PATH])
-        .unwrap();
+    host.install_agent(&blixard_systests::agent_binary().unwrap()).unwrap();
+    let libs = host.run(&["ldd", blixard_systests::testbed::AGENT_PATH]).unwrap();
     assert!(!libs.contains("not found"), "{libs}");
-    host.run(&[blixard_systests::testbed::AGENT_PATH, "--help"])
-        .unwrap();
+    host.run(&[blixard_systests::testbed::AGENT_PATH, "--help"]).unwrap();
 }

@@ -298,11 +298,7 @@ impl Core {
     }
 
     fn check_leader(&self) -> Result<(), ProposeError> {
-        if self.is_leader() {
-            Ok(())
-        } else {
-            Err(ProposeError::NotLeader { leader: self.leader() })
-        }
+        if self.is_leader() { Ok(()) } else { Err(ProposeError::NotLeader { leader: self.leader() }) }
     }
 
     /// Proposes a command. Only the leader proposes (followers forward
@@ -323,15 +319,23 @@ impl Core {
     /// Proposes a membership change as a Raft conf change. raft-rs turns it
     /// into an empty entry while another change is unapplied; that shows up
     /// as [`Outcome::Dropped`].
-    pub fn propose_membership(&mut self, change: &MembershipChange, at_unix_ms: u64) -> Result<ProposalId, ProposeError> {
+    pub fn propose_membership(
+        &mut self,
+        change: &MembershipChange,
+        at_unix_ms: u64,
+    ) -> Result<ProposalId, ProposeError> {
         self.check_leader()?;
         let (change_type, info) = match change {
             MembershipChange::AddLearner { name, address, .. } => (
                 ConfChangeType::AddLearnerNode,
                 MemberInfo { name: name.clone(), address: address.clone(), at_unix_ms },
             ),
-            MembershipChange::Promote { .. } => (ConfChangeType::AddNode, MemberInfo { at_unix_ms, ..MemberInfo::default() }),
-            MembershipChange::Remove { .. } => (ConfChangeType::RemoveNode, MemberInfo { at_unix_ms, ..MemberInfo::default() }),
+            MembershipChange::Promote { .. } => {
+                (ConfChangeType::AddNode, MemberInfo { at_unix_ms, ..MemberInfo::default() })
+            }
+            MembershipChange::Remove { .. } => {
+                (ConfChangeType::RemoveNode, MemberInfo { at_unix_ms, ..MemberInfo::default() })
+            }
         };
         let mut cc = ConfChange::default();
         cc.set_change_type(change_type);
@@ -439,7 +443,8 @@ impl Core {
                 term: self.raw.raft.term,
             });
         }
-        out.reads = ready.take_read_states().into_iter().map(|ReadState { index, request_ctx }| (request_ctx, index)).collect();
+        out.reads =
+            ready.take_read_states().into_iter().map(|ReadState { index, request_ctx }| (request_ctx, index)).collect();
 
         // (2) Snapshot, applied entries, new entries and hard state: one
         // transaction.

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use slog::{Drain, Level, OwnedKVList, Record, KV};
+use slog::{Drain, KV, Level, OwnedKVList, Record};
 
 pub struct TracingDrain;
 

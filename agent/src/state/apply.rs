@@ -1,7 +1,7 @@
 //! Commands and how they are applied.
 
-use super::types::{limits, *};
 use super::State;
+use super::types::{limits, *};
 use crate::names::{self, NameError};
 
 /// A state-machine command as carried in one Raft log entry.
@@ -15,20 +15,56 @@ pub struct Command {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommandKind {
-    CreateVm { name: String, spec: VmSpec },
-    UpdateVm { name: String, spec: VmSpec },
-    DeleteVm { name: String },
-    SetDesired { name: String, desired: Desired },
+    CreateVm {
+        name: String,
+        spec: VmSpec,
+    },
+    UpdateVm {
+        name: String,
+        spec: VmSpec,
+    },
+    DeleteVm {
+        name: String,
+    },
+    SetDesired {
+        name: String,
+        desired: Desired,
+    },
     /// Place (or move) `vm` on `node`; refused unless the VM's generation is
     /// still `expected_generation`, so decisions made on stale state lose.
-    Place { vm: String, node: NodeId, expected_generation: u64 },
-    Unplace { vm: String, expected_generation: u64 },
-    SetCapacity { node: NodeId, capacity: Capacity },
-    SetLabels { node: NodeId, labels: Labels },
-    SetRunners { node: NodeId, runners: Vec<String> },
-    SetDrain { node: NodeId, drain: bool },
-    SetStatus { node: NodeId, status: MemberStatus },
-    SetAddress { node: NodeId, address: String },
+    Place {
+        vm: String,
+        node: NodeId,
+        expected_generation: u64,
+    },
+    Unplace {
+        vm: String,
+        expected_generation: u64,
+    },
+    SetCapacity {
+        node: NodeId,
+        capacity: Capacity,
+    },
+    SetLabels {
+        node: NodeId,
+        labels: Labels,
+    },
+    SetRunners {
+        node: NodeId,
+        runners: Vec<String>,
+    },
+    SetDrain {
+        node: NodeId,
+        drain: bool,
+    },
+    SetStatus {
+        node: NodeId,
+        status: MemberStatus,
+    },
+    SetAddress {
+        node: NodeId,
+        address: String,
+    },
     /// A host's report of what it observes of a VM placed on it.
     Report {
         node: NodeId,
@@ -43,10 +79,18 @@ pub enum CommandKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MembershipChange {
     /// A new member joins as a learner.
-    AddLearner { id: NodeId, name: String, address: String },
+    AddLearner {
+        id: NodeId,
+        name: String,
+        address: String,
+    },
     /// A caught-up learner becomes a voter.
-    Promote { id: NodeId },
-    Remove { id: NodeId },
+    Promote {
+        id: NodeId,
+    },
+    Remove {
+        id: NodeId,
+    },
 }
 
 impl MembershipChange {
@@ -63,22 +107,62 @@ impl MembershipChange {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     None,
-    VmCreated { vm: String },
-    VmUpdated { vm: String },
-    VmDeleted { vm: String, was_on: Option<NodeId> },
-    DesiredSet { vm: String, desired: Desired },
-    Placed { vm: String, node: NodeId, from: Option<NodeId>, generation: u64 },
-    Unplaced { vm: String, from: Option<NodeId>, generation: u64 },
-    MemberChanged { node: NodeId },
+    VmCreated {
+        vm: String,
+    },
+    VmUpdated {
+        vm: String,
+    },
+    VmDeleted {
+        vm: String,
+        was_on: Option<NodeId>,
+    },
+    DesiredSet {
+        vm: String,
+        desired: Desired,
+    },
+    Placed {
+        vm: String,
+        node: NodeId,
+        from: Option<NodeId>,
+        generation: u64,
+    },
+    Unplaced {
+        vm: String,
+        from: Option<NodeId>,
+        generation: u64,
+    },
+    MemberChanged {
+        node: NodeId,
+    },
     /// The member changed and these VMs lost their placement because the
     /// host no longer satisfies them (runner removed, labels changed).
-    MemberChangedUnplaced { node: NodeId, vms: Vec<String> },
-    StatusSet { node: NodeId, status: MemberStatus },
-    DrainSet { node: NodeId, drain: bool },
-    Reported { vm: String, state: VmState },
-    MemberAdded { node: NodeId },
-    MemberPromoted { node: NodeId },
-    MemberRemoved { node: NodeId, unplaced: Vec<String> },
+    MemberChangedUnplaced {
+        node: NodeId,
+        vms: Vec<String>,
+    },
+    StatusSet {
+        node: NodeId,
+        status: MemberStatus,
+    },
+    DrainSet {
+        node: NodeId,
+        drain: bool,
+    },
+    Reported {
+        vm: String,
+        state: VmState,
+    },
+    MemberAdded {
+        node: NodeId,
+    },
+    MemberPromoted {
+        node: NodeId,
+    },
+    MemberRemoved {
+        node: NodeId,
+        unplaced: Vec<String>,
+    },
 }
 
 /// Why a command was refused. Each message is one sentence that tells an
@@ -105,9 +189,7 @@ pub enum Rejection {
     NotLearner(NodeId),
     #[error("member {0} is the last voter and cannot be removed")]
     LastVoter(NodeId),
-    #[error(
-        "VM {vm:?} does not fit on {node}: it needs {needed} {resource}, {available} of {limit} are free"
-    )]
+    #[error("VM {vm:?} does not fit on {node}: it needs {needed} {resource}, {available} of {limit} are free")]
     OverCapacity { vm: String, node: String, resource: &'static str, needed: u64, available: u64, limit: u64 },
     #[error("member {node} would have {used} {resource} placed but offers only {limit}; drain it first")]
     CapacityBelowUse { node: String, resource: &'static str, used: u64, limit: u64 },
@@ -159,9 +241,7 @@ impl State {
                 // spec; otherwise it is unplaced and the scheduler finds it a
                 // new one ("constraint change" is a reason to move).
                 let keep = vm.placement.is_some_and(|p| {
-                    self.members
-                        .get(&p.node)
-                        .is_some_and(|m| constraint_violation(self, vm, spec, m).is_none())
+                    self.members.get(&p.node).is_some_and(|m| constraint_violation(self, vm, spec, m).is_none())
                 });
                 let vm = self.vms.get_mut(name).expect("checked above");
                 vm.spec = spec.clone();
@@ -438,11 +518,7 @@ fn check_address(address: &str) -> Result<(), Rejection> {
             .rsplit_once(':')
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0))
         && address.chars().all(|c| c.is_ascii_graphic());
-    if valid {
-        Ok(())
-    } else {
-        Err(Rejection::InvalidValue(format!("address {address:?} is not HOST:PORT")))
-    }
+    if valid { Ok(()) } else { Err(Rejection::InvalidValue(format!("address {address:?} is not HOST:PORT"))) }
 }
 
 fn check_capacity(capacity: &Capacity) -> Result<(), Rejection> {
@@ -645,10 +721,7 @@ mod tests {
             rejected(&mut state, CommandKind::Place { vm: "a".into(), node: 9, expected_generation: 0 }),
             Rejection::UnknownNode(9)
         );
-        assert_eq!(
-            rejected(&mut state, CommandKind::SetDrain { node: 9, drain: true }),
-            Rejection::UnknownNode(9)
-        );
+        assert_eq!(rejected(&mut state, CommandKind::SetDrain { node: 9, drain: true }), Rejection::UnknownNode(9));
     }
 
     #[test]
@@ -726,13 +799,8 @@ mod tests {
         let mut state = cluster();
         create(&mut state, "a", spec(1, 128)).unwrap();
         place(&mut state, "a", 1).unwrap();
-        let report = |node, generation, state| CommandKind::Report {
-            node,
-            vm: "a".into(),
-            generation,
-            state,
-            last_error: None,
-        };
+        let report =
+            |node, generation, state| CommandKind::Report { node, vm: "a".into(), generation, state, last_error: None };
         state.apply(&cmd(report(1, 1, VmState::Running))).unwrap();
         assert_eq!(state.vm("a").unwrap().observed.state, VmState::Running);
         let r = rejected(&mut state, report(2, 1, VmState::Stopped));
@@ -764,7 +832,8 @@ mod tests {
     #[test]
     fn membership_names_are_unique_and_joins_are_idempotent() {
         let mut state = cluster();
-        let add = |id, name: &str| MembershipChange::AddLearner { id, name: name.into(), address: "10.0.0.9:7000".into() };
+        let add =
+            |id, name: &str| MembershipChange::AddLearner { id, name: name.into(), address: "10.0.0.9:7000".into() };
         assert!(matches!(state.apply_membership(&add(3, "h1"), 0), Err(Rejection::DuplicateMemberName { .. })));
         assert!(matches!(state.apply_membership(&add(3, "../x"), 0), Err(Rejection::InvalidName { .. })));
         state.apply_membership(&add(3, "h3"), 0).unwrap();
@@ -793,8 +862,14 @@ mod tests {
     fn labels_are_bounded() {
         let mut state = cluster();
         let many: Labels = (0..33).map(|i| (format!("k{i}"), "v".to_string())).collect();
-        assert!(matches!(rejected(&mut state, CommandKind::SetLabels { node: 1, labels: many }), Rejection::InvalidValue(_)));
+        assert!(matches!(
+            rejected(&mut state, CommandKind::SetLabels { node: 1, labels: many }),
+            Rejection::InvalidValue(_)
+        ));
         let spaced: Labels = [("k".to_string(), "a b".to_string())].into();
-        assert!(matches!(rejected(&mut state, CommandKind::SetLabels { node: 1, labels: spaced }), Rejection::InvalidValue(_)));
+        assert!(matches!(
+            rejected(&mut state, CommandKind::SetLabels { node: 1, labels: spaced }),
+            Rejection::InvalidValue(_)
+        ));
     }
 }

@@ -203,26 +203,21 @@ pub fn encode_command(c: &Command) -> Vec<u8> {
             Kind::UpdateVm(pb::UpdateVm { name: name.clone(), spec: Some(spec_to_pb(spec)) })
         }
         CommandKind::DeleteVm { name } => Kind::DeleteVm(pb::DeleteVm { name: name.clone() }),
-        CommandKind::SetDesired { name, desired } => Kind::SetDesired(pb::SetDesired {
-            name: name.clone(),
-            desired: desired_to_pb(*desired) as i32,
-        }),
-        CommandKind::Place { vm, node, expected_generation } => Kind::Place(pb::Place {
-            vm: vm.clone(),
-            node: *node,
-            expected_generation: *expected_generation,
-        }),
-        CommandKind::Unplace { vm, expected_generation } => Kind::Unplace(pb::Unplace {
-            vm: vm.clone(),
-            expected_generation: *expected_generation,
-        }),
+        CommandKind::SetDesired { name, desired } => {
+            Kind::SetDesired(pb::SetDesired { name: name.clone(), desired: desired_to_pb(*desired) as i32 })
+        }
+        CommandKind::Place { vm, node, expected_generation } => {
+            Kind::Place(pb::Place { vm: vm.clone(), node: *node, expected_generation: *expected_generation })
+        }
+        CommandKind::Unplace { vm, expected_generation } => {
+            Kind::Unplace(pb::Unplace { vm: vm.clone(), expected_generation: *expected_generation })
+        }
         CommandKind::SetCapacity { node, capacity } => {
             Kind::SetCapacity(pb::SetCapacity { node: *node, capacity: Some(capacity.into()) })
         }
-        CommandKind::SetLabels { node, labels } => Kind::SetLabels(pb::SetLabels {
-            node: *node,
-            labels: labels.clone().into_iter().collect(),
-        }),
+        CommandKind::SetLabels { node, labels } => {
+            Kind::SetLabels(pb::SetLabels { node: *node, labels: labels.clone().into_iter().collect() })
+        }
         CommandKind::SetRunners { node, runners } => {
             Kind::SetRunners(pb::SetRunners { node: *node, runners: runners.clone() })
         }
@@ -256,9 +251,7 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command, DecodeError> {
         Kind::UpdateVm(m) => CommandKind::UpdateVm { name: m.name, spec: spec(m.spec)? },
         Kind::DeleteVm(m) => CommandKind::DeleteVm { name: m.name },
         Kind::SetDesired(m) => CommandKind::SetDesired { name: m.name, desired: desired_from_pb(m.desired)? },
-        Kind::Place(m) => {
-            CommandKind::Place { vm: m.vm, node: m.node, expected_generation: m.expected_generation }
-        }
+        Kind::Place(m) => CommandKind::Place { vm: m.vm, node: m.node, expected_generation: m.expected_generation },
         Kind::Unplace(m) => CommandKind::Unplace { vm: m.vm, expected_generation: m.expected_generation },
         Kind::SetCapacity(m) => CommandKind::SetCapacity {
             node: m.node,

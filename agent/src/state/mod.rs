@@ -83,9 +83,7 @@ impl State {
 
     /// VMs placed on `node`.
     pub fn vms_on(&self, node: NodeId) -> impl Iterator<Item = &Vm> {
-        self.vms
-            .values()
-            .filter(move |vm| vm.placement.map(|p| p.node) == Some(node))
+        self.vms.values().filter(move |vm| vm.placement.map(|p| p.node) == Some(node))
     }
 
     /// Resources used on `node` by the VMs placed there, excluding `except`.
@@ -122,10 +120,7 @@ impl State {
             let used = self.used_on(member.id, None);
             let limit = member.capacity.limit();
             if used.vcpu > limit.vcpu || used.memory_mib > limit.memory_mib {
-                return Err(format!(
-                    "member {} is over capacity: used {used:?}, limit {limit:?}",
-                    member.name
-                ));
+                return Err(format!("member {} is over capacity: used {used:?}, limit {limit:?}", member.name));
             }
         }
         for vm in self.vms.values() {

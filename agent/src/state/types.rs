@@ -51,12 +51,7 @@ pub struct Capacity {
 impl Default for Capacity {
     /// A member offers nothing until it reports its capacity.
     fn default() -> Self {
-        Capacity {
-            vcpu: 0,
-            memory_mib: 0,
-            vcpu_overcommit_pct: 100,
-            memory_overcommit_pct: 100,
-        }
+        Capacity { vcpu: 0, memory_mib: 0, vcpu_overcommit_pct: 100, memory_overcommit_pct: 100 }
     }
 }
 
@@ -164,14 +159,8 @@ pub enum VmState {
 }
 
 impl VmState {
-    pub const ALL: [VmState; 6] = [
-        VmState::Pending,
-        VmState::Starting,
-        VmState::Running,
-        VmState::Stopping,
-        VmState::Stopped,
-        VmState::Failed,
-    ];
+    pub const ALL: [VmState; 6] =
+        [VmState::Pending, VmState::Starting, VmState::Running, VmState::Stopping, VmState::Stopped, VmState::Failed];
 
     pub fn as_str(self) -> &'static str {
         match self {

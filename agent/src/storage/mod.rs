@@ -39,7 +39,7 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::state::{codec, NodeId, State};
+use crate::state::{NodeId, State, codec};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -226,9 +226,8 @@ impl Store {
         }
         let txn = db.begin_read()?;
         let meta = txn.open_table(META)?;
-        let get = |key: &str| -> Result<Option<Vec<u8>>, StorageError> {
-            Ok(meta.get(key)?.map(|v| v.value().to_vec()))
-        };
+        let get =
+            |key: &str| -> Result<Option<Vec<u8>>, StorageError> { Ok(meta.get(key)?.map(|v| v.value().to_vec())) };
         let hard_state = match get(META_HARD_STATE)? {
             Some(bytes) => HardState::parse_from_bytes(&bytes)?,
             None => HardState::default(),
@@ -297,12 +296,14 @@ impl Store {
                 "pointer invariant broken: snapshot {snap} <= applied {applied} <= commit {commit} <= last {last}"
             ));
         }
-        for (offset, entry) in self.entries.iter().enumerate() {
-            if entry.index != snap + 1 + offset as u64 {
-                return Err(format!("in-memory log out of order at offset {offset}"));
-            }
+        // The in-memory log is contiguous by construction (appends replace a
+        // suffix, compaction drops a prefix), so its ends pin every index.
+        let ends = (self.entries.front().map(|e| e.index), self.entries.back().map(|e| e.index));
+        match ends {
+            (None, None) => Ok(()),
+            (Some(first), Some(last)) if first == snap + 1 && last == self.last_index() => Ok(()),
+            _ => Err(format!("in-memory log ends {ends:?} do not match snapshot point {snap} and last index {last}")),
         }
-        Ok(())
     }
 
     pub fn identity(&self) -> Option<&NodeIdentity> {
@@ -333,7 +334,13 @@ impl Store {
     /// node that joins later has an empty log, so the leader sends it this
     /// snapshot (or a newer one) instead of a log that lacks the initial
     /// members.
-    pub fn bootstrap(&mut self, conf_state: ConfState, mut state: State, index: u64, term: u64) -> Result<(), StorageError> {
+    pub fn bootstrap(
+        &mut self,
+        conf_state: ConfState,
+        mut state: State,
+        index: u64,
+        term: u64,
+    ) -> Result<(), StorageError> {
         assert!(!self.is_initialized(), "bootstrap on an initialized store would wipe it");
         assert!(index > 0 && term > 0);
         let mut snapshot = Snapshot::default();
@@ -405,11 +412,7 @@ impl Store {
     }
 
     fn term_of(&self, index: u64) -> Option<u64> {
-        if index == self.snapshot_index {
-            Some(self.snapshot_term)
-        } else {
-            self.entry(index).map(|e| e.term)
-        }
+        if index == self.snapshot_index { Some(self.snapshot_term) } else { self.entry(index).map(|e| e.term) }
     }
 
     /// Writes `batch` in one transaction, then updates the in-memory mirror.
@@ -439,7 +442,8 @@ impl Store {
                 members.retain(|_, _| false)?;
                 vms.retain(|_, _| false)?;
                 for member in new_state.members().values() {
-                    members.insert(member.id, prost::Message::encode_to_vec(&codec::member_to_pb(member)).as_slice())?;
+                    members
+                        .insert(member.id, prost::Message::encode_to_vec(&codec::member_to_pb(member)).as_slice())?;
                 }
                 for vm in new_state.vms().values() {
                     vms.insert(vm.name.as_str(), prost::Message::encode_to_vec(&codec::vm_to_pb(vm)).as_slice())?;
@@ -492,7 +496,8 @@ impl Store {
                     "appending entry {first_index} would leave a hole after {last_after_snapshot}"
                 );
                 // Drop the conflicting tail before appending.
-                let stale: Vec<u64> = log.range(first_index..)?.map(|r| r.map(|(k, _)| k.value())).collect::<Result<_, _>>()?;
+                let stale: Vec<u64> =
+                    log.range(first_index..)?.map(|r| r.map(|(k, _)| k.value())).collect::<Result<_, _>>()?;
                 for index in stale {
                     log.remove(index)?;
                 }

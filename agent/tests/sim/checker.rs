@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use blixard::consensus::{Core, Role};
-use blixard::state::{codec, NodeId};
+use blixard::state::{NodeId, codec};
 use protobuf::Message as _;
 
 #[derive(Default)]
@@ -91,17 +91,11 @@ impl Checker {
             self.led_in.insert(id, status.term);
             for (&index, known) in self.committed.range(snapshot_index + 1..) {
                 let Some(entry) = store.entry(index) else {
-                    return Err(format!(
-                        "node {id} leads term {} without committed entry {index}",
-                        status.term
-                    ));
+                    return Err(format!("node {id} leads term {} without committed entry {index}", status.term));
                 };
                 let seen = (entry.term, hash_bytes(&entry.write_to_bytes().expect("encodes")));
                 if seen != *known {
-                    return Err(format!(
-                        "node {id} leads term {} with a different entry {index}",
-                        status.term
-                    ));
+                    return Err(format!("node {id} leads term {} with a different entry {index}", status.term));
                 }
             }
         }

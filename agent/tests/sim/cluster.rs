@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use blixard::consensus::{Core, CoreConfig, Outcome, ProposalId, Role, Transport, BOOTSTRAP_INDEX, BOOTSTRAP_TERM};
+use blixard::consensus::{BOOTSTRAP_INDEX, BOOTSTRAP_TERM, Core, CoreConfig, Outcome, ProposalId, Role, Transport};
 use blixard::state::{Member, MembershipChange, NodeId, State};
 use blixard::storage::{CrashDisk, Store};
 use raft::eraftpb::{ConfState, Message, MessageType};
@@ -49,16 +49,16 @@ impl Params {
             duplicate: *[0.0, 0.02].choose(rng).expect("non-empty"),
             delay_ms_max: *[2, 10, 40].choose(rng).expect("non-empty"),
             crash: *[0.0, 0.002, 0.01].choose(rng).expect("non-empty"),
-            restart: 0.02,
+            restart: *[0.002, 0.02].choose(rng).expect("non-empty"),
             partition: *[0.0, 0.003, 0.01].choose(rng).expect("non-empty"),
-            heal: 0.01,
+            heal: *[0.0005, 0.002, 0.01].choose(rng).expect("non-empty"),
             fail_sync: *[0.0, 0.003].choose(rng).expect("non-empty"),
-            propose: *[0.1, 0.4].choose(rng).expect("non-empty"),
+            propose: *[0.02, 0.1].choose(rng).expect("non-empty"),
             membership: *[0.0, 0.002].choose(rng).expect("non-empty"),
             read: 0.02,
             compact_entries_max: *[8, 40, 1000].choose(rng).expect("non-empty"),
-            chaos_ms: 20_000,
-            calm_ms: 10_000,
+            chaos_ms: 10_000,
+            calm_ms: 5_000,
         }
     }
 }
@@ -151,7 +151,8 @@ impl Sim {
             verbose,
         };
         let ids: Vec<NodeId> = (1..=params.initial_nodes as NodeId).collect();
-        let members: Vec<Member> = ids.iter().map(|id| Member::new(*id, node_name(*id), format!("{}:7000", node_name(*id)))).collect();
+        let members: Vec<Member> =
+            ids.iter().map(|id| Member::new(*id, node_name(*id), format!("{}:7000", node_name(*id)))).collect();
         for id in &ids {
             let disk = CrashDisk::new();
             let mut store = Store::open_backend(disk.backend()).expect("open a fresh store");
@@ -185,7 +186,17 @@ impl Sim {
     fn start(&mut self, id: NodeId) {
         let config = self.core_config(id);
         let node = self.nodes.get_mut(&id).expect("known node");
-        let store = Store::open_backend(node.disk.backend()).unwrap_or_else(|e| panic!("node {id} cannot reopen its store: {e}"));
+        let store = match Store::open_backend(node.disk.backend()) {
+            Ok(store) => store,
+            // An injected sync failure hit the start-up itself: the node
+            // dies again and stays down until the next restart.
+            Err(_) if node.disk.is_dead() => {
+                node.disk.crash(|_| false);
+                self.log(|| format!("node {id} crashed while starting"));
+                return;
+            }
+            Err(e) => panic!("seed {}: node {id} cannot reopen its store: {e}", self.seed),
+        };
         node.core = Some(Core::new(config, store).unwrap_or_else(|e| panic!("node {id} cannot restart: {e}")));
         node.next_tick_ms = self.now_ms + self.rng.random_range(0..TICK_MS);
         self.checker.node_restarted(id);
@@ -273,7 +284,9 @@ impl Sim {
                 match result {
                     Ok(out) => {
                         if let Some(role) = out.role {
-                            self.log(|| format!("node {id}: {:?} leader={:?} term={}", role.role, role.leader, role.term));
+                            self.log(|| {
+                                format!("node {id}: {:?} leader={:?} term={}", role.role, role.leader, role.term)
+                            });
                         }
                         if let Some(index) = out.snapshot_installed {
                             self.stats.snapshots += 1;
@@ -360,16 +373,19 @@ impl Sim {
             let message = self.in_flight.remove(&key).expect("listed");
             let (from, to) = (message.from, message.to);
             let is_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
-            if self.blocked.contains(&(from, to)) {
-                continue;
-            }
-            let delivered = match self.core_mut(to) {
-                Some(core) => {
-                    let _ = core.step(message);
-                    true
+            let delivered = if self.blocked.contains(&(from, to)) {
+                false
+            } else {
+                match self.core_mut(to) {
+                    Some(core) => {
+                        let _ = core.step(message);
+                        true
+                    }
+                    None => false,
                 }
-                None => false,
             };
+            // The transport tells the leader whether a snapshot arrived;
+            // a leader never told stays waiting for it forever.
             if is_snapshot && let Some(core) = self.core_mut(from) {
                 core.report_snapshot(to, delivered);
             }
@@ -393,7 +409,8 @@ impl Sim {
             let id = *alive.choose(&mut self.rng).expect("non-empty");
             self.crash(id);
         }
-        let dead: Vec<NodeId> = self.nodes.iter().filter(|(_, n)| n.core.is_none() && !n.removed).map(|(id, _)| *id).collect();
+        let dead: Vec<NodeId> =
+            self.nodes.iter().filter(|(_, n)| n.core.is_none() && !n.removed).map(|(id, _)| *id).collect();
         if !dead.is_empty() && self.rng.random_bool(p.restart) {
             let id = *dead.choose(&mut self.rng).expect("non-empty");
             self.start(id);
@@ -508,7 +525,11 @@ impl Sim {
         for line in &self.trace {
             let _ = writeln!(out, "  {line}");
         }
-        let _ = writeln!(out, "replay with: BLIXARD_SIM_SEED={} cargo test -p blixard-agent --test sim -- --nocapture", self.seed);
+        let _ = writeln!(
+            out,
+            "replay with: BLIXARD_SIM_SEED={} cargo test -p blixard-agent --test sim -- --nocapture",
+            self.seed
+        );
         out
     }
 
@@ -527,7 +548,8 @@ impl Sim {
 
         // Calm: heal everything, restart every crashed member, stop faults.
         self.blocked.clear();
-        let dead: Vec<NodeId> = self.nodes.iter().filter(|(_, n)| n.core.is_none() && !n.removed).map(|(id, _)| *id).collect();
+        let dead: Vec<NodeId> =
+            self.nodes.iter().filter(|(_, n)| n.core.is_none() && !n.removed).map(|(id, _)| *id).collect();
         for id in dead {
             self.start(id);
         }
@@ -535,7 +557,15 @@ impl Sim {
             node.disk.clear_faults();
         }
         let loss = self.params.loss;
-        self.params = Params { loss: 0.0, duplicate: 0.0, crash: 0.0, partition: 0.0, fail_sync: 0.0, membership: 0.0, ..self.params.clone() };
+        self.params = Params {
+            loss: 0.0,
+            duplicate: 0.0,
+            crash: 0.0,
+            partition: 0.0,
+            fail_sync: 0.0,
+            membership: 0.0,
+            ..self.params.clone()
+        };
         let calm_end = self.now_ms + self.params.calm_ms;
         // Clients stop for the last seconds so that followers can catch up.
         let quiet_from = calm_end - self.params.calm_ms / 3;

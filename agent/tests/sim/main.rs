@@ -29,10 +29,21 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 fn run_seed(seed: u64, verbose: bool) -> cluster::Stats {
-    let mut sim = Sim::new(seed, verbose);
-    match sim.run() {
-        Ok(stats) => stats,
-        Err(report) => panic!("{report}"),
+    let result = std::panic::catch_unwind(|| Sim::new(seed, verbose).run());
+    match result {
+        Ok(Ok(stats)) => stats,
+        Ok(Err(report)) => panic!("{report}"),
+        // An assertion inside the code under test: name the seed too.
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(non-text panic)");
+            panic!(
+                "simulation seed {seed} panicked: {message}\nreplay with: BLIXARD_SIM_SEED={seed} cargo test -p blixard-agent --test sim -- --nocapture"
+            )
+        }
     }
 }
 
@@ -55,6 +66,8 @@ fn run_range(shard: u64, shards: u64) {
         let stats = run_seed(seed, false);
         ran += 1;
         total.steps += stats.steps;
+        total.proposals += stats.proposals;
+        total.max_commit = total.max_commit.max(stats.max_commit);
         total.accepted += stats.accepted;
         total.rejected += stats.rejected;
         total.dropped += stats.dropped;

@@ -2,8 +2,8 @@
 //! both the accepted and the rejected paths of every command run.
 
 use blixard::state::{Capacity, Command, CommandKind, Desired, Labels, MemberStatus, NodeId, State, VmSpec, VmState};
-use rand::seq::IndexedRandom;
 use rand::Rng;
+use rand::seq::IndexedRandom;
 
 const VM_NAMES: [&str; 12] = ["a", "b", "c", "d", "e", "f", "g", "h", "web", "db", "x-1", "../x"];
 
@@ -34,11 +34,7 @@ fn spec(rng: &mut impl Rng, members: &[(NodeId, String)]) -> VmSpec {
 pub fn command(rng: &mut impl Rng, state: &State, now_ms: u64) -> Command {
     let members: Vec<(NodeId, String)> = state.members().values().map(|m| (m.id, m.name.clone())).collect();
     let node = |rng: &mut dyn rand::RngCore| -> NodeId {
-        if rng.random_bool(0.03) || members.is_empty() {
-            999
-        } else {
-            members.choose(rng).expect("non-empty").0
-        }
+        if rng.random_bool(0.03) || members.is_empty() { 999 } else { members.choose(rng).expect("non-empty").0 }
     };
     let vm = pick_vm(rng);
     let generation = |rng: &mut dyn rand::RngCore, vm: &str| -> u64 {

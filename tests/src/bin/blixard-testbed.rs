@@ -19,9 +19,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match args.as_slice() {
-        ["check"] => Testbed::available()
-            .map_err(anyhow::Error::msg)
-            .map(|()| println!("ok")),
+        ["check"] => Testbed::available().map_err(anyhow::Error::msg).map(|()| println!("ok")),
         ["up"] => up(3),
         ["up", n] => match n.parse() {
             Ok(n) => up(n),
@@ -54,13 +52,7 @@ fn up(n_hosts: usize) -> anyhow::Result<()> {
 
     let bed = Testbed::start(n_hosts)?;
     let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "bed {} bridge-addr={} dir={}",
-        bed.bridge(),
-        bed.bridge_addr(),
-        bed.dir().display()
-    )?;
+    writeln!(out, "bed {} bridge-addr={} dir={}", bed.bridge(), bed.bridge_addr(), bed.dir().display())?;
     for host in bed.hosts() {
         writeln!(
             out,
@@ -72,11 +64,7 @@ fn up(n_hosts: usize) -> anyhow::Result<()> {
             host.leader_pid().unwrap_or(0),
         )?;
     }
-    writeln!(
-        out,
-        "ready (booted in {:.2} s)",
-        bed.boot_time().as_secs_f64()
-    )?;
+    writeln!(out, "ready (booted in {:.2} s)", bed.boot_time().as_secs_f64())?;
     out.flush()?;
     drop(out);
 
@@ -89,10 +77,7 @@ fn up(n_hosts: usize) -> anyhow::Result<()> {
     let mut received = 0;
     // SAFETY: a valid signal set and an out-pointer to an int.
     unsafe { libc::sigwait(&signals, &mut received) };
-    eprintln!(
-        "blixard-testbed: signal {received}, removing bed {}",
-        bed.bridge()
-    );
+    eprintln!("blixard-testbed: signal {received}, removing bed {}", bed.bridge());
     drop(bed);
     Ok(())
 }

@@ -43,32 +43,21 @@ impl Layout {
     pub fn detect() -> Result<Layout, String> {
         let fs = Path::new("/sys/fs/cgroup");
         if fs.join("cgroup.controllers").exists() {
-            return Ok(Layout {
-                unified: fs.into(),
-                legacy_systemd: None,
-            });
+            return Ok(Layout { unified: fs.into(), legacy_systemd: None });
         }
         let unified = fs.join("unified");
         let systemd = fs.join("systemd");
         if unified.join("cgroup.controllers").exists() && systemd.join("cgroup.procs").exists() {
-            return Ok(Layout {
-                unified,
-                legacy_systemd: Some(systemd),
-            });
+            return Ok(Layout { unified, legacy_systemd: Some(systemd) });
         }
-        Err(
-            "no cgroup2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified: the test bed \
+        Err("no cgroup2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified: the test bed \
              needs cgroup2 to contain and kill each host"
-                .into(),
-        )
+            .into())
     }
 
     /// A cgroup at `relative` (below [`TOP`]), in every hierarchy of this layout.
     pub fn group(&self, relative: &str) -> Group {
-        Group {
-            layout: self.clone(),
-            relative: Path::new(TOP).join(relative),
-        }
+        Group { layout: self.clone(), relative: Path::new(TOP).join(relative) }
     }
 
     /// Names of the entries directly below [`TOP`] in the cgroup2 tree.
@@ -103,17 +92,11 @@ pub struct Group {
 
 impl Group {
     pub fn child(&self, name: &str) -> Group {
-        Group {
-            layout: self.layout.clone(),
-            relative: self.relative.join(name),
-        }
+        Group { layout: self.layout.clone(), relative: self.relative.join(name) }
     }
 
     pub fn paths(&self) -> Vec<PathBuf> {
-        self.layout
-            .roots()
-            .map(|root| root.join(&self.relative))
-            .collect()
+        self.layout.roots().map(|root| root.join(&self.relative)).collect()
     }
 
     fn unified_path(&self) -> PathBuf {
@@ -122,18 +105,14 @@ impl Group {
 
     pub fn create(&self) -> Result<()> {
         for path in self.paths() {
-            fs::create_dir_all(&path)
-                .with_context(|| format!("creating cgroup {}", path.display()))?;
+            fs::create_dir_all(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
         }
         Ok(())
     }
 
     /// The `cgroup.procs` files a process writes itself into to join this group.
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.paths()
-            .into_iter()
-            .map(|p| p.join("cgroup.procs"))
-            .collect()
+        self.paths().into_iter().map(|p| p.join("cgroup.procs")).collect()
     }
 
     pub fn exists(&self) -> bool {
@@ -154,8 +133,7 @@ impl Group {
             return Ok(());
         }
         if kill_file.exists() {
-            return fs::write(&kill_file, "1")
-                .with_context(|| format!("writing {}", kill_file.display()));
+            return fs::write(&kill_file, "1").with_context(|| format!("writing {}", kill_file.display()));
         }
         for pid in self.pids() {
             // SAFETY: kill(2) has no memory-safety preconditions.
@@ -172,31 +150,23 @@ impl Group {
         }
         let kill_file = self.unified_path().join("cgroup.kill");
         let has_kill_file = kill_file.exists();
-        wait_for(
-            &format!("cgroup {} to empty", self.relative.display()),
-            EXIT_TIMEOUT,
-            || {
-                let pids = self.pids();
-                if pids.is_empty() {
-                    return Ok(Probe::Ready(()));
+        wait_for(&format!("cgroup {} to empty", self.relative.display()), EXIT_TIMEOUT, || {
+            let pids = self.pids();
+            if pids.is_empty() {
+                return Ok(Probe::Ready(()));
+            }
+            // Repeated on every probe: a process forking while the fallback sweep runs
+            // could escape one round.
+            if has_kill_file {
+                fs::write(&kill_file, "1").with_context(|| format!("writing {}", kill_file.display()))?;
+            } else {
+                for &pid in &pids {
+                    // SAFETY: kill(2) has no memory-safety preconditions.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
                 }
-                // Repeated on every probe: a process forking while the fallback sweep runs
-                // could escape one round.
-                if has_kill_file {
-                    fs::write(&kill_file, "1")
-                        .with_context(|| format!("writing {}", kill_file.display()))?;
-                } else {
-                    for &pid in &pids {
-                        // SAFETY: kill(2) has no memory-safety preconditions.
-                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-                    }
-                }
-                Ok(Probe::NotYet(format!(
-                    "{} processes left: {pids:?}",
-                    pids.len()
-                )))
-            },
-        )
+            }
+            Ok(Probe::NotYet(format!("{} processes left: {pids:?}", pids.len())))
+        })
     }
 
     /// Kills everything inside, then removes this group and its descendants from every

@@ -14,14 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 /// Where root's tools live on Debian even when the caller's PATH lacks the sbin dirs.
-const FALLBACK_PATH: &[&str] = &[
-    "/usr/local/sbin",
-    "/usr/local/bin",
-    "/usr/sbin",
-    "/usr/bin",
-    "/sbin",
-    "/bin",
-];
+const FALLBACK_PATH: &[&str] = &["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"];
 
 /// How often a bounded wait on a child process looks at it again.
 const CHILD_POLL_INTERVAL: Duration = Duration::from_millis(5);
@@ -38,8 +31,7 @@ pub fn tool(name: &str) -> Result<PathBuf> {
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// Makes `command` move itself into the cgroups whose `cgroup.procs` files are given,
@@ -47,10 +39,8 @@ fn is_executable(path: &Path) -> bool {
 /// them from the first instruction on. Only raw syscalls run in the child: it was forked
 /// from a multi-threaded test process, where allocating could deadlock.
 pub fn join_cgroups(command: &mut Command, procs_files: &[PathBuf]) {
-    let procs_files: Vec<CString> = procs_files
-        .iter()
-        .map(|p| CString::new(p.as_os_str().as_bytes()).expect("cgroup paths have no NUL"))
-        .collect();
+    let procs_files: Vec<CString> =
+        procs_files.iter().map(|p| CString::new(p.as_os_str().as_bytes()).expect("cgroup paths have no NUL")).collect();
     // SAFETY: the closure only calls open/write/close, which are async-signal-safe, and
     // builds io::Error from an errno, which does not allocate.
     unsafe {
@@ -81,11 +71,7 @@ pub fn output_within(command: &mut Command, timeout: Duration) -> Result<Output>
 /// [`output_within`], calling `after_exit` once the command has exited or been killed
 /// and before its output is collected: the place to kill what it left behind, which may
 /// hold its pipes open.
-pub fn output_within_then(
-    command: &mut Command,
-    timeout: Duration,
-    after_exit: impl FnOnce(),
-) -> Result<Output> {
+pub fn output_within_then(command: &mut Command, timeout: Duration, after_exit: impl FnOnce()) -> Result<Output> {
     let described = describe(command);
     let child = command
         .stdin(Stdio::null())
@@ -114,10 +100,7 @@ pub fn check_success(described: &str, output: &Output) -> Result<()> {
         if output.stdout.is_empty() {
             String::new()
         } else {
-            format!(
-                " [stdout: {}]",
-                String::from_utf8_lossy(&output.stdout).trim()
-            )
+            format!(" [stdout: {}]", String::from_utf8_lossy(&output.stdout).trim())
         }
     )
 }
@@ -151,17 +134,9 @@ fn wait_output(mut child: Child, timeout: Duration, after_exit: impl FnOnce()) -
     // wait too, rather than hang the test.
     let collect = |rx: mpsc::Receiver<Vec<u8>>, which: &str| {
         rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .map_err(|_| {
-                anyhow!(
-                    "exited ({status}) but its {which} stayed open (a background process holds it)"
-                )
-            })
+            .map_err(|_| anyhow!("exited ({status}) but its {which} stayed open (a background process holds it)"))
     };
-    Ok(Output {
-        status,
-        stdout: collect(stdout, "stdout")?,
-        stderr: collect(stderr, "stderr")?,
-    })
+    Ok(Output { status, stdout: collect(stdout, "stdout")?, stderr: collect(stderr, "stderr")? })
 }
 
 fn drain(mut pipe: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {

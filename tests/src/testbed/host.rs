@@ -45,10 +45,7 @@ ip -4 -o addr show dev host0 2>&1";
 
 /// The environment commands inside a host get, instead of the test process's own.
 const GUEST_ENV: &[(&str, &str)] = &[
-    (
-        "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    ),
+    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
     ("HOME", "/root"),
     ("LANG", "C.UTF-8"),
     ("TERM", "dumb"),
@@ -117,10 +114,7 @@ impl Host {
 
     /// `path_inside` (absolute, as the host sees it) seen from the test process.
     pub fn path(&self, path_inside: &str) -> PathBuf {
-        assert!(
-            path_inside.starts_with('/'),
-            "{path_inside} is not absolute"
-        );
+        assert!(path_inside.starts_with('/'), "{path_inside} is not absolute");
         self.root.join(path_inside.trim_start_matches('/'))
     }
 
@@ -130,12 +124,7 @@ impl Host {
     }
 
     /// Writes `contents` to `path_inside` with `mode`, creating parent directories.
-    pub fn write_file(
-        &self,
-        path_inside: &str,
-        contents: impl AsRef<[u8]>,
-        mode: u32,
-    ) -> Result<()> {
+    pub fn write_file(&self, path_inside: &str, contents: impl AsRef<[u8]>, mode: u32) -> Result<()> {
         let path = self.path(path_inside);
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -194,19 +183,13 @@ impl Host {
         // with the host, and a timeout kills it whole. Killing nsenter alone would not do:
         // it forks to enter the PID namespace, and Debian 12's nsenter has no
         // --kill-child to take that child along.
-        let group = self
-            .cgroup
-            .child("exec")
-            .child(&EXEC_SEQ.fetch_add(1, Ordering::Relaxed).to_string());
+        let group = self.cgroup.child("exec").child(&EXEC_SEQ.fetch_add(1, Ordering::Relaxed).to_string());
         group.create()?;
         cmd::join_cgroups(&mut command, &group.procs_files());
         let output = cmd::output_within_then(&mut command, timeout, || {
             // Also whatever it started in the background, which would hold its pipes.
             if let Err(e) = group.destroy() {
-                eprintln!(
-                    "testbed: cleaning up after {argv:?} on {}: {e:#}",
-                    self.name
-                );
+                eprintln!("testbed: cleaning up after {argv:?} on {}: {e:#}", self.name);
             }
         });
         output.with_context(|| format!("{argv:?} on {}", self.name))
@@ -229,14 +212,7 @@ impl Host {
     /// so it belongs to the host like any daemon: it dies with power_off, logs to the
     /// host's journal, and does not tie up the caller. Returns once it has been exec'd.
     pub fn spawn_unit(&self, unit: &str, argv: &[&str]) -> Result<()> {
-        let mut full = vec![
-            "systemd-run",
-            "--quiet",
-            "--service-type=exec",
-            "--unit",
-            unit,
-            "--",
-        ];
+        let mut full = vec!["systemd-run", "--quiet", "--service-type=exec", "--unit", unit, "--"];
         full.extend_from_slice(argv);
         self.run(&full).map(drop)
     }
@@ -276,18 +252,10 @@ impl Host {
 
     /// Waits until `unit` reports `state` (per systemctl).
     pub fn wait_unit_state(&self, unit: &str, state: &str, timeout: Duration) -> Result<()> {
-        wait_for(
-            &format!("{unit} on {} to be {state}", self.name),
-            timeout,
-            || {
-                let now = self.unit_state(unit)?;
-                Ok(if now == state {
-                    Probe::Ready(())
-                } else {
-                    Probe::NotYet(now)
-                })
-            },
-        )
+        wait_for(&format!("{unit} on {} to be {state}", self.name), timeout, || {
+            let now = self.unit_state(unit)?;
+            Ok(if now == state { Probe::Ready(()) } else { Probe::NotYet(now) })
+        })
     }
 
     /// The journal of `unit` on this host. Read from inside while the host runs, else
@@ -307,9 +275,7 @@ impl Host {
         }
         let dir = self.path("/var/log/journal");
         let mut command = Command::new(tool("journalctl")?);
-        command
-            .arg(format!("--directory={}", dir.display()))
-            .args(args);
+        command.arg(format!("--directory={}", dir.display())).args(args);
         cmd::stdout_within(&mut command, EXEC_TIMEOUT)
     }
 
@@ -322,11 +288,7 @@ impl Host {
     /// Starts the container; returns at once.
     pub(super) fn spawn(&self) -> Result<()> {
         let mut state = self.state();
-        if state
-            .nspawn
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-        {
+        if state.nspawn.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))) {
             bail!("{} is already running", self.name);
         }
         self.cgroup.create()?;
@@ -360,9 +322,7 @@ impl Host {
             // containers before the test bed's cleanup does.
             .process_group(0);
         cmd::join_cgroups(&mut command, &self.cgroup.procs_files());
-        let child = command
-            .spawn()
-            .with_context(|| format!("spawning systemd-nspawn for {}", self.name))?;
+        let child = command.spawn().with_context(|| format!("spawning systemd-nspawn for {}", self.name))?;
         state.nspawn = Some(child);
         state.leader = None;
         Ok(())
@@ -376,10 +336,7 @@ impl Host {
         match result {
             Ok(degraded) => {
                 if let Some(failed) = degraded {
-                    eprintln!(
-                        "testbed: {} booted degraded; failed units:\n{failed}",
-                        self.name
-                    );
+                    eprintln!("testbed: {} booted degraded; failed units:\n{failed}", self.name);
                 }
                 Ok(())
             }
@@ -391,15 +348,10 @@ impl Host {
     fn probe_booted(&self) -> Result<Probe<Option<String>>> {
         {
             let mut state = self.state();
-            let Some(child) = state.nspawn.as_mut() else {
-                bail!("{} is powered off", self.name)
-            };
+            let Some(child) = state.nspawn.as_mut() else { bail!("{} is powered off", self.name) };
             if let Some(status) = child.try_wait()? {
                 state.nspawn = None;
-                bail!(
-                    "systemd-nspawn for {} exited during boot ({status})",
-                    self.name
-                );
+                bail!("systemd-nspawn for {} exited during boot ({status})", self.name);
             }
             if state.leader.is_none() {
                 state.leader = self.find_leader();
@@ -419,11 +371,7 @@ impl Host {
             )));
         }
         let text = String::from_utf8_lossy(&output.stdout);
-        let state = text
-            .lines()
-            .find_map(|l| l.strip_prefix("state="))
-            .unwrap_or("")
-            .trim();
+        let state = text.lines().find_map(|l| l.strip_prefix("state=")).unwrap_or("").trim();
         let bus_ok = text.lines().any(|l| l == "bus=ok");
         let addressed = text.contains(&format!(" {}/{} ", self.addr, self.prefix_len));
         if !(matches!(state, "running" | "degraded") && bus_ok && addressed) {
@@ -432,9 +380,7 @@ impl Host {
             )));
         }
         if state == "degraded" {
-            let failed = self
-                .run(&["systemctl", "--failed", "--plain", "--no-legend"])
-                .unwrap_or_default();
+            let failed = self.run(&["systemctl", "--failed", "--plain", "--no-legend"]).unwrap_or_default();
             return Ok(Probe::Ready(Some(failed)));
         }
         Ok(Probe::Ready(None))
@@ -447,13 +393,10 @@ impl Host {
             let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
                 return false;
             };
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .is_some_and(|ids| {
-                    let ids: Vec<&str> = ids.split_whitespace().collect();
-                    ids.len() >= 2 && ids.last() == Some(&"1")
-                })
+            status.lines().find_map(|l| l.strip_prefix("NSpid:")).is_some_and(|ids| {
+                let ids: Vec<&str> = ids.split_whitespace().collect();
+                ids.len() >= 2 && ids.last() == Some(&"1")
+            })
         })
     }
 
@@ -471,9 +414,7 @@ impl Host {
         if state.leader.is_none() {
             state.leader = self.find_leader();
         }
-        state
-            .leader
-            .ok_or_else(|| anyhow!("{} has not started its init yet", self.name))
+        state.leader.ok_or_else(|| anyhow!("{} has not started its init yet", self.name))
     }
 
     /// Cuts power: kills every process of the host at once (its nspawn, its systemd and
@@ -490,10 +431,7 @@ impl Host {
         let deadline = Instant::now() + REAP_TIMEOUT;
         while nspawn.try_wait()?.is_none() {
             if Instant::now() >= deadline {
-                bail!(
-                    "systemd-nspawn for {} survived its cgroup being killed",
-                    self.name
-                );
+                bail!("systemd-nspawn for {} survived its cgroup being killed", self.name);
             }
             thread::sleep(Duration::from_millis(5));
         }
@@ -502,11 +440,7 @@ impl Host {
         // The veth goes when the kernel destroys the dead container's network namespace,
         // asynchronously; a boot before that would fail to create it again.
         let veth = self.veth();
-        if wait_until(&format!("{veth} to go"), VETH_GONE_TIMEOUT, || {
-            Ok(!link_exists(&veth))
-        })
-        .is_err()
-        {
+        if wait_until(&format!("{veth} to go"), VETH_GONE_TIMEOUT, || Ok(!link_exists(&veth))).is_err() {
             let _ = resources::ip(&["link", "del", &veth]);
         }
         Ok(())
@@ -537,12 +471,7 @@ impl Host {
 
     /// What to look at when a boot fails: nspawn's own output and systemd's jobs.
     pub(super) fn diagnostics(&self) -> String {
-        let mut text = format!(
-            "--- {} ({}): last lines of {}\n",
-            self.name,
-            self.machine,
-            self.log_path().display()
-        );
+        let mut text = format!("--- {} ({}): last lines of {}\n", self.name, self.machine, self.log_path().display());
         let mut log = String::new();
         if let Ok(mut file) = fs::File::open(self.log_path()) {
             let _ = file.read_to_string(&mut log);
@@ -550,16 +479,9 @@ impl Host {
         let lines: Vec<&str> = log.lines().collect();
         text.push_str(&lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n"));
         if self.leader().is_ok() {
-            for argv in [
-                &["systemctl", "list-jobs", "--no-pager"][..],
-                &["systemctl", "--failed", "--no-pager"],
-            ] {
+            for argv in [&["systemctl", "list-jobs", "--no-pager"][..], &["systemctl", "--failed", "--no-pager"]] {
                 if let Ok(out) = self.exec_timeout(argv, PROBE_TIMEOUT) {
-                    text.push_str(&format!(
-                        "\n--- {}\n{}",
-                        argv.join(" "),
-                        String::from_utf8_lossy(&out.stdout)
-                    ));
+                    text.push_str(&format!("\n--- {}\n{}", argv.join(" "), String::from_utf8_lossy(&out.stdout)));
                 }
             }
         }
@@ -569,9 +491,7 @@ impl Host {
     pub(super) fn state(&self) -> MutexGuard<'_, State> {
         // A test that panicked while holding the lock leaves a consistent State: every
         // update to it is a single assignment.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -601,9 +521,8 @@ fn disk_usage(dir: &Path) -> u64 {
     if !meta.is_dir() {
         return own;
     }
-    let children: u64 = fs::read_dir(dir)
-        .map(|entries| entries.flatten().map(|e| disk_usage(&e.path())).sum())
-        .unwrap_or(0);
+    let children: u64 =
+        fs::read_dir(dir).map(|entries| entries.flatten().map(|e| disk_usage(&e.path())).sum()).unwrap_or(0);
     own + children
 }
 
@@ -613,17 +532,8 @@ mod tests {
 
     #[test]
     fn unit_paths_are_escaped_like_systemd_does() {
-        assert_eq!(
-            unit_object_path("microvm@demo.service"),
-            "/org/freedesktop/systemd1/unit/microvm_40demo_2eservice"
-        );
-        assert_eq!(
-            unit_object_path("dbus.service"),
-            "/org/freedesktop/systemd1/unit/dbus_2eservice"
-        );
-        assert_eq!(
-            unit_object_path("9p-x.mount"),
-            "/org/freedesktop/systemd1/unit/_39p_2dx_2emount"
-        );
+        assert_eq!(unit_object_path("microvm@demo.service"), "/org/freedesktop/systemd1/unit/microvm_40demo_2eservice");
+        assert_eq!(unit_object_path("dbus.service"), "/org/freedesktop/systemd1/unit/dbus_2eservice");
+        assert_eq!(unit_object_path("9p-x.mount"), "/org/freedesktop/systemd1/unit/_39p_2dx_2emount");
     }
 }

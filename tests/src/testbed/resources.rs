@@ -36,8 +36,7 @@ const IP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where beds keep their files: upper layers, logs, locks.
 pub fn work_dir() -> PathBuf {
-    std::env::var_os("BLIXARD_TESTBED_WORKDIR")
-        .map_or_else(|| "/var/tmp/blixard-testbed".into(), PathBuf::from)
+    std::env::var_os("BLIXARD_TESTBED_WORKDIR").map_or_else(|| "/var/tmp/blixard-testbed".into(), PathBuf::from)
 }
 
 pub fn bed_name(k: u8) -> String {
@@ -51,18 +50,12 @@ pub fn machine_name(k: u8, index: usize) -> String {
 /// The host-side end of a host's veth pair, as nspawn's `--network-bridge` names it.
 pub fn veth_name(machine: &str) -> String {
     let name = format!("vb-{machine}");
-    assert!(
-        name.len() <= 15,
-        "{name} is too long for an interface name; nspawn would hash it"
-    );
+    assert!(name.len() <= 15, "{name} is too long for an interface name; nspawn would hash it");
     name
 }
 
 fn parse_bed_name(name: &str) -> Option<u8> {
-    name.strip_prefix(PREFIX)?
-        .parse()
-        .ok()
-        .filter(|k| (1..=BED_ID_MAX).contains(k))
+    name.strip_prefix(PREFIX)?.parse().ok().filter(|k| (1..=BED_ID_MAX).contains(k))
 }
 
 /// An exclusive hold on bed number `k`, released when dropped or when the process dies.
@@ -114,34 +107,17 @@ pub fn remove_bed(lock: &BedLock, cgroups: &Layout) -> Result<()> {
     if let Err(e) = remove_tree(&work_dir().join(&name)) {
         errors.push(format!("{e:#}"));
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        bail!("cleaning up bed {name}: {}", errors.join("; "))
-    }
+    if errors.is_empty() { Ok(()) } else { bail!("cleaning up bed {name}: {}", errors.join("; ")) }
 }
 
 /// Removes the resources of beds whose owner is gone (a run that crashed, was killed, or
 /// lost power). Returns the names of the beds it removed.
 pub fn sweep_stale(cgroups: &Layout) -> Result<Vec<String>> {
     let mut candidates: Vec<u8> = Vec::new();
-    candidates.extend(
-        links_with_prefix(PREFIX)
-            .iter()
-            .filter_map(|n| parse_bed_name(n)),
-    );
-    candidates.extend(
-        cgroups
-            .top_entries()
-            .iter()
-            .filter_map(|n| parse_bed_name(n)),
-    );
+    candidates.extend(links_with_prefix(PREFIX).iter().filter_map(|n| parse_bed_name(n)));
+    candidates.extend(cgroups.top_entries().iter().filter_map(|n| parse_bed_name(n)));
     if let Ok(entries) = fs::read_dir(work_dir()) {
-        candidates.extend(
-            entries
-                .flatten()
-                .filter_map(|e| parse_bed_name(&e.file_name().to_string_lossy())),
-        );
+        candidates.extend(entries.flatten().filter_map(|e| parse_bed_name(&e.file_name().to_string_lossy())));
     }
     candidates.sort_unstable();
     candidates.dedup();
@@ -211,12 +187,7 @@ fn unescape_mount_path(escaped: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
             let octal = std::str::from_utf8(&bytes[i + 1..i + 4]).expect("ascii digits");
             out.push(u8::from_str_radix(octal, 8).expect("octal digits"));
             i += 4;
@@ -229,8 +200,7 @@ fn unescape_mount_path(escaped: &str) -> String {
 }
 
 pub fn unmount(path: &Path) -> Result<()> {
-    let c_path =
-        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).context("path has a NUL")?;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).context("path has a NUL")?;
     // Lazy: the mount leaves the namespace now even if a dying process still holds it.
     // SAFETY: umount2 with a valid C string.
     if unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) } != 0 {
@@ -249,10 +219,7 @@ pub fn remove_tree(dir: &Path) -> Result<()> {
     }
     let left = mounts_below(dir);
     if !left.is_empty() {
-        bail!(
-            "not deleting {}: still mounted below it: {left:?}",
-            dir.display()
-        );
+        bail!("not deleting {}: still mounted below it: {left:?}", dir.display());
     }
     match fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),

@@ -1,0 +1,704 @@
+//! The agent's configuration: a TOML file (written by the NixOS module),
+//! every key overridable by a `run` flag, validated once at start.
+//!
+//! Parsing is two-step: [`FileConfig`] mirrors the file exactly (unknown
+//! keys are refused, so a typo never silently falls back to a default),
+//! [`Overrides`] carries the flags, and [`Config::resolve`] merges and
+//! validates them into the typed [`Config`] the agent runs with. Every
+//! error names the key and says what is wrong.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::names;
+use crate::state::{Capacity, Desired, Labels, VmSpec, limits};
+
+/// Default gRPC port.
+pub const DEFAULT_PORT: u16 = 7000;
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7000";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/blixard";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/microvms";
+/// Where client commands look for the local agent's config.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/blixard/agent.toml";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid configuration: `{key}`: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.into(), message: message.into() }
+}
+
+/// The file, as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_name: Option<String>,
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub initial_members: Vec<String>,
+    #[serde(default)]
+    pub join: Vec<String>,
+    pub log_level: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub join_token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub runtime: RuntimeSection,
+    pub capacity: Option<CapacitySection>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub tls: Option<TlsSection>,
+    #[serde(default)]
+    pub timing: TimingSection,
+    #[serde(default)]
+    pub scheduler: SchedulerSection,
+    #[serde(default)]
+    pub raft: RaftSection,
+    #[serde(default)]
+    pub vm: Vec<VmSection>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSection {
+    pub kind: Option<String>,
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacitySection {
+    pub vcpu: Option<i64>,
+    pub memory_mib: Option<i64>,
+    pub vcpu_overcommit: Option<f64>,
+    pub memory_overcommit: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimingSection {
+    pub node_down_after_ms: Option<u64>,
+    pub reschedule_after_ms: Option<u64>,
+    pub fence_after_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSection {
+    pub strategy: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaftSection {
+    pub tick_ms: Option<u64>,
+    pub election_ticks: Option<u64>,
+    pub heartbeat_ticks: Option<u64>,
+    pub log_compact_entries_max: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSection {
+    pub name: String,
+    pub vcpu: i64,
+    pub memory_mib: i64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub node: Option<String>,
+    pub anti_affinity: Option<String>,
+    pub desired: Option<String>,
+}
+
+/// Values given as `run` flags; each replaces the file's value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub node_name: Option<String>,
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub initial_members: Option<Vec<String>>,
+    pub join: Option<Vec<String>>,
+    pub log_level: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub join_token_file: Option<PathBuf>,
+    pub runtime: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub vcpu: Option<i64>,
+    pub memory_mib: Option<i64>,
+    pub labels: Option<Vec<String>>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub strategy: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeKind {
+    Systemd,
+    Process,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    Spread,
+    Binpack,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitialMember {
+    pub name: String,
+    pub address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timing {
+    pub node_down_after_ms: u64,
+    pub reschedule_after_ms: u64,
+    pub fence_after_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing { node_down_after_ms: 1500, reschedule_after_ms: 3000, fence_after_ms: 1500 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftTiming {
+    pub tick_ms: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    pub log_compact_entries_max: u64,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming { tick_ms: 100, election_ticks: 10, heartbeat_ticks: 1, log_compact_entries_max: 10_000 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredVm {
+    pub name: String,
+    pub spec: VmSpec,
+}
+
+/// The validated configuration the agent runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub node_name: String,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub initial_members: Vec<InitialMember>,
+    pub join: Vec<String>,
+    pub log_level: String,
+    pub metrics_listen: Option<SocketAddr>,
+    pub join_token_file: Option<PathBuf>,
+    pub runtime: RuntimeKind,
+    pub state_dir: PathBuf,
+    /// `None`: detect from the host at start.
+    pub capacity: Option<Capacity>,
+    pub labels: Labels,
+    pub tls: Option<Tls>,
+    pub timing: Timing,
+    pub strategy: Strategy,
+    pub raft: RaftTiming,
+    pub vms: Vec<DeclaredVm>,
+}
+
+impl FileConfig {
+    /// Parses the file's text; `origin` names it in errors.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            // toml's message names the key and the position; keep it on one line.
+            let message = e.message().replace('\n', " ");
+            let key = e
+                .span()
+                .and_then(|span| text.get(span))
+                .map(|s| s.lines().next().unwrap_or("").trim().to_string())
+                .unwrap_or_else(|| "file".to_string());
+            err(key, message)
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err("--config", format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text)
+    }
+}
+
+fn check_address(key: &str, value: &str) -> Result<String, ConfigError> {
+    let bad = || err(key, format!("{value:?} is not HOST:PORT (for example 10.0.0.1:{DEFAULT_PORT})"));
+    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) || value.len() > limits::ADDRESS_LEN_MAX {
+        return Err(bad());
+    }
+    if !value.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(bad());
+    }
+    Ok(value.to_string())
+}
+
+fn check_labels(key: &str, labels: &BTreeMap<String, String>) -> Result<Labels, ConfigError> {
+    if labels.len() > limits::LABELS_MAX {
+        return Err(err(key, format!("{} labels; the limit is {}", labels.len(), limits::LABELS_MAX)));
+    }
+    for (k, v) in labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= limits::LABEL_KEY_LEN_MAX
+            && k.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+        if !key_ok {
+            return Err(err(format!("{key}.{k}"), "label keys are 1 to 63 characters of a-z, 0-9, '-', '_', '.', '/'"));
+        }
+        if v.len() > limits::LABEL_VALUE_LEN_MAX || !v.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(err(
+                format!("{key}.{k}"),
+                "label values are at most 255 printable ASCII characters without spaces",
+            ));
+        }
+    }
+    Ok(labels.clone())
+}
+
+fn overcommit_pct(key: &str, ratio: Option<f64>) -> Result<u32, ConfigError> {
+    let Some(ratio) = ratio else { return Ok(100) };
+    let min = f64::from(limits::OVERCOMMIT_PCT_MIN) / 100.0;
+    let max = f64::from(limits::OVERCOMMIT_PCT_MAX) / 100.0;
+    if !ratio.is_finite() || ratio < min || ratio > max {
+        return Err(err(key, format!("{ratio} is not a ratio between {min} and {max}")));
+    }
+    Ok((ratio * 100.0).round() as u32)
+}
+
+fn positive(key: &str, value: i64, max: u64) -> Result<u64, ConfigError> {
+    if value <= 0 {
+        return Err(err(key, format!("must be positive, not {value}")));
+    }
+    let value = value as u64;
+    if value > max {
+        return Err(err(key, format!("{value} is more than the limit of {max}")));
+    }
+    Ok(value)
+}
+
+/// Parses `name=host:port`.
+pub fn parse_member(key: &str, value: &str) -> Result<InitialMember, ConfigError> {
+    let (name, address) = value
+        .split_once('=')
+        .ok_or_else(|| err(key, format!("{value:?} is not NAME=HOST:PORT (for example h1=10.0.0.1:7000)")))?;
+    names::validate(name).map_err(|e| err(key, e.to_string()))?;
+    Ok(InitialMember { name: name.to_string(), address: check_address(key, address)? })
+}
+
+fn parse_label_flag(value: &str) -> Result<(String, String), ConfigError> {
+    value
+        .split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| err("--label", format!("{value:?} is not KEY=VALUE")))
+}
+
+impl Config {
+    /// Merges `overrides` over `file` and validates the result.
+    pub fn resolve(file: FileConfig, overrides: Overrides) -> Result<Config, ConfigError> {
+        let node_name = match overrides.node_name.or(file.node_name) {
+            Some(name) => name,
+            None => nix::unistd::gethostname()
+                .map_err(|e| err("node_name", format!("not set and the host name cannot be read: {e}")))?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        names::validate(&node_name).map_err(|e| err("node_name", e.to_string()))?;
+
+        let listen_text = overrides.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            err("listen", format!("{listen_text:?} is not IP:PORT (for example 10.0.0.1:{DEFAULT_PORT})"))
+        })?;
+        if listen.port() == 0 {
+            return Err(err("listen", "the port must not be 0: peers need a fixed port"));
+        }
+        if listen.ip().is_unspecified() {
+            return Err(err(
+                "listen",
+                format!("{listen} is not an address peers can reach; give this host's own address"),
+            ));
+        }
+
+        let data_dir = overrides.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+        if !data_dir.is_absolute() {
+            return Err(err("data_dir", format!("{} is not an absolute path", data_dir.display())));
+        }
+
+        let initial_members = overrides
+            .initial_members
+            .unwrap_or(file.initial_members)
+            .iter()
+            .map(|m| parse_member("initial_members", m))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, a) in initial_members.iter().enumerate() {
+            for b in &initial_members[..i] {
+                if a.name == b.name {
+                    return Err(err("initial_members", format!("{} is listed twice", a.name)));
+                }
+                if a.address == b.address {
+                    return Err(err(
+                        "initial_members",
+                        format!("{} and {} share the address {}", b.name, a.name, a.address),
+                    ));
+                }
+            }
+        }
+        let join = overrides
+            .join
+            .unwrap_or(file.join)
+            .iter()
+            .map(|seed| check_address("join", seed.trim_start_matches("http://").trim_start_matches("https://")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !initial_members.is_empty() {
+            let me = initial_members.iter().find(|m| m.name == node_name).ok_or_else(|| {
+                err(
+                    "initial_members",
+                    format!(
+                        "does not list this host ({node_name}); a host not in the initial set joins with `join` instead"
+                    ),
+                )
+            })?;
+            if me.address != listen.to_string() {
+                return Err(err(
+                    "initial_members",
+                    format!(
+                        "lists {node_name} at {} but `listen` is {listen}; peers must reach this host where it listens",
+                        me.address
+                    ),
+                ));
+            }
+            if !join.is_empty() {
+                return Err(err(
+                    "join",
+                    "a host in initial_members forms the cluster itself; give either initial_members or join",
+                ));
+            }
+        }
+
+        let log_level = overrides.log_level.or(file.log_level).unwrap_or_else(|| "info".to_string());
+        tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| err("log_level", e.to_string()))?;
+
+        let metrics_listen = overrides
+            .metrics_listen
+            .or(file.metrics_listen)
+            .map(|text| {
+                text.parse::<SocketAddr>()
+                    .map_err(|_| err("metrics_listen", format!("{text:?} is not IP:PORT (for example 127.0.0.1:9464)")))
+            })
+            .transpose()?;
+        if metrics_listen.is_some_and(|m| m == listen) {
+            return Err(err("metrics_listen", "must differ from `listen`"));
+        }
+
+        let runtime = match overrides.runtime.or(file.runtime.kind).as_deref() {
+            None | Some("systemd") => RuntimeKind::Systemd,
+            Some("process") => RuntimeKind::Process,
+            Some(other) => return Err(err("runtime.kind", format!("{other:?} is not \"systemd\" or \"process\""))),
+        };
+        let state_dir = overrides.state_dir.or(file.runtime.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        if !state_dir.is_absolute() {
+            return Err(err("runtime.state_dir", format!("{} is not an absolute path", state_dir.display())));
+        }
+
+        let section = file.capacity.unwrap_or_default();
+        let vcpu = overrides.vcpu.or(section.vcpu);
+        let memory = overrides.memory_mib.or(section.memory_mib);
+        let capacity = match (vcpu, memory) {
+            (None, None) if section.vcpu_overcommit.is_none() && section.memory_overcommit.is_none() => None,
+            _ => Some(Capacity {
+                vcpu: match vcpu {
+                    Some(v) => positive("capacity.vcpu", v, u64::from(limits::HOST_VCPU_MAX))? as u32,
+                    None => detect_vcpu(),
+                },
+                memory_mib: match memory {
+                    Some(m) => positive("capacity.memory_mib", m, limits::HOST_MEMORY_MIB_MAX)?,
+                    None => detect_memory_mib(),
+                },
+                vcpu_overcommit_pct: overcommit_pct("capacity.vcpu_overcommit", section.vcpu_overcommit)?,
+                memory_overcommit_pct: overcommit_pct("capacity.memory_overcommit", section.memory_overcommit)?,
+            }),
+        };
+
+        let mut labels = file.labels;
+        if let Some(flags) = overrides.labels {
+            labels = flags.iter().map(|l| parse_label_flag(l)).collect::<Result<_, _>>()?;
+        }
+        let labels = check_labels("labels", &labels)?;
+
+        let tls_section = file.tls.unwrap_or_default();
+        let tls = match (
+            overrides.tls_ca.or(tls_section.ca_file),
+            overrides.tls_cert.or(tls_section.cert_file),
+            overrides.tls_key.or(tls_section.key_file),
+        ) {
+            (None, None, None) => None,
+            (Some(ca_file), Some(cert_file), Some(key_file)) => Some(Tls { ca_file, cert_file, key_file }),
+            _ => return Err(err("tls", "give all of ca_file, cert_file and key_file, or none")),
+        };
+
+        let defaults = Timing::default();
+        let timing = Timing {
+            node_down_after_ms: file.timing.node_down_after_ms.unwrap_or(defaults.node_down_after_ms),
+            reschedule_after_ms: file.timing.reschedule_after_ms.unwrap_or(defaults.reschedule_after_ms),
+            fence_after_ms: file.timing.fence_after_ms.unwrap_or(defaults.fence_after_ms),
+        };
+        validate_timing(&timing)?;
+
+        let strategy = match overrides.strategy.or(file.scheduler.strategy).as_deref() {
+            None | Some("spread") => Strategy::Spread,
+            Some("binpack") => Strategy::Binpack,
+            Some(other) => {
+                return Err(err("scheduler.strategy", format!("{other:?} is not \"spread\" or \"binpack\"")));
+            }
+        };
+
+        let raft_defaults = RaftTiming::default();
+        let raft = RaftTiming {
+            tick_ms: file.raft.tick_ms.unwrap_or(raft_defaults.tick_ms),
+            election_ticks: file.raft.election_ticks.map_or(raft_defaults.election_ticks, |t| t as usize),
+            heartbeat_ticks: file.raft.heartbeat_ticks.map_or(raft_defaults.heartbeat_ticks, |t| t as usize),
+            log_compact_entries_max: file.raft.log_compact_entries_max.unwrap_or(raft_defaults.log_compact_entries_max),
+        };
+        if !(10..=10_000).contains(&raft.tick_ms) {
+            return Err(err("raft.tick_ms", format!("{} is outside 10..=10000", raft.tick_ms)));
+        }
+        if raft.heartbeat_ticks == 0 || raft.election_ticks <= raft.heartbeat_ticks {
+            return Err(err("raft.election_ticks", "must be more than raft.heartbeat_ticks, which must be at least 1"));
+        }
+        if raft.log_compact_entries_max < 10 {
+            return Err(err("raft.log_compact_entries_max", "must be at least 10"));
+        }
+        // The failure detector must not declare a host down before Raft
+        // itself could notice a dead leader.
+        let election_ms = raft.tick_ms * raft.election_ticks as u64;
+        if timing.fence_after_ms < election_ms {
+            return Err(err(
+                "timing.fence_after_ms",
+                format!("{} ms is shorter than Raft's election timeout of {election_ms} ms", timing.fence_after_ms),
+            ));
+        }
+
+        let mut vms = Vec::new();
+        for (i, vm) in file.vm.iter().enumerate() {
+            let key = format!("vm[{i}]");
+            names::validate(&vm.name).map_err(|e| err(format!("{key}.name"), e.to_string()))?;
+            if vms.iter().any(|d: &DeclaredVm| d.name == vm.name) {
+                return Err(err(format!("{key}.name"), format!("{} is declared twice", vm.name)));
+            }
+            let vcpu = positive(&format!("{key}.vcpu"), vm.vcpu, u64::from(limits::VM_VCPU_MAX))? as u32;
+            let memory_mib = positive(&format!("{key}.memory_mib"), vm.memory_mib, limits::VM_MEMORY_MIB_MAX)?;
+            if memory_mib < limits::VM_MEMORY_MIB_MIN {
+                return Err(err(
+                    format!("{key}.memory_mib"),
+                    format!("must be at least {} MiB", limits::VM_MEMORY_MIB_MIN),
+                ));
+            }
+            if let Some(node) = &vm.node {
+                names::validate(node).map_err(|e| err(format!("{key}.node"), e.to_string()))?;
+            }
+            if let Some(group) = &vm.anti_affinity {
+                names::validate(group).map_err(|e| err(format!("{key}.anti_affinity"), e.to_string()))?;
+            }
+            let desired = match vm.desired.as_deref() {
+                None | Some("running") => Desired::Running,
+                Some("stopped") => Desired::Stopped,
+                Some(other) => {
+                    return Err(err(format!("{key}.desired"), format!("{other:?} is not \"running\" or \"stopped\"")));
+                }
+            };
+            vms.push(DeclaredVm {
+                name: vm.name.clone(),
+                spec: VmSpec {
+                    vcpu,
+                    memory_mib,
+                    labels: check_labels(&format!("{key}.labels"), &vm.labels)?,
+                    node: vm.node.clone(),
+                    anti_affinity: vm.anti_affinity.clone(),
+                    desired,
+                },
+            });
+        }
+
+        Ok(Config {
+            node_name,
+            listen,
+            data_dir,
+            initial_members,
+            join,
+            log_level,
+            metrics_listen,
+            join_token_file: overrides.join_token_file.or(file.join_token_file),
+            runtime,
+            state_dir,
+            capacity,
+            labels,
+            tls,
+            timing,
+            strategy,
+            raft,
+            vms,
+        })
+    }
+
+    /// The capacity to report: configured, or detected from the host.
+    pub fn capacity_or_detected(&self) -> Capacity {
+        self.capacity.unwrap_or(Capacity {
+            vcpu: detect_vcpu(),
+            memory_mib: detect_memory_mib(),
+            vcpu_overcommit_pct: 100,
+            memory_overcommit_pct: 100,
+        })
+    }
+}
+
+/// Refuses timings that could let a VM run on two hosts or never fail over.
+pub fn validate_timing(t: &Timing) -> Result<(), ConfigError> {
+    /// What a partitioned host needs beyond `fence_after` to have stopped
+    /// its guests: clock-rate drift plus the stop itself.
+    const FENCE_MARGIN_MS: u64 = 1000;
+    if t.node_down_after_ms == 0 || t.fence_after_ms == 0 {
+        return Err(err("timing", "node_down_after_ms and fence_after_ms must be positive"));
+    }
+    if t.reschedule_after_ms < t.fence_after_ms + FENCE_MARGIN_MS {
+        return Err(err(
+            "timing.reschedule_after_ms",
+            format!(
+                "{} ms must be at least fence_after_ms ({}) + {FENCE_MARGIN_MS} ms, or a cut-off host could still run a VM when another host starts it",
+                t.reschedule_after_ms, t.fence_after_ms
+            ),
+        ));
+    }
+    if t.reschedule_after_ms < t.node_down_after_ms {
+        return Err(err("timing.reschedule_after_ms", "must not be shorter than node_down_after_ms"));
+    }
+    Ok(())
+}
+
+fn detect_vcpu() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+}
+
+/// Host memory minus a reserve for the host itself (10%, at most 2 GiB).
+fn detect_memory_mib() -> u64 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let total_mib = total_kib / 1024;
+    total_mib - (total_mib / 10).min(2048)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(text: &str) -> Result<Config, ConfigError> {
+        Config::resolve(FileConfig::parse(text)?, Overrides::default())
+    }
+
+    const BASE: &str = r#"
+node_name = "h1"
+listen = "10.0.0.1:7000"
+data_dir = "/var/lib/blixard"
+initial_members = ["h1=10.0.0.1:7000", "h2=10.0.0.2:7000", "h3=10.0.0.3:7000"]
+"#;
+
+    #[test]
+    fn the_design_example_parses() {
+        let text = format!(
+            "{BASE}join = []\n[runtime]\nkind = \"systemd\"\nstate_dir = \"/var/lib/microvms\"\n[capacity]\nvcpu = 16\nmemory_mib = 65536\n[[vm]]\nname = \"web\"\nvcpu = 2\nmemory_mib = 1024\n"
+        );
+        let config = resolve(&text).unwrap();
+        assert_eq!(config.node_name, "h1");
+        assert_eq!(config.initial_members.len(), 3);
+        assert_eq!(config.capacity.unwrap().vcpu, 16);
+        assert_eq!(config.vms[0].spec.memory_mib, 1024);
+        assert_eq!(config.runtime, RuntimeKind::Systemd);
+    }
+
+    #[test]
+    fn module_output_with_floats_and_tables_parses() {
+        let text = format!(
+            "{BASE}log_level = \"debug\"\nmetrics_listen = \"127.0.0.1:9464\"\n[capacity]\nvcpu_overcommit = 1.5\n[labels]\nrack = \"r1\"\n[tls]\nca_file = \"/a\"\ncert_file = \"/b\"\nkey_file = \"/c\"\n[[vm]]\nname = \"db\"\nvcpu = 1\nmemory_mib = 512\nlabels = {{ tier = \"db\" }}\nnode = \"h2\"\nanti_affinity = \"g\"\ndesired = \"stopped\"\n"
+        );
+        let config = resolve(&text).unwrap();
+        assert_eq!(config.capacity.unwrap().vcpu_overcommit_pct, 150);
+        assert_eq!(config.labels["rack"], "r1");
+        assert!(config.tls.is_some());
+        assert_eq!(config.vms[0].spec.desired, Desired::Stopped);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (format!("{BASE}bogus = 1\n"), "bogus"),
+            ("node_name = \"H1\"\n".to_string(), "node_name"),
+            ("node_name = \"h1\"\nlisten = \"nope\"\n".to_string(), "listen"),
+            ("node_name = \"h1\"\nlisten = \"0.0.0.0:7000\"\n".to_string(), "listen"),
+            (format!("{BASE}[capacity]\nvcpu = -2\n"), "capacity.vcpu"),
+            (format!("{BASE}[capacity]\nvcpu = 0\n"), "capacity.vcpu"),
+            (format!("{BASE}[capacity]\nmemory_mib = 999999999999\n"), "capacity.memory_mib"),
+            (format!("{BASE}[[vm]]\nname = \"../x\"\nvcpu = 1\nmemory_mib = 64\n"), "vm[0].name"),
+            (format!("{BASE}[[vm]]\nname = \"a\"\nvcpu = 0\nmemory_mib = 64\n"), "vm[0].vcpu"),
+            (format!("{BASE}[tls]\nca_file = \"/a\"\n"), "tls"),
+            (format!("{BASE}join = [\"10.0.0.9:7000\"]\n"), "join"),
+            (format!("{BASE}[timing]\nreschedule_after_ms = 1600\n"), "timing.reschedule_after_ms"),
+            (format!("{BASE}[runtime]\nkind = \"docker\"\n"), "runtime.kind"),
+            ("node_name = \"h9\"\nlisten = \"10.0.0.9:7000\"\ninitial_members = [\"h1=10.0.0.1:7000\"]\n".to_string(), "initial_members"),
+            ("node_name = \"h1\"\nlisten = \"10.0.0.2:7000\"\ninitial_members = [\"h1=10.0.0.1:7000\"]\n".to_string(), "initial_members"),
+            ("node_name = \"h1\"\nlisten = \"10.0.0.1:7000\"\ninitial_members = [\"h1=10.0.0.1:7000\", \"h1=10.0.0.2:7000\"]\n".to_string(), "initial_members"),
+        ];
+        for (text, key) in cases {
+            let e = resolve(&text).expect_err(&text);
+            assert!(e.key.starts_with(key), "{text}: expected key {key}, got {e}");
+            assert!(!e.to_string().contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let overrides = Overrides {
+            listen: Some("10.0.0.1:7000".into()),
+            vcpu: Some(4),
+            labels: Some(vec!["zone=a".into()]),
+            runtime: Some("process".into()),
+            ..Overrides::default()
+        };
+        let config = Config::resolve(FileConfig::parse(BASE).unwrap(), overrides).unwrap();
+        assert_eq!(config.capacity.unwrap().vcpu, 4);
+        assert_eq!(config.labels["zone"], "a");
+        assert_eq!(config.runtime, RuntimeKind::Process);
+    }
+}

@@ -1,0 +1,723 @@
+//! The node: the consensus core running on its own thread, and the handle
+//! the rest of the agent uses to talk to it.
+//!
+//! The core does synchronous disk I/O (fsync), so it runs on a dedicated
+//! OS thread ("raft"), not on the async runtime. The thread owns the
+//! [`Core`]; everything else sends it an [`Input`] through one bounded
+//! queue and awaits a reply. Each loop turn drains *every* queued input
+//! before handling the Ready, so many concurrent proposals share one Raft
+//! `Ready`, one redb transaction and one fsync.
+//!
+//! Writes: only the leader proposes; a follower answers
+//! [`NodeError::NotLeader`] with the leader's address and the API layer
+//! forwards the request there. Reads are linearizable by default: a read
+//! index round confirms leadership, and the read runs on the local state
+//! once the local applied index has caught up with it.
+
+mod identity;
+mod leader;
+
+pub use identity::{cluster_id_of, member_id_of, random_member_id};
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use raft::eraftpb::{ConfState, Message};
+use tokio::sync::{broadcast, oneshot, watch};
+
+use crate::config::InitialMember;
+use crate::consensus::{
+    BOOTSTRAP_INDEX, BOOTSTRAP_TERM, Core, CoreConfig, CoreStatus, Outcome, ProposalId, ProposeError, Role, Transport,
+};
+use crate::state::{Command, CommandKind, Effect, Member, MembershipChange, NodeId, Rejection, State};
+use crate::storage::{NodeIdentity, StorageError, Store};
+
+/// Inputs queued for the raft thread; beyond this, requests are refused as
+/// overloaded and peer messages dropped (Raft retransmits).
+const INPUT_QUEUE_MAX: usize = 16 * 1024;
+/// Applied effects kept for slow event subscribers.
+const EFFECTS_CHANNEL_MAX: usize = 4096;
+
+/// The file name of the store inside the data dir.
+pub const STORE_FILE: &str = "blixard.redb";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    #[error("this member is not the leader")]
+    NotLeader { leader: Option<LeaderInfo> },
+    #[error("{0}")]
+    Rejected(Rejection),
+    #[error("the request was dropped by a leader change; it was not applied")]
+    Dropped,
+    #[error("the leader changed while the request was in flight; it may or may not have been applied")]
+    Unknown,
+    #[error("no leader is reachable (no quorum)")]
+    NoLeader,
+    #[error("the request timed out")]
+    Timeout,
+    #[error("the agent is overloaded; retry")]
+    Overloaded,
+    #[error("the request is too large: {0}")]
+    TooLarge(String),
+    #[error("this agent is not a member of a cluster yet; run `blixard-agent cluster join ADDRESS`")]
+    NotMember,
+    #[error("the agent is shutting down")]
+    Stopped,
+}
+
+impl NodeError {
+    /// Whether retrying the same request may succeed (after forwarding or
+    /// waiting for a leader).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, NodeError::NotLeader { .. } | NodeError::Dropped | NodeError::NoLeader | NodeError::Overloaded)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderInfo {
+    pub id: NodeId,
+    pub name: String,
+    pub address: String,
+}
+
+/// What the node publishes after every loop turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub name: String,
+    pub cluster_id: u64,
+    pub role: Role,
+    pub leader: Option<LeaderInfo>,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// Peers the leader heard from within an election timeout (leader only).
+    pub active_peers: Vec<NodeId>,
+    /// This member has been removed from the cluster.
+    pub removed: bool,
+}
+
+/// An applied effect, for events and for the local reconciler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedEffect {
+    pub index: u64,
+    pub at_unix_ms: u64,
+    pub effect: Effect,
+}
+
+/// Where the raft thread sends peer messages; implemented by the gRPC peer
+/// transport (and by in-process test harnesses). Must not block.
+pub trait PeerSender: Send + 'static {
+    fn send(&mut self, to: NodeId, messages: Vec<Message>);
+}
+
+/// Addresses of peers, kept current by the raft thread from the member
+/// list and read by the transport.
+pub type AddressBook = Arc<RwLock<BTreeMap<NodeId, String>>>;
+
+type ReadFn = Box<dyn FnOnce(Result<(&State, &CoreStatus), NodeError>) + Send>;
+
+enum Input {
+    Propose { kind: CommandKind, reply: oneshot::Sender<Result<Effect, NodeError>> },
+    Membership { change: MembershipChange, reply: oneshot::Sender<Result<Effect, NodeError>> },
+    Read { linearizable: bool, f: ReadFn },
+    Raft(Vec<Message>),
+    SnapshotReport { peer: NodeId, delivered: bool },
+    Unreachable(NodeId),
+    TransferLeader(NodeId),
+    Shutdown,
+}
+
+/// Tunables of the node shell.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub tick: Duration,
+    pub core: CoreConfig,
+    /// How long a proposal or read may wait for its outcome.
+    pub request_timeout: Duration,
+}
+
+/// A cheap, clonable handle to a running node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    inputs: SyncSender<Input>,
+    status: watch::Receiver<NodeStatus>,
+    effects: broadcast::Sender<AppliedEffect>,
+    addresses: AddressBook,
+    request_timeout: Duration,
+}
+
+/// The running node: its handle plus the raft thread.
+pub struct Node {
+    handle: NodeHandle,
+    thread: Option<std::thread::JoinHandle<Result<(), StorageError>>>,
+}
+
+/// How a node comes into being.
+pub enum Start<'a> {
+    /// Reopen an existing store, or bootstrap a new cluster from the same
+    /// `initial_members` every initial host is given.
+    InitialMembers(&'a [InitialMember]),
+    /// A host that was admitted to a cluster (learner) and now starts with
+    /// an empty log; the leader sends it a snapshot.
+    Joined { id: NodeId, cluster_id: u64, peers: BTreeMap<NodeId, String> },
+}
+
+/// Opens the store at `data_dir` and reports its identity, if any.
+pub fn open_store(data_dir: &Path) -> Result<Store, StorageError> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| StorageError::Redb(format!("cannot create {}: {e}", data_dir.display())))?;
+    Store::open(&store_path(data_dir))
+}
+
+pub fn store_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(STORE_FILE)
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Prepares `store` for `start`: bootstraps a new cluster when the store is
+/// empty and this host is an initial member, and records the identity.
+/// Never rewrites an initialized store.
+pub fn prepare_store(store: &mut Store, name: &str, start: &Start<'_>) -> Result<NodeIdentity, NodeError> {
+    if let Some(identity) = store.identity().cloned() {
+        return Ok(identity);
+    }
+    match start {
+        Start::InitialMembers(members) if !members.is_empty() => {
+            let cluster_id = cluster_id_of(members);
+            let id = member_id_of(name);
+            let identity = NodeIdentity { id, name: name.to_string(), cluster_id };
+            if !store.is_initialized() {
+                let voters: Vec<NodeId> = members.iter().map(|m| member_id_of(&m.name)).collect();
+                let state = State::with_members(
+                    members.iter().map(|m| Member::new(member_id_of(&m.name), &m.name, &m.address)),
+                );
+                store
+                    .bootstrap(ConfState::from((voters, Vec::<NodeId>::new())), state, BOOTSTRAP_INDEX, BOOTSTRAP_TERM)
+                    .map_err(|e| NodeError::TooLarge(format!("bootstrap failed: {e}")))?;
+            }
+            store.set_identity(identity.clone()).map_err(|_| NodeError::Stopped)?;
+            Ok(identity)
+        }
+        Start::Joined { id, cluster_id, .. } => {
+            let identity = NodeIdentity { id: *id, name: name.to_string(), cluster_id: *cluster_id };
+            store.set_identity(identity.clone()).map_err(|_| NodeError::Stopped)?;
+            Ok(identity)
+        }
+        Start::InitialMembers(_) => Err(NodeError::NotMember),
+    }
+}
+
+impl Node {
+    /// Starts the raft thread over `store` (already prepared).
+    pub fn start(
+        store: Store,
+        options: NodeOptions,
+        sender: Box<dyn PeerSender>,
+        addresses: AddressBook,
+        known_peers: BTreeMap<NodeId, String>,
+    ) -> Result<Node, NodeError> {
+        let identity = store.identity().cloned().ok_or(NodeError::NotMember)?;
+        assert_eq!(identity.id, options.core.id, "the core runs under the stored identity");
+        {
+            let mut book = addresses.write().unwrap_or_else(|e| e.into_inner());
+            book.extend(known_peers);
+            for member in store.state().members().values() {
+                book.insert(member.id, member.address.clone());
+            }
+        }
+        let core = Core::new(options.core.clone(), store).map_err(|e| NodeError::TooLarge(format!("raft: {e}")))?;
+        let (inputs, rx) = mpsc::sync_channel(INPUT_QUEUE_MAX);
+        let status = status_of(&core, &identity, &addresses, false);
+        let (status_tx, status_rx) = watch::channel(status);
+        let (effects, _) = broadcast::channel(EFFECTS_CHANNEL_MAX);
+        let handle = NodeHandle {
+            inputs,
+            status: status_rx,
+            effects: effects.clone(),
+            addresses: addresses.clone(),
+            request_timeout: options.request_timeout,
+        };
+        let mut raft = RaftThread {
+            core,
+            identity,
+            options,
+            sender,
+            addresses,
+            status: status_tx,
+            effects,
+            proposals: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            waiting_reads: VecDeque::new(),
+            next_read: 0,
+            removed: false,
+            duties: leader::Duties::default(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("raft".into())
+            .spawn(move || raft.run(rx))
+            .map_err(|e| NodeError::TooLarge(format!("cannot start the raft thread: {e}")))?;
+        Ok(Node { handle, thread: Some(thread) })
+    }
+
+    pub fn handle(&self) -> NodeHandle {
+        self.handle.clone()
+    }
+
+    /// Stops the raft thread after it flushed what it was doing.
+    pub fn shutdown(mut self) -> Result<(), StorageError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), StorageError> {
+        let _ = self.handle.inputs.send(Input::Shutdown);
+        match self.thread.take() {
+            Some(thread) => {
+                thread.join().unwrap_or_else(|_| Err(StorageError::Redb("the raft thread panicked".into())))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until the raft thread ends (a fatal storage error or a
+    /// shutdown), from async code.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+impl NodeHandle {
+    fn submit(&self, input: Input) -> Result<(), NodeError> {
+        self.inputs.try_send(input).map_err(|e| match e {
+            TrySendError::Full(_) => NodeError::Overloaded,
+            TrySendError::Disconnected(_) => NodeError::Stopped,
+        })
+    }
+
+    async fn wait<T>(&self, rx: oneshot::Receiver<Result<T, NodeError>>) -> Result<T, NodeError> {
+        match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(NodeError::Stopped),
+            Err(_) => Err(NodeError::Timeout),
+        }
+    }
+
+    /// Proposes a command on this node (which must be the leader) and waits
+    /// until it is applied.
+    pub async fn propose(&self, kind: CommandKind) -> Result<Effect, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Input::Propose { kind, reply })?;
+        self.wait(rx).await
+    }
+
+    pub async fn propose_membership(&self, change: MembershipChange) -> Result<Effect, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Input::Membership { change, reply })?;
+        self.wait(rx).await
+    }
+
+    /// Runs `f` on the state once it reflects every write committed before
+    /// the call (linearizable).
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&State, &CoreStatus) -> T + Send + 'static,
+    ) -> Result<T, NodeError> {
+        self.read_with(true, f).await
+    }
+
+    /// Runs `f` on the local state as applied so far (may be stale; works
+    /// without a leader).
+    pub async fn read_local<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&State, &CoreStatus) -> T + Send + 'static,
+    ) -> Result<T, NodeError> {
+        self.read_with(false, f).await
+    }
+
+    async fn read_with<T: Send + 'static>(
+        &self,
+        linearizable: bool,
+        f: impl FnOnce(&State, &CoreStatus) -> T + Send + 'static,
+    ) -> Result<T, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        let f: ReadFn = Box::new(move |view| {
+            let _ = reply.send(view.map(|(state, status)| f(state, status)));
+        });
+        self.submit(Input::Read { linearizable, f })?;
+        self.wait(rx).await
+    }
+
+    /// Feeds messages received from a peer. Dropped when the queue is full:
+    /// Raft retransmits.
+    pub fn step(&self, messages: Vec<Message>) {
+        let _ = self.submit(Input::Raft(messages));
+    }
+
+    pub fn report_snapshot(&self, peer: NodeId, delivered: bool) {
+        let _ = self.inputs.try_send(Input::SnapshotReport { peer, delivered });
+    }
+
+    pub fn report_unreachable(&self, peer: NodeId) {
+        let _ = self.inputs.try_send(Input::Unreachable(peer));
+    }
+
+    pub fn transfer_leader(&self, to: NodeId) -> Result<(), NodeError> {
+        self.submit(Input::TransferLeader(to))
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        self.status.borrow().clone()
+    }
+
+    pub fn watch_status(&self) -> watch::Receiver<NodeStatus> {
+        self.status.clone()
+    }
+
+    pub fn subscribe_effects(&self) -> broadcast::Receiver<AppliedEffect> {
+        self.effects.subscribe()
+    }
+
+    pub fn addresses(&self) -> AddressBook {
+        self.addresses.clone()
+    }
+}
+
+fn status_of(core: &Core, identity: &NodeIdentity, addresses: &AddressBook, removed: bool) -> NodeStatus {
+    let s = core.status();
+    let leader = s.leader.map(|id| {
+        let member = core.state().member(id);
+        LeaderInfo {
+            id,
+            name: member.map_or_else(|| format!("{id}"), |m| m.name.clone()),
+            address: member.map(|m| m.address.clone()).unwrap_or_else(|| {
+                addresses.read().unwrap_or_else(|e| e.into_inner()).get(&id).cloned().unwrap_or_default()
+            }),
+        }
+    });
+    NodeStatus {
+        id: identity.id,
+        name: identity.name.clone(),
+        cluster_id: identity.cluster_id,
+        role: s.role,
+        leader,
+        term: s.term,
+        commit: s.commit,
+        applied: s.applied,
+        voters: s.voters,
+        learners: s.learners,
+        active_peers: s.progress.iter().filter(|p| p.recent_active).map(|p| p.id).collect(),
+        removed,
+    }
+}
+
+struct SenderTransport<'a> {
+    sender: &'a mut dyn PeerSender,
+}
+
+impl Transport for SenderTransport<'_> {
+    fn send(&mut self, messages: Vec<Message>) {
+        // Group by destination, keeping each peer's order.
+        let mut by_peer: BTreeMap<NodeId, Vec<Message>> = BTreeMap::new();
+        for m in messages {
+            by_peer.entry(m.to).or_default().push(m);
+        }
+        for (to, batch) in by_peer {
+            self.sender.send(to, batch);
+        }
+    }
+}
+
+struct PendingRead {
+    f: ReadFn,
+    deadline: Instant,
+}
+
+struct RaftThread {
+    core: Core,
+    identity: NodeIdentity,
+    options: NodeOptions,
+    sender: Box<dyn PeerSender>,
+    addresses: AddressBook,
+    status: watch::Sender<NodeStatus>,
+    effects: broadcast::Sender<AppliedEffect>,
+    proposals: BTreeMap<ProposalId, (oneshot::Sender<Result<Effect, NodeError>>, Instant)>,
+    /// Reads waiting for their read index: context -> read.
+    reads: BTreeMap<u64, PendingRead>,
+    /// Reads whose index is known, waiting for the applied index.
+    waiting_reads: VecDeque<(u64, PendingRead)>,
+    next_read: u64,
+    removed: bool,
+    duties: leader::Duties,
+}
+
+impl RaftThread {
+    fn run(&mut self, rx: mpsc::Receiver<Input>) -> Result<(), StorageError> {
+        let mut next_tick = Instant::now() + self.options.tick;
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(timeout) {
+                Ok(Input::Shutdown) => return Ok(()),
+                Ok(input) => {
+                    self.handle(input);
+                    // Batch: take everything already queued.
+                    while let Ok(input) = rx.try_recv() {
+                        if matches!(input, Input::Shutdown) {
+                            self.process_ready()?;
+                            return Ok(());
+                        }
+                        self.handle(input);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                next_tick = now + self.options.tick;
+                if !self.removed {
+                    self.core.tick();
+                    self.leader_duties();
+                }
+                self.expire(now);
+            }
+            self.process_ready()?;
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        if self.removed {
+            match input {
+                Input::Propose { reply, .. } | Input::Membership { reply, .. } => {
+                    let _ = reply.send(Err(NodeError::NotMember));
+                }
+                Input::Read { f, .. } => f(Err(NodeError::NotMember)),
+                _ => {}
+            }
+            return;
+        }
+        match input {
+            Input::Propose { kind, reply } => {
+                let command = Command { at_unix_ms: now_unix_ms(), kind };
+                match self.core.propose(&command) {
+                    Ok(id) => {
+                        self.proposals.insert(id, (reply, Instant::now() + self.options.request_timeout));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(self.propose_error(e)));
+                    }
+                }
+            }
+            Input::Membership { change, reply } => self.propose_membership(change, reply),
+            Input::Read { linearizable: false, f } => {
+                let status = self.core.status();
+                f(Ok((self.core.state(), &status)));
+            }
+            Input::Read { linearizable: true, f } => {
+                if self.core.leader().is_none() {
+                    f(Err(NodeError::NoLeader));
+                    return;
+                }
+                self.next_read += 1;
+                let ctx = self.next_read;
+                self.core.read_index(ctx.to_le_bytes().to_vec());
+                self.reads.insert(ctx, PendingRead { f, deadline: Instant::now() + self.options.request_timeout });
+            }
+            Input::Raft(messages) => {
+                for message in messages {
+                    if let Err(e) = self.core.step(message) {
+                        tracing::debug!(error = %e, "dropped a peer message");
+                    }
+                }
+            }
+            Input::SnapshotReport { peer, delivered } => self.core.report_snapshot(peer, delivered),
+            Input::Unreachable(peer) => self.core.report_unreachable(peer),
+            Input::TransferLeader(to) => self.core.transfer_leader(to),
+            Input::Shutdown => {}
+        }
+    }
+
+    fn propose_membership(&mut self, change: MembershipChange, reply: oneshot::Sender<Result<Effect, NodeError>>) {
+        // The leader does not remove itself: it hands leadership to the
+        // most up-to-date voter first and the request is retried there.
+        if let MembershipChange::Remove { id } = change
+            && id == self.identity.id
+            && self.core.is_leader()
+        {
+            let status = self.core.status();
+            let successor = status
+                .progress
+                .iter()
+                .filter(|p| p.id != id && !p.learner && p.recent_active)
+                .max_by_key(|p| p.matched)
+                .map(|p| p.id);
+            match successor {
+                Some(to) => {
+                    tracing::info!(to, "transferring leadership before removing this member");
+                    self.core.transfer_leader(to);
+                    let _ = reply.send(Err(NodeError::NotLeader { leader: None }));
+                }
+                None => {
+                    let _ = reply.send(Err(NodeError::Rejected(Rejection::LastVoter(id))));
+                }
+            }
+            return;
+        }
+        match self.core.propose_membership(&change, now_unix_ms()) {
+            Ok(id) => {
+                self.proposals.insert(id, (reply, Instant::now() + self.options.request_timeout));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(self.propose_error(e)));
+            }
+        }
+    }
+
+    fn propose_error(&self, e: ProposeError) -> NodeError {
+        match e {
+            ProposeError::NotLeader { leader: None } => NodeError::NoLeader,
+            ProposeError::NotLeader { .. } => NodeError::NotLeader { leader: self.status.borrow().leader.clone() },
+            ProposeError::TooLarge { .. } => NodeError::TooLarge(e.to_string()),
+            ProposeError::Dropped => NodeError::Dropped,
+        }
+    }
+
+    /// Fails requests whose deadline passed.
+    fn expire(&mut self, now: Instant) {
+        let expired: Vec<ProposalId> =
+            self.proposals.iter().filter(|(_, (_, deadline))| *deadline <= now).map(|(id, _)| *id).collect();
+        for id in expired {
+            if let Some((reply, _)) = self.proposals.remove(&id) {
+                let _ = reply.send(Err(NodeError::Timeout));
+            }
+        }
+        let expired: Vec<u64> = self.reads.iter().filter(|(_, r)| r.deadline <= now).map(|(k, _)| *k).collect();
+        for key in expired {
+            if let Some(read) = self.reads.remove(&key) {
+                (read.f)(Err(NodeError::Timeout));
+            }
+        }
+    }
+
+    fn leader_duties(&mut self) {
+        if !self.core.is_leader() {
+            return;
+        }
+        let now_ms = now_unix_ms();
+        if let Some(change) = self.duties.next_membership_change(&self.core) {
+            tracing::info!(?change, "promoting a caught-up learner");
+            if let Err(e) = self.core.propose_membership(&change, now_ms) {
+                tracing::debug!(error = %e, "could not propose a promotion");
+            }
+        }
+    }
+
+    fn process_ready(&mut self) -> Result<(), StorageError> {
+        let mut changed = false;
+        while self.core.has_ready() {
+            changed = true;
+            let out = {
+                let mut transport = SenderTransport { sender: self.sender.as_mut() };
+                self.core.handle_ready(&mut transport)
+            };
+            let out = match out {
+                Ok(out) => out,
+                Err(e) => {
+                    tracing::error!(error = %e, "storage failed; stopping this member (systemd restarts it)");
+                    return Err(e);
+                }
+            };
+            if let Some(role) = out.role {
+                tracing::info!(role = ?role.role, leader = ?role.leader, term = role.term, "raft role changed");
+                if role.role == Role::Leader {
+                    self.duties.became_leader();
+                }
+            }
+            if let Some(index) = out.snapshot_installed {
+                tracing::info!(index, "installed a snapshot from the leader");
+            }
+            let mut members_changed = out.snapshot_installed.is_some();
+            for applied in out.applied {
+                if let Outcome::Applied(Ok(effect)) = &applied.outcome {
+                    members_changed |= matches!(
+                        effect,
+                        Effect::MemberAdded { .. } | Effect::MemberRemoved { .. } | Effect::MemberChanged { .. }
+                    );
+                    if let Effect::MemberRemoved { node, .. } = effect
+                        && *node == self.identity.id
+                    {
+                        tracing::warn!("this member was removed from the cluster; it stops taking part");
+                        self.removed = true;
+                    }
+                    let _ = self.effects.send(AppliedEffect {
+                        index: applied.index,
+                        at_unix_ms: now_unix_ms(),
+                        effect: effect.clone(),
+                    });
+                }
+                if let Some(id) = applied.proposal
+                    && let Some((reply, _)) = self.proposals.remove(&id)
+                {
+                    let result = match applied.outcome {
+                        Outcome::Applied(Ok(effect)) => Ok(effect),
+                        Outcome::Applied(Err(rejection)) => Err(NodeError::Rejected(rejection)),
+                        Outcome::Dropped => Err(NodeError::Dropped),
+                        Outcome::Unknown => Err(NodeError::Unknown),
+                    };
+                    let _ = reply.send(result);
+                }
+            }
+            for (ctx, index) in out.reads {
+                let Ok(bytes) = <[u8; 8]>::try_from(ctx.as_slice()) else { continue };
+                if let Some(read) = self.reads.remove(&u64::from_le_bytes(bytes)) {
+                    self.waiting_reads.push_back((index, read));
+                }
+            }
+            if members_changed {
+                let mut book = self.addresses.write().unwrap_or_else(|e| e.into_inner());
+                for member in self.core.state().members().values() {
+                    book.insert(member.id, member.address.clone());
+                }
+            }
+        }
+        // Serve reads whose index has been applied.
+        let applied = self.core.store().applied();
+        if !self.waiting_reads.is_empty() {
+            let status = self.core.status();
+            let mut still = VecDeque::new();
+            while let Some((index, read)) = self.waiting_reads.pop_front() {
+                if index <= applied {
+                    (read.f)(Ok((self.core.state(), &status)));
+                } else {
+                    still.push_back((index, read));
+                }
+            }
+            self.waiting_reads = still;
+        }
+        if changed {
+            let status = status_of(&self.core, &self.identity, &self.addresses, self.removed);
+            self.status.send_if_modified(|old| {
+                if *old == status {
+                    false
+                } else {
+                    *old = status;
+                    true
+                }
+            });
+        }
+        Ok(())
+    }
+}
