@@ -18,7 +18,10 @@
 //! Crashes (`CrashDisk` only): the model keeps every state since the last
 //! durable write. After a crash the reopened store must equal one of them:
 //! never an older one (a synced batch was lost) and never anything else (a
-//! torn batch, e.g. state machine rows without their applied index).
+//! torn batch, e.g. state machine rows without their applied index). A sync
+//! that fails (`CrashDisk::fail_sync_in`, how the simulator crashes a node
+//! mid-write) must fail `commit`, and the crash after it may keep that batch
+//! whole or not at all.
 
 use std::path::PathBuf;
 
@@ -335,6 +338,8 @@ enum Op {
     Bootstrap(SnapshotOp),
     SetIdentity(u64),
     Reopen(Reopen),
+    /// A synced `Ready` whose sync fails, then a crash.
+    FailedSync(Ready, Keep),
 }
 
 /// One `WriteBatch` as a Raft `Ready` or light ready would make it.
@@ -606,7 +611,7 @@ fn model_op() -> impl Strategy<Value = Op> {
 }
 
 /// Operations for the crash test: mostly unsynced writes, crashes that keep
-/// any subset of them.
+/// any subset of them, syncs that fail.
 fn crash_op() -> impl Strategy<Value = Op> {
     let sync = || prop::bool::weighted(0.3).boxed();
     prop_oneof![
@@ -616,6 +621,7 @@ fn crash_op() -> impl Strategy<Value = Op> {
         1 => (1u64..4).prop_map(Op::SetIdentity),
         1 => Just(Op::Reopen(Reopen::Clean)),
         5 => keep().prop_map(|k| Op::Reopen(Reopen::Crash(k))),
+        2 => (ready(Just(true).boxed()), keep()).prop_map(|(r, k)| Op::FailedSync(r, k)),
     ]
 }
 
@@ -754,10 +760,24 @@ impl Harness {
                 Ok(())
             }
             Op::Reopen(reopen) => self.reopen(reopen),
+            Op::FailedSync(ready, keep) => self.failed_sync(ready, keep),
         }
     }
 
     fn ready(&mut self, op: &Ready) -> Result<(), String> {
+        let (batch, new) = self.prepare(op);
+        self.store()
+            .commit(batch)
+            .map_err(|e| format!("commit: {e}"))?;
+        self.model = new;
+        self.written(op.sync);
+        Ok(())
+    }
+
+    /// The batch for `op` and the model once it is written. Applies the
+    /// batch's committed entries to the store's state machine, as the
+    /// consensus core does before it commits the batch.
+    fn prepare(&mut self, op: &Ready) -> (WriteBatch, Model) {
         let old = self.model.clone();
         let mut new = old.clone();
         let mut batch = WriteBatch {
@@ -828,13 +848,27 @@ impl Harness {
             new.compact(to);
             batch.compact_to = Some(to);
         }
+        (batch, new)
+    }
 
-        self.store()
-            .commit(batch)
-            .map_err(|e| format!("commit: {e}"))?;
-        self.model = new;
-        self.written(op.sync);
-        Ok(())
+    /// A synced batch whose fsync fails (the simulator's way to crash a node
+    /// mid-write): `commit` must fail, and after the crash the store holds
+    /// either the batch or what was there before, never part of it.
+    fn failed_sync(&mut self, op: &Ready, keep: &Keep) -> Result<(), String> {
+        let Disk::Crash(disk) = &self.disk else {
+            return Ok(());
+        };
+        let disk = disk.clone();
+        let (batch, attempted) = self.prepare(&Ready {
+            sync: true,
+            ..op.clone()
+        });
+        disk.fail_sync_in(0);
+        if self.store().commit(batch).is_ok() {
+            return Err("commit returned Ok although its sync failed".into());
+        }
+        self.since_durable.push(attempted);
+        self.reopen(&Reopen::Crash(keep.clone()))
     }
 
     fn install_snapshot(&mut self, op: &SnapshotOp, bootstrap: bool) -> Result<(), String> {
