@@ -415,6 +415,17 @@ impl Store {
         if index == self.snapshot_index { Some(self.snapshot_term) } else { self.entry(index).map(|e| e.term) }
     }
 
+    /// The term of `index` once `entries` (a batch's new entries, which
+    /// replace the log from their first index on) are appended.
+    fn term_after_append(&self, entries: &[Entry], index: u64) -> Option<u64> {
+        match entries.first() {
+            Some(first) if index >= first.index => {
+                entries.get(usize::try_from(index - first.index).ok()?).map(|e| e.term)
+            }
+            _ => self.term_of(index),
+        }
+    }
+
     /// Writes `batch` in one transaction, then updates the in-memory mirror.
     /// An error here is fatal for the node: the caller must not continue
     /// (in memory the state machine may already be ahead of the disk).
@@ -427,6 +438,18 @@ impl Store {
             Some((meta, state)) => Some((meta, state?)),
             None => None,
         };
+
+        // The compaction point and its term in the log as this batch leaves
+        // it: the batch's own entries may add or replace the entry there.
+        // Both halves below use this one value: the log as it was before
+        // the batch may lack the entry, or hold the replaced one with a
+        // stale term, and disk and memory would then disagree.
+        let compaction = batch.compact_to.map(|to| {
+            let applied = batch.applied.unwrap_or(self.applied);
+            assert!(to <= applied, "compacting unapplied entries ({to} > applied {applied})");
+            let term = self.term_after_append(&batch.entries, to).expect("compaction point is in the log");
+            (to, term)
+        });
 
         let mut txn = self.db.begin_write()?;
         txn.set_durability(if batch.sync { Durability::Immediate } else { Durability::None })?;
@@ -517,10 +540,7 @@ impl Store {
             if let Some(commit) = batch.commit {
                 hard_state.commit = commit;
             }
-            if let Some(to) = batch.compact_to {
-                let applied = batch.applied.unwrap_or(self.applied);
-                assert!(to <= applied, "compacting unapplied entries ({to} > applied {applied})");
-                let term = self.term_of(to).expect("compaction point is in the log");
+            if let Some((to, term)) = compaction {
                 let stale: Vec<u64> = log.range(..=to)?.map(|r| r.map(|(k, _)| k.value())).collect::<Result<_, _>>()?;
                 for index in stale {
                     log.remove(index)?;
@@ -556,8 +576,7 @@ impl Store {
             self.entries.truncate(usize::try_from(keep).expect("log length fits in memory"));
             self.entries.extend(batch.entries);
         }
-        if let Some(to) = batch.compact_to {
-            let term = self.term_of(to).expect("checked before writing");
+        if let Some((to, term)) = compaction {
             let drop = usize::try_from(to - self.snapshot_index).expect("log length fits in memory");
             self.entries.drain(..drop);
             self.snapshot_index = to;
