@@ -73,26 +73,14 @@ fn command_at(index: u64) -> Command {
     let kind = match index % 4 {
         0 | 1 => CommandKind::CreateVm {
             name,
-            spec: VmSpec {
-                vcpu: 1 + (index % 3) as u32,
-                memory_mib: 64 * (1 + index % 5),
-                ..VmSpec::default()
-            },
+            spec: VmSpec { vcpu: 1 + (index % 3) as u32, memory_mib: 64 * (1 + index % 5), ..VmSpec::default() },
         },
-        2 => CommandKind::SetDesired {
-            name,
-            desired: if index % 8 == 2 {
-                Desired::Stopped
-            } else {
-                Desired::Running
-            },
-        },
+        2 => {
+            CommandKind::SetDesired { name, desired: if index % 8 == 2 { Desired::Stopped } else { Desired::Running } }
+        }
         _ => CommandKind::DeleteVm { name },
     };
-    Command {
-        at_unix_ms: index,
-        kind,
-    }
+    Command { at_unix_ms: index, kind }
 }
 
 fn data_at(index: u64) -> Vec<u8> {
@@ -104,9 +92,7 @@ fn data_at(index: u64) -> Vec<u8> {
 /// Writes one protocol line; `false` once the parent is gone.
 fn say(line: std::fmt::Arguments<'_>) -> bool {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{LINE_PREFIX}{line}")
-        .and_then(|()| out.flush())
-        .is_ok()
+    writeln!(out, "{LINE_PREFIX}{line}").and_then(|()| out.flush()).is_ok()
 }
 
 /// Commits `batch`, announcing it; `false` once the parent is gone.
@@ -126,27 +112,15 @@ fn crash_child() {
     let Some(path) = std::env::var_os(CHILD_DB_ENV) else {
         return;
     };
-    let seed: u64 = std::env::var(CHILD_SEED_ENV)
-        .expect("the parent passes a seed")
-        .parse()
-        .expect("a numeric seed");
+    let seed: u64 = std::env::var(CHILD_SEED_ENV).expect("the parent passes a seed").parse().expect("a numeric seed");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut store = Store::open(Path::new(&path)).expect("the child opens the store");
 
     // Every incarnation writes in a new term, like a node that won an
     // election after restarting.
     let term = store.hard_state().term + 1;
-    let hard_state = HardState {
-        term,
-        vote: 1,
-        commit: store.hard_state().commit,
-        ..Default::default()
-    };
-    let batch = WriteBatch {
-        hard_state: Some(hard_state),
-        sync: true,
-        ..WriteBatch::default()
-    };
+    let hard_state = HardState { term, vote: 1, commit: store.hard_state().commit, ..Default::default() };
+    let batch = WriteBatch { hard_state: Some(hard_state), sync: true, ..WriteBatch::default() };
     if !commit(&mut store, "term", batch) || !say(format_args!("term {term}")) {
         return;
     }
@@ -157,52 +131,26 @@ fn crash_child() {
                 let first = store.last_index() + 1;
                 let last = first + rng.random_range(0..APPEND_ENTRIES_MAX);
                 let entries = (first..=last)
-                    .map(|index| Entry {
-                        index,
-                        term,
-                        data: data_at(index).into(),
-                        ..Default::default()
-                    })
+                    .map(|index| Entry { index, term, data: data_at(index).into(), ..Default::default() })
                     .collect();
                 let mut hard_state = store.hard_state().clone();
                 hard_state.commit = last;
-                let batch = WriteBatch {
-                    entries,
-                    hard_state: Some(hard_state),
-                    sync: true,
-                    ..WriteBatch::default()
-                };
+                let batch = WriteBatch { entries, hard_state: Some(hard_state), sync: true, ..WriteBatch::default() };
                 commit(&mut store, "append", batch) && say(format_args!("acked {last}"))
             }
             6..9 => {
                 let applied = store.applied();
-                let to = store
-                    .hard_state()
-                    .commit
-                    .min(applied + rng.random_range(1..=APPLY_ENTRIES_MAX));
+                let to = store.hard_state().commit.min(applied + rng.random_range(1..=APPLY_ENTRIES_MAX));
                 for index in applied + 1..=to {
-                    let data = store
-                        .entry(index)
-                        .expect("committed entries are in the log")
-                        .data
-                        .clone();
+                    let data = store.entry(index).expect("committed entries are in the log").data.clone();
                     let command = codec::decode_command(&data).expect("the child wrote a command");
                     let _ = store.state_mut().apply(&command);
                 }
                 let (snapshot_index, _) = store.snapshot_point();
-                let compact_to =
-                    (to - snapshot_index > LOG_APPLIED_MAX).then(|| to - LOG_APPLIED_MAX / 2);
-                let kind = if compact_to.is_some() {
-                    "apply+compact"
-                } else {
-                    "apply"
-                };
-                let batch = WriteBatch {
-                    applied: Some(to),
-                    compact_to,
-                    sync: rng.random_bool(0.5),
-                    ..WriteBatch::default()
-                };
+                let compact_to = (to - snapshot_index > LOG_APPLIED_MAX).then(|| to - LOG_APPLIED_MAX / 2);
+                let kind = if compact_to.is_some() { "apply+compact" } else { "apply" };
+                let batch =
+                    WriteBatch { applied: Some(to), compact_to, sync: rng.random_bool(0.5), ..WriteBatch::default() };
                 commit(&mut store, kind, batch)
             }
             _ => {
@@ -253,9 +201,7 @@ impl ChildRun {
             return;
         };
         let message = &line[at + LINE_PREFIX.len()..];
-        let (word, arg) = message
-            .split_once(' ')
-            .expect("a protocol line has an argument");
+        let (word, arg) = message.split_once(' ').expect("a protocol line has an argument");
         match word {
             "term" => self.term = Some(arg.parse().expect("a term")),
             "acked" => {
@@ -281,22 +227,10 @@ impl ChildRun {
 
 /// Runs a child until `acks_wanted` acknowledgements plus `delay`, then
 /// kills it with SIGKILL and collects everything it printed before dying.
-fn run_child(
-    db: &Path,
-    stderr_path: &Path,
-    seed: u64,
-    acks_wanted: u32,
-    delay: Duration,
-) -> ChildRun {
+fn run_child(db: &Path, stderr_path: &Path, seed: u64, acks_wanted: u32, delay: Duration) -> ChildRun {
     let stderr = File::create(stderr_path).expect("a file for the child's stderr");
     let child = std::process::Command::new(std::env::current_exe().expect("the test binary"))
-        .args([
-            "crash_child",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["crash_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
         .env(CHILD_DB_ENV, db)
         .env(CHILD_SEED_ENV, seed.to_string())
         .stdin(Stdio::null())
@@ -312,10 +246,7 @@ fn run_child(
     while run.acks < acks_wanted {
         match lines.next() {
             Some(Ok(line)) => run.observe(&line),
-            _ => panic!(
-                "the child stopped on its own; its stderr:\n{}",
-                child_stderr()
-            ),
+            _ => panic!("the child stopped on its own; its stderr:\n{}", child_stderr()),
         }
     }
     // The random moment: not a synchronisation.
@@ -357,9 +288,7 @@ struct Expected {
 impl Expected {
     fn learn(&mut self, run: &ChildRun) {
         if let Some(acked) = run.acked {
-            let term = run
-                .term
-                .expect("a child acknowledges appends only after its term");
+            let term = run.term.expect("a child acknowledges appends only after its term");
             for index in self.last_index + 1..=acked {
                 self.terms.insert(index, term);
             }
@@ -380,10 +309,7 @@ impl Expected {
         let (snapshot_index, snapshot_term) = store.snapshot_point();
 
         if last < self.acked {
-            return Err(format!(
-                "acknowledged up to {} but the log ends at {last}",
-                self.acked
-            ));
+            return Err(format!("acknowledged up to {} but the log ends at {last}", self.acked));
         }
         if hard_state.commit != last {
             return Err(format!(
@@ -392,10 +318,7 @@ impl Expected {
             ));
         }
         if hard_state.term < self.term {
-            return Err(format!(
-                "term {} went back below {}",
-                hard_state.term, self.term
-            ));
+            return Err(format!("term {} went back below {}", hard_state.term, self.term));
         }
         if store.applied() < self.applied || snapshot_index < self.snapshot_index {
             return Err(format!(
@@ -408,18 +331,11 @@ impl Expected {
         if let Some(&term) = self.terms.get(&snapshot_index)
             && term != snapshot_term
         {
-            return Err(format!(
-                "snapshot point {snapshot_index} has term {snapshot_term}, not {term}"
-            ));
+            return Err(format!("snapshot point {snapshot_index} has term {snapshot_term}, not {term}"));
         }
         for (&index, &term) in self.terms.range(first..) {
-            let entry = store
-                .entry(index)
-                .ok_or_else(|| format!("entry {index} is missing"))?;
-            if entry.index != index
-                || entry.term != term
-                || entry.data.as_ref() != data_at(index).as_slice()
-            {
+            let entry = store.entry(index).ok_or_else(|| format!("entry {index} is missing"))?;
+            if entry.index != index || entry.term != term || entry.data.as_ref() != data_at(index).as_slice() {
                 return Err(format!(
                     "entry {index} changed: found index {} term {} ({} bytes), expected term {term}",
                     entry.index,
@@ -433,9 +349,7 @@ impl Expected {
         for index in self.applied + 1..=store.applied() {
             let _ = self.state.apply(&command_at(index));
         }
-        if store.state().vms() != self.state.vms()
-            || store.state().members() != self.state.members()
-        {
+        if store.state().vms() != self.state.vms() || store.state().members() != self.state.members() {
             return Err(format!(
                 "the state machine is not the one at applied index {}: {} VMs stored, {} expected",
                 store.applied(),
@@ -449,9 +363,7 @@ impl Expected {
         for index in first..=last {
             let entry = store.entry(index).expect("validated log");
             if entry.data.as_ref() != data_at(index).as_slice() {
-                return Err(format!(
-                    "unacknowledged entry {index} is not the one the child wrote"
-                ));
+                return Err(format!("unacknowledged entry {index} is not the one the child wrote"));
             }
             self.terms.entry(index).or_insert(entry.term);
         }

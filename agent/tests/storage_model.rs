@@ -25,9 +25,7 @@
 
 use std::path::PathBuf;
 
-use blixard::state::{
-    Capacity, Command, CommandKind, Desired, Member, MemberStatus, State, VmSpec, VmState, codec,
-};
+use blixard::state::{Capacity, Command, CommandKind, Desired, Member, MemberStatus, State, VmSpec, VmState, codec};
 use blixard::storage::{CrashDisk, NodeIdentity, Store, WriteBatch};
 use proptest::prelude::*;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
@@ -118,8 +116,7 @@ impl Model {
     fn append(&mut self, entries: &[Entry]) {
         let Some(first) = entries.first() else { return };
         assert!(first.index >= self.first_index() && first.index <= self.last_index() + 1);
-        self.log
-            .truncate((first.index - self.first_index()) as usize);
+        self.log.truncate((first.index - self.first_index()) as usize);
         self.log.extend_from_slice(entries);
     }
 
@@ -159,10 +156,7 @@ macro_rules! same {
     ($what:expr, $store:expr, $model:expr) => {{
         let (store, model) = ($store, $model);
         if store != model {
-            return Err(format!(
-                "{}: store has {:?}, model has {:?}",
-                $what, store, model
-            ));
+            return Err(format!("{}: store has {:?}, model has {:?}", $what, store, model));
         }
     }};
 }
@@ -171,124 +165,50 @@ fn store_term(store: &Store, index: u64) -> Result<u64, Fail> {
     store.term(index).map_err(fail_of)
 }
 
-fn store_entries(
-    store: &Store,
-    low: u64,
-    high: u64,
-    max_size: Option<u64>,
-) -> Result<Vec<Entry>, Fail> {
-    raft::Storage::entries(store, low, high, max_size, GetEntriesContext::empty(false))
-        .map_err(fail_of)
+fn store_entries(store: &Store, low: u64, high: u64, max_size: Option<u64>) -> Result<Vec<Entry>, Fail> {
+    raft::Storage::entries(store, low, high, max_size, GetEntriesContext::empty(false)).map_err(fail_of)
 }
 
 /// Everything the store answers must be what the model answers.
 fn check(store: &Store, model: &Model) -> Result<(), String> {
     store.validate().map_err(|e| format!("validate: {e}"))?;
-    let (snap, first, last) = (
-        model.snapshot_index,
-        model.first_index(),
-        model.last_index(),
-    );
+    let (snap, first, last) = (model.snapshot_index, model.first_index(), model.last_index());
     same!("first_index", store.first_index(), first);
     same!("last_index", store.last_index(), last);
-    same!(
-        "raft first_index",
-        raft::Storage::first_index(store).map_err(fail_of),
-        Ok(first)
-    );
-    same!(
-        "raft last_index",
-        raft::Storage::last_index(store).map_err(fail_of),
-        Ok(last)
-    );
+    same!("raft first_index", raft::Storage::first_index(store).map_err(fail_of), Ok(first));
+    same!("raft last_index", raft::Storage::last_index(store).map_err(fail_of), Ok(last));
     same!("hard state", store.hard_state(), &model.hard_state);
     same!("conf state", store.conf_state(), &model.conf_state);
-    let raft_state = store
-        .initial_state()
-        .map_err(|e| format!("initial_state: {e}"))?;
-    same!(
-        "initial_state hard state",
-        &raft_state.hard_state,
-        &model.hard_state
-    );
-    same!(
-        "initial_state conf state",
-        &raft_state.conf_state,
-        &model.conf_state
-    );
+    let raft_state = store.initial_state().map_err(|e| format!("initial_state: {e}"))?;
+    same!("initial_state hard state", &raft_state.hard_state, &model.hard_state);
+    same!("initial_state conf state", &raft_state.conf_state, &model.conf_state);
     same!("applied", store.applied(), model.applied);
-    same!(
-        "applied entries in log",
-        store.applied_entries_in_log(),
-        model.applied - snap
-    );
-    same!(
-        "snapshot point",
-        store.snapshot_point(),
-        (snap, model.snapshot_term)
-    );
+    same!("applied entries in log", store.applied_entries_in_log(), model.applied - snap);
+    same!("snapshot point", store.snapshot_point(), (snap, model.snapshot_term));
     same!("members", store.state().members(), model.state.members());
     same!("vms", store.state().vms(), model.state.vms());
     same!("identity", store.identity(), model.identity.as_ref());
-    same!(
-        "is_initialized",
-        store.is_initialized(),
-        model.is_initialized()
-    );
+    same!("is_initialized", store.is_initialized(), model.is_initialized());
 
     // Every entry, one at a time and all at once.
     for index in first..=last {
-        same!(
-            format!("entry {index}"),
-            store.entry(index),
-            model.entry(index)
-        );
-        same!(
-            format!("term {index}"),
-            store_term(store, index),
-            model.term(index)
-        );
+        same!(format!("entry {index}"), store.entry(index), model.entry(index));
+        same!(format!("term {index}"), store_term(store, index), model.term(index));
         same!(
             format!("entries({index}, {})", index + 1),
             store_entries(store, index, index + 1, None),
             model.entries(index, index + 1, None)
         );
     }
-    same!(
-        "all entries",
-        store_entries(store, first, last + 1, None),
-        model.entries(first, last + 1, None)
-    );
+    same!("all entries", store_entries(store, first, last + 1, None), model.entries(first, last + 1, None));
 
     // The edges of the log: Compacted below the snapshot point, Unavailable
     // past the last entry, size limits that cut the answer short.
-    for index in [
-        0,
-        snap.saturating_sub(1),
-        snap,
-        first,
-        last,
-        last + 1,
-        last + 2,
-    ] {
-        same!(
-            format!("term {index} at an edge"),
-            store_term(store, index),
-            model.term(index)
-        );
+    for index in [0, snap.saturating_sub(1), snap, first, last, last + 1, last + 2] {
+        same!(format!("term {index} at an edge"), store_term(store, index), model.term(index));
     }
-    let first_size = model
-        .log
-        .first()
-        .map_or(1, |e| u64::from(protobuf::Message::compute_size(e)));
-    let sizes = [
-        None,
-        Some(0),
-        Some(1),
-        Some(first_size),
-        Some(first_size * 2 + 1),
-        Some(raft::NO_LIMIT),
-    ];
+    let first_size = model.log.first().map_or(1, |e| u64::from(protobuf::Message::compute_size(e)));
+    let sizes = [None, Some(0), Some(1), Some(first_size), Some(first_size * 2 + 1), Some(raft::NO_LIMIT)];
     for low in [snap.saturating_sub(1), snap, first, last, last + 1] {
         for high in [low, first, last, last + 1] {
             if low > high || high > last + 1 {
@@ -308,23 +228,10 @@ fn check(store: &Store, model: &Model) -> Result<(), String> {
     let snapshot = raft::Storage::snapshot(store, 0, 0).map_err(|e| format!("snapshot: {e}"))?;
     let meta = snapshot.get_metadata();
     same!("sent snapshot index", meta.index, model.applied);
-    same!(
-        "sent snapshot term",
-        Ok(meta.term),
-        model.term(model.applied)
-    );
-    same!(
-        "sent snapshot conf state",
-        meta.get_conf_state(),
-        &model.conf_state
-    );
-    let sent =
-        codec::decode_snapshot(snapshot.get_data()).map_err(|e| format!("sent snapshot: {e}"))?;
-    same!(
-        "sent snapshot members",
-        sent.members(),
-        model.state.members()
-    );
+    same!("sent snapshot term", Ok(meta.term), model.term(model.applied));
+    same!("sent snapshot conf state", meta.get_conf_state(), &model.conf_state);
+    let sent = codec::decode_snapshot(snapshot.get_data()).map_err(|e| format!("sent snapshot: {e}"))?;
+    same!("sent snapshot members", sent.members(), model.state.members());
     same!("sent snapshot vms", sent.vms(), model.state.vms());
     Ok(())
 }
@@ -378,11 +285,7 @@ enum Payload {
 enum HardStateOp {
     /// A whole new hard state; the commit index moves forward by up to this
     /// many entries.
-    Full {
-        term_bump: bool,
-        vote: u64,
-        commit_ahead: u8,
-    },
+    Full { term_bump: bool, vote: u64, commit_ahead: u8 },
     /// A light ready's commit index only.
     Commit { ahead: u8 },
 }
@@ -514,22 +417,14 @@ fn node_set() -> impl Strategy<Value = Vec<u64>> {
 }
 
 fn ready(sync: BoxedStrategy<bool>) -> impl Strategy<Value = Ready> {
-    let append =
-        (0u8..8, prop::bool::weighted(0.2), payloads()).prop_map(|(back, term_bump, payloads)| {
-            Append {
-                back,
-                term_bump,
-                payloads,
-            }
-        });
+    let append = (0u8..8, prop::bool::weighted(0.2), payloads()).prop_map(|(back, term_bump, payloads)| Append {
+        back,
+        term_bump,
+        payloads,
+    });
     let hard_state = prop_oneof![
-        (prop::bool::weighted(0.2), 0u64..4, 0u8..8).prop_map(|(term_bump, vote, commit_ahead)| {
-            HardStateOp::Full {
-                term_bump,
-                vote,
-                commit_ahead,
-            }
-        }),
+        (prop::bool::weighted(0.2), 0u64..4, 0u8..8)
+            .prop_map(|(term_bump, vote, commit_ahead)| { HardStateOp::Full { term_bump, vote, commit_ahead } }),
         (0u8..8).prop_map(|ahead| HardStateOp::Commit { ahead }),
     ];
     (
@@ -540,52 +435,24 @@ fn ready(sync: BoxedStrategy<bool>) -> impl Strategy<Value = Ready> {
         prop::option::weighted(0.25, 0u8..10),
         sync,
     )
-        .prop_map(
-            |(append, hard_state, apply, conf_voters, compact, sync)| Ready {
-                append,
-                hard_state,
-                apply,
-                conf_voters,
-                compact,
-                sync,
-            },
-        )
+        .prop_map(|(append, hard_state, apply, conf_voters, compact, sync)| Ready {
+            append,
+            hard_state,
+            apply,
+            conf_voters,
+            compact,
+            sync,
+        })
 }
 
 fn snapshot_op(sync: BoxedStrategy<bool>) -> impl Strategy<Value = SnapshotOp> {
     (
-        (
-            0u8..6,
-            any::<bool>(),
-            node_set(),
-            prop::collection::vec(command(), 0..12),
-        ),
-        (
-            node_set(),
-            node_set(),
-            prop::option::weighted(0.4, payloads()),
-            any::<bool>(),
-            sync,
-        ),
+        (0u8..6, any::<bool>(), node_set(), prop::collection::vec(command(), 0..12)),
+        (node_set(), node_set(), prop::option::weighted(0.4, payloads()), any::<bool>(), sync),
     )
-        .prop_map(
-            |(
-                (ahead, term_bump, members, commands),
-                (voters, learners, then, hard_state, sync),
-            )| {
-                SnapshotOp {
-                    ahead,
-                    term_bump,
-                    members,
-                    commands,
-                    voters,
-                    learners,
-                    then,
-                    hard_state,
-                    sync,
-                }
-            },
-        )
+        .prop_map(|((ahead, term_bump, members, commands), (voters, learners, then, hard_state, sync))| {
+            SnapshotOp { ahead, term_bump, members, commands, voters, learners, then, hard_state, sync }
+        })
 }
 
 fn keep() -> impl Strategy<Value = Keep> {
@@ -629,10 +496,7 @@ fn crash_op() -> impl Strategy<Value = Op> {
 
 enum Disk {
     Crash(CrashDisk),
-    File {
-        _dir: tempfile::TempDir,
-        path: PathBuf,
-    },
+    File { _dir: tempfile::TempDir, path: PathBuf },
 }
 
 impl Disk {
@@ -655,11 +519,7 @@ struct Harness {
 }
 
 fn entry(index: u64, term: u64, payload: &Payload) -> Entry {
-    let mut e = Entry {
-        index,
-        term,
-        ..Default::default()
-    };
+    let mut e = Entry { index, term, ..Default::default() };
     match payload {
         Payload::Empty => {}
         Payload::Command(command) => {
@@ -674,11 +534,7 @@ fn entry(index: u64, term: u64, payload: &Payload) -> Entry {
 fn conf_state(voters: &[u64], learners: &[u64]) -> ConfState {
     ConfState {
         voters: voters.to_vec(),
-        learners: learners
-            .iter()
-            .copied()
-            .filter(|id| !voters.contains(id))
-            .collect(),
+        learners: learners.iter().copied().filter(|id| !voters.contains(id)).collect(),
         ..Default::default()
     }
 }
@@ -686,12 +542,7 @@ fn conf_state(voters: &[u64], learners: &[u64]) -> ConfState {
 fn snapshot_state(op: &SnapshotOp) -> State {
     let mut state = State::with_members(op.members.iter().map(|&id| {
         let mut m = Member::new(id, format!("h{id}"), format!("10.0.0.{id}:7000"));
-        m.capacity = Capacity {
-            vcpu: 8,
-            memory_mib: 4096,
-            vcpu_overcommit_pct: 100,
-            memory_overcommit_pct: 100,
-        };
+        m.capacity = Capacity { vcpu: 8, memory_mib: 4096, vcpu_overcommit_pct: 100, memory_overcommit_pct: 100 };
         m.runners = VM_NAMES.iter().map(|s| s.to_string()).collect();
         m
     }));
@@ -705,12 +556,7 @@ impl Harness {
     fn new(disk: Disk) -> Self {
         let store = disk.open().expect("a new store opens");
         let model = Model::default();
-        let harness = Harness {
-            disk,
-            store: Some(store),
-            since_durable: vec![model.clone()],
-            model,
-        };
+        let harness = Harness { disk, store: Some(store), since_durable: vec![model.clone()], model };
         harness.check().expect("a new store is empty");
         harness
     }
@@ -747,9 +593,7 @@ impl Harness {
                     name: format!("h{id}"),
                     cluster_id: 0xb115_a4d0 + id,
                 });
-                self.store()
-                    .set_identity(identity.clone())
-                    .map_err(|e| format!("set_identity: {e}"))?;
+                self.store().set_identity(identity.clone()).map_err(|e| format!("set_identity: {e}"))?;
                 if self.model.identity.is_none() {
                     self.model.identity = Some(identity);
                     // Written with redb's default durability, which makes
@@ -766,9 +610,7 @@ impl Harness {
 
     fn ready(&mut self, op: &Ready) -> Result<(), String> {
         let (batch, new) = self.prepare(op);
-        self.store()
-            .commit(batch)
-            .map_err(|e| format!("commit: {e}"))?;
+        self.store().commit(batch).map_err(|e| format!("commit: {e}"))?;
         self.model = new;
         self.written(op.sync);
         Ok(())
@@ -780,38 +622,20 @@ impl Harness {
     fn prepare(&mut self, op: &Ready) -> (WriteBatch, Model) {
         let old = self.model.clone();
         let mut new = old.clone();
-        let mut batch = WriteBatch {
-            sync: op.sync,
-            ..WriteBatch::default()
-        };
+        let mut batch = WriteBatch { sync: op.sync, ..WriteBatch::default() };
 
         if let Some(append) = &op.append {
             // Never replace committed entries: Raft does not.
-            let first = (old.last_index() + 1)
-                .saturating_sub(u64::from(append.back))
-                .max(old.hard_state.commit + 1);
-            let prev_term = old
-                .term(first - 1)
-                .expect("the entry before an append is in the log");
+            let first = (old.last_index() + 1).saturating_sub(u64::from(append.back)).max(old.hard_state.commit + 1);
+            let prev_term = old.term(first - 1).expect("the entry before an append is in the log");
             let term = prev_term.max(old.hard_state.term) + u64::from(append.term_bump);
-            batch.entries = append
-                .payloads
-                .iter()
-                .enumerate()
-                .map(|(i, p)| entry(first + i as u64, term, p))
-                .collect();
+            batch.entries = append.payloads.iter().enumerate().map(|(i, p)| entry(first + i as u64, term, p)).collect();
             new.append(&batch.entries);
         }
         match op.hard_state {
-            Some(HardStateOp::Full {
-                term_bump,
-                vote,
-                commit_ahead,
-            }) => {
+            Some(HardStateOp::Full { term_bump, vote, commit_ahead }) => {
                 let mut hs = old.hard_state.clone();
-                let last_term = new
-                    .term(new.last_index())
-                    .expect("the last entry has a term");
+                let last_term = new.term(new.last_index()).expect("the last entry has a term");
                 hs.term = hs.term.max(last_term) + u64::from(term_bump);
                 hs.vote = vote;
                 hs.commit = (hs.commit + u64::from(commit_ahead)).min(new.last_index());
@@ -828,10 +652,7 @@ impl Harness {
         if let Some(n) = op.apply {
             let to = (old.applied + u64::from(n)).min(new.hard_state.commit);
             for index in old.applied + 1..=to {
-                let e = new
-                    .entry(index)
-                    .expect("committed entries are in the log")
-                    .clone();
+                let e = new.entry(index).expect("committed entries are in the log").clone();
                 apply_entry(self.store().state_mut(), &e);
                 apply_entry(&mut new.state, &e);
             }
@@ -859,10 +680,7 @@ impl Harness {
             return Ok(());
         };
         let disk = disk.clone();
-        let (batch, attempted) = self.prepare(&Ready {
-            sync: true,
-            ..op.clone()
-        });
+        let (batch, attempted) = self.prepare(&Ready { sync: true, ..op.clone() });
         disk.fail_sync_in(0);
         if self.store().commit(batch).is_ok() {
             return Err("commit returned Ok although its sync failed".into());
@@ -874,15 +692,10 @@ impl Harness {
     fn install_snapshot(&mut self, op: &SnapshotOp, bootstrap: bool) -> Result<(), String> {
         let old = self.model.clone();
         let index = old.hard_state.commit + 1 + u64::from(op.ahead);
-        let term = [
-            old.hard_state.term,
-            old.snapshot_term,
-            old.log.last().map_or(0, |e| e.term),
-            1,
-        ]
-        .into_iter()
-        .max()
-        .unwrap()
+        let term = [old.hard_state.term, old.snapshot_term, old.log.last().map_or(0, |e| e.term), 1]
+            .into_iter()
+            .max()
+            .unwrap()
             + u64::from(op.term_bump);
         let cs = conf_state(&op.voters, &op.learners);
         let state = snapshot_state(op);
@@ -890,9 +703,7 @@ impl Harness {
         new.install(index, term, &cs, state.clone());
 
         if bootstrap {
-            self.store()
-                .bootstrap(cs, state, index, term)
-                .map_err(|e| format!("bootstrap: {e}"))?;
+            self.store().bootstrap(cs, state, index, term).map_err(|e| format!("bootstrap: {e}"))?;
             self.model = new;
             self.written(true);
             return Ok(());
@@ -903,17 +714,9 @@ impl Harness {
         snapshot.mut_metadata().index = index;
         snapshot.mut_metadata().term = term;
         snapshot.mut_metadata().set_conf_state(cs);
-        let mut batch = WriteBatch {
-            snapshot: Some(snapshot),
-            sync: op.sync,
-            ..WriteBatch::default()
-        };
+        let mut batch = WriteBatch { snapshot: Some(snapshot), sync: op.sync, ..WriteBatch::default() };
         if let Some(payloads) = &op.then {
-            batch.entries = payloads
-                .iter()
-                .enumerate()
-                .map(|(i, p)| entry(index + 1 + i as u64, term, p))
-                .collect();
+            batch.entries = payloads.iter().enumerate().map(|(i, p)| entry(index + 1 + i as u64, term, p)).collect();
             new.append(&batch.entries);
         }
         if op.hard_state {
@@ -923,9 +726,7 @@ impl Harness {
             new.hard_state = hs.clone();
             batch.hard_state = Some(hs);
         }
-        self.store()
-            .commit(batch)
-            .map_err(|e| format!("install snapshot: {e}"))?;
+        self.store().commit(batch).map_err(|e| format!("install snapshot: {e}"))?;
         self.model = new;
         self.written(op.sync);
         Ok(())
@@ -942,12 +743,7 @@ impl Harness {
                 disk.crash(|i| keep.keeps(i));
                 let store = self.disk.open()?;
                 // Any state since the last durable write, newest first.
-                let found = self
-                    .since_durable
-                    .iter()
-                    .rev()
-                    .find(|m| check(&store, m).is_ok())
-                    .cloned();
+                let found = self.since_durable.iter().rev().find(|m| check(&store, m).is_ok()).cloned();
                 let Some(model) = found else {
                     let newest = check(&store, self.since_durable.last().unwrap()).unwrap_err();
                     let durable = check(&store, &self.since_durable[0]).unwrap_err();
@@ -973,10 +769,8 @@ impl Harness {
 
     fn run(&mut self, ops: &[Op]) -> Result<(), TestCaseError> {
         for (i, op) in ops.iter().enumerate() {
-            self.step(op)
-                .map_err(|e| TestCaseError::fail(format!("op {i} ({op:?}): {e}")))?;
-            self.check()
-                .map_err(|e| TestCaseError::fail(format!("after op {i} ({op:?}): {e}")))?;
+            self.step(op).map_err(|e| TestCaseError::fail(format!("op {i} ({op:?}): {e}")))?;
+            self.check().map_err(|e| TestCaseError::fail(format!("after op {i} ({op:?}): {e}")))?;
         }
         Ok(())
     }
@@ -1031,41 +825,17 @@ proptest! {
 fn storage_errors_at_the_edges_of_the_log() {
     let mut store = Store::open_backend(CrashDisk::new().backend()).unwrap();
     let payloads = vec![Payload::Empty; 8];
-    let entries: Vec<Entry> = payloads
-        .iter()
-        .enumerate()
-        .map(|(i, p)| entry(i as u64 + 1, 2, p))
-        .collect();
-    let hs = HardState {
-        term: 2,
-        commit: 8,
-        ..Default::default()
-    };
+    let entries: Vec<Entry> = payloads.iter().enumerate().map(|(i, p)| entry(i as u64 + 1, 2, p)).collect();
+    let hs = HardState { term: 2, commit: 8, ..Default::default() };
     store
-        .commit(WriteBatch {
-            entries,
-            hard_state: Some(hs),
-            applied: Some(5),
-            sync: true,
-            ..Default::default()
-        })
+        .commit(WriteBatch { entries, hard_state: Some(hs), applied: Some(5), sync: true, ..Default::default() })
         .unwrap();
-    store
-        .commit(WriteBatch {
-            compact_to: Some(5),
-            sync: true,
-            ..Default::default()
-        })
-        .unwrap();
+    store.commit(WriteBatch { compact_to: Some(5), sync: true, ..Default::default() }).unwrap();
 
     assert_eq!((store.first_index(), store.last_index()), (6, 8));
     assert_eq!(store_term(&store, 0), Err(Fail::Compacted));
     assert_eq!(store_term(&store, 4), Err(Fail::Compacted));
-    assert_eq!(
-        store_term(&store, 5),
-        Ok(2),
-        "the snapshot point keeps its term"
-    );
+    assert_eq!(store_term(&store, 5), Ok(2), "the snapshot point keeps its term");
     assert_eq!(store_term(&store, 8), Ok(2));
     assert_eq!(store_term(&store, 9), Err(Fail::Unavailable));
     assert_eq!(store_entries(&store, 5, 6, None), Err(Fail::Compacted));
@@ -1073,11 +843,7 @@ fn storage_errors_at_the_edges_of_the_log() {
     assert_eq!(store_entries(&store, 6, 6, None), Ok(vec![]));
     assert_eq!(store_entries(&store, 9, 9, None).map(|v| v.len()), Ok(0));
     assert_eq!(store_entries(&store, 6, 9, None).map(|v| v.len()), Ok(3));
-    assert_eq!(
-        store_entries(&store, 6, 9, Some(0)).map(|v| v.len()),
-        Ok(1),
-        "at least one entry"
-    );
+    assert_eq!(store_entries(&store, 6, 9, Some(0)).map(|v| v.len()), Ok(1), "at least one entry");
 }
 
 /// raft-rs's contract: asking beyond `last_index + 1` is a bug in the caller.

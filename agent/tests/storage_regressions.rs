@@ -5,11 +5,7 @@ use blixard::storage::{CrashDisk, Store, WriteBatch};
 use raft::eraftpb::{Entry, HardState};
 
 fn entry(index: u64, term: u64) -> Entry {
-    Entry {
-        index,
-        term,
-        ..Default::default()
-    }
+    Entry { index, term, ..Default::default() }
 }
 
 /// A batch may append entries, commit and apply them and compact past them
@@ -19,20 +15,9 @@ fn entry(index: u64, term: u64) -> Entry {
 fn compaction_uses_the_term_the_same_batch_wrote() {
     let disk = CrashDisk::new();
     let mut store = Store::open_backend(disk.backend()).unwrap();
-    let mut hs = HardState {
-        term: 1,
-        commit: 1,
-        ..Default::default()
-    };
+    let mut hs = HardState { term: 1, commit: 1, ..Default::default() };
     let entries = (1..=3).map(|i| entry(i, 1)).collect();
-    store
-        .commit(WriteBatch {
-            entries,
-            hard_state: Some(hs.clone()),
-            sync: true,
-            ..Default::default()
-        })
-        .unwrap();
+    store.commit(WriteBatch { entries, hard_state: Some(hs.clone()), sync: true, ..Default::default() }).unwrap();
 
     // A new leader replaces the uncommitted 2..=3 with its own (term 2),
     // which commit at once; this node applies and compacts through 2.
@@ -51,11 +36,7 @@ fn compaction_uses_the_term_the_same_batch_wrote() {
     assert_eq!(store.snapshot_point(), (2, 2));
     drop(store);
     let store = Store::open_backend(disk.backend()).unwrap();
-    assert_eq!(
-        store.snapshot_point(),
-        (2, 2),
-        "the compaction point's term on disk"
-    );
+    assert_eq!(store.snapshot_point(), (2, 2), "the compaction point's term on disk");
 
     // Compacting through an entry that only this batch appends.
     let mut store = Store::open_backend(CrashDisk::new().backend()).unwrap();
