@@ -3,7 +3,7 @@
 //! The reconciler decides *what* should run here; a [`Runtime`] does it and reports what
 //! it sees. Two kinds (design decision 7):
 //!
-//! - `systemd::SystemdRuntime` (production): `microvm@NAME.service` units over the
+//! - [`systemd::SystemdRuntime`] (production): `microvm@NAME.service` units over the
 //!   system bus. Guests belong to systemd and survive an agent restart; a new agent
 //!   re-adopts them by listing the units, without restarting anything.
 //! - [`process::ProcessRuntime`] (development and tests): runs
@@ -15,7 +15,7 @@
 //!
 //! # Invariants
 //!
-//! - Only `systemd` knows D-Bus; nothing in the runtime's interface mentions it.
+//! - Only [`systemd`] knows D-Bus; nothing in the runtime's interface mentions it.
 //! - Every VM name that comes in is checked with [`crate::names::validate`] before it
 //!   becomes a unit name or a path, although the state machine checked it already: a
 //!   name is the only thing that could make a unit name or a path point elsewhere.
@@ -45,17 +45,20 @@
 
 pub mod health;
 pub mod process;
+pub mod systemd;
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
+use crate::config::RuntimeKind;
 use crate::names::{self, NameError};
 
 /// How long a graceful stop may take before the guest is killed. microvm.nix's
@@ -92,7 +95,9 @@ pub enum Phase {
     /// Stopping.
     Deactivating,
     /// Not running because it exited without being asked to, or could not start. The
-    /// reconciler counts each entry into this phase as one failure (see [`health`]).
+    /// reconciler counts each entry into this phase as one failure (see [`health`]):
+    /// entries, not events, since one failure can be several events with different
+    /// details (systemd shows a crashed unit `failed`, then waiting to restart it).
     Failed,
 }
 
@@ -227,6 +232,18 @@ pub trait Runtime: Send + Sync {
 
     /// A receiver of every change of state of a managed guest, from now on.
     fn events(&self) -> broadcast::Receiver<GuestEvent>;
+}
+
+/// The runtime the config asks for, with default timeouts. The systemd runtime connects
+/// to the system bus here, so a host without one fails at startup, not at the first
+/// start.
+pub async fn open(kind: RuntimeKind, state_dir: &Path) -> Result<Arc<dyn Runtime>, RuntimeError> {
+    Ok(match kind {
+        RuntimeKind::Systemd => {
+            Arc::new(systemd::SystemdRuntime::connect(systemd::SystemdConfig::new(state_dir)).await?)
+        }
+        RuntimeKind::Process => Arc::new(process::ProcessRuntime::new(process::ProcessConfig::new(state_dir))?),
+    })
 }
 
 /// `<state_dir>/<vm>/current`: where microvm.nix's `install-microvm-<vm>.service` links
