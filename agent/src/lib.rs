@@ -10,5 +10,6 @@ pub mod config;
 pub mod consensus;
 pub mod names;
 pub mod node;
+pub mod scheduler;
 pub mod state;
 pub mod storage;
