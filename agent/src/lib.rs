@@ -8,8 +8,10 @@
 pub mod api;
 pub mod config;
 pub mod consensus;
+pub mod failure;
 pub mod names;
 pub mod node;
 pub mod runtime;
+pub mod scheduler;
 pub mod state;
 pub mod storage;
