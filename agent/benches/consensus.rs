@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blixard::config::InitialMember;
-use blixard::consensus::CoreConfig;
 use blixard::node::{self, AddressBook, Node, NodeHandle, NodeOptions, PeerSender, Start, member_id_of};
 use blixard::state::{CommandKind, NodeId, VmSpec};
 use raft::eraftpb::{Message, MessageType};
@@ -97,11 +96,7 @@ fn main() {
         let mut store = node::open_store(&dir.path().join(&member.name)).expect("store");
         let identity =
             node::prepare_store(&mut store, &member.name, &Start::InitialMembers(&members)).expect("bootstrap");
-        let options = NodeOptions {
-            tick: Duration::from_millis(100),
-            core: CoreConfig::new(identity.id),
-            request_timeout: Duration::from_secs(30),
-        };
+        let options = NodeOptions { request_timeout: Duration::from_secs(30), ..NodeOptions::new(identity.id) };
         let sender = Box::new(LocalSender { from: identity.id, peers: peers.clone() });
         let book: AddressBook = AddressBook::default();
         let node = Node::start(store, options, sender, book, BTreeMap::new()).expect("node starts");

@@ -95,6 +95,7 @@ pub struct TimingSection {
     pub node_down_after_ms: Option<u64>,
     pub reschedule_after_ms: Option<u64>,
     pub fence_after_ms: Option<u64>,
+    pub stop_max_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -172,18 +173,7 @@ pub struct InitialMember {
     pub address: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Timing {
-    pub node_down_after_ms: u64,
-    pub reschedule_after_ms: u64,
-    pub fence_after_ms: u64,
-}
-
-impl Default for Timing {
-    fn default() -> Self {
-        Timing { node_down_after_ms: 1500, reschedule_after_ms: 3000, fence_after_ms: 1500 }
-    }
-}
+pub use crate::failure::Timing;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RaftTiming {
@@ -195,7 +185,9 @@ pub struct RaftTiming {
 
 impl Default for RaftTiming {
     fn default() -> Self {
-        RaftTiming { tick_ms: 100, election_ticks: 10, heartbeat_ticks: 1, log_compact_entries_max: 10_000 }
+        // 50 ms ticks: elections within 0.5..1 s, which the failure timing
+        // (`failure::Timing::election_timeout_max_ms`) counts on.
+        RaftTiming { tick_ms: 50, election_ticks: 10, heartbeat_ticks: 1, log_compact_entries_max: 10_000 }
     }
 }
 
@@ -464,14 +456,6 @@ impl Config {
             _ => return Err(err("tls", "give all of ca_file, cert_file and key_file, or none")),
         };
 
-        let defaults = Timing::default();
-        let timing = Timing {
-            node_down_after_ms: file.timing.node_down_after_ms.unwrap_or(defaults.node_down_after_ms),
-            reschedule_after_ms: file.timing.reschedule_after_ms.unwrap_or(defaults.reschedule_after_ms),
-            fence_after_ms: file.timing.fence_after_ms.unwrap_or(defaults.fence_after_ms),
-        };
-        validate_timing(&timing)?;
-
         let strategy = match overrides.strategy.or(file.scheduler.strategy).as_deref() {
             None | Some("spread") => Strategy::Spread,
             Some("binpack") => Strategy::Binpack,
@@ -496,15 +480,17 @@ impl Config {
         if raft.log_compact_entries_max < 10 {
             return Err(err("raft.log_compact_entries_max", "must be at least 10"));
         }
-        // The failure detector must not declare a host down before Raft
-        // itself could notice a dead leader.
-        let election_ms = raft.tick_ms * raft.election_ticks as u64;
-        if timing.fence_after_ms < election_ms {
-            return Err(err(
-                "timing.fence_after_ms",
-                format!("{} ms is shorter than Raft's election timeout of {election_ms} ms", timing.fence_after_ms),
-            ));
-        }
+        let defaults = Timing::default();
+        let timing = Timing {
+            node_down_after_ms: file.timing.node_down_after_ms.unwrap_or(defaults.node_down_after_ms),
+            reschedule_after_ms: file.timing.reschedule_after_ms.unwrap_or(defaults.reschedule_after_ms),
+            fence_after_ms: file.timing.fence_after_ms.unwrap_or(defaults.fence_after_ms),
+            stop_max_ms: file.timing.stop_max_ms.unwrap_or(defaults.stop_max_ms),
+            check_interval_ms: defaults.check_interval_ms,
+            // raft-rs draws the election timeout from [election, 2 * election) ticks.
+            election_timeout_max_ms: 2 * raft.election_ticks as u64 * raft.tick_ms,
+        };
+        timing.validate().map_err(|message| err("timing", message))?;
 
         let mut vms = Vec::new();
         for (i, vm) in file.vm.iter().enumerate() {
@@ -579,29 +565,6 @@ impl Config {
     }
 }
 
-/// Refuses timings that could let a VM run on two hosts or never fail over.
-pub fn validate_timing(t: &Timing) -> Result<(), ConfigError> {
-    /// What a partitioned host needs beyond `fence_after` to have stopped
-    /// its guests: clock-rate drift plus the stop itself.
-    const FENCE_MARGIN_MS: u64 = 1000;
-    if t.node_down_after_ms == 0 || t.fence_after_ms == 0 {
-        return Err(err("timing", "node_down_after_ms and fence_after_ms must be positive"));
-    }
-    if t.reschedule_after_ms < t.fence_after_ms + FENCE_MARGIN_MS {
-        return Err(err(
-            "timing.reschedule_after_ms",
-            format!(
-                "{} ms must be at least fence_after_ms ({}) + {FENCE_MARGIN_MS} ms, or a cut-off host could still run a VM when another host starts it",
-                t.reschedule_after_ms, t.fence_after_ms
-            ),
-        ));
-    }
-    if t.reschedule_after_ms < t.node_down_after_ms {
-        return Err(err("timing.reschedule_after_ms", "must not be shorter than node_down_after_ms"));
-    }
-    Ok(())
-}
-
 fn detect_vcpu() -> u32 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
@@ -674,7 +637,8 @@ initial_members = ["h1=10.0.0.1:7000", "h2=10.0.0.2:7000", "h3=10.0.0.3:7000"]
             (format!("{BASE}[[vm]]\nname = \"a\"\nvcpu = 0\nmemory_mib = 64\n"), "vm[0].vcpu"),
             (format!("{BASE}[tls]\nca_file = \"/a\"\n"), "tls"),
             (format!("{BASE}join = [\"10.0.0.9:7000\"]\n"), "join"),
-            (format!("{BASE}[timing]\nreschedule_after_ms = 1600\n"), "timing.reschedule_after_ms"),
+            (format!("{BASE}[timing]\nreschedule_after_ms = 1600\n"), "timing"),
+            (format!("{BASE}[raft]\ntick_ms = 500\n"), "timing"),
             (format!("{BASE}[runtime]\nkind = \"docker\"\n"), "runtime.kind"),
             ("node_name = \"h9\"\nlisten = \"10.0.0.9:7000\"\ninitial_members = [\"h1=10.0.0.1:7000\"]\n".to_string(), "initial_members"),
             ("node_name = \"h1\"\nlisten = \"10.0.0.2:7000\"\ninitial_members = [\"h1=10.0.0.1:7000\"]\n".to_string(), "initial_members"),

@@ -11,6 +11,7 @@ pub mod consensus;
 pub mod failure;
 pub mod names;
 pub mod node;
+pub mod reconciler;
 pub mod runtime;
 pub mod scheduler;
 pub mod state;

@@ -1,38 +1,137 @@
-//! Work only the leader does on its own initiative. (Placement and failure
-//! handling live in `scheduler` and `failure`; this is the membership part.)
+//! Work only the leader does on its own initiative: promoting caught-up
+//! learners, the failure detector, and placement. It runs on the raft
+//! thread every `check_interval`, on the state as applied there, and
+//! proposes what it decides like any other command (so a decision made on
+//! stale state loses at apply).
 
-use crate::consensus::Core;
-use crate::state::MembershipChange;
+use std::collections::BTreeSet;
 
-#[derive(Debug, Default)]
+use crate::consensus::{Core, Outcome, ProposalId};
+use crate::failure::{Detector, Timing};
+use crate::scheduler::{self, Decision, Policy};
+use crate::state::{Command, MembershipChange, NodeId};
+
+/// Ticks a new leader waits before promoting anyone, so that progress
+/// reflects real replication rather than the optimistic start.
+const PROMOTION_GRACE_CHECKS: u64 = 5;
+/// A plan runs at least this often even when nothing was applied, so time-
+/// based changes (a host becoming fenced) are acted on.
+const PLAN_INTERVAL_MS: u64 = 1000;
+
 pub struct Duties {
-    /// Ticks since this node became leader; promotions wait a little so
-    /// that progress reflects real replication, not the optimistic start.
-    ticks_as_leader: u64,
+    checks_as_leader: u64,
+    detector: Detector,
+    policy: Policy,
+    check_interval_ms: u64,
+    last_check_ms: u64,
+    /// This leader's own proposals not yet resolved; no new plan runs while
+    /// any is in flight, so the same decision is never proposed twice.
+    in_flight: BTreeSet<ProposalId>,
+    last_plan: Option<(u64, BTreeSet<NodeId>, u64)>,
 }
 
-/// Ticks a new leader waits before promoting anyone.
-const PROMOTION_GRACE_TICKS: u64 = 5;
-
 impl Duties {
-    pub fn became_leader(&mut self) {
-        self.ticks_as_leader = 0;
+    pub fn new(me: NodeId, timing: Timing, policy: Policy) -> Self {
+        Duties {
+            checks_as_leader: 0,
+            detector: Detector::new(me, timing),
+            policy,
+            check_interval_ms: timing.check_interval_ms,
+            last_check_ms: 0,
+            in_flight: BTreeSet::new(),
+            last_plan: None,
+        }
     }
 
-    /// A learner that has caught up (it holds everything committed and was
-    /// heard from recently) becomes a voter. One change at a time: raft-rs
-    /// refuses a second while one is unapplied.
-    pub fn next_membership_change(&mut self, core: &Core) -> Option<MembershipChange> {
-        self.ticks_as_leader += 1;
-        if self.ticks_as_leader < PROMOTION_GRACE_TICKS {
-            return None;
-        }
-        let status = core.status();
-        status
-            .progress
-            .iter()
-            .filter(|p| p.learner && p.recent_active && p.matched >= status.commit)
-            .find(|p| core.state().member(p.id).is_some_and(|m| m.learner))
-            .map(|p| MembershipChange::Promote { id: p.id })
+    pub fn became_leader(&mut self, now_ms: u64) {
+        self.checks_as_leader = 0;
+        self.detector.on_became_leader(now_ms);
+        self.in_flight.clear();
+        self.last_plan = None;
     }
+
+    pub fn lost_leadership(&mut self) {
+        self.detector.on_lost_leadership();
+        self.in_flight.clear();
+    }
+
+    /// A message from `node` arrived (see `failure::Detector::heard_from`).
+    pub fn heard_from(&mut self, node: NodeId, now_ms: u64) {
+        self.detector.heard_from(node, now_ms);
+    }
+
+    /// A proposal resolved; returns whether it was one of ours.
+    pub fn resolved(&mut self, id: ProposalId, outcome: &Outcome) -> bool {
+        if !self.in_flight.remove(&id) {
+            return false;
+        }
+        if let Outcome::Applied(Err(rejection)) = outcome {
+            tracing::debug!(%rejection, "a leader decision lost to a newer state; the next plan decides again");
+        }
+        true
+    }
+
+    /// Runs the duties if a check interval has passed; proposes through
+    /// `core` (the leader).
+    pub fn check(&mut self, core: &mut Core, now_ms: u64, at_unix_ms: u64) {
+        if !core.is_leader() || now_ms < self.last_check_ms + self.check_interval_ms {
+            return;
+        }
+        self.last_check_ms = now_ms;
+        self.checks_as_leader += 1;
+        if !self.in_flight.is_empty() {
+            return;
+        }
+
+        if self.checks_as_leader >= PROMOTION_GRACE_CHECKS
+            && let Some(change) = promotion(core)
+        {
+            tracing::info!(?change, "promoting a caught-up learner to voter");
+            match core.propose_membership(&change, at_unix_ms) {
+                Ok(id) => {
+                    self.in_flight.insert(id);
+                }
+                Err(e) => tracing::debug!(error = %e, "could not propose a promotion"),
+            }
+        }
+
+        let mut decisions = self.detector.decisions(core.state(), now_ms);
+        let fenced = self.detector.fenced(core.state(), now_ms);
+        let applied = core.store().applied();
+        let due = match &self.last_plan {
+            None => true,
+            Some((last_applied, last_fenced, last_ms)) => {
+                *last_applied != applied || *last_fenced != fenced || now_ms >= last_ms + PLAN_INTERVAL_MS
+            }
+        };
+        if due {
+            decisions.extend(scheduler::plan(core.state(), &self.policy, &fenced));
+            self.last_plan = Some((applied, fenced, now_ms));
+        }
+        for Decision { command, reason } in decisions {
+            tracing::info!(target: "blixard::decision", "{reason}");
+            match core.propose(&Command { at_unix_ms, kind: command }) {
+                Ok(id) => {
+                    self.in_flight.insert(id);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not propose a decision");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A learner that has caught up (it holds everything committed and was
+/// heard from recently) becomes a voter. One change at a time: raft-rs
+/// refuses a second while one is unapplied.
+fn promotion(core: &Core) -> Option<MembershipChange> {
+    let status = core.status();
+    status
+        .progress
+        .iter()
+        .filter(|p| p.learner && p.recent_active && p.matched >= status.commit)
+        .find(|p| core.state().member(p.id).is_some_and(|m| m.learner))
+        .map(|p| MembershipChange::Promote { id: p.id })
 }

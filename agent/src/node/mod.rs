@@ -140,6 +140,23 @@ pub struct NodeOptions {
     pub core: CoreConfig,
     /// How long a proposal or read may wait for its outcome.
     pub request_timeout: Duration,
+    /// Failure detection timing (the leader's detector).
+    pub timing: crate::failure::Timing,
+    /// How the leader places VMs.
+    pub policy: crate::scheduler::Policy,
+}
+
+impl NodeOptions {
+    /// Defaults for node `id`: 50 ms ticks (see `config::RaftTiming`).
+    pub fn new(id: NodeId) -> Self {
+        NodeOptions {
+            tick: Duration::from_millis(50),
+            core: CoreConfig::new(id),
+            request_timeout: Duration::from_secs(10),
+            timing: crate::failure::Timing::default(),
+            policy: crate::scheduler::Policy::default(),
+        }
+    }
 }
 
 /// A cheap, clonable handle to a running node.
@@ -246,6 +263,7 @@ impl Node {
             addresses: addresses.clone(),
             request_timeout: options.request_timeout,
         };
+        let duties = leader::Duties::new(identity.id, options.timing, options.policy.clone());
         let mut raft = RaftThread {
             core,
             identity,
@@ -259,7 +277,7 @@ impl Node {
             waiting_reads: VecDeque::new(),
             next_read: 0,
             removed: false,
-            duties: leader::Duties::default(),
+            duties,
         };
         let thread = std::thread::Builder::new()
             .name("raft".into())
@@ -537,7 +555,9 @@ impl RaftThread {
                 self.reads.insert(ctx, PendingRead { f, deadline: Instant::now() + self.options.request_timeout });
             }
             Input::Raft(messages) => {
+                let now_ms = crate::reconciler::monotonic_ms();
                 for message in messages {
+                    self.duties.heard_from(message.from, now_ms);
                     if let Err(e) = self.core.step(message) {
                         tracing::debug!(error = %e, "dropped a peer message");
                     }
@@ -613,16 +633,7 @@ impl RaftThread {
     }
 
     fn leader_duties(&mut self) {
-        if !self.core.is_leader() {
-            return;
-        }
-        let now_ms = now_unix_ms();
-        if let Some(change) = self.duties.next_membership_change(&self.core) {
-            tracing::info!(?change, "promoting a caught-up learner");
-            if let Err(e) = self.core.propose_membership(&change, now_ms) {
-                tracing::debug!(error = %e, "could not propose a promotion");
-            }
-        }
+        self.duties.check(&mut self.core, crate::reconciler::monotonic_ms(), now_unix_ms());
     }
 
     fn process_ready(&mut self) -> Result<(), StorageError> {
@@ -643,7 +654,9 @@ impl RaftThread {
             if let Some(role) = out.role {
                 tracing::info!(role = ?role.role, leader = ?role.leader, term = role.term, "raft role changed");
                 if role.role == Role::Leader {
-                    self.duties.became_leader();
+                    self.duties.became_leader(crate::reconciler::monotonic_ms());
+                } else {
+                    self.duties.lost_leadership();
                 }
             }
             if let Some(index) = out.snapshot_installed {
@@ -667,6 +680,11 @@ impl RaftThread {
                         at_unix_ms: now_unix_ms(),
                         effect: effect.clone(),
                     });
+                }
+                if let Some(id) = applied.proposal
+                    && self.duties.resolved(id, &applied.outcome)
+                {
+                    continue;
                 }
                 if let Some(id) = applied.proposal
                     && let Some((reply, _)) = self.proposals.remove(&id)

@@ -218,6 +218,11 @@ pub trait Runtime: Send + Sync {
     /// timeout, kills all its processes. Returns once it is no longer running.
     async fn stop(&self, vm: &str) -> Result<Stopped, RuntimeError>;
 
+    /// [`Runtime::stop`] with its own timeout before the kill: a fenced host must
+    /// have its guests gone within `failure::Timing::stop_max_ms`, far sooner than a
+    /// graceful shutdown may take.
+    async fn stop_within(&self, vm: &str, timeout: Duration) -> Result<Stopped, RuntimeError>;
+
     /// The current state of guest `vm`, asked afresh (not from a cache).
     async fn state(&self, vm: &str) -> Result<GuestState, RuntimeError>;
 

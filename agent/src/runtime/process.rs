@@ -211,6 +211,10 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn stop(&self, vm: &str) -> Result<Stopped, RuntimeError> {
+        self.stop_within(vm, self.config.stop_timeout).await
+    }
+
+    async fn stop_within(&self, vm: &str, timeout: Duration) -> Result<Stopped, RuntimeError> {
         names::validate(vm)?;
         let (signals, mut exited) = {
             let mut guests = self.guests();
@@ -224,7 +228,6 @@ impl Runtime for ProcessRuntime {
         };
         // A closed channel means the supervisor is done: the child is gone already.
         let _ = signals.send(Signal::SIGTERM).await;
-        let timeout = self.config.stop_timeout;
         if tokio::time::timeout(timeout, exited.wait_for(|done| *done)).await.is_ok() {
             return Ok(Stopped::Gracefully);
         }

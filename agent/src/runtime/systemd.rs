@@ -316,6 +316,10 @@ impl Runtime for SystemdRuntime {
     }
 
     async fn stop(&self, vm: &str) -> Result<Stopped, RuntimeError> {
+        self.stop_within(vm, self.config.stop_timeout).await
+    }
+
+    async fn stop_within(&self, vm: &str, timeout: Duration) -> Result<Stopped, RuntimeError> {
         let unit = unit_name(vm)?;
         let mut jobs = self.subscribe_jobs()?;
         let job = match self.manager.stop_unit(&unit, "replace").await {
@@ -324,7 +328,6 @@ impl Runtime for SystemdRuntime {
             Err(e) if is_no_such_unit(&e) => return Ok(Stopped::Gracefully),
             Err(e) => return Err(backend(format!("stopping {unit}"))(e)),
         };
-        let timeout = self.config.stop_timeout;
         let result = match self.wait_job(&mut jobs, &job, timeout).await? {
             Some(result) => result,
             None => {

@@ -117,6 +117,7 @@ pub fn plan(state: &State, policy: &Policy, fenced: &BTreeSet<NodeId>) -> Vec<De
     let mut planner = Planner { model: Model::new(state), policy, fenced, out: Vec::new() };
     planner.clear_fenced_handoffs();
     planner.reschedule_fenced();
+    planner.reschedule_failed();
     planner.place_unplaced();
     planner.drain();
     planner.out
@@ -204,9 +205,20 @@ enum Misfit {
     Draining,
     Runner,
     Pinned(String),
-    Label { key: String, value: String },
-    AntiAffinity { group: String },
-    Capacity { resource: &'static str, needed: u64, free: u64 },
+    Label {
+        key: String,
+        value: String,
+    },
+    AntiAffinity {
+        group: String,
+    },
+    Capacity {
+        resource: &'static str,
+        needed: u64,
+        free: u64,
+    },
+    /// The VM kept failing there.
+    FailedThere,
 }
 
 impl Misfit {
@@ -220,6 +232,7 @@ impl Misfit {
             Misfit::Label { key, value } => format!("lacks label {key}={value}"),
             Misfit::AntiAffinity { group } => format!("already has a VM of group {group}"),
             Misfit::Capacity { resource, needed, free } => format!("has {free} of {needed} {resource} free"),
+            Misfit::FailedThere => "is where it kept failing".into(),
         }
     }
 
@@ -234,6 +247,7 @@ impl Misfit {
             Misfit::AntiAffinity { .. } => "already have a VM of its anti-affinity group",
             Misfit::Capacity { resource: "vcpu", .. } => "have too few vcpu free",
             Misfit::Capacity { .. } => "have too little memory free",
+            Misfit::FailedThere => "are where it kept failing",
         }
     }
 }
@@ -409,7 +423,8 @@ impl<'s> Model<'s> {
         None
     }
 
-    /// The first reason host `i` refuses VM `v`, as `State::apply` would.
+    /// The first reason host `i` refuses VM `v`, as `State::apply` would,
+    /// plus the scheduler's own rule: not where the VM kept failing.
     fn misfit(&self, v: usize, i: usize) -> Option<Misfit> {
         let member = self.hosts[i].member;
         if member.status == MemberStatus::Down {
@@ -417,6 +432,9 @@ impl<'s> Model<'s> {
         }
         if member.drain {
             return Some(Misfit::Draining);
+        }
+        if self.vms[v].failed_on.contains(&member.id) {
+            return Some(Misfit::FailedThere);
         }
         self.constraint_misfit(v, i).or_else(|| self.used_after(v, i).err())
     }
@@ -439,7 +457,7 @@ impl<'s> Model<'s> {
         }
         let mut best: Option<(u64, usize, Resources)> = None;
         for i in 0..self.hosts.len() {
-            if !self.hosts[i].accepts {
+            if !self.hosts[i].accepts || self.vms[v].failed_on.contains(&self.hosts[i].member.id) {
                 continue;
             }
             let Ok(used) = self.used_after(v, i) else {
@@ -566,6 +584,33 @@ impl Planner<'_, '_> {
                 self.model.vms[v].name
             );
             self.clear_handoff(v, reason);
+        }
+    }
+
+    /// Moves VMs whose host gave up on them (observed `failed` there) to a
+    /// host where they have not failed. One that fits nowhere else stays
+    /// failed where it is.
+    fn reschedule_failed(&mut self) {
+        for v in 0..self.model.vms.len() {
+            let view = self.model.views[v];
+            let vm = self.model.vms[v];
+            let Some(from) = view.placement else { continue };
+            if view.handoff.is_some()
+                || vm.spec.desired != Desired::Running
+                || vm.observed.state != VmState::Failed
+                || !vm.failed_on.contains(&from)
+                || vm.placement.map(|p| p.node) != Some(from)
+            {
+                continue;
+            }
+            if !self.room(1) {
+                return;
+            }
+            let Some((i, used)) = self.model.best_host(v, self.policy.strategy) else {
+                continue;
+            };
+            let from_name = self.model.node_name(from);
+            self.place(v, i, used, Some(format!("it kept failing on {from_name}")));
         }
     }
 

@@ -452,7 +452,13 @@ fn a_failed_move_does_not_block_the_drain() {
         last_error: Some("boom".into()),
     };
     apply(&mut state, failed).unwrap();
-    assert_eq!(plan_and_apply(&mut state, &Policy::default(), &none()).len(), 1);
+    // The drain goes on with b (and a, failed on its new host, moves on).
+    let decisions = plan_and_apply(&mut state, &Policy::default(), &none());
+    assert!(
+        decisions.iter().any(|d| matches!(&d.command, CommandKind::Place { vm, .. } if vm == "b")),
+        "{decisions:?}"
+    );
+    assert_ne!(node_of(&state, "b"), Some(1));
 }
 
 #[test]
@@ -765,4 +771,43 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_vm_that_keeps_failing_moves_to_a_host_where_it_has_not_failed() {
+    let mut state = hosts(3);
+    create(&mut state, "a", spec(1, 128));
+    place(&mut state, "a", 1);
+    let generation = state.vm("a").unwrap().generation;
+    let report = CommandKind::Report { node: 1, vm: "a".into(), generation, state: VmState::Failed, last_error: None };
+    apply(&mut state, report).unwrap();
+    assert_eq!(state.vm("a").unwrap().failed_on, [1].into());
+
+    let decisions = plan_and_apply(&mut state, &policy(Strategy::Spread), &none());
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    assert!(decisions[0].reason.contains("kept failing on h1"), "{}", decisions[0].reason);
+    let new_host = node_of(&state, "a").unwrap();
+    assert_ne!(new_host, 1);
+    // It fails there too: the next host is neither of them.
+    reconcile(&mut state);
+    let generation = state.vm("a").unwrap().generation;
+    let report =
+        CommandKind::Report { node: new_host, vm: "a".into(), generation, state: VmState::Failed, last_error: None };
+    apply(&mut state, report).unwrap();
+    plan_and_apply(&mut state, &policy(Strategy::Spread), &none());
+    let third = node_of(&state, "a").unwrap();
+    assert!(third != 1 && third != new_host);
+    // Failing everywhere, it stays where it is, and why_pending says why.
+    reconcile(&mut state);
+    let generation = state.vm("a").unwrap().generation;
+    let report =
+        CommandKind::Report { node: third, vm: "a".into(), generation, state: VmState::Failed, last_error: None };
+    apply(&mut state, report).unwrap();
+    assert!(plan_and_apply(&mut state, &policy(Strategy::Spread), &none()).is_empty());
+    assert_eq!(node_of(&state, "a"), Some(third));
+    // `vm start` gives every host a new chance.
+    apply(&mut state, CommandKind::SetDesired { name: "a".into(), desired: Desired::Running }).unwrap();
+    let vm = state.vm("a").unwrap();
+    assert!(vm.failed_on.is_empty());
+    assert_eq!(vm.observed.state, VmState::Pending);
 }

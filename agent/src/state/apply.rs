@@ -1,5 +1,7 @@
 //! Commands and how they are applied.
 
+use std::collections::BTreeSet;
+
 use super::State;
 use super::types::{limits, *};
 use crate::names::{self, NameError};
@@ -257,6 +259,7 @@ impl State {
                     generation: 0,
                     handoff: None,
                     moved_from: None,
+                    failed_on: BTreeSet::new(),
                 };
                 self.dirty.vms.insert(name.clone());
                 self.vms.insert(name.clone(), vm);
@@ -274,6 +277,8 @@ impl State {
                 });
                 let vm = self.vms.get_mut(name).expect("checked above");
                 self.dirty.vms.insert(name.clone());
+                // A new spec may fix what made it fail.
+                vm.failed_on.clear();
                 if !keep && vm.placement.is_some() {
                     let from = vm.placement.map(|p| p.node);
                     // Unplaced before the spec changes: the handoff reserves
@@ -295,6 +300,13 @@ impl State {
                 check_name("VM", name)?;
                 let vm = self.vms.get_mut(name).ok_or_else(|| Rejection::UnknownVm(name.clone()))?;
                 vm.spec.desired = *desired;
+                if *desired == Desired::Running && !vm.failed_on.is_empty() {
+                    // An operator starts a failed VM: every host gets a new chance.
+                    vm.failed_on.clear();
+                    if vm.observed.state == VmState::Failed {
+                        vm.observed = Observed { state: VmState::Pending, since_unix_ms: at, last_error: None };
+                    }
+                }
                 self.dirty.vms.insert(name.clone());
                 Ok(Effect::DesiredSet { vm: name.clone(), desired: *desired })
             }
@@ -413,6 +425,10 @@ impl State {
                     vm.observed.since_unix_ms = at;
                 }
                 vm.observed.state = *state;
+                if *state == VmState::Failed {
+                    // Bounded by the members: only the placed host reports.
+                    vm.failed_on.insert(*node);
+                }
                 // An error stays visible until a later report replaces it.
                 if last_error.is_some() || *state == VmState::Running {
                     vm.observed.last_error = last_error.clone();

@@ -180,6 +180,7 @@ pub fn vm_to_pb(v: &Vm) -> pb::Vm {
             reserved_memory_mib: h.reserved.memory_mib,
         }),
         moved_from: v.moved_from.unwrap_or(0),
+        failed_on: v.failed_on.iter().copied().collect(),
     }
 }
 
@@ -205,6 +206,7 @@ pub fn vm_from_pb(v: pb::Vm) -> Result<Vm, DecodeError> {
             }),
         },
         moved_from: (v.moved_from != 0).then_some(v.moved_from),
+        failed_on: v.failed_on.into_iter().collect(),
     })
 }
 
@@ -398,6 +400,7 @@ mod tests {
             generation: 7,
             handoff: Some(Handoff { from: 1, generation: 6, reserved: Resources { vcpu: 2, memory_mib: 512 } }),
             moved_from: Some(1),
+            failed_on: [3, 4].into(),
         };
         assert_eq!(vm_from_pb(vm_to_pb(&vm)).unwrap(), vm);
         vm.handoff = None;

@@ -233,6 +233,10 @@ pub struct Vm {
     /// is a move (a `Place` of a VM placed elsewhere). The scheduler uses it
     /// to move VMs off a draining host one at a time.
     pub moved_from: Option<NodeId>,
+    /// Hosts where the guest kept failing until the host gave up on it (a
+    /// `failed` report). The scheduler moves the VM to a host not in this
+    /// set; `vm start` (desired running again) or a spec update clears it.
+    pub failed_on: BTreeSet<NodeId>,
 }
 
 impl Vm {

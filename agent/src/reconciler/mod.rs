@@ -1,0 +1,478 @@
+//! The reconciler: makes this host run exactly what the committed state
+//! places on it, and tells the cluster what it sees.
+//!
+//! Every `check_interval` (and whenever a guest or the state changes) it
+//! compares the state as applied here with what the runtime reports:
+//!
+//! - a VM placed here, desired running, with no pending handoff, starts —
+//!   unless the host is fenced, its state has not caught up with its last
+//!   quorum contact, or the guest keeps failing (back-off, then `failed`);
+//! - every other guest that is up stops: VMs placed elsewhere (and once
+//!   stopped, the move's handoff is released with `Released`), VMs desired
+//!   stopped, and guests the state does not know;
+//! - a fenced host (no quorum contact for `fence_after`) stops every guest
+//!   within `stop_max`;
+//! - the observed state and last error of each VM placed here is reported
+//!   when it differs from what the state says, and the runners installed
+//!   under the state dir when they differ from the member's record.
+//!
+//! Starting a VM is never a side effect of an RPC or of Raft apply: this
+//! loop is the only thing that starts or stops guests.
+//!
+//! Quorum contact comes from a linearizable read (a Raft read index) sent
+//! every `check_interval`: its *send* time is the contact time, see the
+//! safety argument in `failure`.
+
+mod contact;
+
+pub use contact::ContactFile;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::failure::{Fence, Timing};
+use crate::node::{NodeError, NodeHandle};
+use crate::runtime::health::{Health, HealthPolicy, Verdict};
+use crate::runtime::{GuestState, Phase, Runtime};
+use crate::state::{CommandKind, Desired, Effect, NodeId, State, VmState};
+
+/// How the reconciler proposes commands: through the leader, wherever it is.
+pub trait Proposer: Send + Sync + 'static {
+    fn propose(&self, kind: CommandKind) -> Pin<Box<dyn Future<Output = Result<Effect, NodeError>> + Send + '_>>;
+}
+
+/// Proposes on the local node; only useful where this node is the leader
+/// (single-node clusters, tests).
+impl Proposer for NodeHandle {
+    fn propose(&self, kind: CommandKind) -> Pin<Box<dyn Future<Output = Result<Effect, NodeError>> + Send + '_>> {
+        Box::pin(NodeHandle::propose(self, kind))
+    }
+}
+
+/// How often the installed runners are rescanned.
+const RUNNER_SCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// The longest a fence read may wait for its answer before another is sent.
+const CONTACT_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct ReconcilerConfig {
+    pub timing: Timing,
+    pub health: HealthPolicy,
+    /// Where the last quorum contact is kept across agent restarts.
+    pub contact_file: Option<ContactFile>,
+}
+
+/// What one pass needs from the state, copied out of the raft thread.
+#[derive(Debug, Clone, Default)]
+struct View {
+    applied: u64,
+    /// VMs placed here: name -> (generation, desired, may start, reported state, reported error).
+    mine: BTreeMap<String, Mine>,
+    /// Handoffs waiting for this host: name -> handoff generation.
+    handoffs: BTreeMap<String, u64>,
+    /// Names of every VM in the state.
+    known: BTreeSet<String>,
+    runners: Option<BTreeSet<String>>,
+}
+
+#[derive(Debug, Clone)]
+struct Mine {
+    generation: u64,
+    desired: Desired,
+    may_start: bool,
+    state: VmState,
+    last_error: Option<String>,
+}
+
+fn view(state: &State, me: NodeId, applied: u64) -> View {
+    let mine = state
+        .vms_on(me)
+        .map(|vm| {
+            let generation = vm.placement.map_or(0, |p| p.generation);
+            (
+                vm.name.clone(),
+                Mine {
+                    generation,
+                    desired: vm.spec.desired,
+                    may_start: vm.may_start_on(me),
+                    state: vm.observed.state,
+                    last_error: vm.observed.last_error.clone(),
+                },
+            )
+        })
+        .collect();
+    View {
+        applied,
+        mine,
+        handoffs: state.handoffs_from(me).map(|(vm, h)| (vm.name.clone(), h.generation)).collect(),
+        known: state.vms().keys().cloned().collect(),
+        runners: state.member(me).map(|m| m.runners.clone()),
+    }
+}
+
+/// Per-guest bookkeeping of this host.
+struct Guest {
+    generation: u64,
+    health: Health,
+    /// Do not start before this (back-off after a failure).
+    not_before_ms: u64,
+    /// The last failure's detail, reported with the state.
+    last_error: Option<String>,
+}
+
+enum Done {
+    Started { vm: String, result: Result<(), String> },
+    Stopped { vm: String, result: Result<(), String> },
+    Proposed { key: String },
+    Contact { sent_at_ms: u64, commit: Option<u64> },
+}
+
+pub struct Reconciler {
+    me: NodeId,
+    node: NodeHandle,
+    runtime: Arc<dyn Runtime>,
+    proposer: Arc<dyn Proposer>,
+    config: ReconcilerConfig,
+    fence: Fence,
+    observed: BTreeMap<String, GuestState>,
+    guests: BTreeMap<String, Guest>,
+    /// Runtime operations and proposals in flight, so a pass never repeats
+    /// one that has not finished.
+    busy: BTreeSet<String>,
+    contact_in_flight: bool,
+    fenced_logged: bool,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
+}
+
+/// Milliseconds of the boot-wide monotonic clock (shared by every process
+/// of this boot, so a restarted agent can compare with what the previous
+/// one recorded).
+pub fn monotonic_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_or(0, |t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+}
+
+impl Reconciler {
+    pub fn new(
+        me: NodeId,
+        node: NodeHandle,
+        runtime: Arc<dyn Runtime>,
+        proposer: Arc<dyn Proposer>,
+        config: ReconcilerConfig,
+    ) -> Self {
+        let last_contact = config.contact_file.as_ref().and_then(ContactFile::load);
+        let fence = Fence::new(config.timing.fence_after_ms, last_contact);
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Reconciler {
+            me,
+            node,
+            runtime,
+            proposer,
+            config,
+            fence,
+            observed: BTreeMap::new(),
+            guests: BTreeMap::new(),
+            busy: BTreeSet::new(),
+            contact_in_flight: false,
+            fenced_logged: false,
+            done_tx,
+            done_rx,
+        }
+    }
+
+    /// Runs until `shutdown` resolves. Guests are left as they are on
+    /// shutdown: the systemd runtime's survive the agent, the process
+    /// runtime's die with it.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), crate::runtime::RuntimeError> {
+        let mut events = self.runtime.events();
+        // Re-adopt what already runs (subscribe first, then list).
+        for (vm, state) in self.runtime.list().await? {
+            self.observed.insert(vm, state);
+        }
+        let mut effects = self.node.subscribe_effects();
+        let mut tick = tokio::time::interval(Duration::from_millis(self.config.timing.check_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut scan = tokio::time::interval(RUNNER_SCAN_INTERVAL);
+        let mut installed: Option<BTreeSet<String>> = None;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                event = events.recv() => match event {
+                    Ok(event) => self.on_guest(event.vm, event.state),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        self.observed = self.runtime.list().await?.into_iter().collect();
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        return Err(crate::runtime::RuntimeError::Closed("guest events ended".into()));
+                    }
+                },
+                // Any applied change may concern us; the pass below reads it.
+                _ = effects.recv() => {}
+                Some(done) = self.done_rx.recv() => self.on_done(done),
+                _ = tick.tick() => self.send_contact_read(),
+                _ = scan.tick() => match self.runtime.installed().await {
+                    Ok(set) => installed = Some(set),
+                    Err(e) => tracing::warn!(error = %e, "cannot scan the installed guests"),
+                },
+            }
+            self.pass(installed.as_ref()).await;
+        }
+    }
+
+    fn on_guest(&mut self, vm: String, state: GuestState) {
+        let entered_failure =
+            state.phase == Phase::Failed && self.observed.get(&vm).is_none_or(|old| old.phase != Phase::Failed);
+        if entered_failure && let Some(guest) = self.guests.get_mut(&vm) {
+            let now = monotonic_ms();
+            guest.last_error = state.detail.clone().or_else(|| Some("the guest exited".into()));
+            match guest.health.record_failure(now) {
+                Verdict::Restart { at_ms, failures_in_window } => {
+                    tracing::warn!(
+                        vm,
+                        failures = failures_in_window,
+                        retry_in_ms = at_ms - now,
+                        "guest failed; restarting it after a back-off"
+                    );
+                    guest.not_before_ms = at_ms;
+                }
+                Verdict::GiveUp { failures_in_window } => {
+                    tracing::error!(vm, failures = failures_in_window, "guest keeps failing; giving up on this host");
+                }
+            }
+        }
+        self.observed.insert(vm, state);
+    }
+
+    fn on_done(&mut self, done: Done) {
+        match done {
+            Done::Started { vm, result } => {
+                self.busy.remove(&format!("op:{vm}"));
+                if let Err(error) = result
+                    && let Some(guest) = self.guests.get_mut(&vm)
+                {
+                    tracing::warn!(vm, error, "starting the guest failed");
+                    guest.last_error = Some(error);
+                    let now = monotonic_ms();
+                    if let Verdict::Restart { at_ms, .. } = guest.health.record_failure(now) {
+                        guest.not_before_ms = at_ms;
+                    }
+                }
+            }
+            Done::Stopped { vm, result } => {
+                self.busy.remove(&format!("op:{vm}"));
+                if let Err(error) = result {
+                    tracing::error!(vm, error, "stopping the guest failed");
+                }
+            }
+            Done::Proposed { key } => {
+                self.busy.remove(&key);
+            }
+            Done::Contact { sent_at_ms, commit } => {
+                self.contact_in_flight = false;
+                if let Some(commit) = commit {
+                    self.fence.quorum_contact(sent_at_ms, commit);
+                    if let Some(file) = &self.config.contact_file {
+                        file.store(sent_at_ms);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a linearizable read; its completion is quorum contact as of its
+    /// send time.
+    fn send_contact_read(&mut self) {
+        if self.contact_in_flight {
+            return;
+        }
+        self.contact_in_flight = true;
+        let node = self.node.clone();
+        let done = self.done_tx.clone();
+        let sent_at_ms = monotonic_ms();
+        tokio::spawn(async move {
+            let read = node.read(|_, status| status.commit);
+            let commit = match tokio::time::timeout(CONTACT_READ_TIMEOUT, read).await {
+                Ok(Ok(commit)) => Some(commit),
+                _ => None,
+            };
+            let _ = done.send(Done::Contact { sent_at_ms, commit });
+        });
+    }
+
+    fn spawn_proposal(&mut self, key: String, kind: CommandKind) {
+        if !self.busy.insert(key.clone()) {
+            return;
+        }
+        let proposer = self.proposer.clone();
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = proposer.propose(kind).await {
+                tracing::debug!(key, error = %e, "proposal did not go through; the next pass retries");
+            }
+            let _ = done.send(Done::Proposed { key });
+        });
+    }
+
+    fn spawn_start(&mut self, vm: &str) {
+        if !self.busy.insert(format!("op:{vm}")) {
+            return;
+        }
+        let runtime = self.runtime.clone();
+        let done = self.done_tx.clone();
+        let vm = vm.to_string();
+        tracing::info!(vm, "starting guest");
+        tokio::spawn(async move {
+            let result = runtime.start(&vm).await.map_err(|e| e.to_string());
+            let _ = done.send(Done::Started { vm, result });
+        });
+    }
+
+    fn spawn_stop(&mut self, vm: &str, within: Option<Duration>, why: &str) {
+        if !self.busy.insert(format!("op:{vm}")) {
+            return;
+        }
+        let runtime = self.runtime.clone();
+        let done = self.done_tx.clone();
+        let vm = vm.to_string();
+        tracing::info!(vm, why, "stopping guest");
+        tokio::spawn(async move {
+            let result = match within {
+                Some(timeout) => runtime.stop_within(&vm, timeout).await,
+                None => runtime.stop(&vm).await,
+            };
+            let _ = done.send(Done::Stopped { vm, result: result.map(|_| ()).map_err(|e| e.to_string()) });
+        });
+    }
+
+    async fn pass(&mut self, installed: Option<&BTreeSet<String>>) {
+        let me = self.me;
+        let view = match self.node.read_local(move |state, status| view(state, me, status.applied)).await {
+            Ok(view) => view,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the local state");
+                return;
+            }
+        };
+        let now = monotonic_ms();
+
+        // Fencing comes first and overrides everything else.
+        if self.fence.should_fence(now) {
+            if !self.fenced_logged {
+                tracing::warn!(
+                    fence_after_ms = self.config.timing.fence_after_ms,
+                    "no quorum contact: fencing, stopping every guest on this host"
+                );
+                self.fenced_logged = true;
+            }
+            let up: Vec<String> = self.observed.iter().filter(|(_, s)| s.is_up()).map(|(n, _)| n.clone()).collect();
+            for vm in up {
+                self.spawn_stop(&vm, Some(Duration::from_millis(self.config.timing.stop_max_ms)), "fenced");
+            }
+            return;
+        }
+        if self.fenced_logged {
+            tracing::info!("quorum contact is back; this host may run guests again");
+            self.fenced_logged = false;
+        }
+        let may_start_any = self.fence.may_start(now, view.applied);
+
+        // Forget bookkeeping of VMs no longer here; reset it for new placements.
+        self.guests.retain(|name, g| view.mine.get(name).is_some_and(|m| m.generation == g.generation));
+        for (name, mine) in &view.mine {
+            self.guests.entry(name.clone()).or_insert_with(|| Guest {
+                generation: mine.generation,
+                health: Health::new(self.config.health),
+                not_before_ms: 0,
+                last_error: None,
+            });
+        }
+
+        // Stop what should not run here.
+        let up: Vec<String> = self.observed.iter().filter(|(_, s)| s.is_up()).map(|(n, _)| n.clone()).collect();
+        for vm in up {
+            let why = match view.mine.get(&vm) {
+                Some(m) if m.desired == Desired::Running => continue,
+                Some(_) => "desired stopped",
+                None if view.handoffs.contains_key(&vm) => "moved to another host",
+                None if view.known.contains(&vm) => "placed on another host",
+                None => "not in the cluster state",
+            };
+            self.spawn_stop(&vm, None, why);
+        }
+
+        // Start what should run here.
+        for (name, mine) in &view.mine {
+            let guest = self.guests.get(name).expect("inserted above");
+            let up = self.observed.get(name).is_some_and(GuestState::is_up);
+            if mine.desired == Desired::Running
+                && mine.may_start
+                && may_start_any
+                && !up
+                && !guest.health.gave_up()
+                && now >= guest.not_before_ms
+            {
+                self.spawn_start(name);
+            }
+        }
+
+        // Release handoffs whose copy here is gone.
+        for (name, generation) in &view.handoffs {
+            let up = self.observed.get(name).is_some_and(GuestState::is_up);
+            if !up && !self.busy.contains(&format!("op:{name}")) {
+                let kind = CommandKind::Released { node: me, vm: name.clone(), generation: *generation };
+                self.spawn_proposal(format!("release:{name}:{generation}"), kind);
+            }
+        }
+
+        // Report what we see of our VMs.
+        for (name, mine) in &view.mine {
+            let guest = self.guests.get(name).expect("inserted above");
+            let observed = self.observed.get(name).cloned().unwrap_or_else(GuestState::inactive);
+            let starting = self.busy.contains(&format!("op:{name}"));
+            let (state, error) = reported_state(mine, &observed, guest, starting);
+            if state != mine.state || (error.is_some() && error != mine.last_error) {
+                let kind = CommandKind::Report {
+                    node: me,
+                    vm: name.clone(),
+                    generation: mine.generation,
+                    state,
+                    last_error: error,
+                };
+                self.spawn_proposal(format!("report:{name}"), kind);
+            }
+        }
+
+        // Report the runners installed here.
+        if let (Some(installed), Some(runners)) = (installed, &view.runners)
+            && installed != runners
+        {
+            let kind = CommandKind::SetRunners { node: me, runners: installed.iter().cloned().collect() };
+            self.spawn_proposal("runners".into(), kind);
+        }
+    }
+}
+
+/// The state to report for a VM placed here, from what the runtime shows.
+fn reported_state(mine: &Mine, observed: &GuestState, guest: &Guest, busy: bool) -> (VmState, Option<String>) {
+    match observed.phase {
+        Phase::Active => (VmState::Running, None),
+        Phase::Activating => (VmState::Starting, guest.last_error.clone()),
+        Phase::Deactivating => (VmState::Stopping, None),
+        Phase::Failed if guest.health.gave_up() => (VmState::Failed, guest.last_error.clone()),
+        Phase::Failed => (VmState::Starting, guest.last_error.clone()),
+        Phase::Inactive => match mine.desired {
+            Desired::Stopped => (VmState::Stopped, None),
+            Desired::Running if guest.health.gave_up() => (VmState::Failed, guest.last_error.clone()),
+            Desired::Running if busy => (VmState::Starting, guest.last_error.clone()),
+            // Waiting for a handoff, the fence or a back-off.
+            Desired::Running => (VmState::Pending, guest.last_error.clone()),
+        },
+    }
+}
