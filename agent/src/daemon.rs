@@ -322,7 +322,7 @@ impl Agent {
         // The identity is on disk: from here a failure is fatal for the
         // store (a restart resumes as this member).
         self.start_member(prepared, peers).map_err(|e| tonic::Status::internal(e.to_string()))?;
-        tracing::info!(seed, id, cluster_id = admitted.cluster_id, "admitted as a learner");
+        tracing::info!(seed, id, cluster_id = format!("{:016x}", admitted.cluster_id), "admitted as a learner");
         Ok(pb::ClusterJoinResponse { name: self.config.node_name.clone(), id })
     }
 
@@ -382,10 +382,17 @@ fn is_final(status: &tonic::Status) -> bool {
     )
 }
 
-/// The watchdog interval systemd asked for (`WATCHDOG_USEC`), halved.
+/// The watchdog interval systemd asked for (`WATCHDOG_USEC`), halved. As
+/// `sd_watchdog_enabled(3)`: `WATCHDOG_PID`, when set, must be our pid
+/// (the `sd-notify` crate insists on it being set at all).
 fn watchdog_interval() -> Option<tokio::time::Interval> {
-    let mut usec = 0;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    if usec == 0 {
         return None;
     }
     let mut interval = tokio::time::interval(Duration::from_micros(usec / 2));

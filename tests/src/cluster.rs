@@ -12,7 +12,7 @@
 //! Each cluster takes its own `127.A.B.0/24` (A and B drawn at random, the port fixed),
 //! so tests run in parallel without sharing ports. Agents' data dirs, configs and logs
 //! live in a temporary directory; when a test panics the logs are printed before it is
-//! removed.
+//! removed (set `BLIXARD_CLUSTER_KEEP=1` to keep it).
 
 use std::fmt::Write as _;
 use std::fs;
@@ -37,6 +37,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub const FORM_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a SIGTERM'd agent may take to exit.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Set to keep the agents' directories (configs, data, logs) after a test.
+pub const KEEP_ENV: &str = "BLIXARD_CLUSTER_KEEP";
 /// Lines of each agent's log printed when a test fails.
 const LOG_TAIL_LINES: usize = 60;
 
@@ -75,6 +77,11 @@ impl Agent {
 
     /// Starts the agent; its stderr is appended to [`Agent::log_path`].
     pub fn start(&mut self) -> Result<()> {
+        self.start_with_env(&[])
+    }
+
+    /// [`Agent::start`] with extra environment variables (`NOTIFY_SOCKET`, ...).
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
         if self.child.is_some() {
             bail!("{} is already running", self.name);
         }
@@ -88,6 +95,7 @@ impl Agent {
             .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
+            .envs(env.iter().copied())
             .spawn()
             .with_context(|| format!("starting {}", self.name))?;
         self.child = Some(child);
@@ -316,6 +324,10 @@ impl Drop for Cluster {
         }
         if std::thread::panicking() {
             self.dump_logs();
+        }
+        if std::env::var_os(KEEP_ENV).is_some() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("a temporary directory"));
+            eprintln!("kept {}", dir.keep().display());
         }
     }
 }

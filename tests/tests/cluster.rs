@@ -98,6 +98,10 @@ fn three_members_form_a_cluster_and_followers_serve_every_request() -> Result<()
     assert_eq!(unknown.code(), Code::NotFound, "{}", unknown.message());
     let migrate = pb::VmMigrateRequest { name: "web".into(), to: "h9".into() };
     assert_eq!(cluster.block_on(client.vm_migrate(migrate)).unwrap_err().code(), Code::NotFound);
+    // No host has reported the runner for "web", so it cannot move there.
+    let migrate = pb::VmMigrateRequest { name: "web".into(), to: "h2".into() };
+    let no_runner = cluster.block_on(client.vm_migrate(migrate)).unwrap_err();
+    assert_eq!(no_runner.code(), Code::FailedPrecondition, "{}", no_runner.message());
 
     let deleted = cluster.block_on(client.vm_delete(pb::VmRequest { name: "web".into() }))?.into_inner();
     assert_eq!(deleted.name, "web");
@@ -137,6 +141,15 @@ fn a_killed_leader_is_replaced_and_writes_continue() -> Result<()> {
     })?;
     let new_leader = cluster.index_of(&new_leader).context("the leader is an agent")?;
     assert_ne!(new_leader, leader);
+
+    // The survivors (a follower asks the leader) see the old leader as unhealthy.
+    let old = cluster.agent(leader).name.clone();
+    for &at in &survivors {
+        wait_until("the killed leader to be reported unhealthy", FORM_TIMEOUT, || {
+            let status = cluster.status(at)?;
+            Ok(status.members.iter().any(|m| m.name == old && !m.healthy))
+        })?;
+    }
 
     // Writes continue, through either survivor.
     for (i, &at) in survivors.iter().enumerate() {
@@ -220,13 +233,18 @@ fn a_host_joins_keeps_its_membership_across_restarts_and_members_leave() -> Resu
     let member = cluster.status(0)?.members.into_iter().find(|m| m.name == "h4").context("h4 is a member")?;
     assert_eq!(member.id, id);
 
+    // A host with `join` seeds in its config is admitted by itself.
+    let seeded = cluster.add_agent(&format!("join = [\"{}\"]\n", cluster.agent(1).address))?;
+    cluster.agent_mut(seeded).start()?;
+    cluster.wait_formed(&[0, 1, 2, joiner, seeded])?;
+
     // A follower leaves (asked through the new member), then the leader itself.
-    let leader = cluster.wait_formed(&[0, 1, 2, joiner])?;
+    let leader = cluster.wait_formed(&[0, 1, 2, joiner, seeded])?;
     let follower = follower_of(&[0, 1, 2], leader);
     let name = cluster.agent(follower).name.clone();
     let left = cluster.block_on(client.cluster_leave(pb::ClusterLeaveRequest { node: name.clone() }))?;
     assert_eq!(left.get_ref().name, name);
-    let mut remaining: Vec<usize> = [0, 1, 2, joiner].into_iter().filter(|&i| i != follower).collect();
+    let mut remaining: Vec<usize> = [0, 1, 2, joiner, seeded].into_iter().filter(|&i| i != follower).collect();
     cluster.wait_formed(&remaining)?;
     let leader_name = cluster.agent(leader).name.clone();
     cluster.block_on(client.cluster_leave(pb::ClusterLeaveRequest { node: leader_name }))?;
@@ -237,8 +255,14 @@ fn a_host_joins_keeps_its_membership_across_restarts_and_members_leave() -> Resu
     let unknown = cluster.block_on(client.cluster_leave(pb::ClusterLeaveRequest { node: "h9".into() })).unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
 
-    // A removed member says so.
+    // A removed member says so, also after a restart.
     wait_until("the removed member to know it", FORM_TIMEOUT, || Ok(!cluster.status(follower)?.member))?;
+    cluster.agent_mut(follower).stop()?;
+    cluster.agent_mut(follower).start()?;
+    wait_until("the restarted removed member to answer", FORM_TIMEOUT, || {
+        Ok(cluster.status(follower).is_ok_and(|s| !s.member))
+    })?;
+    cluster.wait_formed(&remaining)?;
     Ok(())
 }
 
@@ -330,5 +354,35 @@ fn bad_configs_a_taken_data_dir_and_a_taken_port_are_refused() -> Result<()> {
 
     let started = std::time::Instant::now();
     assert!(started.elapsed() < Duration::from_secs(60));
+    Ok(())
+}
+
+#[test]
+fn systemd_is_told_ready_watchdog_and_stopping() -> Result<()> {
+    use std::os::unix::net::UnixDatagram;
+
+    let mut cluster = Cluster::start("notify", 0, Options::default())?;
+    // Uninitialised: ready as soon as it serves, member or not.
+    let agent = cluster.add_agent("")?;
+    let socket_path = cluster.dir().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path)?;
+    socket.set_read_timeout(Some(FORM_TIMEOUT))?;
+    let socket_env = socket_path.to_string_lossy().to_string();
+    cluster.agent_mut(agent).start_with_env(&[("NOTIFY_SOCKET", &socket_env), ("WATCHDOG_USEC", "200000")])?;
+
+    let mut seen = Vec::new();
+    let mut receive = |want: &str| -> Result<()> {
+        let mut buffer = [0u8; 4096];
+        while !seen.iter().any(|m: &String| m.lines().any(|l| l == want)) {
+            let n = socket.recv(&mut buffer).with_context(|| format!("waiting for {want}; seen {seen:?}"))?;
+            seen.push(String::from_utf8_lossy(&buffer[..n]).to_string());
+        }
+        Ok(())
+    };
+    receive("READY=1")?;
+    assert!(!cluster.status(agent)?.member);
+    receive("WATCHDOG=1")?;
+    cluster.agent_mut(agent).stop()?;
+    receive("STOPPING=1")?;
     Ok(())
 }
