@@ -154,11 +154,7 @@ pub enum RuntimeKind {
     Process,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strategy {
-    Spread,
-    Binpack,
-}
+pub use crate::scheduler::Strategy;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tls {

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod config;
 pub mod consensus;
+pub mod daemon;
 pub mod failure;
 pub mod names;
 pub mod node;

@@ -3,16 +3,14 @@
 //! state, and fail over when their host is lost.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blixard::config::InitialMember;
 use blixard::node::{self, AddressBook, Node, NodeError, NodeHandle, NodeOptions, PeerSender, Start};
-use blixard::reconciler::{Proposer, Reconciler, ReconcilerConfig};
+use blixard::reconciler::{BoxFuture, Proposer, Reconciler, ReconcilerConfig};
 use blixard::runtime::Runtime;
 use blixard::runtime::health::HealthPolicy;
 use blixard::runtime::process::{ProcessConfig, ProcessRuntime};
@@ -43,18 +41,22 @@ struct LeaderProposer {
     peers: Peers,
 }
 
+impl LeaderProposer {
+    async fn propose_at_leader(&self, kind: CommandKind) -> Result<Effect, NodeError> {
+        let leader = {
+            let peers = self.peers.lock().unwrap();
+            peers.values().find(|h| h.status().role == blixard::consensus::Role::Leader).cloned()
+        };
+        match leader {
+            Some(leader) => leader.propose(kind).await,
+            None => Err(NodeError::NoLeader),
+        }
+    }
+}
+
 impl Proposer for LeaderProposer {
-    fn propose(&self, kind: CommandKind) -> Pin<Box<dyn Future<Output = Result<Effect, NodeError>> + Send + '_>> {
-        Box::pin(async move {
-            let leader = {
-                let peers = self.peers.lock().unwrap();
-                peers.values().find(|h| h.status().role == blixard::consensus::Role::Leader).cloned()
-            };
-            match leader {
-                Some(leader) => leader.propose(kind).await,
-                None => Err(NodeError::NoLeader),
-            }
-        })
+    fn propose(&self, kind: CommandKind) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { self.propose_at_leader(kind).await.map(|_| ()).map_err(|e| e.to_string()) })
     }
 }
 
@@ -127,7 +129,7 @@ impl Cluster {
         let proposer = LeaderProposer { peers: self.peers.clone() };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            match proposer.propose(kind.clone()).await {
+            match proposer.propose_at_leader(kind.clone()).await {
                 Ok(effect) => return effect,
                 Err(e) if e.is_retryable() && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -7,6 +7,7 @@
 //! - [`wait_for`] / [`wait_until`]: waiting on conditions with deadlines.
 //! - [`agent_binary`]: the `blixard-agent` binary to install into hosts.
 
+pub mod cluster;
 pub mod guest;
 pub mod testbed;
 pub mod wait;
@@ -50,7 +51,18 @@ fn build_agent() -> Result<PathBuf> {
         None => bail!("no profile directory in {}", exe.display()),
     };
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace");
-    let status = Command::new(env!("CARGO"))
+    let mut cargo = Command::new(env!("CARGO"));
+    // Cargo sets CARGO_PKG_*, CARGO_MANIFEST_* and friends for the test binary; a build
+    // script that tracks one (ring's does) would see it differ between this build and a
+    // plain `cargo build`, and every test run would rebuild half the dependency tree.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let per_crate = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_PACKAGE"];
+        if per_crate.iter().any(|p| key.starts_with(p)) || key == "CARGO_TARGET_TMPDIR" {
+            cargo.env_remove(key.as_ref());
+        }
+    }
+    let status = cargo
         .args(["build", "--quiet", "-p", "blixard-agent", "--bin", "blixard-agent", "--profile", profile])
         .arg("--target-dir")
         .arg(target_dir)

@@ -1,5 +1,15 @@
 //! The gRPC surface: generated types, the peer transport and the client
 //! API service. Only this module knows tonic and protobuf wire types.
+//!
+//! - `context`: what both services share; routing of requests to the leader.
+//! - `peer`: the raft transport (client and `Peer` service), admission.
+//! - `service`: the client API (`Blixard` service).
+//! - `status`: agent errors -> gRPC status codes.
+
+pub mod context;
+pub mod peer;
+pub mod service;
+pub mod status;
 
 /// Generated code for `proto/blixard/v1/api.proto`.
 #[allow(clippy::all, missing_docs)]

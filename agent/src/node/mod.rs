@@ -251,9 +251,13 @@ impl Node {
                 book.insert(member.id, member.address.clone());
             }
         }
+        // A member removed before this restart: its state (from the log or
+        // a snapshot) no longer lists it. (A joiner that has not received
+        // its first snapshot yet has an uninitialized store.)
+        let removed = store.is_initialized() && store.state().member(identity.id).is_none();
         let core = Core::new(options.core.clone(), store).map_err(|e| NodeError::TooLarge(format!("raft: {e}")))?;
         let (inputs, rx) = mpsc::sync_channel(INPUT_QUEUE_MAX);
-        let status = status_of(&core, &identity, &addresses, false);
+        let status = status_of(&core, &identity, &addresses, removed);
         let (status_tx, status_rx) = watch::channel(status);
         let (effects, _) = broadcast::channel(EFFECTS_CHANNEL_MAX);
         let handle = NodeHandle {
@@ -276,7 +280,7 @@ impl Node {
             reads: BTreeMap::new(),
             waiting_reads: VecDeque::new(),
             next_read: 0,
-            removed: false,
+            removed,
             duties,
         };
         let thread = std::thread::Builder::new()

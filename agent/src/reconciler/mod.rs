@@ -36,21 +36,25 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::failure::{Fence, Timing};
-use crate::node::{NodeError, NodeHandle};
+use crate::node::NodeHandle;
 use crate::runtime::health::{Health, HealthPolicy, Verdict};
 use crate::runtime::{GuestState, Phase, Runtime};
-use crate::state::{CommandKind, Desired, Effect, NodeId, State, VmState};
+use crate::state::{CommandKind, Desired, NodeId, State, VmState};
 
-/// How the reconciler proposes commands: through the leader, wherever it is.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// How the reconciler proposes commands: through the leader, wherever it
+/// is. Failures are only logged (the next pass tries again), so the error
+/// is a sentence.
 pub trait Proposer: Send + Sync + 'static {
-    fn propose(&self, kind: CommandKind) -> Pin<Box<dyn Future<Output = Result<Effect, NodeError>> + Send + '_>>;
+    fn propose(&self, kind: CommandKind) -> BoxFuture<'_, Result<(), String>>;
 }
 
 /// Proposes on the local node; only useful where this node is the leader
 /// (single-node clusters, tests).
 impl Proposer for NodeHandle {
-    fn propose(&self, kind: CommandKind) -> Pin<Box<dyn Future<Output = Result<Effect, NodeError>> + Send + '_>> {
-        Box::pin(NodeHandle::propose(self, kind))
+    fn propose(&self, kind: CommandKind) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { NodeHandle::propose(self, kind).await.map(|_| ()).map_err(|e| e.to_string()) })
     }
 }
 

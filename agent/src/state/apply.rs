@@ -692,11 +692,17 @@ pub(crate) fn constraint_violation(state: &State, vm: &Vm, spec: &VmSpec, member
     if !member.runners.contains(&vm.name) {
         return Some(Rejection::MissingRunner { vm: vm.name.clone(), node: member.name.clone() });
     }
+    fit_violation(state, &vm.name, spec, member)
+}
+
+/// [`constraint_violation`] without the runner check: whether a VM named
+/// `vm` with `spec` fits on `member` as the state stands.
+pub(crate) fn fit_violation(state: &State, vm: &str, spec: &VmSpec, member: &Member) -> Option<Rejection> {
     if let Some(pinned) = &spec.node
         && *pinned != member.name
     {
         return Some(Rejection::PinnedElsewhere {
-            vm: vm.name.clone(),
+            vm: vm.to_string(),
             pinned: pinned.clone(),
             node: member.name.clone(),
         });
@@ -704,7 +710,7 @@ pub(crate) fn constraint_violation(state: &State, vm: &Vm, spec: &VmSpec, member
     for (key, value) in &spec.labels {
         if member.labels.get(key) != Some(value) {
             return Some(Rejection::LabelMismatch {
-                vm: vm.name.clone(),
+                vm: vm.to_string(),
                 node: member.name.clone(),
                 key: key.clone(),
                 value: value.clone(),
@@ -712,18 +718,17 @@ pub(crate) fn constraint_violation(state: &State, vm: &Vm, spec: &VmSpec, member
         }
     }
     if let Some(group) = &spec.anti_affinity
-        && let Some(other) = state
-            .vms_on(member.id)
-            .find(|other| other.name != vm.name && other.spec.anti_affinity.as_ref() == Some(group))
+        && let Some(other) =
+            state.vms_on(member.id).find(|other| other.name != vm && other.spec.anti_affinity.as_ref() == Some(group))
     {
         return Some(Rejection::AntiAffinity {
-            vm: vm.name.clone(),
+            vm: vm.to_string(),
             node: member.name.clone(),
             group: group.clone(),
             other: other.name.clone(),
         });
     }
-    let used = state.used_on(member.id, Some(&vm.name));
+    let used = state.used_on(member.id, Some(vm));
     let limit = member.capacity.limit();
     let checks = [
         ("vcpu", u64::from(spec.vcpu), used.vcpu, limit.vcpu),
@@ -732,7 +737,7 @@ pub(crate) fn constraint_violation(state: &State, vm: &Vm, spec: &VmSpec, member
     for (resource, needed, used, limit) in checks {
         if used + needed > limit {
             return Some(Rejection::OverCapacity {
-                vm: vm.name.clone(),
+                vm: vm.to_string(),
                 node: member.name.clone(),
                 resource,
                 needed,

@@ -147,6 +147,18 @@ impl State {
         self.vms.values().filter_map(move |vm| vm.handoff.filter(|h| h.from == node).map(|h| (vm, h)))
     }
 
+    /// Why a VM named `vm` with `spec` could not be placed on `node` right
+    /// now, by the rules `Place` applies, leaving out the runner (a host
+    /// reports its runners once the guest is installed there, which may be
+    /// after the VM is created) and drain/down. `None`: it fits. The API
+    /// uses this to refuse a pinned VM that cannot fit before creating it.
+    pub fn fit_violation(&self, vm: &str, spec: &VmSpec, node: NodeId) -> Option<Rejection> {
+        match self.members.get(&node) {
+            Some(member) => apply::fit_violation(self, vm, spec, member),
+            None => Some(Rejection::UnknownNode(node)),
+        }
+    }
+
     /// Takes the set of rows changed since the last call.
     pub fn take_dirty(&mut self) -> Dirty {
         std::mem::take(&mut self.dirty)

@@ -1,0 +1,346 @@
+//! What both gRPC services share: who this agent is, whether it is a member
+//! yet, connections to other agents, and the routing of requests to the
+//! leader.
+//!
+//! An agent is not always a member: one started with neither
+//! `initial_members` nor `join` serves the client API from the start and
+//! becomes a member only when `ClusterJoin` admits it. So the node is not a
+//! fixed field but a [`watch`] the daemon publishes into once the node runs.
+//!
+//! Routing ("users never see not-leader", design decision 9): a write is
+//! handled locally on the leader; any other member forwards it once to the
+//! leader, marked with the [`FORWARDED_HEADER`] metadata so that it is never
+//! forwarded again. While there is no leader the request waits for one, up
+//! to [`LEADER_WAIT`]. Only errors that mean "not applied" (`Unavailable`,
+//! a local not-leader) are retried.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use super::pb;
+use super::pb::blixard_client::BlixardClient;
+use super::pb::peer_client::PeerClient;
+use super::status::{from_node_error, not_member};
+use crate::consensus::Role;
+use crate::node::{LeaderInfo, NodeError, NodeHandle, NodeStatus};
+use crate::state::{Command, CommandKind, NodeId, codec};
+
+/// Marks a request one agent forwarded to another (to the leader): the
+/// receiver handles it itself and never forwards it again.
+pub const FORWARDED_HEADER: &str = "x-blixard-forwarded";
+/// How long a request waits for a leader (an election, a leadership
+/// transfer) before failing with `Unavailable`.
+pub const LEADER_WAIT: Duration = Duration::from_secs(8);
+/// Upper bound on one gRPC message in either direction; a peer's or a
+/// client's claimed length is never trusted beyond it.
+pub const GRPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Connection attempts to another agent give up after this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Cached channels to other agents; the cache is cleared beyond this
+/// (members are few; this bounds what stray addresses can pin).
+const CHANNELS_MAX: usize = 256;
+/// Pause between two routing attempts while the status does not change.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// A running member: its node and identity.
+#[derive(Clone)]
+pub struct Membership {
+    pub node: NodeHandle,
+    pub id: NodeId,
+    pub cluster_id: u64,
+}
+
+/// `ClusterJoin` on an uninitialised agent, handed to the daemon (which
+/// owns the store and starts the node).
+#[derive(Debug)]
+pub struct JoinRequest {
+    pub seed: String,
+    pub token: String,
+    pub reply: oneshot::Sender<Result<pb::ClusterJoinResponse, Status>>,
+}
+
+/// The daemon's side of a [`Context`]: publishes the membership and
+/// receives join requests.
+pub struct ContextControl {
+    pub membership: watch::Sender<Option<Membership>>,
+    pub joins: mpsc::Receiver<JoinRequest>,
+}
+
+pub struct Context {
+    /// This agent's `node_name`.
+    pub name: String,
+    /// Where this agent listens, as peers reach it (`host:port`).
+    pub address: String,
+    membership: watch::Receiver<Option<Membership>>,
+    joins: mpsc::Sender<JoinRequest>,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Where a request is handled.
+pub(crate) enum Route {
+    Local(Membership),
+    Leader(LeaderInfo, Channel),
+}
+
+/// The error of a request handled locally: either final, or a node error
+/// that may be retried (after forwarding, or waiting for a leader).
+#[derive(Debug)]
+pub(crate) enum ApiError {
+    Node(NodeError),
+    Status(Status),
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        ApiError::Node(e)
+    }
+}
+
+impl From<Status> for ApiError {
+    fn from(s: Status) -> Self {
+        ApiError::Status(s)
+    }
+}
+
+impl ApiError {
+    /// Not applied, and may succeed elsewhere or a little later.
+    fn is_retryable(&self) -> bool {
+        match self {
+            ApiError::Node(e) => e.is_retryable(),
+            ApiError::Status(_) => false,
+        }
+    }
+
+    fn into_status(self) -> Status {
+        match self {
+            ApiError::Node(e) => from_node_error(&e),
+            ApiError::Status(s) => s,
+        }
+    }
+}
+
+pub(crate) fn is_forwarded<T>(request: &Request<T>) -> bool {
+    request.metadata().contains_key(FORWARDED_HEADER)
+}
+
+fn mark_forwarded<T>(request: &mut Request<T>, deadline: Instant) {
+    request.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    request.set_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100)));
+}
+
+impl Context {
+    pub fn new(name: String, address: String) -> (Arc<Context>, ContextControl) {
+        let (membership_tx, membership_rx) = watch::channel(None);
+        // One join at a time; a second concurrent one is refused.
+        let (joins_tx, joins_rx) = mpsc::channel(1);
+        let context =
+            Context { name, address, membership: membership_rx, joins: joins_tx, channels: Mutex::new(HashMap::new()) };
+        (Arc::new(context), ContextControl { membership: membership_tx, joins: joins_rx })
+    }
+
+    /// The running member, if this agent is one.
+    pub fn membership(&self) -> Option<Membership> {
+        self.membership.borrow().clone()
+    }
+
+    pub(crate) fn member(&self) -> Result<Membership, Status> {
+        self.membership().ok_or_else(not_member)
+    }
+
+    pub(crate) async fn request_join(&self, seed: String, token: String) -> Result<pb::ClusterJoinResponse, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.joins.try_send(JoinRequest { seed, token, reply }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Status::unavailable("a join is already in progress on this agent"),
+            mpsc::error::TrySendError::Closed(_) => Status::unavailable("the agent is shutting down"),
+        })?;
+        rx.await.map_err(|_| Status::unavailable("the agent is shutting down"))?
+    }
+
+    /// A (lazily connecting) channel to the agent at `address`.
+    pub fn channel(&self, address: &str) -> Result<Channel, Status> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = endpoint(address)?.connect_lazy();
+        if channels.len() >= CHANNELS_MAX {
+            channels.clear();
+        }
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    pub(crate) fn blixard_client(channel: Channel) -> BlixardClient<Channel> {
+        BlixardClient::new(channel)
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+    }
+
+    /// Decides where a request runs: here on the leader (or when it was
+    /// forwarded to us), else on the leader; waits for a leader up to
+    /// `deadline`.
+    pub(crate) async fn route(&self, forwarded: bool, deadline: Instant) -> Result<Route, Status> {
+        let member = self.member()?;
+        if forwarded {
+            return Ok(Route::Local(member));
+        }
+        let mut status = member.node.watch_status();
+        loop {
+            let current = status.borrow_and_update().clone();
+            if current.removed {
+                return Err(not_member());
+            }
+            if current.role == Role::Leader {
+                return Ok(Route::Local(member));
+            }
+            if let Some(leader) = current.leader.as_ref().filter(|l| l.id != member.id && !l.address.is_empty()) {
+                let channel = self.channel(&leader.address)?;
+                return Ok(Route::Leader(leader.clone(), channel));
+            }
+            wait_for_change(&mut status, deadline).await.map_err(|()| no_leader(&current))?;
+        }
+    }
+
+    /// Runs a write: locally on the leader, else forwarded once to it.
+    pub(crate) async fn write<Req, Resp>(
+        &self,
+        request: Request<Req>,
+        local: impl Fn(Membership, Req) -> BoxFuture<Result<Resp, ApiError>>,
+        remote: impl Fn(Channel, Request<Req>) -> BoxFuture<Result<tonic::Response<Resp>, Status>>,
+    ) -> Result<tonic::Response<Resp>, Status>
+    where
+        Req: Clone,
+    {
+        let forwarded = is_forwarded(&request);
+        let deadline = Instant::now() + LEADER_WAIT;
+        let request = request.into_inner();
+        loop {
+            match self.route(forwarded, deadline).await? {
+                Route::Local(member) => match local(member.clone(), request.clone()).await {
+                    Ok(response) => return Ok(tonic::Response::new(response)),
+                    Err(e) if e.is_retryable() && !forwarded && Instant::now() < deadline => {
+                        pause_for_change(&member.node, deadline).await;
+                    }
+                    Err(e) => return Err(e.into_status()),
+                },
+                Route::Leader(leader, channel) => {
+                    let mut forward = Request::new(request.clone());
+                    mark_forwarded(&mut forward, deadline);
+                    match remote(channel, forward).await {
+                        Ok(response) => return Ok(response),
+                        // `Unavailable` from an agent means "not applied";
+                        // from the transport, the leader could not be
+                        // reached. Either way: wait for news, try again.
+                        Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                            tracing::debug!(leader = %leader.name, error = %s.message(), "forwarding failed; retrying");
+                            let member = self.member()?;
+                            pause_for_change(&member.node, deadline).await;
+                        }
+                        Err(s) => return Err(s),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs a linearizable read on the local node, waiting for a leader
+    /// (read index needs one) up to [`LEADER_WAIT`].
+    pub(crate) async fn read<T: Send + 'static>(
+        &self,
+        f: impl Fn(&crate::state::State, &crate::consensus::CoreStatus) -> T + Send + Sync + Clone + 'static,
+    ) -> Result<T, Status> {
+        let member = self.member()?;
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            match member.node.read(f.clone()).await {
+                Ok(value) => return Ok(value),
+                Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                    pause_for_change(&member.node, deadline).await
+                }
+                Err(e) => return Err(from_node_error(&e)),
+            }
+        }
+    }
+
+    /// Proposes `kind` on the leader wherever it is: locally when this
+    /// member leads, else through the leader's `Peer.Propose`. Waits for a
+    /// leader up to [`LEADER_WAIT`]. This is how a member reports about
+    /// itself (capacity, labels, address, runners, VM states); the status
+    /// codes are those of the client API.
+    pub async fn propose(&self, kind: CommandKind) -> Result<(), Status> {
+        let member = self.member()?;
+        let request = pb::ProposeRequest {
+            cluster_id: member.cluster_id,
+            command: codec::encode_command(&Command { at_unix_ms: 0, kind: kind.clone() }),
+        };
+        self.write(
+            Request::new(request),
+            move |member, _| {
+                let kind = kind.clone();
+                Box::pin(async move { member.node.propose(kind).await.map(|_| ()).map_err(ApiError::from) })
+            },
+            |channel, request| {
+                Box::pin(async move {
+                    let mut client = PeerClient::new(channel)
+                        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+                        .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+                    client.propose(request).await.map(|r| r.map(|_| ()))
+                })
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// An endpoint for `address` (`host:port`). TLS (issue 6) slots in here.
+pub fn endpoint(address: &str) -> Result<Endpoint, Status> {
+    Endpoint::from_shared(format!("http://{address}"))
+        .map(|e| {
+            e.connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+        })
+        .map_err(|_| Status::invalid_argument(format!("{address:?} is not a HOST:PORT address")))
+}
+
+fn no_leader(status: &NodeStatus) -> Status {
+    Status::unavailable(format!(
+        "no leader was elected within {} s (no quorum; term {})",
+        LEADER_WAIT.as_secs(),
+        status.term
+    ))
+}
+
+/// Waits until the node's status changes or `deadline` passes (`Err`).
+async fn wait_for_change(status: &mut watch::Receiver<NodeStatus>, deadline: Instant) -> Result<(), ()> {
+    let now = Instant::now();
+    if now >= deadline {
+        return Err(());
+    }
+    match tokio::time::timeout(deadline - now, status.changed()).await {
+        Ok(Ok(())) => Ok(()),
+        // The node stopped: its status never changes again.
+        Ok(Err(_)) | Err(_) => Err(()),
+    }
+}
+
+/// Before a retry: wait for the node's status to change (a new leader),
+/// but no longer than a short pause, so that a retry also happens when the
+/// status already changed before we looked.
+async fn pause_for_change(node: &NodeHandle, deadline: Instant) {
+    let mut status = node.watch_status();
+    status.mark_unchanged();
+    let until = deadline.min(Instant::now() + RETRY_PAUSE);
+    let _ = wait_for_change(&mut status, until).await;
+}

@@ -1,0 +1,636 @@
+//! Peer traffic between members: the transport the raft thread sends
+//! through ([`PeerTransport`], a [`PeerSender`]) and the `Peer` service that
+//! receives it ([`PeerService`]).
+//!
+//! Sending never blocks the raft thread: [`PeerSender::send`] only appends
+//! to a per-peer queue, and one task per peer drains it, several messages
+//! to one `Peer.Raft` call. A queue holds at most [`PEER_QUEUE_MAX`]
+//! messages and drops the oldest beyond that: Raft retransmits whatever
+//! still matters, and a peer that is down must not make us hold unbounded
+//! memory. A failed call drops its batch, tells Raft the peer is
+//! unreachable (so the leader stops pipelining to it) and backs off.
+//!
+//! Snapshots travel separately, streamed in [`SNAPSHOT_CHUNK_BYTES`] chunks
+//! through `Peer.Snapshot`, and their outcome is always reported with
+//! `report_snapshot`: a leader that never hears back keeps the follower in
+//! snapshot state forever and never replicates to it again.
+//!
+//! The receiving side trusts nothing it is sent: cluster id and recipient
+//! are checked, batch sizes and the snapshot's total size are bounded, each
+//! chunk's CRC-32C is checked before it is assembled and the whole
+//! snapshot's SHA-256 before it is handed to Raft.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use protobuf::Message as _;
+use raft::eraftpb::{Message, MessageType};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, watch};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::context::{ApiError, Context, GRPC_MESSAGE_BYTES_MAX, Membership, is_forwarded};
+use super::pb;
+use super::pb::peer_client::PeerClient;
+use crate::names;
+use crate::node::{AddressBook, NodeHandle, PeerSender};
+use crate::state::{MembershipChange, NodeId, codec, limits};
+
+/// Messages queued for one peer before the oldest are dropped.
+pub const PEER_QUEUE_MAX: usize = 4096;
+/// Raft messages in one `Peer.Raft` call, sent or accepted.
+pub const RAFT_BATCH_MESSAGES_MAX: usize = 1024;
+/// Encoded bytes of messages in one `Peer.Raft` call the sender aims for;
+/// stays well below [`GRPC_MESSAGE_BYTES_MAX`] (one append message carries
+/// at most 1 MiB of entries).
+const RAFT_BATCH_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Bytes of snapshot data per `SnapshotChunk`.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+/// The largest snapshot a member accepts.
+pub const SNAPSHOT_BYTES_MAX: u64 = 4 * 1024 * 1024 * 1024;
+/// Memory reserved up front for an incoming snapshot, whatever size it
+/// claims; beyond this the buffer grows as data really arrives.
+const SNAPSHOT_PREALLOC_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// One `Peer.Raft` call; Raft's own timeouts are longer than this.
+const RAFT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// One snapshot transfer, all chunks.
+const SNAPSHOT_CALL_TIMEOUT: Duration = Duration::from_secs(300);
+/// Pause after a failed send, doubled up to the max while failures go on.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Who sends: stamped on every batch and chunk.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    pub id: NodeId,
+    pub cluster_id: u64,
+    pub address: String,
+}
+
+struct PeerQueue {
+    messages: Mutex<VecDeque<Message>>,
+    ready: Notify,
+}
+
+struct Shared {
+    me: Sender,
+    addresses: AddressBook,
+    /// The node to report to; set once it runs (the raft thread may send
+    /// before `Node::start` has returned its handle).
+    node: watch::Receiver<Option<NodeHandle>>,
+    closed: AtomicBool,
+}
+
+impl Shared {
+    fn address_of(&self, peer: NodeId) -> Option<String> {
+        self.addresses.read().unwrap_or_else(|e| e.into_inner()).get(&peer).cloned()
+    }
+
+    fn report_unreachable(&self, peer: NodeId) {
+        if let Some(node) = self.node.borrow().as_ref() {
+            node.report_unreachable(peer);
+        }
+    }
+
+    /// Reports a snapshot's outcome, waiting for the node if it is not
+    /// attached yet: this report must never be lost.
+    async fn report_snapshot(&self, peer: NodeId, delivered: bool) {
+        let mut node = self.node.clone();
+        if let Ok(node) = node.wait_for(Option::is_some).await
+            && let Some(node) = node.as_ref()
+        {
+            node.report_snapshot(peer, delivered);
+        }
+    }
+}
+
+/// The raft thread's [`PeerSender`]: per-peer queues drained by tokio tasks.
+pub struct PeerTransport {
+    shared: Arc<Shared>,
+    peers: BTreeMap<NodeId, Arc<PeerQueue>>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// Attaches the running node to a [`PeerTransport`] for its reports.
+pub struct TransportLink(watch::Sender<Option<NodeHandle>>);
+
+impl TransportLink {
+    pub fn attach(&self, node: NodeHandle) {
+        self.0.send_replace(Some(node));
+    }
+}
+
+impl PeerTransport {
+    /// A transport whose tasks run on `runtime`.
+    pub fn new(me: Sender, addresses: AddressBook, runtime: tokio::runtime::Handle) -> (Self, TransportLink) {
+        let (node_tx, node_rx) = watch::channel(None);
+        let shared = Arc::new(Shared { me, addresses, node: node_rx, closed: AtomicBool::new(false) });
+        (PeerTransport { shared, peers: BTreeMap::new(), runtime }, TransportLink(node_tx))
+    }
+
+    fn queue(&mut self, peer: NodeId) -> Arc<PeerQueue> {
+        let queue = self.peers.entry(peer).or_insert_with(|| {
+            let queue = Arc::new(PeerQueue { messages: Mutex::new(VecDeque::new()), ready: Notify::new() });
+            self.runtime.spawn(run_peer(self.shared.clone(), peer, queue.clone()));
+            queue
+        });
+        queue.clone()
+    }
+}
+
+impl PeerSender for PeerTransport {
+    fn send(&mut self, to: NodeId, messages: Vec<Message>) {
+        let mut plain = Vec::with_capacity(messages.len());
+        for message in messages {
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                self.runtime.spawn(send_snapshot(self.shared.clone(), to, message));
+            } else {
+                plain.push(message);
+            }
+        }
+        if plain.is_empty() {
+            return;
+        }
+        let queue = self.queue(to);
+        {
+            let mut queued = queue.messages.lock().unwrap_or_else(|e| e.into_inner());
+            queued.extend(plain);
+            let excess = queued.len().saturating_sub(PEER_QUEUE_MAX);
+            if excess > 0 {
+                queued.drain(..excess);
+                tracing::debug!(peer = to, dropped = excess, "peer queue full; dropped the oldest messages");
+            }
+        }
+        queue.ready.notify_one();
+    }
+}
+
+impl Drop for PeerTransport {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        for queue in self.peers.values() {
+            queue.ready.notify_one();
+        }
+    }
+}
+
+fn peer_client(channel: Channel) -> PeerClient<Channel> {
+    PeerClient::new(channel)
+        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+}
+
+/// Takes the next batch off `queue`: up to the message and byte bounds.
+fn next_batch(queue: &PeerQueue) -> Vec<Vec<u8>> {
+    let mut queued = queue.messages.lock().unwrap_or_else(|e| e.into_inner());
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    while batch.len() < RAFT_BATCH_MESSAGES_MAX {
+        let Some(message) = queued.front() else { break };
+        let size = message.compute_size() as usize;
+        if !batch.is_empty() && bytes + size > RAFT_BATCH_BYTES_MAX {
+            break;
+        }
+        let message = queued.pop_front().expect("peeked above");
+        match message.write_to_bytes() {
+            Ok(encoded) => {
+                bytes += encoded.len();
+                batch.push(encoded);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode a raft message; dropped it"),
+        }
+    }
+    batch
+}
+
+/// Sends `peer`'s queued messages until the transport is dropped.
+async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
+    let mut connection: Option<(String, PeerClient<Channel>)> = None;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        if shared.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let batch = next_batch(&queue);
+        if batch.is_empty() {
+            queue.ready.notified().await;
+            continue;
+        }
+        let Some(address) = shared.address_of(peer) else {
+            tracing::debug!(peer, "no address known for this peer; dropped its messages");
+            shared.report_unreachable(peer);
+            continue;
+        };
+        let client = match &connection {
+            Some((known, client)) if *known == address => client.clone(),
+            _ => match super::context::endpoint(&address) {
+                Ok(endpoint) => {
+                    let client = peer_client(endpoint.connect_lazy());
+                    connection = Some((address.clone(), client.clone()));
+                    client
+                }
+                Err(e) => {
+                    tracing::warn!(peer, address, error = %e.message(), "bad peer address");
+                    shared.report_unreachable(peer);
+                    continue;
+                }
+            },
+        };
+        let request = pb::RaftBatch {
+            cluster_id: shared.me.cluster_id,
+            from: shared.me.id,
+            from_address: shared.me.address.clone(),
+            messages: batch,
+        };
+        let mut client = client;
+        match tokio::time::timeout(RAFT_CALL_TIMEOUT, client.raft(request)).await {
+            Ok(Ok(_)) => backoff = BACKOFF_MIN,
+            outcome => {
+                let error = match outcome {
+                    Ok(Err(status)) => status.message().to_string(),
+                    _ => "timed out".to_string(),
+                };
+                // Logged at debug: a peer that is down fails every
+                // heartbeat, and Raft's own role changes say more.
+                tracing::debug!(peer, address, error, "sending to a peer failed");
+                shared.report_unreachable(peer);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Streams one `MsgSnapshot` to `peer` and always reports the outcome.
+async fn send_snapshot(shared: Arc<Shared>, peer: NodeId, message: Message) {
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(SNAPSHOT_CALL_TIMEOUT, stream_snapshot(&shared, peer, message)).await;
+    let delivered = match outcome {
+        Ok(Ok(size)) => {
+            tracing::info!(peer, bytes = size, ms = started.elapsed().as_millis() as u64, "sent a snapshot");
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(peer, error = %e, "sending a snapshot failed");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(peer, "sending a snapshot timed out");
+            false
+        }
+    };
+    shared.report_snapshot(peer, delivered).await;
+}
+
+/// The chunks of one snapshot message: the header (the message without
+/// its data) and total size on the first, the SHA-256 on the last.
+pub fn snapshot_chunks(me: &Sender, mut message: Message) -> Result<Vec<pb::SnapshotChunk>, String> {
+    let data = message.mut_snapshot().take_data();
+    let header = message.write_to_bytes().map_err(|e| format!("cannot encode the snapshot header: {e}"))?;
+    let sha256 = Sha256::digest(&data).to_vec();
+    let count = data.len().div_ceil(SNAPSHOT_CHUNK_BYTES).max(1);
+    let mut chunks = Vec::with_capacity(count);
+    for i in 0..count {
+        let start = i * SNAPSHOT_CHUNK_BYTES;
+        let end = (start + SNAPSHOT_CHUNK_BYTES).min(data.len());
+        let bytes = data.slice(start..end).to_vec();
+        let first = i == 0;
+        let last = i + 1 == count;
+        chunks.push(pb::SnapshotChunk {
+            cluster_id: me.cluster_id,
+            from: me.id,
+            from_address: me.address.clone(),
+            header: if first { header.clone() } else { Vec::new() },
+            total_size: if first { data.len() as u64 } else { 0 },
+            crc32c: crc32c::crc32c(&bytes),
+            data: bytes,
+            sha256: if last { sha256.clone() } else { Vec::new() },
+            last,
+        });
+    }
+    Ok(chunks)
+}
+
+async fn stream_snapshot(shared: &Shared, peer: NodeId, message: Message) -> Result<usize, String> {
+    let address = shared.address_of(peer).ok_or("no address known for this peer")?;
+    let size = message.get_snapshot().get_data().len();
+    let chunks = snapshot_chunks(&shared.me, message)?;
+    let endpoint = super::context::endpoint(&address).map_err(|e| e.message().to_string())?;
+    let channel = endpoint.connect().await.map_err(|e| format!("cannot connect to {address}: {e}"))?;
+    peer_client(channel)
+        .snapshot(tokio_stream::iter(chunks))
+        .await
+        .map_err(|s| format!("{address} refused it: {}", s.message()))?;
+    Ok(size)
+}
+
+/// Assembles and checks an incoming snapshot stream's chunks.
+#[derive(Debug, Default)]
+pub struct SnapshotAssembler {
+    header: Option<Message>,
+    total_size: u64,
+    data: Vec<u8>,
+    hasher: Sha256,
+}
+
+impl SnapshotAssembler {
+    /// Adds one chunk; returns the complete message after the last one.
+    pub fn push(&mut self, chunk: pb::SnapshotChunk) -> Result<Option<Message>, Status> {
+        if self.header.is_none() {
+            let header = Message::parse_from_bytes(&chunk.header)
+                .map_err(|e| Status::invalid_argument(format!("the snapshot header does not decode: {e}")))?;
+            if header.get_msg_type() != MessageType::MsgSnapshot {
+                return Err(Status::invalid_argument("the snapshot header is not a snapshot message"));
+            }
+            if chunk.total_size > SNAPSHOT_BYTES_MAX {
+                return Err(Status::invalid_argument(format!(
+                    "the snapshot is {} bytes; the limit is {SNAPSHOT_BYTES_MAX}",
+                    chunk.total_size
+                )));
+            }
+            self.total_size = chunk.total_size;
+            self.data = Vec::with_capacity(chunk.total_size.min(SNAPSHOT_PREALLOC_BYTES_MAX) as usize);
+            self.header = Some(header);
+        } else if !chunk.header.is_empty() {
+            return Err(Status::invalid_argument("a snapshot chunk after the first carries a header"));
+        }
+        if crc32c::crc32c(&chunk.data) != chunk.crc32c {
+            return Err(Status::data_loss("a snapshot chunk failed its CRC-32C check"));
+        }
+        if self.data.len() as u64 + chunk.data.len() as u64 > self.total_size {
+            return Err(Status::invalid_argument("the snapshot chunks exceed the announced total size"));
+        }
+        self.hasher.update(&chunk.data);
+        self.data.extend_from_slice(&chunk.data);
+        if !chunk.last {
+            return Ok(None);
+        }
+        if self.data.len() as u64 != self.total_size {
+            return Err(Status::invalid_argument(format!(
+                "the snapshot ended after {} of {} bytes",
+                self.data.len(),
+                self.total_size
+            )));
+        }
+        let digest = std::mem::take(&mut self.hasher).finalize();
+        if digest.as_slice() != chunk.sha256.as_slice() {
+            return Err(Status::data_loss("the snapshot failed its SHA-256 check"));
+        }
+        let mut message = self.header.take().expect("set by the first chunk");
+        message.mut_snapshot().set_data(std::mem::take(&mut self.data).into());
+        Ok(Some(message))
+    }
+}
+
+/// The `Peer` service.
+pub struct PeerService {
+    context: Arc<Context>,
+}
+
+impl PeerService {
+    pub fn new(context: Arc<Context>) -> Self {
+        PeerService { context }
+    }
+
+    /// The running member, after checking the sender's cluster id.
+    fn member_for(&self, cluster_id: u64) -> Result<Membership, Status> {
+        let member = self.context.member()?;
+        if cluster_id != member.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "this agent belongs to cluster {:016x}, not {cluster_id:016x}",
+                member.cluster_id
+            )));
+        }
+        Ok(member)
+    }
+
+    /// Remembers where a peer listens, so that a new member can answer the
+    /// leader before it has the member list.
+    fn learn_address(&self, member: &Membership, from: NodeId, address: &str) {
+        if from == 0 || from == member.id || address.is_empty() || address.len() > limits::ADDRESS_LEN_MAX {
+            return;
+        }
+        let book = member.node.addresses();
+        let known = book.read().unwrap_or_else(|e| e.into_inner()).get(&from).is_some_and(|a| a == address);
+        if !known {
+            book.write().unwrap_or_else(|e| e.into_inner()).insert(from, address.to_string());
+        }
+    }
+}
+
+/// Checks that a decoded raft message is for this member from the sender.
+fn check_message(message: &Message, me: NodeId, from: NodeId) -> Result<(), Status> {
+    if message.to != me {
+        return Err(Status::failed_precondition(format!(
+            "a raft message for member {} reached member {me}",
+            message.to
+        )));
+    }
+    if message.from != from {
+        return Err(Status::invalid_argument("a raft message's sender differs from its batch's"));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for PeerService {
+    async fn raft(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
+        let batch = request.into_inner();
+        let member = self.member_for(batch.cluster_id)?;
+        if batch.messages.len() > RAFT_BATCH_MESSAGES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "{} raft messages in one batch; the limit is {RAFT_BATCH_MESSAGES_MAX}",
+                batch.messages.len()
+            )));
+        }
+        let mut messages = Vec::with_capacity(batch.messages.len());
+        for bytes in &batch.messages {
+            let message = Message::parse_from_bytes(bytes)
+                .map_err(|e| Status::invalid_argument(format!("a raft message does not decode: {e}")))?;
+            check_message(&message, member.id, batch.from)?;
+            messages.push(message);
+        }
+        self.learn_address(&member, batch.from, &batch.from_address);
+        member.node.step(messages);
+        Ok(Response::new(pb::RaftAck {}))
+    }
+
+    async fn snapshot(&self, request: Request<Streaming<pb::SnapshotChunk>>) -> Result<Response<pb::RaftAck>, Status> {
+        let mut stream = request.into_inner();
+        let mut assembler = SnapshotAssembler::default();
+        let mut sender = None;
+        let message = loop {
+            let chunk =
+                stream.message().await?.ok_or_else(|| Status::invalid_argument("the snapshot stream ended early"))?;
+            let member = match &sender {
+                Some((member, _, _)) => member,
+                None => {
+                    let member = self.member_for(chunk.cluster_id)?;
+                    sender = Some((member, chunk.from, chunk.from_address.clone()));
+                    &sender.as_ref().expect("just set").0
+                }
+            };
+            let _ = member;
+            if let Some(message) = assembler.push(chunk)? {
+                break message;
+            }
+        };
+        let (member, from, from_address) = sender.expect("at least one chunk arrived");
+        check_message(&message, member.id, from)?;
+        self.learn_address(&member, from, &from_address);
+        let metadata = message.get_snapshot().get_metadata();
+        tracing::info!(from, index = metadata.index, term = metadata.term, "received a snapshot");
+        member.node.step(vec![message]);
+        Ok(Response::new(pb::RaftAck {}))
+    }
+
+    async fn admit(&self, request: Request<pb::AdmitRequest>) -> Result<Response<pb::AdmitResponse>, Status> {
+        {
+            let admit = request.get_ref();
+            names::validate(&admit.name)
+                .map_err(|e| Status::invalid_argument(format!("invalid node name {:?}: {e}", admit.name)))?;
+            if admit.id == 0 {
+                return Err(Status::invalid_argument("member id 0 is reserved"));
+            }
+            if admit.address.is_empty() || admit.address.len() > limits::ADDRESS_LEN_MAX {
+                return Err(Status::invalid_argument(format!("{:?} is not a HOST:PORT address", admit.address)));
+            }
+        }
+        self.context
+            .write(
+                request,
+                |member, admit| {
+                    Box::pin(async move {
+                        let change =
+                            MembershipChange::AddLearner { id: admit.id, name: admit.name, address: admit.address };
+                        member.node.propose_membership(change).await?;
+                        let members = member
+                            .node
+                            .read_local(|state, _| {
+                                state
+                                    .members()
+                                    .values()
+                                    .map(|m| pb::PeerAddress {
+                                        id: m.id,
+                                        name: m.name.clone(),
+                                        address: m.address.clone(),
+                                    })
+                                    .collect::<Vec<_>>()
+                            })
+                            .await?;
+                        Ok::<_, ApiError>(pb::AdmitResponse { cluster_id: member.cluster_id, members })
+                    })
+                },
+                |channel, request| Box::pin(async move { peer_client(channel).admit(request).await }),
+            )
+            .await
+    }
+
+    async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
+        let member = self.member_for(request.get_ref().cluster_id)?;
+        let command = codec::decode_command(&request.get_ref().command)
+            .map_err(|e| Status::invalid_argument(format!("the command does not decode: {e}")))?;
+        if is_forwarded(&request) {
+            // Forwarded to us because we lead: propose here, never again
+            // elsewhere.
+            return match member.node.propose(command.kind).await {
+                Ok(_) => Ok(Response::new(pb::ProposeResponse {})),
+                Err(e) => Err(e.into()),
+            };
+        }
+        self.context.propose(command.kind).await.map(|()| Response::new(pb::ProposeResponse {}))
+    }
+}
+
+/// Asks the member at `seed` to admit this host as a learner; returns the
+/// cluster id and the current members.
+pub async fn admit(seed: &str, request: pb::AdmitRequest) -> Result<pb::AdmitResponse, Status> {
+    let endpoint = super::context::endpoint(seed)?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot reach {seed}: {}", transport_cause(&e))))?;
+    let mut request = Request::new(request);
+    request.set_timeout(super::context::LEADER_WAIT + Duration::from_secs(2));
+    peer_client(channel).admit(request).await.map(Response::into_inner)
+}
+
+/// The innermost cause of a transport error ("Connection refused"), which
+/// is what an operator needs, rather than tonic's "transport error".
+pub fn transport_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause: &(dyn std::error::Error + 'static) = error;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot_message(data_len: usize) -> Message {
+        let mut message = Message::default();
+        message.set_msg_type(MessageType::MsgSnapshot);
+        message.to = 2;
+        message.from = 1;
+        let data: Vec<u8> = (0..data_len).map(|i| (i % 251) as u8).collect();
+        message.mut_snapshot().set_data(data.into());
+        message.mut_snapshot().mut_metadata().index = 42;
+        message
+    }
+
+    fn me() -> Sender {
+        Sender { id: 1, cluster_id: 7, address: "127.0.0.1:7000".into() }
+    }
+
+    #[test]
+    fn snapshots_round_trip_through_chunks() {
+        for len in [0, 1, SNAPSHOT_CHUNK_BYTES, 2 * SNAPSHOT_CHUNK_BYTES + 5] {
+            let message = snapshot_message(len);
+            let chunks = snapshot_chunks(&me(), message.clone()).unwrap();
+            assert_eq!(chunks.len(), len.div_ceil(SNAPSHOT_CHUNK_BYTES).max(1));
+            let mut assembler = SnapshotAssembler::default();
+            let mut out = None;
+            for chunk in chunks {
+                assert!(out.is_none());
+                out = assembler.push(chunk).unwrap();
+            }
+            assert_eq!(out.unwrap(), message);
+        }
+    }
+
+    #[test]
+    fn corrupt_or_oversized_snapshots_are_refused() {
+        let chunks = snapshot_chunks(&me(), snapshot_message(SNAPSHOT_CHUNK_BYTES + 10)).unwrap();
+
+        let mut flipped = chunks.clone();
+        flipped[1].data[3] ^= 1;
+        let mut assembler = SnapshotAssembler::default();
+        assembler.push(flipped[0].clone()).unwrap();
+        assert_eq!(assembler.push(flipped[1].clone()).unwrap_err().code(), tonic::Code::DataLoss);
+
+        let mut bad_sha = chunks.clone();
+        bad_sha[1].sha256[0] ^= 1;
+        let mut assembler = SnapshotAssembler::default();
+        assembler.push(bad_sha[0].clone()).unwrap();
+        assert_eq!(assembler.push(bad_sha[1].clone()).unwrap_err().code(), tonic::Code::DataLoss);
+
+        let mut huge = chunks.clone();
+        huge[0].total_size = SNAPSHOT_BYTES_MAX + 1;
+        assert_eq!(
+            SnapshotAssembler::default().push(huge[0].clone()).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+
+        let mut short = chunks;
+        short[0].total_size = 10;
+        assert_eq!(
+            SnapshotAssembler::default().push(short[0].clone()).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+}

@@ -1,0 +1,559 @@
+//! The client API (`service Blixard`): what the CLI talks to.
+//!
+//! Any member accepts any request. Writes run on the leader (forwarded
+//! there once by [`Context::write`]); reads are linearizable, served by the
+//! receiving member after a read-index round. Requests are validated here,
+//! at the edge, with the same rules the state machine applies again, so a
+//! malformed request is refused before it costs a Raft round and nothing
+//! is ever half-done: a refused request changes nothing.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::context::{ApiError, Context, Membership, is_forwarded};
+use super::pb;
+use super::pb::blixard_server::Blixard;
+use super::status::from_rejection;
+use crate::consensus::{CoreStatus, Role};
+use crate::names;
+use crate::node::NodeStatus;
+use crate::state::{
+    CommandKind, Desired, Labels, Member, MemberStatus, MembershipChange, NodeId, Rejection, State, Vm, VmSpec,
+    VmState, limits,
+};
+
+/// A VM as the API shows it. `explain` adds why a VM that is not running
+/// is not (`scheduler::why_pending`); it is left out of lists because it
+/// costs a pass over the whole cluster per VM.
+pub fn vm_info(state: &State, vm: &Vm, explain: bool) -> pb::VmInfo {
+    let node = vm.placement.and_then(|p| state.member(p.node)).map(|m| m.name.clone()).unwrap_or_default();
+    pb::VmInfo {
+        name: vm.name.clone(),
+        node,
+        desired: vm.spec.desired.to_string(),
+        state: vm.observed.state.to_string(),
+        vcpu: vm.spec.vcpu,
+        memory_mib: vm.spec.memory_mib,
+        since_unix_ms: vm.observed.since_unix_ms,
+        last_error: vm.observed.last_error.clone().unwrap_or_default(),
+        labels: vm.spec.labels.clone().into_iter().collect(),
+        pinned_node: vm.spec.node.clone().unwrap_or_default(),
+        anti_affinity: vm.spec.anti_affinity.clone().unwrap_or_default(),
+        pending_reason: if explain && matches!(vm.observed.state, VmState::Pending | VmState::Failed) {
+            crate::scheduler::why_pending(state, &crate::scheduler::Policy::default(), &vm.name)
+        } else {
+            String::new()
+        },
+        generation: vm.generation,
+    }
+}
+
+fn role_of(member: &Member, leader: Option<NodeId>) -> &'static str {
+    if member.learner {
+        "learner"
+    } else if leader == Some(member.id) {
+        "leader"
+    } else {
+        "follower"
+    }
+}
+
+pub fn node_info(state: &State, member: &Member, leader: Option<NodeId>) -> pb::NodeInfo {
+    let limit = member.capacity.limit();
+    let used = state.used_on(member.id, None);
+    let status = if member.status == MemberStatus::Down {
+        "down"
+    } else if member.drain {
+        "draining"
+    } else {
+        "up"
+    };
+    pb::NodeInfo {
+        name: member.name.clone(),
+        id: member.id,
+        address: member.address.clone(),
+        status: status.to_string(),
+        role: role_of(member, leader).to_string(),
+        vcpu_total: limit.vcpu,
+        vcpu_used: used.vcpu,
+        memory_mib_total: limit.memory_mib,
+        memory_mib_used: used.memory_mib,
+        labels: member.labels.clone().into_iter().collect(),
+        vms: state.vms_on(member.id).count() as u32,
+    }
+}
+
+/// The cluster as this member sees it. Only the leader knows which peers
+/// are active; a follower reports members as healthy by their replicated
+/// status alone.
+fn cluster_status(state: &State, core: &CoreStatus, node: &NodeStatus, me: &Membership) -> pb::ClusterStatusResponse {
+    let leader = core.leader;
+    let members = state
+        .members()
+        .values()
+        .map(|m| {
+            let active =
+                if core.role == Role::Leader { m.id == me.id || node.active_peers.contains(&m.id) } else { true };
+            pb::MemberStatus {
+                id: m.id,
+                name: m.name.clone(),
+                address: m.address.clone(),
+                role: role_of(m, leader).to_string(),
+                healthy: m.status == MemberStatus::Up && active,
+            }
+        })
+        .collect();
+    pb::ClusterStatusResponse {
+        leader: leader.and_then(|id| state.member(id)).map(|m| m.name.clone()).unwrap_or_default(),
+        term: core.term,
+        members,
+        commit_index: core.commit,
+        applied_index: core.applied,
+        member: true,
+        name: node.name.clone(),
+        id: me.id,
+        cluster_id: me.cluster_id,
+    }
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), Status> {
+    names::validate(name).map_err(|e| Status::invalid_argument(format!("invalid {what} name {name:?}: {e}")))
+}
+
+/// Validates a create request and turns it into a spec.
+fn spec_of(request: &pb::VmCreateRequest) -> Result<VmSpec, Status> {
+    check_name("VM", &request.name)?;
+    if request.vcpu == 0 || request.vcpu > limits::VM_VCPU_MAX {
+        return Err(Status::invalid_argument(format!(
+            "vcpu must be between 1 and {}, not {}",
+            limits::VM_VCPU_MAX,
+            request.vcpu
+        )));
+    }
+    if !(limits::VM_MEMORY_MIB_MIN..=limits::VM_MEMORY_MIB_MAX).contains(&request.memory_mib) {
+        return Err(Status::invalid_argument(format!(
+            "memory must be between {} and {} MiB, not {}",
+            limits::VM_MEMORY_MIB_MIN,
+            limits::VM_MEMORY_MIB_MAX,
+            request.memory_mib
+        )));
+    }
+    let node = (!request.node.is_empty()).then(|| request.node.clone());
+    if let Some(node) = &node {
+        check_name("node", node)?;
+    }
+    let anti_affinity = (!request.anti_affinity.is_empty()).then(|| request.anti_affinity.clone());
+    if let Some(group) = &anti_affinity {
+        check_name("anti-affinity group", group)?;
+    }
+    let labels: Labels = request.labels.clone().into_iter().collect();
+    let spec = VmSpec {
+        vcpu: request.vcpu,
+        memory_mib: request.memory_mib,
+        labels,
+        node,
+        anti_affinity,
+        desired: if request.stopped { Desired::Stopped } else { Desired::Running },
+    };
+    // The label rules live in the state machine; ask it with a dry run so
+    // the edge and apply can never disagree.
+    let mut probe = State::default();
+    let command = crate::state::Command {
+        at_unix_ms: 0,
+        kind: CommandKind::CreateVm { name: request.name.clone(), spec: spec.clone() },
+    };
+    if let Err(rejection) = probe.apply(&command) {
+        return Err(from_rejection(&rejection));
+    }
+    Ok(spec)
+}
+
+/// Reads a VM's info after a write on the leader (its state already
+/// reflects the write).
+async fn vm_after_write(member: &Membership, name: String) -> Result<pb::VmInfo, ApiError> {
+    let info = member
+        .node
+        .read_local(move |state, _| {
+            state.vm(&name).map(|vm| vm_info(state, vm, false)).ok_or(Rejection::UnknownVm(name))
+        })
+        .await?;
+    info.map_err(|r| ApiError::Status(from_rejection(&r)))
+}
+
+async fn node_after_write(member: &Membership, id: NodeId) -> Result<pb::NodeInfo, ApiError> {
+    let info = member
+        .node
+        .read_local(move |state, core| {
+            state.member(id).map(|m| node_info(state, m, core.leader)).ok_or(Rejection::UnknownNode(id))
+        })
+        .await?;
+    info.map_err(|r| ApiError::Status(from_rejection(&r)))
+}
+
+/// Looks a member up by name in the local (leader's) state.
+async fn member_id(member: &Membership, name: String) -> Result<NodeId, ApiError> {
+    let id = member
+        .node
+        .read_local(move |state, _| state.member_by_name(&name).map(|m| m.id).ok_or(Rejection::UnknownNodeName(name)))
+        .await?;
+    id.map_err(|r| ApiError::Status(from_rejection(&r)))
+}
+
+fn client(channel: tonic::transport::Channel) -> pb::blixard_client::BlixardClient<tonic::transport::Channel> {
+    Context::blixard_client(channel)
+}
+
+pub struct BlixardService {
+    context: Arc<Context>,
+}
+
+impl BlixardService {
+    pub fn new(context: Arc<Context>) -> Self {
+        BlixardService { context }
+    }
+
+    async fn set_desired(
+        &self,
+        request: Request<pb::VmRequest>,
+        desired: Desired,
+    ) -> Result<Response<pb::VmInfo>, Status> {
+        check_name("VM", &request.get_ref().name)?;
+        self.context
+            .write(
+                request,
+                move |member, request| {
+                    Box::pin(async move {
+                        member.node.propose(CommandKind::SetDesired { name: request.name.clone(), desired }).await?;
+                        vm_after_write(&member, request.name).await
+                    })
+                },
+                move |channel, request| {
+                    Box::pin(async move {
+                        match desired {
+                            Desired::Running => client(channel).vm_start(request).await,
+                            Desired::Stopped => client(channel).vm_stop(request).await,
+                        }
+                    })
+                },
+            )
+            .await
+    }
+
+    async fn set_drain(
+        &self,
+        request: Request<pb::NodeRequest>,
+        drain: bool,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        check_name("node", &request.get_ref().name)?;
+        self.context
+            .write(
+                request,
+                move |member, request| {
+                    Box::pin(async move {
+                        let id = member_id(&member, request.name).await?;
+                        member.node.propose(CommandKind::SetDrain { node: id, drain }).await?;
+                        node_after_write(&member, id).await
+                    })
+                },
+                move |channel, request| {
+                    Box::pin(async move {
+                        if drain {
+                            client(channel).node_drain(request).await
+                        } else {
+                            client(channel).node_undrain(request).await
+                        }
+                    })
+                },
+            )
+            .await
+    }
+}
+
+#[tonic::async_trait]
+impl Blixard for BlixardService {
+    async fn cluster_status(
+        &self,
+        request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let Some(member) = self.context.membership() else {
+            return Ok(Response::new(pb::ClusterStatusResponse {
+                member: false,
+                name: self.context.name.clone(),
+                ..Default::default()
+            }));
+        };
+        let node = member.node.status();
+        if node.removed {
+            return Ok(Response::new(pb::ClusterStatusResponse {
+                member: false,
+                name: node.name,
+                id: member.id,
+                cluster_id: member.cluster_id,
+                ..Default::default()
+            }));
+        }
+        // Only the leader knows which members are active: ask it, and fall
+        // back to this member's own view when it cannot be reached (which
+        // is when an operator needs the status most).
+        if !is_forwarded(&request)
+            && node.role != Role::Leader
+            && let Some(leader) = node.leader.as_ref().filter(|l| l.id != member.id && !l.address.is_empty())
+            && let Ok(channel) = self.context.channel(&leader.address)
+        {
+            let mut forward = Request::new(pb::ClusterStatusRequest {});
+            forward.metadata_mut().insert(super::context::FORWARDED_HEADER, "1".parse().expect("ASCII"));
+            forward.set_timeout(std::time::Duration::from_secs(2));
+            match client(channel).cluster_status(forward).await {
+                Ok(mut response) => {
+                    // Answer as this agent, with the leader's view of the rest.
+                    let body = response.get_mut();
+                    body.name = node.name.clone();
+                    body.id = member.id;
+                    return Ok(response);
+                }
+                Err(e) => {
+                    tracing::debug!(leader = %leader.name, error = %e.message(), "cluster status from the leader failed")
+                }
+            }
+        }
+        let me = member.clone();
+        let response = member.node.read_local(move |state, core| cluster_status(state, core, &node, &me)).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn cluster_join(
+        &self,
+        request: Request<pb::ClusterJoinRequest>,
+    ) -> Result<Response<pb::ClusterJoinResponse>, Status> {
+        if let Some(member) = self.context.membership() {
+            return Err(Status::failed_precondition(format!(
+                "{} is already a member of a cluster (id {}); a member never joins another",
+                self.context.name, member.id
+            )));
+        }
+        let request = request.into_inner();
+        let seed = request.seed.trim_start_matches("http://").trim_start_matches("https://").to_string();
+        if seed.is_empty() || !seed.contains(':') || seed.len() > limits::ADDRESS_LEN_MAX {
+            return Err(Status::invalid_argument(format!("{seed:?} is not a HOST:PORT address")));
+        }
+        self.context.request_join(seed, request.token).await.map(Response::new)
+    }
+
+    async fn cluster_leave(
+        &self,
+        request: Request<pb::ClusterLeaveRequest>,
+    ) -> Result<Response<pb::ClusterLeaveResponse>, Status> {
+        let mut request = request;
+        if request.get_ref().node.is_empty() {
+            // Empty: the agent receiving the call (resolved before any
+            // forwarding, which would change who "this agent" is).
+            request.get_mut().node = self.context.name.clone();
+        }
+        check_name("node", &request.get_ref().node)?;
+        self.context.member()?;
+        self.context
+            .write(
+                request,
+                |member, request| {
+                    Box::pin(async move {
+                        let id = member_id(&member, request.node.clone()).await?;
+                        // Removing the leader itself: the node hands
+                        // leadership over first and answers NotLeader,
+                        // and the retry lands on the new leader.
+                        member.node.propose_membership(MembershipChange::Remove { id }).await?;
+                        Ok(pb::ClusterLeaveResponse { name: request.node })
+                    })
+                },
+                |channel, request| Box::pin(async move { client(channel).cluster_leave(request).await }),
+            )
+            .await
+    }
+
+    async fn node_list(
+        &self,
+        _request: Request<pb::NodeListRequest>,
+    ) -> Result<Response<pb::NodeListResponse>, Status> {
+        let nodes = self
+            .context
+            .read(|state, core| state.members().values().map(|m| node_info(state, m, core.leader)).collect())
+            .await?;
+        Ok(Response::new(pb::NodeListResponse { nodes }))
+    }
+
+    async fn node_drain(&self, request: Request<pb::NodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
+        self.set_drain(request, true).await
+    }
+
+    async fn node_undrain(&self, request: Request<pb::NodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
+        self.set_drain(request, false).await
+    }
+
+    async fn vm_create(&self, request: Request<pb::VmCreateRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        spec_of(request.get_ref())?;
+        self.context.member()?;
+        self.context
+            .write(
+                request,
+                |member, request| {
+                    Box::pin(async move {
+                        let spec = spec_of(&request)?;
+                        let name = request.name.clone();
+                        let check_spec = spec.clone();
+                        // Refuse what cannot succeed before proposing, so
+                        // that nothing is created: a duplicate, an unknown
+                        // pinned node, a pinned VM that cannot fit there.
+                        let refusal = member
+                            .node
+                            .read(move |state, _| {
+                                if state.vm(&name).is_some() {
+                                    return Some(Rejection::DuplicateVm(name));
+                                }
+                                let pinned = check_spec.node.as_deref()?;
+                                let Some(node) = state.member_by_name(pinned) else {
+                                    return Some(Rejection::UnknownNodeName(pinned.to_string()));
+                                };
+                                if node.status == MemberStatus::Down {
+                                    return Some(Rejection::NodeUnavailable { node: node.name.clone(), why: "down" });
+                                }
+                                if node.drain {
+                                    return Some(Rejection::NodeUnavailable {
+                                        node: node.name.clone(),
+                                        why: "draining",
+                                    });
+                                }
+                                state.fit_violation(&name, &check_spec, node.id)
+                            })
+                            .await?;
+                        if let Some(rejection) = refusal {
+                            return Err(ApiError::Status(from_rejection(&rejection)));
+                        }
+                        member.node.propose(CommandKind::CreateVm { name: request.name.clone(), spec }).await?;
+                        vm_after_write(&member, request.name).await
+                    })
+                },
+                |channel, request| Box::pin(async move { client(channel).vm_create(request).await }),
+            )
+            .await
+    }
+
+    async fn vm_start(&self, request: Request<pb::VmRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        self.set_desired(request, Desired::Running).await
+    }
+
+    async fn vm_stop(&self, request: Request<pb::VmRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        self.set_desired(request, Desired::Stopped).await
+    }
+
+    async fn vm_delete(&self, request: Request<pb::VmRequest>) -> Result<Response<pb::VmDeleteResponse>, Status> {
+        check_name("VM", &request.get_ref().name)?;
+        self.context
+            .write(
+                request,
+                |member, request| {
+                    Box::pin(async move {
+                        member.node.propose(CommandKind::DeleteVm { name: request.name.clone() }).await?;
+                        Ok(pb::VmDeleteResponse { name: request.name })
+                    })
+                },
+                |channel, request| Box::pin(async move { client(channel).vm_delete(request).await }),
+            )
+            .await
+    }
+
+    async fn vm_migrate(&self, request: Request<pb::VmMigrateRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        check_name("VM", &request.get_ref().name)?;
+        check_name("node", &request.get_ref().to)?;
+        self.context
+            .write(
+                request,
+                |member, request| {
+                    Box::pin(async move {
+                        let (vm, to) = (request.name.clone(), request.to.clone());
+                        let target = member
+                            .node
+                            .read_local(move |state, _| {
+                                let vm = state.vm(&vm).ok_or(Rejection::UnknownVm(vm.clone()))?;
+                                let node = state.member_by_name(&to).ok_or(Rejection::UnknownNodeName(to))?;
+                                let already = vm.placement.is_some_and(|p| p.node == node.id);
+                                Ok::<_, Rejection>((node.id, vm.generation, already))
+                            })
+                            .await?;
+                        let (node, expected_generation, already) =
+                            target.map_err(|r| ApiError::Status(from_rejection(&r)))?;
+                        // Already there: moving it "again" would restart it
+                        // for nothing.
+                        if !already {
+                            member
+                                .node
+                                .propose(CommandKind::Place { vm: request.name.clone(), node, expected_generation })
+                                .await?;
+                        }
+                        vm_after_write(&member, request.name).await
+                    })
+                },
+                |channel, request| Box::pin(async move { client(channel).vm_migrate(request).await }),
+            )
+            .await
+    }
+
+    async fn vm_list(&self, _request: Request<pb::VmListRequest>) -> Result<Response<pb::VmListResponse>, Status> {
+        let vms =
+            self.context.read(|state, _| state.vms().values().map(|vm| vm_info(state, vm, false)).collect()).await?;
+        Ok(Response::new(pb::VmListResponse { vms }))
+    }
+
+    async fn vm_status(&self, request: Request<pb::VmRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        let name = request.into_inner().name;
+        check_name("VM", &name)?;
+        let info = self
+            .context
+            .read(move |state, _| {
+                state.vm(&name).map(|vm| vm_info(state, vm, true)).ok_or(Rejection::UnknownVm(name.clone()))
+            })
+            .await?;
+        info.map(Response::new).map_err(|r| from_rejection(&r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(name: &str, vcpu: u32, memory_mib: u64) -> pb::VmCreateRequest {
+        pb::VmCreateRequest { name: name.into(), vcpu, memory_mib, ..Default::default() }
+    }
+
+    #[test]
+    fn create_requests_are_validated_at_the_edge() {
+        assert!(spec_of(&create("web", 2, 1024)).is_ok());
+        let long = "a".repeat(64);
+        for bad in ["../x", "a b", "x.service", "A", long.as_str(), "é", ""] {
+            assert_eq!(spec_of(&create(bad, 1, 128)).unwrap_err().code(), tonic::Code::InvalidArgument, "{bad}");
+        }
+        for (vcpu, memory) in [(0, 128), (1, 0), (5000, 128), (1, u64::MAX)] {
+            assert_eq!(spec_of(&create("a", vcpu, memory)).unwrap_err().code(), tonic::Code::InvalidArgument);
+        }
+        let mut labelled = create("a", 1, 128);
+        labelled.labels.insert("Bad Key".into(), "v".into());
+        assert_eq!(spec_of(&labelled).unwrap_err().code(), tonic::Code::InvalidArgument);
+        let mut pinned = create("a", 1, 128);
+        pinned.node = "../h1".into();
+        assert_eq!(spec_of(&pinned).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn node_status_words() {
+        let mut state = State::default();
+        let mut member = Member::new(1, "h1", "127.0.0.1:7000");
+        assert_eq!(node_info(&state, &member, Some(1)).status, "up");
+        assert_eq!(node_info(&state, &member, Some(1)).role, "leader");
+        member.drain = true;
+        assert_eq!(node_info(&state, &member, None).status, "draining");
+        member.status = MemberStatus::Down;
+        assert_eq!(node_info(&state, &member, None).status, "down");
+        member.learner = true;
+        assert_eq!(node_info(&state, &member, Some(1)).role, "learner");
+        let _ = state.take_dirty();
+    }
+}

@@ -1,0 +1,565 @@
+//! The daemon: `blixard-agent run`. Opens the store, serves the one gRPC
+//! port, starts (or waits to start) the node, and keeps this host's own
+//! facts in the cluster state.
+//!
+//! How an agent comes to be a member, decided once at start:
+//!
+//! | store            | config               | start                                      |
+//! |------------------|----------------------|--------------------------------------------|
+//! | has an identity  | anything             | restart as that member                     |
+//! | empty            | `initial_members`    | bootstrap with the others (same config)    |
+//! | empty            | `join` seeds         | ask a seed to admit us, retrying, then run |
+//! | empty            | neither              | uninitialised until `ClusterJoin`          |
+//!
+//! An uninitialised agent serves the client API (status says "not a
+//! member"; everything else is `Unavailable`) and never forms a cluster of
+//! its own: a typo in the config must not split a cluster in two.
+//!
+//! Shutdown: the `shutdown` future resolves (SIGTERM/SIGINT in the CLI),
+//! systemd is told STOPPING=1, the server stops accepting, the raft thread
+//! finishes its current batch (every write is durable when its transaction
+//! commits, so there is nothing else to flush) and `run` returns.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::Code;
+use tonic::transport::Server;
+
+use crate::api::context::{Context, ContextControl, GRPC_MESSAGE_BYTES_MAX, JoinRequest, Membership};
+use crate::api::pb;
+use crate::api::peer::{self, PeerService, PeerTransport, Sender};
+use crate::api::service::BlixardService;
+use crate::config::Config;
+use crate::consensus::CoreConfig;
+use crate::node::{self, AddressBook, Node, NodeOptions, Start};
+use crate::reconciler::{BoxFuture, ContactFile, Proposer, Reconciler, ReconcilerConfig};
+use crate::runtime::health::HealthPolicy;
+use crate::state::{Capacity, CommandKind, NodeId, VmSpec};
+use crate::storage::{StorageError, Store};
+
+/// How long a proposal or read may wait inside the node.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between two admission attempts with `join` seeds, doubled up to
+/// the max while they fail.
+const ADMIT_BACKOFF_MIN: Duration = Duration::from_millis(500);
+const ADMIT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How often a member re-checks that the cluster holds its capacity,
+/// labels, address and the declared VMs (cheap when nothing differs).
+const SELF_REPORT_INTERVAL: Duration = Duration::from_secs(30);
+const SELF_REPORT_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Graceful server shutdown waits this long for requests in flight.
+const SERVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Installs the stderr logger (journald picks it up): `log_level` as an
+/// `EnvFilter`, which `RUST_LOG` overrides. Does nothing if a global
+/// subscriber is already installed (tests, or a caller that set its own).
+pub fn init_tracing(log_level: &str) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .or_else(|| tracing_subscriber::EnvFilter::try_new(log_level).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).try_init();
+}
+
+/// Tells systemd (when it started us with `Type=notify`) how we are.
+fn notify(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(false, &[state]) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Runs the agent until `shutdown` resolves. Returns `Err` with one
+/// sentence on a fatal error: the store cannot be opened or fails, the
+/// port is taken, the configuration cannot be served.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    init_tracing(&config.log_level);
+    if config.tls.is_some() {
+        // Serving plaintext when certificates are configured would be a
+        // silent downgrade; refuse until mutual TLS lands.
+        bail!(
+            "invalid configuration: `tls`: mutual TLS is not supported by this version yet; remove the [tls] section"
+        );
+    }
+    if config.metrics_listen.is_some() {
+        tracing::warn!("`metrics_listen` is not served by this version yet; ignoring it");
+    }
+    let config = Arc::new(config);
+    let store = open_store(&config).await?;
+    let runtime = crate::runtime::open(config.runtime, &config.state_dir)
+        .await
+        .map_err(|e| anyhow!("cannot start the {:?} runtime: {e}", config.runtime))?;
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(|e| anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let address = advertised(config.listen);
+    let (context, control) = Context::new(config.node_name.clone(), address.clone());
+
+    let (stop_server, server_stopped) = watch::channel(false);
+    let mut server = tokio::spawn(serve(listener, context.clone(), server_stopped));
+    tracing::info!(name = %config.node_name, listen = %config.listen, data_dir = %config.data_dir.display(), "serving");
+
+    let mut agent = Agent { config: config.clone(), context, control, member: None, reporter: None, runtime };
+    let outcome = agent.run(store, &mut server, shutdown).await;
+
+    notify(sd_notify::NotifyState::Stopping);
+    tracing::info!("stopping");
+    let _ = stop_server.send(true);
+    let node_result = agent.stop_member().await;
+    if !server.is_finished() && tokio::time::timeout(SERVER_DRAIN_TIMEOUT, &mut server).await.is_err() {
+        server.abort();
+    }
+    outcome?;
+    node_result.map_err(|e| anyhow!("the store failed while stopping: {e}"))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// `host:port` as peers reach this agent.
+fn advertised(listen: SocketAddr) -> String {
+    listen.to_string()
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let data_dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || node::open_store(&data_dir))
+        .await
+        .context("opening the store")?
+        .map_err(|e| match e {
+            StorageError::Open { source: redb::DatabaseError::DatabaseAlreadyOpen, .. } => anyhow!(
+                "the data dir {} is in use by another blixard-agent ({} is locked)",
+                config.data_dir.display(),
+                node::STORE_FILE
+            ),
+            e => anyhow!("cannot open the store in {}: {e}", config.data_dir.display()),
+        })?;
+    if let Some(identity) = store.identity()
+        && identity.name != config.node_name
+    {
+        bail!(
+            "the data dir {} belongs to member {:?}, not {:?}; give this host its own data dir or its old node_name",
+            config.data_dir.display(),
+            identity.name,
+            config.node_name
+        );
+    }
+    Ok(store)
+}
+
+async fn serve(
+    listener: TcpListener,
+    context: Arc<Context>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    let peer = pb::peer_server::PeerServer::new(PeerService::new(context.clone()))
+        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    let blixard = pb::blixard_server::BlixardServer::new(BlixardService::new(context))
+        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    server_builder()
+        .add_service(peer)
+        .add_service(blixard)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        })
+        .await
+}
+
+/// The server's transport settings. Mutual TLS (issue 6) slots in here as
+/// `.tls_config(...)`, and in `api::context::endpoint` for the client side.
+fn server_builder() -> Server {
+    Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        // Bounds the work one connection can queue on us.
+        .concurrency_limit_per_connection(256)
+}
+
+struct Running {
+    node: Node,
+    reconciler: JoinHandle<()>,
+}
+
+struct Agent {
+    config: Arc<Config>,
+    context: Arc<Context>,
+    control: ContextControl,
+    member: Option<Running>,
+    reporter: Option<JoinHandle<()>>,
+    /// Opened once at start: the systemd runtime re-adopts running guests.
+    runtime: Arc<dyn crate::runtime::Runtime>,
+}
+
+impl Agent {
+    async fn run(
+        &mut self,
+        store: Store,
+        server: &mut JoinHandle<Result<(), tonic::transport::Error>>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut store = Some(store);
+        let identity = store.as_ref().and_then(|s| s.identity().cloned());
+        if identity.is_some() || !self.config.initial_members.is_empty() {
+            let mut store = store.take().expect("not taken yet");
+            let mode = if identity.is_some() { "restarting as a member" } else { "bootstrapping" };
+            node::prepare_store(
+                &mut store,
+                &self.config.node_name,
+                &Start::InitialMembers(&self.config.initial_members),
+            )
+            .map_err(|e| anyhow!("cannot prepare the store: {e}"))?;
+            tracing::info!(mode, "starting the node");
+            self.start_member(store, BTreeMap::new())?;
+        } else if self.config.join.is_empty() {
+            tracing::info!("not a member of any cluster; waiting for `blixard-agent cluster join ADDRESS`");
+        }
+        // Ready once serving, member or not: admission may take long.
+        notify(sd_notify::NotifyState::Ready);
+        let mut watchdog = watchdog_interval();
+
+        // A joiner keeps one id across its admission attempts, so an
+        // attempt that landed but whose answer was lost is recognised.
+        let join_id = node::random_member_id();
+        let mut admit_backoff = ADMIT_BACKOFF_MIN;
+        let mut next_admit = tokio::time::Instant::now();
+        let mut node_status = self.member.as_ref().map(|m| m.node.handle().watch_status());
+        loop {
+            let admitting = store.is_some() && !self.config.join.is_empty();
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                result = &mut *server => {
+                    return match result {
+                        Ok(Ok(())) => Err(anyhow!("the gRPC server stopped unexpectedly")),
+                        Ok(Err(e)) => Err(anyhow!("the gRPC server failed: {}", peer::transport_cause(&e))),
+                        Err(e) => Err(anyhow!("the gRPC server task failed: {e}")),
+                    };
+                }
+                changed = async { node_status.as_mut().expect("guarded").changed().await }, if node_status.is_some() => {
+                    if changed.is_err() {
+                        // The raft thread ended on its own: a storage failure.
+                        let running = self.member.take().expect("a status implies a node");
+                        let result = tokio::task::spawn_blocking(move || running.node.shutdown()).await;
+                        return match result {
+                            Ok(Err(e)) => Err(anyhow!("the store failed: {e}")),
+                            _ => Err(anyhow!("the raft thread stopped unexpectedly")),
+                        };
+                    }
+                }
+                request = self.control.joins.recv(), if store.is_some() => {
+                    let Some(request) = request else { continue };
+                    let JoinRequest { seed, token, reply } = request;
+                    let outcome = self.join(&mut store, join_id, &seed, token).await;
+                    if outcome.is_ok() {
+                        node_status = self.member.as_ref().map(|m| m.node.handle().watch_status());
+                    }
+                    let _ = reply.send(outcome);
+                }
+                () = tokio::time::sleep_until(next_admit), if admitting => {
+                    let seeds = self.config.join.clone();
+                    let token = self.join_token()?;
+                    let mut joined = false;
+                    for seed in &seeds {
+                        match self.join(&mut store, join_id, seed, token.clone()).await {
+                            Ok(_) => { joined = true; break; }
+                            Err(status) if is_final(&status) => {
+                                return Err(anyhow!("{seed} refused to admit this host: {}", status.message()));
+                            }
+                            Err(status) => tracing::warn!(seed, error = %status.message(), "admission failed; retrying"),
+                        }
+                    }
+                    if joined {
+                        node_status = self.member.as_ref().map(|m| m.node.handle().watch_status());
+                    } else {
+                        next_admit = tokio::time::Instant::now() + admit_backoff;
+                        admit_backoff = (admit_backoff * 2).min(ADMIT_BACKOFF_MAX);
+                    }
+                }
+                _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                    // Only a working agent pets the watchdog: a dead raft
+                    // thread is caught above, a wedged runtime never gets here.
+                    notify(sd_notify::NotifyState::Watchdog);
+                }
+            }
+        }
+    }
+
+    fn join_token(&self) -> anyhow::Result<String> {
+        match &self.config.join_token_file {
+            None => Ok(String::new()),
+            Some(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| anyhow!("invalid configuration: `join_token_file`: cannot read {}: {e}", path.display())),
+        }
+    }
+
+    /// Asks `seed` to admit this host, then starts the node. On success the
+    /// store has been moved into the node.
+    async fn join(
+        &mut self,
+        store: &mut Option<Store>,
+        id: NodeId,
+        seed: &str,
+        token: String,
+    ) -> Result<pb::ClusterJoinResponse, tonic::Status> {
+        if store.is_none() {
+            return Err(tonic::Status::failed_precondition("this agent is already a member"));
+        }
+        tracing::info!(seed, id, "asking to be admitted to the cluster");
+        let request =
+            pb::AdmitRequest { id, name: self.config.node_name.clone(), address: self.context.address.clone(), token };
+        let admitted = peer::admit(seed, request).await?;
+        let peers: BTreeMap<NodeId, String> =
+            admitted.members.iter().filter(|m| m.id != id).map(|m| (m.id, m.address.clone())).collect();
+        let mut prepared = store.take().expect("checked above");
+        let start = Start::Joined { id, cluster_id: admitted.cluster_id, peers: peers.clone() };
+        if let Err(e) = node::prepare_store(&mut prepared, &self.config.node_name, &start) {
+            *store = Some(prepared);
+            return Err(tonic::Status::internal(format!("cannot record the new identity: {e}")));
+        }
+        // The identity is on disk: from here a failure is fatal for the
+        // store (a restart resumes as this member).
+        self.start_member(prepared, peers).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        tracing::info!(seed, id, cluster_id = format!("{:016x}", admitted.cluster_id), "admitted as a learner");
+        Ok(pb::ClusterJoinResponse { name: self.config.node_name.clone(), id })
+    }
+
+    /// Starts the node over a prepared store and publishes it to the API.
+    fn start_member(&mut self, store: Store, known_peers: BTreeMap<NodeId, String>) -> anyhow::Result<()> {
+        let identity = store.identity().cloned().ok_or_else(|| anyhow!("the store has no identity"))?;
+        let addresses = AddressBook::default();
+        let me = Sender { id: identity.id, cluster_id: identity.cluster_id, address: self.context.address.clone() };
+        let (transport, link) = PeerTransport::new(me, addresses.clone(), tokio::runtime::Handle::current());
+        let raft = &self.config.raft;
+        let options = NodeOptions {
+            tick: Duration::from_millis(raft.tick_ms),
+            core: CoreConfig {
+                election_tick: raft.election_ticks,
+                heartbeat_tick: raft.heartbeat_ticks,
+                log_compact_entries_max: raft.log_compact_entries_max,
+                ..CoreConfig::new(identity.id)
+            },
+            request_timeout: REQUEST_TIMEOUT,
+            timing: self.config.timing,
+            policy: crate::scheduler::Policy { strategy: self.config.strategy, ..crate::scheduler::Policy::default() },
+        };
+        let node = Node::start(store, options, Box::new(transport), addresses, known_peers)
+            .map_err(|e| anyhow!("cannot start the node: {e}"))?;
+        link.attach(node.handle());
+        self.control.membership.send_replace(Some(Membership {
+            node: node.handle(),
+            id: identity.id,
+            cluster_id: identity.cluster_id,
+        }));
+        tracing::info!(id = identity.id, cluster_id = format!("{:016x}", identity.cluster_id), "member running");
+        self.reporter = Some(tokio::spawn(report_self(self.context.clone(), self.config.clone())));
+        let reconciler = Reconciler::new(
+            identity.id,
+            node.handle(),
+            self.runtime.clone(),
+            Arc::new(ContextProposer(self.context.clone())),
+            ReconcilerConfig {
+                timing: self.config.timing,
+                health: HealthPolicy::default(),
+                contact_file: Some(ContactFile::new(self.config.data_dir.join("fence-contact"))),
+            },
+        );
+        let reconciler = tokio::spawn(async move {
+            if let Err(e) = reconciler.run(std::future::pending()).await {
+                tracing::error!(error = %e, "the reconciler stopped; guests on this host are no longer managed");
+            }
+        });
+        self.member = Some(Running { node, reconciler });
+        Ok(())
+    }
+
+    /// Stops the node (if any), waiting for the raft thread to finish.
+    async fn stop_member(&mut self) -> Result<(), StorageError> {
+        if let Some(reporter) = self.reporter.take() {
+            reporter.abort();
+        }
+        self.control.membership.send_replace(None);
+        let Some(running) = self.member.take() else { return Ok(()) };
+        running.reconciler.abort();
+        tokio::task::spawn_blocking(move || running.node.shutdown())
+            .await
+            .unwrap_or_else(|_| Err(StorageError::Redb("the raft thread panicked".into())))
+    }
+}
+
+/// The reconciler proposes through the API context: locally on the
+/// leader, else forwarded to it.
+struct ContextProposer(Arc<Context>);
+
+impl Proposer for ContextProposer {
+    fn propose(&self, kind: CommandKind) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { self.0.propose(kind).await.map_err(|status| status.message().to_string()) })
+    }
+}
+
+/// Errors after which retrying admission cannot help.
+fn is_final(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::InvalidArgument
+            | Code::AlreadyExists
+            | Code::FailedPrecondition
+            | Code::PermissionDenied
+            | Code::NotFound
+    )
+}
+
+/// The watchdog interval systemd asked for (`WATCHDOG_USEC`), halved. As
+/// `sd_watchdog_enabled(3)`: `WATCHDOG_PID`, when set, must be our pid
+/// (the `sd-notify` crate insists on it being set at all).
+fn watchdog_interval() -> Option<tokio::time::Interval> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    if usec == 0 {
+        return None;
+    }
+    let mut interval = tokio::time::interval(Duration::from_micros(usec / 2));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    Some(interval)
+}
+
+/// What the cluster should hold about this host and its declared VMs.
+#[derive(Debug, Clone)]
+struct Desired {
+    capacity: Capacity,
+    labels: crate::state::Labels,
+    address: String,
+}
+
+/// Keeps this host's capacity, labels and address, and the declared VMs,
+/// in the cluster state: at start, then every [`SELF_REPORT_INTERVAL`].
+async fn report_self(context: Arc<Context>, config: Arc<Config>) {
+    let desired = Desired {
+        capacity: config.capacity_or_detected(),
+        labels: config.labels.clone(),
+        address: context.address.clone(),
+    };
+    let mut retry = Duration::from_millis(200);
+    loop {
+        match report_once(&context, &config, &desired).await {
+            Ok(()) => {
+                retry = Duration::from_millis(200);
+                tokio::time::sleep(SELF_REPORT_INTERVAL).await;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e.message(), "reporting this host to the cluster failed; retrying");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(SELF_REPORT_RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// The cluster's view of this host and of the declared VMs, as far as it
+/// differs from the config.
+#[derive(Debug, Default)]
+struct Differences {
+    commands: Vec<CommandKind>,
+}
+
+fn differences(
+    state: &crate::state::State,
+    id: NodeId,
+    desired: &Desired,
+    declared: &[crate::config::DeclaredVm],
+) -> Option<Differences> {
+    let me = state.member(id)?;
+    let mut out = Differences::default();
+    if me.capacity != desired.capacity {
+        out.commands.push(CommandKind::SetCapacity { node: id, capacity: desired.capacity });
+    }
+    if me.labels != desired.labels {
+        out.commands.push(CommandKind::SetLabels { node: id, labels: desired.labels.clone() });
+    }
+    if me.address != desired.address {
+        out.commands.push(CommandKind::SetAddress { node: id, address: desired.address.clone() });
+    }
+    for vm in declared {
+        match state.vm(&vm.name) {
+            None => out.commands.push(CommandKind::CreateVm { name: vm.name.clone(), spec: vm.spec.clone() }),
+            Some(current) => {
+                // `desired` is the initial state only: `vm stop` must
+                // survive an agent restart, so it is never overwritten.
+                let spec = VmSpec { desired: current.spec.desired, ..vm.spec.clone() };
+                if current.spec != spec {
+                    out.commands.push(CommandKind::UpdateVm { name: vm.name.clone(), spec });
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+async fn report_once(context: &Context, config: &Config, desired: &Desired) -> Result<(), tonic::Status> {
+    let member = context.membership().ok_or_else(|| tonic::Status::unavailable("not a member"))?;
+    let id = member.id;
+    let (want, declared) = (desired.clone(), config.vms.clone());
+    let differences = member
+        .node
+        .read(move |state, _| differences(state, id, &want, &declared))
+        .await
+        .map_err(tonic::Status::from)?
+        .ok_or_else(|| tonic::Status::unavailable("this member is not in the member list yet"))?;
+    for command in differences.commands {
+        match context.propose(command.clone()).await {
+            Ok(()) => tracing::info!(?command, "reported to the cluster"),
+            // Another agent declared the same VM first.
+            Err(s) if s.code() == Code::AlreadyExists => {}
+            Err(s) if is_final(&s) => tracing::warn!(?command, error = %s.message(), "the cluster refused a report"),
+            Err(s) => return Err(s),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DeclaredVm;
+    use crate::state::{Command, Desired as VmDesired, Member, State};
+
+    #[test]
+    fn only_differences_are_reported_and_desired_is_kept() {
+        let mut state = State::with_members([Member::new(1, "h1", "127.0.0.1:7000")]);
+        let desired = Desired {
+            capacity: Capacity { vcpu: 4, memory_mib: 4096, ..Capacity::default() },
+            labels: [("rack".to_string(), "r1".to_string())].into(),
+            address: "127.0.0.1:7000".into(),
+        };
+        let web = DeclaredVm { name: "web".into(), spec: VmSpec { vcpu: 1, memory_mib: 128, ..VmSpec::default() } };
+        let diff = differences(&state, 1, &desired, std::slice::from_ref(&web)).unwrap();
+        assert_eq!(diff.commands.len(), 3, "{diff:?}");
+        for kind in diff.commands {
+            state.apply(&Command { at_unix_ms: 1, kind }).unwrap();
+        }
+        assert!(differences(&state, 1, &desired, std::slice::from_ref(&web)).unwrap().commands.is_empty());
+        let stop = CommandKind::SetDesired { name: "web".into(), desired: VmDesired::Stopped };
+        state.apply(&Command { at_unix_ms: 2, kind: stop }).unwrap();
+        assert!(differences(&state, 1, &desired, std::slice::from_ref(&web)).unwrap().commands.is_empty());
+        let bigger = DeclaredVm { name: "web".into(), spec: VmSpec { vcpu: 2, ..web.spec.clone() } };
+        let diff = differences(&state, 1, &desired, &[bigger]).unwrap();
+        assert!(
+            matches!(&diff.commands[..], [CommandKind::UpdateVm { spec, .. }] if spec.vcpu == 2 && spec.desired == VmDesired::Stopped)
+        );
+        assert!(differences(&state, 9, &desired, &[]).is_none());
+    }
+}

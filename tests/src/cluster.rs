@@ -1,0 +1,338 @@
+//! Clusters of real `blixard-agent` processes on loopback addresses, driven through
+//! the generated gRPC client (never the CLI).
+//!
+//! ```no_run
+//! use blixard_systests::cluster::{Cluster, Options};
+//!
+//! let mut cluster = Cluster::start("doc", 3, Options::default()).unwrap();
+//! let leader = cluster.wait_formed(&[0, 1, 2]).unwrap();
+//! cluster.agent_mut(leader).kill(); // SIGKILL
+//! ```
+//!
+//! Each cluster takes its own `127.A.B.0/24` (A and B drawn at random, the port fixed),
+//! so tests run in parallel without sharing ports. Agents' data dirs, configs and logs
+//! live in a temporary directory; when a test panics the logs are printed before it is
+//! removed (set `BLIXARD_CLUSTER_KEEP=1` to keep it).
+
+use std::fmt::Write as _;
+use std::fs;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use blixard::api::pb;
+use blixard::api::pb::blixard_client::BlixardClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{Probe, agent_binary, wait_for};
+
+/// The gRPC port every test agent listens on (on its own address).
+pub const PORT: u16 = 7000;
+/// One client request; agents wait for a leader up to 8 s themselves.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Forming a cluster, electing a leader, catching up: generous for a loaded CI machine.
+pub const FORM_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a SIGTERM'd agent may take to exit.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Set to keep the agents' directories (configs, data, logs) after a test.
+pub const KEEP_ENV: &str = "BLIXARD_CLUSTER_KEEP";
+/// Lines of each agent's log printed when a test fails.
+const LOG_TAIL_LINES: usize = 60;
+
+/// Knobs for the agents' config files.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `[raft] tick_ms`: short ticks make elections (and tests) fast.
+    pub tick_ms: u64,
+    /// `[raft] log_compact_entries_max`.
+    pub log_compact_entries_max: Option<u64>,
+    /// Appended to every agent's config verbatim.
+    pub extra: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { tick_ms: 50, log_compact_entries_max: None, extra: String::new() }
+    }
+}
+
+/// One agent process (running or not) and its files.
+pub struct Agent {
+    pub name: String,
+    /// `host:port` it listens on.
+    pub address: String,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Starts the agent; its stderr is appended to [`Agent::log_path`].
+    pub fn start(&mut self) -> Result<()> {
+        self.start_with_env(&[])
+    }
+
+    /// [`Agent::start`] with extra environment variables (`NOTIFY_SOCKET`, ...).
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
+        if self.child.is_some() {
+            bail!("{} is already running", self.name);
+        }
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let child = Command::new(agent_binary()?)
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .envs(env.iter().copied())
+            .spawn()
+            .with_context(|| format!("starting {}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit (SIGKILL after [`STOP_TIMEOUT`]).
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else { bail!("{} is not running", self.name) };
+        let pid = i32::try_from(child.id()).context("pid")?;
+        // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{} did not exit within {STOP_TIMEOUT:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Cluster {
+    runtime: tokio::runtime::Runtime,
+    /// `127.A.B`; agent i listens on `127.A.B.(i+1)`.
+    prefix: [u8; 3],
+    options: Options,
+    agents: Vec<Agent>,
+    // Last: removed after the agents are killed.
+    dir: tempfile::TempDir,
+}
+
+/// A `127.A.B.0/24` whose first addresses are free on [`PORT`].
+fn free_prefix(agents: usize) -> Result<[u8; 3]> {
+    for _ in 0..100 {
+        let prefix = [127, rand::random_range(16..=250u8), rand::random_range(1..=250u8)];
+        let free = (0..agents).all(|i| {
+            let ip = Ipv4Addr::new(prefix[0], prefix[1], prefix[2], (i + 1) as u8);
+            TcpListener::bind(SocketAddrV4::new(ip, PORT)).is_ok()
+        });
+        if free {
+            return Ok(prefix);
+        }
+    }
+    bail!("found no free 127.A.B.0/24 for {agents} agents")
+}
+
+impl Cluster {
+    /// Writes configs for `initial` agents `h1..hN` sharing one `initial_members` list
+    /// and starts them. `test` names the temporary directory.
+    pub fn start(test: &str, initial: usize, options: Options) -> Result<Cluster> {
+        let dir = tempfile::Builder::new().prefix(&format!("blixard-{test}-")).tempdir()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        // Room for agents added later.
+        let prefix = free_prefix(initial + 4)?;
+        let mut cluster = Cluster { runtime, prefix, options, agents: Vec::new(), dir };
+        let members: Vec<String> =
+            (0..initial).map(|i| format!("{}={}", Self::name_of(i), cluster.address_of(i))).collect();
+        for _ in 0..initial {
+            cluster.add_agent(&format!("initial_members = {}\n", toml_list(&members)))?;
+        }
+        for agent in &mut cluster.agents {
+            agent.start()?;
+        }
+        Ok(cluster)
+    }
+
+    fn name_of(index: usize) -> String {
+        format!("h{}", index + 1)
+    }
+
+    pub fn address_of(&self, index: usize) -> String {
+        let [a, b, c] = self.prefix;
+        format!("{a}.{b}.{c}.{}:{PORT}", index + 1)
+    }
+
+    /// Adds an agent (not started) whose config has `membership` (its
+    /// `initial_members` or `join` line, or nothing) and the cluster's options.
+    pub fn add_agent(&mut self, membership: &str) -> Result<usize> {
+        let index = self.agents.len();
+        let name = Self::name_of(index);
+        let address = self.address_of(index);
+        let dir = self.dir.path().join(&name);
+        fs::create_dir_all(&dir)?;
+        let mut config = format!(
+            "node_name = \"{name}\"\nlisten = \"{address}\"\ndata_dir = \"{}\"\n{membership}",
+            dir.join("data").display()
+        );
+        config.push_str(&self.options.extra);
+        write!(
+            config,
+            "\n[runtime]\nkind = \"process\"\nstate_dir = \"{}\"\n[capacity]\nvcpu = 16\nmemory_mib = 65536\n[raft]\ntick_ms = {}\n",
+            dir.join("microvms").display(),
+            self.options.tick_ms
+        )?;
+        if let Some(max) = self.options.log_compact_entries_max {
+            writeln!(config, "log_compact_entries_max = {max}")?;
+        }
+        let config_path = dir.join("agent.toml");
+        fs::write(&config_path, config)?;
+        let log_path = dir.join("agent.log");
+        self.agents.push(Agent { name, address, dir, config_path, log_path, child: None });
+        Ok(index)
+    }
+
+    pub fn agent(&self, index: usize) -> &Agent {
+        &self.agents[index]
+    }
+
+    pub fn agent_mut(&mut self, index: usize) -> &mut Agent {
+        &mut self.agents[index]
+    }
+
+    pub fn len(&self) -> usize {
+        self.agents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty()
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.agents.iter().position(|a| a.name == name)
+    }
+
+    /// Runs a future (a gRPC call) on the cluster's runtime.
+    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    /// A client of agent `index` (connecting lazily).
+    pub fn client(&self, index: usize) -> BlixardClient<Channel> {
+        let _guard = self.runtime.enter();
+        let channel = Endpoint::from_shared(format!("http://{}", self.agents[index].address))
+            .expect("a valid URI")
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(REQUEST_TIMEOUT)
+            .connect_lazy();
+        BlixardClient::new(channel)
+    }
+
+    /// `ClusterStatus` from agent `index`.
+    pub fn status(&self, index: usize) -> Result<pb::ClusterStatusResponse, tonic::Status> {
+        let mut client = self.client(index);
+        self.block_on(async move { client.cluster_status(pb::ClusterStatusRequest {}).await.map(|r| r.into_inner()) })
+    }
+
+    /// Waits until every agent in `agents` sees exactly those agents as healthy voters
+    /// (no learners) and the same leader; returns the leader's index.
+    pub fn wait_formed(&self, agents: &[usize]) -> Result<usize> {
+        let mut want: Vec<String> = agents.iter().map(|&i| self.agents[i].name.clone()).collect();
+        want.sort();
+        let leader = wait_for(&format!("a cluster of {want:?}"), FORM_TIMEOUT, || {
+            let mut leaders = Vec::new();
+            for &i in agents {
+                let status = match self.status(i) {
+                    Ok(status) => status,
+                    Err(e) => return Ok(Probe::NotYet(format!("{}: {}", self.agents[i].name, e.message()))),
+                };
+                let mut names: Vec<String> = status.members.iter().map(|m| m.name.clone()).collect();
+                names.sort();
+                let ready = status.member
+                    && !status.leader.is_empty()
+                    && names == want
+                    && status.members.iter().all(|m| m.healthy && m.role != "learner");
+                if !ready {
+                    return Ok(Probe::NotYet(format!("{}: {status:?}", self.agents[i].name)));
+                }
+                leaders.push(status.leader);
+            }
+            leaders.dedup();
+            Ok(match leaders.as_slice() {
+                [leader] => Probe::Ready(leader.clone()),
+                _ => Probe::NotYet(format!("the agents disagree on the leader: {leaders:?}")),
+            })
+        })?;
+        self.index_of(&leader).with_context(|| format!("leader {leader} is not one of the agents"))
+    }
+
+    /// Prints every agent's log tail (on a failing test).
+    fn dump_logs(&self) {
+        for agent in &self.agents {
+            let log = agent.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            eprintln!("----- {} ({}) log tail -----\n{}", agent.name, agent.address, tail.join("\n"));
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for agent in &mut self.agents {
+            agent.kill();
+        }
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        if std::env::var_os(KEEP_ENV).is_some() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("a temporary directory"));
+            eprintln!("kept {}", dir.keep().display());
+        }
+    }
+}
+
+fn toml_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("\"{i}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}

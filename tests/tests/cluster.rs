@@ -1,0 +1,388 @@
+//! Real `blixard-agent` processes on loopback addresses, talked to through the
+//! generated gRPC client: formation, failover, catch-up by snapshot, join and leave,
+//! full restarts, forwarding, and refusals.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use blixard::api::pb;
+use blixard_systests::cluster::{Cluster, FORM_TIMEOUT, Options};
+use blixard_systests::{Probe, agent_binary, wait_for, wait_until};
+use tonic::Code;
+
+fn create_request(name: &str) -> pb::VmCreateRequest {
+    pb::VmCreateRequest { name: name.into(), vcpu: 1, memory_mib: 128, ..Default::default() }
+}
+
+fn create(cluster: &Cluster, at: usize, request: pb::VmCreateRequest) -> Result<pb::VmInfo, tonic::Status> {
+    let mut client = cluster.client(at);
+    cluster.block_on(async move { client.vm_create(request).await.map(|r| r.into_inner()) })
+}
+
+fn vm_names(cluster: &Cluster, at: usize) -> Result<BTreeSet<String>, tonic::Status> {
+    let mut client = cluster.client(at);
+    let vms = cluster.block_on(async move { client.vm_list(pb::VmListRequest {}).await })?.into_inner().vms;
+    Ok(vms.into_iter().map(|vm| vm.name).collect())
+}
+
+fn names(prefix: &str, count: usize) -> BTreeSet<String> {
+    (0..count).map(|i| format!("{prefix}{i}")).collect()
+}
+
+fn follower_of(members: &[usize], leader: usize) -> usize {
+    *members.iter().find(|&&i| i != leader).expect("more than one member")
+}
+
+#[test]
+fn three_members_form_a_cluster_and_followers_serve_every_request() -> Result<()> {
+    let cluster = Cluster::start("three", 3, Options::default())?;
+    let leader = cluster.wait_formed(&[0, 1, 2])?;
+    let follower = follower_of(&[0, 1, 2], leader);
+    let other = [0, 1, 2].into_iter().find(|&i| i != leader && i != follower).expect("three members");
+
+    // Writes sent to a follower are forwarded; reads on another follower see them.
+    let created = create(&cluster, follower, create_request("web"))?;
+    assert_eq!(
+        (created.name.as_str(), created.desired.as_str(), created.state.as_str()),
+        ("web", "running", "pending")
+    );
+    assert_eq!(vm_names(&cluster, other)?, ["web".to_string()].into());
+
+    let mut client = cluster.client(other);
+    let stopped = cluster.block_on(client.vm_stop(pb::VmRequest { name: "web".into() }))?.into_inner();
+    assert_eq!(stopped.desired, "stopped");
+    let status = cluster.block_on(client.vm_status(pb::VmRequest { name: "web".into() }))?.into_inner();
+    assert_eq!(status.desired, "stopped");
+    assert!(status.node.is_empty(), "nothing places VMs yet: {status:?}");
+
+    // Every member reported its capacity, so the node list shows it.
+    let nodes = wait_for("every member's capacity", FORM_TIMEOUT, || {
+        let nodes = cluster.block_on(client.node_list(pb::NodeListRequest {}))?.into_inner().nodes;
+        Ok(if nodes.iter().all(|n| n.vcpu_total == 16) {
+            Probe::Ready(nodes)
+        } else {
+            Probe::NotYet(format!("{nodes:?}"))
+        })
+    })?;
+    assert_eq!(nodes.len(), 3);
+    assert!(nodes.iter().all(|n| n.status == "up" && n.memory_mib_total == 65536), "{nodes:?}");
+    let drained = cluster.block_on(client.node_drain(pb::NodeRequest { name: "h2".into() }))?.into_inner();
+    assert_eq!(drained.status, "draining");
+    let undrained = cluster.block_on(client.node_undrain(pb::NodeRequest { name: "h2".into() }))?.into_inner();
+    assert_eq!(undrained.status, "up");
+
+    // Refusals carry the agreed codes, and change nothing.
+    let refused = [
+        (create_request("../x"), Code::InvalidArgument),
+        (create_request("a b"), Code::InvalidArgument),
+        (create_request("x.service"), Code::InvalidArgument),
+        (create_request(&"a".repeat(64)), Code::InvalidArgument),
+        (pb::VmCreateRequest { vcpu: 0, ..create_request("zero") }, Code::InvalidArgument),
+        (pb::VmCreateRequest { memory_mib: u64::MAX, ..create_request("huge") }, Code::InvalidArgument),
+        (create_request("web"), Code::AlreadyExists),
+        (pb::VmCreateRequest { node: "h9".into(), ..create_request("lost") }, Code::NotFound),
+        (pb::VmCreateRequest { node: "h1".into(), vcpu: 64, ..create_request("big") }, Code::FailedPrecondition),
+    ];
+    for (request, code) in refused {
+        let name = request.name.clone();
+        let error = create(&cluster, follower, request).expect_err(&name);
+        assert_eq!(error.code(), code, "{name}: {}", error.message());
+        assert!(!error.message().is_empty() && !error.message().contains('\n'));
+    }
+    assert_eq!(vm_names(&cluster, leader)?, ["web".to_string()].into());
+    let missing = cluster.block_on(client.vm_start(pb::VmRequest { name: "nope".into() })).unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{}", missing.message());
+    let unknown = cluster.block_on(client.node_drain(pb::NodeRequest { name: "h9".into() })).unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{}", unknown.message());
+    let migrate = pb::VmMigrateRequest { name: "web".into(), to: "h9".into() };
+    assert_eq!(cluster.block_on(client.vm_migrate(migrate)).unwrap_err().code(), Code::NotFound);
+    // No host has reported the runner for "web", so it cannot move there.
+    let migrate = pb::VmMigrateRequest { name: "web".into(), to: "h2".into() };
+    let no_runner = cluster.block_on(client.vm_migrate(migrate)).unwrap_err();
+    assert_eq!(no_runner.code(), Code::FailedPrecondition, "{}", no_runner.message());
+
+    let deleted = cluster.block_on(client.vm_delete(pb::VmRequest { name: "web".into() }))?.into_inner();
+    assert_eq!(deleted.name, "web");
+    assert!(vm_names(&cluster, follower)?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn five_members_form_a_cluster() -> Result<()> {
+    let cluster = Cluster::start("five", 5, Options::default())?;
+    let leader = cluster.wait_formed(&[0, 1, 2, 3, 4])?;
+    create(&cluster, (leader + 1) % 5, create_request("a"))?;
+    assert_eq!(vm_names(&cluster, (leader + 2) % 5)?, ["a".to_string()].into());
+    Ok(())
+}
+
+#[test]
+fn a_killed_leader_is_replaced_and_writes_continue() -> Result<()> {
+    let mut cluster = Cluster::start("failover", 3, Options::default())?;
+    let leader = cluster.wait_formed(&[0, 1, 2])?;
+    create(&cluster, leader, create_request("before"))?;
+    let old_term = cluster.status(leader)?.term;
+
+    cluster.agent_mut(leader).kill();
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let new_leader = wait_for("a new leader", FORM_TIMEOUT, || {
+        let status = match cluster.status(survivors[0]) {
+            Ok(status) => status,
+            Err(e) => return Ok(Probe::NotYet(e.message().to_string())),
+        };
+        let old = cluster.agent(leader).name.clone();
+        Ok(if !status.leader.is_empty() && status.leader != old && status.term > old_term {
+            Probe::Ready(status.leader)
+        } else {
+            Probe::NotYet(format!("{status:?}"))
+        })
+    })?;
+    let new_leader = cluster.index_of(&new_leader).context("the leader is an agent")?;
+    assert_ne!(new_leader, leader);
+
+    // The survivors (a follower asks the leader) see the old leader as unhealthy.
+    let old = cluster.agent(leader).name.clone();
+    for &at in &survivors {
+        wait_until("the killed leader to be reported unhealthy", FORM_TIMEOUT, || {
+            let status = cluster.status(at)?;
+            Ok(status.members.iter().any(|m| m.name == old && !m.healthy))
+        })?;
+    }
+
+    // Writes continue, through either survivor.
+    for (i, &at) in survivors.iter().enumerate() {
+        create(&cluster, at, create_request(&format!("after{i}")))?;
+    }
+    let expected: BTreeSet<String> = ["before", "after0", "after1"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(vm_names(&cluster, survivors[0])?, expected);
+
+    // The old leader comes back as a follower and catches up.
+    cluster.agent_mut(leader).start()?;
+    cluster.wait_formed(&[0, 1, 2])?;
+    assert_eq!(vm_names(&cluster, leader)?, expected);
+    Ok(())
+}
+
+#[test]
+fn a_member_behind_the_compacted_log_catches_up_by_snapshot() -> Result<()> {
+    let options = Options { log_compact_entries_max: Some(10), ..Options::default() };
+    let mut cluster = Cluster::start("snapshot", 3, options)?;
+    let leader = cluster.wait_formed(&[0, 1, 2])?;
+    let lagging = follower_of(&[0, 1, 2], leader);
+    let status = cluster.agent_mut(lagging).stop()?;
+    assert!(status.success(), "a SIGTERM'd agent exits cleanly: {status}");
+
+    // Far more entries than the compaction threshold commit without it.
+    let vms = names("vm", 40);
+    for name in &vms {
+        create(&cluster, leader, create_request(name))?;
+    }
+    let commit = cluster.status(leader)?.commit_index;
+
+    cluster.agent_mut(lagging).start()?;
+    wait_for("the restarted member to catch up", FORM_TIMEOUT, || {
+        Ok(match cluster.status(lagging) {
+            Ok(status) if status.applied_index >= commit => Probe::Ready(()),
+            Ok(status) => Probe::NotYet(format!("applied {} of {commit}", status.applied_index)),
+            Err(e) => Probe::NotYet(e.message().to_string()),
+        })
+    })?;
+    let log = cluster.agent(lagging).log();
+    assert!(log.contains("installed a snapshot from the leader"), "no snapshot installed:\n{log}");
+    assert_eq!(vm_names(&cluster, lagging)?, vms);
+    cluster.wait_formed(&[0, 1, 2])?;
+    Ok(())
+}
+
+#[test]
+fn a_host_joins_keeps_its_membership_across_restarts_and_members_leave() -> Result<()> {
+    let mut cluster = Cluster::start("join", 3, Options::default())?;
+    cluster.wait_formed(&[0, 1, 2])?;
+    let joiner = cluster.add_agent("")?;
+    cluster.agent_mut(joiner).start()?;
+
+    // Uninitialised: it answers, says it is not a member, refuses everything else.
+    let status = wait_for("the new agent to answer", FORM_TIMEOUT, || {
+        Ok(match cluster.status(joiner) {
+            Ok(status) => Probe::Ready(status),
+            Err(e) => Probe::NotYet(e.message().to_string()),
+        })
+    })?;
+    assert!(!status.member && status.members.is_empty(), "{status:?}");
+    let refused = vm_names(&cluster, joiner).unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert!(refused.message().contains("cluster join"), "{}", refused.message());
+
+    let mut client = cluster.client(joiner);
+    let seed = cluster.agent(0).address.clone();
+    let joined = cluster.block_on(client.cluster_join(pb::ClusterJoinRequest { seed, token: String::new() }))?;
+    assert_eq!(joined.get_ref().name, "h4");
+    let again = cluster.block_on(
+        client.cluster_join(pb::ClusterJoinRequest { seed: cluster.agent(1).address.clone(), token: String::new() }),
+    );
+    assert_eq!(again.unwrap_err().code(), Code::FailedPrecondition);
+    cluster.wait_formed(&[0, 1, 2, joiner])?;
+
+    // Restarted with its data dir, it is still the same member.
+    cluster.agent_mut(joiner).stop()?;
+    cluster.agent_mut(joiner).start()?;
+    cluster.wait_formed(&[0, 1, 2, joiner])?;
+    let id = joined.get_ref().id;
+    let member = cluster.status(0)?.members.into_iter().find(|m| m.name == "h4").context("h4 is a member")?;
+    assert_eq!(member.id, id);
+
+    // A host with `join` seeds in its config is admitted by itself.
+    let seeded = cluster.add_agent(&format!("join = [\"{}\"]\n", cluster.agent(1).address))?;
+    cluster.agent_mut(seeded).start()?;
+    cluster.wait_formed(&[0, 1, 2, joiner, seeded])?;
+
+    // A follower leaves (asked through the new member), then the leader itself.
+    let leader = cluster.wait_formed(&[0, 1, 2, joiner, seeded])?;
+    let follower = follower_of(&[0, 1, 2], leader);
+    let name = cluster.agent(follower).name.clone();
+    let left = cluster.block_on(client.cluster_leave(pb::ClusterLeaveRequest { node: name.clone() }))?;
+    assert_eq!(left.get_ref().name, name);
+    let mut remaining: Vec<usize> = [0, 1, 2, joiner, seeded].into_iter().filter(|&i| i != follower).collect();
+    cluster.wait_formed(&remaining)?;
+    let leader_name = cluster.agent(leader).name.clone();
+    cluster.block_on(client.cluster_leave(pb::ClusterLeaveRequest { node: leader_name }))?;
+    remaining.retain(|&i| i != leader);
+    let new_leader = cluster.wait_formed(&remaining)?;
+    assert_ne!(new_leader, leader);
+    create(&cluster, joiner, create_request("after-leave"))?;
+    let unknown = cluster.block_on(client.cluster_leave(pb::ClusterLeaveRequest { node: "h9".into() })).unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    // A removed member says so, also after a restart.
+    wait_until("the removed member to know it", FORM_TIMEOUT, || Ok(!cluster.status(follower)?.member))?;
+    cluster.agent_mut(follower).stop()?;
+    cluster.agent_mut(follower).start()?;
+    wait_until("the restarted removed member to answer", FORM_TIMEOUT, || {
+        Ok(cluster.status(follower).is_ok_and(|s| !s.member))
+    })?;
+    cluster.wait_formed(&remaining)?;
+    Ok(())
+}
+
+#[test]
+fn every_member_restarted_at_once_keeps_all_state() -> Result<()> {
+    let mut cluster = Cluster::start("restart", 3, Options::default())?;
+    let leader = cluster.wait_formed(&[0, 1, 2])?;
+    for name in ["a", "b", "c"] {
+        create(&cluster, leader, create_request(name))?;
+    }
+    let mut client = cluster.client(leader);
+    cluster.block_on(client.vm_stop(pb::VmRequest { name: "b".into() }))?;
+    cluster.block_on(client.node_drain(pb::NodeRequest { name: "h3".into() }))?;
+    let before = cluster.status(leader)?;
+
+    for i in 0..3 {
+        let status = cluster.agent_mut(i).stop()?;
+        assert!(status.success(), "h{} exited with {status}", i + 1);
+    }
+    for i in 0..3 {
+        cluster.agent_mut(i).start()?;
+    }
+    cluster.wait_formed(&[0, 1, 2])?;
+
+    let after = cluster.status(0)?;
+    let ids = |s: &pb::ClusterStatusResponse| s.members.iter().map(|m| (m.id, m.name.clone())).collect::<Vec<_>>();
+    assert_eq!(ids(&after), ids(&before));
+    assert!(after.term > before.term, "a new election after the restart");
+    assert_eq!(vm_names(&cluster, 1)?, ["a", "b", "c"].iter().map(|s| s.to_string()).collect());
+    let mut client = cluster.client(2);
+    let b = cluster.block_on(client.vm_status(pb::VmRequest { name: "b".into() }))?.into_inner();
+    assert_eq!(b.desired, "stopped");
+    let nodes = cluster.block_on(client.node_list(pb::NodeListRequest {}))?.into_inner().nodes;
+    let h3 = nodes.iter().find(|n| n.name == "h3").context("h3 listed")?;
+    assert_eq!(h3.status, "draining");
+    Ok(())
+}
+
+/// Runs the agent on `config` and expects it to exit non-zero quickly, saying one line.
+fn refused_config(dir: &std::path::Path, name: &str, config: &str) -> Result<String> {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config)?;
+    let output = Command::new(agent_binary()?).args(["run", "--config"]).arg(&path).output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+    if output.status.success() {
+        bail!("{name}: the agent accepted the config");
+    }
+    let last = stderr.lines().last().unwrap_or_default().to_string();
+    Ok(last)
+}
+
+#[test]
+fn bad_configs_a_taken_data_dir_and_a_taken_port_are_refused() -> Result<()> {
+    let mut cluster = Cluster::start("refusals", 1, Options::default())?;
+    cluster.wait_formed(&[0])?;
+    let dir = cluster.dir().to_path_buf();
+    let address = cluster.agent(0).address.clone();
+    let data_dir = cluster.agent(0).data_dir();
+    let other_address = cluster.address_of(5);
+
+    let malformed = refused_config(&dir, "malformed", "node_name = \"x\"\nlisten = \n")?;
+    assert!(malformed.contains("invalid configuration"), "{malformed}");
+    let unknown_key = refused_config(&dir, "unknown", "node_name = \"x\"\nbogus = 1\n")?;
+    assert!(unknown_key.contains("bogus"), "{unknown_key}");
+    let contradictory = refused_config(
+        &dir,
+        "contradictory",
+        &format!(
+            "node_name = \"h1\"\nlisten = \"{address}\"\ninitial_members = [\"h1={address}\"]\njoin = [\"{other_address}\"]\n"
+        ),
+    )?;
+    assert!(contradictory.contains("`join`"), "{contradictory}");
+
+    // The data dir of a running agent is locked.
+    let second = format!("node_name = \"h1\"\nlisten = \"{other_address}\"\ndata_dir = \"{}\"\n", data_dir.display());
+    let locked = refused_config(&dir, "locked", &second)?;
+    assert!(locked.contains("in use by another blixard-agent"), "{locked}");
+    // The port of a running agent is taken.
+    let port =
+        format!("node_name = \"h1\"\nlisten = \"{address}\"\ndata_dir = \"{}\"\n", dir.join("elsewhere").display());
+    let taken = refused_config(&dir, "port", &port)?;
+    assert!(taken.contains("cannot listen"), "{taken}");
+
+    // A data dir belongs to one member name.
+    cluster.agent_mut(0).stop()?;
+    let renamed = format!("node_name = \"h7\"\nlisten = \"{other_address}\"\ndata_dir = \"{}\"\n", data_dir.display());
+    let wrong = refused_config(&dir, "renamed", &renamed)?;
+    assert!(wrong.contains("belongs to member \"h1\""), "{wrong}");
+
+    let started = std::time::Instant::now();
+    assert!(started.elapsed() < Duration::from_secs(60));
+    Ok(())
+}
+
+#[test]
+fn systemd_is_told_ready_watchdog_and_stopping() -> Result<()> {
+    use std::os::unix::net::UnixDatagram;
+
+    let mut cluster = Cluster::start("notify", 0, Options::default())?;
+    // Uninitialised: ready as soon as it serves, member or not.
+    let agent = cluster.add_agent("")?;
+    let socket_path = cluster.dir().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path)?;
+    socket.set_read_timeout(Some(FORM_TIMEOUT))?;
+    let socket_env = socket_path.to_string_lossy().to_string();
+    cluster.agent_mut(agent).start_with_env(&[("NOTIFY_SOCKET", &socket_env), ("WATCHDOG_USEC", "200000")])?;
+
+    let mut seen = Vec::new();
+    let mut receive = |want: &str| -> Result<()> {
+        let mut buffer = [0u8; 4096];
+        while !seen.iter().any(|m: &String| m.lines().any(|l| l == want)) {
+            let n = socket.recv(&mut buffer).with_context(|| format!("waiting for {want}; seen {seen:?}"))?;
+            seen.push(String::from_utf8_lossy(&buffer[..n]).to_string());
+        }
+        Ok(())
+    };
+    receive("READY=1")?;
+    assert!(!cluster.status(agent)?.member);
+    receive("WATCHDOG=1")?;
+    cluster.agent_mut(agent).stop()?;
+    receive("STOPPING=1")?;
+    Ok(())
+}
