@@ -8,6 +8,7 @@
 pub mod api;
 pub mod config;
 pub mod consensus;
+pub mod daemon;
 pub mod names;
 pub mod node;
 pub mod state;
