@@ -1,6 +1,8 @@
 //! The gRPC surface: generated types, the peer transport and the client
 //! API service. Only this module knows tonic and protobuf wire types.
 
+pub mod client;
+
 /// Generated code for `proto/blixard/v1/api.proto`.
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
