@@ -84,6 +84,26 @@ pub struct Client {
     inner: BlixardClient<Channel>,
     authority: String,
     timeout: Duration,
+    tls: TlsUse,
+}
+
+/// What TLS the client used, to explain a connection the agent closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsUse {
+    Plain,
+    ServerOnly,
+    Mutual,
+}
+
+impl TlsUse {
+    /// A likely reason for an agent to drop the connection at once.
+    fn hint(self) -> &'static str {
+        match self {
+            TlsUse::Plain => "; the agent may require TLS",
+            TlsUse::ServerOnly => "; the agent may require a client certificate",
+            TlsUse::Mutual => "",
+        }
+    }
 }
 
 impl Client {
@@ -92,6 +112,11 @@ impl Client {
     /// usage error, found before any traffic.
     pub async fn connect(options: ConnectOptions) -> Result<Client, ClientError> {
         let ConnectOptions { authority, tls, timeout } = options;
+        let tls_use = match &tls {
+            None => TlsUse::Plain,
+            Some(t) if t.identity.is_none() => TlsUse::ServerOnly,
+            Some(_) => TlsUse::Mutual,
+        };
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{authority}"))
             .map_err(|e| ClientError::rejected(format!("{authority} is not a usable address: {}", deepest(&e))))?
@@ -112,10 +137,10 @@ impl Client {
         }
         let channel = match tokio::time::timeout(timeout, endpoint.connect()).await {
             Err(_) => return Err(timed_out(&authority, timeout)),
-            Ok(Err(e)) => return Err(unreachable(&authority, timeout, &e)),
+            Ok(Err(e)) => return Err(unreachable(&authority, timeout, tls_use, &e)),
             Ok(Ok(channel)) => channel,
         };
-        Ok(Client { inner: BlixardClient::new(channel), authority, timeout })
+        Ok(Client { inner: BlixardClient::new(channel), authority, timeout, tls: tls_use })
     }
 
     pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, ClientError> {
@@ -184,7 +209,7 @@ impl Client {
         request.set_timeout(self.timeout);
         match tokio::time::timeout(self.timeout, f(self.inner.clone(), request)).await {
             Err(_) => Err(timed_out(&self.authority, self.timeout)),
-            Ok(Err(status)) => Err(from_status(&self.authority, self.timeout, &status)),
+            Ok(Err(status)) => Err(from_status(&self.authority, self.timeout, self.tls, &status)),
             Ok(Ok(response)) => Ok(response.into_inner()),
         }
     }
@@ -192,9 +217,9 @@ impl Client {
 
 /// A status from the server keeps its message; one made by the client for
 /// a transport failure (it has a source) says the agent cannot be reached.
-pub fn from_status(authority: &str, timeout: Duration, status: &Status) -> ClientError {
+fn from_status(authority: &str, timeout: Duration, tls: TlsUse, status: &Status) -> ClientError {
     if let Some(source) = std::error::Error::source(status) {
-        return unreachable(authority, timeout, source);
+        return unreachable(authority, timeout, tls, source);
     }
     let message = clip(status.message().trim());
     let message = if message.is_empty() {
@@ -212,13 +237,26 @@ fn timed_out(authority: &str, timeout: Duration) -> ClientError {
     ClientError::failed(format!("timed out after {} s waiting for the agent at {authority}", timeout.as_secs()))
 }
 
-fn unreachable(authority: &str, timeout: Duration, error: &(dyn std::error::Error + 'static)) -> ClientError {
+fn unreachable(
+    authority: &str,
+    timeout: Duration,
+    tls: TlsUse,
+    error: &(dyn std::error::Error + 'static),
+) -> ClientError {
     let cause = deepest(error);
     let lower = cause.to_ascii_lowercase();
     if lower.contains("timed out") || lower.contains("deadline has elapsed") || lower.contains("timeout expired") {
         return timed_out(authority, timeout);
     }
-    ClientError::failed(format!("cannot reach the agent at {authority}: {cause}"))
+    // Refused means nothing listens; closed or reset right away is what a
+    // TLS port does to plain text, or an mTLS port to a client without a
+    // certificate.
+    // ("frame with invalid size" is HTTP/2 reading a TLS alert as a frame.)
+    const DROPPED: &[&str] =
+        &["connection closed", "connection reset", "broken pipe", "unexpected eof", "frame with invalid size"];
+    let dropped = DROPPED.iter().any(|s| lower.contains(s));
+    let hint = if dropped { tls.hint() } else { "" };
+    ClientError::failed(format!("cannot reach the agent at {authority}: {cause}{hint}"))
 }
 
 /// The innermost cause of `error`, which is the one that says what
@@ -289,15 +327,15 @@ mod tests {
     #[test]
     fn server_messages_are_kept() {
         let t = Duration::from_secs(10);
-        let e = from_status("h:1", t, &Status::already_exists("VM \"web\" already exists"));
+        let e = from_status("h:1", t, TlsUse::Plain, &Status::already_exists("VM \"web\" already exists"));
         assert_eq!(e, ClientError::rejected("VM \"web\" already exists"));
-        let e = from_status("h:1", t, &Status::unavailable("no quorum: 1 of 3 members reachable"));
+        let e = from_status("h:1", t, TlsUse::Plain, &Status::unavailable("no quorum: 1 of 3 members reachable"));
         assert_eq!(e.class, ErrorClass::Failed);
-        let e = from_status("h:1", t, &Status::internal(""));
+        let e = from_status("h:1", t, TlsUse::Plain, &Status::internal(""));
         assert_eq!(e.message, "the agent at h:1 answered Internal with no message");
-        let e = from_status("h:1", t, &Status::deadline_exceeded(""));
+        let e = from_status("h:1", t, TlsUse::Plain, &Status::deadline_exceeded(""));
         assert_eq!(e.message, "timed out after 10 s waiting for the agent at h:1");
-        let e = from_status("h:1", t, &Status::invalid_argument("x".repeat(5000)));
+        let e = from_status("h:1", t, TlsUse::Plain, &Status::invalid_argument("x".repeat(5000)));
         assert!(e.message.len() <= MESSAGE_LEN_MAX + '…'.len_utf8());
     }
 
@@ -305,8 +343,14 @@ mod tests {
     fn transport_errors_name_the_innermost_cause() {
         let io = std::io::Error::from_raw_os_error(111);
         let status = Status::from_error(Box::new(io));
-        let e = from_status("127.0.0.1:1", Duration::from_secs(1), &status);
+        let e = from_status("127.0.0.1:1", Duration::from_secs(1), TlsUse::Plain, &status);
         assert_eq!(e, ClientError::failed("cannot reach the agent at 127.0.0.1:1: connection refused"));
+        let reset = Status::from_error(Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)));
+        let e = from_status("h:1", Duration::from_secs(1), TlsUse::ServerOnly, &reset);
+        assert_eq!(
+            e.message,
+            "cannot reach the agent at h:1: connection reset; the agent may require a client certificate"
+        );
         assert_eq!(strip_os_error("No route to host (os error 113)"), "No route to host");
     }
 }
