@@ -105,7 +105,11 @@ Examples:
 pub const VM_STATUS: &str = "\
 Examples:
   blixard-agent vm status web
-  blixard-agent vm status web --json";
+  blixard-agent vm status web --json | jq -r .since
+
+In --json, `since` is an RFC 3339 UTC time (\"2025-01-02T03:04:05.678Z\") and `since_unix_ms` the same \
+instant in Unix milliseconds, both null when unknown; `node`, `last_error` and `pending_reason` are null \
+when empty.";
 
 pub const COMPLETIONS: &str = "\
 Examples:
