@@ -91,6 +91,9 @@ pub enum Request {
 
 /// Turns a parsed client command into the request to send, reading any
 /// file it names. Nothing touches the network here.
+// Requests are built with `..Default::default()` so that fields added to
+// the proto later start out unset instead of breaking the build.
+#[allow(clippy::needless_update)]
 pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
     Ok(match command {
         Command::Cluster(ClusterCommand::Status { client }) => (Request::ClusterStatus, client),
@@ -99,7 +102,7 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
                 Some(path) => read_token(&path)?,
                 None => String::new(),
             };
-            (Request::ClusterJoin(pb::ClusterJoinRequest { seed: address, token }), client)
+            (Request::ClusterJoin(pb::ClusterJoinRequest { seed: address, token, ..Default::default() }), client)
         }
         Command::Cluster(ClusterCommand::Leave { node, client }) => (
             Request::ClusterLeave(pb::ClusterLeaveRequest { node: node.map(|n| n.to_string()).unwrap_or_default() }),
@@ -119,6 +122,7 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
                 labels: labels.into_iter().collect(),
                 anti_affinity: args.anti_affinity.as_ref().map(|n| n.to_string()).unwrap_or_default(),
                 stopped: args.stopped,
+                ..Default::default()
             };
             (Request::VmCreate(request), args.client)
         }
@@ -233,6 +237,7 @@ async fn send(client: &Client, request: Request, json: bool) -> Result<String, C
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_update)] // as in `plan`
 mod tests {
     use super::*;
 
@@ -261,7 +266,7 @@ mod tests {
             (&["cluster", "status"], Request::ClusterStatus),
             (
                 &["cluster", "join", "10.0.0.1:7000"],
-                Request::ClusterJoin(pb::ClusterJoinRequest { seed: "10.0.0.1:7000".into(), token: String::new() }),
+                Request::ClusterJoin(pb::ClusterJoinRequest { seed: "10.0.0.1:7000".into(), ..Default::default() }),
             ),
             (&["cluster", "leave"], Request::ClusterLeave(pb::ClusterLeaveRequest { node: String::new() })),
             (&["cluster", "leave", "h3"], Request::ClusterLeave(pb::ClusterLeaveRequest { node: "h3".into() })),
@@ -303,6 +308,7 @@ mod tests {
                     labels: [("rack".into(), "r1".into()), ("ssd".into(), "yes".into())].into(),
                     anti_affinity: "dbs".into(),
                     stopped: true,
+                    ..Default::default()
                 }),
             ),
             (&["vm", "start", "web"], Request::VmStart("web".into())),

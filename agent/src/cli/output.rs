@@ -357,6 +357,9 @@ fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
 }
 
 #[cfg(test)]
+// The proto only grows; `..Default::default()` keeps these fixtures
+// compiling when it does.
+#[allow(clippy::needless_update)]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -370,12 +373,10 @@ mod tests {
             vcpu: 2,
             memory_mib: 1024,
             since_unix_ms: 1_735_787_045_678,
-            last_error: String::new(),
             labels: [("tier".to_string(), "web".to_string())].into(),
-            pinned_node: String::new(),
-            anti_affinity: String::new(),
             pending_reason: if node.is_empty() { "no host has room for 2 vcpus".into() } else { String::new() },
             generation: 4,
+            ..Default::default()
         }
     }
 
@@ -390,6 +391,7 @@ mod tests {
                     address: "10.0.0.1:7000".into(),
                     role: "leader".into(),
                     healthy: true,
+                    ..Default::default()
                 },
                 pb::MemberStatus {
                     id: 22,
@@ -397,10 +399,12 @@ mod tests {
                     address: "10.0.0.2:7000".into(),
                     role: "follower".into(),
                     healthy: false,
+                    ..Default::default()
                 },
             ],
             commit_index: 10,
             applied_index: 9,
+            ..Default::default()
         }
     }
 
@@ -415,8 +419,8 @@ mod tests {
             vcpu_used: 2,
             memory_mib_total: 16384,
             memory_mib_used: 1024,
-            labels: Default::default(),
             vms: 1,
+            ..Default::default()
         }
     }
 

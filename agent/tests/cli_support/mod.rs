@@ -4,7 +4,10 @@
 //! so a test can check that bad input sent nothing, and that can be told
 //! to answer every call with a given status or after a delay.
 
-#![allow(dead_code)] // Each test crate uses a different part.
+#![allow(dead_code)]
+// Each test crate uses a different part.
+// The proto only grows; `..Default::default()` keeps the fake compiling when it does.
+#![allow(clippy::needless_update)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -89,8 +92,8 @@ fn node(name: &str, id: u64) -> pb::NodeInfo {
         vcpu_used: 0,
         memory_mib_total: 16384,
         memory_mib_used: 0,
-        labels: Default::default(),
         vms: 0,
+        ..Default::default()
     }
 }
 
@@ -235,10 +238,12 @@ impl Blixard for Service {
                         address: n.address.clone(),
                         role: n.role.clone(),
                         healthy: true,
+                        ..Default::default()
                     })
                     .collect(),
                 commit_index: 7,
                 applied_index: 7,
+                ..Default::default()
             })
         })
         .await
