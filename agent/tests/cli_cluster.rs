@@ -5,7 +5,10 @@
 //! placeholder. Run with `cargo test -p blixard-agent --test cli_cluster
 //! -- --ignored`. These tests use nothing but the binary's documented
 //! contract (config file, CLI, `--json` shapes, exit codes), so they do not
-//! depend on the daemon's test helpers.
+//! depend on the daemon's test helpers. All but
+//! `vms_run_migrate_and_drain_through_the_cli` passed against the daemon
+//! branch's work in progress; that one also needs placement, the
+//! reconciler and the process runtime.
 
 mod cli_support;
 
@@ -153,33 +156,65 @@ impl Cluster {
 
 #[test]
 #[ignore = "needs the daemon branch: `run` is a placeholder here"]
-fn vm_lifecycle_through_the_cli() {
+fn vm_and_node_requests_through_the_cli() {
     let c = Cluster::start(3);
 
     let created = c.json(0, &["vm", "create", "web", "--vcpu", "1", "--memory", "64"]);
     for key in ["name", "node", "desired", "state", "vcpu", "memory_mib", "since", "last_error"] {
         assert!(created.get(key).is_some(), "{key} missing from {created}");
     }
-    assert_eq!(created["name"], "web");
-    assert_eq!(created["desired"], "running");
+    assert_eq!(
+        (&created["name"], &created["desired"], &created["vcpu"]),
+        (&"web".into(), &"running".into(), &1.into())
+    );
 
     // Duplicate and unknown node: rejected, exit 2, nothing changed.
     c.cli(1, &["vm", "create", "web", "--vcpu", "2", "--memory", "128"]).assert_error(2, "web");
     c.cli(1, &["vm", "create", "db", "--vcpu", "1", "--memory", "64", "--node", "h9"]).assert_error(2, "h9");
-    let list = c.json(2, &["vm", "list"]);
-    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
-    assert_eq!(list[0]["vcpu"], 1);
+    // Any member answers, with the same state.
+    for i in 0..3 {
+        let list = c.json(i, &["vm", "list"]);
+        assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+        assert_eq!(list[0]["vcpu"], 1);
+        assert_eq!(list[0]["memory_mib"], 64);
+    }
+    let status = c.vm(2, "web");
+    assert!(status["since"].is_string() || status["since"].is_null(), "{status}");
+    assert!(status["node"].is_string() || status["node"].is_null(), "{status}");
 
-    // Any member answers; the VM gets placed and runs.
+    assert_eq!(c.json(1, &["vm", "stop", "web"])["desired"], "stopped");
+    assert_eq!(c.vm(2, "web")["desired"], "stopped");
+    assert_eq!(c.json(2, &["vm", "start", "web"])["desired"], "running");
+    c.cli(0, &["vm", "migrate", "web", "--to", "h9"]).assert_error(2, "h9");
+    c.cli(0, &["vm", "start", "nope"]).assert_error(2, "nope");
+
+    let drained = c.json(0, &["node", "drain", "h2"]);
+    assert_eq!((&drained["name"], &drained["status"]), (&"h2".into(), &"draining".into()));
+    let nodes = c.json(1, &["node", "list"]);
+    let h2 = nodes.as_array().unwrap().iter().find(|n| n["name"] == "h2").cloned().unwrap();
+    assert_eq!(h2["status"], "draining", "{nodes}");
+    assert_eq!(c.json(0, &["node", "undrain", "h2"])["status"], "up");
+    c.cli(0, &["node", "drain", "h9"]).assert_error(2, "h9");
+
+    assert_eq!(c.json(0, &["vm", "delete", "web"]), serde_json::json!({"name": "web"}));
+    c.cli(1, &["vm", "status", "web"]).assert_error(2, "web");
+    assert_eq!(c.json(2, &["vm", "list"]), serde_json::json!([]));
+}
+
+#[test]
+#[ignore = "needs the daemon with scheduler, reconciler and process runtime"]
+fn vms_run_migrate_and_drain_through_the_cli() {
+    let c = Cluster::start(3);
+    c.cli(0, &["vm", "create", "web", "--vcpu", "1", "--memory", "64"]).assert_ok();
     c.wait_until("web to run", |c| c.vm(2, "web")["state"] == "running");
     let status = c.vm(1, "web");
     assert!(status["node"].is_string(), "{status}");
     assert!(status["since"].is_string(), "{status}");
     assert!(status["last_error"].is_null(), "{status}");
 
-    assert_eq!(c.json(0, &["vm", "stop", "web"])["desired"], "stopped");
+    c.cli(0, &["vm", "stop", "web"]).assert_ok();
     c.wait_until("web to stop", |c| c.vm(0, "web")["state"] == "stopped");
-    assert_eq!(c.json(0, &["vm", "start", "web"])["desired"], "running");
+    c.cli(0, &["vm", "start", "web"]).assert_ok();
     c.wait_until("web to run again", |c| c.vm(0, "web")["state"] == "running");
 
     let from = c.vm(0, "web")["node"].as_str().unwrap().to_string();
@@ -189,23 +224,14 @@ fn vm_lifecycle_through_the_cli() {
         let v = c.vm(0, "web");
         v["node"] == to && v["state"] == "running"
     });
-    c.cli(0, &["vm", "migrate", "web", "--to", "h9"]).assert_error(2, "h9");
 
-    // Drain moves it off; undrain lets placements back.
-    let drained = c.json(0, &["node", "drain", to]);
-    assert_eq!(drained["name"], to);
+    c.cli(0, &["node", "drain", to]).assert_ok();
     c.wait_until("web to leave the drained node", |c| {
         let v = c.vm(0, "web");
         v["node"] != to && v["state"] == "running"
     });
-    let nodes = c.json(0, &["node", "list"]);
-    let drained_node = nodes.as_array().unwrap().iter().find(|n| n["name"] == to).unwrap();
-    assert_eq!(drained_node["status"], "draining");
     c.cli(0, &["node", "undrain", to]).assert_ok();
-    c.cli(0, &["node", "drain", "h9"]).assert_error(2, "h9");
-
-    assert_eq!(c.json(0, &["vm", "delete", "web"]), serde_json::json!({"name": "web"}));
-    c.cli(0, &["vm", "status", "web"]).assert_error(2, "web");
+    c.cli(0, &["vm", "delete", "web"]).assert_ok();
     assert_eq!(c.json(0, &["vm", "list"]), serde_json::json!([]));
 }
 
