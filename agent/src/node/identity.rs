@@ -41,6 +41,6 @@ mod tests {
         let a = InitialMember { name: "h1".into(), address: "10.0.0.1:7000".into() };
         let b = InitialMember { name: "h2".into(), address: "10.0.0.2:7000".into() };
         assert_eq!(cluster_id_of(&[a.clone(), b.clone()]), cluster_id_of(&[b.clone(), a.clone()]));
-        assert_ne!(cluster_id_of(&[a.clone()]), cluster_id_of(&[a, b]));
+        assert_ne!(cluster_id_of(std::slice::from_ref(&a)), cluster_id_of(&[a, b]));
     }
 }

@@ -32,11 +32,14 @@ pub enum CommandKind {
     },
     /// Place (or move) `vm` on `node`; refused unless the VM's generation is
     /// still `expected_generation`, so decisions made on stale state lose.
+    /// Moving a placed VM starts a handoff from its old host (see
+    /// `state`'s module documentation).
     Place {
         vm: String,
         node: NodeId,
         expected_generation: u64,
     },
+    /// Takes `vm` off its host; starts a handoff from that host.
     Unplace {
         vm: String,
         expected_generation: u64,
@@ -72,6 +75,21 @@ pub enum CommandKind {
         generation: u64,
         state: VmState,
         last_error: Option<String>,
+    },
+    /// `node`'s reconciler stopped its copy of `vm` held under placement
+    /// `generation`: ends the matching pending handoff.
+    Released {
+        node: NodeId,
+        vm: String,
+        generation: u64,
+    },
+    /// The leader vouches that `from` has fenced itself (it has been down
+    /// for longer than `reschedule_after`): ends the handoff without its
+    /// `Released`. Refused while `from` is an up member.
+    ClearHandoff {
+        vm: String,
+        from: NodeId,
+        expected_generation: u64,
     },
 }
 
@@ -163,6 +181,11 @@ pub enum Effect {
         node: NodeId,
         unplaced: Vec<String>,
     },
+    /// A handoff ended: `from` confirmed its copy stopped, or was fenced.
+    HandoffEnded {
+        vm: String,
+        from: NodeId,
+    },
 }
 
 /// Why a command was refused. Each message is one sentence that tells an
@@ -207,6 +230,10 @@ pub enum Rejection {
     StaleGeneration { vm: String, expected: u64, actual: u64 },
     #[error("VM {vm:?} is not placed on member {node} under generation {generation}")]
     NotPlacedThere { vm: String, node: NodeId, generation: u64 },
+    #[error("VM {vm:?} has no pending handoff from member {node} under generation {generation}")]
+    NoSuchHandoff { vm: String, node: NodeId, generation: u64 },
+    #[error("member {node} is up, so only its own release ends the handoff of VM {vm:?}")]
+    HandoffFromLiveHost { vm: String, node: String },
     #[error("malformed command: {0}")]
     Malformed(String),
 }
@@ -228,6 +255,8 @@ impl State {
                     placement: None,
                     observed: Observed { state: VmState::Pending, since_unix_ms: at, last_error: None },
                     generation: 0,
+                    handoff: None,
+                    moved_from: None,
                 };
                 self.dirty.vms.insert(name.clone());
                 self.vms.insert(name.clone(), vm);
@@ -244,13 +273,16 @@ impl State {
                     self.members.get(&p.node).is_some_and(|m| constraint_violation(self, vm, spec, m).is_none())
                 });
                 let vm = self.vms.get_mut(name).expect("checked above");
-                vm.spec = spec.clone();
                 self.dirty.vms.insert(name.clone());
                 if !keep && vm.placement.is_some() {
                     let from = vm.placement.map(|p| p.node);
+                    // Unplaced before the spec changes: the handoff reserves
+                    // the size of the copy that runs, the old one.
                     unplace(vm, at);
+                    vm.spec = spec.clone();
                     return Ok(Effect::Unplaced { vm: name.clone(), from, generation: vm.generation });
                 }
+                vm.spec = spec.clone();
                 Ok(Effect::VmUpdated { vm: name.clone() })
             }
             CommandKind::DeleteVm { name } => {
@@ -282,6 +314,8 @@ impl State {
                 }
                 let vm = self.vms.get_mut(name).expect("checked above");
                 let from = vm.placement.map(|p| p.node);
+                vm.handoff = handoff_after_leaving(vm, Some(*node));
+                vm.moved_from = from.filter(|from| from != node);
                 vm.generation += 1;
                 vm.placement = Some(Placement { node: *node, generation: vm.generation });
                 vm.observed = Observed { state: VmState::Pending, since_unix_ms: at, last_error: None };
@@ -386,6 +420,39 @@ impl State {
                 self.dirty.vms.insert(name.clone());
                 Ok(Effect::Reported { vm: name.clone(), state: *state })
             }
+            CommandKind::Released { node, vm: name, generation } => {
+                check_name("VM", name)?;
+                let vm = self.vms.get_mut(name).ok_or_else(|| Rejection::UnknownVm(name.clone()))?;
+                if !vm.handoff.is_some_and(|h| h.from == *node && h.generation == *generation) {
+                    return Err(Rejection::NoSuchHandoff { vm: name.clone(), node: *node, generation: *generation });
+                }
+                vm.handoff = None;
+                self.dirty.vms.insert(name.clone());
+                Ok(Effect::HandoffEnded { vm: name.clone(), from: *node })
+            }
+            CommandKind::ClearHandoff { vm: name, from, expected_generation } => {
+                check_name("VM", name)?;
+                let vm = self.vms.get(name).ok_or_else(|| Rejection::UnknownVm(name.clone()))?;
+                check_generation(vm, *expected_generation)?;
+                let Some(handoff) = vm.handoff.filter(|h| h.from == *from) else {
+                    return Err(Rejection::NoSuchHandoff {
+                        vm: name.clone(),
+                        node: *from,
+                        generation: *expected_generation,
+                    });
+                };
+                // A removed member is treated like a down one: it can no
+                // longer release, and the leader fences it the same way.
+                if let Some(member) = self.members.get(&handoff.from)
+                    && member.status == MemberStatus::Up
+                {
+                    return Err(Rejection::HandoffFromLiveHost { vm: name.clone(), node: member.name.clone() });
+                }
+                let vm = self.vms.get_mut(name).expect("checked above");
+                vm.handoff = None;
+                self.dirty.vms.insert(name.clone());
+                Ok(Effect::HandoffEnded { vm: name.clone(), from: *from })
+            }
         }
     }
 
@@ -432,6 +499,11 @@ impl State {
                 if !member.learner && voters <= 1 {
                     return Err(Rejection::LastVoter(*id));
                 }
+                // Its VMs are unplaced with a handoff from it, and handoffs
+                // already from it stay: a removed host that is still alive
+                // runs its copies until it notices, or fences itself for
+                // want of quorum contact. The leader ends these handoffs
+                // with `ClearHandoff` once that is certain (`failure`).
                 let names: Vec<String> = self.vms_on(*id).map(|vm| vm.name.clone()).collect();
                 for name in &names {
                     let vm = self.vms.get_mut(name).expect("listed above");
@@ -493,11 +565,28 @@ impl State {
     }
 }
 
+/// Takes `vm` off its host, starting a handoff from it (the host may still
+/// run its copy).
 fn unplace(vm: &mut Vm, at: u64) {
+    vm.handoff = handoff_after_leaving(vm, None);
+    vm.moved_from = None;
     if vm.placement.take().is_some() {
         vm.generation += 1;
     }
     vm.observed = Observed { state: VmState::Pending, since_unix_ms: at, last_error: None };
+}
+
+/// The handoff `vm` has once it leaves its current placement for `to`
+/// (`None`: unplaced). A pending handoff keeps its `from`: the hosts placed
+/// since were never allowed to start the VM, so the earliest unconfirmed copy
+/// is the only one that may run. Otherwise the current host becomes `from`.
+/// Arriving at `from` itself ends the handoff: that host's copy is the one
+/// that should run.
+fn handoff_after_leaving(vm: &Vm, to: Option<NodeId>) -> Option<Handoff> {
+    let pending = vm
+        .handoff
+        .or_else(|| vm.placement.map(|p| Handoff { from: p.node, generation: p.generation, reserved: vm.size() }));
+    pending.filter(|h| Some(h.from) != to)
 }
 
 fn check_generation(vm: &Vm, expected: u64) -> Result<(), Rejection> {
@@ -855,6 +944,166 @@ mod tests {
         assert_eq!(state.vm("a").unwrap().placement.map(|p| p.node), Some(1));
         let effect = state.apply(&cmd(update(spec(8, 256)))).unwrap();
         assert!(matches!(effect, Effect::Unplaced { from: Some(1), .. }));
+        state.validate().unwrap();
+    }
+
+    fn released(node: NodeId, generation: u64) -> CommandKind {
+        CommandKind::Released { node, vm: "a".into(), generation }
+    }
+
+    fn handoff(state: &State) -> Option<(NodeId, u64)> {
+        state.vm("a").unwrap().handoff.map(|h| (h.from, h.generation))
+    }
+
+    /// Three members; "a" placed on h1 at generation 1.
+    fn three_with_a_on_h1() -> State {
+        let mut state = cluster();
+        state
+            .apply_membership(
+                &MembershipChange::AddLearner { id: 3, name: "h3".into(), address: "127.0.0.3:7000".into() },
+                0,
+            )
+            .unwrap();
+        let capacity = Capacity { vcpu: 4, memory_mib: 4096, ..Capacity::default() };
+        state.apply(&cmd(CommandKind::SetCapacity { node: 3, capacity })).unwrap();
+        state.apply(&cmd(CommandKind::SetRunners { node: 3, runners: vec!["a".into(), "b".into()] })).unwrap();
+        create(&mut state, "a", spec(2, 1024)).unwrap();
+        place(&mut state, "a", 1).unwrap();
+        state
+    }
+
+    #[test]
+    fn moving_between_up_hosts_waits_for_the_old_host_to_release() {
+        let mut state = three_with_a_on_h1();
+        assert!(state.may_start("a", 1));
+        assert_eq!(handoff(&state), None, "a first placement has nothing to hand off");
+        place(&mut state, "a", 2).unwrap();
+        assert_eq!(handoff(&state), Some((1, 1)));
+        assert_eq!(state.vm("a").unwrap().moved_from, Some(1));
+        assert!(!state.may_start("a", 2), "h2 must wait for h1 to stop its copy");
+        assert!(!state.may_start("a", 1), "h1 is no longer the placed host");
+        assert_eq!(
+            state.handoffs_from(1).map(|(vm, h)| (vm.name.clone(), h.generation)).collect::<Vec<_>>(),
+            [("a".to_string(), 1)]
+        );
+        state.validate().unwrap();
+        // Only the matching host and generation release it.
+        assert!(matches!(rejected(&mut state, released(2, 1)), Rejection::NoSuchHandoff { .. }));
+        assert!(matches!(rejected(&mut state, released(1, 2)), Rejection::NoSuchHandoff { .. }));
+        assert_eq!(state.apply(&cmd(released(1, 1))), Ok(Effect::HandoffEnded { vm: "a".into(), from: 1 }));
+        assert!(state.may_start("a", 2));
+        assert!(matches!(rejected(&mut state, released(1, 1)), Rejection::NoSuchHandoff { .. }), "released twice");
+        // A desired-stopped VM is never started.
+        state.apply(&cmd(CommandKind::SetDesired { name: "a".into(), desired: Desired::Stopped })).unwrap();
+        assert!(!state.may_start("a", 2));
+        state.validate().unwrap();
+    }
+
+    #[test]
+    fn a_pending_handoff_keeps_the_earliest_host() {
+        let mut state = three_with_a_on_h1();
+        place(&mut state, "a", 2).unwrap();
+        place(&mut state, "a", 3).unwrap();
+        assert_eq!(handoff(&state), Some((1, 1)), "h2 never started it; h1's copy is the one to wait for");
+        assert_eq!(state.vm("a").unwrap().moved_from, Some(2));
+        let unplace = CommandKind::Unplace { vm: "a".into(), expected_generation: 3 };
+        state.apply(&cmd(unplace)).unwrap();
+        assert_eq!(handoff(&state), Some((1, 1)));
+        assert_eq!(state.vm("a").unwrap().moved_from, None);
+        state.validate().unwrap();
+        // Back on h1: h1's copy is the one that should run.
+        place(&mut state, "a", 1).unwrap();
+        assert_eq!(handoff(&state), None);
+        assert!(state.may_start("a", 1));
+        state.validate().unwrap();
+    }
+
+    #[test]
+    fn unplacing_starts_a_handoff_that_a_later_placement_keeps() {
+        let mut state = three_with_a_on_h1();
+        state.apply(&cmd(CommandKind::Unplace { vm: "a".into(), expected_generation: 1 })).unwrap();
+        assert_eq!(handoff(&state), Some((1, 1)));
+        place(&mut state, "a", 2).unwrap();
+        assert_eq!(handoff(&state), Some((1, 1)));
+        assert!(!state.may_start("a", 2));
+        // Implicit unplacements too: a constraint change on the host.
+        let mut state = three_with_a_on_h1();
+        state.apply(&cmd(CommandKind::SetRunners { node: 1, runners: vec![] })).unwrap();
+        assert_eq!(handoff(&state), Some((1, 1)));
+        state.validate().unwrap();
+    }
+
+    #[test]
+    fn a_handoff_reserves_the_old_copy_until_released() {
+        let mut state = three_with_a_on_h1();
+        create(&mut state, "b", spec(3, 1024)).unwrap();
+        place(&mut state, "a", 2).unwrap();
+        // h1 still holds a's 2 vcpu: b (3 vcpu) does not fit next to it.
+        assert_eq!(state.used_on(1, None), Resources { vcpu: 2, memory_mib: 1024 });
+        assert!(matches!(place(&mut state, "b", 1), Err(Rejection::OverCapacity { resource: "vcpu", .. })));
+        state.apply(&cmd(released(1, 1))).unwrap();
+        assert_eq!(state.used_on(1, None), Resources::default());
+        place(&mut state, "b", 1).unwrap();
+        state.validate().unwrap();
+    }
+
+    #[test]
+    fn a_spec_change_that_unplaces_reserves_the_old_size() {
+        let mut state = three_with_a_on_h1();
+        let update = CommandKind::UpdateVm { name: "a".into(), spec: spec(8, 1024) };
+        assert!(matches!(state.apply(&cmd(update)), Ok(Effect::Unplaced { .. })));
+        let h = state.vm("a").unwrap().handoff.unwrap();
+        assert_eq!((h.from, h.reserved), (1, Resources { vcpu: 2, memory_mib: 1024 }));
+        state.validate().unwrap();
+    }
+
+    #[test]
+    fn clear_handoff_needs_the_old_host_down() {
+        let mut state = three_with_a_on_h1();
+        place(&mut state, "a", 2).unwrap();
+        let clear = |from, expected_generation| CommandKind::ClearHandoff { vm: "a".into(), from, expected_generation };
+        let r = rejected(&mut state, clear(1, 2));
+        assert!(matches!(r, Rejection::HandoffFromLiveHost { .. }), "{r}");
+        state.apply(&cmd(CommandKind::SetStatus { node: 1, status: MemberStatus::Down })).unwrap();
+        assert!(matches!(rejected(&mut state, clear(1, 1)), Rejection::StaleGeneration { .. }));
+        assert!(matches!(rejected(&mut state, clear(3, 2)), Rejection::NoSuchHandoff { .. }));
+        assert_eq!(state.apply(&cmd(clear(1, 2))), Ok(Effect::HandoffEnded { vm: "a".into(), from: 1 }));
+        assert!(state.may_start("a", 2));
+        state.validate().unwrap();
+    }
+
+    #[test]
+    fn moving_off_a_down_host_also_waits_for_its_fencing() {
+        let mut state = three_with_a_on_h1();
+        state.apply(&cmd(CommandKind::SetStatus { node: 1, status: MemberStatus::Down })).unwrap();
+        place(&mut state, "a", 2).unwrap();
+        assert_eq!(handoff(&state), Some((1, 1)), "down is not yet fenced");
+        let clear = CommandKind::ClearHandoff { vm: "a".into(), from: 1, expected_generation: 2 };
+        state.apply(&cmd(clear)).unwrap();
+        assert!(state.may_start("a", 2));
+    }
+
+    #[test]
+    fn deleting_the_vm_drops_its_handoff_and_removal_keeps_handoffs_from_the_member() {
+        let mut state = three_with_a_on_h1();
+        create(&mut state, "b", spec(1, 128)).unwrap();
+        state.apply(&cmd(CommandKind::Place { vm: "b".into(), node: 3, expected_generation: 0 })).unwrap();
+        place(&mut state, "a", 2).unwrap();
+        state.apply(&cmd(CommandKind::DeleteVm { name: "a".into() })).unwrap();
+        assert_eq!(state.handoffs_from(1).count(), 0);
+
+        create(&mut state, "a", spec(1, 128)).unwrap();
+        place(&mut state, "a", 1).unwrap();
+        place(&mut state, "a", 2).unwrap();
+        state.apply_membership(&MembershipChange::Remove { id: 1 }, 5).unwrap();
+        assert_eq!(handoff(&state), Some((1, 1)), "a removed host may still run its copy");
+        state.apply_membership(&MembershipChange::Remove { id: 3 }, 5).unwrap();
+        let b = state.vm("b").unwrap();
+        assert_eq!((b.placement, b.handoff.map(|h| h.from)), (None, Some(3)));
+        state.validate().unwrap();
+        // The leader ends it once the removed host must have fenced itself.
+        state.apply(&cmd(CommandKind::ClearHandoff { vm: "a".into(), from: 1, expected_generation: 2 })).unwrap();
+        assert!(state.may_start("a", 2));
         state.validate().unwrap();
     }
 

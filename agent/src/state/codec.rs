@@ -173,6 +173,13 @@ pub fn vm_to_pb(v: &Vm) -> pb::Vm {
             generation: v.placement.map_or(0, |p| p.generation),
         }),
         generation: v.generation,
+        handoff: v.handoff.map(|h| pb::Handoff {
+            from: h.from,
+            generation: h.generation,
+            reserved_vcpu: h.reserved.vcpu,
+            reserved_memory_mib: h.reserved.memory_mib,
+        }),
+        moved_from: v.moved_from.unwrap_or(0),
     }
 }
 
@@ -188,6 +195,16 @@ pub fn vm_from_pb(v: pb::Vm) -> Result<Vm, DecodeError> {
             last_error: non_empty(observed.last_error),
         },
         generation: v.generation,
+        handoff: match v.handoff {
+            None => None,
+            Some(h) if h.from == 0 => return Err(DecodeError::Shape("handoff from node 0".into())),
+            Some(h) => Some(Handoff {
+                from: h.from,
+                generation: h.generation,
+                reserved: Resources { vcpu: h.reserved_vcpu, memory_mib: h.reserved_memory_mib },
+            }),
+        },
+        moved_from: (v.moved_from != 0).then_some(v.moved_from),
     })
 }
 
@@ -236,6 +253,14 @@ pub fn encode_command(c: &Command) -> Vec<u8> {
             since_unix_ms: c.at_unix_ms,
             last_error: last_error.clone().unwrap_or_default(),
         }),
+        CommandKind::Released { node, vm, generation } => {
+            Kind::Released(pb::Released { node: *node, vm: vm.clone(), generation: *generation })
+        }
+        CommandKind::ClearHandoff { vm, from, expected_generation } => Kind::ClearHandoff(pb::ClearHandoff {
+            vm: vm.clone(),
+            from: *from,
+            expected_generation: *expected_generation,
+        }),
     };
     pb::Command { kind: Some(kind), at_unix_ms: c.at_unix_ms }.encode_to_vec()
 }
@@ -273,6 +298,10 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command, DecodeError> {
             state: vm_state_from_pb(m.state)?,
             last_error: non_empty(m.last_error),
         },
+        Kind::Released(m) => CommandKind::Released { node: m.node, vm: m.vm, generation: m.generation },
+        Kind::ClearHandoff(m) => {
+            CommandKind::ClearHandoff { vm: m.vm, from: m.from, expected_generation: m.expected_generation }
+        }
     };
     Ok(Command { at_unix_ms: c.at_unix_ms, kind })
 }
@@ -350,11 +379,35 @@ mod tests {
                 state: VmState::Failed,
                 last_error: Some("boom".into()),
             },
+            CommandKind::Released { node: 3, vm: "web".into(), generation: 5 },
+            CommandKind::ClearHandoff { vm: "web".into(), from: 3, expected_generation: 6 },
         ];
         for kind in kinds {
             let command = Command { at_unix_ms: 42, kind };
             assert_eq!(decode_command(&encode_command(&command)).unwrap(), command);
         }
+    }
+
+    #[test]
+    fn vms_round_trip_with_and_without_a_handoff() {
+        let mut vm = Vm {
+            name: "web".into(),
+            spec: VmSpec { vcpu: 2, memory_mib: 512, ..VmSpec::default() },
+            placement: Some(Placement { node: 2, generation: 7 }),
+            observed: Observed { state: VmState::Starting, since_unix_ms: 9, last_error: Some("x".into()) },
+            generation: 7,
+            handoff: Some(Handoff { from: 1, generation: 6, reserved: Resources { vcpu: 2, memory_mib: 512 } }),
+            moved_from: Some(1),
+        };
+        assert_eq!(vm_from_pb(vm_to_pb(&vm)).unwrap(), vm);
+        vm.handoff = None;
+        vm.moved_from = None;
+        assert_eq!(vm_from_pb(vm_to_pb(&vm)).unwrap(), vm);
+        // A record written before handoffs existed decodes without one.
+        let mut old = vm_to_pb(&vm);
+        old.handoff = None;
+        old.moved_from = 0;
+        assert_eq!(vm_from_pb(old).unwrap(), vm);
     }
 
     #[test]

@@ -11,11 +11,35 @@
 //! checks after every step in the simulator:
 //!
 //! - every placement points at an existing member;
-//! - on every member, the sum of the placed VMs' vcpu and memory stays within
-//!   the member's capacity times its overcommit ratio;
+//! - on every member, the sum of the placed VMs' vcpu and memory, plus the
+//!   copies reserved there by pending handoffs, stays within the member's
+//!   capacity times its overcommit ratio;
 //! - every placed VM's pinned node, labels, runner and anti-affinity group are
 //!   satisfied by its host (a change that would break one unplaces the VM);
+//! - a pending handoff is from a host other than the VM's current one, under
+//!   an older generation; `moved_from` is set only on a placed VM and names
+//!   another host;
 //! - every name is valid.
+//!
+//! # Handoff: one VM never runs on two hosts
+//!
+//! A host runs a VM only if [`State::may_start`] says so: the VM is placed
+//! there, desired running, and has no pending [`Handoff`]. Every command that
+//! takes a VM off a host (a `Place` elsewhere, an `Unplace`, an unplacement
+//! by a constraint change or a member's removal) records the old host as
+//! `handoff.from`, unless a handoff is already pending: then the earlier
+//! `from` is kept, because the hosts in between were never allowed to start
+//! the VM and the earliest unconfirmed copy is the only one that can run.
+//! Placing the VM back on `from` itself ends the handoff (that host's copy
+//! is the one that should run). The handoff ends when `from` reports
+//! `Released` (its reconciler stopped its copy of that generation) or when
+//! the leader proposes `ClearHandoff` because `from` has been down long
+//! enough to have fenced itself (`failure`); `ClearHandoff` is refused while
+//! `from` is an up member. This holds for a move off a *down* host too: a
+//! down host is not yet known to be fenced, so it gets a handoff like any
+//! other and the leader clears it once `reschedule_after` has passed.
+//! Deleting the VM drops its handoff (the old host's reconciler stops every
+//! guest the state does not place on it).
 
 mod apply;
 pub mod codec;
@@ -86,16 +110,41 @@ impl State {
         self.vms.values().filter(move |vm| vm.placement.map(|p| p.node) == Some(node))
     }
 
-    /// Resources used on `node` by the VMs placed there, excluding `except`.
+    /// Resources used on `node` by the VMs placed there and by the copies
+    /// reserved there by pending handoffs, excluding VM `except` (both its
+    /// placement and its reservation).
     pub fn used_on(&self, node: NodeId, except: Option<&str>) -> Resources {
         let mut used = Resources::default();
-        for vm in self.vms_on(node) {
-            if Some(vm.name.as_str()) != except {
+        for vm in self.vms.values() {
+            if Some(vm.name.as_str()) == except {
+                continue;
+            }
+            if vm.placement.is_some_and(|p| p.node == node) {
                 used.vcpu += u64::from(vm.spec.vcpu);
                 used.memory_mib += vm.spec.memory_mib;
             }
+            if let Some(handoff) = vm.handoff
+                && handoff.from == node
+            {
+                used.vcpu += handoff.reserved.vcpu;
+                used.memory_mib += handoff.reserved.memory_mib;
+            }
         }
         used
+    }
+
+    /// Whether the reconciler on `node` may start VM `vm`: it is placed on
+    /// `node`, desired running, and no other host may still run a copy
+    /// (no pending handoff). See the module documentation.
+    pub fn may_start(&self, vm: &str, node: NodeId) -> bool {
+        self.vms.get(vm).is_some_and(|vm| vm.may_start_on(node))
+    }
+
+    /// The VMs whose pending handoff waits for `node`: its reconciler stops
+    /// its copy of each and then proposes `Released` with the handoff's
+    /// generation.
+    pub fn handoffs_from(&self, node: NodeId) -> impl Iterator<Item = (&Vm, Handoff)> {
+        self.vms.values().filter_map(move |vm| vm.handoff.filter(|h| h.from == node).map(|h| (vm, h)))
     }
 
     /// Takes the set of rows changed since the last call.
@@ -135,6 +184,22 @@ impl State {
                 }
                 apply::constraint_violation(self, vm, &vm.spec, member)
                     .map_or(Ok(()), |r| Err(format!("vm {} breaks a constraint: {r}", vm.name)))?;
+            }
+            if let Some(handoff) = vm.handoff {
+                if handoff.generation >= vm.generation {
+                    return Err(format!(
+                        "vm {} has a handoff from generation {} >= its own",
+                        vm.name, handoff.generation
+                    ));
+                }
+                if vm.placement.is_some_and(|p| p.node == handoff.from) {
+                    return Err(format!("vm {} has a handoff from its own host {}", vm.name, handoff.from));
+                }
+            }
+            if let Some(from) = vm.moved_from
+                && vm.placement.is_none_or(|p| p.node == from)
+            {
+                return Err(format!("vm {} moved from {from} but is not placed on another host", vm.name));
             }
         }
         Ok(())

@@ -196,6 +196,26 @@ pub struct Observed {
     pub last_error: Option<String>,
 }
 
+/// A copy of a VM that may still run on a host the VM was moved off.
+///
+/// When a VM leaves a host (a move, an unplacement), the old host may still
+/// be running it. Until that host confirms it stopped its copy
+/// (`CommandKind::Released`), or the leader vouches that it has fenced itself
+/// (`CommandKind::ClearHandoff`), the VM may not start anywhere else, so no
+/// VM ever runs on two hosts. While the handoff is pending, the copy's size
+/// stays reserved on `from`, so a host is never physically over-committed by
+/// a guest that is still stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handoff {
+    /// The host whose copy is unconfirmed. It may no longer be a member (a
+    /// removed host may still run its copy until it fences itself).
+    pub from: NodeId,
+    /// The placement generation under which `from` held the VM.
+    pub generation: u64,
+    /// The copy's size as it was placed on `from`, still counted there.
+    pub reserved: Resources,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vm {
     pub name: String,
@@ -205,4 +225,27 @@ pub struct Vm {
     /// Bumped on every placement change and kept when unplaced, so a
     /// generation is never reused for a VM.
     pub generation: u64,
+    /// The earliest copy not yet confirmed stopped; see [`Handoff`]. At most
+    /// one host may run the VM: `handoff.from` while a handoff is pending,
+    /// else the placed host.
+    pub handoff: Option<Handoff>,
+    /// The host this placement moved the VM from, when the current placement
+    /// is a move (a `Place` of a VM placed elsewhere). The scheduler uses it
+    /// to move VMs off a draining host one at a time.
+    pub moved_from: Option<NodeId>,
+}
+
+impl Vm {
+    /// Whether the host `node` may start this VM now: it is placed there,
+    /// desired running, and no other host may still run a copy.
+    pub fn may_start_on(&self, node: NodeId) -> bool {
+        self.placement.is_some_and(|p| p.node == node)
+            && self.spec.desired == Desired::Running
+            && self.handoff.is_none()
+    }
+
+    /// The resources this VM takes on a host it is placed on.
+    pub fn size(&self) -> Resources {
+        Resources { vcpu: u64::from(self.spec.vcpu), memory_mib: self.spec.memory_mib }
+    }
 }

@@ -1,0 +1,344 @@
+//! Failure detection (leader side) and fencing (host side), as pure state
+//! machines: time comes in as `now_ms` from a monotonic clock, decisions go
+//! out as values.
+//!
+//! - [`Detector`], on the leader: marks a member down after
+//!   `node_down_after_ms` without hearing from it, up again when heard, and
+//!   names the hosts that have certainly fenced themselves
+//!   ([`Detector::fenced`]); the scheduler moves their VMs and ends their
+//!   handoffs.
+//! - [`Fence`], on every host: once it has gone `fence_after_ms` without
+//!   quorum contact, the host stops all its guests, and starts none until
+//!   contact is back and its state has caught up.
+//!
+//! # Safety: a partitioned host stops its copy before another starts one
+//!
+//! The claim: when host B starts a VM that host X had, X's copy has stopped.
+//! If X is up, B waits for X's own `Released` (the handoff, see `state`).
+//! Otherwise the handoff ends by `ClearHandoff`, which the leader proposes
+//! only for a host in [`Detector::fenced`]: one the leader has not heard
+//! from for `reschedule_after_ms`. So the claim reduces to: *X's fence fires
+//! and finishes stopping before the leader's `reschedule_after_ms` expires.*
+//!
+//! 1. **What counts as quorum contact.** X calls [`Fence::quorum_contact`]
+//!    with the time it *sent* a Raft read-index request (`Core::read_index`)
+//!    that has since completed, not the time it received some message. A
+//!    completed read index proves two things about that send time `s`: the
+//!    leader received the request after `s`, and a quorum acknowledged that
+//!    leader's heartbeat round after `s`. Receiving leader messages proves
+//!    neither: with a one-way partition (X hears the leader, the leader does
+//!    not hear X) X would never fence while the leader reschedules its VMs;
+//!    and a deposed leader that has not noticed yet keeps sending.
+//! 2. **Same leader.** The leader calls [`Detector::heard_from`] for every
+//!    message it receives, so its last-heard time for X is at least the
+//!    arrival of X's last read request, which is after `s`. The leader
+//!    reschedules at `heard + reschedule_after` (its clock); X fences at
+//!    `s + fence_after` (its clock) and is done stopping `check_interval +
+//!    stop_max` later.
+//! 3. **New leader.** A new leader counts everyone as heard at the moment it
+//!    became leader, `b` ([`Detector::on_became_leader`]). Every quorum-acked
+//!    round of an older leader was sent before `b`: the voters that elected
+//!    the new leader form a quorum, every quorum shares a member with it,
+//!    and that member refuses the old term's heartbeats once it has voted
+//!    (before `b`). So every contact X can have through an old leader has
+//!    `s < b`, and the new leader's clock starts no earlier than X's.
+//!    Measuring from the leader's own last-heard, not from when `Down` was
+//!    committed, keeps this bound without letting leader changes postpone
+//!    rescheduling forever.
+//! 4. **Clocks.** Durations are measured on two monotonic clocks whose rates
+//!    differ by at most [`CLOCK_RATE_ERROR_PPM`] each from true time. So the
+//!    guarantee holds when `reschedule_after * (1 - e) >= (fence_after +
+//!    check_interval + stop_max) * (1 + e)`, which [`Timing::validate`]
+//!    enforces.
+//! 5. **Coming back.** A fenced host must not restart a VM from stale state
+//!    (it still shows the VM placed on itself, without a handoff). It starts
+//!    guests only while [`Fence::may_start`], which also requires its applied
+//!    index to have reached the commit index of its last contact: by then it
+//!    has applied the moves made while it was away.
+//!
+//! What the shell must guarantee: contact times as in (1); `heard_from` for
+//! every received message as in (2); the fence checked at least every
+//! `check_interval_ms`; a fence stops every guest within `stop_max_ms`
+//! (StopUnit with a timeout, then KillUnit); and a restarted agent restores
+//! its last contact time (kept in /run, whose lifetime matches a monotonic
+//! clock's) or fences at once. A host whose agent is dead does not fence;
+//! systemd restarts it well within `fence_after_ms`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::scheduler::Decision;
+use crate::state::{CommandKind, MemberStatus, NodeId, State};
+
+/// The largest rate error of a host's monotonic clock, in parts per million:
+/// 1%, far beyond a quartz oscillator's 50 ppm, to cover virtualised hosts.
+pub const CLOCK_RATE_ERROR_PPM: u64 = 10_000;
+
+/// The failure-handling timeouts, in milliseconds of a monotonic clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// The leader marks a member down after this long without a message.
+    /// Informational, and it stops new placements there; nothing moves yet.
+    pub node_down_after_ms: u64,
+    /// The leader moves a silent host's VMs (and ends handoffs from it) after
+    /// this long without a message: by then the host has fenced itself.
+    pub reschedule_after_ms: u64,
+    /// A host stops its guests after this long without quorum contact.
+    pub fence_after_ms: u64,
+    /// The longest a fence takes to stop every guest (stop timeout, kill).
+    pub stop_max_ms: u64,
+    /// How often the leader runs the detector and each host checks its
+    /// fence (the agent's tick).
+    pub check_interval_ms: u64,
+    /// The longest a Raft election takes (raft-rs randomises the election
+    /// timeout in `[election_tick, 2 * election_tick)` ticks).
+    pub election_timeout_max_ms: u64,
+}
+
+impl Default for Timing {
+    /// Chosen to put a lost host's VMs back into `running` within 5 s:
+    ///
+    /// - `check_interval` 100 ms: the agent's tick.
+    /// - `election_timeout_max` 1000 ms: Raft ticks of 50 ms, election after
+    ///   10..20 of them.
+    /// - `fence_after` 1500 ms: long enough that a leader election (at most
+    ///   1000 ms, plus a tick before and a read round after) never fences a
+    ///   healthy cluster; any longer only delays failover.
+    /// - `node_down_after` 1500 ms: as soon as the fence could fire, the host
+    ///   stops receiving new placements.
+    /// - `stop_max` 1000 ms: the runtime's stop timeout before it kills.
+    /// - `reschedule_after` 3000 ms: the smallest round number that clears
+    ///   the safety bound, (1500 + 100 + 1000) * 1.01 / 0.99 = 2653 ms.
+    ///
+    /// Failover then takes at most `reschedule_after` + one tick + a Raft
+    /// commit + the guest's start, about 3.2 s plus the start; when the
+    /// leader's own host is lost, add up to one election: 4.2 s plus the
+    /// start.
+    fn default() -> Self {
+        Timing {
+            node_down_after_ms: 1500,
+            reschedule_after_ms: 3000,
+            fence_after_ms: 1500,
+            stop_max_ms: 1000,
+            check_interval_ms: 100,
+            election_timeout_max_ms: 1000,
+        }
+    }
+}
+
+impl Timing {
+    /// Refuses combinations that break the safety argument in the module
+    /// documentation (or that would fence a healthy cluster), with one
+    /// sentence saying what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        let fields = [
+            ("node_down_after_ms", self.node_down_after_ms),
+            ("reschedule_after_ms", self.reschedule_after_ms),
+            ("fence_after_ms", self.fence_after_ms),
+            ("stop_max_ms", self.stop_max_ms),
+            ("check_interval_ms", self.check_interval_ms),
+            ("election_timeout_max_ms", self.election_timeout_max_ms),
+        ];
+        for (name, value) in fields {
+            if value == 0 || value > TIMING_MS_MAX {
+                return Err(format!("{name} must be between 1 and {TIMING_MS_MAX}, not {value}"));
+            }
+        }
+        let scale = 1_000_000u128;
+        let e = u128::from(CLOCK_RATE_ERROR_PPM);
+        let fenced_by = u128::from(self.fence_after_ms + self.check_interval_ms + self.stop_max_ms);
+        if u128::from(self.reschedule_after_ms) * (scale - e) < fenced_by * (scale + e) {
+            let needed = (fenced_by * (scale + e)).div_ceil(scale - e);
+            return Err(format!(
+                "reschedule_after_ms ({}) must be at least {needed}: fence_after_ms + check_interval_ms + \
+                 stop_max_ms ({fenced_by}) plus {}% for clock rates, or a cut-off host may still run a VM when \
+                 another host starts it",
+                self.reschedule_after_ms,
+                CLOCK_RATE_ERROR_PPM * 2 / 10_000,
+            ));
+        }
+        let election = self.election_timeout_max_ms + 2 * self.check_interval_ms;
+        if self.fence_after_ms < election {
+            return Err(format!(
+                "fence_after_ms ({}) must be at least election_timeout_max_ms + 2 * check_interval_ms \
+                 ({election}), or every host stops its VMs while a new leader is elected",
+                self.fence_after_ms
+            ));
+        }
+        if self.node_down_after_ms > self.reschedule_after_ms {
+            return Err(format!(
+                "node_down_after_ms ({}) must not exceed reschedule_after_ms ({}): a host's VMs move only \
+                 once it is marked down",
+                self.node_down_after_ms, self.reschedule_after_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The largest accepted timing: an hour. Larger values are typos, and the
+/// arithmetic in `validate` stays far from overflow.
+pub const TIMING_MS_MAX: u64 = 3_600_000;
+
+/// The leader's failure detector. Feed it every message received and the
+/// leadership changes; ask it for decisions every `check_interval_ms`.
+#[derive(Debug, Clone)]
+pub struct Detector {
+    timing: Timing,
+    me: NodeId,
+    /// When this node last became leader; `None` while it is not leader.
+    leader_since_ms: Option<u64>,
+    /// When this leader last heard from each node, during this leadership.
+    /// Pruned to members and hosts that still hold handoffs, so it is bounded
+    /// by the state.
+    heard_ms: BTreeMap<NodeId, u64>,
+}
+
+impl Detector {
+    pub fn new(me: NodeId, timing: Timing) -> Self {
+        Detector { timing, me, leader_since_ms: None, heard_ms: BTreeMap::new() }
+    }
+
+    pub fn timing(&self) -> &Timing {
+        &self.timing
+    }
+
+    /// This node became leader: everyone counts as heard from now (grace),
+    /// because a new leader cannot know when its predecessor last heard from
+    /// anyone; see the module documentation, point 3.
+    pub fn on_became_leader(&mut self, now_ms: u64) {
+        self.leader_since_ms = Some(now_ms);
+        self.heard_ms.clear();
+    }
+
+    /// This node is no longer leader: it decides nothing until it is again.
+    pub fn on_lost_leadership(&mut self) {
+        self.leader_since_ms = None;
+        self.heard_ms.clear();
+    }
+
+    /// A message from `node` arrived. Call it for every message, before the
+    /// message is handled (a read-index request in particular).
+    pub fn heard_from(&mut self, node: NodeId, now_ms: u64) {
+        if self.leader_since_ms.is_some() {
+            let heard = self.heard_ms.entry(node).or_insert(now_ms);
+            *heard = (*heard).max(now_ms);
+        }
+    }
+
+    /// How long `node` has been silent, as far as this leader can vouch.
+    fn silent_ms(&self, node: NodeId, now_ms: u64) -> Option<u64> {
+        let since = self.leader_since_ms?;
+        if node == self.me {
+            return Some(0);
+        }
+        let heard = self.heard_ms.get(&node).copied().unwrap_or(since).max(since);
+        Some(now_ms.saturating_sub(heard))
+    }
+
+    /// Member status changes to propose: `Down` for a member silent for
+    /// longer than `node_down_after_ms`, `Up` for a down member this leader
+    /// has heard from within it. Empty unless leader. Also prunes what it
+    /// remembers of nodes the state no longer mentions.
+    pub fn decisions(&mut self, state: &State, now_ms: u64) -> Vec<Decision> {
+        if self.leader_since_ms.is_none() {
+            return Vec::new();
+        }
+        let handoff_hosts: BTreeSet<NodeId> =
+            state.vms().values().filter_map(|vm| vm.handoff.map(|h| h.from)).collect();
+        self.heard_ms.retain(|node, _| state.member(*node).is_some() || handoff_hosts.contains(node));
+        let down_after = self.timing.node_down_after_ms;
+        let mut out = Vec::new();
+        for member in state.members().values() {
+            let silent = self.silent_ms(member.id, now_ms).expect("leader");
+            let heard_recently = member.id == self.me
+                || self.heard_ms.get(&member.id).is_some_and(|&t| now_ms.saturating_sub(t) <= down_after);
+            let (status, reason) = match member.status {
+                MemberStatus::Up if silent > down_after => (
+                    MemberStatus::Down,
+                    format!("{} not heard from for {silent} ms (node_down_after {down_after} ms)", member.name),
+                ),
+                // Only a message heard during this leadership marks a member
+                // up; the new-leader grace does not.
+                MemberStatus::Down if heard_recently => (MemberStatus::Up, format!("{} heard from again", member.name)),
+                _ => continue,
+            };
+            out.push(Decision { command: CommandKind::SetStatus { node: member.id, status }, reason });
+        }
+        out
+    }
+
+    /// The hosts that have certainly stopped their guests: down members, and
+    /// removed hosts that still hold handoffs, silent for longer than
+    /// `reschedule_after_ms` as this leader measures it. The scheduler moves
+    /// their VMs and clears their handoffs. Empty unless leader.
+    pub fn fenced(&self, state: &State, now_ms: u64) -> BTreeSet<NodeId> {
+        if self.leader_since_ms.is_none() {
+            return BTreeSet::new();
+        }
+        let down = state.members().values().filter(|m| m.status == MemberStatus::Down).map(|m| m.id);
+        let removed = state
+            .vms()
+            .values()
+            .filter_map(|vm| vm.handoff.map(|h| h.from))
+            .filter(|node| state.member(*node).is_none());
+        down.chain(removed)
+            .filter(|&node| node != self.me)
+            .filter(|&node| self.silent_ms(node, now_ms).is_some_and(|s| s > self.timing.reschedule_after_ms))
+            .collect()
+    }
+}
+
+/// A host's fence: stop every guest once quorum contact is older than
+/// `fence_after_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    fence_after_ms: u64,
+    /// The send time of the latest completed read-index request.
+    contact_ms: Option<u64>,
+    /// The commit index that request returned.
+    contact_index: u64,
+}
+
+impl Fence {
+    /// `last_contact_ms`: the contact time this host's previous agent process
+    /// recorded (same boot, same monotonic clock), or `None`, which fences at
+    /// once: guests survive an agent restart, and nobody knows how long the
+    /// agent was gone.
+    pub fn new(fence_after_ms: u64, last_contact_ms: Option<u64>) -> Self {
+        Fence { fence_after_ms, contact_ms: last_contact_ms, contact_index: 0 }
+    }
+
+    /// A read-index request this host sent at `sent_at_ms` completed with
+    /// commit index `read_index`: the current leader heard from this host,
+    /// and a quorum from that leader, after `sent_at_ms`. Pass the send time,
+    /// never the completion time (module documentation, point 1).
+    pub fn quorum_contact(&mut self, sent_at_ms: u64, read_index: u64) {
+        self.contact_ms = Some(self.contact_ms.map_or(sent_at_ms, |c| c.max(sent_at_ms)));
+        self.contact_index = self.contact_index.max(read_index);
+    }
+
+    /// The time of the latest quorum contact, for the shell to record.
+    pub fn last_contact_ms(&self) -> Option<u64> {
+        self.contact_ms
+    }
+
+    /// When the fence fires unless contact comes first.
+    pub fn fence_at_ms(&self) -> Option<u64> {
+        self.contact_ms.map(|c| c.saturating_add(self.fence_after_ms))
+    }
+
+    /// Whether this host must stop all its guests now.
+    pub fn should_fence(&self, now_ms: u64) -> bool {
+        self.fence_at_ms().is_none_or(|at| now_ms > at)
+    }
+
+    /// Whether this host may start a guest now: not fenced, and its state
+    /// applied up to `applied_index` includes everything committed at its
+    /// last contact. Stopping is always allowed.
+    pub fn may_start(&self, now_ms: u64, applied_index: u64) -> bool {
+        !self.should_fence(now_ms) && applied_index >= self.contact_index
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,363 @@
+//! The process runtime (development and tests): each guest is the agent's own child,
+//! `<state_dir>/<name>/current/bin/microvm-run`, run in the guest's directory (as
+//! microvm.nix's unit does) with its output appended to `<state_dir>/<name>/microvm-run.log`.
+//!
+//! Guests die with the agent, however it dies:
+//! - `PR_SET_PDEATHSIG(SIGKILL)` in the child: the kernel kills it when the thread that
+//!   spawned it exits, which covers an agent killed with SIGKILL. All spawns happen on
+//!   one thread that lives exactly as long as the [`ProcessRuntime`] (a tokio worker or
+//!   blocking-pool thread could exit earlier and take the guests with it).
+//! - Dropping the runtime sends SIGKILL to every guest's process group, and the spawner
+//!   thread's exit (PDEATHSIG again) and `kill_on_drop` back that up if the tokio
+//!   runtime is going away too.
+//!
+//! Each child leads its own process group: a Ctrl-C meant for the agent in a terminal
+//! does not reach the guests, and stop signals the whole group. A runner that forks
+//! instead of exec'ing its hypervisor (microvm.nix's runners exec) could leave a
+//! grandchild behind when the agent is SIGKILLed: PDEATHSIG is per process.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::OpenOptions;
+use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use super::{
+    EVENTS_BUFFERED_MAX, GuestEvent, GuestState, KILL_WAIT, Phase, Runtime, RuntimeError, STOP_TIMEOUT_DEFAULT, Stopped,
+};
+use crate::names;
+
+/// Where guests live and how long they get to stop.
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    pub state_dir: PathBuf,
+    /// After SIGTERM, how long before SIGKILL.
+    pub stop_timeout: Duration,
+}
+
+impl ProcessConfig {
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        Self { state_dir: state_dir.into(), stop_timeout: STOP_TIMEOUT_DEFAULT }
+    }
+}
+
+/// Supervises guests as child processes. See the module docs.
+pub struct ProcessRuntime {
+    config: ProcessConfig,
+    guests: Arc<Mutex<HashMap<String, Guest>>>,
+    events: broadcast::Sender<GuestEvent>,
+    spawner: Spawner,
+}
+
+/// What the runtime knows of one guest it started.
+struct Guest {
+    state: GuestState,
+    /// Which start this is; a supervisor only updates the guest it was started for.
+    generation: u64,
+    /// Present while the child process exists.
+    running: Option<Running>,
+}
+
+struct Running {
+    /// Signals for the supervisor to send to the child's process group.
+    signals: mpsc::Sender<Signal>,
+    /// Becomes true once the child has exited and its state is recorded.
+    exited: watch::Receiver<bool>,
+    /// Set by `stop`: the coming exit is requested, not a failure.
+    stop_requested: bool,
+}
+
+impl ProcessRuntime {
+    /// A runtime with no guests yet. Must be called within a tokio runtime.
+    pub fn new(config: ProcessConfig) -> Result<Self, RuntimeError> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|e| RuntimeError::Backend {
+            context: "the process runtime needs a tokio runtime".into(),
+            source: Box::new(e),
+        })?;
+        let (events, _) = broadcast::channel(EVENTS_BUFFERED_MAX);
+        Ok(Self { config, guests: Arc::default(), events, spawner: Spawner::new(handle)? })
+    }
+
+    fn guests(&self) -> MutexGuard<'_, HashMap<String, Guest>> {
+        lock(&self.guests)
+    }
+
+    fn command(&self, vm: &str, runner: PathBuf) -> Command {
+        let dir = self.config.state_dir.join(vm);
+        let log_path = dir.join("microvm-run.log");
+        let (stdout, stderr) = match OpenOptions::new().create(true).append(true).open(&log_path) {
+            Ok(log) => match log.try_clone() {
+                Ok(copy) => (Stdio::from(log), Stdio::from(copy)),
+                Err(_) => (Stdio::from(log), Stdio::null()),
+            },
+            Err(e) => {
+                tracing::warn!(vm, "cannot open {}: {e}; discarding the guest's output", log_path.display());
+                (Stdio::null(), Stdio::null())
+            }
+        };
+        let mut command = std::process::Command::new(runner);
+        command.current_dir(&dir).stdin(Stdio::null()).stdout(stdout).stderr(stderr).process_group(0);
+        let parent = std::process::id();
+        // SAFETY: between fork and exec only async-signal-safe calls: prctl, getppid and
+        // raise. If the agent died before prctl took effect, the child is already orphaned
+        // and kills itself.
+        unsafe {
+            command.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(Some(Signal::SIGKILL))?;
+                if nix::unistd::getppid().as_raw() as u32 != parent {
+                    nix::sys::signal::raise(Signal::SIGKILL)?;
+                }
+                Ok(())
+            });
+        }
+        let mut command = Command::from(command);
+        command.kill_on_drop(true);
+        command
+    }
+
+    fn set_state(&self, guests: &mut HashMap<String, Guest>, vm: &str, state: GuestState) {
+        set_state(guests, &self.events, vm, state);
+    }
+}
+
+/// Records `state` for `vm` and announces it, in that order (see the module invariants
+/// in `runtime`), under the caller's lock so that events leave in the order of changes.
+fn set_state(guests: &mut HashMap<String, Guest>, events: &broadcast::Sender<GuestEvent>, vm: &str, state: GuestState) {
+    let guest = guests.get_mut(vm).expect("state is set for a known guest");
+    if guest.state == state {
+        return;
+    }
+    guest.state = state.clone();
+    // No receiver is fine: nobody is watching yet.
+    let _ = events.send(GuestEvent { vm: vm.to_owned(), state });
+}
+
+fn lock(guests: &Mutex<HashMap<String, Guest>>) -> MutexGuard<'_, HashMap<String, Guest>> {
+    // Every update under this lock is a few assignments that cannot panic halfway.
+    guests.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Drop for ProcessRuntime {
+    fn drop(&mut self) {
+        for guest in self.guests().values() {
+            if let Some(running) = &guest.running {
+                let _ = running.signals.try_send(Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Runtime for ProcessRuntime {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    async fn start(&self, vm: &str) -> Result<(), RuntimeError> {
+        names::validate(vm)?;
+        if let Some(guest) = self.guests().get(vm)
+            && let Some(running) = &guest.running
+        {
+            return if running.stop_requested { Err(RuntimeError::Stopping { vm: vm.to_owned() }) } else { Ok(()) };
+        }
+        let runner = super::require_installed(&self.config.state_dir, vm).await?;
+        let command = self.command(vm, runner);
+        let spawned = self.spawner.spawn(command).await;
+
+        let mut guests = self.guests();
+        // Another start may have won the race while we spawned; then ours goes (dropping
+        // the child kills it) and theirs stays.
+        if let Some(Guest { running: Some(_), .. }) = guests.get(vm) {
+            return Ok(());
+        }
+        let generation = guests.get(vm).map_or(0, |g| g.generation + 1);
+        let entry =
+            guests.entry(vm.to_owned()).or_insert(Guest { state: GuestState::inactive(), generation, running: None });
+        entry.generation = generation;
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                let detail = format!("could not run the runner: {e}");
+                self.set_state(&mut guests, vm, GuestState::new(Phase::Failed, detail.clone()));
+                return Err(RuntimeError::StartFailed { vm: vm.to_owned(), detail });
+            }
+        };
+        let pid = child.id().expect("a child that was just spawned has a pid");
+        let (signals, signal_rx) = mpsc::channel(4);
+        let (exited_tx, exited) = watch::channel(false);
+        entry.running = Some(Running { signals, exited, stop_requested: false });
+        self.set_state(&mut guests, vm, GuestState::new(Phase::Active, format!("pid {pid}")));
+        drop(guests);
+        tracing::info!(vm, pid, "guest started");
+
+        tokio::spawn(supervise(Supervised {
+            vm: vm.to_owned(),
+            generation,
+            child,
+            signals: signal_rx,
+            exited: exited_tx,
+            guests: Arc::clone(&self.guests),
+            events: self.events.clone(),
+        }));
+        Ok(())
+    }
+
+    async fn stop(&self, vm: &str) -> Result<Stopped, RuntimeError> {
+        names::validate(vm)?;
+        let (signals, mut exited) = {
+            let mut guests = self.guests();
+            let Some(Guest { running: Some(running), .. }) = guests.get_mut(vm) else {
+                return Ok(Stopped::Gracefully);
+            };
+            running.stop_requested = true;
+            let handles = (running.signals.clone(), running.exited.clone());
+            self.set_state(&mut guests, vm, GuestState::new(Phase::Deactivating, "SIGTERM sent"));
+            handles
+        };
+        // A closed channel means the supervisor is done: the child is gone already.
+        let _ = signals.send(Signal::SIGTERM).await;
+        let timeout = self.config.stop_timeout;
+        if tokio::time::timeout(timeout, exited.wait_for(|done| *done)).await.is_ok() {
+            return Ok(Stopped::Gracefully);
+        }
+        tracing::warn!(vm, "guest did not stop within {timeout:?}; killing it");
+        {
+            let mut guests = self.guests();
+            if guests.get(vm).is_some_and(|g| g.running.is_some()) {
+                let detail = format!("SIGKILL sent: still running {timeout:?} after SIGTERM");
+                self.set_state(&mut guests, vm, GuestState::new(Phase::Deactivating, detail));
+            }
+        }
+        let _ = signals.send(Signal::SIGKILL).await;
+        match tokio::time::timeout(KILL_WAIT, exited.wait_for(|done| *done)).await {
+            Ok(_) => Ok(Stopped::Killed),
+            Err(_) => Err(RuntimeError::Unkillable { vm: vm.to_owned() }),
+        }
+    }
+
+    async fn state(&self, vm: &str) -> Result<GuestState, RuntimeError> {
+        names::validate(vm)?;
+        Ok(self.guests().get(vm).map_or_else(GuestState::inactive, |g| g.state.clone()))
+    }
+
+    async fn list(&self) -> Result<Vec<(String, GuestState)>, RuntimeError> {
+        let mut all: Vec<_> = self.guests().iter().map(|(name, g)| (name.clone(), g.state.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(all)
+    }
+
+    async fn installed(&self) -> Result<BTreeSet<String>, RuntimeError> {
+        super::scan_installed(&self.config.state_dir).await
+    }
+
+    fn events(&self) -> broadcast::Receiver<GuestEvent> {
+        self.events.subscribe()
+    }
+}
+
+/// Everything one supervisor task owns.
+struct Supervised {
+    vm: String,
+    generation: u64,
+    child: Child,
+    signals: mpsc::Receiver<Signal>,
+    exited: watch::Sender<bool>,
+    guests: Arc<Mutex<HashMap<String, Guest>>>,
+    events: broadcast::Sender<GuestEvent>,
+}
+
+/// Waits for the child to exit, relaying stop signals to its process group meanwhile,
+/// then records how it ended. Signals go through here because only the task that reaps
+/// the child knows its pid is still its own: `Child::id` is `None` once reaped, so a
+/// signal can never hit a recycled pid.
+async fn supervise(mut s: Supervised) {
+    let status = loop {
+        tokio::select! {
+            status = s.child.wait() => break status,
+            Some(signal) = s.signals.recv() => {
+                if let Some(pid) = s.child.id() {
+                    let group = Pid::from_raw(pid as i32);
+                    if let Err(e) = killpg(group, signal) {
+                        tracing::warn!(vm = s.vm, "sending {signal} to guest: {e}");
+                    }
+                }
+            }
+        }
+    };
+    let mut guests = lock(&s.guests);
+    let Some(guest) = guests.get_mut(&s.vm).filter(|g| g.generation == s.generation) else {
+        return;
+    };
+    let stop_requested = guest.running.take().is_some_and(|r| r.stop_requested);
+    let state = match status {
+        Ok(status) if stop_requested => GuestState::new(Phase::Inactive, format!("stopped; {}", describe(status))),
+        Ok(status) => GuestState::new(Phase::Failed, format!("{} without being asked to stop", describe(status))),
+        Err(e) => GuestState::new(Phase::Failed, format!("lost track of the guest process: {e}")),
+    };
+    if state.phase == Phase::Failed {
+        tracing::warn!(vm = s.vm, "guest {state}");
+    } else {
+        tracing::info!(vm = s.vm, "guest {state}");
+    }
+    set_state(&mut guests, &s.events, &s.vm, state);
+    drop(guests);
+    let _ = s.exited.send(true);
+}
+
+/// "exited with status 3", "killed by SIGKILL".
+fn describe(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        return format!("exited with status {code}");
+    }
+    match status.signal() {
+        Some(n) => match Signal::try_from(n) {
+            Ok(signal) => format!("killed by {signal}"),
+            Err(_) => format!("killed by signal {n}"),
+        },
+        None => format!("ended ({status})"),
+    }
+}
+
+/// The one thread that spawns guests; see the module docs for why it must be one
+/// long-lived thread. It ends when the runtime (the only sender) is dropped, and the
+/// kernel then kills the children it spawned.
+struct Spawner {
+    requests: std::sync::mpsc::Sender<SpawnRequest>,
+}
+
+type SpawnRequest = (Command, oneshot::Sender<std::io::Result<Child>>);
+
+impl Spawner {
+    fn new(handle: tokio::runtime::Handle) -> Result<Self, RuntimeError> {
+        let (requests, incoming) = std::sync::mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("guest-spawner".into())
+            .spawn(move || {
+                // tokio's child reaping needs its runtime's context.
+                let _runtime = handle.enter();
+                for (mut command, reply) in incoming {
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .map_err(|e| RuntimeError::Backend {
+                context: "starting the guest spawner thread".into(),
+                source: Box::new(e),
+            })?;
+        Ok(Self { requests })
+    }
+
+    async fn spawn(&self, command: Command) -> std::io::Result<Child> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || std::io::Error::other("the guest spawner thread is gone");
+        self.requests.send((command, reply)).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}

@@ -1,0 +1,644 @@
+//! The scheduler: which VM goes on which host.
+//!
+//! [`plan`] is a pure function of the replicated [`State`], the [`Policy`]
+//! and the set of hosts the failure detector vouches have fenced themselves
+//! (`failure::Detector::fenced`). It reads no clock: time enters only
+//! through that set, so the same inputs always give the same decisions. The
+//! leader proposes each [`Decision`]'s command through Raft; every command
+//! carries the VM's generation as `expected_generation`, so a decision made
+//! on state that has since changed is rejected at apply and the next plan
+//! decides again.
+//!
+//! # Rules
+//!
+//! A host is a candidate for a VM when it accepts placements (up, not
+//! draining) and satisfies every constraint `State::apply` checks for a
+//! `Place`: the VM's runner installed, the pinned node, the VM's labels, its
+//! anti-affinity group, and capacity (vcpu and memory, overcommit included,
+//! counting copies reserved by pending handoffs). The scheduler checks the
+//! very same rules on its own incremental copy of the usage, so a `Place` it
+//! emits is never rejected on the state it was planned from (a property
+//! test holds it to that).
+//!
+//! Among candidates, [`Strategy::Spread`] picks the least loaded host,
+//! [`Strategy::Binpack`] the most loaded; load is the sum of the vcpu and the
+//! memory fractions in use *after* the placement. Ties go to the host whose
+//! name sorts first.
+//!
+//! Placement is stable: a placed VM moves only for a reason.
+//!
+//! 1. Its host is fenced (down for longer than `reschedule_after`): it moves
+//!    at once, and its handoff from that host is cleared in the same plan
+//!    (`Place` then `ClearHandoff`), because a fenced host has stopped its
+//!    copy. Handoffs from a fenced host on VMs placed elsewhere are cleared
+//!    too. A VM that fits nowhere stays on the fenced host and restarts there
+//!    if the host comes back; every plan tries it again.
+//! 2. Its host is draining: VMs leave one at a time per draining host. The
+//!    next moves only once the previous one has settled on its new host:
+//!    its handoff ended and it is observed past `starting` (running, or
+//!    failed, or no longer desired running). A VM that fits nowhere is
+//!    skipped and stays; the next one is tried in the same plan.
+//! 3. An explicit migrate is a `Place` proposed by the API, and a constraint
+//!    change unplaces at apply; the scheduler then places the VM like any
+//!    other unplaced one.
+//!
+//! A VM with a pending handoff is never moved (its host has not even started
+//! it yet; moving it would only delay it). Desired-stopped VMs keep their
+//! placement and are moved by a drain (so a drained host ends up empty) but
+//! not off a fenced host (there is nothing to restart; they move when started
+//! again). Unplaced desired-stopped VMs are not placed.
+//!
+//! One plan places many VMs: each against the usage as updated by the
+//! decisions before it, so one plan never over-commits a host. Work is
+//! ordered: handoffs from fenced hosts, then VMs of fenced hosts (they were
+//! running), then unplaced VMs, largest first (first-fit decreasing packs
+//! better and big VMs are not starved by small ones), then drains.
+//!
+//! # Cost
+//!
+//! Building the usage model is O(VMs + hosts); placing one VM scans the
+//! hosts once with two integer comparisons per host, and checks the costlier
+//! constraints (runner set, labels, anti-affinity) only on a host that would
+//! beat the best so far. A plan is O(VMs x hosts) at worst.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use crate::state::{CommandKind, Desired, Handoff, Member, MemberStatus, NodeId, Resources, State, Vm, VmState};
+
+/// How the leader places VMs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub strategy: Strategy,
+    /// The most decisions one plan returns; the rest wait for the next plan.
+    /// Bounds the proposals in flight after one leader tick.
+    pub decisions_max: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { strategy: Strategy::Spread, decisions_max: 1024 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Strategy {
+    /// Least loaded host first: spreads load and failure impact.
+    #[default]
+    Spread,
+    /// Most loaded host that fits: keeps whole hosts free.
+    Binpack,
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Strategy::Spread => "spread",
+            Strategy::Binpack => "binpack",
+        })
+    }
+}
+
+/// A command for the leader to propose, and why, for logs and events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub command: CommandKind,
+    pub reason: String,
+}
+
+/// The decisions that bring `state` closer to every desired-running VM
+/// running somewhere, by the rules in the module documentation.
+///
+/// `fenced` holds the hosts the failure detector vouches have stopped their
+/// guests (down, and silent for longer than `reschedule_after`); see
+/// `failure::Detector::fenced`. A host in `fenced` that is an up member is
+/// ignored, as `State::apply` would refuse to clear its handoffs.
+pub fn plan(state: &State, policy: &Policy, fenced: &BTreeSet<NodeId>) -> Vec<Decision> {
+    let mut planner = Planner { model: Model::new(state), policy, fenced, out: Vec::new() };
+    planner.clear_fenced_handoffs();
+    planner.reschedule_fenced();
+    planner.place_unplaced();
+    planner.drain();
+    planner.out
+}
+
+/// Why VM `vm` is not running, in one line, for `vm status`: for an unplaced
+/// VM, what each host lacks ("no host fits: h1 lacks its runner, h2 has 1 of
+/// 2 vcpu free, h3 is draining").
+pub fn why_pending(state: &State, policy: &Policy, vm: &str) -> String {
+    let model = Model::new(state);
+    let Some(&v) = model.vm_index.get(vm) else {
+        return format!("no VM named {vm:?}");
+    };
+    let view = model.views[v];
+    let vm = model.vms[v];
+    if let Some(handoff) = view.handoff {
+        return format!("waiting for {} to stop its copy (handoff)", model.node_name(handoff.from));
+    }
+    if let Some(node) = view.placement {
+        let name = model.node_name(node);
+        return match state.member(node) {
+            Some(m) if m.status == MemberStatus::Down => format!("placed on {name}, which is down"),
+            _ if vm.spec.desired == Desired::Stopped => {
+                format!("placed on {name}, desired stopped")
+            }
+            _ => format!("placed on {name}"),
+        };
+    }
+    if vm.spec.desired == Desired::Stopped {
+        return "not placed: desired stopped".into();
+    }
+    if let Some((i, _)) = model.best_host(v, policy.strategy) {
+        return format!("{} fits ({}); waiting for the scheduler", model.hosts[i].member.name, policy.strategy);
+    }
+    if model.hosts.is_empty() {
+        return "no host fits: the cluster has no members".into();
+    }
+    if let Some(pinned) = &vm.spec.node {
+        return match model.host_index.get(pinned.as_str()) {
+            None => format!("no host fits: pinned to {pinned}, which is not a member"),
+            Some(&i) => format!(
+                "no host fits: pinned to {pinned}, which {}",
+                model.misfit(v, i).map_or("fits".into(), |m| m.describe(vm))
+            ),
+        };
+    }
+    let misfits: Vec<(String, Misfit)> = (0..model.hosts.len())
+        .filter_map(|i| model.misfit(v, i).map(|m| (model.hosts[i].member.name.clone(), m)))
+        .collect();
+    format!("no host fits: {}", summarise(vm, &misfits))
+}
+
+/// Hosts listed by name in a `why_pending` line; beyond this, hosts are
+/// counted per reason with a few examples.
+const WHY_HOSTS_LISTED_MAX: usize = 8;
+const WHY_EXAMPLES_MAX: usize = 3;
+
+fn summarise(vm: &Vm, misfits: &[(String, Misfit)]) -> String {
+    if misfits.len() <= WHY_HOSTS_LISTED_MAX {
+        let parts: Vec<String> = misfits.iter().map(|(name, m)| format!("{name} {}", m.describe(vm))).collect();
+        return parts.join(", ");
+    }
+    let mut by_kind: BTreeMap<&'static str, Vec<&(String, Misfit)>> = BTreeMap::new();
+    for misfit in misfits {
+        by_kind.entry(misfit.1.kind()).or_default().push(misfit);
+    }
+    let mut groups: Vec<_> = by_kind.into_iter().collect();
+    groups.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(b.0)));
+    let parts: Vec<String> = groups
+        .iter()
+        .map(|(kind, hosts)| {
+            let examples: Vec<String> =
+                hosts.iter().take(WHY_EXAMPLES_MAX).map(|(name, m)| format!("{name} {}", m.describe(vm))).collect();
+            let more = if hosts.len() > WHY_EXAMPLES_MAX { ", ..." } else { "" };
+            format!("{} hosts {kind} ({}{more})", hosts.len(), examples.join(", "))
+        })
+        .collect();
+    parts.join("; ")
+}
+
+/// Why one host cannot take one VM, in the order `State::apply` checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Misfit {
+    Down,
+    Draining,
+    Runner,
+    Pinned(String),
+    Label { key: String, value: String },
+    AntiAffinity { group: String },
+    Capacity { resource: &'static str, needed: u64, free: u64 },
+}
+
+impl Misfit {
+    /// A phrase following the host's name.
+    fn describe(&self, vm: &Vm) -> String {
+        match self {
+            Misfit::Down => "is down".into(),
+            Misfit::Draining => "is draining".into(),
+            Misfit::Runner => format!("lacks the runner for {}", vm.name),
+            Misfit::Pinned(node) => format!("is not {node}"),
+            Misfit::Label { key, value } => format!("lacks label {key}={value}"),
+            Misfit::AntiAffinity { group } => format!("already has a VM of group {group}"),
+            Misfit::Capacity { resource, needed, free } => format!("has {free} of {needed} {resource} free"),
+        }
+    }
+
+    /// A reason category, for counting hosts.
+    fn kind(&self) -> &'static str {
+        match self {
+            Misfit::Down => "are down",
+            Misfit::Draining => "are draining",
+            Misfit::Runner => "lack the runner",
+            Misfit::Pinned(_) => "are not the pinned host",
+            Misfit::Label { .. } => "lack a label",
+            Misfit::AntiAffinity { .. } => "already have a VM of its anti-affinity group",
+            Misfit::Capacity { resource: "vcpu", .. } => "have too few vcpu free",
+            Misfit::Capacity { .. } => "have too little memory free",
+        }
+    }
+}
+
+/// A VM's placement as the plan has changed it so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct View {
+    placement: Option<NodeId>,
+    generation: u64,
+    handoff: Option<Handoff>,
+}
+
+#[derive(Debug)]
+struct Host<'s> {
+    member: &'s Member,
+    accepts: bool,
+    limit: Resources,
+    /// Placed VMs plus reservations of pending handoffs, as `State::used_on`.
+    used: Resources,
+    /// Anti-affinity groups of the VMs placed here, with their count.
+    groups: BTreeMap<&'s str, u32>,
+}
+
+/// The scheduler's incremental copy of what `State::apply` checks.
+struct Model<'s> {
+    hosts: Vec<Host<'s>>,
+    /// Host index by node id and by name; hosts are in name order.
+    host_by_id: BTreeMap<NodeId, usize>,
+    host_index: BTreeMap<&'s str, usize>,
+    /// VMs in name order, with their current view.
+    vms: Vec<&'s Vm>,
+    views: Vec<View>,
+    vm_index: BTreeMap<&'s str, usize>,
+}
+
+/// Fixed-point scale of a load fraction.
+const LOAD_SCALE: u64 = 1_000_000;
+
+impl<'s> Model<'s> {
+    fn new(state: &'s State) -> Self {
+        let mut members: Vec<&Member> = state.members().values().collect();
+        members.sort_by(|a, b| a.name.cmp(&b.name));
+        let hosts: Vec<Host> = members
+            .into_iter()
+            .map(|member| Host {
+                member,
+                accepts: member.accepts_placements(),
+                limit: member.capacity.limit(),
+                used: Resources::default(),
+                groups: BTreeMap::new(),
+            })
+            .collect();
+        let host_by_id = hosts.iter().enumerate().map(|(i, h)| (h.member.id, i)).collect();
+        let host_index = hosts.iter().enumerate().map(|(i, h)| (h.member.name.as_str(), i)).collect();
+        let vms: Vec<&Vm> = state.vms().values().collect();
+        let views = vms
+            .iter()
+            .map(|vm| View { placement: vm.placement.map(|p| p.node), generation: vm.generation, handoff: vm.handoff })
+            .collect();
+        let vm_index = vms.iter().enumerate().map(|(i, vm)| (vm.name.as_str(), i)).collect();
+        let mut model = Model { hosts, host_by_id, host_index, vms, views, vm_index };
+        for v in 0..model.vms.len() {
+            model.count(v, true);
+        }
+        model
+    }
+
+    fn node_name(&self, node: NodeId) -> String {
+        self.host_by_id.get(&node).map_or_else(|| format!("node {node}"), |&i| self.hosts[i].member.name.clone())
+    }
+
+    fn member(&self, node: NodeId) -> Option<&'s Member> {
+        self.host_by_id.get(&node).map(|&i| self.hosts[i].member)
+    }
+
+    /// Adds (or removes) VM `v`'s current view to (from) the hosts' usage.
+    fn count(&mut self, v: usize, add: bool) {
+        let vm = self.vms[v];
+        let view = self.views[v];
+        let mut change = |host: Option<&usize>, r: Resources, group: Option<&'s str>| {
+            let Some(&i) = host else { return };
+            let h = &mut self.hosts[i];
+            if add {
+                h.used.vcpu += r.vcpu;
+                h.used.memory_mib += r.memory_mib;
+            } else {
+                h.used.vcpu -= r.vcpu;
+                h.used.memory_mib -= r.memory_mib;
+            }
+            if let Some(group) = group {
+                let count = h.groups.entry(group).or_default();
+                if add {
+                    *count += 1;
+                } else {
+                    *count -= 1;
+                    if *count == 0 {
+                        h.groups.remove(group);
+                    }
+                }
+            }
+        };
+        if let Some(node) = view.placement {
+            change(self.host_by_id.get(&node), vm.size(), vm.spec.anti_affinity.as_deref());
+        }
+        if let Some(handoff) = view.handoff {
+            change(self.host_by_id.get(&handoff.from), handoff.reserved, None);
+        }
+    }
+
+    fn set_view(&mut self, v: usize, view: View) {
+        self.count(v, false);
+        self.views[v] = view;
+        self.count(v, true);
+    }
+
+    /// What VM `v` itself uses on host `i` (its placement and reservation),
+    /// which does not count against itself.
+    fn own_use(&self, v: usize, i: usize) -> Resources {
+        let id = self.hosts[i].member.id;
+        let view = &self.views[v];
+        let mut own = Resources::default();
+        if view.placement == Some(id) {
+            own = self.vms[v].size();
+        }
+        if let Some(h) = view.handoff.filter(|h| h.from == id) {
+            own.vcpu += h.reserved.vcpu;
+            own.memory_mib += h.reserved.memory_mib;
+        }
+        own
+    }
+
+    /// Host `i`'s usage after placing VM `v` there, if it fits.
+    fn used_after(&self, v: usize, i: usize) -> Result<Resources, Misfit> {
+        let h = &self.hosts[i];
+        let own = self.own_use(v, i);
+        let size = self.vms[v].size();
+        let used = Resources { vcpu: h.used.vcpu - own.vcpu, memory_mib: h.used.memory_mib - own.memory_mib };
+        let checks = [
+            ("vcpu", size.vcpu, used.vcpu, h.limit.vcpu),
+            ("MiB of memory", size.memory_mib, used.memory_mib, h.limit.memory_mib),
+        ];
+        for (resource, needed, used, limit) in checks {
+            if used + needed > limit {
+                return Err(Misfit::Capacity { resource, needed, free: limit.saturating_sub(used) });
+            }
+        }
+        Ok(Resources { vcpu: used.vcpu + size.vcpu, memory_mib: used.memory_mib + size.memory_mib })
+    }
+
+    /// The constraints other than status and capacity, in apply's order.
+    fn constraint_misfit(&self, v: usize, i: usize) -> Option<Misfit> {
+        let vm = self.vms[v];
+        let h = &self.hosts[i];
+        if !h.member.runners.contains(&vm.name) {
+            return Some(Misfit::Runner);
+        }
+        if let Some(pinned) = &vm.spec.node
+            && *pinned != h.member.name
+        {
+            return Some(Misfit::Pinned(pinned.clone()));
+        }
+        for (key, value) in &vm.spec.labels {
+            if h.member.labels.get(key) != Some(value) {
+                return Some(Misfit::Label { key: key.clone(), value: value.clone() });
+            }
+        }
+        if let Some(group) = &vm.spec.anti_affinity {
+            let own = u32::from(self.views[v].placement == Some(h.member.id));
+            if h.groups.get(group.as_str()).copied().unwrap_or(0) > own {
+                return Some(Misfit::AntiAffinity { group: group.clone() });
+            }
+        }
+        None
+    }
+
+    /// The first reason host `i` refuses VM `v`, as `State::apply` would.
+    fn misfit(&self, v: usize, i: usize) -> Option<Misfit> {
+        let member = self.hosts[i].member;
+        if member.status == MemberStatus::Down {
+            return Some(Misfit::Down);
+        }
+        if member.drain {
+            return Some(Misfit::Draining);
+        }
+        self.constraint_misfit(v, i).or_else(|| self.used_after(v, i).err())
+    }
+
+    fn load(&self, i: usize, used: Resources) -> u64 {
+        let limit = self.hosts[i].limit;
+        // A host with no capacity of a kind counts as full of it.
+        let fraction = |used: u64, limit: u64| (used * LOAD_SCALE).checked_div(limit).unwrap_or(LOAD_SCALE);
+        fraction(used.vcpu, limit.vcpu) + fraction(used.memory_mib, limit.memory_mib)
+    }
+
+    /// The host the strategy picks for VM `v`, with its usage after placing.
+    fn best_host(&self, v: usize, strategy: Strategy) -> Option<(usize, Resources)> {
+        if let Some(pinned) = &self.vms[v].spec.node {
+            let i = *self.host_index.get(pinned.as_str())?;
+            if self.misfit(v, i).is_some() {
+                return None;
+            }
+            return self.used_after(v, i).ok().map(|used| (i, used));
+        }
+        let mut best: Option<(u64, usize, Resources)> = None;
+        for i in 0..self.hosts.len() {
+            if !self.hosts[i].accepts {
+                continue;
+            }
+            let Ok(used) = self.used_after(v, i) else {
+                continue;
+            };
+            let load = self.load(i, used);
+            let better = match (best, strategy) {
+                (None, _) => true,
+                (Some((b, ..)), Strategy::Spread) => load < b,
+                (Some((b, ..)), Strategy::Binpack) => load > b,
+            };
+            if better && self.constraint_misfit(v, i).is_none() {
+                best = Some((load, i, used));
+            }
+        }
+        best.map(|(_, i, used)| (i, used))
+    }
+}
+
+struct Planner<'s, 'p> {
+    model: Model<'s>,
+    policy: &'p Policy,
+    fenced: &'p BTreeSet<NodeId>,
+    out: Vec<Decision>,
+}
+
+impl Planner<'_, '_> {
+    fn room(&self, decisions: usize) -> bool {
+        self.out.len() + decisions <= self.policy.decisions_max
+    }
+
+    /// Whether `node` has fenced itself: in the detector's set, and down or
+    /// no longer a member (as `ClearHandoff` requires).
+    fn is_fenced(&self, node: NodeId) -> bool {
+        self.fenced.contains(&node) && self.model.member(node).is_none_or(|m| m.status == MemberStatus::Down)
+    }
+
+    fn clear_handoff(&mut self, v: usize, reason: String) {
+        let mut view = self.model.views[v];
+        let from = view.handoff.expect("caller checked").from;
+        view.handoff = None;
+        self.model.set_view(v, view);
+        self.out.push(Decision {
+            command: CommandKind::ClearHandoff {
+                vm: self.model.vms[v].name.clone(),
+                from,
+                expected_generation: view.generation,
+            },
+            reason,
+        });
+    }
+
+    fn clear_fenced_handoffs(&mut self) {
+        for v in 0..self.model.vms.len() {
+            let Some(handoff) = self.model.views[v].handoff else {
+                continue;
+            };
+            if !self.is_fenced(handoff.from) || !self.room(1) {
+                continue;
+            }
+            let from = self.model.node_name(handoff.from);
+            let reason = format!(
+                "cleared the handoff of {} from {from}: {from} is down and has fenced itself",
+                self.model.vms[v].name
+            );
+            self.clear_handoff(v, reason);
+        }
+    }
+
+    /// Places VM `v` on host `i` (usage after: `used`), updating the model
+    /// as `State::apply` would.
+    fn place(&mut self, v: usize, i: usize, used: Resources, why: Option<String>) {
+        let vm = self.model.vms[v];
+        let old = self.model.views[v];
+        let node = self.model.hosts[i].member.id;
+        // As `apply::handoff_after_leaving`: a pending handoff keeps its
+        // host; else the host left becomes it; arriving there ends it.
+        let handoff = old
+            .handoff
+            .or_else(|| old.placement.map(|from| Handoff { from, generation: old.generation, reserved: vm.size() }))
+            .filter(|h| h.from != node);
+        let view = View { placement: Some(node), generation: old.generation + 1, handoff };
+        self.model.set_view(v, view);
+        let host = &self.model.hosts[i];
+        let what = match (&why, old.placement) {
+            (Some(why), Some(from)) => {
+                format!("moved {} from {} to {} ({why}", vm.name, self.model.node_name(from), host.member.name)
+            }
+            _ => format!("placed {} on {} (", vm.name, host.member.name),
+        };
+        let reason = format!(
+            "{what}{}{}): {} of {} vcpu and {} of {} MiB used after placement",
+            if why.is_some() { "; " } else { "" },
+            self.policy.strategy,
+            used.vcpu,
+            host.limit.vcpu,
+            used.memory_mib,
+            host.limit.memory_mib,
+        );
+        self.out.push(Decision {
+            command: CommandKind::Place { vm: vm.name.clone(), node, expected_generation: old.generation },
+            reason,
+        });
+    }
+
+    /// Moves the desired-running VMs off fenced hosts.
+    fn reschedule_fenced(&mut self) {
+        for v in 0..self.model.vms.len() {
+            let view = self.model.views[v];
+            let Some(from) = view.placement else { continue };
+            if view.handoff.is_some() || self.model.vms[v].spec.desired != Desired::Running || !self.is_fenced(from) {
+                continue;
+            }
+            if !self.room(2) {
+                return;
+            }
+            let Some((i, used)) = self.model.best_host(v, self.policy.strategy) else {
+                continue;
+            };
+            let from_name = self.model.node_name(from);
+            self.place(v, i, used, Some(format!("{from_name} is down and fenced")));
+            let reason = format!(
+                "cleared the handoff of {} from {from_name}: {from_name} is down and has fenced itself",
+                self.model.vms[v].name
+            );
+            self.clear_handoff(v, reason);
+        }
+    }
+
+    /// Places unplaced desired-running VMs, largest first.
+    fn place_unplaced(&mut self) {
+        let mut pending: Vec<usize> = (0..self.model.vms.len())
+            .filter(|&v| self.model.views[v].placement.is_none() && self.model.vms[v].spec.desired == Desired::Running)
+            .collect();
+        let vms = &self.model.vms;
+        pending.sort_by(|&a, &b| {
+            let key = |v: usize| (vms[v].spec.vcpu, vms[v].spec.memory_mib);
+            key(b).cmp(&key(a)).then(vms[a].name.cmp(&vms[b].name))
+        });
+        for v in pending {
+            if !self.room(1) {
+                return;
+            }
+            if let Some((i, used)) = self.model.best_host(v, self.policy.strategy) {
+                self.place(v, i, used, None);
+            }
+        }
+    }
+
+    /// Moves one VM off each draining host whose previous move has settled.
+    fn drain(&mut self) {
+        let draining: BTreeSet<NodeId> = self
+            .model
+            .hosts
+            .iter()
+            .filter(|h| h.member.drain && h.member.status == MemberStatus::Up)
+            .map(|h| h.member.id)
+            .collect();
+        if draining.is_empty() {
+            return;
+        }
+        let mut busy = BTreeSet::new();
+        let mut candidates: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
+        for (v, vm) in self.model.vms.iter().enumerate() {
+            let view = self.model.views[v];
+            if let Some(h) = view.handoff {
+                busy.insert(h.from);
+            }
+            if let Some(from) = vm.moved_from
+                && view.placement.is_some_and(|node| Some(node) == vm.placement.map(|p| p.node))
+                && vm.spec.desired == Desired::Running
+                && matches!(vm.observed.state, VmState::Pending | VmState::Starting)
+            {
+                busy.insert(from);
+            }
+            if let Some(node) = view.placement
+                && view.handoff.is_none()
+                && draining.contains(&node)
+            {
+                candidates.entry(node).or_default().push(v);
+            }
+        }
+        for (node, vms) in candidates {
+            if busy.contains(&node) {
+                continue;
+            }
+            let why = format!("{} is draining", self.model.node_name(node));
+            for v in vms {
+                if !self.room(1) {
+                    return;
+                }
+                if let Some((i, used)) = self.model.best_host(v, self.policy.strategy) {
+                    self.place(v, i, used, Some(why));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

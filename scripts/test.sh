@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs every Blixard test, after installing what the tests need.
+#
+# On a fresh Debian 12 machine with cargo, run it as root (the container
+# test bed needs root):  sudo scripts/test.sh
+# It installs the Debian packages the tests use, builds the cached
+# container root filesystem (once; /var/cache/blixard-testbed), checks
+# formatting and lints, runs the whole test suite (including 1,000
+# simulator seeds) in the `ci` profile, and runs the Nix checks.
+#
+# Environment:
+#   BLIXARD_SIM_SEEDS   simulator seeds to run (default 1000)
+#   BLIXARD_TEST_QUICK  set to skip fmt/clippy (for local iteration)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "error: run this as root (sudo $0): the container test bed boots systemd-nspawn hosts" >&2
+  exit 2
+fi
+
+log "installing Debian packages the tests need"
+packages=(debootstrap systemd-container iproute2 nix-bin)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+log "preparing the container test bed root filesystem"
+bash tests/testbed/prepare.sh
+
+if [ -z "${BLIXARD_TEST_QUICK:-}" ]; then
+  log "cargo fmt --check"
+  cargo fmt --all -- --check
+  log "cargo clippy"
+  cargo clippy --workspace --all-targets --profile ci -- -D warnings
+fi
+
+export BLIXARD_SIM_SEEDS="${BLIXARD_SIM_SEEDS:-1000}"
+log "cargo tests (profile ci, ${BLIXARD_SIM_SEEDS} simulator seeds)"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --cargo-profile ci --no-fail-fast
+else
+  cargo test --workspace --profile ci --no-fail-fast
+fi
+
+log "Nix checks"
+bash tests/nix/check.sh
+
+log "all tests passed"
