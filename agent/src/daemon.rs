@@ -37,7 +37,7 @@ use crate::api::context::{Context, ContextControl, GRPC_MESSAGE_BYTES_MAX, JoinR
 use crate::api::pb;
 use crate::api::peer::{self, PeerService, PeerTransport, Sender};
 use crate::api::service::BlixardService;
-use crate::config::Config;
+use crate::config::{Config, RuntimeKind};
 use crate::consensus::CoreConfig;
 use crate::node::{self, AddressBook, Node, NodeOptions, Start};
 use crate::reconciler::{BoxFuture, ContactFile, Proposer, Reconciler, ReconcilerConfig};
@@ -94,11 +94,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     }
     let config = Arc::new(config);
     let store = open_store(&config).await?;
-    let runtime = crate::runtime::open(config.runtime, &config.state_dir)
-        .await
-        .map_err(|e| anyhow!("cannot start the {:?} runtime: {e}", config.runtime))?;
     let listener =
         TcpListener::bind(config.listen).await.map_err(|e| anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let runtime = crate::runtime::open(config.runtime, &config.state_dir).await.map_err(|e| {
+        anyhow!(
+            "cannot start the {} runtime: {e}",
+            if config.runtime == RuntimeKind::Systemd { "systemd" } else { "process" }
+        )
+    })?;
     let address = advertised(config.listen);
     let (context, control) = Context::new(config.node_name.clone(), address.clone());
 

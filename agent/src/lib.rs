@@ -6,6 +6,7 @@
 //! the `storage` they are given. See ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod consensus;
 pub mod daemon;

@@ -246,6 +246,12 @@ async fn migrate_stops_on_the_source_before_starting_on_the_target() {
     let state = cluster.wait_until("web running", Duration::from_secs(20), |s| running_where(s, "web").is_some()).await;
     let from = running_where(&state, "web").unwrap();
     let to = cluster.hosts.iter().map(|h| h.id).find(|id| *id != from).unwrap();
+    // The target must have reported its runner before it can take the VM.
+    let state = cluster
+        .wait_until("the target reports its runner", Duration::from_secs(20), |s| {
+            s.member(to).is_some_and(|m| m.runners.contains("web"))
+        })
+        .await;
     let generation = state.vm("web").unwrap().generation;
     cluster.propose(CommandKind::Place { vm: "web".into(), node: to, expected_generation: generation }).await;
     // Until the source released it, the target must not run it.

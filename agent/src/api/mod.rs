@@ -11,6 +11,8 @@ pub mod peer;
 pub mod service;
 pub mod status;
 
+pub mod client;
+
 /// Generated code for `proto/blixard/v1/api.proto`.
 #[allow(clippy::all, missing_docs)]
 pub mod pb {

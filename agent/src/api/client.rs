@@ -1,0 +1,356 @@
+//! The client side of service Blixard: connecting to an agent, plain or
+//! with TLS, and calling it with a deadline.
+//!
+//! Every failure becomes a [`ClientError`]: one sentence and a class.
+//! [`ErrorClass::Rejected`] means the cluster refused the request as
+//! invalid (bad value, unknown VM or node, name taken, a pin that cannot
+//! fit) and sending it again will not help; [`ErrorClass::Failed`] means
+//! the operation did not happen (unreachable, timed out, no quorum) and
+//! may work later. The CLI maps them to exit codes 2 and 1.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Status};
+
+use super::pb;
+use super::pb::blixard_client::BlixardClient;
+
+/// Longest message taken from a server or a transport error; a misbehaving
+/// server cannot flood the terminal.
+const MESSAGE_LEN_MAX: usize = 1024;
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// `host:port` (IPv6 in brackets).
+    pub authority: String,
+    /// `None`: plain HTTP/2.
+    pub tls: Option<TlsOptions>,
+    /// Bound on connecting and on each request.
+    pub timeout: Duration,
+}
+
+/// Client TLS: the CA that signed the agents' certificates, and optionally
+/// this client's own certificate and key (mTLS).
+#[derive(Debug, Clone)]
+pub struct TlsOptions {
+    pub ca_pem: Vec<u8>,
+    /// (certificate PEM, private key PEM)
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the agent's certificate must carry: the endpoint's host.
+    pub server_name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The request is invalid; exit 2.
+    Rejected,
+    /// The operation failed; exit 1.
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ClientError {
+    pub class: ErrorClass,
+    pub message: String,
+}
+
+impl ClientError {
+    fn failed(message: impl Into<String>) -> Self {
+        ClientError { class: ErrorClass::Failed, message: message.into() }
+    }
+
+    fn rejected(message: impl Into<String>) -> Self {
+        ClientError { class: ErrorClass::Rejected, message: message.into() }
+    }
+}
+
+/// Which gRPC codes mean "the request is invalid". Everything else —
+/// Unavailable, DeadlineExceeded, Aborted, Internal, transport errors —
+/// means the operation failed.
+pub fn class_of(code: Code) -> ErrorClass {
+    match code {
+        Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::FailedPrecondition => ErrorClass::Rejected,
+        _ => ErrorClass::Failed,
+    }
+}
+
+/// A connected client of service Blixard.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: BlixardClient<Channel>,
+    authority: String,
+    timeout: Duration,
+    tls: TlsUse,
+}
+
+/// What TLS the client used, to explain a connection the agent closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsUse {
+    Plain,
+    ServerOnly,
+    Mutual,
+}
+
+impl TlsUse {
+    /// A likely reason for an agent to drop the connection at once.
+    fn hint(self) -> &'static str {
+        match self {
+            TlsUse::Plain => "; the agent may require TLS",
+            TlsUse::ServerOnly => "; the agent may require a client certificate",
+            TlsUse::Mutual => "",
+        }
+    }
+}
+
+impl Client {
+    /// Connects, failing within `options.timeout`. A TLS configuration
+    /// that cannot be used (bad PEM) is [`ErrorClass::Rejected`]: it is a
+    /// usage error, found before any traffic.
+    pub async fn connect(options: ConnectOptions) -> Result<Client, ClientError> {
+        let ConnectOptions { authority, tls, timeout } = options;
+        let tls_use = match &tls {
+            None => TlsUse::Plain,
+            Some(t) if t.identity.is_none() => TlsUse::ServerOnly,
+            Some(_) => TlsUse::Mutual,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{authority}"))
+            .map_err(|e| ClientError::rejected(format!("{authority} is not a usable address: {}", deepest(&e))))?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            let mut config = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(tls.ca_pem))
+                .domain_name(tls.server_name)
+                .timeout(timeout);
+            if let Some((cert, key)) = tls.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| ClientError::rejected(format!("the TLS files cannot be used: {}", deepest(&e))))?;
+        }
+        let channel = match tokio::time::timeout(timeout, endpoint.connect()).await {
+            Err(_) => return Err(timed_out(&authority, timeout)),
+            Ok(Err(e)) => return Err(unreachable(&authority, timeout, tls_use, &e)),
+            Ok(Ok(channel)) => channel,
+        };
+        Ok(Client { inner: BlixardClient::new(channel), authority, timeout, tls: tls_use })
+    }
+
+    pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, ClientError> {
+        self.call(pb::ClusterStatusRequest {}, |mut c, r| async move { c.cluster_status(r).await }).await
+    }
+
+    pub async fn cluster_join(&self, req: pb::ClusterJoinRequest) -> Result<pb::ClusterJoinResponse, ClientError> {
+        self.call(req, |mut c, r| async move { c.cluster_join(r).await }).await
+    }
+
+    pub async fn cluster_leave(&self, req: pb::ClusterLeaveRequest) -> Result<pb::ClusterLeaveResponse, ClientError> {
+        self.call(req, |mut c, r| async move { c.cluster_leave(r).await }).await
+    }
+
+    pub async fn node_list(&self) -> Result<pb::NodeListResponse, ClientError> {
+        self.call(pb::NodeListRequest {}, |mut c, r| async move { c.node_list(r).await }).await
+    }
+
+    pub async fn node_drain(&self, name: String) -> Result<pb::NodeInfo, ClientError> {
+        self.call(pb::NodeRequest { name }, |mut c, r| async move { c.node_drain(r).await }).await
+    }
+
+    pub async fn node_undrain(&self, name: String) -> Result<pb::NodeInfo, ClientError> {
+        self.call(pb::NodeRequest { name }, |mut c, r| async move { c.node_undrain(r).await }).await
+    }
+
+    pub async fn vm_create(&self, req: pb::VmCreateRequest) -> Result<pb::VmInfo, ClientError> {
+        self.call(req, |mut c, r| async move { c.vm_create(r).await }).await
+    }
+
+    pub async fn vm_start(&self, name: String) -> Result<pb::VmInfo, ClientError> {
+        self.call(pb::VmRequest { name }, |mut c, r| async move { c.vm_start(r).await }).await
+    }
+
+    pub async fn vm_stop(&self, name: String) -> Result<pb::VmInfo, ClientError> {
+        self.call(pb::VmRequest { name }, |mut c, r| async move { c.vm_stop(r).await }).await
+    }
+
+    pub async fn vm_delete(&self, name: String) -> Result<pb::VmDeleteResponse, ClientError> {
+        self.call(pb::VmRequest { name }, |mut c, r| async move { c.vm_delete(r).await }).await
+    }
+
+    pub async fn vm_migrate(&self, req: pb::VmMigrateRequest) -> Result<pb::VmInfo, ClientError> {
+        self.call(req, |mut c, r| async move { c.vm_migrate(r).await }).await
+    }
+
+    pub async fn vm_list(&self) -> Result<pb::VmListResponse, ClientError> {
+        self.call(pb::VmListRequest {}, |mut c, r| async move { c.vm_list(r).await }).await
+    }
+
+    pub async fn vm_status(&self, name: String) -> Result<pb::VmInfo, ClientError> {
+        self.call(pb::VmRequest { name }, |mut c, r| async move { c.vm_status(r).await }).await
+    }
+
+    /// One unary call with the deadline both sent to the server
+    /// (`grpc-timeout`) and enforced here.
+    async fn call<Req, Resp, Fut>(
+        &self,
+        message: Req,
+        f: impl FnOnce(BlixardClient<Channel>, tonic::Request<Req>) -> Fut,
+    ) -> Result<Resp, ClientError>
+    where
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout);
+        match tokio::time::timeout(self.timeout, f(self.inner.clone(), request)).await {
+            Err(_) => Err(timed_out(&self.authority, self.timeout)),
+            Ok(Err(status)) => Err(from_status(&self.authority, self.timeout, self.tls, &status)),
+            Ok(Ok(response)) => Ok(response.into_inner()),
+        }
+    }
+}
+
+/// A status from the server keeps its message; one made by the client for
+/// a transport failure (it has a source) says the agent cannot be reached.
+fn from_status(authority: &str, timeout: Duration, tls: TlsUse, status: &Status) -> ClientError {
+    if let Some(source) = std::error::Error::source(status) {
+        return unreachable(authority, timeout, tls, source);
+    }
+    let message = clip(status.message().trim());
+    let message = if message.is_empty() {
+        format!("the agent at {authority} answered {:?} with no message", status.code())
+    } else {
+        message
+    };
+    match (status.code(), class_of(status.code())) {
+        (Code::DeadlineExceeded | Code::Cancelled, _) if status.message().is_empty() => timed_out(authority, timeout),
+        (_, class) => ClientError { class, message },
+    }
+}
+
+fn timed_out(authority: &str, timeout: Duration) -> ClientError {
+    ClientError::failed(format!("timed out after {} s waiting for the agent at {authority}", timeout.as_secs()))
+}
+
+fn unreachable(
+    authority: &str,
+    timeout: Duration,
+    tls: TlsUse,
+    error: &(dyn std::error::Error + 'static),
+) -> ClientError {
+    let cause = deepest(error);
+    let lower = cause.to_ascii_lowercase();
+    if lower.contains("timed out") || lower.contains("deadline has elapsed") || lower.contains("timeout expired") {
+        return timed_out(authority, timeout);
+    }
+    // Refused means nothing listens; closed or reset right away is what a
+    // TLS port does to plain text, or an mTLS port to a client without a
+    // certificate.
+    // ("frame with invalid size" is HTTP/2 reading a TLS alert as a frame.)
+    const DROPPED: &[&str] =
+        &["connection closed", "connection reset", "broken pipe", "unexpected eof", "frame with invalid size"];
+    let dropped = DROPPED.iter().any(|s| lower.contains(s));
+    let hint = if dropped { tls.hint() } else { "" };
+    ClientError::failed(format!("cannot reach the agent at {authority}: {cause}{hint}"))
+}
+
+/// The innermost cause of `error`, which is the one that says what
+/// happened ("connection refused"); the outer ones say "transport error".
+fn deepest(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    if let Some(io) = current.downcast_ref::<std::io::Error>() {
+        let text = match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+            std::io::ErrorKind::ConnectionReset => "connection reset".to_string(),
+            std::io::ErrorKind::TimedOut => "timed out".to_string(),
+            _ => io.to_string(),
+        };
+        return clip(strip_os_error(&text));
+    }
+    clip(strip_os_error(&current.to_string()))
+}
+
+/// "Connection refused (os error 111)" -> "Connection refused"
+fn strip_os_error(text: &str) -> &str {
+    match text.rfind(" (os error ") {
+        Some(at) if text.ends_with(')') => &text[..at],
+        _ => text,
+    }
+}
+
+fn clip(text: &str) -> String {
+    if text.len() <= MESSAGE_LEN_MAX {
+        return text.to_string();
+    }
+    let mut end = MESSAGE_LEN_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_map_to_classes() {
+        for code in [Code::InvalidArgument, Code::NotFound, Code::AlreadyExists, Code::FailedPrecondition] {
+            assert_eq!(class_of(code), ErrorClass::Rejected, "{code:?}");
+        }
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Aborted,
+            Code::Internal,
+            Code::Unknown,
+            Code::Cancelled,
+            Code::ResourceExhausted,
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::Unimplemented,
+            Code::OutOfRange,
+            Code::DataLoss,
+        ] {
+            assert_eq!(class_of(code), ErrorClass::Failed, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn server_messages_are_kept() {
+        let t = Duration::from_secs(10);
+        let e = from_status("h:1", t, TlsUse::Plain, &Status::already_exists("VM \"web\" already exists"));
+        assert_eq!(e, ClientError::rejected("VM \"web\" already exists"));
+        let e = from_status("h:1", t, TlsUse::Plain, &Status::unavailable("no quorum: 1 of 3 members reachable"));
+        assert_eq!(e.class, ErrorClass::Failed);
+        let e = from_status("h:1", t, TlsUse::Plain, &Status::internal(""));
+        assert_eq!(e.message, "the agent at h:1 answered Internal with no message");
+        let e = from_status("h:1", t, TlsUse::Plain, &Status::deadline_exceeded(""));
+        assert_eq!(e.message, "timed out after 10 s waiting for the agent at h:1");
+        let e = from_status("h:1", t, TlsUse::Plain, &Status::invalid_argument("x".repeat(5000)));
+        assert!(e.message.len() <= MESSAGE_LEN_MAX + '…'.len_utf8());
+    }
+
+    #[test]
+    fn transport_errors_name_the_innermost_cause() {
+        let io = std::io::Error::from_raw_os_error(111);
+        let status = Status::from_error(Box::new(io));
+        let e = from_status("127.0.0.1:1", Duration::from_secs(1), TlsUse::Plain, &status);
+        assert_eq!(e, ClientError::failed("cannot reach the agent at 127.0.0.1:1: connection refused"));
+        let reset = Status::from_error(Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)));
+        let e = from_status("h:1", Duration::from_secs(1), TlsUse::ServerOnly, &reset);
+        assert_eq!(
+            e.message,
+            "cannot reach the agent at h:1: connection reset; the agent may require a client certificate"
+        );
+        assert_eq!(strip_os_error("No route to host (os error 113)"), "No route to host");
+    }
+}

@@ -1,0 +1,428 @@
+//! The `blixard-agent` command line: parsing, checking every argument
+//! before any traffic, calling the agent, and printing the answer.
+//!
+//! - `args`: the clap derive types and value parsers (the command tree).
+//! - `error`: one-sentence errors and exit codes 0/1/2; clap's errors re-worded.
+//! - `target`: where to connect (`--endpoint`, the local agent's config,
+//!   127.0.0.1:7000) and with which TLS files.
+//! - `output`: tables and the `--json` shapes.
+//! - `docs`: shell completions and man pages.
+//!
+//! `run` (the daemon) is dispatched by `main`; everything else by [`execute`].
+
+pub mod args;
+pub mod docs;
+pub mod error;
+pub mod examples;
+pub mod output;
+pub mod target;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::{CommandFactory, FromArgMatches};
+
+use crate::api::client::{Client, ClientError, ErrorClass};
+use crate::api::pb;
+use crate::config::{Config, ConfigError, FileConfig};
+
+pub use args::{Cli, Command};
+pub use error::{CliError, ParseExit};
+
+use args::{ClientArgs, ClusterCommand, NodeCommand, RunArgs, VmCommand};
+
+/// Parses the command line. Errors are already one sentence with an exit code.
+pub fn parse<I, T>(args: I) -> Result<Cli, ParseExit>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let root = Cli::command();
+    let matches = root.clone().try_get_matches_from(&args).map_err(|e| error::from_clap(e, &root, &args))?;
+    Cli::from_arg_matches(&matches).map_err(|e| error::from_clap(e, &root, &args))
+}
+
+/// The daemon's configuration: the file (`--config`, else the default path
+/// if it exists, else none) with the flags over it.
+pub fn run_config(args: &RunArgs) -> Result<Config, ConfigError> {
+    let file = match args.config_path() {
+        Some(path) => FileConfig::load(&path)?,
+        None => FileConfig::default(),
+    };
+    Config::resolve(file, args.overrides())
+}
+
+/// Runs every command but `run`, printing its output; returns the exit code.
+pub fn execute(command: Command) -> ExitCode {
+    let result = match command {
+        Command::Run(_) => Err(CliError::usage("`run` is dispatched by main")),
+        Command::Completions { shell } => docs::completions(shell, &mut std::io::stdout().lock()),
+        Command::Man { outdir } => docs::man_pages(&outdir),
+        client => match plan(client) {
+            Ok((request, client_args)) => run_client(request, &client_args),
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => e.report(),
+    }
+}
+
+/// One request to the agent, fully checked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    ClusterStatus,
+    ClusterJoin(pb::ClusterJoinRequest),
+    ClusterLeave(pb::ClusterLeaveRequest),
+    NodeList,
+    NodeDrain(String),
+    NodeUndrain(String),
+    VmCreate(pb::VmCreateRequest),
+    VmStart(String),
+    VmStop(String),
+    VmDelete(String),
+    VmMigrate(pb::VmMigrateRequest),
+    VmList,
+    VmStatus(String),
+}
+
+/// Turns a parsed client command into the request to send, reading any
+/// file it names. Nothing touches the network here.
+// Requests are built with `..Default::default()` so that fields added to
+// the proto later start out unset instead of breaking the build.
+#[allow(clippy::needless_update)]
+pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
+    Ok(match command {
+        Command::Cluster(ClusterCommand::Status { client }) => (Request::ClusterStatus, client),
+        Command::Cluster(ClusterCommand::Join { address, token_file, client }) => {
+            let token = match token_file {
+                Some(path) => read_token(&path)?,
+                None => String::new(),
+            };
+            (Request::ClusterJoin(pb::ClusterJoinRequest { seed: address, token, ..Default::default() }), client)
+        }
+        Command::Cluster(ClusterCommand::Leave { node, client }) => (
+            Request::ClusterLeave(pb::ClusterLeaveRequest { node: node.map(|n| n.to_string()).unwrap_or_default() }),
+            client,
+        ),
+        Command::Node(NodeCommand::List { client }) => (Request::NodeList, client),
+        Command::Node(NodeCommand::Drain { node, client }) => (Request::NodeDrain(node.to_string()), client),
+        Command::Node(NodeCommand::Undrain { node, client }) => (Request::NodeUndrain(node.to_string()), client),
+        Command::Vm(VmCommand::Create(args)) => {
+            let labels =
+                args.label_map().map_err(|e| CliError::usage(format!("invalid --label for `vm create`: {e}")))?;
+            let request = pb::VmCreateRequest {
+                name: args.name.to_string(),
+                vcpu: args.vcpu,
+                memory_mib: args.memory,
+                node: args.node.as_ref().map(|n| n.to_string()).unwrap_or_default(),
+                labels: labels.into_iter().collect(),
+                anti_affinity: args.anti_affinity.as_ref().map(|n| n.to_string()).unwrap_or_default(),
+                stopped: args.stopped,
+                ..Default::default()
+            };
+            (Request::VmCreate(request), args.client)
+        }
+        Command::Vm(VmCommand::Start(vm)) => (Request::VmStart(vm.name.to_string()), vm.client),
+        Command::Vm(VmCommand::Stop(vm)) => (Request::VmStop(vm.name.to_string()), vm.client),
+        Command::Vm(VmCommand::Delete(vm)) => (Request::VmDelete(vm.name.to_string()), vm.client),
+        Command::Vm(VmCommand::Migrate { name, to, client }) => {
+            (Request::VmMigrate(pb::VmMigrateRequest { name: name.to_string(), to: to.to_string() }), client)
+        }
+        Command::Vm(VmCommand::List { client }) => (Request::VmList, client),
+        Command::Vm(VmCommand::Status(vm)) => (Request::VmStatus(vm.name.to_string()), vm.client),
+        Command::Run(_) | Command::Completions { .. } | Command::Man { .. } => {
+            return Err(CliError::usage("not a client command"));
+        }
+    })
+}
+
+/// A join token file: one line, surrounding whitespace ignored.
+fn read_token(path: &std::path::Path) -> Result<String, CliError> {
+    /// A token is a short secret; anything longer is the wrong file.
+    const TOKEN_LEN_MAX: u64 = 4096;
+    let too_long = std::fs::metadata(path).map(|m| m.len() > TOKEN_LEN_MAX).unwrap_or(false);
+    if too_long {
+        return Err(CliError::usage(format!("--token-file {} is longer than a token can be", path.display())));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        CliError::usage(format!("cannot read --token-file {}: {}", path.display(), target::io_reason(&e)))
+    })?;
+    Ok(text.trim().to_string())
+}
+
+fn run_client(request: Request, client_args: &ClientArgs) -> Result<(), CliError> {
+    let options = target::resolve(client_args, std::path::Path::new(crate::config::DEFAULT_CONFIG_PATH))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::failed(format!("cannot start the async runtime: {e}")))?;
+    let json = client_args.json;
+    let text = runtime.block_on(async move {
+        let client = Client::connect(options).await.map_err(client_error)?;
+        send(&client, request, json).await.map_err(client_error)
+    })?;
+    print!("{text}");
+    Ok(())
+}
+
+fn client_error(e: ClientError) -> CliError {
+    match e.class {
+        ErrorClass::Rejected => CliError::usage(e.message),
+        ErrorClass::Failed => CliError::failed(e.message),
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Sends `request` and renders the answer.
+async fn send(client: &Client, request: Request, json: bool) -> Result<String, ClientError> {
+    use output::*;
+    let vm_out = |verb: &str, v: pb::VmInfo| if json { to_json(&vm_status_json(&v)) } else { vm_written(verb, &v) };
+    let node_out = |verb: &str, n: pb::NodeInfo| if json { to_json(&node_json(&n)) } else { node_written(verb, &n) };
+    Ok(match request {
+        Request::ClusterStatus => {
+            let s = client.cluster_status().await?;
+            if json { to_json(&cluster_status_json(&s)) } else { cluster_status_table(&s) }
+        }
+        Request::ClusterJoin(req) => {
+            let seed = req.seed.clone();
+            let r = client.cluster_join(req).await?;
+            if json {
+                to_json(&JoinJson { name: &r.name, id: r.id })
+            } else {
+                format!("{} joined the cluster at {seed} as member {}\n", error::one_line(&r.name), r.id)
+            }
+        }
+        Request::ClusterLeave(req) => {
+            let r = client.cluster_leave(req).await?;
+            if json {
+                to_json(&NameJson { name: &r.name })
+            } else {
+                format!("{} left the cluster\n", error::one_line(&r.name))
+            }
+        }
+        Request::NodeList => {
+            let r = client.node_list().await?;
+            if json { to_json(&r.nodes.iter().map(node_json).collect::<Vec<_>>()) } else { node_list_table(&r.nodes) }
+        }
+        Request::NodeDrain(name) => node_out("draining", client.node_drain(name).await?),
+        Request::NodeUndrain(name) => node_out("undrained", client.node_undrain(name).await?),
+        Request::VmCreate(req) => vm_out("created", client.vm_create(req).await?),
+        Request::VmStart(name) => vm_out("started", client.vm_start(name).await?),
+        Request::VmStop(name) => vm_out("stopped", client.vm_stop(name).await?),
+        Request::VmDelete(name) => {
+            let r = client.vm_delete(name).await?;
+            if json {
+                to_json(&NameJson { name: &r.name })
+            } else {
+                format!("vm {} deleted\n", error::one_line(&r.name))
+            }
+        }
+        Request::VmMigrate(req) => vm_out("migrating", client.vm_migrate(req).await?),
+        Request::VmList => {
+            let r = client.vm_list().await?;
+            if json { to_json(&r.vms.iter().map(vm_json).collect::<Vec<_>>()) } else { vm_list_table(&r.vms) }
+        }
+        Request::VmStatus(name) => {
+            let v = client.vm_status(name).await?;
+            if json { to_json(&vm_status_json(&v)) } else { vm_status_text(&v, now_unix_ms()) }
+        }
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::needless_update)] // as in `plan`
+mod tests {
+    use super::*;
+
+    fn parse_ok(args: &[&str]) -> Cli {
+        match parse(std::iter::once("blixard-agent").chain(args.iter().copied())) {
+            Ok(cli) => cli,
+            Err(ParseExit::Error(e)) => panic!("{args:?}: {e}"),
+            Err(ParseExit::Print(_)) => panic!("{args:?}: printed help"),
+        }
+    }
+
+    fn parse_err(args: &[&str]) -> CliError {
+        match parse(std::iter::once("blixard-agent").chain(args.iter().copied())) {
+            Ok(cli) => match plan(cli.command) {
+                Ok(planned) => panic!("{args:?} parsed: {planned:?}"),
+                Err(e) => e,
+            },
+            Err(ParseExit::Error(e)) => e,
+            Err(ParseExit::Print(_)) => panic!("{args:?}: printed help"),
+        }
+    }
+
+    #[test]
+    fn every_command_parses_into_its_request() {
+        let cases: Vec<(&[&str], Request)> = vec![
+            (&["cluster", "status"], Request::ClusterStatus),
+            (
+                &["cluster", "join", "10.0.0.1:7000"],
+                Request::ClusterJoin(pb::ClusterJoinRequest { seed: "10.0.0.1:7000".into(), ..Default::default() }),
+            ),
+            (&["cluster", "leave"], Request::ClusterLeave(pb::ClusterLeaveRequest { node: String::new() })),
+            (&["cluster", "leave", "h3"], Request::ClusterLeave(pb::ClusterLeaveRequest { node: "h3".into() })),
+            (&["node", "list"], Request::NodeList),
+            (&["node", "drain", "h2"], Request::NodeDrain("h2".into())),
+            (&["node", "undrain", "h2"], Request::NodeUndrain("h2".into())),
+            (
+                &["vm", "create", "web", "--vcpu", "2", "--memory", "1024"],
+                Request::VmCreate(pb::VmCreateRequest {
+                    name: "web".into(),
+                    vcpu: 2,
+                    memory_mib: 1024,
+                    ..Default::default()
+                }),
+            ),
+            (
+                &[
+                    "vm",
+                    "create",
+                    "db",
+                    "--vcpu=4",
+                    "--memory",
+                    "8192",
+                    "--node",
+                    "h2",
+                    "--label",
+                    "rack=r1",
+                    "--label",
+                    "ssd=yes",
+                    "--anti-affinity",
+                    "dbs",
+                    "--stopped",
+                ],
+                Request::VmCreate(pb::VmCreateRequest {
+                    name: "db".into(),
+                    vcpu: 4,
+                    memory_mib: 8192,
+                    node: "h2".into(),
+                    labels: [("rack".into(), "r1".into()), ("ssd".into(), "yes".into())].into(),
+                    anti_affinity: "dbs".into(),
+                    stopped: true,
+                    ..Default::default()
+                }),
+            ),
+            (&["vm", "start", "web"], Request::VmStart("web".into())),
+            (&["vm", "stop", "web"], Request::VmStop("web".into())),
+            (&["vm", "delete", "web"], Request::VmDelete("web".into())),
+            (
+                &["vm", "migrate", "web", "--to", "h2"],
+                Request::VmMigrate(pb::VmMigrateRequest { name: "web".into(), to: "h2".into() }),
+            ),
+            (&["vm", "list"], Request::VmList),
+            (&["vm", "status", "web"], Request::VmStatus("web".into())),
+        ];
+        for (args, expected) in cases {
+            let (request, client) = plan(parse_ok(args).command).unwrap();
+            assert_eq!(request, expected, "{args:?}");
+            assert!(!client.json);
+            assert_eq!(client.timeout, args::TIMEOUT_SECS_DEFAULT);
+        }
+    }
+
+    #[test]
+    fn client_options_are_everywhere() {
+        let (_, client) =
+            plan(parse_ok(&["vm", "list", "--json", "--endpoint", "https://h1:7443", "--timeout", "3"]).command)
+                .unwrap();
+        assert!(client.json);
+        assert_eq!(client.timeout, 3);
+        assert_eq!(client.endpoint.unwrap().scheme, Some(args::Scheme::Https));
+    }
+
+    /// (arguments, the start of the one-sentence error)
+    #[rustfmt::skip]
+    const BAD: &[(&[&str], &str)] = &[
+        (&["vm", "create", "web", "--vcpu", "1", "--memory", "64", "--frobnicate"],
+         "unknown flag --frobnicate for `vm create`; see `blixard-agent vm create --help`"),
+        (&["vm", "frob"], "unknown subcommand \"frob\" for `vm`"),
+        (&["frob"], "unknown subcommand \"frob\" for blixard-agent"),
+        (&["vm"], "`vm` needs a subcommand (create, start, stop, delete, migrate, list, status)"),
+        (&[], "blixard-agent needs a subcommand"),
+        (&["vm", "create", "web"], "`vm create` needs --vcpu N and --memory MIB"),
+        (&["vm", "create", "--vcpu", "1", "--memory", "64"], "`vm create` needs NAME"),
+        (&["vm", "status"], "`vm status` needs NAME"),
+        (&["vm", "migrate", "web"], "`vm migrate` needs --to NODE"),
+        (&["vm", "list", "extra"], "unexpected argument \"extra\" for `vm list`"),
+        (&["vm", "status", "../x"], "invalid NAME for `vm status`: name \"../x\" must start"),
+        (&["vm", "status", "a b"], "invalid NAME for `vm status`: name \"a b\""),
+        (&["vm", "status", "x.service"], "invalid NAME for `vm status`: name \"x.service\""),
+        (&["vm", "status", "Web"], "invalid NAME for `vm status`: name \"Web\""),
+        (&["vm", "status", "wéb"], "invalid NAME for `vm status`: name \"wéb\""),
+        (&["vm", "status", ""], "invalid NAME for `vm status`: a name cannot be empty"),
+        (&["vm", "create", "web", "--vcpu", "0", "--memory", "64"], "invalid --vcpu N for `vm create`: 0 is not between 1 and 1024 vcpus"),
+        (&["vm", "create", "web", "--vcpu", "-2", "--memory", "64"], "invalid --vcpu N for `vm create`: -2 is not"),
+        (&["vm", "create", "web", "--vcpu", "99999999999999999999999", "--memory", "64"], "invalid --vcpu N for `vm create`: 99999999999999999999999 is not"),
+        (&["vm", "create", "web", "--vcpu", "1", "--memory", "0"], "invalid --memory MIB for `vm create`: 0 is not between 16 and"),
+        (&["vm", "create", "web", "--vcpu", "1", "--memory", "-64"], "invalid --memory MIB for `vm create`: -64 is not"),
+        (&["vm", "create", "web", "--vcpu", "1", "--memory", "1T"], "invalid --memory MIB for `vm create`: \"1T\" is not a whole number"),
+        (&["vm", "create", "web", "--vcpu", "1", "--memory", "64", "--label", "rack"], "invalid --label KEY=VALUE for `vm create`: \"rack\" is not KEY=VALUE"),
+        (&["vm", "create", "web", "--vcpu", "1", "--memory", "64", "--label", "Rack=1"], "invalid --label KEY=VALUE for `vm create`: label key \"Rack\""),
+        (&["vm", "create", "web", "--vcpu", "1", "--memory", "64", "--label", "a=1", "--label", "a=2"], "invalid --label for `vm create`: label \"a\" is given twice"),
+        (&["vm", "create", "web", "--vcpu", "1", "--memory", "64", "--node", "H1"], "invalid --node NODE for `vm create`"),
+        (&["vm", "list", "--endpoint", "nope"], "invalid --endpoint HOST:PORT for `vm list`: \"nope\" is not HOST:PORT"),
+        (&["vm", "list", "--endpoint"], "--endpoint HOST:PORT needs a value"),
+        (&["vm", "list", "--timeout", "0"], "invalid --timeout SECS for `vm list`: 0 is not between 1 and 86400 seconds"),
+        (&["cluster", "join", "10.0.0.1"], "invalid ADDRESS for `cluster join`: \"10.0.0.1\" is not HOST:PORT"),
+        (&["cluster", "leave", "../x"], "invalid NODE for `cluster leave`"),
+        (&["node", "drain"], "`node drain` needs NODE"),
+        (&["completions", "powershell"], "\"powershell\" is not a valid SHELL: use bash, zsh or fish"),
+        (&["--frobnicate"], "unknown flag --frobnicate for blixard-agent; see `blixard-agent --help`"),
+    ];
+
+    #[test]
+    fn bad_input_is_one_sentence_and_exit_2() {
+        for (args, expected) in BAD {
+            let e = parse_err(args);
+            assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
+            let text = e.to_string();
+            assert!(
+                text.starts_with(&format!("error: {expected}")),
+                "{args:?}:\n  got      {text}\n  expected error: {expected}"
+            );
+            assert!(!text.contains('\n'), "{args:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn a_repeated_option_takes_the_last_value() {
+        let cli =
+            parse_ok(&["vm", "create", "web", "--vcpu", "1", "--vcpu", "2", "--memory", "64", "--json", "--json"]);
+        let (Request::VmCreate(req), client) = plan(cli.command).unwrap() else { panic!("not a create") };
+        assert_eq!(req.vcpu, 2);
+        assert!(client.json);
+    }
+
+    #[test]
+    fn long_names_are_refused() {
+        let long = "a".repeat(64);
+        let e = parse_err(&["vm", "status", &long]);
+        assert!(e.to_string().contains("is 64 characters long; the limit is 63"), "{e}");
+        parse_ok(&["vm", "status", &"a".repeat(63)]);
+    }
+
+    #[test]
+    fn suggestions_are_kept_on_the_line() {
+        let e = parse_err(&["vm", "create", "web", "--vcpus", "1", "--memory", "64"]);
+        assert!(e.to_string().contains("unknown flag --vcpus for `vm create` (did you mean --vcpu?)"), "{e}");
+        let e = parse_err(&["vm", "creat"]);
+        assert!(e.to_string().contains("unknown subcommand \"creat\" for `vm` (did you mean create?)"), "{e}");
+    }
+
+    #[test]
+    fn help_and_version_print() {
+        for args in [&["--help"][..], &["vm", "create", "--help"], &["--version"], &["help", "vm"]] {
+            let all = std::iter::once("blixard-agent").chain(args.iter().copied());
+            assert!(matches!(parse(all), Err(ParseExit::Print(_))), "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! Support for the CLI's process-level tests: running the built
+//! `blixard-agent` binary, and a fake agent — a tonic server implementing
+//! service Blixard over a tiny in-memory model — that records every call,
+//! so a test can check that bad input sent nothing, and that can be told
+//! to answer every call with a given status or after a delay.
+
+#![allow(dead_code)]
+// Each test crate uses a different part.
+// The proto only grows; `..Default::default()` keeps the fake compiling when it does.
+#![allow(clippy::needless_update)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blixard::api::pb;
+use blixard::api::pb::blixard_server::{Blixard, BlixardServer};
+use tonic::{Code, Request, Response, Status};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_blixard-agent");
+
+/// What a run of the binary left behind.
+#[derive(Debug)]
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+    }
+
+    /// Exit `code`, nothing on stdout, and exactly one line on stderr that
+    /// starts with `error: ` and contains `needle`.
+    #[track_caller]
+    pub fn assert_error(&self, code: i32, needle: &str) {
+        assert_eq!(self.code, code, "{self:?}");
+        assert_eq!(self.stdout, "", "{self:?}");
+        assert!(self.stderr.starts_with("error: "), "{self:?}");
+        assert!(self.stderr.ends_with('\n') && self.stderr.lines().count() == 1, "one line: {self:?}");
+        assert!(self.stderr.contains(needle), "expected {needle:?} in {self:?}");
+    }
+
+    #[track_caller]
+    pub fn assert_ok(&self) {
+        assert_eq!(self.code, 0, "{self:?}");
+        assert_eq!(self.stderr, "", "{self:?}");
+    }
+}
+
+/// Runs the binary with `args`, in a clean environment.
+pub fn run(args: &[&str]) -> Out {
+    let output = Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"));
+    Out {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Model {
+    pub vms: BTreeMap<String, pb::VmInfo>,
+    pub nodes: BTreeMap<String, pb::NodeInfo>,
+    /// Every call received, as `Method(argument)`.
+    pub calls: Vec<String>,
+    /// Answer every call with this status instead.
+    pub fail: Option<(Code, String)>,
+    /// Wait this long before answering.
+    pub delay: Option<Duration>,
+}
+
+pub const SINCE_UNIX_MS: u64 = 1_735_787_045_678;
+
+fn node(name: &str, id: u64) -> pb::NodeInfo {
+    pb::NodeInfo {
+        name: name.into(),
+        id,
+        address: format!("127.0.0.{id}:7000"),
+        status: "up".into(),
+        role: if id == 1 { "leader" } else { "follower" }.into(),
+        vcpu_total: 8,
+        vcpu_used: 0,
+        memory_mib_total: 16384,
+        memory_mib_used: 0,
+        vms: 0,
+        ..Default::default()
+    }
+}
+
+impl Model {
+    fn new() -> Self {
+        let nodes = [node("h1", 1), node("h2", 2), node("h3", 3)].into_iter().map(|n| (n.name.clone(), n)).collect();
+        Model { nodes, ..Model::default() }
+    }
+
+    fn vm(&self, name: &str) -> Result<pb::VmInfo, Status> {
+        self.vms.get(name).cloned().ok_or_else(|| Status::not_found(format!("no VM named {name:?}")))
+    }
+
+    fn node(&self, name: &str) -> Result<pb::NodeInfo, Status> {
+        self.nodes.get(name).cloned().ok_or_else(|| Status::not_found(format!("no node named {name:?}")))
+    }
+}
+
+/// The fake agent. Dropping it stops the server.
+pub struct Fake {
+    pub addr: SocketAddr,
+    pub model: Arc<Mutex<Model>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Fake {
+    pub fn start() -> Fake {
+        Self::start_with(|builder| builder)
+    }
+
+    /// Starts with a customised server builder (TLS).
+    pub fn start_with(configure: impl FnOnce(tonic::transport::Server) -> tonic::transport::Server) -> Fake {
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let model = Arc::new(Mutex::new(Model::new()));
+        let service = BlixardServer::new(Service { model: model.clone() });
+        let server = configure(tonic::transport::Server::builder())
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        runtime.spawn(server);
+        Fake { addr, model, runtime: Some(runtime) }
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Runs the binary with `args` then `--endpoint` this fake and no config.
+    pub fn cli(&self, args: &[&str]) -> Out {
+        let endpoint = self.endpoint();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--endpoint", &endpoint, "--config", "/dev/null"]);
+        run(&all)
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.model.lock().unwrap().calls.clone()
+    }
+
+    pub fn fail_with(&self, code: Code, message: &str) {
+        self.model.lock().unwrap().fail = Some((code, message.to_string()));
+    }
+
+    pub fn delay(&self, delay: Duration) {
+        self.model.lock().unwrap().delay = Some(delay);
+    }
+
+    pub fn vms(&self) -> BTreeMap<String, pb::VmInfo> {
+        self.model.lock().unwrap().vms.clone()
+    }
+
+    pub fn insert_vm(&self, name: &str, node: &str) {
+        let vm = pb::VmInfo {
+            name: name.into(),
+            node: node.into(),
+            desired: "running".into(),
+            state: if node.is_empty() { "pending" } else { "running" }.into(),
+            vcpu: 2,
+            memory_mib: 1024,
+            since_unix_ms: SINCE_UNIX_MS,
+            generation: 1,
+            pending_reason: if node.is_empty() { "no host has the runner installed".into() } else { String::new() },
+            ..Default::default()
+        };
+        self.model.lock().unwrap().vms.insert(name.into(), vm);
+    }
+}
+
+struct Service {
+    model: Arc<Mutex<Model>>,
+}
+
+impl Service {
+    /// Records the call, then applies the canned failure or delay, then `f`.
+    async fn handle<T>(
+        &self,
+        call: String,
+        f: impl FnOnce(&mut Model) -> Result<T, Status>,
+    ) -> Result<Response<T>, Status> {
+        let delay = {
+            let mut m = self.model.lock().unwrap();
+            m.calls.push(call);
+            if let Some((code, message)) = &m.fail {
+                return Err(Status::new(*code, message.clone()));
+            }
+            m.delay
+        };
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        let mut m = self.model.lock().unwrap();
+        f(&mut m).map(Response::new)
+    }
+}
+
+#[tonic::async_trait]
+impl Blixard for Service {
+    async fn cluster_status(
+        &self,
+        _: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        self.handle("ClusterStatus".into(), |m| {
+            Ok(pb::ClusterStatusResponse {
+                leader: "h1".into(),
+                term: 3,
+                members: m
+                    .nodes
+                    .values()
+                    .map(|n| pb::MemberStatus {
+                        id: n.id,
+                        name: n.name.clone(),
+                        address: n.address.clone(),
+                        role: n.role.clone(),
+                        healthy: true,
+                        ..Default::default()
+                    })
+                    .collect(),
+                commit_index: 7,
+                applied_index: 7,
+                ..Default::default()
+            })
+        })
+        .await
+    }
+
+    async fn cluster_join(
+        &self,
+        r: Request<pb::ClusterJoinRequest>,
+    ) -> Result<Response<pb::ClusterJoinResponse>, Status> {
+        let r = r.into_inner();
+        self.handle(format!("ClusterJoin({},{})", r.seed, r.token), |m| {
+            let n = node("h4", 4);
+            m.nodes.insert(n.name.clone(), n);
+            Ok(pb::ClusterJoinResponse { name: "h4".into(), id: 4 })
+        })
+        .await
+    }
+
+    async fn cluster_leave(
+        &self,
+        r: Request<pb::ClusterLeaveRequest>,
+    ) -> Result<Response<pb::ClusterLeaveResponse>, Status> {
+        let r = r.into_inner();
+        self.handle(format!("ClusterLeave({})", r.node), |m| {
+            let name = if r.node.is_empty() { "h1".to_string() } else { r.node };
+            m.node(&name)?;
+            m.nodes.remove(&name);
+            Ok(pb::ClusterLeaveResponse { name })
+        })
+        .await
+    }
+
+    async fn node_list(&self, _: Request<pb::NodeListRequest>) -> Result<Response<pb::NodeListResponse>, Status> {
+        self.handle("NodeList".into(), |m| Ok(pb::NodeListResponse { nodes: m.nodes.values().cloned().collect() }))
+            .await
+    }
+
+    async fn node_drain(&self, r: Request<pb::NodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
+        let name = r.into_inner().name;
+        self.handle(format!("NodeDrain({name})"), |m| {
+            m.node(&name)?;
+            let n = m.nodes.get_mut(&name).expect("checked");
+            n.status = "draining".into();
+            Ok(n.clone())
+        })
+        .await
+    }
+
+    async fn node_undrain(&self, r: Request<pb::NodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
+        let name = r.into_inner().name;
+        self.handle(format!("NodeUndrain({name})"), |m| {
+            m.node(&name)?;
+            let n = m.nodes.get_mut(&name).expect("checked");
+            n.status = "up".into();
+            Ok(n.clone())
+        })
+        .await
+    }
+
+    async fn vm_create(&self, r: Request<pb::VmCreateRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        let r = r.into_inner();
+        self.handle(format!("VmCreate({})", r.name), |m| {
+            if m.vms.contains_key(&r.name) {
+                return Err(Status::already_exists(format!("VM {:?} already exists", r.name)));
+            }
+            if !r.node.is_empty() {
+                m.node(&r.node)?;
+            }
+            let node = if r.node.is_empty() { "h1".to_string() } else { r.node.clone() };
+            let vm = pb::VmInfo {
+                name: r.name.clone(),
+                node: if r.stopped { String::new() } else { node },
+                desired: if r.stopped { "stopped" } else { "running" }.into(),
+                state: if r.stopped { "stopped" } else { "starting" }.into(),
+                vcpu: r.vcpu,
+                memory_mib: r.memory_mib,
+                since_unix_ms: SINCE_UNIX_MS,
+                labels: r.labels,
+                pinned_node: r.node,
+                anti_affinity: r.anti_affinity,
+                generation: 1,
+                ..Default::default()
+            };
+            m.vms.insert(r.name, vm.clone());
+            Ok(vm)
+        })
+        .await
+    }
+
+    async fn vm_start(&self, r: Request<pb::VmRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        let name = r.into_inner().name;
+        self.handle(format!("VmStart({name})"), |m| {
+            m.vm(&name)?;
+            let vm = m.vms.get_mut(&name).expect("checked");
+            vm.desired = "running".into();
+            Ok(vm.clone())
+        })
+        .await
+    }
+
+    async fn vm_stop(&self, r: Request<pb::VmRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        let name = r.into_inner().name;
+        self.handle(format!("VmStop({name})"), |m| {
+            m.vm(&name)?;
+            let vm = m.vms.get_mut(&name).expect("checked");
+            vm.desired = "stopped".into();
+            Ok(vm.clone())
+        })
+        .await
+    }
+
+    async fn vm_delete(&self, r: Request<pb::VmRequest>) -> Result<Response<pb::VmDeleteResponse>, Status> {
+        let name = r.into_inner().name;
+        self.handle(format!("VmDelete({name})"), |m| {
+            m.vm(&name)?;
+            m.vms.remove(&name);
+            Ok(pb::VmDeleteResponse { name })
+        })
+        .await
+    }
+
+    async fn vm_migrate(&self, r: Request<pb::VmMigrateRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        let r = r.into_inner();
+        self.handle(format!("VmMigrate({},{})", r.name, r.to), |m| {
+            m.vm(&r.name)?;
+            m.node(&r.to)?;
+            let vm = m.vms.get_mut(&r.name).expect("checked");
+            vm.node = r.to;
+            vm.generation += 1;
+            Ok(vm.clone())
+        })
+        .await
+    }
+
+    async fn vm_list(&self, _: Request<pb::VmListRequest>) -> Result<Response<pb::VmListResponse>, Status> {
+        self.handle("VmList".into(), |m| Ok(pb::VmListResponse { vms: m.vms.values().cloned().collect() })).await
+    }
+
+    async fn vm_status(&self, r: Request<pb::VmRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        let name = r.into_inner().name;
+        self.handle(format!("VmStatus({name})"), |m| m.vm(&name)).await
+    }
+}
