@@ -89,9 +89,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             "invalid configuration: `tls`: mutual TLS is not supported by this version yet; remove the [tls] section"
         );
     }
-    if config.metrics_listen.is_some() {
-        tracing::warn!("`metrics_listen` is not served by this version yet; ignoring it");
-    }
     let config = Arc::new(config);
     let store = open_store(&config).await?;
     let listener =
@@ -106,6 +103,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let (context, control) = Context::new(config.node_name.clone(), address.clone());
 
     let (stop_server, server_stopped) = watch::channel(false);
+    if let Some(address) = config.metrics_listen {
+        let http = crate::http::bind(address).await?;
+        let state = crate::http::HttpState { context: context.clone() };
+        let stopped = server_stopped.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(http, state, stopped).await {
+                tracing::error!(error = %e, "the HTTP listener failed");
+            }
+        });
+        tracing::info!(%address, "serving health, metrics and the dashboard over HTTP");
+    }
     let mut server = tokio::spawn(serve(listener, context.clone(), server_stopped));
     tracing::info!(name = %config.node_name, listen = %config.listen, data_dir = %config.data_dir.display(), "serving");
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod consensus;
 pub mod daemon;
 pub mod failure;
+pub mod http;
 pub mod names;
 pub mod node;
 pub mod reconciler;

@@ -1,0 +1,68 @@
+//! The agent's HTTP listener (`metrics_listen`): health and readiness for
+//! load balancers and systemd-style probes, Prometheus metrics and the
+//! read-only dashboard. It is separate from the gRPC port so that it can be
+//! bound to a management network (or loopback) and never exposes a write.
+//!
+//! Each concern contributes an `axum::Router`; this module only merges them
+//! and serves. Routes:
+//!
+//! - `GET /healthz`: 200 while the process serves at all.
+//! - `GET /readyz`: 200 when this agent is a cluster member that knows a
+//!   leader (it can answer linearizable reads and forward writes), else 503
+//!   with the reason.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::context::Context;
+
+/// What the HTTP handlers can see.
+#[derive(Clone)]
+pub struct HttpState {
+    pub context: Arc<Context>,
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
+    let Some(member) = state.context.membership() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not a member of a cluster yet\n".into());
+    };
+    let status = member.node.status();
+    if status.removed {
+        return (StatusCode::SERVICE_UNAVAILABLE, "removed from the cluster\n".into());
+    }
+    match status.leader {
+        Some(leader) => (StatusCode::OK, format!("ready: leader {} term {}\n", leader.name, status.term)),
+        None => (StatusCode::SERVICE_UNAVAILABLE, format!("no leader known in term {}\n", status.term)),
+    }
+}
+
+/// Every route of the listener.
+pub fn router(state: HttpState) -> Router {
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(state)
+}
+
+/// Binds `address` (before the agent reports ready, so a taken port is an
+/// error at start, not a warning later).
+pub async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address).await.map_err(|e| anyhow::anyhow!("cannot listen on {address} (metrics_listen): {e}"))
+}
+
+/// Serves until `stop` turns true.
+pub async fn serve(listener: TcpListener, state: HttpState, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        })
+        .await
+}
