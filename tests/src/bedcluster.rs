@@ -13,8 +13,8 @@
 //! ```
 //!
 //! The test process talks to the agents' gRPC API over the bed's bridge, reads unit
-//! states with `systemctl` inside the hosts, and keeps a [`Sampler`] running from the
-//! start, so that every scenario ends with the check that no guest ever ran on two
+//! states with `systemctl` inside the hosts, and has a [`Sampler`] running in every host
+//! from the start, so that every scenario ends with the check that no guest ever ran on two
 //! hosts at once ([`BedCluster::assert_never_two_copies`]).
 //!
 //! Each host's agent is `blixard-agent.service`, enabled (it starts again when its host
@@ -25,7 +25,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
@@ -76,9 +75,8 @@ WantedBy=multi-user.target
 ";
 
 pub struct BedCluster {
-    // First: stopped (and joined) before the bed goes.
     sampler: Sampler,
-    bed: Arc<Testbed>,
+    bed: Testbed,
     runtime: tokio::runtime::Runtime,
     guests: Vec<String>,
 }
@@ -93,10 +91,10 @@ impl BedCluster {
 
     pub fn start(n_hosts: usize, guests: &[&str]) -> Result<BedCluster> {
         let binary = agent_binary()?;
-        let bed = Arc::new(Testbed::start(n_hosts).context("starting the test bed")?);
+        let bed = Testbed::start(n_hosts).context("starting the test bed")?;
         let guests: Vec<String> = guests.iter().map(|g| (*g).to_owned()).collect();
         // Sampling from before any guest can start: the timeline sees every start.
-        let sampler = Sampler::start(bed.clone(), guests.clone());
+        let sampler = Sampler::start(&bed, guests.clone())?;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let cluster = BedCluster { sampler, bed, runtime, guests };
         let members: Vec<String> =
@@ -366,7 +364,7 @@ impl BedCluster {
     /// guest units' transitions from every host's journal.
     pub fn timeline(&self) -> Result<Timeline> {
         self.sampler.catch_up(&self.bed, SETTLE_TIMEOUT)?;
-        let mut timeline = self.sampler.timeline();
+        let mut timeline = self.sampler.timeline(&self.bed)?;
         let mut filter = vec!["--no-hostname"];
         let units: Vec<String> = self.guests.iter().map(|g| crate::guest::unit(g)).collect();
         for unit in &units {
