@@ -105,13 +105,10 @@ fn run(trials: usize) -> Result<()> {
 
     println!("| host lost | trials | unit active: median | max | `running`: median | max |");
     println!("|---|---|---|---|---|---|");
-    let rows: [(&str, Box<dyn Fn(&Trial) -> bool>); 3] = [
-        ("follower", Box::new(|t| !t.was_leader)),
-        ("leader", Box::new(|t| t.was_leader)),
-        ("any", Box::new(|_| true)),
-    ];
-    for (label, keep) in rows {
-        let chosen: Vec<&Trial> = results.iter().filter(|t| keep(t)).collect();
+    // (label, which trials: lost the leader or not, or all)
+    let rows = [("follower", Some(false)), ("leader", Some(true)), ("any", None)];
+    for (label, lost_leader) in rows {
+        let chosen: Vec<&Trial> = results.iter().filter(|t| lost_leader.is_none_or(|l| t.was_leader == l)).collect();
         if chosen.is_empty() {
             continue;
         }
