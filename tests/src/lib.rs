@@ -6,10 +6,14 @@
 //! - [`guest`]: fake microvm.nix guests for those hosts.
 //! - [`wait_for`] / [`wait_until`]: waiting on conditions with deadlines.
 //! - [`agent_binary`]: the `blixard-agent` binary to install into hosts.
+//! - [`bedcluster`]: agents with the systemd runtime on a test bed, and
+//!   [`timeline`]: which host ran which guest when.
 
+pub mod bedcluster;
 pub mod cluster;
 pub mod guest;
 pub mod testbed;
+pub mod timeline;
 pub mod wait;
 
 use std::path::{Path, PathBuf};

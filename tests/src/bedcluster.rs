@@ -1,0 +1,413 @@
+//! A Blixard cluster on a container test bed: every host runs `blixard-agent` as a
+//! systemd service with the systemd runtime, as on a NixOS host, and has the same fake
+//! microvm.nix guests installed.
+//!
+//! ```no_run
+//! use blixard_systests::bedcluster::BedCluster;
+//!
+//! let Some(cluster) = BedCluster::start_or_skip(3, &["a", "b"]) else { return };
+//! let leader = cluster.wait_formed(&[0, 1, 2]).unwrap();
+//! cluster.create_vm(leader, "a").unwrap();
+//! let placed = cluster.wait_settled(&["a"], &[0, 1, 2]).unwrap(); // a -> its host
+//! cluster.power_off(placed["a"]).unwrap();
+//! ```
+//!
+//! The test process talks to the agents' gRPC API over the bed's bridge, reads unit
+//! states with `systemctl` inside the hosts, and has a [`Sampler`] running in every host
+//! from the start, so that every scenario ends with the check that no guest ever ran on two
+//! hosts at once ([`BedCluster::assert_never_two_copies`]).
+//!
+//! Each host's agent is `blixard-agent.service`, enabled (it starts again when its host
+//! boots again) with the unit settings of the NixOS module that matter here:
+//! `Type=notify`, `Restart=always`. Guests are `microvm@NAME.service` units of the
+//! host's systemd, so they outlive the agent.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use blixard::api::pb;
+use blixard::api::pb::blixard_client::BlixardClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::timeline::{Sampler, Timeline, Unit, monotonic_us, parse_journal, query_units};
+use crate::{Probe, Testbed, agent_binary, wait_for};
+
+/// The agents' gRPC port, on each host's bridge address.
+pub const PORT: u16 = 7000;
+/// Where the agents keep their data (and `fence-contact`), inside each host.
+pub const DATA_DIR: &str = "/var/lib/blixard";
+pub const CONFIG_PATH: &str = "/etc/blixard/agent.toml";
+pub const AGENT_UNIT: &str = "blixard-agent.service";
+/// Each host's capacity: room for every scenario's guests on one survivor.
+pub const HOST_VCPU: u32 = 16;
+pub const HOST_MEMORY_MIB: u64 = 16384;
+/// Each guest's size.
+pub const VM_VCPU: u32 = 1;
+pub const VM_MEMORY_MIB: u64 = 128;
+
+/// Forming a cluster, or a host rejoining after a boot: generous for a loaded machine.
+pub const FORM_TIMEOUT: Duration = Duration::from_secs(90);
+/// A placement, a move or a failover settling. Failover takes about 4 s; the rest is
+/// margin for a loaded CI machine (the property asserted is what happens, not how fast).
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Connecting to an agent: short, so that probing a cut-off host fails fast.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// One API request; agents wait for a leader up to 8 s themselves.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The agent's service unit: what matters of the NixOS module's unit.
+const AGENT_SERVICE: &str = "[Unit]
+Description=Blixard agent
+After=network.target dbus.service
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart=/usr/local/bin/blixard-agent run --config /etc/blixard/agent.toml
+Restart=always
+RestartSec=2s
+
+[Install]
+WantedBy=multi-user.target
+";
+
+pub struct BedCluster {
+    sampler: Sampler,
+    bed: Testbed,
+    runtime: tokio::runtime::Runtime,
+    guests: Vec<String>,
+}
+
+impl BedCluster {
+    /// Boots `n_hosts` hosts with `guests` installed on each and the agents running, or
+    /// returns `None` where the bed cannot run and `BLIXARD_TESTBED=skip` allows skipping
+    /// (see [`Testbed::can_run`]).
+    pub fn start_or_skip(n_hosts: usize, guests: &[&str]) -> Option<BedCluster> {
+        Testbed::can_run().then(|| BedCluster::start(n_hosts, guests).unwrap_or_else(|e| panic!("{e:#}")))
+    }
+
+    pub fn start(n_hosts: usize, guests: &[&str]) -> Result<BedCluster> {
+        let binary = agent_binary()?;
+        let bed = Testbed::start(n_hosts).context("starting the test bed")?;
+        let guests: Vec<String> = guests.iter().map(|g| (*g).to_owned()).collect();
+        // Sampling from before any guest can start: the timeline sees every start.
+        let sampler = Sampler::start(&bed, guests.clone())?;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let cluster = BedCluster { sampler, bed, runtime, guests };
+        let members: Vec<String> =
+            cluster.bed.hosts().iter().map(|h| format!("\"{}={}:{PORT}\"", h.name(), h.addr())).collect();
+        for host in cluster.bed.hosts() {
+            host.install_agent(&binary)?;
+            for guest in &cluster.guests {
+                host.install_fake_guest(guest)?;
+            }
+            let config = format!(
+                "node_name = \"{name}\"\nlisten = \"{addr}:{PORT}\"\ndata_dir = \"{DATA_DIR}\"\n\
+                 initial_members = [{members}]\n\n[runtime]\nkind = \"systemd\"\nstate_dir = \"{state}\"\n\n\
+                 [capacity]\nvcpu = {HOST_VCPU}\nmemory_mib = {HOST_MEMORY_MIB}\n",
+                name = host.name(),
+                addr = host.addr(),
+                members = members.join(", "),
+                state = crate::guest::STATE_DIR,
+            );
+            host.write_file(CONFIG_PATH, config, 0o644)?;
+            host.write_file(&format!("/etc/systemd/system/{AGENT_UNIT}"), AGENT_SERVICE, 0o644)?;
+            host.run(&["systemctl", "daemon-reload"])?;
+            host.run(&["systemctl", "enable", "--now", "--no-block", AGENT_UNIT])?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn bed(&self) -> &Testbed {
+        &self.bed
+    }
+
+    pub fn guests(&self) -> &[String] {
+        &self.guests
+    }
+
+    pub fn name(&self, host: usize) -> &str {
+        self.bed.host(host).name()
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.bed.hosts().iter().position(|h| h.name() == name)
+    }
+
+    fn addr(&self, host: usize) -> Ipv4Addr {
+        self.bed.host(host).addr()
+    }
+
+    /// Runs a future (a gRPC call) on the cluster's runtime.
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    /// A client of `host`'s agent (connecting lazily).
+    pub fn client(&self, host: usize) -> BlixardClient<Channel> {
+        let _guard = self.runtime.enter();
+        let channel = Endpoint::from_shared(format!("http://{}:{PORT}", self.addr(host)))
+            .expect("a valid URI")
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .connect_lazy();
+        BlixardClient::new(channel)
+    }
+
+    pub fn status(&self, host: usize) -> Result<pb::ClusterStatusResponse, tonic::Status> {
+        let mut client = self.client(host);
+        self.block_on(async move { client.cluster_status(pb::ClusterStatusRequest {}).await.map(|r| r.into_inner()) })
+    }
+
+    pub fn vm_list(&self, host: usize) -> Result<Vec<pb::VmInfo>, tonic::Status> {
+        let mut client = self.client(host);
+        self.block_on(async move { client.vm_list(pb::VmListRequest {}).await.map(|r| r.into_inner().vms) })
+    }
+
+    pub fn create_vm(&self, host: usize, name: &str) -> Result<pb::VmInfo, tonic::Status> {
+        let request =
+            pb::VmCreateRequest { name: name.into(), vcpu: VM_VCPU, memory_mib: VM_MEMORY_MIB, ..Default::default() };
+        let mut client = self.client(host);
+        self.block_on(async move { client.vm_create(request).await.map(|r| r.into_inner()) })
+    }
+
+    pub fn drain(&self, host: usize, node: &str) -> Result<pb::NodeInfo, tonic::Status> {
+        let mut client = self.client(host);
+        let request = pb::NodeRequest { name: node.into() };
+        self.block_on(async move { client.node_drain(request).await.map(|r| r.into_inner()) })
+    }
+
+    pub fn undrain(&self, host: usize, node: &str) -> Result<pb::NodeInfo, tonic::Status> {
+        let mut client = self.client(host);
+        let request = pb::NodeRequest { name: node.into() };
+        self.block_on(async move { client.node_undrain(request).await.map(|r| r.into_inner()) })
+    }
+
+    pub fn migrate(&self, host: usize, vm: &str, to: &str) -> Result<pb::VmInfo, tonic::Status> {
+        let mut client = self.client(host);
+        let request = pb::VmMigrateRequest { name: vm.into(), to: to.into() };
+        self.block_on(async move { client.vm_migrate(request).await.map(|r| r.into_inner()) })
+    }
+
+    /// Waits until every host in `hosts` sees exactly the bed's hosts as members, all
+    /// healthy voters, and the same leader among `hosts`; returns the leader's index.
+    pub fn wait_formed(&self, hosts: &[usize]) -> Result<usize> {
+        let mut want: Vec<String> = self.bed.hosts().iter().map(|h| h.name().to_owned()).collect();
+        want.sort();
+        let leader = wait_for(&format!("{hosts:?} to agree on a healthy cluster of {want:?}"), FORM_TIMEOUT, || {
+            let mut leaders = Vec::new();
+            for &i in hosts {
+                let status = match self.status(i) {
+                    Ok(status) => status,
+                    Err(e) => return Ok(Probe::NotYet(format!("{}: {}", self.name(i), e.message()))),
+                };
+                let mut names: Vec<String> = status.members.iter().map(|m| m.name.clone()).collect();
+                names.sort();
+                let ready = status.member
+                    && !status.leader.is_empty()
+                    && names == want
+                    && status.members.iter().all(|m| m.healthy && m.role != "learner");
+                if !ready {
+                    return Ok(Probe::NotYet(format!("{}: {status:?}", self.name(i))));
+                }
+                leaders.push(status.leader);
+            }
+            leaders.dedup();
+            Ok(match leaders.as_slice() {
+                [leader] => Probe::Ready(leader.clone()),
+                _ => Probe::NotYet(format!("the hosts disagree on the leader: {leaders:?}")),
+            })
+        })?;
+        self.index_of(&leader).with_context(|| format!("leader {leader} is not a host of the bed"))
+    }
+
+    /// The leader as `host` sees it, if it sees one.
+    pub fn leader_seen_by(&self, host: usize) -> Option<usize> {
+        self.status(host).ok().and_then(|s| self.index_of(&s.leader))
+    }
+
+    /// The guest units of `host` right now.
+    pub fn units(&self, host: usize) -> Result<Vec<Unit>> {
+        query_units(&self.bed, host, &self.guests)
+    }
+
+    /// `vm`'s unit on `host` right now.
+    pub fn unit(&self, host: usize, vm: &str) -> Result<Unit> {
+        let units = query_units(&self.bed, host, &[vm.to_owned()])?;
+        Ok(units.into_iter().next().expect("query_units returns every unit asked for"))
+    }
+
+    /// Which running hosts have each of `vms` active (cut-off hosts included: a copy
+    /// there counts).
+    pub fn active_hosts(&self, vms: &[&str]) -> Result<BTreeMap<String, Vec<usize>>> {
+        let mut out: BTreeMap<String, Vec<usize>> = vms.iter().map(|vm| ((*vm).to_owned(), Vec::new())).collect();
+        for host in self.bed.hosts().iter().filter(|h| h.is_running()) {
+            for unit in self.units(host.index())? {
+                if unit.is_active()
+                    && let Some(hosts) = out.get_mut(&unit.vm)
+                {
+                    hosts.push(host.index());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits until each of `vms` is active on exactly one host and the cluster, asked at
+    /// `api_hosts` (each must answer), reports it `running` on that host. Returns where
+    /// each runs.
+    pub fn wait_settled(&self, vms: &[&str], api_hosts: &[usize]) -> Result<BTreeMap<String, usize>> {
+        self.wait_settled_where(vms, api_hosts, |_, _| true)
+    }
+
+    /// [`BedCluster::wait_settled`] with each VM also on a host that `allowed(vm, host)`.
+    pub fn wait_settled_where(
+        &self,
+        vms: &[&str],
+        api_hosts: &[usize],
+        allowed: impl Fn(&str, usize) -> bool,
+    ) -> Result<BTreeMap<String, usize>> {
+        wait_for(&format!("{vms:?} to run once each, as the cluster says"), SETTLE_TIMEOUT, || {
+            let active = self.active_hosts(vms)?;
+            let mut placed = BTreeMap::new();
+            for (vm, hosts) in &active {
+                match hosts.as_slice() {
+                    [host] if allowed(vm, *host) => {
+                        placed.insert(vm.clone(), *host);
+                    }
+                    _ => return Ok(Probe::NotYet(format!("active hosts {active:?}"))),
+                }
+            }
+            for &api in api_hosts {
+                let listed = match self.vm_list(api) {
+                    Ok(listed) => listed,
+                    Err(e) => return Ok(Probe::NotYet(format!("{}: {}", self.name(api), e.message()))),
+                };
+                for (vm, &host) in &placed {
+                    let agrees =
+                        listed.iter().any(|i| &i.name == vm && i.node == self.name(host) && i.state == "running");
+                    if !agrees {
+                        let info = listed.iter().find(|i| &i.name == vm);
+                        return Ok(Probe::NotYet(format!(
+                            "{vm} active on {}; {} says {info:?}",
+                            self.name(host),
+                            self.name(api)
+                        )));
+                    }
+                }
+            }
+            Ok(Probe::Ready(placed))
+        })
+    }
+
+    /// The last quorum contact `host`'s agent recorded: the send time of its latest
+    /// completed Raft read, in CLOCK_MONOTONIC milliseconds.
+    pub fn last_contact_ms(&self, host: usize) -> Option<u64> {
+        let text = self.bed.host(host).read_file(&format!("{DATA_DIR}/fence-contact")).ok()?;
+        text.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Waits until `host`'s agent has had quorum contact from a read sent after this call
+    /// began, plus a margin: by then its reconciler has run passes on state that includes
+    /// everything committed before this call, so whatever it was going to start or stop
+    /// because of that state, it has.
+    pub fn wait_reconciled(&self, host: usize) -> Result<()> {
+        let since_ms = monotonic_us() / 1000 + RECONCILED_MARGIN_MS;
+        crate::wait_until(
+            &format!("{}'s agent to have quorum contact after {since_ms} ms", self.name(host)),
+            SETTLE_TIMEOUT,
+            || Ok(self.last_contact_ms(host).is_some_and(|c| c >= since_ms)),
+        )
+    }
+
+    /// `systemctl restart` of `host`'s agent; returns once systemd has it running again
+    /// (`Type=notify`: it has said READY).
+    pub fn restart_agent(&self, host: usize) -> Result<()> {
+        self.bed.host(host).run(&["systemctl", "restart", AGENT_UNIT]).map(drop)
+    }
+
+    /// The agent's main PID inside `host`.
+    pub fn agent_pid(&self, host: usize) -> Result<u32> {
+        let out = self.bed.host(host).run(&["systemctl", "show", "--property=MainPID", "--value", AGENT_UNIT])?;
+        out.trim().parse().with_context(|| format!("MainPID of {AGENT_UNIT}: {out:?}"))
+    }
+
+    /// Cuts `host`'s power and records the moment in the timeline.
+    pub fn power_off(&self, host: usize) -> Result<()> {
+        self.bed.power_off(host)?;
+        self.sampler.power_cut(host);
+        Ok(())
+    }
+
+    /// Boots `host` again; its agent starts with it.
+    pub fn boot(&self, host: usize) -> Result<()> {
+        self.bed.boot(host)
+    }
+
+    pub fn cut_link(&self, host: usize) -> Result<()> {
+        self.bed.cut_link(host)
+    }
+
+    pub fn heal_link(&self, host: usize) -> Result<()> {
+        self.bed.heal_link(host)
+    }
+
+    /// How many times the fake guest `vm` was started on `host`, from its own log.
+    pub fn guest_starts(&self, host: usize, vm: &str) -> Result<usize> {
+        Ok(self.bed.host(host).fake_guest_log(vm)?.iter().filter(|l| l.starts_with("start ")).count())
+    }
+
+    /// Everything sampled so far, after one more sample of every running host, with the
+    /// guest units' transitions from every host's journal.
+    pub fn timeline(&self) -> Result<Timeline> {
+        self.sampler.catch_up(&self.bed, SETTLE_TIMEOUT)?;
+        let mut timeline = self.sampler.timeline(&self.bed)?;
+        let mut filter = vec!["--no-hostname"];
+        let units: Vec<String> = self.guests.iter().map(|g| crate::guest::unit(g)).collect();
+        for unit in &units {
+            filter.extend(["-u", unit]);
+        }
+        for host in self.bed.hosts() {
+            let journal = host.journal_args(&filter).with_context(|| format!("reading {}'s journal", host.name()))?;
+            timeline.logged.extend(parse_journal(host.index(), &journal));
+        }
+        Ok(timeline)
+    }
+
+    /// The safety property over everything sampled since the start: no guest ever had
+    /// copies on two hosts at the same moment, and the timeline saw every start each
+    /// fake guest logged (so no interval escaped it between two samples).
+    pub fn assert_never_two_copies(&self) -> Result<Timeline> {
+        let timeline = self.timeline()?;
+        let mut problems = String::new();
+        for vm in &self.guests {
+            for (a, b) in timeline.overlaps(vm) {
+                let _ = writeln!(problems, "{vm} ran on h{} and h{} at once: {a:?} / {b:?}", a.host, b.host);
+            }
+            for host in self.bed.hosts() {
+                let logged = self.guest_starts(host.index(), vm)?;
+                let seen = timeline.starts(vm, host.index());
+                if logged != seen {
+                    let _ = writeln!(
+                        problems,
+                        "{vm} on {}: the guest logged {logged} starts, the sampler saw {seen}",
+                        host.name()
+                    );
+                }
+            }
+            if !problems.is_empty() {
+                let _ = writeln!(problems, "{}", timeline.describe(vm));
+            }
+        }
+        if !problems.is_empty() {
+            bail!("{problems}");
+        }
+        Ok(timeline)
+    }
+}
+
+/// See [`BedCluster::wait_reconciled`]: a few of the reconciler's 100 ms passes.
+const RECONCILED_MARGIN_MS: u64 = 300;

@@ -1,0 +1,219 @@
+//! The cluster on three hosts with real systemd: each host is a container of the test bed
+//! running `blixard-agent.service` with the systemd runtime, and guests are microvm.nix's
+//! `microvm@NAME.service` units (fake runners, see `blixard_systests::guest`).
+//!
+//! One bed serves every scenario, in order, because booting and forming is most of the
+//! cost; each scenario starts from the placements the previous one left. A sampler reads
+//! every host's guest units 20 times a second for the whole run, and the test ends by
+//! checking, over all of it, that no guest ever had copies on two hosts at once (see
+//! `blixard_systests::timeline` for how that is exact rather than sampled).
+//!
+//! Waits are conditions with deadlines; the deadlines are generous (a loaded 2-core CI
+//! machine), the properties are asserted strictly.
+
+use std::collections::BTreeMap;
+
+use blixard_systests::bedcluster::BedCluster;
+use blixard_systests::timeline::{CopySpan, Timeline};
+
+const VMS: [&str; 5] = ["a", "b", "c", "d", "e"];
+const ALL: [usize; 3] = [0, 1, 2];
+
+fn others(host: usize) -> Vec<usize> {
+    ALL.into_iter().filter(|&h| h != host).collect()
+}
+
+/// The hosts ordered by how many of the VMs they run, most first.
+fn by_load(placed: &BTreeMap<String, usize>) -> Vec<(usize, Vec<String>)> {
+    let mut hosts: Vec<(usize, Vec<String>)> = ALL
+        .into_iter()
+        .map(|h| (h, placed.iter().filter(|(_, p)| **p == h).map(|(vm, _)| vm.clone()).collect()))
+        .collect();
+    hosts.sort_by_key(|(h, vms)| (std::cmp::Reverse(vms.len()), *h));
+    hosts
+}
+
+/// `vm`'s copy on `host` that was there at `at_us`, or the first one after it.
+fn copy_at(timeline: &Timeline, vm: &str, host: usize, at_us: u64) -> CopySpan {
+    let copies = timeline.copies(vm);
+    copies
+        .iter()
+        .find(|c| c.host == host && c.until_us.is_none_or(|u| u >= at_us))
+        .copied()
+        .unwrap_or_else(|| panic!("no copy of {vm} on h{host} at {at_us}: {}", timeline.describe(vm)))
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+#[test]
+fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
+    let Some(cluster) = BedCluster::start_or_skip(3, &VMS) else { return };
+    let started = std::time::Instant::now();
+    let c = &cluster;
+
+    // The cluster forms from three identical configs.
+    let leader = c.wait_formed(&ALL).unwrap();
+    eprintln!("formed in {:.1} s, leader {}", started.elapsed().as_secs_f64(), c.name(leader));
+
+    // Each created VM's unit is active on exactly one host, where the cluster says.
+    for vm in VMS {
+        let info = c.create_vm(others(leader)[0], vm).unwrap();
+        assert_eq!((info.desired.as_str(), info.state.as_str()), ("running", "pending"), "{info:?}");
+    }
+    let placed = c.wait_settled(&VMS, &ALL).unwrap();
+    eprintln!("placed: {placed:?}");
+    let loads = by_load(&placed);
+    assert!(loads.iter().all(|(_, vms)| !vms.is_empty()), "spread placement uses every host: {loads:?}");
+
+    // An agent restart leaves its guests running: same processes, never restarted. A
+    // follower's: restarting the leader's adds an election, which on a starved machine
+    // can outlast fence_after and fence every host (see the power-loss scenario for a
+    // lost leader).
+    let (host, host_vms) =
+        loads.iter().find(|(h, vms)| *h != leader && !vms.is_empty()).expect("two followers run VMs").clone();
+    let before = c.units(host).unwrap();
+    let pid = c.agent_pid(host).unwrap();
+    c.restart_agent(host).unwrap();
+    assert_ne!(c.agent_pid(host).unwrap(), pid, "systemctl restart started a new agent");
+    c.wait_formed(&ALL).unwrap();
+    c.wait_reconciled(host).unwrap();
+    let after = c.units(host).unwrap();
+    for (old, new) in before.iter().zip(&after).filter(|(old, _)| old.is_active()) {
+        assert!(new.is_active(), "{} stopped across the agent restart: {new:?}", old.vm);
+        assert_eq!(
+            (new.main_pid, new.active_enter_us),
+            (old.main_pid, old.active_enter_us),
+            "{} was restarted across the agent restart",
+            old.vm
+        );
+    }
+    assert_eq!(c.wait_settled(&VMS, &ALL).unwrap(), placed, "nothing moved across an agent restart");
+    eprintln!("agent restart on {} kept {host_vms:?} running", c.name(host));
+
+    // Drain moves every VM off the host, one at a time: each runs on its new host before
+    // the next one stops.
+    let (drained, moving) = loads[0].clone();
+    let api = others(drained)[0];
+    let drain_at = blixard_systests::timeline::monotonic_us();
+    assert_eq!(c.drain(api, c.name(drained)).unwrap().status, "draining");
+    let placed = c.wait_settled_where(&VMS, &ALL, |_, h| h != drained).unwrap();
+    let timeline = c.timeline().unwrap();
+    let mut moves: Vec<(String, CopySpan, CopySpan)> = moving
+        .iter()
+        .map(|vm| {
+            let old = copy_at(&timeline, vm, drained, drain_at);
+            let new = copy_at(&timeline, vm, placed[vm], drain_at);
+            (vm.clone(), old, new)
+        })
+        .collect();
+    moves.sort_by_key(|(_, _, new)| new.from_us);
+    for pair in moves.windows(2) {
+        let ((first, _, first_new), (next, next_old, _)) = (&pair[0], &pair[1]);
+        assert!(
+            first_new.active_from_us > 0 && next_old.active_until_us >= first_new.active_from_us,
+            "drain moved {next} before {first} ran on its new host:\n{}\n{}",
+            timeline.describe(first),
+            timeline.describe(next)
+        );
+    }
+    assert_eq!(c.undrain(api, c.name(drained)).unwrap().status, "up");
+    eprintln!("drained {}: {moving:?} moved one at a time", c.name(drained));
+
+    // Migrate stops the VM on its host, then starts it on the target; nothing else moves.
+    let vm = "a";
+    let (from, to) = (placed[vm], others(placed[vm])[0]);
+    let migrate_at = blixard_systests::timeline::monotonic_us();
+    c.migrate(api, vm, c.name(to)).unwrap();
+    let after = c.wait_settled_where(&VMS, &ALL, |v, h| v != vm || h == to).unwrap();
+    for (other, host) in &placed {
+        if other != vm {
+            assert_eq!(after[other], *host, "{other} moved when only {vm} was migrated");
+        }
+    }
+    let placed = after;
+    let timeline = c.timeline().unwrap();
+    let (old, new) = (copy_at(&timeline, vm, from, migrate_at), copy_at(&timeline, vm, to, migrate_at));
+    let handover = new.from_us.saturating_sub(old.until_us.expect("the old copy ended"));
+    eprintln!("migrated {vm} {} -> {}: {:.1} ms between the copies", c.name(from), c.name(to), ms(handover));
+
+    // A host cut off from the others stops its guests before they start elsewhere, and
+    // does not start them again when it comes back. The leader when it runs VMs: the
+    // hardest case (the deposed leader must fence, a new one reschedule).
+    let loads = by_load(&placed);
+    let leader = c.leader_seen_by(api).unwrap_or(leader);
+    let (cut, cut_vms) = loads.iter().find(|(h, vms)| *h == leader && !vms.is_empty()).unwrap_or(&loads[0]).clone();
+    let survivors = others(cut);
+    let starts_on_cut: Vec<usize> = VMS.iter().map(|vm| c.guest_starts(cut, vm).unwrap()).collect();
+    let cut_at = blixard_systests::timeline::monotonic_us();
+    c.cut_link(cut).unwrap();
+    let moved = c.wait_settled_where(&VMS, &survivors, |_, h| h != cut).unwrap();
+    let timeline = c.timeline().unwrap();
+    for vm in &cut_vms {
+        let (old, new) = (copy_at(&timeline, vm, cut, cut_at), copy_at(&timeline, vm, moved[vm], cut_at));
+        let stopped = old.until_us.expect("the cut-off copy ended");
+        assert!(
+            stopped < new.from_us,
+            "{vm} started elsewhere before {} stopped it:\n{}",
+            c.name(cut),
+            timeline.describe(vm)
+        );
+        eprintln!(
+            "{vm}: {} fenced it {:.0} ms after the cut; {} started it {:.0} ms after that",
+            c.name(cut),
+            ms(stopped.saturating_sub(cut_at)),
+            c.name(moved[vm]),
+            ms(new.from_us.saturating_sub(stopped))
+        );
+    }
+    c.heal_link(cut).unwrap();
+    c.wait_formed(&ALL).unwrap();
+    c.wait_reconciled(cut).unwrap();
+    assert_eq!(c.wait_settled(&VMS, &ALL).unwrap(), moved, "after healing, still one copy each, where they moved");
+    for (vm, before) in VMS.iter().zip(&starts_on_cut) {
+        assert_eq!(c.guest_starts(cut, vm).unwrap(), *before, "{} restarted {vm} after healing", c.name(cut));
+    }
+    let placed = moved;
+
+    // A host that loses power has its VMs run on the survivors; booted again, it rejoins
+    // and starts none of them.
+    let loads = by_load(&placed);
+    let leader = c.leader_seen_by(survivors[0]).unwrap_or(leader);
+    let (lost, lost_vms) = loads.iter().find(|(h, vms)| *h != leader && !vms.is_empty()).unwrap_or(&loads[0]).clone();
+    let starts_on_lost: Vec<usize> = VMS.iter().map(|vm| c.guest_starts(lost, vm).unwrap()).collect();
+    let lost_at = blixard_systests::timeline::monotonic_us();
+    c.power_off(lost).unwrap();
+    let moved = c.wait_settled_where(&VMS, &others(lost), |_, h| h != lost).unwrap();
+    let timeline = c.timeline().unwrap();
+    for vm in &lost_vms {
+        let new = copy_at(&timeline, vm, moved[vm], lost_at);
+        eprintln!(
+            "{vm}: running on {} {:.0} ms after {} lost power",
+            c.name(moved[vm]),
+            ms(new.active_from_us.saturating_sub(lost_at)),
+            c.name(lost)
+        );
+    }
+    c.boot(lost).unwrap();
+    c.wait_formed(&ALL).unwrap();
+    c.wait_reconciled(lost).unwrap();
+    assert_eq!(c.wait_settled(&VMS, &ALL).unwrap(), moved, "the returning host took nothing back");
+    for (vm, before) in VMS.iter().zip(&starts_on_lost) {
+        assert_eq!(c.guest_starts(lost, vm).unwrap(), *before, "{} started {vm} after booting", c.name(lost));
+    }
+
+    // Over the whole run: never two copies of a guest at once.
+    let timeline = c.assert_never_two_copies().unwrap();
+    let (longest_gap, rate) = timeline.sampling();
+    eprintln!(
+        "{} samples ({rate:.1}/s per host, longest gap {longest_gap:?}, {} failed); closest handovers: {}; total {:.1} s",
+        timeline.samples.len(),
+        timeline.failed_samples,
+        VMS.iter()
+            .filter_map(|vm| timeline.closest_handover_us(vm).map(|g| format!("{vm} {:.1} ms", ms(g))))
+            .collect::<Vec<_>>()
+            .join(", "),
+        started.elapsed().as_secs_f64()
+    );
+}
