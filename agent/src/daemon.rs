@@ -55,6 +55,8 @@ const ADMIT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// labels, address and the declared VMs (cheap when nothing differs).
 const SELF_REPORT_INTERVAL: Duration = Duration::from_secs(30);
 const SELF_REPORT_RETRY_MAX: Duration = Duration::from_secs(5);
+/// A stopping leader waits this long for a successor to take over.
+const STEP_DOWN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Graceful server shutdown waits this long for requests in flight.
 const SERVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -248,7 +250,14 @@ impl Agent {
         loop {
             let admitting = store.is_some() && !self.config.join.is_empty();
             tokio::select! {
-                () = &mut shutdown => return Ok(()),
+                () = &mut shutdown => {
+                    // Still serving: the successor's messages reach us, so we
+                    // see the handover complete.
+                    if let Some(member) = &self.member {
+                        member.node.handle().step_down(STEP_DOWN_TIMEOUT).await;
+                    }
+                    return Ok(());
+                }
                 result = &mut *server => {
                     return match result {
                         Ok(Ok(())) => Err(anyhow!("the gRPC server stopped unexpectedly")),

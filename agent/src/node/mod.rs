@@ -123,13 +123,27 @@ pub type AddressBook = Arc<RwLock<BTreeMap<NodeId, String>>>;
 type ReadFn = Box<dyn FnOnce(Result<(&State, &CoreStatus), NodeError>) + Send>;
 
 enum Input {
-    Propose { kind: CommandKind, reply: oneshot::Sender<Result<Effect, NodeError>> },
-    Membership { change: MembershipChange, reply: oneshot::Sender<Result<Effect, NodeError>> },
-    Read { linearizable: bool, f: ReadFn },
+    Propose {
+        kind: CommandKind,
+        reply: oneshot::Sender<Result<Effect, NodeError>>,
+    },
+    Membership {
+        change: MembershipChange,
+        reply: oneshot::Sender<Result<Effect, NodeError>>,
+    },
+    Read {
+        linearizable: bool,
+        f: ReadFn,
+    },
     Raft(Vec<Message>),
-    SnapshotReport { peer: NodeId, delivered: bool },
+    SnapshotReport {
+        peer: NodeId,
+        delivered: bool,
+    },
     Unreachable(NodeId),
     TransferLeader(NodeId),
+    /// Hand leadership to another voter before a clean stop.
+    StepDown,
     Shutdown,
 }
 
@@ -401,6 +415,24 @@ impl NodeHandle {
         self.submit(Input::TransferLeader(to))
     }
 
+    /// Before a clean stop: if this member leads, hands leadership to the
+    /// most up-to-date voter and waits up to `within` for another leader.
+    /// Without it the cluster has no leader for an election timeout, and
+    /// every host's fence keeps counting meanwhile. Returns whether this
+    /// member no longer leads.
+    pub async fn step_down(&self, within: Duration) -> bool {
+        let me = self.status.borrow().id;
+        let leads = |s: &NodeStatus| s.leader.as_ref().is_some_and(|l| l.id == me);
+        if !leads(&self.status.borrow()) {
+            return true;
+        }
+        if self.submit(Input::StepDown).is_err() {
+            return false;
+        }
+        let mut status = self.status.clone();
+        tokio::time::timeout(within, status.wait_for(|s| !leads(s))).await.is_ok_and(|r| r.is_ok())
+    }
+
     pub fn status(&self) -> NodeStatus {
         self.status.borrow().clone()
     }
@@ -570,6 +602,17 @@ impl RaftThread {
             Input::SnapshotReport { peer, delivered } => self.core.report_snapshot(peer, delivered),
             Input::Unreachable(peer) => self.core.report_unreachable(peer),
             Input::TransferLeader(to) => self.core.transfer_leader(to),
+            Input::StepDown => {
+                if self.core.is_leader() {
+                    match self.successor() {
+                        Some(to) => {
+                            tracing::info!(to, "stopping: handing leadership to the most up-to-date voter");
+                            self.core.transfer_leader(to);
+                        }
+                        None => tracing::info!("stopping as leader: no other active voter to hand leadership to"),
+                    }
+                }
+            }
             Input::Shutdown => {}
         }
     }
@@ -581,14 +624,7 @@ impl RaftThread {
             && id == self.identity.id
             && self.core.is_leader()
         {
-            let status = self.core.status();
-            let successor = status
-                .progress
-                .iter()
-                .filter(|p| p.id != id && !p.learner && p.recent_active)
-                .max_by_key(|p| p.matched)
-                .map(|p| p.id);
-            match successor {
+            match self.successor() {
                 Some(to) => {
                     tracing::info!(to, "transferring leadership before removing this member");
                     self.core.transfer_leader(to);
@@ -608,6 +644,19 @@ impl RaftThread {
                 let _ = reply.send(Err(self.propose_error(e)));
             }
         }
+    }
+
+    /// The voter a leader hands leadership to: the most up-to-date other
+    /// voter it heard from recently.
+    fn successor(&self) -> Option<NodeId> {
+        let me = self.identity.id;
+        let status = self.core.status();
+        status
+            .progress
+            .iter()
+            .filter(|p| p.id != me && !p.learner && p.recent_active)
+            .max_by_key(|p| p.matched)
+            .map(|p| p.id)
     }
 
     fn propose_error(&self, e: ProposeError) -> NodeError {
