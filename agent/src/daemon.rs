@@ -39,6 +39,8 @@ use crate::api::peer::{self, PeerService, PeerTransport, Sender};
 use crate::api::service::BlixardService;
 use crate::config::{Config, RuntimeKind};
 use crate::consensus::CoreConfig;
+use crate::metrics::Metrics;
+use crate::node::events::EventLog;
 use crate::node::{self, AddressBook, Node, NodeOptions, Start};
 use crate::reconciler::{BoxFuture, ContactFile, Proposer, Reconciler, ReconcilerConfig};
 use crate::runtime::health::HealthPolicy;
@@ -101,11 +103,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     })?;
     let address = advertised(config.listen);
     let (context, control) = Context::new(config.node_name.clone(), address.clone());
+    let metrics = Arc::new(Metrics::new());
+    let events = Arc::new(EventLog::new());
 
     let (stop_server, server_stopped) = watch::channel(false);
     if let Some(address) = config.metrics_listen {
         let http = crate::http::bind(address).await?;
-        let state = crate::http::HttpState { context: context.clone() };
+        let state =
+            crate::http::HttpState { context: context.clone(), metrics: metrics.clone(), events: events.clone() };
         let stopped = server_stopped.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::http::serve(http, state, stopped).await {
@@ -117,7 +122,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let mut server = tokio::spawn(serve(listener, context.clone(), server_stopped));
     tracing::info!(name = %config.node_name, listen = %config.listen, data_dir = %config.data_dir.display(), "serving");
 
-    let mut agent = Agent { config: config.clone(), context, control, member: None, reporter: None, runtime };
+    let mut agent =
+        Agent { config: config.clone(), context, control, member: None, reporter: None, runtime, metrics, events };
     let outcome = agent.run(store, &mut server, shutdown).await;
 
     notify(sd_notify::NotifyState::Stopping);
@@ -209,6 +215,8 @@ struct Agent {
     reporter: Option<JoinHandle<()>>,
     /// Opened once at start: the systemd runtime re-adopts running guests.
     runtime: Arc<dyn crate::runtime::Runtime>,
+    metrics: Arc<Metrics>,
+    events: Arc<EventLog>,
 }
 
 impl Agent {
@@ -363,6 +371,8 @@ impl Agent {
             request_timeout: REQUEST_TIMEOUT,
             timing: self.config.timing,
             policy: crate::scheduler::Policy { strategy: self.config.strategy, ..crate::scheduler::Policy::default() },
+            metrics: self.metrics.clone(),
+            events: self.events.clone(),
         };
         let node = Node::start(store, options, Box::new(transport), addresses, known_peers)
             .map_err(|e| anyhow!("cannot start the node: {e}"))?;
@@ -383,6 +393,7 @@ impl Agent {
                 timing: self.config.timing,
                 health: HealthPolicy::default(),
                 contact_file: Some(ContactFile::new(self.config.data_dir.join("fence-contact"))),
+                metrics: self.metrics.clone(),
             },
         );
         let reconciler = tokio::spawn(async move {

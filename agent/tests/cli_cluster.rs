@@ -28,6 +28,8 @@ const SETTLE: Duration = Duration::from_secs(30);
 struct Agent {
     name: String,
     address: String,
+    /// The HTTP listener (`metrics_listen`): health, readiness, metrics.
+    http: String,
     child: Child,
 }
 
@@ -77,8 +79,10 @@ impl Cluster {
         let home = self.dir.path().join(name);
         let state_dir = home.join("vms");
         write_runners(&state_dir);
+        let http = free_address();
         let config = format!(
-            "node_name = \"{name}\"\nlisten = \"{address}\"\ndata_dir = \"{}\"\n{extra}\
+            "node_name = \"{name}\"\nlisten = \"{address}\"\nmetrics_listen = \"{http}\"\n\
+             data_dir = \"{}\"\n{extra}\
              [runtime]\nkind = \"process\"\nstate_dir = \"{}\"\n[capacity]\nvcpu = 8\nmemory_mib = 8192\n",
             home.join("data").display(),
             state_dir.display()
@@ -93,7 +97,7 @@ impl Cluster {
             .stderr(std::fs::File::create(home.join("agent.log")).unwrap())
             .spawn()
             .expect("spawn agent");
-        self.agents.push(Agent { name: name.into(), address: address.into(), child });
+        self.agents.push(Agent { name: name.into(), address: address.into(), http, child });
     }
 
     fn config_of(&self, name: &str) -> PathBuf {
@@ -261,4 +265,85 @@ fn a_stopped_cluster_is_unreachable_with_exit_1() {
     c.agents.clear(); // kills the agent
     let out = run(&["vm", "list", "--endpoint", &endpoint, "--config", "/dev/null", "--timeout", "2"]);
     out.assert_error(1, &endpoint);
+}
+
+/// `GET path` on `address` over plain HTTP/1.1: (status code, body).
+fn http_get(address: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to the HTTP listener");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read the HTTP response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status code");
+    (code, body.to_string())
+}
+
+/// The value of the sample `name` with exactly `labels` in a parsed scrape.
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape.samples.iter().find_map(|s| {
+        let matches = s.metric == name
+            && s.labels.iter().count() == labels.len()
+            && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v));
+        match (matches, &s.value) {
+            (true, prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Counter(v)) => Some(*v),
+            (true, prometheus_parse::Value::Untyped(v)) => Some(*v),
+            _ => None,
+        }
+    })
+}
+
+fn scrape(address: &str) -> prometheus_parse::Scrape {
+    let (code, body) = http_get(address, "/metrics");
+    assert_eq!(code, 200, "{body}");
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines).expect("the scrape parses as Prometheus text")
+}
+
+#[test]
+fn metrics_are_scraped_as_prometheus_text() {
+    let c = Cluster::start(3);
+    let (code, body) = http_get(&c.agents[1].http, "/readyz");
+    assert_eq!(code, 200, "{body}");
+    c.cli(0, &["vm", "create", "web", "--vcpu", "1", "--memory", "64"]).assert_ok();
+    c.wait_until("web to run", |c| c.vm(0, "web")["state"] == "running");
+    let host = c.vm(0, "web")["node"].as_str().unwrap().to_string();
+    let leader = c.json(0, &["cluster", "status"])["leader"].as_str().unwrap().to_string();
+    let leader_index = c.agents.iter().position(|a| a.name == leader).unwrap();
+
+    // Every member counts the VM where it runs, once the report applied.
+    for agent in &c.agents {
+        let mut last = None;
+        c.wait_until("the scrape to count web as running", |_| {
+            let s = scrape(&agent.http);
+            last = sample(&s, "blixard_vms", &[("host", &host), ("state", "running")]);
+            last == Some(1.0)
+        });
+        let s = scrape(&agent.http);
+        assert!(sample(&s, "blixard_raft_term", &[]).unwrap() >= 1.0);
+        assert!(sample(&s, "blixard_raft_applied_index", &[]).unwrap() > 0.0);
+        assert!(sample(&s, "blixard_raft_commit_index", &[]).unwrap() > 0.0);
+        assert!(sample(&s, "blixard_raft_leader_changes_total", &[]).unwrap() >= 1.0);
+        assert!(sample(&s, "blixard_raft_reachable_peers", &[]).unwrap() >= 1.0);
+        assert!(s.docs.contains_key("blixard_raft_proposal_duration_seconds"), "{:?}", s.docs.keys());
+        assert!(s.docs.contains_key("blixard_reconcile_duration_seconds"));
+    }
+    let s = scrape(&c.agents[leader_index].http);
+    assert_eq!(sample(&s, "blixard_raft_is_leader", &[]), Some(1.0));
+    assert_eq!(sample(&s, "blixard_raft_reachable_peers", &[]), Some(2.0));
+    assert!(sample(&s, "blixard_scheduler_decisions_total", &[("kind", "place")]).unwrap() >= 1.0);
+    // The histograms have observations: the reconciler's on every host,
+    // proposals on the host that reported web's state.
+    let host_index = c.agents.iter().position(|a| a.name == host).unwrap();
+    let s = scrape(&c.agents[host_index].http);
+    let count = |s: &prometheus_parse::Scrape, name: &str| {
+        s.samples.iter().find_map(|x| match &x.value {
+            prometheus_parse::Value::Histogram(h) if x.metric == name => {
+                Some(h.iter().map(|b| b.count).fold(0.0, f64::max))
+            }
+            _ => None,
+        })
+    };
+    assert!(count(&s, "blixard_reconcile_duration_seconds").unwrap() > 0.0);
 }
