@@ -178,17 +178,64 @@ async fn serve(
     let peer = pb::peer_server::PeerServer::new(PeerService::new(context.clone()))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
-    let blixard = pb::blixard_server::BlixardServer::new(BlixardService::new(context))
+    let blixard = pb::blixard_server::BlixardServer::new(BlixardService::new(context.clone()))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    // Standard gRPC tooling: health checking (grpc.health.v1) and server
+    // reflection (v1, and v1alpha for older grpcurl).
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let health_task = tokio::spawn(report_health(reporter, context, stop.clone()));
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().expect("our descriptor sets are valid");
+    let reflection_v1alpha = reflection().build_v1alpha().expect("our descriptor sets are valid");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    server_builder()
+    let result = server_builder()
         .add_service(peer)
         .add_service(blixard)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|stop| *stop).await;
         })
-        .await
+        .await;
+    health_task.abort();
+    result
+}
+
+/// How often the gRPC health status is brought up to date.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The gRPC health of the server (`""`) is SERVING while it serves; that of
+/// `blixard.v1.Blixard` is SERVING when this agent is a member that knows a
+/// leader (as `/readyz`), else NOT_SERVING.
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    context: Arc<Context>,
+    stop: watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    const BLIXARD: &str = "blixard.v1.Blixard";
+    reporter.set_service_status("", ServingStatus::Serving).await;
+    let mut last = None;
+    let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+    loop {
+        tick.tick().await;
+        let ready = !*stop.borrow()
+            && context.membership().is_some_and(|m| {
+                let status = m.node.status();
+                !status.removed && status.leader.is_some()
+            });
+        if last != Some(ready) {
+            let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+            reporter.set_service_status(BLIXARD, status).await;
+            last = Some(ready);
+        }
+    }
 }
 
 /// The server's transport settings. Mutual TLS (issue 6) slots in here as

@@ -347,3 +347,133 @@ fn metrics_are_scraped_as_prometheus_text() {
     };
     assert!(count(&s, "blixard_reconcile_duration_seconds").unwrap() > 0.0);
 }
+
+/// The `--json` events of agent `i`.
+fn events(c: &Cluster, i: usize) -> Vec<Value> {
+    c.json(i, &["events"]).as_array().cloned().expect("events --json is an array")
+}
+
+fn has_event(events: &[Value], kind: &str, vm: &str, node: &str) -> bool {
+    events.iter().any(|e| e["kind"] == kind && e["vm"] == vm && e["node"] == node)
+}
+
+#[test]
+fn events_show_placement_and_failover_on_every_member() {
+    let mut c = Cluster::start(3);
+    // Bad input: exit 2, nothing sent.
+    c.cli(0, &["events", "-n", "0"]).assert_error(2, "");
+    c.cli(0, &["vm", "create", "web", "--vcpu", "1", "--memory", "64"]).assert_ok();
+    c.wait_until("web to run", |c| c.vm(0, "web")["state"] == "running");
+    let host = c.vm(0, "web")["node"].as_str().unwrap().to_string();
+    // Every member derived the same VM events, with the same Raft index.
+    c.wait_until("every member to see web placed and running", |c| {
+        (0..3).all(|i| {
+            let e = events(c, i);
+            has_event(&e, "vm_placed", "web", &host) && has_event(&e, "vm_started", "web", &host)
+        })
+    });
+    let placed_index = |e: &[Value]| e.iter().find(|e| e["kind"] == "vm_placed").map(|e| e["index"].clone());
+    let index0 = placed_index(&events(&c, 0));
+    assert!((1..3).all(|i| placed_index(&events(&c, i)) == index0));
+    let last = c.cli(0, &["events", "-n", "1"]);
+    last.assert_ok();
+    assert_eq!(last.stdout.lines().count(), 1, "{}", last.stdout);
+
+    // A follower of a surviving member sees the failover as it happens.
+    let survivor = c.agents.iter().position(|a| a.name != host).unwrap();
+    let survivor_name = c.agents[survivor].name.clone();
+    let config = c.config_of(&survivor_name);
+    let mut follow = Command::new(BIN)
+        .args(["events", "--follow", "--json", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+
+    let victim = c.agents.iter().position(|a| a.name == host).unwrap();
+    c.agents.remove(victim); // kills web's host
+    let survivor = c.agents.iter().position(|a| a.name == survivor_name).unwrap();
+    c.wait_until("web to run on a survivor", |c| {
+        let v = c.vm(survivor, "web");
+        v["node"] != host.as_str() && v["state"] == "running"
+    });
+    let e = events(&c, survivor);
+    assert!(e.iter().any(|e| e["kind"] == "host_down" && e["node"] == host), "{e:?}");
+    assert!(e.iter().any(|e| e["kind"] == "vm_moved" && e["vm"] == "web" && e["from"] == host), "{e:?}");
+
+    // The follower printed the move, one JSON object per line.
+    let deadline = Instant::now() + SETTLE;
+    let mut seen = Vec::new();
+    let moved = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = lines.recv_timeout(left) else { break false };
+        let event: Value = serde_json::from_str(&line).expect("each followed line is a JSON object");
+        seen.push(line);
+        if event["kind"] == "vm_moved" && event["vm"] == "web" && event["from"] == host {
+            break true;
+        }
+    };
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(moved, "the follower never printed web's move: {seen:#?}");
+}
+
+#[test]
+fn grpc_health_and_reflection_answer_standard_clients() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let c = Cluster::start(1);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let endpoint = format!("http://{}", c.endpoint(0));
+    runtime.block_on(async move {
+        let channel = tonic::transport::Endpoint::from_shared(endpoint).unwrap().connect().await.unwrap();
+        let mut health = HealthClient::new(channel.clone());
+        let check = |service: &str| HealthCheckRequest { service: service.into() };
+        let overall = health.check(check("")).await.unwrap().into_inner();
+        assert_eq!(overall.status(), ServingStatus::Serving);
+        // The API service is serving once the member knows a leader.
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let s = health.check(check("blixard.v1.Blixard")).await.unwrap().into_inner();
+            if s.status() == ServingStatus::Serving {
+                break;
+            }
+            assert!(Instant::now() < deadline, "blixard.v1.Blixard never became SERVING: {s:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let unknown = health.check(check("no.such.Service")).await.unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+        let mut reflection = ServerReflectionClient::new(channel);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses =
+            reflection.server_reflection_info(futures_util::stream::iter([request])).await.unwrap().into_inner();
+        let response = responses.message().await.unwrap().expect("one answer");
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("not a service list: {response:?}");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for name in ["blixard.v1.Blixard", "blixard.v1.Peer", "grpc.health.v1.Health"] {
+            assert!(names.iter().any(|n| n == name), "{name} missing from {names:?}");
+        }
+    });
+}

@@ -9,6 +9,8 @@
 
 use std::sync::Arc;
 
+use futures_util::StreamExt;
+use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
 use super::context::{ApiError, Context, Membership, is_forwarded};
@@ -18,6 +20,7 @@ use super::status::from_rejection;
 use crate::consensus::{CoreStatus, Role};
 use crate::names;
 use crate::node::NodeStatus;
+use crate::node::events::{EVENTS_MAX, Event};
 use crate::state::{
     CommandKind, Desired, Labels, Member, MemberStatus, MembershipChange, NodeId, Rejection, State, Vm, VmSpec,
     VmState, limits,
@@ -513,6 +516,64 @@ impl Blixard for BlixardService {
             })
             .await?;
         info.map(Response::new).map_err(|r| from_rejection(&r))
+    }
+
+    type EventsStream = EventStream;
+
+    /// Served from this member's own event log (no leader needed). A
+    /// follower that falls more than a thousand events behind gets
+    /// `ResourceExhausted`; the stream ends when this agent stops.
+    async fn events(&self, request: Request<pb::EventsRequest>) -> Result<Response<EventStream>, Status> {
+        let member = self.context.member()?;
+        let request = request.into_inner();
+        let limit = match request.limit {
+            0 => EVENTS_MAX,
+            n => (n as usize).min(EVENTS_MAX),
+        };
+        let log = member.node.events();
+        if !request.follow {
+            let events: Vec<_> = log.recent(limit).iter().map(|e| Ok(event_pb(e))).collect();
+            return Ok(Response::new(Box::pin(futures_util::stream::iter(events))));
+        }
+        let (events, rx) = log.follow(limit);
+        let kept = futures_util::stream::iter(events.iter().map(|e| Ok(event_pb(e))).collect::<Vec<_>>());
+        let stopped = member.node.watch_status();
+        let live = futures_util::stream::unfold((rx, stopped, false), |(mut rx, mut stopped, done)| async move {
+            if done {
+                return None;
+            }
+            tokio::select! {
+                event = rx.recv() => match event {
+                    Ok(event) => Some((Ok(event_pb(&event)), (rx, stopped, false))),
+                    Err(broadcast::error::RecvError::Lagged(n)) => Some((
+                        Err(Status::resource_exhausted(format!(
+                            "this follower fell {n} events behind and missed them; follow again"
+                        ))),
+                        (rx, stopped, true),
+                    )),
+                    Err(broadcast::error::RecvError::Closed) => None,
+                },
+                // The node stopped (the agent is shutting down).
+                _ = async { while stopped.changed().await.is_ok() {} } => None,
+            }
+        });
+        Ok(Response::new(Box::pin(kept.chain(live))))
+    }
+}
+
+/// The stream of `Events`.
+pub type EventStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::Event, Status>> + Send + 'static>>;
+
+pub fn event_pb(e: &Event) -> pb::Event {
+    pb::Event {
+        seq: e.seq,
+        index: e.index,
+        at_unix_ms: e.at_unix_ms,
+        kind: e.kind.as_str().to_string(),
+        vm: e.vm.clone().unwrap_or_default(),
+        node: e.node.clone().unwrap_or_default(),
+        from: e.from.clone().unwrap_or_default(),
+        message: e.message.clone(),
     }
 }
 

@@ -61,6 +61,9 @@ pub enum Command {
     /// Create, start, stop, move and inspect microVMs.
     #[command(subcommand, subcommand_required = true, after_help = examples::VM)]
     Vm(VmCommand),
+    /// Show the cluster's events: leader changes, hosts up, down or draining, VMs placed, moved, started, stopped, failed or fenced.
+    #[command(after_help = examples::EVENTS)]
+    Events(EventsArgs),
     /// Print a shell completion script to stdout.
     #[command(after_help = examples::COMPLETIONS)]
     Completions {
@@ -306,6 +309,18 @@ pub enum VmCommand {
     /// Show one VM in detail: state since when, last error, why it is pending.
     #[command(after_help = examples::VM_STATUS)]
     Status(VmName),
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Keep printing events as they happen (until interrupted)
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Show only the last N events kept by the agent (it keeps 1000)
+    #[arg(short = 'n', long = "lines", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub lines: Option<u32>,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 #[derive(Debug, Args)]

@@ -87,6 +87,7 @@ pub enum Request {
     VmMigrate(pb::VmMigrateRequest),
     VmList,
     VmStatus(String),
+    Events(pb::EventsRequest),
 }
 
 /// Turns a parsed client command into the request to send, reading any
@@ -134,6 +135,9 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
         }
         Command::Vm(VmCommand::List { client }) => (Request::VmList, client),
         Command::Vm(VmCommand::Status(vm)) => (Request::VmStatus(vm.name.to_string()), vm.client),
+        Command::Events(args) => {
+            (Request::Events(pb::EventsRequest { follow: args.follow, limit: args.lines.unwrap_or(0) }), args.client)
+        }
         Command::Run(_) | Command::Completions { .. } | Command::Man { .. } => {
             return Err(CliError::usage("not a client command"));
         }
@@ -161,11 +165,44 @@ fn run_client(request: Request, client_args: &ClientArgs) -> Result<(), CliError
         .build()
         .map_err(|e| CliError::failed(format!("cannot start the async runtime: {e}")))?;
     let json = client_args.json;
+    if let Request::Events(request) = request {
+        return runtime.block_on(async move {
+            let client = Client::connect(options).await.map_err(client_error)?;
+            events(&client, request, json).await
+        });
+    }
     let text = runtime.block_on(async move {
         let client = Client::connect(options).await.map_err(client_error)?;
         send(&client, request, json).await.map_err(client_error)
     })?;
     print!("{text}");
+    Ok(())
+}
+
+/// `events`: prints each event as it arrives (a line of text, or with
+/// `--json` an array, or one object per line when following).
+async fn events(client: &Client, request: pb::EventsRequest, json: bool) -> Result<(), CliError> {
+    use futures_util::StreamExt;
+    use std::io::Write;
+    let follow = request.follow;
+    let mut stream = std::pin::pin!(client.events(request).await.map_err(client_error)?);
+    let mut kept = Vec::new();
+    let mut stdout = std::io::stdout();
+    while let Some(item) = stream.next().await {
+        let event = item.map_err(client_error)?;
+        if json && !follow {
+            kept.push(output::event_json(&event));
+            continue;
+        }
+        let line = if json { output::to_json_line(&output::event_json(&event)) } else { output::event_line(&event) };
+        // A closed pipe (`| head`) ends the command quietly.
+        if stdout.write_all(line.as_bytes()).and_then(|()| stdout.flush()).is_err() {
+            return Ok(());
+        }
+    }
+    if json && !follow {
+        print!("{}", output::to_json(&kept));
+    }
     Ok(())
 }
 
@@ -233,6 +270,7 @@ async fn send(client: &Client, request: Request, json: bool) -> Result<String, C
             let v = client.vm_status(name).await?;
             if json { to_json(&vm_status_json(&v)) } else { vm_status_text(&v, now_unix_ms()) }
         }
+        Request::Events(_) => unreachable!("`events` streams; run_client handles it"),
     })
 }
 
@@ -320,6 +358,8 @@ mod tests {
             ),
             (&["vm", "list"], Request::VmList),
             (&["vm", "status", "web"], Request::VmStatus("web".into())),
+            (&["events"], Request::Events(pb::EventsRequest { follow: false, limit: 0 })),
+            (&["events", "-f", "-n", "5"], Request::Events(pb::EventsRequest { follow: true, limit: 5 })),
         ];
         for (args, expected) in cases {
             let (request, client) = plan(parse_ok(args).command).unwrap();

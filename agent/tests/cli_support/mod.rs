@@ -77,6 +77,8 @@ pub struct Model {
     pub fail: Option<(Code, String)>,
     /// Wait this long before answering.
     pub delay: Option<Duration>,
+    /// What `Events` streams.
+    pub events: Vec<pb::Event>,
 }
 
 pub const SINCE_UNIX_MS: u64 = 1_735_787_045_678;
@@ -385,5 +387,15 @@ impl Blixard for Service {
     async fn vm_status(&self, r: Request<pb::VmRequest>) -> Result<Response<pb::VmInfo>, Status> {
         let name = r.into_inner().name;
         self.handle(format!("VmStatus({name})"), |m| m.vm(&name)).await
+    }
+
+    type EventsStream = blixard::api::service::EventStream;
+
+    async fn events(&self, r: Request<pb::EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
+        let r = r.into_inner();
+        let response =
+            self.handle(format!("Events(follow={}, limit={})", r.follow, r.limit), |m| Ok(m.events.clone())).await?;
+        let events: Vec<Result<pb::Event, Status>> = response.into_inner().into_iter().map(Ok).collect();
+        Ok(Response::new(Box::pin(futures_util::stream::iter(events))))
     }
 }
