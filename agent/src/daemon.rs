@@ -103,6 +103,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     })?;
     let address = advertised(config.listen);
     let (context, control) = Context::new(config.node_name.clone(), address.clone());
+    context.set_runtime(runtime.clone());
     let metrics = Arc::new(Metrics::new());
     let events = Arc::new(EventLog::new());
 

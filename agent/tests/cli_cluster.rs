@@ -55,7 +55,7 @@ fn write_runners(state_dir: &Path) {
         let bin = state_dir.join(guest).join("current/bin");
         std::fs::create_dir_all(&bin).unwrap();
         let runner = bin.join("microvm-run");
-        std::fs::write(&runner, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        std::fs::write(&runner, format!("#!/bin/sh\necho \"{guest} booted\"\nexec sleep 600\n")).unwrap();
         std::fs::set_permissions(&runner, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 }
@@ -156,6 +156,13 @@ impl Cluster {
     fn vm(&self, i: usize, name: &str) -> Value {
         self.json(i, &["vm", "status", name])
     }
+
+    /// `vm status` for a condition being waited on: a transient failure (a
+    /// read that timed out on a loaded machine) reads as `null`, not a panic.
+    fn vm_now(&self, i: usize, name: &str) -> Value {
+        let out = self.cli(i, &["vm", "status", name, "--json"]);
+        if out.code == 0 { out.json() } else { Value::Null }
+    }
 }
 
 #[test]
@@ -208,28 +215,28 @@ fn vm_and_node_requests_through_the_cli() {
 fn vms_run_migrate_and_drain_through_the_cli() {
     let c = Cluster::start(3);
     c.cli(0, &["vm", "create", "web", "--vcpu", "1", "--memory", "64"]).assert_ok();
-    c.wait_until("web to run", |c| c.vm(2, "web")["state"] == "running");
+    c.wait_until("web to run", |c| c.vm_now(2, "web")["state"] == "running");
     let status = c.vm(1, "web");
     assert!(status["node"].is_string(), "{status}");
     assert!(status["since"].is_string(), "{status}");
     assert!(status["last_error"].is_null(), "{status}");
 
     c.cli(0, &["vm", "stop", "web"]).assert_ok();
-    c.wait_until("web to stop", |c| c.vm(0, "web")["state"] == "stopped");
+    c.wait_until("web to stop", |c| c.vm_now(0, "web")["state"] == "stopped");
     c.cli(0, &["vm", "start", "web"]).assert_ok();
-    c.wait_until("web to run again", |c| c.vm(0, "web")["state"] == "running");
+    c.wait_until("web to run again", |c| c.vm_now(0, "web")["state"] == "running");
 
     let from = c.vm(0, "web")["node"].as_str().unwrap().to_string();
     let to = if from == "h1" { "h2" } else { "h1" };
     c.cli(0, &["vm", "migrate", "web", "--to", to]).assert_ok();
     c.wait_until("web to run on the target", |c| {
-        let v = c.vm(0, "web");
+        let v = c.vm_now(0, "web");
         v["node"] == to && v["state"] == "running"
     });
 
     c.cli(0, &["node", "drain", to]).assert_ok();
     c.wait_until("web to leave the drained node", |c| {
-        let v = c.vm(0, "web");
+        let v = c.vm_now(0, "web");
         v["node"] != to && v["state"] == "running"
     });
     c.cli(0, &["node", "undrain", to]).assert_ok();
@@ -307,7 +314,7 @@ fn metrics_are_scraped_as_prometheus_text() {
     let (code, body) = http_get(&c.agents[1].http, "/readyz");
     assert_eq!(code, 200, "{body}");
     c.cli(0, &["vm", "create", "web", "--vcpu", "1", "--memory", "64"]).assert_ok();
-    c.wait_until("web to run", |c| c.vm(0, "web")["state"] == "running");
+    c.wait_until("web to run", |c| c.vm_now(0, "web")["state"] == "running");
     let host = c.vm(0, "web")["node"].as_str().unwrap().to_string();
     let leader = c.json(0, &["cluster", "status"])["leader"].as_str().unwrap().to_string();
     let leader_index = c.agents.iter().position(|a| a.name == leader).unwrap();
@@ -349,8 +356,13 @@ fn metrics_are_scraped_as_prometheus_text() {
 }
 
 /// The `--json` events of agent `i`.
+/// (Empty when the call fails, as a condition being waited on.)
 fn events(c: &Cluster, i: usize) -> Vec<Value> {
-    c.json(i, &["events"]).as_array().cloned().expect("events --json is an array")
+    let out = c.cli(i, &["events", "--json"]);
+    if out.code != 0 {
+        return Vec::new();
+    }
+    out.json().as_array().cloned().expect("events --json is an array")
 }
 
 fn has_event(events: &[Value], kind: &str, vm: &str, node: &str) -> bool {
@@ -363,7 +375,7 @@ fn events_show_placement_and_failover_on_every_member() {
     // Bad input: exit 2, nothing sent.
     c.cli(0, &["events", "-n", "0"]).assert_error(2, "");
     c.cli(0, &["vm", "create", "web", "--vcpu", "1", "--memory", "64"]).assert_ok();
-    c.wait_until("web to run", |c| c.vm(0, "web")["state"] == "running");
+    c.wait_until("web to run", |c| c.vm_now(0, "web")["state"] == "running");
     let host = c.vm(0, "web")["node"].as_str().unwrap().to_string();
     // Every member derived the same VM events, with the same Raft index.
     c.wait_until("every member to see web placed and running", |c| {
@@ -405,7 +417,7 @@ fn events_show_placement_and_failover_on_every_member() {
     c.agents.remove(victim); // kills web's host
     let survivor = c.agents.iter().position(|a| a.name == survivor_name).unwrap();
     c.wait_until("web to run on a survivor", |c| {
-        let v = c.vm(survivor, "web");
+        let v = c.vm_now(survivor, "web");
         v["node"] != host.as_str() && v["state"] == "running"
     });
     let e = events(&c, survivor);
@@ -476,4 +488,78 @@ fn grpc_health_and_reflection_answer_standard_clients() {
             assert!(names.iter().any(|n| n == name), "{name} missing from {names:?}");
         }
     });
+}
+
+#[test]
+fn migrate_and_drain_wait_until_done_and_show_progress() {
+    let c = Cluster::start(3);
+    c.cli(0, &["vm", "create", "web", "--vcpu", "1", "--memory", "64"]).assert_ok();
+    c.cli(0, &["vm", "create", "db", "--vcpu", "1", "--memory", "64"]).assert_ok();
+    c.wait_until("web and db to run", |c| {
+        c.vm_now(0, "web")["state"] == "running" && c.vm_now(0, "db")["state"] == "running"
+    });
+    // --wait-timeout without --wait is bad usage.
+    c.cli(0, &["node", "drain", "h1", "--wait-timeout", "5"]).assert_error(2, "--wait");
+
+    let from = c.vm(0, "web")["node"].as_str().unwrap().to_string();
+    let to = if from == "h1" { "h2" } else { "h1" };
+    let out = c.cli(1, &["vm", "migrate", "web", "--to", to, "--wait"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("migrated"), "{out:?}");
+    assert!(out.stderr.contains(&format!("moving web to {to}")), "{out:?}");
+    // Returned only once done: no waiting here.
+    let web = c.vm(0, "web");
+    assert_eq!((web["node"].as_str(), web["state"].as_str()), (Some(to), Some("running")), "{web}");
+
+    let out = c.cli(2, &["node", "drain", to, "--wait", "--wait-timeout", "60"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains(&format!("draining {to}:")), "{out:?}");
+    assert!(out.stderr.contains(&format!("{to} is drained")), "{out:?}");
+    for vm in ["web", "db"] {
+        let v = c.vm(0, vm);
+        assert!(v["node"] != to && v["state"] == "running", "{vm} after drain --wait: {v}");
+    }
+}
+
+#[test]
+fn vm_logs_come_from_the_guests_host_through_any_member() {
+    let c = Cluster::start(3);
+    c.cli(0, &["vm", "logs", "web", "-n", "0"]).assert_error(2, "--lines");
+    c.cli(0, &["vm", "logs", "nope"]).assert_error(2, "nope");
+    c.cli(0, &["vm", "create", "web", "--vcpu", "1", "--memory", "64"]).assert_ok();
+    c.wait_until("web to run", |c| c.vm_now(0, "web")["state"] == "running");
+    let host = c.vm(0, "web")["node"].as_str().unwrap().to_string();
+    let other = c.agents.iter().position(|a| a.name != host).unwrap();
+    // The runner prints its line right after it starts.
+    c.wait_until("web's log to show its boot line", |c| {
+        let out = c.cli(other, &["vm", "logs", "web"]);
+        out.code == 0 && out.stdout.lines().any(|l| l == "web booted")
+    });
+    let out = c.cli(other, &["vm", "logs", "web", "--json", "-n", "1"]);
+    out.assert_ok();
+    let line: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!((line["node"].as_str(), line["line"].as_str()), (Some(host.as_str()), Some("web booted")));
+
+    // Following: the past lines come at once and the stream stays open.
+    let config = c.config_of(&c.agents[other].name);
+    let mut follow = Command::new(BIN)
+        .args(["vm", "logs", "web", "-f", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut first = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut first);
+        let _ = tx.send(first);
+    });
+    let first = rx.recv_timeout(SETTLE).expect("a followed line");
+    assert_eq!(first.trim_end(), "web booted");
+    assert!(follow.try_wait().unwrap().is_none(), "vm logs -f ended by itself");
+    let _ = follow.kill();
+    let _ = follow.wait();
 }

@@ -218,6 +218,27 @@ impl Client {
         Ok(stream.map(move |item| item.map_err(|status| from_status(&authority, timeout, tls, &status))))
     }
 
+    /// A guest's log lines; with `follow` only connecting has the deadline.
+    pub async fn vm_logs(
+        &self,
+        req: pb::VmLogsRequest,
+    ) -> Result<impl futures_util::Stream<Item = Result<pb::LogLine, ClientError>> + use<>, ClientError> {
+        use futures_util::StreamExt;
+        let follow = req.follow;
+        let mut request = tonic::Request::new(req);
+        if !follow {
+            request.set_timeout(self.timeout);
+        }
+        let mut client = self.inner.clone();
+        let stream = match tokio::time::timeout(self.timeout, client.vm_logs(request)).await {
+            Err(_) => return Err(timed_out(&self.authority, self.timeout)),
+            Ok(Err(status)) => return Err(from_status(&self.authority, self.timeout, self.tls, &status)),
+            Ok(Ok(response)) => response.into_inner(),
+        };
+        let (authority, timeout, tls) = (self.authority.clone(), self.timeout, self.tls);
+        Ok(stream.map(move |item| item.map_err(|status| from_status(&authority, timeout, tls, &status))))
+    }
+
     /// One unary call with the deadline both sent to the server
     /// (`grpc-timeout`) and enforced here.
     async fn call<Req, Resp, Fut>(

@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
-use super::context::{ApiError, Context, Membership, is_forwarded};
+use super::context::{ApiError, Context, FORWARDED_HEADER, Membership, is_forwarded};
 use super::pb;
 use super::pb::blixard_server::Blixard;
 use super::status::from_rejection;
@@ -519,6 +519,57 @@ impl Blixard for BlixardService {
     }
 
     type EventsStream = EventStream;
+    type VmLogsStream = LogStream;
+
+    /// Served by the host the VM is placed on; any other member forwards
+    /// the call there once (the reply streams back through it).
+    async fn vm_logs(&self, request: Request<pb::VmLogsRequest>) -> Result<Response<LogStream>, Status> {
+        let forwarded = is_forwarded(&request);
+        let mut request = request.into_inner();
+        check_name("VM", &request.name)?;
+        if request.lines == 0 {
+            request.lines = LOG_LINES_DEFAULT;
+        }
+        let member = self.context.member()?;
+        let name = request.name.clone();
+        let host = self
+            .context
+            .read(move |state, _| {
+                let vm = state.vm(&name).ok_or(Rejection::UnknownVm(name.clone()))?;
+                Ok(vm.placement.and_then(|p| state.member(p.node)).map(|m| (m.id, m.name.clone(), m.address.clone())))
+            })
+            .await?
+            .map_err(|r: Rejection| from_rejection(&r))?;
+        let Some((host_id, host_name, address)) = host else {
+            return Err(Status::failed_precondition(format!(
+                "VM {:?} is not placed on any host, so it has no log yet",
+                request.name
+            )));
+        };
+        if host_id != member.id {
+            if forwarded {
+                return Err(Status::unavailable(format!("VM {:?} moved to {host_name}; ask again", request.name)));
+            }
+            let mut client = Context::blixard_client(self.context.channel(&address)?);
+            let mut forward = Request::new(request);
+            forward.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+            let stream = client.vm_logs(forward).await?.into_inner();
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        let runtime = self.context.runtime().ok_or_else(|| Status::unavailable("this agent has no runtime"))?;
+        let source = runtime.log_source(&request.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let lines = crate::runtime::logs::read(source, request.lines, request.follow);
+        let node = host_name;
+        let stream = futures_util::stream::unfold(lines, move |mut lines| {
+            let node = node.clone();
+            async move {
+                let line = lines.recv().await?;
+                let item = line.map(|line| pb::LogLine { line, node }).map_err(Status::internal);
+                Some((item, lines))
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
 
     /// Served from this member's own event log (no leader needed). A
     /// follower that falls more than a thousand events behind gets
@@ -560,6 +611,12 @@ impl Blixard for BlixardService {
         Ok(Response::new(Box::pin(kept.chain(live))))
     }
 }
+
+/// The stream of `VmLogs`.
+pub type LogStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::LogLine, Status>> + Send + 'static>>;
+
+/// Lines `vm logs` shows without `-n`.
+const LOG_LINES_DEFAULT: u32 = 50;
 
 /// The stream of `Events`.
 pub type EventStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::Event, Status>> + Send + 'static>>;

@@ -123,3 +123,8 @@ Examples:
   blixard-agent events -n 20           # the last 20 events
   blixard-agent events --follow        # and keep watching
   blixard-agent events --follow --json # one JSON object per line";
+
+pub const VM_LOGS: &str = "\
+Examples:
+  blixard-agent vm logs web            # the last 50 lines, from web's host
+  blixard-agent vm logs web -n 200 -f  # the last 200, then follow";

@@ -390,6 +390,16 @@ impl Blixard for Service {
     }
 
     type EventsStream = blixard::api::service::EventStream;
+    type VmLogsStream = blixard::api::service::LogStream;
+
+    async fn vm_logs(&self, r: Request<pb::VmLogsRequest>) -> Result<Response<Self::VmLogsStream>, Status> {
+        let r = r.into_inner();
+        let call = format!("VmLogs({}, follow={}, lines={})", r.name, r.follow, r.lines);
+        let response = self.handle(call, |m| m.vm(&r.name)).await?;
+        let line =
+            pb::LogLine { line: format!("log of {}", response.get_ref().name), node: response.get_ref().node.clone() };
+        Ok(Response::new(Box::pin(futures_util::stream::iter([Ok(line)]))))
+    }
 
     async fn events(&self, r: Request<pb::EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
         let r = r.into_inner();
