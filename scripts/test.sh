@@ -43,10 +43,16 @@ if [ -z "${BLIXARD_TEST_QUICK:-}" ]; then
 fi
 
 export BLIXARD_SIM_SEEDS="${BLIXARD_SIM_SEEDS:-1000}"
+# The system tests run the agent binary this build makes; without this they
+# would each run their own `cargo build` while other tests are timing things.
+export BLIXARD_AGENT_BIN="${CARGO_TARGET_DIR:-$PWD/target}/ci/blixard-agent"
 log "cargo tests (profile ci, ${BLIXARD_SIM_SEEDS} simulator seeds)"
 if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --cargo-profile ci --no-run
+  test -x "$BLIXARD_AGENT_BIN" || cargo build --profile ci -p blixard-agent --bin blixard-agent
   cargo nextest run --workspace --cargo-profile ci --no-fail-fast
 else
+  cargo build --profile ci -p blixard-agent --bin blixard-agent
   cargo test --workspace --profile ci --no-fail-fast
 fi
 

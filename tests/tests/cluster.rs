@@ -16,9 +16,34 @@ fn create_request(name: &str) -> pb::VmCreateRequest {
     pb::VmCreateRequest { name: name.into(), vcpu: 1, memory_mib: 128, ..Default::default() }
 }
 
+/// Creates a VM the way a careful operator would: an answer that leaves the
+/// outcome open (the request timed out, or the leader changed under it) is
+/// retried, and "already exists" after such a retry means the first attempt
+/// went through. Any other error is returned as it is.
 fn create(cluster: &Cluster, at: usize, request: pb::VmCreateRequest) -> Result<pb::VmInfo, tonic::Status> {
     let mut client = cluster.client(at);
-    cluster.block_on(async move { client.vm_create(request).await.map(|r| r.into_inner()) })
+    let name = request.name.clone();
+    cluster.block_on(async move {
+        let deadline = tokio::time::Instant::now() + FORM_TIMEOUT;
+        let mut retried = false;
+        loop {
+            match client.vm_create(request.clone()).await {
+                Ok(created) => return Ok(created.into_inner()),
+                Err(e) if retried && e.code() == Code::AlreadyExists => {
+                    let status = client.vm_status(pb::VmRequest { name: name.clone() }).await?;
+                    return Ok(status.into_inner());
+                }
+                Err(e)
+                    if matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded)
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    retried = true;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    })
 }
 
 fn vm_names(cluster: &Cluster, at: usize) -> Result<BTreeSet<String>, tonic::Status> {

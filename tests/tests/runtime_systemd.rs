@@ -60,7 +60,7 @@ fn agent_test_binary(name: &str) -> Result<PathBuf> {
     let target_dir = profile_dir.parent().context("no target directory")?;
     let mut cargo = Command::new(env!("CARGO"));
     cargo
-        .args(["test", "--no-run", "--message-format=json", "-p", "blixard-agent", "--test", name])
+        .args(["test", "--no-run", "--message-format=json", "--workspace", "--test", name])
         .arg("--target-dir")
         .arg(target_dir)
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace"));

@@ -92,7 +92,7 @@ pub fn node_info(state: &State, member: &Member, leader: Option<NodeId>) -> pb::
 /// status alone.
 fn cluster_status(state: &State, core: &CoreStatus, node: &NodeStatus, me: &Membership) -> pb::ClusterStatusResponse {
     let leader = core.leader;
-    let members = state
+    let mut members: Vec<pb::MemberStatus> = state
         .members()
         .values()
         .map(|m| {
@@ -107,6 +107,8 @@ fn cluster_status(state: &State, core: &CoreStatus, node: &NodeStatus, me: &Memb
             }
         })
         .collect();
+    // Operators deal in names: list members by name, not by generated id.
+    members.sort_by(|a, b| a.name.cmp(&b.name));
     pb::ClusterStatusResponse {
         leader: leader.and_then(|id| state.member(id)).map(|m| m.name.clone()).unwrap_or_default(),
         term: core.term,
@@ -377,10 +379,11 @@ impl Blixard for BlixardService {
         &self,
         _request: Request<pb::NodeListRequest>,
     ) -> Result<Response<pb::NodeListResponse>, Status> {
-        let nodes = self
+        let mut nodes: Vec<pb::NodeInfo> = self
             .context
             .read(|state, core| state.members().values().map(|m| node_info(state, m, core.leader)).collect())
             .await?;
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Response::new(pb::NodeListResponse { nodes }))
     }
 

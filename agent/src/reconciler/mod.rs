@@ -373,10 +373,16 @@ impl Reconciler {
         // Fencing comes first and overrides everything else.
         if self.fence.should_fence(now) {
             if !self.fenced_logged {
-                tracing::warn!(
-                    fence_after_ms = self.config.timing.fence_after_ms,
-                    "no quorum contact: fencing, stopping every guest on this host"
-                );
+                if self.fence.last_contact_ms().is_some() {
+                    tracing::warn!(
+                        fence_after_ms = self.config.timing.fence_after_ms,
+                        "no quorum contact: fencing, stopping every guest on this host"
+                    );
+                } else {
+                    // A fresh start: nothing is wrong yet, this host just has
+                    // not reached a quorum since it started.
+                    tracing::info!("no quorum contact yet: this host runs no guests until it reaches a quorum");
+                }
                 self.fenced_logged = true;
                 self.config.metrics.fencing_event("self");
             }
