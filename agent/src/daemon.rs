@@ -39,6 +39,8 @@ use crate::api::peer::{self, PeerService, PeerTransport, Sender};
 use crate::api::service::BlixardService;
 use crate::config::{Config, RuntimeKind};
 use crate::consensus::CoreConfig;
+use crate::metrics::Metrics;
+use crate::node::events::EventLog;
 use crate::node::{self, AddressBook, Node, NodeOptions, Start};
 use crate::reconciler::{BoxFuture, ContactFile, Proposer, Reconciler, ReconcilerConfig};
 use crate::runtime::health::HealthPolicy;
@@ -103,11 +105,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     })?;
     let address = advertised(config.listen);
     let (context, control) = Context::new(config.node_name.clone(), address.clone());
+    context.set_runtime(runtime.clone());
+    let metrics = Arc::new(Metrics::new());
+    let events = Arc::new(EventLog::new());
 
     let (stop_server, server_stopped) = watch::channel(false);
     if let Some(address) = config.metrics_listen {
         let http = crate::http::bind(address).await?;
-        let state = crate::http::HttpState { context: context.clone() };
+        let state =
+            crate::http::HttpState { context: context.clone(), metrics: metrics.clone(), events: events.clone() };
         let stopped = server_stopped.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::http::serve(http, state, stopped).await {
@@ -119,7 +125,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let mut server = tokio::spawn(serve(listener, context.clone(), server_stopped));
     tracing::info!(name = %config.node_name, listen = %config.listen, data_dir = %config.data_dir.display(), "serving");
 
-    let mut agent = Agent { config: config.clone(), context, control, member: None, reporter: None, runtime };
+    let mut agent =
+        Agent { config: config.clone(), context, control, member: None, reporter: None, runtime, metrics, events };
     let outcome = agent.run(store, &mut server, shutdown).await;
 
     notify(sd_notify::NotifyState::Stopping);
@@ -174,17 +181,64 @@ async fn serve(
     let peer = pb::peer_server::PeerServer::new(PeerService::new(context.clone()))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
-    let blixard = pb::blixard_server::BlixardServer::new(BlixardService::new(context))
+    let blixard = pb::blixard_server::BlixardServer::new(BlixardService::new(context.clone()))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    // Standard gRPC tooling: health checking (grpc.health.v1) and server
+    // reflection (v1, and v1alpha for older grpcurl).
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let health_task = tokio::spawn(report_health(reporter, context, stop.clone()));
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().expect("our descriptor sets are valid");
+    let reflection_v1alpha = reflection().build_v1alpha().expect("our descriptor sets are valid");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    server_builder()
+    let result = server_builder()
         .add_service(peer)
         .add_service(blixard)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|stop| *stop).await;
         })
-        .await
+        .await;
+    health_task.abort();
+    result
+}
+
+/// How often the gRPC health status is brought up to date.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The gRPC health of the server (`""`) is SERVING while it serves; that of
+/// `blixard.v1.Blixard` is SERVING when this agent is a member that knows a
+/// leader (as `/readyz`), else NOT_SERVING.
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    context: Arc<Context>,
+    stop: watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    const BLIXARD: &str = "blixard.v1.Blixard";
+    reporter.set_service_status("", ServingStatus::Serving).await;
+    let mut last = None;
+    let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+    loop {
+        tick.tick().await;
+        let ready = !*stop.borrow()
+            && context.membership().is_some_and(|m| {
+                let status = m.node.status();
+                !status.removed && status.leader.is_some()
+            });
+        if last != Some(ready) {
+            let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+            reporter.set_service_status(BLIXARD, status).await;
+            last = Some(ready);
+        }
+    }
 }
 
 /// The server's transport settings. Mutual TLS (issue 6) slots in here as
@@ -211,6 +265,8 @@ struct Agent {
     reporter: Option<JoinHandle<()>>,
     /// Opened once at start: the systemd runtime re-adopts running guests.
     runtime: Arc<dyn crate::runtime::Runtime>,
+    metrics: Arc<Metrics>,
+    events: Arc<EventLog>,
 }
 
 impl Agent {
@@ -372,6 +428,8 @@ impl Agent {
             request_timeout: REQUEST_TIMEOUT,
             timing: self.config.timing,
             policy: crate::scheduler::Policy { strategy: self.config.strategy, ..crate::scheduler::Policy::default() },
+            metrics: self.metrics.clone(),
+            events: self.events.clone(),
         };
         let node = Node::start(store, options, Box::new(transport), addresses, known_peers)
             .map_err(|e| anyhow!("cannot start the node: {e}"))?;
@@ -392,6 +450,7 @@ impl Agent {
                 timing: self.config.timing,
                 health: HealthPolicy::default(),
                 contact_file: Some(ContactFile::new(self.config.data_dir.join("fence-contact"))),
+                metrics: self.metrics.clone(),
             },
         );
         let reconciler = tokio::spawn(async move {

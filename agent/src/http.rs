@@ -10,23 +10,47 @@
 //! - `GET /readyz`: 200 when this agent is a cluster member that knows a
 //!   leader (it can answer linearizable reads and forward writes), else 503
 //!   with the reason.
+//! - `GET /metrics`: OpenMetrics text (see `metrics` for the names).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::context::Context;
+use crate::metrics::{self, Metrics};
+use crate::node::events::EventLog;
+
+/// `prometheus-client` writes the OpenMetrics text format (which
+/// Prometheus scrapes natively).
+const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Fills the gauges that mirror the node (from its status and its local
+/// state, which needs no leader) and encodes every metric.
+async fn metrics_text(State(state): State<HttpState>) -> impl IntoResponse {
+    if let Some(member) = state.context.membership() {
+        state.metrics.set_status(&member.node.status());
+        if let Ok(counts) = member.node.read_local(|s, _| metrics::vm_counts(s)).await {
+            state.metrics.set_vms(&counts);
+        }
+    }
+    ([(header::CONTENT_TYPE, OPENMETRICS_TEXT)], state.metrics.encode())
+}
 
 /// What the HTTP handlers can see.
 #[derive(Clone)]
 pub struct HttpState {
     pub context: Arc<Context>,
+    pub metrics: Arc<Metrics>,
+    /// The cluster events this agent derived: `events.recent(n)` for a
+    /// page, `events.follow(n)` for a live view (see `node::events`).
+    pub events: Arc<EventLog>,
 }
 
 async fn healthz() -> &'static str {
@@ -49,7 +73,11 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
 
 /// Every route of the listener.
 pub fn router(state: HttpState) -> Router {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(state)
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
 }
 
 /// Binds `address` (before the agent reports ready, so a taken port is an

@@ -12,6 +12,7 @@ pub mod consensus;
 pub mod daemon;
 pub mod failure;
 pub mod http;
+pub mod metrics;
 pub mod names;
 pub mod node;
 pub mod reconciler;

@@ -35,23 +35,48 @@ fn run(args: &RunArgs) -> ExitCode {
 }
 
 fn daemon(config: Config) -> anyhow::Result<()> {
-    // Logs go to stderr, where journald picks them up. RUST_LOG, when set,
-    // overrides `log_level` (as the NixOS module documents).
+    // RUST_LOG, when set, overrides `log_level` (as the NixOS module documents).
     let filter = match std::env::var("RUST_LOG") {
         Ok(env) if !env.is_empty() => tracing_subscriber::EnvFilter::try_new(&env).context("RUST_LOG")?,
         _ => tracing_subscriber::EnvFilter::try_new(&config.log_level).context("log_level")?,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    init_logging(filter);
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
     runtime.block_on(async {
         let shutdown = shutdown_signal()?;
         blixard::daemon::run(config, shutdown).await
     })
+}
+
+/// Logs go to the journal, with structured fields (`journalctl -o verbose`
+/// shows `VM=`, `REASON=`...), when stderr is connected to it (systemd sets
+/// `JOURNAL_STREAM` to stderr's device and inode); otherwise to stderr.
+fn init_logging(filter: tracing_subscriber::EnvFilter) {
+    use tracing_subscriber::prelude::*;
+    let registry = tracing_subscriber::registry().with(filter);
+    if stderr_is_journal() {
+        match tracing_journald::layer() {
+            Ok(journald) => {
+                registry.with(journald.with_syslog_identifier("blixard-agent".into())).init();
+                return;
+            }
+            Err(e) => eprintln!("cannot log to the journal ({e}); logging to stderr"),
+        }
+    }
+    let stderr =
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    registry.with(stderr).init();
+}
+
+/// Whether `JOURNAL_STREAM` (`DEVICE:INODE`) names our stderr, as
+/// systemd.exec(5) says to check (a child that inherited the variable but
+/// not the stream must not log to the journal).
+fn stderr_is_journal() -> bool {
+    let Ok(value) = std::env::var("JOURNAL_STREAM") else { return false };
+    let Some((dev, ino)) = value.split_once(':') else { return false };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else { return false };
+    nix::sys::stat::fstat(std::io::stderr()).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
 }
 
 /// Resolves on SIGTERM (systemd stopping the unit) or SIGINT (Ctrl-C). The

@@ -28,6 +28,8 @@ const SETTLE: Duration = Duration::from_secs(30);
 struct Agent {
     name: String,
     address: String,
+    /// The HTTP listener (`metrics_listen`): health, readiness, metrics.
+    http: String,
     child: Child,
 }
 
@@ -53,7 +55,7 @@ fn write_runners(state_dir: &Path) {
         let bin = state_dir.join(guest).join("current/bin");
         std::fs::create_dir_all(&bin).unwrap();
         let runner = bin.join("microvm-run");
-        std::fs::write(&runner, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        std::fs::write(&runner, format!("#!/bin/sh\necho \"{guest} booted\"\nexec sleep 600\n")).unwrap();
         std::fs::set_permissions(&runner, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 }
@@ -77,8 +79,10 @@ impl Cluster {
         let home = self.dir.path().join(name);
         let state_dir = home.join("vms");
         write_runners(&state_dir);
+        let http = free_address();
         let config = format!(
-            "node_name = \"{name}\"\nlisten = \"{address}\"\ndata_dir = \"{}\"\n{extra}\
+            "node_name = \"{name}\"\nlisten = \"{address}\"\nmetrics_listen = \"{http}\"\n\
+             data_dir = \"{}\"\n{extra}\
              [runtime]\nkind = \"process\"\nstate_dir = \"{}\"\n[capacity]\nvcpu = 8\nmemory_mib = 8192\n",
             home.join("data").display(),
             state_dir.display()
@@ -93,7 +97,7 @@ impl Cluster {
             .stderr(std::fs::File::create(home.join("agent.log")).unwrap())
             .spawn()
             .expect("spawn agent");
-        self.agents.push(Agent { name: name.into(), address: address.into(), child });
+        self.agents.push(Agent { name: name.into(), address: address.into(), http, child });
     }
 
     fn config_of(&self, name: &str) -> PathBuf {
@@ -152,6 +156,13 @@ impl Cluster {
     fn vm(&self, i: usize, name: &str) -> Value {
         self.json(i, &["vm", "status", name])
     }
+
+    /// `vm status` for a condition being waited on: a transient failure (a
+    /// read that timed out on a loaded machine) reads as `null`, not a panic.
+    fn vm_now(&self, i: usize, name: &str) -> Value {
+        let out = self.cli(i, &["vm", "status", name, "--json"]);
+        if out.code == 0 { out.json() } else { Value::Null }
+    }
 }
 
 #[test]
@@ -204,28 +215,28 @@ fn vm_and_node_requests_through_the_cli() {
 fn vms_run_migrate_and_drain_through_the_cli() {
     let c = Cluster::start(3);
     c.cli(0, &["vm", "create", "web", "--vcpu", "1", "--memory", "64"]).assert_ok();
-    c.wait_until("web to run", |c| c.vm(2, "web")["state"] == "running");
+    c.wait_until("web to run", |c| c.vm_now(2, "web")["state"] == "running");
     let status = c.vm(1, "web");
     assert!(status["node"].is_string(), "{status}");
     assert!(status["since"].is_string(), "{status}");
     assert!(status["last_error"].is_null(), "{status}");
 
     c.cli(0, &["vm", "stop", "web"]).assert_ok();
-    c.wait_until("web to stop", |c| c.vm(0, "web")["state"] == "stopped");
+    c.wait_until("web to stop", |c| c.vm_now(0, "web")["state"] == "stopped");
     c.cli(0, &["vm", "start", "web"]).assert_ok();
-    c.wait_until("web to run again", |c| c.vm(0, "web")["state"] == "running");
+    c.wait_until("web to run again", |c| c.vm_now(0, "web")["state"] == "running");
 
     let from = c.vm(0, "web")["node"].as_str().unwrap().to_string();
     let to = if from == "h1" { "h2" } else { "h1" };
     c.cli(0, &["vm", "migrate", "web", "--to", to]).assert_ok();
     c.wait_until("web to run on the target", |c| {
-        let v = c.vm(0, "web");
+        let v = c.vm_now(0, "web");
         v["node"] == to && v["state"] == "running"
     });
 
     c.cli(0, &["node", "drain", to]).assert_ok();
     c.wait_until("web to leave the drained node", |c| {
-        let v = c.vm(0, "web");
+        let v = c.vm_now(0, "web");
         v["node"] != to && v["state"] == "running"
     });
     c.cli(0, &["node", "undrain", to]).assert_ok();
@@ -267,4 +278,294 @@ fn a_stopped_cluster_is_unreachable_with_exit_1() {
     c.agents.clear(); // kills the agent
     let out = run(&["vm", "list", "--endpoint", &endpoint, "--config", "/dev/null", "--timeout", "2"]);
     out.assert_error(1, &endpoint);
+}
+
+/// `GET path` on `address` over plain HTTP/1.1: (status code, body).
+fn http_get(address: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to the HTTP listener");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read the HTTP response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status code");
+    (code, body.to_string())
+}
+
+/// The value of the sample `name` with exactly `labels` in a parsed scrape.
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape.samples.iter().find_map(|s| {
+        let matches = s.metric == name
+            && s.labels.iter().count() == labels.len()
+            && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v));
+        match (matches, &s.value) {
+            (true, prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Counter(v)) => Some(*v),
+            (true, prometheus_parse::Value::Untyped(v)) => Some(*v),
+            _ => None,
+        }
+    })
+}
+
+fn scrape(address: &str) -> prometheus_parse::Scrape {
+    let (code, body) = http_get(address, "/metrics");
+    assert_eq!(code, 200, "{body}");
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines).expect("the scrape parses as Prometheus text")
+}
+
+#[test]
+fn metrics_are_scraped_as_prometheus_text() {
+    let c = Cluster::start(3);
+    let (code, body) = http_get(&c.agents[1].http, "/readyz");
+    assert_eq!(code, 200, "{body}");
+    c.cli(0, &["vm", "create", "web", "--vcpu", "1", "--memory", "64"]).assert_ok();
+    c.wait_until("web to run", |c| c.vm_now(0, "web")["state"] == "running");
+    let host = c.vm(0, "web")["node"].as_str().unwrap().to_string();
+    let leader = c.json(0, &["cluster", "status"])["leader"].as_str().unwrap().to_string();
+    let leader_index = c.agents.iter().position(|a| a.name == leader).unwrap();
+
+    // Every member counts the VM where it runs, once the report applied.
+    for agent in &c.agents {
+        let mut last = None;
+        c.wait_until("the scrape to count web as running", |_| {
+            let s = scrape(&agent.http);
+            last = sample(&s, "blixard_vms", &[("host", &host), ("state", "running")]);
+            last == Some(1.0)
+        });
+        let s = scrape(&agent.http);
+        assert!(sample(&s, "blixard_raft_term", &[]).unwrap() >= 1.0);
+        assert!(sample(&s, "blixard_raft_applied_index", &[]).unwrap() > 0.0);
+        assert!(sample(&s, "blixard_raft_commit_index", &[]).unwrap() > 0.0);
+        assert!(sample(&s, "blixard_raft_leader_changes_total", &[]).unwrap() >= 1.0);
+        assert!(sample(&s, "blixard_raft_reachable_peers", &[]).unwrap() >= 1.0);
+        assert!(s.docs.contains_key("blixard_raft_proposal_duration_seconds"), "{:?}", s.docs.keys());
+        assert!(s.docs.contains_key("blixard_reconcile_duration_seconds"));
+    }
+    let s = scrape(&c.agents[leader_index].http);
+    assert_eq!(sample(&s, "blixard_raft_is_leader", &[]), Some(1.0));
+    assert_eq!(sample(&s, "blixard_raft_reachable_peers", &[]), Some(2.0));
+    assert!(sample(&s, "blixard_scheduler_decisions_total", &[("kind", "place")]).unwrap() >= 1.0);
+    // The histograms have observations: the reconciler's on every host,
+    // proposals on the host that reported web's state.
+    let host_index = c.agents.iter().position(|a| a.name == host).unwrap();
+    let s = scrape(&c.agents[host_index].http);
+    let count = |s: &prometheus_parse::Scrape, name: &str| {
+        s.samples.iter().find_map(|x| match &x.value {
+            prometheus_parse::Value::Histogram(h) if x.metric == name => {
+                Some(h.iter().map(|b| b.count).fold(0.0, f64::max))
+            }
+            _ => None,
+        })
+    };
+    assert!(count(&s, "blixard_reconcile_duration_seconds").unwrap() > 0.0);
+}
+
+/// The `--json` events of agent `i`.
+/// (Empty when the call fails, as a condition being waited on.)
+fn events(c: &Cluster, i: usize) -> Vec<Value> {
+    let out = c.cli(i, &["events", "--json"]);
+    if out.code != 0 {
+        return Vec::new();
+    }
+    out.json().as_array().cloned().expect("events --json is an array")
+}
+
+fn has_event(events: &[Value], kind: &str, vm: &str, node: &str) -> bool {
+    events.iter().any(|e| e["kind"] == kind && e["vm"] == vm && e["node"] == node)
+}
+
+#[test]
+fn events_show_placement_and_failover_on_every_member() {
+    let mut c = Cluster::start(3);
+    // Bad input: exit 2, nothing sent.
+    c.cli(0, &["events", "-n", "0"]).assert_error(2, "");
+    c.cli(0, &["vm", "create", "web", "--vcpu", "1", "--memory", "64"]).assert_ok();
+    c.wait_until("web to run", |c| c.vm_now(0, "web")["state"] == "running");
+    let host = c.vm(0, "web")["node"].as_str().unwrap().to_string();
+    // Every member derived the same VM events, with the same Raft index.
+    c.wait_until("every member to see web placed and running", |c| {
+        (0..3).all(|i| {
+            let e = events(c, i);
+            has_event(&e, "vm_placed", "web", &host) && has_event(&e, "vm_started", "web", &host)
+        })
+    });
+    let placed_index = |e: &[Value]| e.iter().find(|e| e["kind"] == "vm_placed").map(|e| e["index"].clone());
+    let index0 = placed_index(&events(&c, 0));
+    assert!((1..3).all(|i| placed_index(&events(&c, i)) == index0));
+    let last = c.cli(0, &["events", "-n", "1"]);
+    last.assert_ok();
+    assert_eq!(last.stdout.lines().count(), 1, "{}", last.stdout);
+
+    // A follower of a surviving member sees the failover as it happens.
+    let survivor = c.agents.iter().position(|a| a.name != host).unwrap();
+    let survivor_name = c.agents[survivor].name.clone();
+    let config = c.config_of(&survivor_name);
+    let mut follow = Command::new(BIN)
+        .args(["events", "--follow", "--json", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+
+    let victim = c.agents.iter().position(|a| a.name == host).unwrap();
+    c.agents.remove(victim); // kills web's host
+    let survivor = c.agents.iter().position(|a| a.name == survivor_name).unwrap();
+    c.wait_until("web to run on a survivor", |c| {
+        let v = c.vm_now(survivor, "web");
+        v["node"] != host.as_str() && v["state"] == "running"
+    });
+    let e = events(&c, survivor);
+    assert!(e.iter().any(|e| e["kind"] == "host_down" && e["node"] == host), "{e:?}");
+    assert!(e.iter().any(|e| e["kind"] == "vm_moved" && e["vm"] == "web" && e["from"] == host), "{e:?}");
+
+    // The follower printed the move, one JSON object per line.
+    let deadline = Instant::now() + SETTLE;
+    let mut seen = Vec::new();
+    let moved = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = lines.recv_timeout(left) else { break false };
+        let event: Value = serde_json::from_str(&line).expect("each followed line is a JSON object");
+        seen.push(line);
+        if event["kind"] == "vm_moved" && event["vm"] == "web" && event["from"] == host {
+            break true;
+        }
+    };
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(moved, "the follower never printed web's move: {seen:#?}");
+}
+
+#[test]
+fn grpc_health_and_reflection_answer_standard_clients() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let c = Cluster::start(1);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let endpoint = format!("http://{}", c.endpoint(0));
+    runtime.block_on(async move {
+        let channel = tonic::transport::Endpoint::from_shared(endpoint).unwrap().connect().await.unwrap();
+        let mut health = HealthClient::new(channel.clone());
+        let check = |service: &str| HealthCheckRequest { service: service.into() };
+        let overall = health.check(check("")).await.unwrap().into_inner();
+        assert_eq!(overall.status(), ServingStatus::Serving);
+        // The API service is serving once the member knows a leader.
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let s = health.check(check("blixard.v1.Blixard")).await.unwrap().into_inner();
+            if s.status() == ServingStatus::Serving {
+                break;
+            }
+            assert!(Instant::now() < deadline, "blixard.v1.Blixard never became SERVING: {s:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let unknown = health.check(check("no.such.Service")).await.unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+        let mut reflection = ServerReflectionClient::new(channel);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses =
+            reflection.server_reflection_info(futures_util::stream::iter([request])).await.unwrap().into_inner();
+        let response = responses.message().await.unwrap().expect("one answer");
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("not a service list: {response:?}");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for name in ["blixard.v1.Blixard", "blixard.v1.Peer", "grpc.health.v1.Health"] {
+            assert!(names.iter().any(|n| n == name), "{name} missing from {names:?}");
+        }
+    });
+}
+
+#[test]
+fn migrate_and_drain_wait_until_done_and_show_progress() {
+    let c = Cluster::start(3);
+    c.cli(0, &["vm", "create", "web", "--vcpu", "1", "--memory", "64"]).assert_ok();
+    c.cli(0, &["vm", "create", "db", "--vcpu", "1", "--memory", "64"]).assert_ok();
+    c.wait_until("web and db to run", |c| {
+        c.vm_now(0, "web")["state"] == "running" && c.vm_now(0, "db")["state"] == "running"
+    });
+    // --wait-timeout without --wait is bad usage.
+    c.cli(0, &["node", "drain", "h1", "--wait-timeout", "5"]).assert_error(2, "--wait");
+
+    let from = c.vm(0, "web")["node"].as_str().unwrap().to_string();
+    let to = if from == "h1" { "h2" } else { "h1" };
+    let out = c.cli(1, &["vm", "migrate", "web", "--to", to, "--wait"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("migrated"), "{out:?}");
+    assert!(out.stderr.contains(&format!("moving web to {to}")), "{out:?}");
+    // Returned only once done: no waiting here.
+    let web = c.vm(0, "web");
+    assert_eq!((web["node"].as_str(), web["state"].as_str()), (Some(to), Some("running")), "{web}");
+
+    let out = c.cli(2, &["node", "drain", to, "--wait", "--wait-timeout", "60"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains(&format!("draining {to}:")), "{out:?}");
+    assert!(out.stderr.contains(&format!("{to} is drained")), "{out:?}");
+    for vm in ["web", "db"] {
+        let v = c.vm(0, vm);
+        assert!(v["node"] != to && v["state"] == "running", "{vm} after drain --wait: {v}");
+    }
+}
+
+#[test]
+fn vm_logs_come_from_the_guests_host_through_any_member() {
+    let c = Cluster::start(3);
+    c.cli(0, &["vm", "logs", "web", "-n", "0"]).assert_error(2, "--lines");
+    c.cli(0, &["vm", "logs", "nope"]).assert_error(2, "nope");
+    c.cli(0, &["vm", "create", "web", "--vcpu", "1", "--memory", "64"]).assert_ok();
+    c.wait_until("web to run", |c| c.vm_now(0, "web")["state"] == "running");
+    let host = c.vm(0, "web")["node"].as_str().unwrap().to_string();
+    let other = c.agents.iter().position(|a| a.name != host).unwrap();
+    // The runner prints its line right after it starts.
+    c.wait_until("web's log to show its boot line", |c| {
+        let out = c.cli(other, &["vm", "logs", "web"]);
+        out.code == 0 && out.stdout.lines().any(|l| l == "web booted")
+    });
+    let out = c.cli(other, &["vm", "logs", "web", "--json", "-n", "1"]);
+    out.assert_ok();
+    let line: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!((line["node"].as_str(), line["line"].as_str()), (Some(host.as_str()), Some("web booted")));
+
+    // Following: the past lines come at once and the stream stays open.
+    let config = c.config_of(&c.agents[other].name);
+    let mut follow = Command::new(BIN)
+        .args(["vm", "logs", "web", "-f", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut first = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut first);
+        let _ = tx.send(first);
+    });
+    let first = rx.recv_timeout(SETTLE).expect("a followed line");
+    assert_eq!(first.trim_end(), "web booted");
+    assert!(follow.try_wait().unwrap().is_none(), "vm logs -f ended by itself");
+    let _ = follow.kill();
+    let _ = follow.wait();
 }

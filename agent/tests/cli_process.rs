@@ -75,10 +75,10 @@ fn malformed_endpoints_are_refused_before_connecting() {
 
 #[test]
 fn missing_subcommands_are_one_sentence() {
-    run(&[]).assert_error(2, "blixard-agent needs a subcommand (run, cluster, node, vm, completions");
+    run(&[]).assert_error(2, "blixard-agent needs a subcommand (run, cluster, node, vm, events, completions");
     run(&["vm"]).assert_error(
         2,
-        "`vm` needs a subcommand (create, start, stop, delete, migrate, list, status); see `blixard-agent vm --help`",
+        "`vm` needs a subcommand (create, start, stop, delete, migrate, list, status, logs); see `blixard-agent vm --help`",
     );
     run(&["cluster"]).assert_error(2, "`cluster` needs a subcommand (status, join, leave)");
     run(&["node"]).assert_error(2, "`node` needs a subcommand (list, drain, undrain)");

@@ -102,8 +102,12 @@ impl Cluster {
             let handle = node.handle();
             peers.lock().unwrap().insert(identity.id, handle.clone());
             let runtime = Arc::new(ProcessRuntime::new(ProcessConfig::new(&state_dir)).unwrap());
-            let config =
-                ReconcilerConfig { timing: options_timing(), health: HealthPolicy::default(), contact_file: None };
+            let config = ReconcilerConfig {
+                timing: options_timing(),
+                health: HealthPolicy::default(),
+                contact_file: None,
+                metrics: handle.metrics(),
+            };
             let reconciler = Reconciler::new(
                 identity.id,
                 handle,

@@ -195,6 +195,50 @@ impl Client {
         self.call(pb::VmRequest { name }, |mut c, r| async move { c.vm_status(r).await }).await
     }
 
+    /// The agent's events. Without `follow` the whole call has the
+    /// deadline; with it only connecting does, and the stream stays open.
+    /// Each item is an event or the error that ended the stream.
+    pub async fn events(
+        &self,
+        req: pb::EventsRequest,
+    ) -> Result<impl futures_util::Stream<Item = Result<pb::Event, ClientError>> + use<>, ClientError> {
+        use futures_util::StreamExt;
+        let follow = req.follow;
+        let mut request = tonic::Request::new(req);
+        if !follow {
+            request.set_timeout(self.timeout);
+        }
+        let mut client = self.inner.clone();
+        let stream = match tokio::time::timeout(self.timeout, client.events(request)).await {
+            Err(_) => return Err(timed_out(&self.authority, self.timeout)),
+            Ok(Err(status)) => return Err(from_status(&self.authority, self.timeout, self.tls, &status)),
+            Ok(Ok(response)) => response.into_inner(),
+        };
+        let (authority, timeout, tls) = (self.authority.clone(), self.timeout, self.tls);
+        Ok(stream.map(move |item| item.map_err(|status| from_status(&authority, timeout, tls, &status))))
+    }
+
+    /// A guest's log lines; with `follow` only connecting has the deadline.
+    pub async fn vm_logs(
+        &self,
+        req: pb::VmLogsRequest,
+    ) -> Result<impl futures_util::Stream<Item = Result<pb::LogLine, ClientError>> + use<>, ClientError> {
+        use futures_util::StreamExt;
+        let follow = req.follow;
+        let mut request = tonic::Request::new(req);
+        if !follow {
+            request.set_timeout(self.timeout);
+        }
+        let mut client = self.inner.clone();
+        let stream = match tokio::time::timeout(self.timeout, client.vm_logs(request)).await {
+            Err(_) => return Err(timed_out(&self.authority, self.timeout)),
+            Ok(Err(status)) => return Err(from_status(&self.authority, self.timeout, self.tls, &status)),
+            Ok(Ok(response)) => response.into_inner(),
+        };
+        let (authority, timeout, tls) = (self.authority.clone(), self.timeout, self.tls);
+        Ok(stream.map(move |item| item.map_err(|status| from_status(&authority, timeout, tls, &status))))
+    }
+
     /// One unary call with the deadline both sent to the server
     /// (`grpc-timeout`) and enforced here.
     async fn call<Req, Resp, Fut>(

@@ -81,6 +81,8 @@ pub struct Context {
     membership: watch::Receiver<Option<Membership>>,
     joins: mpsc::Sender<JoinRequest>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// This host's runtime, for reading guest logs (set once by the daemon).
+    runtime: std::sync::OnceLock<Arc<dyn crate::runtime::Runtime>>,
 }
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -142,9 +144,24 @@ impl Context {
         let (membership_tx, membership_rx) = watch::channel(None);
         // One join at a time; a second concurrent one is refused.
         let (joins_tx, joins_rx) = mpsc::channel(1);
-        let context =
-            Context { name, address, membership: membership_rx, joins: joins_tx, channels: Mutex::new(HashMap::new()) };
+        let context = Context {
+            name,
+            address,
+            membership: membership_rx,
+            joins: joins_tx,
+            channels: Mutex::new(HashMap::new()),
+            runtime: std::sync::OnceLock::new(),
+        };
         (Arc::new(context), ContextControl { membership: membership_tx, joins: joins_rx })
+    }
+
+    /// Gives the API this host's runtime (once; later calls are ignored).
+    pub fn set_runtime(&self, runtime: Arc<dyn crate::runtime::Runtime>) {
+        let _ = self.runtime.set(runtime);
+    }
+
+    pub(crate) fn runtime(&self) -> Option<Arc<dyn crate::runtime::Runtime>> {
+        self.runtime.get().cloned()
     }
 
     /// The running member, if this agent is one.

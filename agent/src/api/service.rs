@@ -9,15 +9,18 @@
 
 use std::sync::Arc;
 
+use futures_util::StreamExt;
+use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
-use super::context::{ApiError, Context, Membership, is_forwarded};
+use super::context::{ApiError, Context, FORWARDED_HEADER, Membership, is_forwarded};
 use super::pb;
 use super::pb::blixard_server::Blixard;
 use super::status::from_rejection;
 use crate::consensus::{CoreStatus, Role};
 use crate::names;
 use crate::node::NodeStatus;
+use crate::node::events::{EVENTS_MAX, Event};
 use crate::state::{
     CommandKind, Desired, Labels, Member, MemberStatus, MembershipChange, NodeId, Rejection, State, Vm, VmSpec,
     VmState, limits,
@@ -516,6 +519,121 @@ impl Blixard for BlixardService {
             })
             .await?;
         info.map(Response::new).map_err(|r| from_rejection(&r))
+    }
+
+    type EventsStream = EventStream;
+    type VmLogsStream = LogStream;
+
+    /// Served by the host the VM is placed on; any other member forwards
+    /// the call there once (the reply streams back through it).
+    async fn vm_logs(&self, request: Request<pb::VmLogsRequest>) -> Result<Response<LogStream>, Status> {
+        let forwarded = is_forwarded(&request);
+        let mut request = request.into_inner();
+        check_name("VM", &request.name)?;
+        if request.lines == 0 {
+            request.lines = LOG_LINES_DEFAULT;
+        }
+        let member = self.context.member()?;
+        let name = request.name.clone();
+        let host = self
+            .context
+            .read(move |state, _| {
+                let vm = state.vm(&name).ok_or(Rejection::UnknownVm(name.clone()))?;
+                Ok(vm.placement.and_then(|p| state.member(p.node)).map(|m| (m.id, m.name.clone(), m.address.clone())))
+            })
+            .await?
+            .map_err(|r: Rejection| from_rejection(&r))?;
+        let Some((host_id, host_name, address)) = host else {
+            return Err(Status::failed_precondition(format!(
+                "VM {:?} is not placed on any host, so it has no log yet",
+                request.name
+            )));
+        };
+        if host_id != member.id {
+            if forwarded {
+                return Err(Status::unavailable(format!("VM {:?} moved to {host_name}; ask again", request.name)));
+            }
+            let mut client = Context::blixard_client(self.context.channel(&address)?);
+            let mut forward = Request::new(request);
+            forward.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+            let stream = client.vm_logs(forward).await?.into_inner();
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        let runtime = self.context.runtime().ok_or_else(|| Status::unavailable("this agent has no runtime"))?;
+        let source = runtime.log_source(&request.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let lines = crate::runtime::logs::read(source, request.lines, request.follow);
+        let node = host_name;
+        let stream = futures_util::stream::unfold(lines, move |mut lines| {
+            let node = node.clone();
+            async move {
+                let line = lines.recv().await?;
+                let item = line.map(|line| pb::LogLine { line, node }).map_err(Status::internal);
+                Some((item, lines))
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    /// Served from this member's own event log (no leader needed). A
+    /// follower that falls more than a thousand events behind gets
+    /// `ResourceExhausted`; the stream ends when this agent stops.
+    async fn events(&self, request: Request<pb::EventsRequest>) -> Result<Response<EventStream>, Status> {
+        let member = self.context.member()?;
+        let request = request.into_inner();
+        let limit = match request.limit {
+            0 => EVENTS_MAX,
+            n => (n as usize).min(EVENTS_MAX),
+        };
+        let log = member.node.events();
+        if !request.follow {
+            let events: Vec<_> = log.recent(limit).iter().map(|e| Ok(event_pb(e))).collect();
+            return Ok(Response::new(Box::pin(futures_util::stream::iter(events))));
+        }
+        let (events, rx) = log.follow(limit);
+        let kept = futures_util::stream::iter(events.iter().map(|e| Ok(event_pb(e))).collect::<Vec<_>>());
+        let stopped = member.node.watch_status();
+        let live = futures_util::stream::unfold((rx, stopped, false), |(mut rx, mut stopped, done)| async move {
+            if done {
+                return None;
+            }
+            tokio::select! {
+                event = rx.recv() => match event {
+                    Ok(event) => Some((Ok(event_pb(&event)), (rx, stopped, false))),
+                    Err(broadcast::error::RecvError::Lagged(n)) => Some((
+                        Err(Status::resource_exhausted(format!(
+                            "this follower fell {n} events behind and missed them; follow again"
+                        ))),
+                        (rx, stopped, true),
+                    )),
+                    Err(broadcast::error::RecvError::Closed) => None,
+                },
+                // The node stopped (the agent is shutting down).
+                _ = async { while stopped.changed().await.is_ok() {} } => None,
+            }
+        });
+        Ok(Response::new(Box::pin(kept.chain(live))))
+    }
+}
+
+/// The stream of `VmLogs`.
+pub type LogStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::LogLine, Status>> + Send + 'static>>;
+
+/// Lines `vm logs` shows without `-n`.
+const LOG_LINES_DEFAULT: u32 = 50;
+
+/// The stream of `Events`.
+pub type EventStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::Event, Status>> + Send + 'static>>;
+
+pub fn event_pb(e: &Event) -> pb::Event {
+    pb::Event {
+        seq: e.seq,
+        index: e.index,
+        at_unix_ms: e.at_unix_ms,
+        kind: e.kind.as_str().to_string(),
+        vm: e.vm.clone().unwrap_or_default(),
+        node: e.node.clone().unwrap_or_default(),
+        from: e.from.clone().unwrap_or_default(),
+        message: e.message.clone(),
     }
 }
 

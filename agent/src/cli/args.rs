@@ -61,6 +61,9 @@ pub enum Command {
     /// Create, start, stop, move and inspect microVMs.
     #[command(subcommand, subcommand_required = true, after_help = examples::VM)]
     Vm(VmCommand),
+    /// Show the cluster's events: leader changes, hosts up, down or draining, VMs placed, moved, started, stopped, failed or fenced.
+    #[command(after_help = examples::EVENTS)]
+    Events(EventsArgs),
     /// Print a shell completion script to stdout.
     #[command(after_help = examples::COMPLETIONS)]
     Completions {
@@ -258,6 +261,8 @@ pub enum NodeCommand {
         #[arg(value_name = "NODE")]
         node: Name,
         #[command(flatten)]
+        wait: WaitArgs,
+        #[command(flatten)]
         client: ClientArgs,
     },
     /// Let NODE take new placements again.
@@ -295,6 +300,8 @@ pub enum VmCommand {
         #[arg(long, value_name = "NODE")]
         to: Name,
         #[command(flatten)]
+        wait: WaitArgs,
+        #[command(flatten)]
         client: ClientArgs,
     },
     /// List every VM with its host, desired and observed state.
@@ -306,6 +313,50 @@ pub enum VmCommand {
     /// Show one VM in detail: state since when, last error, why it is pending.
     #[command(after_help = examples::VM_STATUS)]
     Status(VmName),
+    /// Show a VM's log (its unit's journal) from the host that runs it.
+    #[command(after_help = examples::VM_LOGS)]
+    Logs(VmLogsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VmLogsArgs {
+    /// The VM's name
+    #[arg(value_name = "NAME")]
+    pub name: Name,
+    /// Keep printing new lines as the guest writes them (until interrupted)
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Show the last N lines first
+    #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub lines: u32,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `--wait` for the commands that start a long operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Args)]
+pub struct WaitArgs {
+    /// Block until the operation is done, showing on stderr what is moving and how far it is
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up (exit 1) after this many seconds
+    #[arg(long, value_name = "SECS", default_value_t = WAIT_SECS_DEFAULT, value_parser = parse_timeout_secs, requires = "wait")]
+    pub wait_timeout: u64,
+}
+
+/// Default `--wait-timeout`, in seconds.
+pub const WAIT_SECS_DEFAULT: u64 = 600;
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Keep printing events as they happen (until interrupted)
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Show only the last N events kept by the agent (it keeps 1000)
+    #[arg(short = 'n', long = "lines", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub lines: Option<u32>,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 #[derive(Debug, Args)]

@@ -116,3 +116,15 @@ Examples:
   blixard-agent completions bash > /etc/bash_completion.d/blixard-agent
   blixard-agent completions zsh > \"${fpath[1]}/_blixard-agent\"
   blixard-agent completions fish > ~/.config/fish/completions/blixard-agent.fish";
+
+pub const EVENTS: &str = "\
+Examples:
+  blixard-agent events                 # what happened since the agent started
+  blixard-agent events -n 20           # the last 20 events
+  blixard-agent events --follow        # and keep watching
+  blixard-agent events --follow --json # one JSON object per line";
+
+pub const VM_LOGS: &str = "\
+Examples:
+  blixard-agent vm logs web            # the last 50 lines, from web's host
+  blixard-agent vm logs web -n 200 -f  # the last 200, then follow";

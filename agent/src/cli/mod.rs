@@ -16,6 +16,11 @@ pub mod error;
 pub mod examples;
 pub mod output;
 pub mod target;
+pub mod wait;
+
+use std::time::Duration;
+
+use wait::Progress;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -87,6 +92,18 @@ pub enum Request {
     VmMigrate(pb::VmMigrateRequest),
     VmList,
     VmStatus(String),
+    Events(pb::EventsRequest),
+    VmLogs(pb::VmLogsRequest),
+    /// `node drain NODE --wait`: drain, then wait until no VM is left on NODE.
+    NodeDrainWait {
+        node: String,
+        wait_secs: u64,
+    },
+    /// `vm migrate NAME --to NODE --wait`: migrate, then wait until it runs there.
+    VmMigrateWait {
+        request: pb::VmMigrateRequest,
+        wait_secs: u64,
+    },
 }
 
 /// Turns a parsed client command into the request to send, reading any
@@ -109,7 +126,10 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
             client,
         ),
         Command::Node(NodeCommand::List { client }) => (Request::NodeList, client),
-        Command::Node(NodeCommand::Drain { node, client }) => (Request::NodeDrain(node.to_string()), client),
+        Command::Node(NodeCommand::Drain { node, wait, client }) => match wait.wait {
+            true => (Request::NodeDrainWait { node: node.to_string(), wait_secs: wait.wait_timeout }, client),
+            false => (Request::NodeDrain(node.to_string()), client),
+        },
         Command::Node(NodeCommand::Undrain { node, client }) => (Request::NodeUndrain(node.to_string()), client),
         Command::Vm(VmCommand::Create(args)) => {
             let labels =
@@ -129,11 +149,22 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
         Command::Vm(VmCommand::Start(vm)) => (Request::VmStart(vm.name.to_string()), vm.client),
         Command::Vm(VmCommand::Stop(vm)) => (Request::VmStop(vm.name.to_string()), vm.client),
         Command::Vm(VmCommand::Delete(vm)) => (Request::VmDelete(vm.name.to_string()), vm.client),
-        Command::Vm(VmCommand::Migrate { name, to, client }) => {
-            (Request::VmMigrate(pb::VmMigrateRequest { name: name.to_string(), to: to.to_string() }), client)
+        Command::Vm(VmCommand::Migrate { name, to, wait, client }) => {
+            let request = pb::VmMigrateRequest { name: name.to_string(), to: to.to_string() };
+            match wait.wait {
+                true => (Request::VmMigrateWait { request, wait_secs: wait.wait_timeout }, client),
+                false => (Request::VmMigrate(request), client),
+            }
         }
         Command::Vm(VmCommand::List { client }) => (Request::VmList, client),
         Command::Vm(VmCommand::Status(vm)) => (Request::VmStatus(vm.name.to_string()), vm.client),
+        Command::Vm(VmCommand::Logs(args)) => (
+            Request::VmLogs(pb::VmLogsRequest { name: args.name.to_string(), follow: args.follow, lines: args.lines }),
+            args.client,
+        ),
+        Command::Events(args) => {
+            (Request::Events(pb::EventsRequest { follow: args.follow, limit: args.lines.unwrap_or(0) }), args.client)
+        }
         Command::Run(_) | Command::Completions { .. } | Command::Man { .. } => {
             return Err(CliError::usage("not a client command"));
         }
@@ -161,11 +192,75 @@ fn run_client(request: Request, client_args: &ClientArgs) -> Result<(), CliError
         .build()
         .map_err(|e| CliError::failed(format!("cannot start the async runtime: {e}")))?;
     let json = client_args.json;
+    if let Request::Events(request) = request {
+        return runtime.block_on(async move {
+            let client = Client::connect(options).await.map_err(client_error)?;
+            events(&client, request, json).await
+        });
+    }
+    if let Request::VmLogs(request) = request {
+        return runtime.block_on(async move {
+            let client = Client::connect(options).await.map_err(client_error)?;
+            vm_logs(&client, request, json).await
+        });
+    }
     let text = runtime.block_on(async move {
         let client = Client::connect(options).await.map_err(client_error)?;
         send(&client, request, json).await.map_err(client_error)
     })?;
     print!("{text}");
+    Ok(())
+}
+
+/// `vm logs`: prints each line as it arrives (with `--json`, one
+/// `{"node": ..., "line": ...}` object per line).
+async fn vm_logs(client: &Client, request: pb::VmLogsRequest, json: bool) -> Result<(), CliError> {
+    use futures_util::StreamExt;
+    use std::io::Write;
+    let mut stream = std::pin::pin!(client.vm_logs(request).await.map_err(client_error)?);
+    let mut stdout = std::io::stdout();
+    while let Some(item) = stream.next().await {
+        let line = item.map_err(client_error)?;
+        let text = if json {
+            output::to_json_line(&serde_json::json!({"node": line.node, "line": line.line}))
+        } else {
+            // The guest's own bytes, minus control characters that could
+            // drive the terminal.
+            let mut clean: String = line.line.chars().filter(|c| !c.is_control() || *c == '\t').collect();
+            clean.push('\n');
+            clean
+        };
+        if stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// `events`: prints each event as it arrives (a line of text, or with
+/// `--json` an array, or one object per line when following).
+async fn events(client: &Client, request: pb::EventsRequest, json: bool) -> Result<(), CliError> {
+    use futures_util::StreamExt;
+    use std::io::Write;
+    let follow = request.follow;
+    let mut stream = std::pin::pin!(client.events(request).await.map_err(client_error)?);
+    let mut kept = Vec::new();
+    let mut stdout = std::io::stdout();
+    while let Some(item) = stream.next().await {
+        let event = item.map_err(client_error)?;
+        if json && !follow {
+            kept.push(output::event_json(&event));
+            continue;
+        }
+        let line = if json { output::to_json_line(&output::event_json(&event)) } else { output::event_line(&event) };
+        // A closed pipe (`| head`) ends the command quietly.
+        if stdout.write_all(line.as_bytes()).and_then(|()| stdout.flush()).is_err() {
+            return Ok(());
+        }
+    }
+    if json && !follow {
+        print!("{}", output::to_json(&kept));
+    }
     Ok(())
 }
 
@@ -232,6 +327,22 @@ async fn send(client: &Client, request: Request, json: bool) -> Result<String, C
         Request::VmStatus(name) => {
             let v = client.vm_status(name).await?;
             if json { to_json(&vm_status_json(&v)) } else { vm_status_text(&v, now_unix_ms()) }
+        }
+        Request::Events(_) | Request::VmLogs(_) => unreachable!("streams are handled by run_client"),
+        Request::NodeDrainWait { node, wait_secs } => {
+            let info = client.node_drain(node.clone()).await?;
+            let progress = Progress::new(!json);
+            progress.say(&format!("draining {}", error::one_line(&node)));
+            wait::drain(client, &node, Duration::from_secs(wait_secs), &progress).await?;
+            let info = client.node_list().await?.nodes.into_iter().find(|n| n.name == node).unwrap_or(info);
+            node_out("drained", info)
+        }
+        Request::VmMigrateWait { request, wait_secs } => {
+            let (name, to) = (request.name.clone(), request.to.clone());
+            client.vm_migrate(request).await?;
+            let progress = Progress::new(!json);
+            let info = wait::migrate(client, &name, &to, Duration::from_secs(wait_secs), &progress).await?;
+            vm_out("migrated", info)
         }
     })
 }
@@ -320,6 +431,23 @@ mod tests {
             ),
             (&["vm", "list"], Request::VmList),
             (&["vm", "status", "web"], Request::VmStatus("web".into())),
+            (&["events"], Request::Events(pb::EventsRequest { follow: false, limit: 0 })),
+            (
+                &["vm", "logs", "web", "-f", "-n", "7"],
+                Request::VmLogs(pb::VmLogsRequest { name: "web".into(), follow: true, lines: 7 }),
+            ),
+            (&["events", "-f", "-n", "5"], Request::Events(pb::EventsRequest { follow: true, limit: 5 })),
+            (
+                &["node", "drain", "h2", "--wait", "--wait-timeout", "30"],
+                Request::NodeDrainWait { node: "h2".into(), wait_secs: 30 },
+            ),
+            (
+                &["vm", "migrate", "web", "--to", "h2", "--wait"],
+                Request::VmMigrateWait {
+                    request: pb::VmMigrateRequest { name: "web".into(), to: "h2".into() },
+                    wait_secs: args::WAIT_SECS_DEFAULT,
+                },
+            ),
         ];
         for (args, expected) in cases {
             let (request, client) = plan(parse_ok(args).command).unwrap();
@@ -346,7 +474,7 @@ mod tests {
          "unknown flag --frobnicate for `vm create`; see `blixard-agent vm create --help`"),
         (&["vm", "frob"], "unknown subcommand \"frob\" for `vm`"),
         (&["frob"], "unknown subcommand \"frob\" for blixard-agent"),
-        (&["vm"], "`vm` needs a subcommand (create, start, stop, delete, migrate, list, status)"),
+        (&["vm"], "`vm` needs a subcommand (create, start, stop, delete, migrate, list, status, logs)"),
         (&[], "blixard-agent needs a subcommand"),
         (&["vm", "create", "web"], "`vm create` needs --vcpu N and --memory MIB"),
         (&["vm", "create", "--vcpu", "1", "--memory", "64"], "`vm create` needs NAME"),

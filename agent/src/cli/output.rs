@@ -91,6 +91,41 @@ pub struct JoinJson<'a> {
     pub id: u64,
 }
 
+/// One event: `{"seq": 7, "index": 42, "at": "2025-...Z", "at_unix_ms": ...,
+/// "kind": "vm_moved", "vm": "web" | null, "node": "h2" | null,
+/// "from": "h1" | null, "message": "..."}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventJson {
+    pub seq: u64,
+    pub index: u64,
+    pub at: String,
+    pub at_unix_ms: u64,
+    pub kind: String,
+    pub vm: Option<String>,
+    pub node: Option<String>,
+    pub from: Option<String>,
+    pub message: String,
+}
+
+pub fn event_json(e: &pb::Event) -> EventJson {
+    EventJson {
+        seq: e.seq,
+        index: e.index,
+        at: rfc3339_utc(e.at_unix_ms),
+        at_unix_ms: e.at_unix_ms,
+        kind: e.kind.clone(),
+        vm: non_empty(&e.vm).map(str::to_string),
+        node: non_empty(&e.node).map(str::to_string),
+        from: non_empty(&e.from).map(str::to_string),
+        message: e.message.clone(),
+    }
+}
+
+/// `2025-01-02 03:04:05 UTC  vm_moved        VM web moved from h1 to h2`
+pub fn event_line(e: &pb::Event) -> String {
+    format!("{}  {:<15} {}\n", human_utc(e.at_unix_ms), one_line(&e.kind), one_line(&e.message))
+}
+
 fn non_empty(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
@@ -158,6 +193,13 @@ pub fn vm_status_json(v: &pb::VmInfo) -> VmStatusJson<'_> {
 /// Pretty JSON and a final newline.
 pub fn to_json(value: &impl Serialize) -> String {
     let mut text = serde_json::to_string_pretty(value).expect("our JSON shapes always serialize");
+    text.push('\n');
+    text
+}
+
+/// Compact JSON on one line (for streams: one object per line).
+pub fn to_json_line(value: &impl Serialize) -> String {
+    let mut text = serde_json::to_string(value).expect("our JSON shapes always serialize");
     text.push('\n');
     text
 }

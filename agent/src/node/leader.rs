@@ -5,11 +5,13 @@
 //! stale state loses at apply).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use crate::consensus::{Core, Outcome, ProposalId};
 use crate::failure::{Detector, Timing};
+use crate::metrics::Metrics;
 use crate::scheduler::{self, Decision, Policy};
-use crate::state::{Command, MembershipChange, NodeId};
+use crate::state::{Command, CommandKind, MemberStatus, MembershipChange, NodeId, State};
 
 /// Ticks a new leader waits before promoting anyone, so that progress
 /// reflects real replication rather than the optimistic start.
@@ -28,10 +30,11 @@ pub struct Duties {
     /// any is in flight, so the same decision is never proposed twice.
     in_flight: BTreeSet<ProposalId>,
     last_plan: Option<(u64, BTreeSet<NodeId>, u64)>,
+    metrics: Arc<Metrics>,
 }
 
 impl Duties {
-    pub fn new(me: NodeId, timing: Timing, policy: Policy) -> Self {
+    pub fn new(me: NodeId, timing: Timing, policy: Policy, metrics: Arc<Metrics>) -> Self {
         Duties {
             checks_as_leader: 0,
             detector: Detector::new(me, timing),
@@ -40,6 +43,7 @@ impl Duties {
             last_check_ms: 0,
             in_flight: BTreeSet::new(),
             last_plan: None,
+            metrics,
         }
     }
 
@@ -106,12 +110,22 @@ impl Duties {
         };
         if due {
             decisions.extend(scheduler::plan(core.state(), &self.policy, &fenced));
-            self.last_plan = Some((applied, fenced, now_ms));
+            self.last_plan = Some((applied, fenced.clone(), now_ms));
         }
         for Decision { command, reason } in decisions {
-            tracing::info!(target: "blixard::decision", "{reason}");
+            let kind = decision_kind(core.state(), &command, &fenced);
             match core.propose(&Command { at_unix_ms, kind: command }) {
                 Ok(id) => {
+                    // Logged once, when proposed: the decision and its reason.
+                    tracing::info!(target: "blixard::decision", kind = kind.as_str(), "{reason}");
+                    self.metrics.decision(kind.as_str());
+                    match kind {
+                        DecisionKind::Failover => {
+                            self.metrics.failovers.inc();
+                        }
+                        DecisionKind::ClearHandoff => self.metrics.fencing_event("vouched"),
+                        _ => {}
+                    }
                     self.in_flight.insert(id);
                 }
                 Err(e) => {
@@ -134,4 +148,48 @@ fn promotion(core: &Core) -> Option<MembershipChange> {
         .filter(|p| p.learner && p.recent_active && p.matched >= status.commit)
         .find(|p| core.state().member(p.id).is_some_and(|m| m.learner))
         .map(|p| MembershipChange::Promote { id: p.id })
+}
+
+/// What a decision does, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DecisionKind {
+    Place,
+    Move,
+    /// A move off a fenced host.
+    Failover,
+    Unplace,
+    HostDown,
+    HostUp,
+    ClearHandoff,
+    Other,
+}
+
+impl DecisionKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            DecisionKind::Place => "place",
+            DecisionKind::Move => "move",
+            DecisionKind::Failover => "failover",
+            DecisionKind::Unplace => "unplace",
+            DecisionKind::HostDown => "host_down",
+            DecisionKind::HostUp => "host_up",
+            DecisionKind::ClearHandoff => "clear_handoff",
+            DecisionKind::Other => "other",
+        }
+    }
+}
+
+fn decision_kind(state: &State, command: &CommandKind, fenced: &BTreeSet<NodeId>) -> DecisionKind {
+    match command {
+        CommandKind::Place { vm, .. } => match state.vm(vm).and_then(|v| v.placement) {
+            None => DecisionKind::Place,
+            Some(p) if fenced.contains(&p.node) => DecisionKind::Failover,
+            Some(_) => DecisionKind::Move,
+        },
+        CommandKind::Unplace { .. } => DecisionKind::Unplace,
+        CommandKind::SetStatus { status: MemberStatus::Down, .. } => DecisionKind::HostDown,
+        CommandKind::SetStatus { .. } => DecisionKind::HostUp,
+        CommandKind::ClearHandoff { .. } => DecisionKind::ClearHandoff,
+        _ => DecisionKind::Other,
+    }
 }

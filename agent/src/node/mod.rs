@@ -14,6 +14,7 @@
 //! index round confirms leadership, and the read runs on the local state
 //! once the local applied index has caught up with it.
 
+pub mod events;
 mod identity;
 mod leader;
 
@@ -32,8 +33,10 @@ use crate::config::InitialMember;
 use crate::consensus::{
     BOOTSTRAP_INDEX, BOOTSTRAP_TERM, Core, CoreConfig, CoreStatus, Outcome, ProposalId, ProposeError, Role, Transport,
 };
+use crate::metrics::Metrics;
 use crate::state::{Command, CommandKind, Effect, Member, MembershipChange, NodeId, Rejection, State};
 use crate::storage::{NodeIdentity, StorageError, Store};
+use events::EventLog;
 
 /// Inputs queued for the raft thread; beyond this, requests are refused as
 /// overloaded and peer messages dropped (Raft retransmits).
@@ -158,6 +161,12 @@ pub struct NodeOptions {
     pub timing: crate::failure::Timing,
     /// How the leader places VMs.
     pub policy: crate::scheduler::Policy,
+    /// Where proposal latency, leader changes and the leader's decisions
+    /// are counted.
+    pub metrics: Arc<Metrics>,
+    /// Where the cluster events this member derives go; the daemon shares
+    /// it with the HTTP listener (dashboard).
+    pub events: Arc<EventLog>,
 }
 
 impl NodeOptions {
@@ -169,6 +178,8 @@ impl NodeOptions {
             request_timeout: Duration::from_secs(10),
             timing: crate::failure::Timing::default(),
             policy: crate::scheduler::Policy::default(),
+            metrics: Arc::new(Metrics::new()),
+            events: Arc::new(EventLog::new()),
         }
     }
 }
@@ -181,6 +192,8 @@ pub struct NodeHandle {
     effects: broadcast::Sender<AppliedEffect>,
     addresses: AddressBook,
     request_timeout: Duration,
+    metrics: Arc<Metrics>,
+    events: Arc<EventLog>,
 }
 
 /// The running node: its handle plus the raft thread.
@@ -274,14 +287,17 @@ impl Node {
         let status = status_of(&core, &identity, &addresses, removed);
         let (status_tx, status_rx) = watch::channel(status);
         let (effects, _) = broadcast::channel(EFFECTS_CHANNEL_MAX);
+        let events_log = options.events.clone();
         let handle = NodeHandle {
             inputs,
             status: status_rx,
             effects: effects.clone(),
             addresses: addresses.clone(),
             request_timeout: options.request_timeout,
+            metrics: options.metrics.clone(),
+            events: events_log.clone(),
         };
-        let duties = leader::Duties::new(identity.id, options.timing, options.policy.clone());
+        let duties = leader::Duties::new(identity.id, options.timing, options.policy.clone(), options.metrics.clone());
         let mut raft = RaftThread {
             core,
             identity,
@@ -296,6 +312,8 @@ impl Node {
             next_read: 0,
             removed,
             duties,
+            last_leader: None,
+            events: events_log,
         };
         let thread = std::thread::Builder::new()
             .name("raft".into())
@@ -355,9 +373,24 @@ impl NodeHandle {
     /// Proposes a command on this node (which must be the leader) and waits
     /// until it is applied.
     pub async fn propose(&self, kind: CommandKind) -> Result<Effect, NodeError> {
+        let started = Instant::now();
         let (reply, rx) = oneshot::channel();
         self.submit(Input::Propose { kind, reply })?;
-        self.wait(rx).await
+        let result = self.wait(rx).await;
+        if result.is_ok() {
+            self.metrics.observe_proposal(started.elapsed());
+        }
+        result
+    }
+
+    /// The cluster events this member derived (see `events`).
+    pub fn events(&self) -> Arc<EventLog> {
+        self.events.clone()
+    }
+
+    /// The agent's metrics, as this node counts into them.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     pub async fn propose_membership(&self, change: MembershipChange) -> Result<Effect, NodeError> {
@@ -516,6 +549,9 @@ struct RaftThread {
     next_read: u64,
     removed: bool,
     duties: leader::Duties,
+    /// The leader last seen, to count leader changes.
+    last_leader: Option<NodeId>,
+    events: Arc<EventLog>,
 }
 
 impl RaftThread {
@@ -706,6 +742,14 @@ impl RaftThread {
             };
             if let Some(role) = out.role {
                 tracing::info!(role = ?role.role, leader = ?role.leader, term = role.term, "raft role changed");
+                if let Some(leader) = role.leader
+                    && role.leader != self.last_leader
+                {
+                    self.last_leader = role.leader;
+                    self.options.metrics.leader_changes.inc();
+                    let event = events::leader_changed(self.core.state(), leader, role.term);
+                    self.events.record(self.core.store().applied(), now_unix_ms(), event);
+                }
                 if role.role == Role::Leader {
                     self.duties.became_leader(crate::reconciler::monotonic_ms());
                 } else {
@@ -728,11 +772,12 @@ impl RaftThread {
                         tracing::warn!("this member was removed from the cluster; it stops taking part");
                         self.removed = true;
                     }
-                    let _ = self.effects.send(AppliedEffect {
-                        index: applied.index,
-                        at_unix_ms: now_unix_ms(),
-                        effect: effect.clone(),
-                    });
+                    let at_unix_ms = now_unix_ms();
+                    for event in events::events_of(effect, self.core.state()) {
+                        self.events.record(applied.index, at_unix_ms, event);
+                    }
+                    let _ =
+                        self.effects.send(AppliedEffect { index: applied.index, at_unix_ms, effect: effect.clone() });
                 }
                 if let Some(id) = applied.proposal
                     && self.duties.resolved(id, &applied.outcome)

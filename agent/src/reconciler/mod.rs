@@ -69,6 +69,8 @@ pub struct ReconcilerConfig {
     pub health: HealthPolicy,
     /// Where the last quorum contact is kept across agent restarts.
     pub contact_file: Option<ContactFile>,
+    /// Where pass latency and self-fencing are counted.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// What one pass needs from the state, copied out of the raft thread.
@@ -226,7 +228,9 @@ impl Reconciler {
                     Err(e) => tracing::warn!(error = %e, "cannot scan the installed guests"),
                 },
             }
+            let started = std::time::Instant::now();
             self.pass(installed.as_ref()).await;
+            self.config.metrics.observe_reconcile(started.elapsed());
         }
     }
 
@@ -380,6 +384,7 @@ impl Reconciler {
                     tracing::info!("no quorum contact yet: this host runs no guests until it reaches a quorum");
                 }
                 self.fenced_logged = true;
+                self.config.metrics.fencing_event("self");
             }
             let up: Vec<String> = self.observed.iter().filter(|(_, s)| s.is_up()).map(|(n, _)| n.clone()).collect();
             for vm in up {

@@ -44,6 +44,7 @@
 //! runtime's bus connection): treat it as fatal and let systemd restart the agent.
 
 pub mod health;
+pub mod logs;
 pub mod process;
 pub mod systemd;
 
@@ -237,6 +238,9 @@ pub trait Runtime: Send + Sync {
 
     /// A receiver of every change of state of a managed guest, from now on.
     fn events(&self) -> broadcast::Receiver<GuestEvent>;
+
+    /// Where guest `vm`'s log is on this host (see [`logs`]).
+    fn log_source(&self, vm: &str) -> Result<logs::LogSource, RuntimeError>;
 }
 
 /// The runtime the config asks for, with default timeouts. The systemd runtime connects

@@ -264,6 +264,11 @@ impl Runtime for ProcessRuntime {
     fn events(&self) -> broadcast::Receiver<GuestEvent> {
         self.events.subscribe()
     }
+
+    fn log_source(&self, vm: &str) -> Result<super::logs::LogSource, RuntimeError> {
+        crate::names::validate(vm)?;
+        Ok(super::logs::LogSource::File(self.config.state_dir.join(vm).join("microvm-run.log")))
+    }
 }
 
 /// Everything one supervisor task owns.

@@ -399,6 +399,10 @@ impl Runtime for SystemdRuntime {
         super::scan_installed(&self.config.state_dir).await
     }
 
+    fn log_source(&self, vm: &str) -> Result<super::logs::LogSource, RuntimeError> {
+        Ok(super::logs::LogSource::Journal { unit: unit_name(vm)? })
+    }
+
     fn events(&self) -> broadcast::Receiver<GuestEvent> {
         match self.events.upgrade() {
             Some(events) => events.subscribe(),

@@ -183,10 +183,12 @@ pub enum Effect {
         node: NodeId,
         unplaced: Vec<String>,
     },
-    /// A handoff ended: `from` confirmed its copy stopped, or was fenced.
+    /// A handoff ended: `from` confirmed its copy stopped, or (`fenced`)
+    /// the leader vouched that it fenced itself.
     HandoffEnded {
         vm: String,
         from: NodeId,
+        fenced: bool,
     },
 }
 
@@ -444,7 +446,7 @@ impl State {
                 }
                 vm.handoff = None;
                 self.dirty.vms.insert(name.clone());
-                Ok(Effect::HandoffEnded { vm: name.clone(), from: *node })
+                Ok(Effect::HandoffEnded { vm: name.clone(), from: *node, fenced: false })
             }
             CommandKind::ClearHandoff { vm: name, from, expected_generation } => {
                 check_name("VM", name)?;
@@ -467,7 +469,7 @@ impl State {
                 let vm = self.vms.get_mut(name).expect("checked above");
                 vm.handoff = None;
                 self.dirty.vms.insert(name.clone());
-                Ok(Effect::HandoffEnded { vm: name.clone(), from: *from })
+                Ok(Effect::HandoffEnded { vm: name.clone(), from: *from, fenced: true })
             }
         }
     }
@@ -1011,7 +1013,10 @@ mod tests {
         // Only the matching host and generation release it.
         assert!(matches!(rejected(&mut state, released(2, 1)), Rejection::NoSuchHandoff { .. }));
         assert!(matches!(rejected(&mut state, released(1, 2)), Rejection::NoSuchHandoff { .. }));
-        assert_eq!(state.apply(&cmd(released(1, 1))), Ok(Effect::HandoffEnded { vm: "a".into(), from: 1 }));
+        assert_eq!(
+            state.apply(&cmd(released(1, 1))),
+            Ok(Effect::HandoffEnded { vm: "a".into(), from: 1, fenced: false })
+        );
         assert!(state.may_start("a", 2));
         assert!(matches!(rejected(&mut state, released(1, 1)), Rejection::NoSuchHandoff { .. }), "released twice");
         // A desired-stopped VM is never started.
@@ -1088,7 +1093,7 @@ mod tests {
         state.apply(&cmd(CommandKind::SetStatus { node: 1, status: MemberStatus::Down })).unwrap();
         assert!(matches!(rejected(&mut state, clear(1, 1)), Rejection::StaleGeneration { .. }));
         assert!(matches!(rejected(&mut state, clear(3, 2)), Rejection::NoSuchHandoff { .. }));
-        assert_eq!(state.apply(&cmd(clear(1, 2))), Ok(Effect::HandoffEnded { vm: "a".into(), from: 1 }));
+        assert_eq!(state.apply(&cmd(clear(1, 2))), Ok(Effect::HandoffEnded { vm: "a".into(), from: 1, fenced: true }));
         assert!(state.may_start("a", 2));
         state.validate().unwrap();
     }

@@ -77,6 +77,8 @@ pub struct Model {
     pub fail: Option<(Code, String)>,
     /// Wait this long before answering.
     pub delay: Option<Duration>,
+    /// What `Events` streams.
+    pub events: Vec<pb::Event>,
 }
 
 pub const SINCE_UNIX_MS: u64 = 1_735_787_045_678;
@@ -385,5 +387,25 @@ impl Blixard for Service {
     async fn vm_status(&self, r: Request<pb::VmRequest>) -> Result<Response<pb::VmInfo>, Status> {
         let name = r.into_inner().name;
         self.handle(format!("VmStatus({name})"), |m| m.vm(&name)).await
+    }
+
+    type EventsStream = blixard::api::service::EventStream;
+    type VmLogsStream = blixard::api::service::LogStream;
+
+    async fn vm_logs(&self, r: Request<pb::VmLogsRequest>) -> Result<Response<Self::VmLogsStream>, Status> {
+        let r = r.into_inner();
+        let call = format!("VmLogs({}, follow={}, lines={})", r.name, r.follow, r.lines);
+        let response = self.handle(call, |m| m.vm(&r.name)).await?;
+        let line =
+            pb::LogLine { line: format!("log of {}", response.get_ref().name), node: response.get_ref().node.clone() };
+        Ok(Response::new(Box::pin(futures_util::stream::iter([Ok(line)]))))
+    }
+
+    async fn events(&self, r: Request<pb::EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
+        let r = r.into_inner();
+        let response =
+            self.handle(format!("Events(follow={}, limit={})", r.follow, r.limit), |m| Ok(m.events.clone())).await?;
+        let events: Vec<Result<pb::Event, Status>> = response.into_inner().into_iter().map(Ok).collect();
+        Ok(Response::new(Box::pin(futures_util::stream::iter(events))))
     }
 }

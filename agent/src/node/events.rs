@@ -1,0 +1,335 @@
+//! Cluster events: what happened, in words an operator reads (`blixard-agent
+//! events`, the dashboard).
+//!
+//! Events are derived on every member from the entries it applies, by a
+//! pure function of the effect and the state ([`events_of`]); every member
+//! applies the same entries in the same order, so every member derives the
+//! same VM and host events with the same Raft `index`. Leader changes are
+//! the exception: each member records the leader changes it observes.
+//!
+//! The log is a bounded ring ([`EVENTS_MAX`]) in memory, kept since this
+//! agent started: a restarted member has applied everything before its
+//! restart already and does not re-derive those events. Nothing here is
+//! persisted or replicated, so the ring costs no Raft traffic.
+//!
+//! For consumers (the gRPC `Events` call, the dashboard):
+//! [`EventLog::recent`] returns the last events, and [`EventLog::follow`]
+//! returns them together with a subscription that continues exactly after
+//! them (no gap, no repeat: compare `seq`).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::broadcast;
+
+use crate::state::{Desired, Effect, MemberStatus, NodeId, State, VmState};
+
+/// Events kept in the ring; older ones are dropped.
+pub const EVENTS_MAX: usize = 1000;
+/// Events a slow follower may lag behind before it misses some.
+const FOLLOWERS_LAG_MAX: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    LeaderChanged,
+    HostJoined,
+    HostPromoted,
+    HostRemoved,
+    HostUp,
+    HostDown,
+    HostDraining,
+    HostUndrained,
+    VmCreated,
+    VmDeleted,
+    VmDesired,
+    VmPlaced,
+    VmMoved,
+    VmUnplaced,
+    VmStarted,
+    VmStopped,
+    VmFailed,
+    VmFenced,
+}
+
+impl EventKind {
+    /// The stable name used on the wire and in `--json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::LeaderChanged => "leader_changed",
+            EventKind::HostJoined => "host_joined",
+            EventKind::HostPromoted => "host_promoted",
+            EventKind::HostRemoved => "host_removed",
+            EventKind::HostUp => "host_up",
+            EventKind::HostDown => "host_down",
+            EventKind::HostDraining => "host_draining",
+            EventKind::HostUndrained => "host_undrained",
+            EventKind::VmCreated => "vm_created",
+            EventKind::VmDeleted => "vm_deleted",
+            EventKind::VmDesired => "vm_desired",
+            EventKind::VmPlaced => "vm_placed",
+            EventKind::VmMoved => "vm_moved",
+            EventKind::VmUnplaced => "vm_unplaced",
+            EventKind::VmStarted => "vm_started",
+            EventKind::VmStopped => "vm_stopped",
+            EventKind::VmFailed => "vm_failed",
+            EventKind::VmFenced => "vm_fenced",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One event, as derived (before it gets a place in the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Derived {
+    pub kind: EventKind,
+    pub vm: Option<String>,
+    /// The host concerned (for a move: where the VM went).
+    pub node: Option<String>,
+    /// For a move: the host the VM left.
+    pub from: Option<String>,
+    /// One sentence.
+    pub message: String,
+}
+
+/// One event in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Position in this agent's log, from 1, without gaps.
+    pub seq: u64,
+    /// The Raft index of the entry that caused it; for a leader change, the
+    /// applied index when it was observed.
+    pub index: u64,
+    /// This agent's wall clock when it derived the event.
+    pub at_unix_ms: u64,
+    pub kind: EventKind,
+    pub vm: Option<String>,
+    pub node: Option<String>,
+    pub from: Option<String>,
+    pub message: String,
+}
+
+/// The bounded event log of one agent, and its followers.
+pub struct EventLog {
+    inner: Mutex<Ring>,
+    followers: broadcast::Sender<Event>,
+}
+
+struct Ring {
+    events: VecDeque<Event>,
+    next_seq: u64,
+}
+
+impl Default for EventLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog").finish_non_exhaustive()
+    }
+}
+
+impl EventLog {
+    pub fn new() -> Self {
+        let (followers, _) = broadcast::channel(FOLLOWERS_LAG_MAX);
+        EventLog { inner: Mutex::new(Ring { events: VecDeque::new(), next_seq: 1 }), followers }
+    }
+
+    /// The last `n` events (at most [`EVENTS_MAX`]), oldest first.
+    pub fn recent(&self, n: usize) -> Vec<Event> {
+        let ring = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        ring.events.iter().skip(ring.events.len().saturating_sub(n)).cloned().collect()
+    }
+
+    /// The last `n` events and a subscription to every later one: the
+    /// first event received has the `seq` after the last one returned. A
+    /// subscriber more than 1024 events behind gets `Lagged`.
+    pub fn follow(&self, n: usize) -> (Vec<Event>, broadcast::Receiver<Event>) {
+        // Subscribing under the lock: `record` sends under it too, so no
+        // event falls between the snapshot and the subscription.
+        let ring = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let rx = self.followers.subscribe();
+        let events = ring.events.iter().skip(ring.events.len().saturating_sub(n)).cloned().collect();
+        (events, rx)
+    }
+
+    /// Appends an event, dropping the oldest beyond [`EVENTS_MAX`].
+    pub fn record(&self, index: u64, at_unix_ms: u64, derived: Derived) {
+        let mut ring = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let Derived { kind, vm, node, from, message } = derived;
+        let event = Event { seq: ring.next_seq, index, at_unix_ms, kind, vm, node, from, message };
+        ring.next_seq += 1;
+        if ring.events.len() == EVENTS_MAX {
+            ring.events.pop_front();
+        }
+        ring.events.push_back(event.clone());
+        let _ = self.followers.send(event);
+    }
+}
+
+fn name_of(state: &State, node: NodeId) -> String {
+    state.member(node).map_or_else(|| format!("member {node}"), |m| m.name.clone())
+}
+
+fn derived(kind: EventKind, vm: Option<&str>, node: Option<String>, from: Option<String>, message: String) -> Derived {
+    Derived { kind, vm: vm.map(str::to_string), node, from, message }
+}
+
+/// The events an applied effect means, given the state after it (pure:
+/// every member derives the same). Effects that only a machine cares about
+/// (a report of `starting`, a capacity change) give none.
+pub fn events_of(effect: &Effect, state: &State) -> Vec<Derived> {
+    use EventKind as K;
+    let vm_host = |vm: &str| state.vm(vm).and_then(|v| v.placement).map(|p| name_of(state, p.node));
+    let one = |d: Derived| vec![d];
+    match effect {
+        Effect::None
+        | Effect::VmUpdated { .. }
+        | Effect::MemberChanged { .. }
+        | Effect::MemberChangedUnplaced { .. } => Vec::new(),
+        Effect::VmCreated { vm } => one(derived(K::VmCreated, Some(vm), None, None, format!("VM {vm} created"))),
+        Effect::VmDeleted { vm, was_on } => {
+            let on = was_on.map(|n| name_of(state, n));
+            let message = match &on {
+                Some(host) => format!("VM {vm} deleted (it was on {host})"),
+                None => format!("VM {vm} deleted"),
+            };
+            one(derived(K::VmDeleted, Some(vm), on, None, message))
+        }
+        Effect::DesiredSet { vm, desired } => {
+            let what = if *desired == Desired::Running { "running" } else { "stopped" };
+            one(derived(K::VmDesired, Some(vm), vm_host(vm), None, format!("VM {vm} is now desired {what}")))
+        }
+        Effect::Placed { vm, node, from, .. } => {
+            let to = name_of(state, *node);
+            match from {
+                Some(from) if from != node => {
+                    let from = name_of(state, *from);
+                    let message = format!("VM {vm} moved from {from} to {to}");
+                    one(derived(K::VmMoved, Some(vm), Some(to), Some(from), message))
+                }
+                _ => one(derived(K::VmPlaced, Some(vm), Some(to.clone()), None, format!("VM {vm} placed on {to}"))),
+            }
+        }
+        Effect::Unplaced { vm, from, .. } => {
+            let from = from.map(|n| name_of(state, n));
+            let message = match &from {
+                Some(host) => format!("VM {vm} taken off {host}"),
+                None => format!("VM {vm} unplaced"),
+            };
+            one(derived(K::VmUnplaced, Some(vm), None, from, message))
+        }
+        Effect::StatusSet { node, status } => {
+            let host = name_of(state, *node);
+            let (kind, message) = match status {
+                MemberStatus::Down => (K::HostDown, format!("host {host} is down")),
+                MemberStatus::Up => (K::HostUp, format!("host {host} is up")),
+            };
+            one(derived(kind, None, Some(host), None, message))
+        }
+        Effect::DrainSet { node, drain } => {
+            let host = name_of(state, *node);
+            let (kind, message) = if *drain {
+                (K::HostDraining, format!("host {host} is draining"))
+            } else {
+                (K::HostUndrained, format!("host {host} takes placements again"))
+            };
+            one(derived(kind, None, Some(host), None, message))
+        }
+        Effect::Reported { vm, state: observed } => {
+            let host = vm_host(vm);
+            let on = host.as_deref().map(|h| format!(" on {h}")).unwrap_or_default();
+            let (kind, message) = match observed {
+                VmState::Running => (K::VmStarted, format!("VM {vm} is running{on}")),
+                VmState::Stopped => (K::VmStopped, format!("VM {vm} stopped{on}")),
+                VmState::Failed => {
+                    let error = state.vm(vm).and_then(|v| v.observed.last_error.clone());
+                    let why = error.map(|e| format!(": {e}")).unwrap_or_default();
+                    (K::VmFailed, format!("VM {vm} failed{on}{why}"))
+                }
+                _ => return Vec::new(),
+            };
+            one(derived(kind, Some(vm), host, None, message))
+        }
+        Effect::MemberAdded { node } => {
+            let host = name_of(state, *node);
+            one(derived(K::HostJoined, None, Some(host.clone()), None, format!("host {host} joined as a learner")))
+        }
+        Effect::MemberPromoted { node } => {
+            let host = name_of(state, *node);
+            one(derived(K::HostPromoted, None, Some(host.clone()), None, format!("host {host} became a voter")))
+        }
+        Effect::MemberRemoved { node, unplaced } => {
+            let host = name_of(state, *node);
+            let message = if unplaced.is_empty() {
+                format!("host {host} left the cluster")
+            } else {
+                format!("host {host} left the cluster; {} VM(s) lost their placement", unplaced.len())
+            };
+            one(derived(K::HostRemoved, None, Some(host), None, message))
+        }
+        Effect::HandoffEnded { vm, from, fenced } => {
+            if !fenced {
+                return Vec::new();
+            }
+            let host = name_of(state, *from);
+            let message =
+                format!("VM {vm}: {host} is considered fenced (down past reschedule_after); its copy is gone");
+            one(derived(K::VmFenced, Some(vm), Some(host), None, message))
+        }
+    }
+}
+
+/// The event of observing `leader` in `term`.
+pub fn leader_changed(state: &State, leader: NodeId, term: u64) -> Derived {
+    let host = name_of(state, leader);
+    derived(EventKind::LeaderChanged, None, Some(host.clone()), None, format!("{host} is the leader in term {term}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Member;
+
+    fn state() -> State {
+        State::with_members([Member::new(1, "h1", "a:1"), Member::new(2, "h2", "a:2")])
+    }
+
+    #[test]
+    fn moves_and_fencing_are_named_with_hosts() {
+        let s = state();
+        let moved = events_of(&Effect::Placed { vm: "web".into(), node: 2, from: Some(1), generation: 2 }, &s);
+        assert_eq!(moved[0].kind, EventKind::VmMoved);
+        assert_eq!((moved[0].from.as_deref(), moved[0].node.as_deref()), (Some("h1"), Some("h2")));
+        let placed = events_of(&Effect::Placed { vm: "web".into(), node: 1, from: None, generation: 1 }, &s);
+        assert_eq!(placed[0].kind, EventKind::VmPlaced);
+        let fenced = events_of(&Effect::HandoffEnded { vm: "web".into(), from: 1, fenced: true }, &s);
+        assert_eq!(fenced[0].kind, EventKind::VmFenced);
+        assert!(events_of(&Effect::HandoffEnded { vm: "web".into(), from: 1, fenced: false }, &s).is_empty());
+        let down = events_of(&Effect::StatusSet { node: 2, status: MemberStatus::Down }, &s);
+        assert_eq!((down[0].kind, down[0].message.as_str()), (EventKind::HostDown, "host h2 is down"));
+    }
+
+    #[test]
+    fn the_ring_is_bounded_and_follow_continues_without_gaps() {
+        let log = EventLog::new();
+        let s = state();
+        for i in 0..(EVENTS_MAX as u64 + 5) {
+            log.record(i, 0, leader_changed(&s, 1, i));
+        }
+        let recent = log.recent(usize::MAX);
+        assert_eq!(recent.len(), EVENTS_MAX);
+        assert_eq!(recent[0].seq, 6);
+        let (last, mut rx) = log.follow(2);
+        assert_eq!(last.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1004, 1005]);
+        log.record(9, 0, leader_changed(&s, 2, 9));
+        assert_eq!(rx.try_recv().map(|e| e.seq), Ok(1006));
+    }
+}
