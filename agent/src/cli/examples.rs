@@ -116,3 +116,10 @@ Examples:
   blixard-agent completions bash > /etc/bash_completion.d/blixard-agent
   blixard-agent completions zsh > \"${fpath[1]}/_blixard-agent\"
   blixard-agent completions fish > ~/.config/fish/completions/blixard-agent.fish";
+
+pub const CERTS: &str = "\
+Examples:
+  blixard-agent certs ca --dir /root/blixard-pki
+  blixard-agent certs host h1 --address 10.0.0.1 --dir /root/blixard-pki
+  blixard-agent certs client alice --dir /root/blixard-pki
+  blixard-agent vm list --endpoint 10.0.0.1:7000 --ca ca.pem --cert alice.pem --key alice.key";
