@@ -227,6 +227,29 @@ fn a_tls_cluster_works_through_the_cli_and_refuses_strangers() {
     assert!(!logs.contains("PRIVATE KEY"));
 }
 
+/// A fourth host joins through the CLI with its member certificate as its
+/// admission, receives the leader's snapshot, and becomes a member.
+#[test]
+fn a_host_joins_with_its_member_certificate() {
+    let mut c = Cluster::start(3);
+    let address = free_address();
+    run(&["certs", "host", "h4", "--address", &address, "--dir", s(&c.pki)]).assert_ok();
+    c.spawn("h4", &address, "");
+    c.wait_until("h4 to listen", |_| std::net::TcpStream::connect(&address).is_ok());
+    let (ca, cert, key) = (c.file("ca.pem"), c.file("ops.pem"), c.file("ops.key"));
+    let tls = ["--ca", s(&ca), "--cert", s(&cert), "--key", s(&key), "--config", "/dev/null", "--json"];
+    // Through a follower: it forwards the admission to the leader.
+    let leader = c.cli(&["cluster", "status", "--json"]).json()["leader"].as_str().unwrap().to_string();
+    let seed = c.members.iter().find(|m| m.name != leader).unwrap().address.clone();
+    let out = run(&[&["cluster", "join", &seed, "--endpoint", &address][..], &tls].concat());
+    out.assert_ok();
+    assert_eq!(out.json()["name"], "h4");
+    c.wait_until("h4 to be a member everywhere", |_| {
+        let out = run(&[&["cluster", "status", "--endpoint", &address][..], &tls].concat());
+        out.code == 0 && out.json()["members"].as_array().is_some_and(|m| m.len() == 4)
+    });
+}
+
 /// Peer traffic needs a member certificate, and a member's certificate
 /// speaks only for that member.
 #[test]
@@ -282,7 +305,7 @@ fn peer_traffic_is_bound_to_member_certificates() {
         BlixardClient::new(ops).vm_list(pb::VmListRequest {}).await.expect("the client API is open to clients");
 
         // No certificate, or one from another CA: no connection at all.
-        assert!(c.channel(0, &c.read("ca.pem"), None).await.is_err_or_refused().await);
+        assert!(refused(c.channel(0, &c.read("ca.pem"), None).await).await);
     });
     // The forged heartbeat deposed nobody: the cluster still answers and
     // still has its three members.
@@ -290,18 +313,12 @@ fn peer_traffic_is_bound_to_member_certificates() {
     assert_eq!(status["members"].as_array().unwrap().len(), 3, "{status}");
 }
 
-/// A connection attempt that either fails or whose first call is refused
+/// Whether a connection attempt failed, or its first call was refused
 /// (TLS 1.3 reports a missing client certificate after the handshake).
-trait Refused {
-    async fn is_err_or_refused(self) -> bool;
-}
-
-impl Refused for Result<Channel, String> {
-    async fn is_err_or_refused(self) -> bool {
-        match self {
-            Err(_) => true,
-            Ok(channel) => BlixardClient::new(channel).vm_list(pb::VmListRequest {}).await.is_err(),
-        }
+async fn refused(connection: Result<Channel, String>) -> bool {
+    match connection {
+        Err(_) => true,
+        Ok(channel) => BlixardClient::new(channel).vm_list(pb::VmListRequest {}).await.is_err(),
     }
 }
 

@@ -531,11 +531,15 @@ impl pb::peer_server::Peer for PeerService {
         {
             let caller = self.context.caller(&request)?;
             let admit = request.get_ref();
-            names::validate(&admit.name)
-                .map_err(|e| Status::invalid_argument(format!("invalid node name {:?}: {e}", admit.name)))?;
+            names::validate(&admit.name).map_err(|e| {
+                Status::invalid_argument(format!("invalid node name {}: {e}", super::service::quoted(&admit.name)))
+            })?;
             // With TLS, the certificate is the admission: only the holder of
             // a member certificate for NAME may join as NAME.
+            // A member that forwards an admission to the leader has checked
+            // the joiner's certificate itself (only a member may forward).
             if let Some(cert_name) = caller.require_member("joining the cluster")?
+                && !is_forwarded(&request)
                 && cert_name != admit.name
             {
                 return Err(Status::permission_denied(format!(
@@ -545,6 +549,9 @@ impl pb::peer_server::Peer for PeerService {
             }
             if admit.id == 0 {
                 return Err(Status::invalid_argument("member id 0 is reserved"));
+            }
+            if admit.token.len() > super::service::JOIN_TOKEN_LEN_MAX {
+                return Err(Status::invalid_argument("the join token is too long"));
             }
             if admit.address.is_empty() || admit.address.len() > limits::ADDRESS_LEN_MAX {
                 return Err(Status::invalid_argument(format!("{:?} is not a HOST:PORT address", admit.address)));

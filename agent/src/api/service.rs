@@ -130,6 +130,8 @@ pub fn quoted(text: &str) -> String {
 }
 
 const QUOTED_CHARS_MAX: usize = 80;
+/// Longest join token accepted (a token is a short secret).
+pub const JOIN_TOKEN_LEN_MAX: usize = 256;
 
 fn check_name(what: &str, name: &str) -> Result<(), Status> {
     names::validate(name).map_err(|e| Status::invalid_argument(format!("invalid {what} name {}: {e}", quoted(name))))
@@ -350,7 +352,10 @@ impl Blixard for BlixardService {
         let request = request.into_inner();
         let seed = request.seed.trim_start_matches("http://").trim_start_matches("https://").to_string();
         if seed.is_empty() || !seed.contains(':') || seed.len() > limits::ADDRESS_LEN_MAX {
-            return Err(Status::invalid_argument(format!("{seed:?} is not a HOST:PORT address")));
+            return Err(Status::invalid_argument(format!("{} is not a HOST:PORT address", quoted(&seed))));
+        }
+        if request.token.len() > JOIN_TOKEN_LEN_MAX {
+            return Err(Status::invalid_argument(format!("a join token is at most {JOIN_TOKEN_LEN_MAX} bytes")));
         }
         self.context.request_join(seed, request.token).await.map(Response::new)
     }
