@@ -31,13 +31,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
 use crate::api::context::{Context, ContextControl, Dialer, GRPC_MESSAGE_BYTES_MAX, JoinRequest, Membership};
 use crate::api::pb;
 use crate::api::peer::{self, PeerService, PeerTransport, Sender};
 use crate::api::service::BlixardService;
-use crate::api::tls::TlsFiles;
+use crate::api::tls::{Caller, TlsFiles};
 use crate::config::{Config, RuntimeKind};
 use crate::consensus::CoreConfig;
 use crate::node::{self, AddressBook, Node, NodeOptions, Start};
@@ -178,12 +179,20 @@ async fn serve(
     context: Arc<Context>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
+    let context_tls = context.dialer.is_tls();
     let peer = pb::peer_server::PeerServer::new(PeerService::new(context.clone()))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
     let blixard = pb::blixard_server::BlixardServer::new(BlixardService::new(context))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    // With TLS, the client API too needs a certificate that carries a
+    // blixard identity: one the CA signed for something else is refused.
+    let tls_on = context_tls;
+    let blixard = InterceptedService::new(blixard, move |request: tonic::Request<()>| {
+        Caller::of(&request, tls_on)?;
+        Ok(request)
+    });
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let mut builder = builder;
     builder
