@@ -31,12 +31,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
-use crate::api::context::{Context, ContextControl, GRPC_MESSAGE_BYTES_MAX, JoinRequest, Membership};
+use crate::api::context::{Context, ContextControl, Dialer, GRPC_MESSAGE_BYTES_MAX, JoinRequest, Membership};
 use crate::api::pb;
 use crate::api::peer::{self, PeerService, PeerTransport, Sender};
 use crate::api::service::BlixardService;
+use crate::api::tls::{Caller, TlsFiles};
 use crate::config::{Config, RuntimeKind};
 use crate::consensus::CoreConfig;
 use crate::metrics::Metrics;
@@ -86,13 +88,13 @@ fn notify(state: sd_notify::NotifyState<'_>) {
 /// port is taken, the configuration cannot be served.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     init_tracing(&config.log_level);
-    if config.tls.is_some() {
-        // Serving plaintext when certificates are configured would be a
-        // silent downgrade; refuse until mutual TLS lands.
-        bail!(
-            "invalid configuration: `tls`: mutual TLS is not supported by this version yet; remove the [tls] section"
-        );
-    }
+    // Read the TLS files before anything else: a bad certificate must stop
+    // the agent before it serves, never downgrade it to plaintext.
+    let tls = match &config.tls {
+        None => None,
+        Some(tls) => Some(TlsFiles::load(tls, &config.node_name).map_err(|e| anyhow!("invalid configuration: {e}"))?),
+    };
+    let dialer = tls.as_ref().map_or_else(Dialer::plain, Dialer::tls);
     let config = Arc::new(config);
     let store = open_store(&config).await?;
     let listener =
@@ -104,7 +106,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         )
     })?;
     let address = advertised(config.listen);
-    let (context, control) = Context::new(config.node_name.clone(), address.clone());
+    let (context, control) = Context::new(config.node_name.clone(), address.clone(), dialer);
     context.set_runtime(runtime.clone());
     let metrics = Arc::new(Metrics::new());
     let events = Arc::new(EventLog::new());
@@ -122,8 +124,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         });
         tracing::info!(%address, "serving health, metrics and the dashboard over HTTP");
     }
-    let mut server = tokio::spawn(serve(listener, context.clone(), server_stopped));
-    tracing::info!(name = %config.node_name, listen = %config.listen, data_dir = %config.data_dir.display(), "serving");
+    let builder = server_builder(tls.as_ref())?;
+    let mut server = tokio::spawn(serve(builder, listener, context.clone(), server_stopped));
+    tracing::info!(
+        name = %config.node_name,
+        listen = %config.listen,
+        data_dir = %config.data_dir.display(),
+        tls = if tls.is_some() { "mutual" } else { "off" },
+        "serving"
+    );
 
     let mut agent =
         Agent { config: config.clone(), context, control, member: None, reporter: None, runtime, metrics, events };
@@ -174,16 +183,25 @@ async fn open_store(config: &Config) -> anyhow::Result<Store> {
 }
 
 async fn serve(
+    builder: Server,
     listener: TcpListener,
     context: Arc<Context>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
+    let context_tls = context.dialer.is_tls();
     let peer = pb::peer_server::PeerServer::new(PeerService::new(context.clone()))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
     let blixard = pb::blixard_server::BlixardServer::new(BlixardService::new(context.clone()))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    // With TLS, the client API too needs a certificate that carries a
+    // blixard identity: one the CA signed for something else is refused.
+    let tls_on = context_tls;
+    let blixard = InterceptedService::new(blixard, move |request: tonic::Request<()>| {
+        Caller::of(&request, tls_on)?;
+        Ok(request)
+    });
     // Standard gRPC tooling: health checking (grpc.health.v1) and server
     // reflection (v1, and v1alpha for older grpcurl).
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -196,7 +214,8 @@ async fn serve(
     let reflection_v1 = reflection().build_v1().expect("our descriptor sets are valid");
     let reflection_v1alpha = reflection().build_v1alpha().expect("our descriptor sets are valid");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let result = server_builder()
+    let mut builder = builder;
+    let result = builder
         .add_service(peer)
         .add_service(blixard)
         .add_service(health)
@@ -241,15 +260,22 @@ async fn report_health(
     }
 }
 
-/// The server's transport settings. Mutual TLS (issue 6) slots in here as
-/// `.tls_config(...)`, and in `api::context::endpoint` for the client side.
-fn server_builder() -> Server {
-    Server::builder()
+/// The server's transport settings: with `tls`, mutual TLS only (a
+/// plaintext or certificate-less connection fails its handshake).
+fn server_builder(tls: Option<&TlsFiles>) -> anyhow::Result<Server> {
+    let builder = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         // Bounds the work one connection can queue on us.
         .concurrency_limit_per_connection(256)
+        .max_concurrent_streams(Some(256));
+    match tls {
+        None => Ok(builder),
+        Some(tls) => builder
+            .tls_config(tls.server())
+            .map_err(|e| anyhow!("invalid configuration: `tls`: the certificate or key cannot be used: {e}")),
+    }
 }
 
 struct Running {
@@ -394,7 +420,10 @@ impl Agent {
         tracing::info!(seed, id, "asking to be admitted to the cluster");
         let request =
             pb::AdmitRequest { id, name: self.config.node_name.clone(), address: self.context.address.clone(), token };
-        let admitted = peer::admit(seed, request).await?;
+        let admitted = peer::admit(&self.context.dialer, seed, request).await?;
+        for m in &admitted.members {
+            self.context.remember_member_name(m.id, &m.name);
+        }
         let peers: BTreeMap<NodeId, String> =
             admitted.members.iter().filter(|m| m.id != id).map(|m| (m.id, m.address.clone())).collect();
         let mut prepared = store.take().expect("checked above");
@@ -415,7 +444,8 @@ impl Agent {
         let identity = store.identity().cloned().ok_or_else(|| anyhow!("the store has no identity"))?;
         let addresses = AddressBook::default();
         let me = Sender { id: identity.id, cluster_id: identity.cluster_id, address: self.context.address.clone() };
-        let (transport, link) = PeerTransport::new(me, addresses.clone(), tokio::runtime::Handle::current());
+        let (transport, link) =
+            PeerTransport::new(me, addresses.clone(), self.context.dialer.clone(), tokio::runtime::Handle::current());
         let raft = &self.config.raft;
         let options = NodeOptions {
             tick: Duration::from_millis(raft.tick_ms),

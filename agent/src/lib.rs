@@ -6,6 +6,7 @@
 //! the `storage` they are given. See ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod consensus;
@@ -15,6 +16,7 @@ pub mod http;
 pub mod metrics;
 pub mod names;
 pub mod node;
+pub mod properties;
 pub mod reconciler;
 pub mod runtime;
 pub mod scheduler;

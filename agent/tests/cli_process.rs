@@ -75,7 +75,7 @@ fn malformed_endpoints_are_refused_before_connecting() {
 
 #[test]
 fn missing_subcommands_are_one_sentence() {
-    run(&[]).assert_error(2, "blixard-agent needs a subcommand (run, cluster, node, vm, events, completions");
+    run(&[]).assert_error(2, "blixard-agent needs a subcommand (run, cluster, node, vm, events, certs, completions");
     run(&["vm"]).assert_error(
         2,
         "`vm` needs a subcommand (create, start, stop, delete, migrate, list, status, logs); see `blixard-agent vm --help`",

@@ -21,13 +21,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
 use super::pb;
 use super::pb::blixard_client::BlixardClient;
 use super::pb::peer_client::PeerClient;
 use super::status::{from_node_error, not_member};
+use super::tls::{Caller, TlsFiles};
 use crate::consensus::Role;
 use crate::node::{LeaderInfo, NodeError, NodeHandle, NodeStatus};
 use crate::state::{Command, CommandKind, NodeId, codec};
@@ -46,6 +47,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Cached channels to other agents; the cache is cleared beyond this
 /// (members are few; this bounds what stray addresses can pin).
 const CHANNELS_MAX: usize = 256;
+/// Cached member id -> name bindings (members are few).
+const MEMBER_NAMES_MAX: usize = 1024;
 /// Pause between two routing attempts while the status does not change.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
@@ -78,11 +81,17 @@ pub struct Context {
     pub name: String,
     /// Where this agent listens, as peers reach it (`host:port`).
     pub address: String,
+    /// How we reach other agents (plain or mutual TLS).
+    pub dialer: Dialer,
     membership: watch::Receiver<Option<Membership>>,
     joins: mpsc::Sender<JoinRequest>,
     channels: Mutex<HashMap<String, Channel>>,
     /// This host's runtime, for reading guest logs (set once by the daemon).
     runtime: std::sync::OnceLock<Arc<dyn crate::runtime::Runtime>>,
+    /// Member id -> name, as the replicated state (or the admission
+    /// answer) binds them: a binding never changes once made (ids are not
+    /// reused), so it is cached for checking senders' certificates.
+    member_names: Mutex<HashMap<NodeId, String>>,
 }
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -130,8 +139,16 @@ impl ApiError {
     }
 }
 
+/// Whether another agent forwarded `request` to us. With TLS on, only a
+/// member may say so: a client setting the header itself must not make a
+/// follower skip routing.
 pub(crate) fn is_forwarded<T>(request: &Request<T>) -> bool {
     request.metadata().contains_key(FORWARDED_HEADER)
+        && !request.peer_certs().is_some_and(|certs| {
+            certs.first().is_none_or(|leaf| {
+                !super::tls::identity_of_der(leaf.as_ref()).is_ok_and(|id| id.role == super::tls::Role::Member)
+            })
+        })
 }
 
 fn mark_forwarded<T>(request: &mut Request<T>, deadline: Instant) {
@@ -140,17 +157,19 @@ fn mark_forwarded<T>(request: &mut Request<T>, deadline: Instant) {
 }
 
 impl Context {
-    pub fn new(name: String, address: String) -> (Arc<Context>, ContextControl) {
+    pub fn new(name: String, address: String, dialer: Dialer) -> (Arc<Context>, ContextControl) {
         let (membership_tx, membership_rx) = watch::channel(None);
         // One join at a time; a second concurrent one is refused.
         let (joins_tx, joins_rx) = mpsc::channel(1);
         let context = Context {
             name,
             address,
+            dialer,
             membership: membership_rx,
             joins: joins_tx,
             channels: Mutex::new(HashMap::new()),
             runtime: std::sync::OnceLock::new(),
+            member_names: Mutex::new(HashMap::new()),
         };
         (Arc::new(context), ContextControl { membership: membership_tx, joins: joins_rx })
     }
@@ -182,13 +201,59 @@ impl Context {
         rx.await.map_err(|_| Status::unavailable("the agent is shutting down"))?
     }
 
+    /// Who sent `request` (see [`Caller::of`]).
+    pub fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        Caller::of(request, self.dialer.is_tls())
+    }
+
+    /// Records that member `id` is named `name` (from the admission
+    /// answer, before this agent has the replicated member list).
+    pub fn remember_member_name(&self, id: NodeId, name: &str) {
+        let mut names = self.member_names.lock().unwrap_or_else(|e| e.into_inner());
+        if names.len() >= MEMBER_NAMES_MAX {
+            names.clear();
+        }
+        names.insert(id, name.to_string());
+    }
+
+    /// Checks that a certificate for member `cert_name` may speak as
+    /// member `from`: the replicated state (or the admission answer) must
+    /// bind `from` to that very name. One member can never send Raft
+    /// traffic as another.
+    pub(crate) async fn check_sender(&self, member: &Membership, cert_name: &str, from: NodeId) -> Result<(), Status> {
+        let known = self.member_names.lock().unwrap_or_else(|e| e.into_inner()).get(&from).cloned();
+        let known = match known {
+            Some(name) => Some(name),
+            None => {
+                let name = member
+                    .node
+                    .read_local(move |state, _| state.member(from).map(|m| m.name.clone()))
+                    .await
+                    .map_err(|e| from_node_error(&e))?;
+                if let Some(name) = &name {
+                    self.remember_member_name(from, name);
+                }
+                name
+            }
+        };
+        match known {
+            Some(name) if name == cert_name => Ok(()),
+            Some(name) => Err(Status::permission_denied(format!(
+                "the certificate of member {cert_name:?} cannot speak for member {from} ({name:?})"
+            ))),
+            None => Err(Status::permission_denied(format!(
+                "member {from} is unknown here; the certificate of {cert_name:?} cannot speak for it"
+            ))),
+        }
+    }
+
     /// A (lazily connecting) channel to the agent at `address`.
     pub fn channel(&self, address: &str) -> Result<Channel, Status> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
-        let channel = endpoint(address)?.connect_lazy();
+        let channel = self.dialer.endpoint(address)?.connect_lazy();
         if channels.len() >= CHANNELS_MAX {
             channels.clear();
         }
@@ -319,16 +384,45 @@ impl Context {
     }
 }
 
-/// An endpoint for `address` (`host:port`). TLS (issue 6) slots in here.
-pub fn endpoint(address: &str) -> Result<Endpoint, Status> {
-    Endpoint::from_shared(format!("http://{address}"))
-        .map(|e| {
-            e.connect_timeout(CONNECT_TIMEOUT)
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(5))
-        })
-        .map_err(|_| Status::invalid_argument(format!("{address:?} is not a HOST:PORT address")))
+/// How this agent connects to other agents: plain, or with mutual TLS
+/// (the cluster CA verifies them, our member certificate is presented).
+#[derive(Debug, Clone, Default)]
+pub struct Dialer {
+    tls: Option<ClientTlsConfig>,
+}
+
+impl Dialer {
+    pub fn plain() -> Dialer {
+        Dialer { tls: None }
+    }
+
+    pub fn tls(files: &TlsFiles) -> Dialer {
+        Dialer { tls: Some(files.client()) }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// An endpoint for `address` (`host:port`).
+    pub fn endpoint(&self, address: &str) -> Result<Endpoint, Status> {
+        let bad = || Status::invalid_argument(format!("{address:?} is not a HOST:PORT address"));
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+            .map(|e| {
+                e.connect_timeout(CONNECT_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(5))
+            })
+            .map_err(|_| bad())?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| Status::internal(format!("cannot use TLS to reach {address}: {e}")))?;
+        }
+        Ok(endpoint)
+    }
 }
 
 fn no_leader(status: &NodeStatus) -> Status {

@@ -5,11 +5,13 @@
 //! - `peer`: the raft transport (client and `Peer` service), admission.
 //! - `service`: the client API (`Blixard` service).
 //! - `status`: agent errors -> gRPC status codes.
+//! - `tls`: mutual TLS settings, and the identity a certificate carries.
 
 pub mod context;
 pub mod peer;
 pub mod service;
 pub mod status;
+pub mod tls;
 
 pub mod client;
 

@@ -32,7 +32,7 @@ use tokio::sync::{Notify, watch};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::context::{ApiError, Context, GRPC_MESSAGE_BYTES_MAX, Membership, is_forwarded};
+use super::context::{ApiError, Context, Dialer, GRPC_MESSAGE_BYTES_MAX, Membership, is_forwarded};
 use super::pb;
 use super::pb::peer_client::PeerClient;
 use crate::names;
@@ -54,6 +54,8 @@ pub const SNAPSHOT_BYTES_MAX: u64 = 4 * 1024 * 1024 * 1024;
 /// Memory reserved up front for an incoming snapshot, whatever size it
 /// claims; beyond this the buffer grows as data really arrives.
 const SNAPSHOT_PREALLOC_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Transfers of one snapshot while the receiver finds it damaged.
+pub const SNAPSHOT_SEND_ATTEMPTS_MAX: usize = 3;
 /// One `Peer.Raft` call; Raft's own timeouts are longer than this.
 const RAFT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// One snapshot transfer, all chunks.
@@ -78,6 +80,7 @@ struct PeerQueue {
 struct Shared {
     me: Sender,
     addresses: AddressBook,
+    dialer: Dialer,
     /// The node to report to; set once it runs (the raft thread may send
     /// before `Node::start` has returned its handle).
     node: watch::Receiver<Option<NodeHandle>>,
@@ -125,9 +128,14 @@ impl TransportLink {
 
 impl PeerTransport {
     /// A transport whose tasks run on `runtime`.
-    pub fn new(me: Sender, addresses: AddressBook, runtime: tokio::runtime::Handle) -> (Self, TransportLink) {
+    pub fn new(
+        me: Sender,
+        addresses: AddressBook,
+        dialer: Dialer,
+        runtime: tokio::runtime::Handle,
+    ) -> (Self, TransportLink) {
         let (node_tx, node_rx) = watch::channel(None);
-        let shared = Arc::new(Shared { me, addresses, node: node_rx, closed: AtomicBool::new(false) });
+        let shared = Arc::new(Shared { me, addresses, dialer, node: node_rx, closed: AtomicBool::new(false) });
         (PeerTransport { shared, peers: BTreeMap::new(), runtime }, TransportLink(node_tx))
     }
 
@@ -226,7 +234,7 @@ async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
         };
         let client = match &connection {
             Some((known, client)) if *known == address => client.clone(),
-            _ => match super::context::endpoint(&address) {
+            _ => match shared.dialer.endpoint(&address) {
                 Ok(endpoint) => {
                     let client = peer_client(endpoint.connect_lazy());
                     connection = Some((address.clone(), client.clone()));
@@ -318,13 +326,35 @@ async fn stream_snapshot(shared: &Shared, peer: NodeId, message: Message) -> Res
     let address = shared.address_of(peer).ok_or("no address known for this peer")?;
     let size = message.get_snapshot().get_data().len();
     let chunks = snapshot_chunks(&shared.me, message)?;
-    let endpoint = super::context::endpoint(&address).map_err(|e| e.message().to_string())?;
-    let channel = endpoint.connect().await.map_err(|e| format!("cannot connect to {address}: {e}"))?;
-    peer_client(channel)
-        .snapshot(tokio_stream::iter(chunks))
-        .await
-        .map_err(|s| format!("{address} refused it: {}", s.message()))?;
+    send_chunks(&shared.dialer, &address, chunks).await?;
     Ok(size)
+}
+
+/// Streams `chunks` to the member at `address`. A receiver that finds a
+/// chunk damaged on the way (`DataLoss`: a CRC-32C or SHA-256 mismatch)
+/// installs nothing, and the whole transfer is sent again, up to
+/// [`SNAPSHOT_SEND_ATTEMPTS_MAX`] times. Returns the attempts it took.
+pub async fn send_chunks(dialer: &Dialer, address: &str, chunks: Vec<pb::SnapshotChunk>) -> Result<usize, String> {
+    let endpoint = dialer.endpoint(address).map_err(|e| e.message().to_string())?;
+    let channel = endpoint.connect().await.map_err(|e| format!("cannot connect to {address}: {e}"))?;
+    let chunks = Arc::new(chunks);
+    let mut attempt = 1;
+    loop {
+        // Chunks are cloned one at a time as the stream is polled, so a
+        // retry never holds a second copy of the snapshot.
+        let stream = {
+            let chunks = chunks.clone();
+            tokio_stream::iter((0..chunks.len()).map(move |i| chunks[i].clone()))
+        };
+        match peer_client(channel.clone()).snapshot(stream).await {
+            Ok(_) => return Ok(attempt),
+            Err(s) if s.code() == tonic::Code::DataLoss && attempt < SNAPSHOT_SEND_ATTEMPTS_MAX => {
+                tracing::warn!(address, attempt, error = %s.message(), "a snapshot arrived damaged; sending it again");
+                attempt += 1;
+            }
+            Err(s) => return Err(format!("{address} refused it: {}", s.message())),
+        }
+    }
 }
 
 /// Assembles and checks an incoming snapshot stream's chunks.
@@ -438,8 +468,13 @@ fn check_message(message: &Message, me: NodeId, from: NodeId) -> Result<(), Stat
 #[tonic::async_trait]
 impl pb::peer_server::Peer for PeerService {
     async fn raft(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
+        let caller = self.context.caller(&request)?;
+        let cert_name = caller.require_member("Raft traffic")?.map(str::to_string);
         let batch = request.into_inner();
         let member = self.member_for(batch.cluster_id)?;
+        if let Some(cert_name) = &cert_name {
+            self.context.check_sender(&member, cert_name, batch.from).await?;
+        }
         if batch.messages.len() > RAFT_BATCH_MESSAGES_MAX {
             return Err(Status::invalid_argument(format!(
                 "{} raft messages in one batch; the limit is {RAFT_BATCH_MESSAGES_MAX}",
@@ -459,6 +494,8 @@ impl pb::peer_server::Peer for PeerService {
     }
 
     async fn snapshot(&self, request: Request<Streaming<pb::SnapshotChunk>>) -> Result<Response<pb::RaftAck>, Status> {
+        let caller = self.context.caller(&request)?;
+        let cert_name = caller.require_member("a snapshot")?.map(str::to_string);
         let mut stream = request.into_inner();
         let mut assembler = SnapshotAssembler::default();
         let mut sender = None;
@@ -469,6 +506,9 @@ impl pb::peer_server::Peer for PeerService {
                 Some((member, _, _)) => member,
                 None => {
                     let member = self.member_for(chunk.cluster_id)?;
+                    if let Some(cert_name) = &cert_name {
+                        self.context.check_sender(&member, cert_name, chunk.from).await?;
+                    }
                     sender = Some((member, chunk.from, chunk.from_address.clone()));
                     &sender.as_ref().expect("just set").0
                 }
@@ -489,11 +529,29 @@ impl pb::peer_server::Peer for PeerService {
 
     async fn admit(&self, request: Request<pb::AdmitRequest>) -> Result<Response<pb::AdmitResponse>, Status> {
         {
+            let caller = self.context.caller(&request)?;
             let admit = request.get_ref();
-            names::validate(&admit.name)
-                .map_err(|e| Status::invalid_argument(format!("invalid node name {:?}: {e}", admit.name)))?;
+            names::validate(&admit.name).map_err(|e| {
+                Status::invalid_argument(format!("invalid node name {}: {e}", super::service::quoted(&admit.name)))
+            })?;
+            // With TLS, the certificate is the admission: only the holder of
+            // a member certificate for NAME may join as NAME.
+            // A member that forwards an admission to the leader has checked
+            // the joiner's certificate itself (only a member may forward).
+            if let Some(cert_name) = caller.require_member("joining the cluster")?
+                && !is_forwarded(&request)
+                && cert_name != admit.name
+            {
+                return Err(Status::permission_denied(format!(
+                    "the certificate of member {cert_name:?} cannot join as {:?}",
+                    admit.name
+                )));
+            }
             if admit.id == 0 {
                 return Err(Status::invalid_argument("member id 0 is reserved"));
+            }
+            if admit.token.len() > super::service::JOIN_TOKEN_LEN_MAX {
+                return Err(Status::invalid_argument("the join token is too long"));
             }
             if admit.address.is_empty() || admit.address.len() > limits::ADDRESS_LEN_MAX {
                 return Err(Status::invalid_argument(format!("{:?} is not a HOST:PORT address", admit.address)));
@@ -530,6 +588,7 @@ impl pb::peer_server::Peer for PeerService {
     }
 
     async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
+        self.context.caller(&request)?.require_member("proposing to the cluster")?;
         let member = self.member_for(request.get_ref().cluster_id)?;
         let command = codec::decode_command(&request.get_ref().command)
             .map_err(|e| Status::invalid_argument(format!("the command does not decode: {e}")))?;
@@ -547,8 +606,8 @@ impl pb::peer_server::Peer for PeerService {
 
 /// Asks the member at `seed` to admit this host as a learner; returns the
 /// cluster id and the current members.
-pub async fn admit(seed: &str, request: pb::AdmitRequest) -> Result<pb::AdmitResponse, Status> {
-    let endpoint = super::context::endpoint(seed)?;
+pub async fn admit(dialer: &Dialer, seed: &str, request: pb::AdmitRequest) -> Result<pb::AdmitResponse, Status> {
+    let endpoint = dialer.endpoint(seed)?;
     let channel = endpoint
         .connect()
         .await
@@ -632,5 +691,77 @@ mod tests {
             SnapshotAssembler::default().push(short[0].clone()).unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
+    }
+
+    /// A `Peer` server that damages the first `damaged` snapshot streams
+    /// it receives (as a bad link would), and checks every stream with the
+    /// real [`SnapshotAssembler`].
+    struct Flaky {
+        damaged: std::sync::atomic::AtomicUsize,
+        received: Mutex<Vec<Message>>,
+    }
+
+    #[tonic::async_trait]
+    impl pb::peer_server::Peer for Arc<Flaky> {
+        async fn raft(&self, _: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
+            Err(Status::unimplemented("test"))
+        }
+        async fn snapshot(
+            &self,
+            request: Request<Streaming<pb::SnapshotChunk>>,
+        ) -> Result<Response<pb::RaftAck>, Status> {
+            let damage = self.damaged.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+            let mut stream = request.into_inner();
+            let mut assembler = SnapshotAssembler::default();
+            let mut first = true;
+            while let Some(mut chunk) = stream.message().await? {
+                if damage && first && !chunk.data.is_empty() {
+                    chunk.data[0] ^= 0x40;
+                }
+                first = false;
+                if let Some(message) = assembler.push(chunk)? {
+                    self.received.lock().unwrap().push(message);
+                    return Ok(Response::new(pb::RaftAck {}));
+                }
+            }
+            Err(Status::invalid_argument("ended early"))
+        }
+        async fn admit(&self, _: Request<pb::AdmitRequest>) -> Result<Response<pb::AdmitResponse>, Status> {
+            Err(Status::unimplemented("test"))
+        }
+        async fn propose(&self, _: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
+            Err(Status::unimplemented("test"))
+        }
+    }
+
+    async fn flaky_server(damaged: usize) -> (Arc<Flaky>, String) {
+        let flaky = Arc::new(Flaky { damaged: damaged.into(), received: Mutex::new(Vec::new()) });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let service = pb::peer_server::PeerServer::new(flaky.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (flaky, address)
+    }
+
+    #[tokio::test]
+    async fn a_damaged_snapshot_is_refused_and_sent_again() {
+        let message = snapshot_message(2 * SNAPSHOT_CHUNK_BYTES + 3);
+        let (flaky, address) = flaky_server(1).await;
+        let chunks = snapshot_chunks(&me(), message.clone()).unwrap();
+        let attempts = send_chunks(&Dialer::plain(), &address, chunks).await.unwrap();
+        assert_eq!(attempts, 2, "the damaged first transfer is refused, the second installs");
+        assert_eq!(*flaky.received.lock().unwrap(), vec![message.clone()]);
+
+        // A link that damages every transfer: refused after the bounded
+        // attempts, nothing assembled.
+        let (flaky, address) = flaky_server(usize::MAX).await;
+        let chunks = snapshot_chunks(&me(), message).unwrap();
+        let error = send_chunks(&Dialer::plain(), &address, chunks).await.unwrap_err();
+        assert!(error.contains("CRC-32C"), "{error}");
+        assert!(flaky.received.lock().unwrap().is_empty());
     }
 }

@@ -122,12 +122,29 @@ fn cluster_status(state: &State, core: &CoreStatus, node: &NodeStatus, me: &Memb
     }
 }
 
-fn check_name(what: &str, name: &str) -> Result<(), Status> {
-    names::validate(name).map_err(|e| Status::invalid_argument(format!("invalid {what} name {name:?}: {e}")))
+/// A client's text as an error message quotes it: at most
+/// [`QUOTED_CHARS_MAX`] characters, so a hostile request cannot make the
+/// answer (or a log line) as large as itself.
+pub fn quoted(text: &str) -> String {
+    if text.chars().count() <= QUOTED_CHARS_MAX {
+        format!("{text:?}")
+    } else {
+        let head: String = text.chars().take(QUOTED_CHARS_MAX).collect();
+        format!("{head:?}... ({} bytes)", text.len())
+    }
 }
 
-/// Validates a create request and turns it into a spec.
-fn spec_of(request: &pb::VmCreateRequest) -> Result<VmSpec, Status> {
+const QUOTED_CHARS_MAX: usize = 80;
+/// Longest join token accepted (a token is a short secret).
+pub const JOIN_TOKEN_LEN_MAX: usize = 256;
+
+fn check_name(what: &str, name: &str) -> Result<(), Status> {
+    names::validate(name).map_err(|e| Status::invalid_argument(format!("invalid {what} name {}: {e}", quoted(name))))
+}
+
+/// Validates a create request and turns it into a spec: the edge check of
+/// every field (the state machine checks the same again at apply).
+pub fn spec_of(request: &pb::VmCreateRequest) -> Result<VmSpec, Status> {
     check_name("VM", &request.name)?;
     if request.vcpu == 0 || request.vcpu > limits::VM_VCPU_MAX {
         return Err(Status::invalid_argument(format!(
@@ -340,7 +357,10 @@ impl Blixard for BlixardService {
         let request = request.into_inner();
         let seed = request.seed.trim_start_matches("http://").trim_start_matches("https://").to_string();
         if seed.is_empty() || !seed.contains(':') || seed.len() > limits::ADDRESS_LEN_MAX {
-            return Err(Status::invalid_argument(format!("{seed:?} is not a HOST:PORT address")));
+            return Err(Status::invalid_argument(format!("{} is not a HOST:PORT address", quoted(&seed))));
+        }
+        if request.token.len() > JOIN_TOKEN_LEN_MAX {
+            return Err(Status::invalid_argument(format!("a join token is at most {JOIN_TOKEN_LEN_MAX} bytes")));
         }
         self.context.request_join(seed, request.token).await.map(Response::new)
     }

@@ -64,6 +64,9 @@ pub enum Command {
     /// Show the cluster's events: leader changes, hosts up, down or draining, VMs placed, moved, started, stopped, failed or fenced.
     #[command(after_help = examples::EVENTS)]
     Events(EventsArgs),
+    /// Make a cluster CA and certificates for hosts and clients (mutual TLS).
+    #[command(subcommand, subcommand_required = true, after_help = examples::CERTS)]
+    Certs(CertsCommand),
     /// Print a shell completion script to stdout.
     #[command(after_help = examples::COMPLETIONS)]
     Completions {
@@ -77,6 +80,46 @@ pub enum Command {
         /// Directory for the pages (created if missing)
         #[arg(value_name = "OUTDIR")]
         outdir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create the cluster CA: DIR/ca.pem and DIR/ca.key (keep the key off the hosts).
+    Ca {
+        /// Directory for the CA's files (created if missing)
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+        /// The CA's common name
+        #[arg(long, value_name = "TEXT", default_value = "blixard cluster CA")]
+        common_name: String,
+    },
+    /// Create a member certificate for host NAME: DIR/NAME.pem and DIR/NAME.key.
+    Host {
+        /// The host's `node_name`
+        #[arg(value_name = "NAME")]
+        name: Name,
+        /// An address its peers dial it at (IP or DNS name, a port is ignored); repeatable
+        #[arg(long = "address", value_name = "HOST", required = true)]
+        addresses: Vec<String>,
+        /// Directory holding ca.pem and ca.key, and for the new files
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+        /// Days the certificate is valid
+        #[arg(long, value_name = "DAYS", default_value_t = 825, value_parser = clap::value_parser!(i64).range(1..=3650))]
+        days: i64,
+    },
+    /// Create a client certificate for operator NAME: DIR/NAME.pem and DIR/NAME.key.
+    Client {
+        /// The client's name (for the agents' records)
+        #[arg(value_name = "NAME")]
+        name: Name,
+        /// Directory holding ca.pem and ca.key, and for the new files
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+        /// Days the certificate is valid
+        #[arg(long, value_name = "DAYS", default_value_t = 825, value_parser = clap::value_parser!(i64).range(1..=3650))]
+        days: i64,
     },
 }
 

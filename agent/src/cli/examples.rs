@@ -128,3 +128,9 @@ pub const VM_LOGS: &str = "\
 Examples:
   blixard-agent vm logs web            # the last 50 lines, from web's host
   blixard-agent vm logs web -n 200 -f  # the last 200, then follow";
+pub const CERTS: &str = "\
+Examples:
+  blixard-agent certs ca --dir /root/blixard-pki
+  blixard-agent certs host h1 --address 10.0.0.1 --dir /root/blixard-pki
+  blixard-agent certs client alice --dir /root/blixard-pki
+  blixard-agent vm list --endpoint 10.0.0.1:7000 --ca ca.pem --cert alice.pem --key alice.key";

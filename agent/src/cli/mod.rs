@@ -35,7 +35,7 @@ use crate::config::{Config, ConfigError, FileConfig};
 pub use args::{Cli, Command};
 pub use error::{CliError, ParseExit};
 
-use args::{ClientArgs, ClusterCommand, NodeCommand, RunArgs, VmCommand};
+use args::{CertsCommand, ClientArgs, ClusterCommand, NodeCommand, RunArgs, VmCommand};
 
 /// Parses the command line. Errors are already one sentence with an exit code.
 pub fn parse<I, T>(args: I) -> Result<Cli, ParseExit>
@@ -64,6 +64,7 @@ pub fn execute(command: Command) -> ExitCode {
     let result = match command {
         Command::Run(_) => Err(CliError::usage("`run` is dispatched by main")),
         Command::Completions { shell } => docs::completions(shell, &mut std::io::stdout().lock()),
+        Command::Certs(certs) => make_certs(certs),
         Command::Man { outdir } => docs::man_pages(&outdir),
         client => match plan(client) {
             Ok((request, client_args)) => run_client(request, &client_args),
@@ -74,6 +75,46 @@ pub fn execute(command: Command) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => e.report(),
     }
+}
+
+/// `certs ca|host|client`: writes the files and prints their paths.
+fn make_certs(command: CertsCommand) -> Result<(), CliError> {
+    use crate::api::tls::{CertIdentity, Role};
+    use crate::certs::{self, CertsError};
+    let error = |e: CertsError| match e {
+        CertsError::Usage(m) => CliError::usage(m),
+        e => CliError::failed(e.to_string()),
+    };
+    let written = match command {
+        CertsCommand::Ca { dir, common_name } => {
+            let ca = certs::make_ca(&common_name).map_err(error)?;
+            certs::write_pair(&dir, certs::CA_CERT_FILE, certs::CA_KEY_FILE, &ca).map_err(error)?
+        }
+        CertsCommand::Host { name, addresses, dir, days } => {
+            if addresses.len() > certs::ADDRESSES_MAX {
+                return Err(CliError::usage(format!("at most {} --address values", certs::ADDRESSES_MAX)));
+            }
+            let sans = addresses
+                .iter()
+                .map(|a| certs::parse_address(a))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| CliError::usage(format!("invalid --address for `certs host`: {e}")))?;
+            let ca = certs::read_ca(&dir).map_err(error)?;
+            let identity = CertIdentity { role: Role::Member, name: name.to_string() };
+            let pem = certs::make_leaf(&ca, &identity, &sans, days).map_err(error)?;
+            certs::write_pair(&dir, &format!("{name}.pem"), &format!("{name}.key"), &pem).map_err(error)?
+        }
+        CertsCommand::Client { name, dir, days } => {
+            let ca = certs::read_ca(&dir).map_err(error)?;
+            let identity = CertIdentity { role: Role::Client, name: name.to_string() };
+            let pem = certs::make_leaf(&ca, &identity, &[], days).map_err(error)?;
+            certs::write_pair(&dir, &format!("{name}.pem"), &format!("{name}.key"), &pem).map_err(error)?
+        }
+    };
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 /// One request to the agent, fully checked.
@@ -165,7 +206,7 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
         Command::Events(args) => {
             (Request::Events(pb::EventsRequest { follow: args.follow, limit: args.lines.unwrap_or(0) }), args.client)
         }
-        Command::Run(_) | Command::Completions { .. } | Command::Man { .. } => {
+        Command::Run(_) | Command::Completions { .. } | Command::Man { .. } | Command::Certs(_) => {
             return Err(CliError::usage("not a client command"));
         }
     })
