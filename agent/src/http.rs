@@ -10,6 +10,8 @@
 //! - `GET /readyz`: 200 when this agent is a cluster member that knows a
 //!   leader (it can answer linearizable reads and forward writes), else 503
 //!   with the reason.
+//! - The dashboard (`/`, `/dashboard`, `/api/overview`, ...): see
+//!   `crate::dashboard`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::context::Context;
+use crate::dashboard::Dashboard;
 
 /// What the HTTP handlers can see.
 #[derive(Clone)]
@@ -48,8 +51,12 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
 }
 
 /// Every route of the listener.
-pub fn router(state: HttpState) -> Router {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(state)
+pub fn router(state: HttpState, dashboard: Arc<Dashboard>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+        .merge(crate::dashboard::router(dashboard))
 }
 
 /// Binds `address` (before the agent reports ready, so a taken port is an
@@ -60,7 +67,8 @@ pub async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// Serves until `stop` turns true.
 pub async fn serve(listener: TcpListener, state: HttpState, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    let dashboard = Dashboard::start(state.context.clone(), stop.clone());
+    axum::serve(listener, router(state, dashboard))
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|stop| *stop).await;
         })
