@@ -349,7 +349,13 @@ fn member<'a>(page: &'a Value, name: &str) -> Option<&'a Value> {
 }
 
 fn visible(page: &Value) -> Vec<String> {
-    page["vms"].as_array().unwrap().iter().filter(|v| v["hidden"] == false).filter_map(|v| v["name"].as_str().map(str::to_string)).collect()
+    page["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["hidden"] == false)
+        .filter_map(|v| v["name"].as_str().map(str::to_string))
+        .collect()
 }
 
 fn artifacts() -> PathBuf {
@@ -470,14 +476,18 @@ fn the_dashboard_shows_the_live_cluster_in_a_browser() {
 
     // Search and filter, typed as a user would.
     browser.type_into("#search", "we");
-    wait_for("the search to leave only web", || (visible(&browser.page()) == ["web"]).then_some(()), || {
-        context(&browser, &cluster)
-    });
+    wait_for(
+        "the search to leave only web",
+        || (visible(&browser.page()) == ["web"]).then_some(()),
+        || context(&browser, &cluster),
+    );
     browser.clear("#search");
     browser.select_state("running");
-    wait_for("the filter to leave web and db", || (visible(&browser.page()) == ["db", "web"]).then_some(()), || {
-        context(&browser, &cluster)
-    });
+    wait_for(
+        "the filter to leave web and db",
+        || (visible(&browser.page()) == ["db", "web"]).then_some(()),
+        || context(&browser, &cluster),
+    );
     browser.select_state("");
 
     // A stopped agent's host turns down, live, on a surviving member's page.

@@ -21,7 +21,8 @@
 //! - `GET /`, `GET /dashboard`: the page.
 //! - `GET /api/overview`: the latest snapshot as JSON.
 //! - `GET /api/overview/stream`: `text/event-stream`; an `overview` event
-//!   with the same JSON at once and after every change.
+//!   with the same JSON at once and after every change, preceded by a
+//!   `clock` event (the agent's time, in Unix ms).
 //! - `GET /dashboard/app.js`, `GET /dashboard/app.css`: the bundle.
 
 pub mod events;
@@ -38,6 +39,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures_util::StreamExt as _;
 use serde::Serialize;
 use tokio::sync::{Semaphore, watch};
 
@@ -177,7 +179,7 @@ fn with_type(content_type: &'static str, body: String) -> Response {
 }
 
 async fn page(State(dashboard): State<Arc<Dashboard>>) -> Response {
-    let mut response = with_type("text/html; charset=utf-8", page::render(&dashboard.latest()));
+    let mut response = with_type("text/html; charset=utf-8", page::render(&dashboard.latest(), now_unix_ms()));
     response.headers_mut().insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
     response
 }
@@ -219,6 +221,10 @@ async fn stream(State(dashboard): State<Arc<Dashboard>>) -> Response {
             Some((Ok::<_, Infallible>(event), (updates, stop, permit, false)))
         },
     );
+    // The snapshot's own time is when the cluster last changed; the
+    // browser needs the agent's clock now to count times in state.
+    let clock = SseEvent::default().event("clock").data(now_unix_ms().to_string());
+    let events = futures_util::stream::once(async move { Ok(clock) }).chain(events);
     let mut response = Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE_INTERVAL)).into_response();
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response

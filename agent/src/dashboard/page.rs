@@ -125,8 +125,9 @@ fn event_item(out: &mut String, e: &Event) {
     );
 }
 
-/// The whole page for `snapshot`.
-pub fn render(snapshot: &Snapshot) -> String {
+/// The whole page for `snapshot`, rendered at `now_unix_ms` (the agent's
+/// clock, against which the browser counts times in state).
+pub fn render(snapshot: &Snapshot, now_unix_ms: u64) -> String {
     let o = &snapshot.overview;
     let mut out = String::with_capacity(4096 + o.vms.len() * 400);
     let _ = write!(
@@ -134,7 +135,7 @@ pub fn render(snapshot: &Snapshot) -> String {
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>Blixard · {agent}</title><link rel=\"stylesheet\" href=\"/dashboard/app.css\"></head>\
-         <body data-generated=\"{generated}\"><header><h1>Blixard</h1>\
+         <body data-generated=\"{generated}\" data-now=\"{now_unix_ms}\"><header><h1>Blixard</h1>\
          <span id=\"summary\">{summary}</span><span id=\"connection\" class=\"badge\">connecting</span></header><main>",
         agent = escape(&o.agent),
         generated = snapshot.generated_unix_ms,
@@ -168,7 +169,7 @@ pub fn render(snapshot: &Snapshot) -> String {
     }
     let _ = write!(
         out,
-        "</select><span id=\"vm-count\">{n} of {n}</span></div><table><thead><tr><th>Name</th><th>State</th>\
+        "</select><span id=\"vm-count\">{n} of {n}</span></div><div class=\"table-scroll\"><table><thead><tr><th>Name</th><th>State</th>\
          <th>Host</th><th>Desired</th><th class=\"num\">vCPU</th><th class=\"num\">MiB</th><th>In state for</th>\
          <th>Last error</th></tr></thead><tbody id=\"vms-body\">",
         n = o.vms.len()
@@ -176,7 +177,7 @@ pub fn render(snapshot: &Snapshot) -> String {
     for vm in &o.vms {
         vm_row(&mut out, vm);
     }
-    out.push_str("</tbody></table></section></main><script src=\"/dashboard/app.js\"></script></body></html>\n");
+    out.push_str("</tbody></table></div></section></main><script src=\"/dashboard/app.js\"></script></body></html>\n");
     out
 }
 
@@ -224,7 +225,7 @@ mod tests {
             subject: "web".into(),
             message: "vm web failed: <script>".into(),
         }];
-        let html = render(&Snapshot::new(overview, events, 5));
+        let html = render(&Snapshot::new(overview, events, 5), 6);
         assert!(!html.contains("<script>alert") && !html.contains("<img"), "{html}");
         assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(html.contains("<tr data-name=\"web\" data-state=\"failed\" data-node=\"h1\">"));

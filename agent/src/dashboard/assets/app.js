@@ -20,7 +20,7 @@
   const connection = $("connection");
 
   // Milliseconds to add to the browser's clock to get the agent's.
-  let clockOffsetMs = Number(document.body.dataset.generated || Date.now()) - Date.now();
+  let clockOffsetMs = Number(document.body.dataset.now || Date.now()) - Date.now();
   // name -> { tr, key, sinceCell, since, text }
   const rows = new Map();
   let updates = 0;
@@ -217,7 +217,6 @@
   }
 
   function render(o) {
-    clockOffsetMs = o.generated_unix_ms - Date.now();
     renderSummary(o);
     renderMembers(o.members);
     renderHosts(o.members);
@@ -260,6 +259,9 @@
   const source = new EventSource("/api/overview/stream");
   source.addEventListener("open", () => setConnection("live", "live"));
   source.addEventListener("error", () => setConnection("lost", "reconnecting…"));
+  source.addEventListener("clock", (message) => {
+    clockOffsetMs = Number(message.data) - Date.now();
+  });
   source.addEventListener("overview", (message) => {
     setConnection("live", "live");
     render(JSON.parse(message.data));
