@@ -62,7 +62,9 @@ fn free_address() -> String {
     listener.local_addr().expect("addr").to_string()
 }
 
-/// One HTTP/1.1 request with `Connection: close`; returns status and body.
+/// One HTTP/1.1 request; returns status and body. The body is read by its
+/// `Content-Length` (chromedriver keeps connections open whatever the
+/// client asks), else chunked, else to the end.
 fn http(method: &str, address: &str, path: &str, body: Option<&Value>) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(address)?;
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
@@ -73,13 +75,43 @@ fn http(method: &str, address: &str, path: &str, body: Option<&Value>) -> std::i
          Content-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 64 * 1024];
+    let head_end = loop {
+        if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = stream.read(&mut buffer)?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed in the headers"));
+        }
+        received.extend_from_slice(&buffer[..n]);
+    };
+    let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let chunked = head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
-    Ok((status, if chunked { dechunk(rest) } else { rest.to_string() }))
+    let length = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok());
+    let mut body = received.split_off(head_end);
+    match length {
+        Some(length) => {
+            while body.len() < length {
+                let n = stream.read(&mut buffer)?;
+                if n == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "connection closed in the body",
+                    ));
+                }
+                body.extend_from_slice(&buffer[..n]);
+            }
+            body.truncate(length);
+        }
+        None => {
+            stream.read_to_end(&mut body)?;
+        }
+    }
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let chunked = head.lines().any(|l| l.starts_with("transfer-encoding: chunked"));
+    Ok((status, if chunked { dechunk(&text) } else { text }))
 }
 
 fn dechunk(mut rest: &str) -> String {
@@ -170,10 +202,12 @@ impl Cluster {
         cluster
     }
 
+    /// Runs a client command against agent `i`, with a generous timeout: a
+    /// loaded CI machine is slow, and a retried create would be a duplicate.
     fn cli(&self, i: usize, args: &[&str]) -> Out {
         let config = self.dir.path().join(&self.agents[i].name).join("agent.toml");
         let mut all = args.to_vec();
-        all.extend(["--config", config.to_str().unwrap()]);
+        all.extend(["--config", config.to_str().unwrap(), "--timeout", "30"]);
         run(&all)
     }
 
@@ -436,11 +470,13 @@ fn the_dashboard_shows_the_live_cluster_in_a_browser() {
     cluster.cli(1, &["vm", "create", "db", "--vcpu", "4", "--memory", "2048"]).assert_ok();
     cluster.cli(2, &["vm", "create", "cache", "--vcpu", "1", "--memory", "256", "--stopped"]).assert_ok();
     let page = wait_for(
-        "web and db to show running on a host, and cache listed",
+        "web and db to show running on a host, cache listed and every host's capacity",
         || {
             let page = browser.page();
             let running = |name| vm(&page, name).is_some_and(|v| v["state"] == "running" && v["node"] != "");
-            (running("web") && running("db") && vm(&page, "cache").is_some()).then_some(page)
+            let capacities =
+                page["hosts"].as_array()?.iter().all(|h| h["text"].as_str().is_some_and(|t| t.contains("/ 8 (")));
+            (running("web") && running("db") && vm(&page, "cache").is_some() && capacities).then_some(page)
         },
         || context(&browser, &cluster),
     );
