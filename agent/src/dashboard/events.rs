@@ -67,6 +67,10 @@ fn vm_message(vm: &VmView) -> (Level, String) {
     }
 }
 
+/// Joins, leaves and status changes. The leader's moment-to-moment health
+/// (heard from within an election timeout) is shown in the members table
+/// but is no event: it flaps under load, and the failure detector's
+/// verdict (`down`, after `node_down_after`) is the one that counts.
 fn member_changes(at: u64, before: &Overview, after: &Overview, out: &mut Vec<Event>) {
     let old: BTreeMap<&str, &MemberView> = before.members.iter().map(|m| (m.name.as_str(), m)).collect();
     let new: BTreeMap<&str, &MemberView> = after.members.iter().map(|m| (m.name.as_str(), m)).collect();
@@ -76,11 +80,6 @@ fn member_changes(at: u64, before: &Overview, after: &Overview, out: &mut Vec<Ev
             Some(o) if o.status != m.status => {
                 let level = if m.status == "down" { Level::Error } else { Level::Info };
                 out.push(event(at, level, "host", name, format!("host {name} {}", m.status)));
-            }
-            Some(o) if o.healthy != m.healthy && after.health_from_leader && before.health_from_leader => {
-                let (level, what) =
-                    if m.healthy { (Level::Info, "reachable again") } else { (Level::Warning, "unreachable") };
-                out.push(event(at, level, "host", name, format!("host {name} {what}")));
             }
             Some(_) => {}
         }
