@@ -33,7 +33,7 @@ pub fn escape(text: &str) -> String {
 }
 
 fn percent(used: u64, total: u64) -> u64 {
-    if total == 0 { 0 } else { (used.saturating_mul(100) / total).min(100) }
+    used.saturating_mul(100).checked_div(total).unwrap_or(0).min(100)
 }
 
 fn summary(snapshot: &Snapshot) -> String {
