@@ -10,6 +10,8 @@
 #
 # Environment:
 #   BLIXARD_SIM_SEEDS   simulator seeds to run (default 1000)
+#   BLIXARD_REQUIRE_BROWSER  set here: the dashboard's browser test fails,
+#                       not skips, when Chromium is missing
 #   BLIXARD_TEST_QUICK  set to skip fmt/clippy (for local iteration)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +24,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 log "installing Debian packages the tests need"
-packages=(debootstrap systemd-container iproute2 nix-bin)
+# chromium, chromium-driver, fonts-liberation: the dashboard's browser test
+# (headless over WebDriver; the font makes its screenshots legible).
+packages=(debootstrap systemd-container iproute2 nix-bin chromium chromium-driver fonts-liberation)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -46,6 +50,8 @@ export BLIXARD_SIM_SEEDS="${BLIXARD_SIM_SEEDS:-1000}"
 # The system tests run the agent binary this build makes; without this they
 # would each run their own `cargo build` while other tests are timing things.
 export BLIXARD_AGENT_BIN="${CARGO_TARGET_DIR:-$PWD/target}/ci/blixard-agent"
+# The packages above include the browser, so its test must really run.
+export BLIXARD_REQUIRE_BROWSER=1
 log "cargo tests (profile ci, ${BLIXARD_SIM_SEEDS} simulator seeds)"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --cargo-profile ci --no-run

@@ -11,6 +11,8 @@
 //!   leader (it can answer linearizable reads and forward writes), else 503
 //!   with the reason.
 //! - `GET /metrics`: OpenMetrics text (see `metrics` for the names).
+//! - The dashboard (`/`, `/dashboard`, `/api/overview`, ...): see
+//!   `crate::dashboard`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,6 +44,7 @@ async fn metrics_text(State(state): State<HttpState>) -> impl IntoResponse {
     }
     ([(header::CONTENT_TYPE, OPENMETRICS_TEXT)], state.metrics.encode())
 }
+use crate::dashboard::Dashboard;
 
 /// What the HTTP handlers can see.
 #[derive(Clone)]
@@ -72,12 +75,13 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
 }
 
 /// Every route of the listener.
-pub fn router(state: HttpState) -> Router {
+pub fn router(state: HttpState, dashboard: Arc<Dashboard>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(state)
+        .merge(crate::dashboard::router(dashboard))
 }
 
 /// Binds `address` (before the agent reports ready, so a taken port is an
@@ -88,7 +92,8 @@ pub async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// Serves until `stop` turns true.
 pub async fn serve(listener: TcpListener, state: HttpState, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    let dashboard = Dashboard::start(state.context.clone(), stop.clone());
+    axum::serve(listener, router(state, dashboard))
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|stop| *stop).await;
         })

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod consensus;
 pub mod daemon;
+pub mod dashboard;
 pub mod failure;
 pub mod http;
 pub mod metrics;

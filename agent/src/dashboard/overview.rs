@@ -1,0 +1,236 @@
+//! The cluster at a glance, as the dashboard shows it: a pure function of
+//! the replicated state and this member's view of the consensus.
+//!
+//! These are the wire types of `GET /api/overview` and of the page's live
+//! stream (serde derives live here, at the boundary, not on the domain
+//! types). Fields may be added, none removed or renamed: scripts read them.
+
+use serde::Serialize;
+
+use crate::consensus::{CoreStatus, Role};
+use crate::node::NodeStatus;
+use crate::state::{Member, MemberStatus, State, Vm};
+
+/// Everything on the page but the events and the time it was taken (both
+/// change without the cluster changing, so they are kept apart to tell
+/// whether anything worth sending happened).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Overview {
+    /// The agent serving the page.
+    pub agent: String,
+    /// Whether that agent is a member of a cluster yet.
+    pub member: bool,
+    pub cluster_id: u64,
+    /// The leader's name, when one is known.
+    pub leader: Option<String>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    /// Whether `healthy` below reflects the leader's own contact with each
+    /// member (this agent is the leader) or only the replicated status.
+    pub health_from_leader: bool,
+    pub members: Vec<MemberView>,
+    pub vms: Vec<VmView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemberView {
+    pub id: u64,
+    pub name: String,
+    pub address: String,
+    /// `leader`, `follower` or `learner`.
+    pub role: &'static str,
+    /// `up`, `down` or `draining`.
+    pub status: &'static str,
+    pub healthy: bool,
+    pub vcpu_total: u64,
+    pub vcpu_used: u64,
+    pub memory_mib_total: u64,
+    pub memory_mib_used: u64,
+    pub vms: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmView {
+    pub name: String,
+    /// The host it is placed on.
+    pub node: Option<String>,
+    /// `running` or `stopped`.
+    pub desired: String,
+    /// `pending`, `starting`, `running`, `stopping`, `stopped` or `failed`.
+    pub state: &'static str,
+    pub vcpu: u32,
+    pub memory_mib: u64,
+    /// When the VM entered `state` (0: never observed).
+    pub since_unix_ms: u64,
+    pub last_error: Option<String>,
+}
+
+/// The overview of an agent that is not a member of a cluster (yet).
+pub fn not_member(agent: &str) -> Overview {
+    Overview { agent: agent.to_string(), ..Overview::default() }
+}
+
+fn role_of(member: &Member, leader: Option<u64>) -> &'static str {
+    if member.learner {
+        "learner"
+    } else if leader == Some(member.id) {
+        "leader"
+    } else {
+        "follower"
+    }
+}
+
+fn status_of(member: &Member) -> &'static str {
+    if member.status == MemberStatus::Down {
+        "down"
+    } else if member.drain {
+        "draining"
+    } else {
+        "up"
+    }
+}
+
+fn vm_view(state: &State, vm: &Vm) -> VmView {
+    VmView {
+        name: vm.name.clone(),
+        node: vm.placement.and_then(|p| state.member(p.node)).map(|m| m.name.clone()),
+        desired: vm.spec.desired.to_string(),
+        state: vm.observed.state.as_str(),
+        vcpu: vm.spec.vcpu,
+        memory_mib: vm.spec.memory_mib,
+        since_unix_ms: vm.observed.since_unix_ms,
+        last_error: vm.observed.last_error.clone(),
+    }
+}
+
+/// The overview from `state` as applied on this member. Members and VMs
+/// come sorted by name (the state's maps are ordered), so successive
+/// overviews compare and render stably.
+pub fn build(state: &State, core: &CoreStatus, node: &NodeStatus) -> Overview {
+    let leader = core.leader;
+    // Only the leader hears from every peer; elsewhere the replicated
+    // up/down status (set by the leader's failure detector) is all there is.
+    let health_from_leader = core.role == Role::Leader;
+    let mut vms_per_member = std::collections::BTreeMap::<u64, u32>::new();
+    for vm in state.vms().values() {
+        if let Some(placement) = vm.placement {
+            *vms_per_member.entry(placement.node).or_default() += 1;
+        }
+    }
+    let mut members: Vec<MemberView> = state
+        .members()
+        .values()
+        .map(|m| {
+            let limit = m.capacity.limit();
+            let used = state.used_on(m.id, None);
+            let active = !health_from_leader || m.id == core.id || node.active_peers.contains(&m.id);
+            MemberView {
+                id: m.id,
+                name: m.name.clone(),
+                address: m.address.clone(),
+                role: role_of(m, leader),
+                status: status_of(m),
+                healthy: m.status == MemberStatus::Up && active,
+                vcpu_total: limit.vcpu,
+                vcpu_used: used.vcpu,
+                memory_mib_total: limit.memory_mib,
+                memory_mib_used: used.memory_mib,
+                vms: vms_per_member.get(&m.id).copied().unwrap_or(0),
+            }
+        })
+        .collect();
+    members.sort_by(|a, b| a.name.cmp(&b.name));
+    Overview {
+        agent: node.name.clone(),
+        member: !node.removed,
+        cluster_id: node.cluster_id,
+        leader: leader.and_then(|id| state.member(id)).map(|m| m.name.clone()),
+        term: core.term,
+        commit_index: core.commit,
+        applied_index: core.applied,
+        health_from_leader,
+        members,
+        vms: state.vms().values().map(|vm| vm_view(state, vm)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Capacity, Command, CommandKind, Desired, MembershipChange, VmSpec};
+
+    fn core(role: Role, leader: Option<u64>) -> CoreStatus {
+        CoreStatus {
+            id: 1,
+            role,
+            leader,
+            term: 4,
+            commit: 9,
+            applied: 9,
+            last_index: 9,
+            voters: vec![1, 2],
+            learners: vec![],
+            progress: vec![],
+        }
+    }
+
+    fn node(active_peers: Vec<u64>) -> NodeStatus {
+        NodeStatus {
+            id: 1,
+            name: "h1".into(),
+            cluster_id: 7,
+            role: Role::Leader,
+            leader: None,
+            term: 4,
+            commit: 9,
+            applied: 9,
+            voters: vec![1, 2],
+            learners: vec![],
+            active_peers,
+            removed: false,
+        }
+    }
+
+    fn state() -> State {
+        let mut state = State::default();
+        for (id, vcpu) in [(1, 8), (2, 4)] {
+            let add = MembershipChange::AddLearner { id, name: format!("h{id}"), address: format!("10.0.0.{id}:7000") };
+            state.apply_membership(&add, 0).unwrap();
+            state.apply_membership(&MembershipChange::Promote { id }, 0).unwrap();
+            let capacity = Capacity { vcpu, memory_mib: u64::from(vcpu) * 1024, ..Capacity::default() };
+            state.apply(&Command { at_unix_ms: 1, kind: CommandKind::SetCapacity { node: id, capacity } }).unwrap();
+        }
+        let spec = VmSpec { vcpu: 2, memory_mib: 512, desired: Desired::Running, ..VmSpec::default() };
+        state.apply(&Command { at_unix_ms: 1, kind: CommandKind::CreateVm { name: "web".into(), spec } }).unwrap();
+        state
+    }
+
+    #[test]
+    fn the_leader_reports_members_it_does_not_hear_from_as_unhealthy() {
+        let state = state();
+        let overview = build(&state, &core(Role::Leader, Some(1)), &node(vec![]));
+        assert_eq!(overview.leader.as_deref(), Some("h1"));
+        assert!(overview.health_from_leader);
+        let roles: Vec<_> = overview.members.iter().map(|m| (m.name.as_str(), m.role, m.healthy)).collect();
+        assert_eq!(roles, [("h1", "leader", true), ("h2", "follower", false)]);
+        let healthy = build(&state, &core(Role::Leader, Some(1)), &node(vec![2]));
+        assert!(healthy.members.iter().all(|m| m.healthy));
+        // A follower trusts the replicated status.
+        let follower = build(&state, &core(Role::Follower, Some(1)), &node(vec![]));
+        assert!(follower.members.iter().all(|m| m.healthy) && !follower.health_from_leader);
+    }
+
+    #[test]
+    fn vms_and_capacity_come_from_the_state() {
+        let overview = build(&state(), &core(Role::Follower, Some(2)), &node(vec![]));
+        assert_eq!(overview.vms.len(), 1);
+        let web = &overview.vms[0];
+        assert_eq!((web.name.as_str(), web.state, web.node.as_deref(), web.vcpu), ("web", "pending", None, 2));
+        let h1 = &overview.members[0];
+        assert_eq!((h1.vcpu_total, h1.vcpu_used, h1.memory_mib_total, h1.vms), (8, 0, 8192, 0));
+        let json = serde_json::to_value(&overview).unwrap();
+        assert_eq!(json["members"][1]["role"], "leader");
+        assert_eq!(json["vms"][0]["node"], serde_json::Value::Null);
+    }
+}
