@@ -51,8 +51,9 @@ else
 fi
 
 log "building (release)"
-cargo build --release --quiet -p blixard-agent --bin blixard-agent
-cargo build --release --quiet -p blixard-systests --bin blixard-load
+# One invocation for both binaries: building them separately resolves the
+# dependencies' features differently and compiles everything twice.
+cargo build --release --quiet -p blixard-agent --bin blixard-agent -p blixard-systests --bin blixard-load
 cargo bench --quiet -p blixard-agent --no-run
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 export BLIXARD_AGENT_BIN="$target_dir/release/blixard-agent"
