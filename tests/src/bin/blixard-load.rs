@@ -530,9 +530,8 @@ fn restart(vms: usize, trials: usize, clients: usize, idle_seconds: f64) -> Resu
     print!("{report}");
     if idle_seconds > 0.0 {
         std::thread::sleep(Duration::from_secs(2));
-        idle_sample(&format!("blixard-agent, 3-member cluster holding {vms} VMs"), &agent_pids(&cluster)?, {
-            Duration::from_secs_f64(idle_seconds)
-        })?;
+        let what = format!("blixard-agent, 3-member cluster holding {vms} VMs");
+        idle_sample(&what, &agent_pids(&cluster)?, Duration::from_secs_f64(idle_seconds))?;
     }
     Ok(())
 }
