@@ -102,6 +102,11 @@ impl Agent {
         Ok(())
     }
 
+    /// The process id while it runs (for `/proc` measurements).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }

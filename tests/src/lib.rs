@@ -3,6 +3,7 @@
 //! - [`Testbed`]: a cluster of real hosts on one machine (systemd-nspawn containers with
 //!   real systemd and a system bus, on a private bridge) that tests can partition, power
 //!   off and boot again. Needs root and `tests/testbed/prepare.sh` run once.
+//! - [`etcd`]: a 3-member etcd cluster on loopback, for the load client's comparison.
 //! - [`guest`]: fake microvm.nix guests for those hosts.
 //! - [`wait_for`] / [`wait_until`]: waiting on conditions with deadlines.
 //! - [`agent_binary`]: the `blixard-agent` binary to install into hosts.
@@ -11,6 +12,7 @@
 
 pub mod bedcluster;
 pub mod cluster;
+pub mod etcd;
 pub mod guest;
 pub mod testbed;
 pub mod timeline;

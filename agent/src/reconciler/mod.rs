@@ -81,7 +81,10 @@ struct View {
     mine: BTreeMap<String, Mine>,
     /// Handoffs waiting for this host: name -> handoff generation.
     handoffs: BTreeMap<String, u64>,
-    /// Names of every VM in the state.
+    /// Of the guests up on this host (`up` given to [`view`]), those the
+    /// state knows. Only these, never every VM's name: the view is built
+    /// on the raft thread after every applied change, so it must not cost
+    /// O(VMs in the cluster) in copies.
     known: BTreeSet<String>,
     runners: Option<BTreeSet<String>>,
 }
@@ -95,7 +98,7 @@ struct Mine {
     last_error: Option<String>,
 }
 
-fn view(state: &State, me: NodeId, applied: u64) -> View {
+fn view(state: &State, me: NodeId, applied: u64, up: &[String]) -> View {
     let mine = state
         .vms_on(me)
         .map(|vm| {
@@ -116,7 +119,7 @@ fn view(state: &State, me: NodeId, applied: u64) -> View {
         applied,
         mine,
         handoffs: state.handoffs_from(me).map(|(vm, h)| (vm.name.clone(), h.generation)).collect(),
-        known: state.vms().keys().cloned().collect(),
+        known: up.iter().filter(|name| state.vm(name).is_some()).cloned().collect(),
         runners: state.member(me).map(|m| m.runners.clone()),
     }
 }
@@ -220,7 +223,8 @@ impl Reconciler {
                     }
                 },
                 // Any applied change may concern us; the pass below reads it.
-                _ = effects.recv() => {}
+                // One pass for every effect already queued, not one each.
+                _ = effects.recv() => while effects.try_recv().is_ok() {},
                 Some(done) = self.done_rx.recv() => self.on_done(done),
                 _ = tick.tick() => self.send_contact_read(),
                 _ = scan.tick() => match self.runtime.installed().await {
@@ -361,7 +365,8 @@ impl Reconciler {
 
     async fn pass(&mut self, installed: Option<&BTreeSet<String>>) {
         let me = self.me;
-        let view = match self.node.read_local(move |state, status| view(state, me, status.applied)).await {
+        let up: Vec<String> = self.observed.iter().filter(|(_, s)| s.is_up()).map(|(n, _)| n.clone()).collect();
+        let view = match self.node.read_local(move |state, status| view(state, me, status.applied, &up)).await {
             Ok(view) => view,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read the local state");

@@ -1,0 +1,547 @@
+//! `blixard-load`: the load client and measurements behind issue 3's
+//! benchmarks (results in BENCHMARKS.md; `scripts/bench.sh` runs them all).
+//!
+//! - `throughput`: 64 concurrent clients doing `VmCreate` against a
+//!   3-member cluster of real `blixard-agent run` processes on loopback, then
+//!   the same concurrency doing `Put` against a 3-member etcd cluster
+//!   (Debian's etcd 3.4, over its gRPC KV API), in one run; prints
+//!   throughput, p50/p99 latency and the ratio.
+//! - `idle`: RSS and CPU per member of an idle 3-member cluster (and of an
+//!   idle 3-member etcd cluster, for scale), from `/proc/<pid>/status` and
+//!   `/proc/<pid>/stat`.
+//! - `restart`: fills a cluster with 100,000 VMs (so the restarted member's
+//!   snapshot and log hold them), then restarts a follower several times
+//!   (SIGTERM and SIGKILL) and times from spawning it to its first
+//!   `ClusterStatus` as a member with a leader, and to its first
+//!   linearizable read (`VmStatus`) served through it.
+//!
+//! Agents are the workspace's `blixard-agent` (`$BLIXARD_AGENT_BIN`
+//! overrides it) with the harness config of `blixard_systests::cluster`
+//! (default Raft timing, process runtime). No guest runner is installed, so
+//! created VMs stay pending: the benchmark measures the replicated record,
+//! not guests starting. Data directories are temporary directories under
+//! `$TMPDIR` (default /tmp): put that on the disk you mean to measure.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use blixard::api::pb;
+use blixard::api::pb::blixard_client::BlixardClient;
+use blixard_systests::cluster::{Cluster, Options};
+use blixard_systests::etcd::{self, EtcdCluster};
+use blixard_systests::{Probe, wait_for};
+use clap::{Parser, Subcommand, ValueEnum};
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Parser)]
+#[command(about = "Load client and measurements for Blixard's benchmarks (see BENCHMARKS.md)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// `vm create` against 3 agents and `put` against 3 etcd members, same concurrency.
+    Throughput {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Measured seconds per system.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Unmeasured seconds of the same load first.
+        #[arg(long, default_value_t = 2.0)]
+        warmup_seconds: f64,
+        /// Which members the clients talk to.
+        #[arg(long, value_enum, default_value_t = Target::All)]
+        target: Target,
+        #[arg(long)]
+        skip_etcd: bool,
+    },
+    /// RSS and CPU of each member of an idle 3-member cluster.
+    Idle {
+        /// Seconds of sampling.
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+        /// Seconds to wait after the cluster formed, before sampling.
+        #[arg(long, default_value_t = 5.0)]
+        settle_seconds: f64,
+        #[arg(long)]
+        skip_etcd: bool,
+    },
+    /// Restart time of a member whose log and snapshot hold `--vms` VMs.
+    Restart {
+        #[arg(long, default_value_t = 100_000)]
+        vms: usize,
+        /// Restarts per signal (SIGTERM, then SIGKILL).
+        #[arg(long, default_value_t = 3)]
+        trials: usize,
+        /// Concurrent clients filling the cluster.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Seconds of idle sampling of the full cluster afterwards.
+        #[arg(long, default_value_t = 10.0)]
+        idle_seconds: f64,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Target {
+    /// Client i talks to member i mod 3 (followers forward to the leader).
+    All,
+    /// Every client talks to the leader.
+    Leader,
+}
+
+/// One request of the load; its outcome.
+type Outcome = Result<(), tonic::Status>;
+
+/// Completed requests of one measured run.
+struct Stats {
+    ok: usize,
+    errors: usize,
+    first_error: Option<String>,
+    elapsed: Duration,
+    /// Latencies of the successful requests, sorted.
+    latencies: Vec<Duration>,
+}
+
+impl Stats {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p / 100.0) * (self.latencies.len() - 1) as f64).round() as usize;
+        self.latencies[rank.min(self.latencies.len() - 1)].as_secs_f64() * 1e3
+    }
+}
+
+/// Runs `clients` loops for `duration`; loop `c` calls `op(c, seq)` with
+/// `seq` = 0, 1, 2, ... and waits for each before the next.
+async fn drive<F, Fut>(clients: usize, duration: Duration, op: F) -> Stats
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Outcome> + Send,
+{
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0usize;
+            let mut first_error = None;
+            let mut seq = 0u64;
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                match op(c, seq).await {
+                    Ok(()) => latencies.push(sent.elapsed()),
+                    Err(status) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| format!("{:?}: {}", status.code(), status.message()));
+                    }
+                }
+                seq += 1;
+            }
+            (latencies, errors, first_error)
+        }));
+    }
+    let mut stats = Stats { ok: 0, errors: 0, first_error: None, elapsed: Duration::ZERO, latencies: Vec::new() };
+    for task in tasks {
+        let (latencies, errors, first_error) = task.await.expect("a load task");
+        stats.ok += latencies.len();
+        stats.latencies.extend(latencies);
+        stats.errors += errors;
+        if stats.first_error.is_none() {
+            stats.first_error = first_error;
+        }
+    }
+    stats.elapsed = started.elapsed();
+    stats.latencies.sort_unstable();
+    stats
+}
+
+/// Drives `count` operations in total from `clients` loops, as fast as they
+/// complete (client `c` does operations c, c + clients, ...).
+async fn drive_count<F, Fut>(clients: usize, count: usize, op: F) -> Stats
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Outcome> + Send,
+{
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0usize;
+            let mut first_error = None;
+            for i in (c..count).step_by(clients) {
+                let sent = Instant::now();
+                match op(i).await {
+                    Ok(()) => latencies.push(sent.elapsed()),
+                    Err(status) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| format!("{:?}: {}", status.code(), status.message()));
+                    }
+                }
+            }
+            (latencies, errors, first_error)
+        }));
+    }
+    let mut stats = Stats { ok: 0, errors: 0, first_error: None, elapsed: Duration::ZERO, latencies: Vec::new() };
+    for task in tasks {
+        let (latencies, errors, first_error) = task.await.expect("a load task");
+        stats.ok += latencies.len();
+        stats.latencies.extend(latencies);
+        stats.errors += errors;
+        if stats.first_error.is_none() {
+            stats.first_error = first_error;
+        }
+    }
+    stats.elapsed = started.elapsed();
+    stats.latencies.sort_unstable();
+    stats
+}
+
+fn channel_to(address: &str) -> Channel {
+    Endpoint::from_shared(format!("http://{address}"))
+        .expect("a valid URI")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(30))
+        .connect_lazy()
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// A formed 3-member agent cluster with the harness's default options.
+fn agents(test: &str) -> Result<(Cluster, usize)> {
+    let cluster = Cluster::start(test, 3, Options::default())?;
+    let leader = cluster.wait_formed(&[0, 1, 2])?;
+    Ok((cluster, leader))
+}
+
+/// Member index each client talks to.
+fn targets(clients: usize, target: Target, members: usize, leader: usize) -> Vec<usize> {
+    (0..clients).map(|c| if target == Target::Leader { leader } else { c % members }).collect()
+}
+
+fn create_request(name: String) -> pb::VmCreateRequest {
+    // The smallest VM the state accepts: capacity is never what limits the run.
+    pb::VmCreateRequest { name, vcpu: 1, memory_mib: 16, ..Default::default() }
+}
+
+fn print_header() {
+    println!(
+        "{:<26} {:>7} {:>10} {:>9} {:>9} {:>9} {:>7}",
+        "system", "clients", "requests/s", "p50 ms", "p99 ms", "max ms", "errors"
+    );
+}
+
+fn print_row(system: &str, clients: usize, stats: &Stats) {
+    println!(
+        "{:<26} {:>7} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7}",
+        system,
+        clients,
+        stats.rate(),
+        stats.percentile_ms(50.0),
+        stats.percentile_ms(99.0),
+        stats.percentile_ms(100.0),
+        stats.errors
+    );
+    if let Some(error) = &stats.first_error {
+        println!("  first error: {error}");
+    }
+}
+
+fn throughput(clients: usize, seconds: f64, warmup_seconds: f64, target: Target, skip_etcd: bool) -> Result<()> {
+    let rt = runtime()?;
+    let measured = Duration::from_secs_f64(seconds);
+    let warmup = Duration::from_secs_f64(warmup_seconds);
+
+    let (cluster, leader) = agents("load")?;
+    let addresses: Vec<String> = (0..cluster.len()).map(|i| cluster.agent(i).address.clone()).collect();
+    let to = targets(clients, target, addresses.len(), leader);
+    let blixard = rt.block_on(async {
+        let clients: Vec<BlixardClient<Channel>> =
+            to.iter().map(|&i| BlixardClient::new(channel_to(&addresses[i]))).collect();
+        let op = move |phase: &'static str| {
+            let clients = clients.clone();
+            move |c: usize, seq: u64| {
+                let mut client = clients[c].clone();
+                async move { client.vm_create(create_request(format!("{phase}{c}-{seq}"))).await.map(|_| ()) }
+            }
+        };
+        drive(to.len(), warmup, op("w")).await;
+        drive(to.len(), measured, op("m")).await
+    });
+    drop(cluster);
+
+    let etcd_stats = if skip_etcd {
+        None
+    } else {
+        let etcd = EtcdCluster::start(3)?;
+        etcd.wait_ready(&rt)?;
+        let leader = rt.block_on(etcd_leader(&etcd))?;
+        let to = targets(clients, target, etcd.members.len(), leader);
+        let stats = rt.block_on(async {
+            let clients: Vec<_> = to.iter().map(|&i| etcd::pb::kv_client::KvClient::new(etcd.channel(i))).collect();
+            let op = move |phase: &'static str| {
+                let clients = clients.clone();
+                move |c: usize, seq: u64| {
+                    let mut client = clients[c].clone();
+                    // Key and value about the size of a VM's name and record.
+                    let request = etcd::pb::PutRequest {
+                        key: format!("/vms/{phase}{c}-{seq}").into_bytes(),
+                        value: vec![b'x'; 64],
+                        ..Default::default()
+                    };
+                    async move { client.put(request).await.map(|_| ()) }
+                }
+            };
+            drive(to.len(), warmup, op("w")).await;
+            drive(to.len(), measured, op("m")).await
+        });
+        Some(stats)
+    };
+
+    let target_name = match target {
+        Target::All => "clients spread over the 3 members",
+        Target::Leader => "every client at the leader",
+    };
+    println!("3 members on loopback, {clients} concurrent clients ({target_name}), {seconds} s measured each");
+    print_header();
+    print_row("blixard-agent vm create", clients, &blixard);
+    if let Some(etcd_stats) = &etcd_stats {
+        print_row("etcd 3.4 put", clients, etcd_stats);
+        println!(
+            "ratio blixard/etcd: throughput {:.2}x, p50 {:.2}x, p99 {:.2}x",
+            blixard.rate() / etcd_stats.rate(),
+            blixard.percentile_ms(50.0) / etcd_stats.percentile_ms(50.0),
+            blixard.percentile_ms(99.0) / etcd_stats.percentile_ms(99.0)
+        );
+    }
+    Ok(())
+}
+
+/// Index of etcd's leader among `etcd.members`.
+async fn etcd_leader(etcd: &EtcdCluster) -> Result<usize> {
+    for i in 0..etcd.members.len() {
+        let mut client = etcd::pb::maintenance_client::MaintenanceClient::new(etcd.channel(i));
+        let status = client.status(etcd::pb::StatusRequest {}).await?.into_inner();
+        if status.header.is_some_and(|h| h.member_id == status.leader) {
+            return Ok(i);
+        }
+    }
+    bail!("no etcd member says it is the leader")
+}
+
+/// CPU time (user + system) of a process, from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').context("malformed /proc/pid/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 here.
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
+/// A `kB` field (VmRSS, VmHWM) of `/proc/<pid>/status`, in MiB, and the thread count.
+fn status_field(pid: u32, field: &str) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field} for {pid}"))?;
+    let value: f64 = line[field.len()..].trim_start_matches(':').split_whitespace().next().unwrap_or("0").parse()?;
+    Ok(if field == "Threads" { value } else { value / 1024.0 })
+}
+
+/// Samples `pids` over `duration`; prints one line per process.
+fn idle_sample(what: &str, pids: &[(String, u32)], duration: Duration) -> Result<()> {
+    let before: Vec<Duration> = pids.iter().map(|(_, pid)| cpu_time(*pid)).collect::<Result<_>>()?;
+    let started = Instant::now();
+    std::thread::sleep(duration);
+    let elapsed = started.elapsed();
+    println!("{what}: {:.0} s idle", elapsed.as_secs_f64());
+    println!("{:<8} {:>8} {:>10} {:>10} {:>10} {:>8}", "member", "pid", "RSS MiB", "peak MiB", "CPU %core", "threads");
+    for ((name, pid), before) in pids.iter().zip(before) {
+        let cpu = cpu_time(*pid)?.saturating_sub(before);
+        println!(
+            "{:<8} {:>8} {:>10.1} {:>10.1} {:>10.2} {:>8}",
+            name,
+            pid,
+            status_field(*pid, "VmRSS")?,
+            status_field(*pid, "VmHWM")?,
+            100.0 * cpu.as_secs_f64() / elapsed.as_secs_f64(),
+            status_field(*pid, "Threads")?
+        );
+    }
+    Ok(())
+}
+
+fn agent_pids(cluster: &Cluster) -> Result<Vec<(String, u32)>> {
+    (0..cluster.len())
+        .map(|i| {
+            let agent = cluster.agent(i);
+            Ok((agent.name.clone(), agent.pid().with_context(|| format!("{} is not running", agent.name))?))
+        })
+        .collect()
+}
+
+fn idle(seconds: f64, settle_seconds: f64, skip_etcd: bool) -> Result<()> {
+    let duration = Duration::from_secs_f64(seconds);
+    let (cluster, _) = agents("idle")?;
+    std::thread::sleep(Duration::from_secs_f64(settle_seconds));
+    idle_sample("blixard-agent, 3-member cluster, no VMs", &agent_pids(&cluster)?, duration)?;
+    drop(cluster);
+    if !skip_etcd {
+        let rt = runtime()?;
+        let etcd = EtcdCluster::start(3)?;
+        etcd.wait_ready(&rt)?;
+        std::thread::sleep(Duration::from_secs_f64(settle_seconds));
+        let pids: Vec<(String, u32)> = etcd
+            .members
+            .iter()
+            .map(|m| Ok((m.name.clone(), m.pid().context("etcd member not running")?)))
+            .collect::<Result<_>>()?;
+        idle_sample("etcd 3.4, 3-member cluster, empty (for scale)", &pids, duration)?;
+    }
+    Ok(())
+}
+
+fn vm_name(i: usize) -> String {
+    format!("vm-{i:06}")
+}
+
+/// Spawns agent `index` again and times how long until it answers as a
+/// member with a leader, and until a linearizable read through it succeeds.
+fn time_restart(cluster: &mut Cluster, index: usize, probe_vm: &str) -> Result<(Duration, Duration)> {
+    let rt = runtime()?;
+    let address = cluster.agent(index).address.clone();
+    let started = Instant::now();
+    cluster.agent_mut(index).start()?;
+    let deadline = started + Duration::from_secs(120);
+    let member = rt.block_on(async {
+        loop {
+            let mut client = BlixardClient::new(channel_to(&address));
+            if let Ok(status) = client.cluster_status(pb::ClusterStatusRequest {}).await
+                && status.get_ref().member
+                && !status.get_ref().leader.is_empty()
+            {
+                return Ok(started.elapsed());
+            }
+            if Instant::now() > deadline {
+                bail!("{address} did not serve cluster status within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })?;
+    let read = rt.block_on(async {
+        let mut client = BlixardClient::new(channel_to(&address));
+        loop {
+            if client.vm_status(pb::VmRequest { name: probe_vm.to_string() }).await.is_ok() {
+                return Ok(started.elapsed());
+            }
+            if Instant::now() > deadline {
+                bail!("{address} did not serve a linearizable read within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })?;
+    Ok((member, read))
+}
+
+fn restart(vms: usize, trials: usize, clients: usize, idle_seconds: f64) -> Result<()> {
+    let rt = runtime()?;
+    let (mut cluster, leader) = agents("restart")?;
+    let addresses: Vec<String> = (0..cluster.len()).map(|i| cluster.agent(i).address.clone()).collect();
+    let leader_address = addresses[leader].clone();
+    println!("filling a 3-member cluster with {vms} VMs from {clients} clients at the leader");
+    let fill = rt.block_on(async {
+        let client = BlixardClient::new(channel_to(&leader_address));
+        drive_count(clients, vms, move |i| {
+            let mut client = client.clone();
+            async move { client.vm_create(create_request(vm_name(i))).await.map(|_| ()) }
+        })
+        .await
+    });
+    print_header();
+    print_row("fill: vm create", clients, &fill);
+    if fill.errors > 0 {
+        bail!("{} creates failed while filling", fill.errors);
+    }
+
+    let follower = (0..cluster.len()).find(|&i| i != leader).expect("3 members");
+    let commit = cluster.status(leader)?.commit_index;
+    wait_for("the follower to apply everything", Duration::from_secs(120), || {
+        Ok(match cluster.status(follower) {
+            Ok(s) if s.applied_index >= commit => Probe::Ready(()),
+            Ok(s) => Probe::NotYet(format!("applied {} of {commit}", s.applied_index)),
+            Err(e) => Probe::NotYet(e.message().to_string()),
+        })
+    })?;
+    let store = cluster.agent(follower).data_dir().join(blixard::node::STORE_FILE);
+    let store_mib = std::fs::metadata(&store).map(|m| m.len() as f64 / 1048576.0).unwrap_or(f64::NAN);
+    println!(
+        "restarting follower {} ({vms} VMs, commit index {commit}, redb file {store_mib:.0} MiB), {trials} times per signal",
+        cluster.agent(follower).name
+    );
+    println!("{:<8} {:>6} {:>20} {:>24}", "signal", "trial", "member+leader ms", "linearizable read ms");
+    let probe_vm = vm_name(vms - 1);
+    let mut report = String::new();
+    for signal in ["SIGTERM", "SIGKILL"] {
+        let mut reads = Vec::new();
+        for trial in 1..=trials {
+            if signal == "SIGTERM" {
+                cluster.agent_mut(follower).stop()?;
+            } else {
+                cluster.agent_mut(follower).kill();
+            }
+            let (member, read) = time_restart(&mut cluster, follower, &probe_vm)?;
+            println!(
+                "{:<8} {:>6} {:>20.0} {:>24.0}",
+                signal,
+                trial,
+                member.as_secs_f64() * 1e3,
+                read.as_secs_f64() * 1e3
+            );
+            reads.push(read);
+        }
+        reads.sort_unstable();
+        let median = reads[reads.len() / 2];
+        let max = reads[reads.len() - 1];
+        writeln!(
+            report,
+            "{signal}: to serving a linearizable read, median {:.0} ms, max {:.0} ms",
+            median.as_secs_f64() * 1e3,
+            max.as_secs_f64() * 1e3
+        )?;
+    }
+    print!("{report}");
+    if idle_seconds > 0.0 {
+        std::thread::sleep(Duration::from_secs(2));
+        let what = format!("blixard-agent, 3-member cluster holding {vms} VMs");
+        idle_sample(&what, &agent_pids(&cluster)?, Duration::from_secs_f64(idle_seconds))?;
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Throughput { clients, seconds, warmup_seconds, target, skip_etcd } => {
+            throughput(clients, seconds, warmup_seconds, target, skip_etcd)
+        }
+        Cmd::Idle { seconds, settle_seconds, skip_etcd } => idle(seconds, settle_seconds, skip_etcd),
+        Cmd::Restart { vms, trials, clients, idle_seconds } => restart(vms, trials, clients, idle_seconds),
+    }
+}
