@@ -12,9 +12,12 @@
 //! machine), the properties are asserted strictly.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
+use blixard::api::pb;
 use blixard_systests::bedcluster::BedCluster;
 use blixard_systests::timeline::{CopySpan, Timeline};
+use blixard_systests::{Probe, wait_for};
 
 const VMS: [&str; 5] = ["a", "b", "c", "d", "e"];
 const ALL: [usize; 3] = [0, 1, 2];
@@ -43,6 +46,33 @@ fn copy_at(timeline: &Timeline, vm: &str, host: usize, at_us: u64) -> CopySpan {
         .unwrap_or_else(|| panic!("no copy of {vm} on h{host} at {at_us}: {}", timeline.describe(vm)))
 }
 
+/// `blixard-agent vm logs VM -n 50`, asked of `host`'s agent.
+fn vm_logs(c: &BedCluster, host: usize, vm: &str) -> Result<Vec<pb::LogLine>, tonic::Status> {
+    let mut client = c.client(host);
+    let request = pb::VmLogsRequest { name: vm.to_string(), follow: false, lines: 50 };
+    c.block_on(async move {
+        let mut stream = client.vm_logs(request).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(line) = stream.message().await? {
+            out.push(line);
+        }
+        Ok(out)
+    })
+}
+
+/// The events `host`'s agent has recorded (`blixard-agent events`), oldest first.
+fn events(c: &BedCluster, host: usize) -> Result<Vec<pb::Event>, tonic::Status> {
+    let mut client = c.client(host);
+    c.block_on(async move {
+        let mut stream = client.events(pb::EventsRequest { follow: false, limit: 0 }).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(event) = stream.message().await? {
+            out.push(event);
+        }
+        Ok(out)
+    })
+}
+
 fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
@@ -66,6 +96,12 @@ fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
     eprintln!("placed: {placed:?}");
     let loads = by_load(&placed);
     assert!(loads.iter().all(|(_, vms)| !vms.is_empty()), "spread placement uses every host: {loads:?}");
+
+    // A guest's journal, from its host, through an agent that is not its host.
+    let (vm, host) = placed.iter().next().map(|(vm, h)| (vm.clone(), *h)).expect("placed VMs");
+    let lines = vm_logs(c, others(host)[0], &vm).unwrap();
+    assert!(lines.iter().all(|l| l.node == c.name(host)), "{lines:?}");
+    assert!(lines.iter().any(|l| l.line.contains("Started")), "no start in {vm}'s journal: {lines:?}");
 
     // An agent restart leaves its guests running: same processes, never restarted. A
     // follower's: restarting the leader's adds an election, which on a starved machine
@@ -194,6 +230,27 @@ fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
             ms(new.active_from_us.saturating_sub(lost_at)),
             c.name(lost)
         );
+    }
+    // The survivors' event logs tell the story: the host went down, its VMs moved.
+    for survivor in others(lost) {
+        let lost_name = c.name(lost).to_string();
+        wait_for("the failover's events", Duration::from_secs(30), || {
+            let seen = match events(c, survivor) {
+                Ok(seen) => seen,
+                Err(e) => return Ok(Probe::NotYet(e.message().to_string())),
+            };
+            let down = seen.iter().any(|e| e.kind == "host_down" && e.node == lost_name);
+            let unmoved: Vec<&String> = lost_vms
+                .iter()
+                .filter(|vm| !seen.iter().any(|e| e.kind == "vm_moved" && &e.vm == *vm && e.from == lost_name))
+                .collect();
+            Ok(if down && unmoved.is_empty() {
+                Probe::Ready(())
+            } else {
+                Probe::NotYet(format!("host_down seen: {down}; no vm_moved from {lost_name} yet for {unmoved:?}"))
+            })
+        })
+        .unwrap();
     }
     c.boot(lost).unwrap();
     c.wait_formed(&ALL).unwrap();
