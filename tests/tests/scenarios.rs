@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use blixard::api::pb;
-use blixard_systests::bedcluster::BedCluster;
+use blixard_systests::bedcluster::{AGENT_UNIT, BedCluster};
 use blixard_systests::timeline::{CopySpan, Timeline};
 use blixard_systests::{Probe, wait_for};
 
@@ -86,6 +86,25 @@ fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
     // The cluster forms from three identical configs.
     let leader = c.wait_formed(&ALL).unwrap();
     eprintln!("formed in {:.1} s, leader {}", started.elapsed().as_secs_f64(), c.name(leader));
+    // A new member reports its capacity and its installed runners once it has reached a
+    // quorum; until then the scheduler cannot place on it (and placements never move
+    // without a reason), so the VMs are created once every host has reported.
+    for host in ALL {
+        c.wait_reconciled(host).unwrap();
+    }
+    wait_for("every host to report its capacity", Duration::from_secs(60), || {
+        let mut client = c.client(leader);
+        let nodes = match c.block_on(client.node_list(pb::NodeListRequest {})) {
+            Ok(nodes) => nodes.into_inner().nodes,
+            Err(e) => return Ok(Probe::NotYet(e.message().to_string())),
+        };
+        Ok(if nodes.len() == ALL.len() && nodes.iter().all(|n| n.vcpu_total > 0) {
+            Probe::Ready(())
+        } else {
+            Probe::NotYet(format!("{nodes:?}"))
+        })
+    })
+    .unwrap();
 
     // Each created VM's unit is active on exactly one host, where the cluster says.
     for vm in VMS {
@@ -259,6 +278,14 @@ fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
     for (vm, before) in VMS.iter().zip(&starts_on_lost) {
         assert_eq!(c.guest_starts(lost, vm).unwrap(), *before, "{} started {vm} after booting", c.name(lost));
     }
+
+    // Under systemd the agent logs to the journal natively, with tracing's fields.
+    let journal = c
+        .bed()
+        .host(lost)
+        .run(&["journalctl", "--unit", AGENT_UNIT, "--output", "verbose", "--no-pager", "--lines", "300"])
+        .unwrap();
+    assert!(journal.contains("TARGET=blixard"), "no structured agent entries in the journal:\n{journal}");
 
     // Over the whole run: never two copies of a guest at once.
     let timeline = c.assert_never_two_copies().unwrap();
