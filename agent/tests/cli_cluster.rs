@@ -134,6 +134,22 @@ impl Cluster {
         });
     }
 
+    /// `vm migrate` through agent `i`, retried while the cluster refuses it
+    /// only because the target has not reported its capacity or runners yet
+    /// (a member reports them once it has reached a quorum, just after the
+    /// cluster forms). A refusal changes nothing, so retrying is safe.
+    fn migrate(&self, i: usize, args: &[&str]) -> Out {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let out = self.cli(i, args);
+            let early = out.code == 2 && (out.stderr.contains("runner") || out.stderr.contains("does not fit"));
+            if !early || Instant::now() >= deadline {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn wait_until(&self, what: &str, mut ok: impl FnMut(&Cluster) -> bool) {
         let deadline = Instant::now() + SETTLE;
         while Instant::now() < deadline {
@@ -228,7 +244,7 @@ fn vms_run_migrate_and_drain_through_the_cli() {
 
     let from = c.vm(0, "web")["node"].as_str().unwrap().to_string();
     let to = if from == "h1" { "h2" } else { "h1" };
-    c.cli(0, &["vm", "migrate", "web", "--to", to]).assert_ok();
+    c.migrate(0, &["vm", "migrate", "web", "--to", to]).assert_ok();
     c.wait_until("web to run on the target", |c| {
         let v = c.vm_now(0, "web");
         v["node"] == to && v["state"] == "running"
@@ -509,7 +525,7 @@ fn migrate_and_drain_wait_until_done_and_show_progress() {
 
     let from = c.vm(0, "web")["node"].as_str().unwrap().to_string();
     let to = if from == "h1" { "h2" } else { "h1" };
-    let out = c.cli(1, &["vm", "migrate", "web", "--to", to, "--wait"]);
+    let out = c.migrate(1, &["vm", "migrate", "web", "--to", to, "--wait"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("migrated"), "{out:?}");
     assert!(out.stderr.contains(&format!("moving web to {to}")), "{out:?}");

@@ -42,6 +42,22 @@ pub fn agent_binary() -> Result<PathBuf> {
     BUILT.get_or_init(|| build_agent().map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
 }
 
+/// `cargo`, for a test to build with, without the per-crate variables cargo set for the
+/// test binary itself: CARGO_PKG_*, CARGO_MANIFEST_* and friends. A build script that
+/// tracks one (ring's does) would see it differ from the suite's own build, and the test
+/// would rebuild half the dependency tree.
+pub fn cargo_command() -> Command {
+    let mut cargo = Command::new(env!("CARGO"));
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let per_crate = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_PACKAGE"];
+        if per_crate.iter().any(|p| key.starts_with(p)) || key == "CARGO_TARGET_TMPDIR" {
+            cargo.env_remove(key.as_ref());
+        }
+    }
+    cargo
+}
+
 fn build_agent() -> Result<PathBuf> {
     // A test binary is <target dir>/<profile dir>/deps/<name>-<hash>.
     let exe = std::env::current_exe()?;
@@ -57,18 +73,7 @@ fn build_agent() -> Result<PathBuf> {
         None => bail!("no profile directory in {}", exe.display()),
     };
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace");
-    let mut cargo = Command::new(env!("CARGO"));
-    // Cargo sets CARGO_PKG_*, CARGO_MANIFEST_* and friends for the test binary; a build
-    // script that tracks one (ring's does) would see it differ between this build and a
-    // plain `cargo build`, and every test run would rebuild half the dependency tree.
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        let per_crate = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_PACKAGE"];
-        if per_crate.iter().any(|p| key.starts_with(p)) || key == "CARGO_TARGET_TMPDIR" {
-            cargo.env_remove(key.as_ref());
-        }
-    }
-    let status = cargo
+    let status = cargo_command()
         .args(["build", "--quiet", "-p", "blixard-agent", "--bin", "blixard-agent", "--profile", profile])
         .arg("--target-dir")
         .arg(target_dir)

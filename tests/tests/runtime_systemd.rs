@@ -7,7 +7,6 @@
 //! test; this is only the harness that gives them a host to change.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -58,7 +57,7 @@ fn agent_test_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let profile_dir = exe.parent().and_then(Path::parent).context("no profile directory")?;
     let target_dir = profile_dir.parent().context("no target directory")?;
-    let mut cargo = Command::new(env!("CARGO"));
+    let mut cargo = blixard_systests::cargo_command();
     cargo
         .args(["test", "--no-run", "--message-format=json", "--workspace", "--test", name])
         .arg("--target-dir")
