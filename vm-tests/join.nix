@@ -1,5 +1,6 @@
 # A fourth host, with neither initialMembers nor join, starts uninitialised
-# and becomes a member with `blixard-agent cluster join`.
+# and becomes a member with `blixard-agent cluster join` and a one-time join
+# token issued on a member.
 { self, lib }:
 
 let
@@ -25,8 +26,13 @@ in
         host.wait_for_unit("blixard.service")
     wait_for_cluster(founders, 3)
 
-    with subtest("a fourth host joins with `blixard-agent cluster join`"):
-        h4.succeed("blixard-agent cluster join ${common.endpoint nodes.h1}")
+    with subtest("without TLS, joining needs a one-time token"):
+        h4.fail("blixard-agent cluster join ${common.endpoint nodes.h1}")
+
+    with subtest("a fourth host joins with `blixard-agent cluster join` and a token"):
+        token = h1.succeed("blixard-agent cluster join-token --ttl 10m").strip()
+        h4.succeed(f"install -m 600 /dev/null /root/join-token && echo {token} > /root/join-token")
+        h4.succeed("blixard-agent cluster join ${common.endpoint nodes.h1} --token-file /root/join-token")
         wait_for_cluster(everyone, 4)
         h1.succeed(
             "blixard-agent cluster status --json"

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod dashboard;
 pub mod failure;
 pub mod http;
+pub mod join_token;
 pub mod metrics;
 pub mod names;
 pub mod node;

@@ -268,7 +268,13 @@ fn join_and_leave_through_the_cli() {
     // A fourth host with neither initial_members nor join: uninitialised.
     c.spawn("h4", &address, "");
     c.wait_until("h4 to listen", |_| std::net::TcpStream::connect(&address).is_ok());
-    let joined = c.json(3, &["cluster", "join", &seed]);
+    // Without TLS, joining needs a one-time token from a member.
+    let token_file = c.dir.path().join("join-token");
+    c.cli(3, &["cluster", "join", &seed]).assert_error(1, "join token");
+    let token = c.cli(1, &["cluster", "join-token", "--ttl", "10m"]);
+    token.assert_ok();
+    std::fs::write(&token_file, &token.stdout).unwrap();
+    let joined = c.json(3, &["cluster", "join", &seed, "--token-file", token_file.to_str().unwrap()]);
     assert_eq!(joined["name"], "h4");
     assert!(joined["id"].as_u64().is_some_and(|id| id > 0), "{joined}");
     c.wait_for_members(4);

@@ -52,6 +52,8 @@ const BAD_INPUT: &[(&[&str], &str)] = &[
     (&["cluster", "join", "nowhere"], "\"nowhere\" is not HOST:PORT"),
     (&["cluster", "join", "10.0.0.1:99999"], "is not HOST:PORT"),
     (&["vm", "list", "--timeout", "0"], "0 is not between 1 and 86400 seconds"),
+    (&["cluster", "join-token", "--ttl", "8d"], "a join token lives from 1 s to 7 days"),
+    (&["cluster", "join-token", "--ttl", "soon"], "\"soon\" is not a duration"),
 ];
 
 #[test]
@@ -80,7 +82,7 @@ fn missing_subcommands_are_one_sentence() {
         2,
         "`vm` needs a subcommand (create, start, stop, delete, migrate, list, status, logs); see `blixard-agent vm --help`",
     );
-    run(&["cluster"]).assert_error(2, "`cluster` needs a subcommand (status, join, leave)");
+    run(&["cluster"]).assert_error(2, "`cluster` needs a subcommand (status, join, join-token, leave)");
     run(&["node"]).assert_error(2, "`node` needs a subcommand (list, drain, undrain)");
     run(&["completions"]).assert_error(2, "`completions` needs SHELL");
     run(&["completions", "powershell"]).assert_error(2, "\"powershell\" is not a valid SHELL: use bash, zsh or fish");
@@ -288,6 +290,17 @@ fn cluster_and_node_commands() {
     fake.cli(&["cluster", "leave", "h9"]).assert_error(2, "no node named \"h9\"");
     fake.cli(&["cluster", "join", "10.0.0.1:7000", "--token-file", "/nonexistent"])
         .assert_error(2, "cannot read --token-file /nonexistent");
+    let empty = tempfile::NamedTempFile::new().unwrap();
+    fake.cli(&["cluster", "join", "10.0.0.1:7000", "--token-file", empty.path().to_str().unwrap()])
+        .assert_error(2, "is empty");
+
+    // Only the token on stdout, so `> FILE` and `$(...)` keep exactly it.
+    let out = fake.cli(&["cluster", "join-token", "--ttl", "15m"]);
+    out.assert_ok();
+    assert_eq!(out.stdout, "blxjt_0123\n");
+    assert!(fake.calls().contains(&"ClusterJoinToken(900)".to_string()), "{:?}", fake.calls());
+    let out = fake.cli(&["cluster", "join-token", "--json"]);
+    assert_eq!(out.json(), json!({"token": "blxjt_0123", "expires_unix_ms": 1_700_000_000_000u64}));
 }
 
 #[test]

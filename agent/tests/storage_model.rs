@@ -396,6 +396,10 @@ fn command() -> impl Strategy<Value = Command> {
                 state,
                 last_error,
             }),
+        // A few hashes and TTLs around the 7-day limit: tokens are added,
+        // used, refused and expire.
+        1 => (0u8..3, 1u64..700_000_000).prop_map(|(h, ttl_ms)| CommandKind::AddJoinToken { hash: [h; 32], ttl_ms }),
+        1 => (0u8..3, node()).prop_map(|(h, node)| CommandKind::UseJoinToken { hash: [h; 32], node }),
     ];
     (0u64..1_000_000_000, kind).prop_map(|(at_unix_ms, kind)| Command { at_unix_ms, kind })
 }

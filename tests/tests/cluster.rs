@@ -240,13 +240,19 @@ fn a_host_joins_keeps_its_membership_across_restarts_and_members_leave() -> Resu
     assert_eq!(refused.code(), Code::Unavailable);
     assert!(refused.message().contains("cluster join"), "{}", refused.message());
 
+    // Without TLS a join needs a one-time token, issued by any member.
     let mut client = cluster.client(joiner);
     let seed = cluster.agent(0).address.clone();
-    let joined = cluster.block_on(client.cluster_join(pb::ClusterJoinRequest { seed, token: String::new() }))?;
+    let join = |seed: &str, token: &str| pb::ClusterJoinRequest { seed: seed.into(), token: token.into() };
+    let refused = cluster.block_on(client.cluster_join(join(&seed, ""))).unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("join-token"), "{}", refused.message());
+    let forged = cluster.block_on(client.cluster_join(join(&seed, "blxjt_forged"))).unwrap_err();
+    assert_eq!(forged.code(), Code::PermissionDenied, "{forged:?}");
+    let token = issue_join_token(&cluster, 1)?;
+    let joined = cluster.block_on(client.cluster_join(join(&seed, &token)))?;
     assert_eq!(joined.get_ref().name, "h4");
-    let again = cluster.block_on(
-        client.cluster_join(pb::ClusterJoinRequest { seed: cluster.agent(1).address.clone(), token: String::new() }),
-    );
+    let again = cluster.block_on(client.cluster_join(join(&cluster.agent(1).address, &token)));
     assert_eq!(again.unwrap_err().code(), Code::FailedPrecondition);
     cluster.wait_formed(&[0, 1, 2, joiner])?;
 
@@ -258,10 +264,30 @@ fn a_host_joins_keeps_its_membership_across_restarts_and_members_leave() -> Resu
     let member = cluster.status(0)?.members.into_iter().find(|m| m.name == "h4").context("h4 is a member")?;
     assert_eq!(member.id, id);
 
-    // A host with `join` seeds in its config is admitted by itself.
-    let seeded = cluster.add_agent(&format!("join = [\"{}\"]\n", cluster.agent(1).address))?;
+    // A host with `join` seeds and a token file in its config is admitted by
+    // itself. Given the token h4 used, it is refused and stops (a token admits
+    // one host); with a token of its own it joins.
+    let token_file = cluster.dir().join("join-token");
+    std::fs::write(&token_file, format!("{token}\n"))?;
+    let seeded = cluster.add_agent(&format!(
+        "join = [\"{}\"]\njoin_token_file = {:?}\n",
+        cluster.agent(1).address,
+        token_file.display().to_string()
+    ))?;
+    cluster.agent_mut(seeded).start()?;
+    wait_until("the host with a used token to stop", FORM_TIMEOUT, || Ok(!cluster.agent_mut(seeded).is_running()))?;
+    let log = cluster.agent(seeded).log();
+    assert!(log.contains("join token is not valid"), "{log}");
+    let second_token = issue_join_token(&cluster, 0)?;
+    std::fs::write(&token_file, &second_token)?;
+    cluster.agent_mut(seeded).kill(); // reaps the exited process
     cluster.agent_mut(seeded).start()?;
     cluster.wait_formed(&[0, 1, 2, joiner, seeded])?;
+    // The tokens are secrets: no agent logs them.
+    for i in 0..cluster.len() {
+        let log = cluster.agent(i).log();
+        assert!(!log.contains(&token) && !log.contains(&second_token), "{} logged a join token", cluster.agent(i).name);
+    }
 
     // A follower leaves (asked through the new member), then the leader itself.
     let leader = cluster.wait_formed(&[0, 1, 2, joiner, seeded])?;
@@ -289,6 +315,13 @@ fn a_host_joins_keeps_its_membership_across_restarts_and_members_leave() -> Resu
     })?;
     cluster.wait_formed(&remaining)?;
     Ok(())
+}
+
+/// A join token issued through agent `index`.
+fn issue_join_token(cluster: &Cluster, index: usize) -> Result<String> {
+    let mut client = cluster.client(index);
+    let issued = cluster.block_on(client.cluster_join_token(pb::ClusterJoinTokenRequest { ttl_seconds: 600 }))?;
+    Ok(issued.into_inner().token)
 }
 
 #[test]

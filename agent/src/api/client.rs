@@ -151,6 +151,13 @@ impl Client {
         self.call(req, |mut c, r| async move { c.cluster_join(r).await }).await
     }
 
+    pub async fn cluster_join_token(
+        &self,
+        req: pb::ClusterJoinTokenRequest,
+    ) -> Result<pb::ClusterJoinTokenResponse, ClientError> {
+        self.call(req, |mut c, r| async move { c.cluster_join_token(r).await }).await
+    }
+
     pub async fn cluster_leave(&self, req: pb::ClusterLeaveRequest) -> Result<pb::ClusterLeaveResponse, ClientError> {
         self.call(req, |mut c, r| async move { c.cluster_leave(r).await }).await
     }

@@ -35,9 +35,10 @@ use tonic::{Request, Response, Status, Streaming};
 use super::context::{ApiError, Context, Dialer, GRPC_MESSAGE_BYTES_MAX, Membership, is_forwarded};
 use super::pb;
 use super::pb::peer_client::PeerClient;
+use super::tls::Caller;
 use crate::names;
 use crate::node::{AddressBook, NodeHandle, PeerSender};
-use crate::state::{MembershipChange, NodeId, codec, limits};
+use crate::state::{CommandKind, MembershipChange, NodeId, codec, limits};
 
 /// Messages queued for one peer before the oldest are dropped.
 pub const PEER_QUEUE_MAX: usize = 4096;
@@ -553,6 +554,15 @@ impl pb::peer_server::Peer for PeerService {
             if admit.token.len() > super::service::JOIN_TOKEN_LEN_MAX {
                 return Err(Status::invalid_argument("the join token is too long"));
             }
+            // Without TLS nobody is authenticated: a one-time join token is
+            // the admission. With TLS the member certificate is, and a
+            // token given anyway is checked too.
+            if matches!(caller, Caller::Anonymous) && admit.token.trim().is_empty() {
+                return Err(Status::permission_denied(
+                    "joining this cluster needs a join token: issue one with `blixard-agent cluster join-token` \
+                     on a member and pass it with `cluster join --token-file` (or `join_token_file`)",
+                ));
+            }
             if admit.address.is_empty() || admit.address.len() > limits::ADDRESS_LEN_MAX {
                 return Err(Status::invalid_argument(format!("{:?} is not a HOST:PORT address", admit.address)));
             }
@@ -562,6 +572,12 @@ impl pb::peer_server::Peer for PeerService {
                 request,
                 |member, admit| {
                     Box::pin(async move {
+                        // The token first: marked used by this host, so no
+                        // other host can join with it.
+                        if !admit.token.trim().is_empty() {
+                            let hash = crate::join_token::hash(&admit.token);
+                            member.node.propose(CommandKind::UseJoinToken { hash, node: admit.id }).await?;
+                        }
                         let change =
                             MembershipChange::AddLearner { id: admit.id, name: admit.name, address: admit.address };
                         member.node.propose_membership(change).await?;

@@ -365,6 +365,31 @@ impl Blixard for BlixardService {
         self.context.request_join(seed, request.token).await.map(Response::new)
     }
 
+    async fn cluster_join_token(
+        &self,
+        request: Request<pb::ClusterJoinTokenRequest>,
+    ) -> Result<Response<pb::ClusterJoinTokenResponse>, Status> {
+        let ttl_seconds = match request.get_ref().ttl_seconds {
+            0 => crate::join_token::DEFAULT_TTL_SECS,
+            seconds => seconds,
+        };
+        let ttl_max_seconds = limits::JOIN_TOKEN_TTL_MS_MAX / 1000;
+        if ttl_seconds > ttl_max_seconds {
+            return Err(Status::invalid_argument(format!(
+                "a join token lives at most 7 days ({ttl_max_seconds} s), not {ttl_seconds} s"
+            )));
+        }
+        self.context.member()?;
+        let token = crate::join_token::generate()
+            .map_err(|e| Status::internal(format!("cannot read random bytes for a join token: {e}")))?;
+        let ttl_ms = ttl_seconds * 1000;
+        let expires_unix_ms = crate::node::now_unix_ms() + ttl_ms;
+        self.context.propose(CommandKind::AddJoinToken { hash: crate::join_token::hash(&token), ttl_ms }).await?;
+        // The token itself is never logged: only the operator sees it.
+        tracing::info!(ttl_seconds, "issued a join token");
+        Ok(Response::new(pb::ClusterJoinTokenResponse { token, expires_unix_ms }))
+    }
+
     async fn cluster_leave(
         &self,
         request: Request<pb::ClusterLeaveRequest>,
@@ -429,9 +454,13 @@ impl Blixard for BlixardService {
                         // Refuse what cannot succeed before proposing, so
                         // that nothing is created: a duplicate, an unknown
                         // pinned node, a pinned VM that cannot fit there.
+                        // A local read: this runs on the leader, the
+                        // proposal itself is linearized, and apply refuses a
+                        // duplicate again; a read-index round would only
+                        // cost every create a round trip to the followers.
                         let refusal = member
                             .node
-                            .read(move |state, _| {
+                            .read_local(move |state, _| {
                                 if state.vm(&name).is_some() {
                                     return Some(Rejection::DuplicateVm(name));
                                 }

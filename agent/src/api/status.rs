@@ -7,6 +7,7 @@
 //! | `NotFound`           | unknown VM or node                                  | 2        |
 //! | `AlreadyExists`      | duplicate name                                      | 2        |
 //! | `FailedPrecondition` | the cluster refuses it in its current state         | 2        |
+//! | `PermissionDenied`   | certificate role or join token does not allow it    | 1        |
 //! | `Unavailable`        | no leader or quorum, unreachable, not a member yet  | 1        |
 //! | `DeadlineExceeded`   | timed out                                           | 1        |
 //! | `Aborted`            | dropped or outcome unknown after a leader change    | 1        |
@@ -43,7 +44,9 @@ pub fn rejection_code(rejection: &Rejection) -> Code {
         | Rejection::AntiAffinity { .. }
         | Rejection::NotPlacedThere { .. }
         | Rejection::NoSuchHandoff { .. }
-        | Rejection::HandoffFromLiveHost { .. } => Code::FailedPrecondition,
+        | Rejection::HandoffFromLiveHost { .. }
+        | Rejection::TooManyJoinTokens(_) => Code::FailedPrecondition,
+        Rejection::InvalidJoinToken => Code::PermissionDenied,
     }
 }
 

@@ -278,6 +278,16 @@ pub enum ClusterCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Issue a one-time join token and print it (only once: the cluster
+    /// keeps just its hash).
+    #[command(name = "join-token", after_help = examples::CLUSTER_JOIN_TOKEN)]
+    JoinToken {
+        /// How long the token admits a host: SECONDS, or a number with s, m, h or d (at most 7d)
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_ttl_secs)]
+        ttl: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Remove NODE from the cluster (default: the agent at --endpoint).
     #[command(after_help = examples::CLUSTER_LEAVE)]
     Leave {
@@ -550,6 +560,30 @@ pub fn parse_memory_mib(text: &str) -> Result<u64, String> {
     Ok(n as u64)
 }
 
+/// A join token's lifetime: `90`, `90s`, `15m`, `1h` or `7d`, 1 s to 7 days.
+pub fn parse_ttl_secs(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let per_unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?} is not a duration such as 90s, 15m, 1h or 7d")),
+    };
+    let seconds = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(per_unit))
+        .ok_or_else(|| format!("{text:?} is not a duration such as 90s, 15m, 1h or 7d"))?;
+    if seconds == 0 || seconds > 7 * 86_400 {
+        return Err(format!("{text:?} is out of range: a join token lives from 1 s to 7 days"));
+    }
+    Ok(seconds)
+}
+
 fn parse_timeout_secs(text: &str) -> Result<u64, String> {
     let n = whole_number(text)?;
     if n < 1 || n > i128::from(TIMEOUT_SECS_MAX) {
@@ -654,6 +688,12 @@ mod tests {
         assert_eq!(parse_address("10.0.0.1:7000").unwrap(), "10.0.0.1:7000");
         assert_eq!(parse_address("http://10.0.0.1:7000").unwrap(), "10.0.0.1:7000");
         assert!(parse_address("10.0.0.1").is_err());
+        assert_eq!(parse_ttl_secs("90").unwrap(), 90);
+        assert_eq!(parse_ttl_secs("15m").unwrap(), 900);
+        assert_eq!(parse_ttl_secs("7d").unwrap(), 604_800);
+        for bad in ["", "0", "8d", "1w", "h", "-1h", "1.5h", "99999999999999999999"] {
+            assert!(parse_ttl_secs(bad).is_err(), "{bad}");
+        }
         assert!(parse_address("10.0.0.1:0").is_err());
     }
 

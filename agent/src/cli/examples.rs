@@ -38,6 +38,13 @@ Examples:
   blixard-agent cluster join 10.0.0.1:7000
   blixard-agent cluster join 10.0.0.1:7000 --endpoint 10.0.0.4:7000 --token-file /run/keys/join";
 
+pub const CLUSTER_JOIN_TOKEN: &str = "\
+Examples:
+  # on a member: a token for one new host, valid for 15 minutes
+  blixard-agent cluster join-token --ttl 15m > join-token
+  # on the new host (its agent runs with neither initial_members nor join):
+  blixard-agent cluster join 10.0.0.1:7000 --token-file join-token";
+
 pub const CLUSTER_LEAVE: &str = "\
 Examples:
   blixard-agent cluster leave          # the agent at --endpoint leaves

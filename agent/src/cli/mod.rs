@@ -122,6 +122,7 @@ fn make_certs(command: CertsCommand) -> Result<(), CliError> {
 pub enum Request {
     ClusterStatus,
     ClusterJoin(pb::ClusterJoinRequest),
+    ClusterJoinToken(pb::ClusterJoinTokenRequest),
     ClusterLeave(pb::ClusterLeaveRequest),
     NodeList,
     NodeDrain(String),
@@ -161,6 +162,9 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
                 None => String::new(),
             };
             (Request::ClusterJoin(pb::ClusterJoinRequest { seed: address, token, ..Default::default() }), client)
+        }
+        Command::Cluster(ClusterCommand::JoinToken { ttl, client }) => {
+            (Request::ClusterJoinToken(pb::ClusterJoinTokenRequest { ttl_seconds: ttl }), client)
         }
         Command::Cluster(ClusterCommand::Leave { node, client }) => (
             Request::ClusterLeave(pb::ClusterLeaveRequest { node: node.map(|n| n.to_string()).unwrap_or_default() }),
@@ -223,7 +227,11 @@ fn read_token(path: &std::path::Path) -> Result<String, CliError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         CliError::usage(format!("cannot read --token-file {}: {}", path.display(), target::io_reason(&e)))
     })?;
-    Ok(text.trim().to_string())
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(CliError::usage(format!("--token-file {} is empty", path.display())));
+    }
+    Ok(token.to_string())
 }
 
 fn run_client(request: Request, client_args: &ClientArgs) -> Result<(), CliError> {
@@ -335,6 +343,15 @@ async fn send(client: &Client, request: Request, json: bool) -> Result<String, C
                 format!("{} joined the cluster at {seed} as member {}\n", error::one_line(&r.name), r.id)
             }
         }
+        Request::ClusterJoinToken(req) => {
+            let r = client.cluster_join_token(req).await?;
+            // Only the token on stdout, so that `$(...)` or `> FILE` keeps it.
+            if json {
+                to_json(&JoinTokenJson { token: &r.token, expires_unix_ms: r.expires_unix_ms })
+            } else {
+                format!("{}\n", error::one_line(&r.token))
+            }
+        }
         Request::ClusterLeave(req) => {
             let r = client.cluster_leave(req).await?;
             if json {
@@ -419,6 +436,11 @@ mod tests {
             (
                 &["cluster", "join", "10.0.0.1:7000"],
                 Request::ClusterJoin(pb::ClusterJoinRequest { seed: "10.0.0.1:7000".into(), ..Default::default() }),
+            ),
+            (&["cluster", "join-token"], Request::ClusterJoinToken(pb::ClusterJoinTokenRequest { ttl_seconds: 3600 })),
+            (
+                &["cluster", "join-token", "--ttl", "15m"],
+                Request::ClusterJoinToken(pb::ClusterJoinTokenRequest { ttl_seconds: 900 }),
             ),
             (&["cluster", "leave"], Request::ClusterLeave(pb::ClusterLeaveRequest { node: String::new() })),
             (&["cluster", "leave", "h3"], Request::ClusterLeave(pb::ClusterLeaveRequest { node: "h3".into() })),

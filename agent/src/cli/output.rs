@@ -91,6 +91,13 @@ pub struct JoinJson<'a> {
     pub id: u64,
 }
 
+/// `cluster join-token --json`: `{"token": "blxjt_...", "expires_unix_ms": ...}`.
+#[derive(Debug, Serialize)]
+pub struct JoinTokenJson<'a> {
+    pub token: &'a str,
+    pub expires_unix_ms: u64,
+}
+
 /// One event: `{"seq": 7, "index": 42, "at": "2025-...Z", "at_unix_ms": ...,
 /// "kind": "vm_moved", "vm": "web" | null, "node": "h2" | null,
 /// "from": "h1" | null, "message": "..."}`.

@@ -193,7 +193,9 @@ pub fn events_of(effect: &Effect, state: &State) -> Vec<Derived> {
         Effect::None
         | Effect::VmUpdated { .. }
         | Effect::MemberChanged { .. }
-        | Effect::MemberChangedUnplaced { .. } => Vec::new(),
+        | Effect::MemberChangedUnplaced { .. }
+        | Effect::JoinTokenAdded { .. }
+        | Effect::JoinTokenUsed { .. } => Vec::new(),
         Effect::VmCreated { vm } => one(derived(K::VmCreated, Some(vm), None, None, format!("VM {vm} created"))),
         Effect::VmDeleted { vm, was_on } => {
             let on = was_on.map(|n| name_of(state, n));

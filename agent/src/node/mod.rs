@@ -223,7 +223,8 @@ pub fn store_path(data_dir: &Path) -> PathBuf {
     data_dir.join(STORE_FILE)
 }
 
-fn now_unix_ms() -> u64 {
+/// The wall clock in milliseconds since the Unix epoch (0 before 1970).
+pub fn now_unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

@@ -93,6 +93,20 @@ pub enum CommandKind {
         from: NodeId,
         expected_generation: u64,
     },
+    /// Records a new join token by the SHA-256 `hash` of its secret,
+    /// valid for `ttl_ms` from the command's time.
+    AddJoinToken {
+        hash: [u8; 32],
+        ttl_ms: u64,
+    },
+    /// Host `node` presents the token with `hash` to join: accepted if the
+    /// token is unexpired and unused or already used by `node` (a retried
+    /// join), and then marked used by `node`. Proposed by the leader before
+    /// it adds the host as a learner.
+    UseJoinToken {
+        hash: [u8; 32],
+        node: NodeId,
+    },
 }
 
 /// A membership change, carried in a Raft conf-change entry.
@@ -183,6 +197,12 @@ pub enum Effect {
         node: NodeId,
         unplaced: Vec<String>,
     },
+    JoinTokenAdded {
+        expires_unix_ms: u64,
+    },
+    JoinTokenUsed {
+        node: NodeId,
+    },
     /// A handoff ended: `from` confirmed its copy stopped, or (`fenced`)
     /// the leader vouched that it fenced itself.
     HandoffEnded {
@@ -238,6 +258,12 @@ pub enum Rejection {
     NoSuchHandoff { vm: String, node: NodeId, generation: u64 },
     #[error("member {node} is up, so only its own release ends the handoff of VM {vm:?}")]
     HandoffFromLiveHost { vm: String, node: String },
+    /// Deliberately vague: whoever presents a token learns nothing about
+    /// which tokens exist.
+    #[error("the join token is not valid: it is unknown, expired, or was used by another host")]
+    InvalidJoinToken,
+    #[error("{0} join tokens are outstanding, the most kept at once; let some expire first")]
+    TooManyJoinTokens(usize),
     #[error("malformed command: {0}")]
     Malformed(String),
 }
@@ -245,6 +271,12 @@ pub enum Rejection {
 impl State {
     /// Applies one command. On `Err` nothing changed.
     pub fn apply(&mut self, command: &Command) -> Result<Effect, Rejection> {
+        let result = self.apply_command(command);
+        self.reindex();
+        result
+    }
+
+    fn apply_command(&mut self, command: &Command) -> Result<Effect, Rejection> {
         let at = command.at_unix_ms;
         match &command.kind {
             CommandKind::CreateVm { name, spec } => {
@@ -263,7 +295,7 @@ impl State {
                     moved_from: None,
                     failed_on: BTreeSet::new(),
                 };
-                self.dirty.vms.insert(name.clone());
+                self.dirty.vm(name.clone());
                 self.vms.insert(name.clone(), vm);
                 Ok(Effect::VmCreated { vm: name.clone() })
             }
@@ -278,7 +310,7 @@ impl State {
                     self.members.get(&p.node).is_some_and(|m| constraint_violation(self, vm, spec, m).is_none())
                 });
                 let vm = self.vms.get_mut(name).expect("checked above");
-                self.dirty.vms.insert(name.clone());
+                self.dirty.vm(name.clone());
                 // A new spec may fix what made it fail.
                 vm.failed_on.clear();
                 if !keep && vm.placement.is_some() {
@@ -295,7 +327,7 @@ impl State {
             CommandKind::DeleteVm { name } => {
                 check_name("VM", name)?;
                 let vm = self.vms.remove(name).ok_or_else(|| Rejection::UnknownVm(name.clone()))?;
-                self.dirty.vms.insert(name.clone());
+                self.dirty.vm(name.clone());
                 Ok(Effect::VmDeleted { vm: name.clone(), was_on: vm.placement.map(|p| p.node) })
             }
             CommandKind::SetDesired { name, desired } => {
@@ -309,7 +341,7 @@ impl State {
                         vm.observed = Observed { state: VmState::Pending, since_unix_ms: at, last_error: None };
                     }
                 }
-                self.dirty.vms.insert(name.clone());
+                self.dirty.vm(name.clone());
                 Ok(Effect::DesiredSet { vm: name.clone(), desired: *desired })
             }
             CommandKind::Place { vm: name, node, expected_generation } => {
@@ -333,7 +365,7 @@ impl State {
                 vm.generation += 1;
                 vm.placement = Some(Placement { node: *node, generation: vm.generation });
                 vm.observed = Observed { state: VmState::Pending, since_unix_ms: at, last_error: None };
-                self.dirty.vms.insert(name.clone());
+                self.dirty.vm(name.clone());
                 Ok(Effect::Placed { vm: name.clone(), node: *node, from, generation: vm.generation })
             }
             CommandKind::Unplace { vm: name, expected_generation } => {
@@ -342,7 +374,7 @@ impl State {
                 check_generation(vm, *expected_generation)?;
                 let from = vm.placement.map(|p| p.node);
                 unplace(vm, at);
-                self.dirty.vms.insert(name.clone());
+                self.dirty.vm(name.clone());
                 Ok(Effect::Unplaced { vm: name.clone(), from, generation: vm.generation })
             }
             CommandKind::SetCapacity { node, capacity } => {
@@ -435,7 +467,7 @@ impl State {
                 if last_error.is_some() || *state == VmState::Running {
                     vm.observed.last_error = last_error.clone();
                 }
-                self.dirty.vms.insert(name.clone());
+                self.dirty.vm(name.clone());
                 Ok(Effect::Reported { vm: name.clone(), state: *state })
             }
             CommandKind::Released { node, vm: name, generation } => {
@@ -445,7 +477,7 @@ impl State {
                     return Err(Rejection::NoSuchHandoff { vm: name.clone(), node: *node, generation: *generation });
                 }
                 vm.handoff = None;
-                self.dirty.vms.insert(name.clone());
+                self.dirty.vm(name.clone());
                 Ok(Effect::HandoffEnded { vm: name.clone(), from: *node, fenced: false })
             }
             CommandKind::ClearHandoff { vm: name, from, expected_generation } => {
@@ -468,16 +500,64 @@ impl State {
                 }
                 let vm = self.vms.get_mut(name).expect("checked above");
                 vm.handoff = None;
-                self.dirty.vms.insert(name.clone());
+                self.dirty.vm(name.clone());
                 Ok(Effect::HandoffEnded { vm: name.clone(), from: *from, fenced: true })
             }
+            CommandKind::AddJoinToken { hash, ttl_ms } => {
+                if *ttl_ms == 0 || *ttl_ms > limits::JOIN_TOKEN_TTL_MS_MAX {
+                    return Err(Rejection::InvalidValue(format!(
+                        "a join token lives between 1 ms and {} days, not {ttl_ms} ms",
+                        limits::JOIN_TOKEN_TTL_MS_MAX / 86_400_000
+                    )));
+                }
+                if self.join_tokens.get(hash).is_some_and(|token| token.expires_unix_ms > at) {
+                    return Err(Rejection::Malformed("a join token with this hash already exists".into()));
+                }
+                let live = self.join_tokens.values().filter(|token| token.expires_unix_ms > at).count();
+                if live >= limits::JOIN_TOKENS_MAX {
+                    return Err(Rejection::TooManyJoinTokens(live));
+                }
+                self.drop_expired_join_tokens(at);
+                let expires_unix_ms = at.saturating_add(*ttl_ms);
+                self.join_tokens.insert(*hash, JoinToken { hash: *hash, expires_unix_ms, used_by: None });
+                Ok(Effect::JoinTokenAdded { expires_unix_ms })
+            }
+            CommandKind::UseJoinToken { hash, node } => {
+                if *node == 0 {
+                    return Err(Rejection::InvalidValue("member id 0 is reserved".into()));
+                }
+                let valid = self.join_tokens.get(hash).is_some_and(|token| {
+                    token.expires_unix_ms > at && token.used_by.is_none_or(|used_by| used_by == *node)
+                });
+                if !valid {
+                    return Err(Rejection::InvalidJoinToken);
+                }
+                self.drop_expired_join_tokens(at);
+                let token = self.join_tokens.get_mut(hash).expect("checked above, and unexpired");
+                token.used_by = Some(*node);
+                Ok(Effect::JoinTokenUsed { node: *node })
+            }
         }
+    }
+
+    /// Drops the join tokens expired at `at` and marks the tokens changed.
+    /// Only an accepted token command calls it, so every replica drops the
+    /// same tokens at the same entry.
+    fn drop_expired_join_tokens(&mut self, at: u64) {
+        self.join_tokens.retain(|_, token| token.expires_unix_ms > at);
+        self.dirty.join_tokens = true;
     }
 
     /// Applies a membership change. The caller applies the matching Raft
     /// conf change only when this returns `Ok`, so the state's members and
     /// Raft's configuration never disagree.
     pub fn apply_membership(&mut self, change: &MembershipChange, at_unix_ms: u64) -> Result<Effect, Rejection> {
+        let result = self.apply_membership_change(change, at_unix_ms);
+        self.reindex();
+        result
+    }
+
+    fn apply_membership_change(&mut self, change: &MembershipChange, at_unix_ms: u64) -> Result<Effect, Rejection> {
         match change {
             MembershipChange::AddLearner { id, name, address } => {
                 if *id == 0 {
@@ -526,7 +606,7 @@ impl State {
                 for name in &names {
                     let vm = self.vms.get_mut(name).expect("listed above");
                     unplace(vm, at_unix_ms);
-                    self.dirty.vms.insert(name.clone());
+                    self.dirty.vm(name.clone());
                 }
                 self.members.remove(id);
                 self.dirty.members.insert(*id);
@@ -551,7 +631,7 @@ impl State {
         for name in &broken {
             let vm = self.vms.get_mut(name).expect("listed above");
             unplace(vm, at);
-            self.dirty.vms.insert(name.clone());
+            self.dirty.vm(name.clone());
         }
         broken
     }
@@ -1146,5 +1226,63 @@ mod tests {
             rejected(&mut state, CommandKind::SetLabels { node: 1, labels: spaced }),
             Rejection::InvalidValue(_)
         ));
+    }
+
+    #[test]
+    fn a_join_token_admits_one_host_until_it_expires() {
+        let mut state = cluster();
+        let at = |at_unix_ms, kind| Command { at_unix_ms, kind };
+        let (a, b) = ([1; 32], [2; 32]);
+        for ttl_ms in [0, limits::JOIN_TOKEN_TTL_MS_MAX + 1] {
+            assert!(matches!(
+                rejected(&mut state, CommandKind::AddJoinToken { hash: a, ttl_ms }),
+                Rejection::InvalidValue(_)
+            ));
+        }
+        state.apply(&at(1000, CommandKind::AddJoinToken { hash: a, ttl_ms: 500 })).unwrap();
+        state.apply(&at(1000, CommandKind::AddJoinToken { hash: b, ttl_ms: 500 })).unwrap();
+        assert!(state.take_dirty().join_tokens);
+
+        // An unknown token, then a and its reuse: by the same host (a retried
+        // join) yes, by another no.
+        assert_eq!(
+            rejected(&mut state, CommandKind::UseJoinToken { hash: [3; 32], node: 5 }),
+            Rejection::InvalidJoinToken
+        );
+        state.apply(&at(1200, CommandKind::UseJoinToken { hash: a, node: 5 })).unwrap();
+        state.apply(&at(1300, CommandKind::UseJoinToken { hash: a, node: 5 })).unwrap();
+        let before = state.clone();
+        assert_eq!(
+            state.apply(&at(1300, CommandKind::UseJoinToken { hash: a, node: 6 })),
+            Err(Rejection::InvalidJoinToken)
+        );
+        assert_eq!(state, before);
+        assert_eq!(state.join_tokens()[&a].used_by, Some(5));
+
+        // b expires at 1500: refused then, and dropped by the next accepted
+        // token command.
+        let before = state.clone();
+        assert_eq!(
+            state.apply(&at(1500, CommandKind::UseJoinToken { hash: b, node: 6 })),
+            Err(Rejection::InvalidJoinToken)
+        );
+        assert_eq!(state, before, "a refused token command drops nothing");
+        state.apply(&at(1500, CommandKind::AddJoinToken { hash: [4; 32], ttl_ms: 500 })).unwrap();
+        assert_eq!(state.join_tokens().keys().collect::<Vec<_>>(), vec![&[4; 32]]);
+        state.validate().unwrap();
+    }
+
+    #[test]
+    fn join_tokens_are_bounded_and_expired_ones_make_room() {
+        let mut state = State::default();
+        for i in 0..limits::JOIN_TOKENS_MAX {
+            let hash = [u8::try_from(i).unwrap(); 32];
+            state.apply(&Command { at_unix_ms: 0, kind: CommandKind::AddJoinToken { hash, ttl_ms: 10 } }).unwrap();
+        }
+        let one_more =
+            |at_unix_ms| Command { at_unix_ms, kind: CommandKind::AddJoinToken { hash: [255; 32], ttl_ms: 10 } };
+        assert_eq!(state.apply(&one_more(9)), Err(Rejection::TooManyJoinTokens(limits::JOIN_TOKENS_MAX)));
+        state.apply(&one_more(10)).unwrap();
+        assert_eq!(state.join_tokens().len(), 1);
     }
 }

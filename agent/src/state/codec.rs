@@ -263,6 +263,12 @@ pub fn encode_command(c: &Command) -> Vec<u8> {
             from: *from,
             expected_generation: *expected_generation,
         }),
+        CommandKind::AddJoinToken { hash, ttl_ms } => {
+            Kind::AddJoinToken(pb::AddJoinToken { hash: hash.to_vec(), ttl_ms: *ttl_ms })
+        }
+        CommandKind::UseJoinToken { hash, node } => {
+            Kind::UseJoinToken(pb::UseJoinToken { hash: hash.to_vec(), node: *node })
+        }
     };
     pb::Command { kind: Some(kind), at_unix_ms: c.at_unix_ms }.encode_to_vec()
 }
@@ -304,8 +310,37 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command, DecodeError> {
         Kind::ClearHandoff(m) => {
             CommandKind::ClearHandoff { vm: m.vm, from: m.from, expected_generation: m.expected_generation }
         }
+        Kind::AddJoinToken(m) => CommandKind::AddJoinToken { hash: token_hash(&m.hash)?, ttl_ms: m.ttl_ms },
+        Kind::UseJoinToken(m) => CommandKind::UseJoinToken { hash: token_hash(&m.hash)?, node: m.node },
     };
     Ok(Command { at_unix_ms: c.at_unix_ms, kind })
+}
+
+fn token_hash(bytes: &[u8]) -> Result<[u8; 32], DecodeError> {
+    bytes.try_into().map_err(|_| DecodeError::Shape(format!("a join token hash of {} bytes, not 32", bytes.len())))
+}
+
+// ---- join tokens ----
+
+pub fn join_token_to_pb(t: &JoinToken) -> pb::JoinToken {
+    pb::JoinToken { hash: t.hash.to_vec(), expires_unix_ms: t.expires_unix_ms, used_by: t.used_by.unwrap_or(0) }
+}
+
+pub fn join_token_from_pb(t: pb::JoinToken) -> Result<JoinToken, DecodeError> {
+    Ok(JoinToken {
+        hash: token_hash(&t.hash)?,
+        expires_unix_ms: t.expires_unix_ms,
+        used_by: (t.used_by != 0).then_some(t.used_by),
+    })
+}
+
+/// The join tokens as their one storage record.
+pub fn encode_join_tokens(state: &State) -> Vec<u8> {
+    pb::JoinTokens { tokens: state.join_tokens().values().map(join_token_to_pb).collect() }.encode_to_vec()
+}
+
+pub fn decode_join_tokens(bytes: &[u8]) -> Result<Vec<JoinToken>, DecodeError> {
+    pb::JoinTokens::decode(bytes)?.tokens.into_iter().map(join_token_from_pb).collect()
 }
 
 /// Member metadata as carried in a Raft conf change's context.
@@ -333,6 +368,7 @@ pub fn encode_snapshot(state: &State) -> Vec<u8> {
     pb::StateSnapshot {
         members: state.members().values().map(member_to_pb).collect(),
         vms: state.vms().values().map(vm_to_pb).collect(),
+        join_tokens: state.join_tokens().values().map(join_token_to_pb).collect(),
     }
     .encode_to_vec()
 }
@@ -341,7 +377,8 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<State, DecodeError> {
     let s = pb::StateSnapshot::decode(bytes)?;
     let members = s.members.into_iter().map(member_from_pb).collect::<Result<Vec<_>, _>>()?;
     let vms = s.vms.into_iter().map(vm_from_pb).collect::<Result<Vec<_>, _>>()?;
-    Ok(State::load(members, vms))
+    let join_tokens = s.join_tokens.into_iter().map(join_token_from_pb).collect::<Result<Vec<_>, _>>()?;
+    Ok(State::load(members, vms, join_tokens))
 }
 
 #[cfg(test)]
@@ -383,6 +420,8 @@ mod tests {
             },
             CommandKind::Released { node: 3, vm: "web".into(), generation: 5 },
             CommandKind::ClearHandoff { vm: "web".into(), from: 3, expected_generation: 6 },
+            CommandKind::AddJoinToken { hash: [7; 32], ttl_ms: 3_600_000 },
+            CommandKind::UseJoinToken { hash: [7; 32], node: 4 },
         ];
         for kind in kinds {
             let command = Command { at_unix_ms: 42, kind };
@@ -411,6 +450,22 @@ mod tests {
         old.handoff = None;
         old.moved_from = 0;
         assert_eq!(vm_from_pb(old).unwrap(), vm);
+    }
+
+    #[test]
+    fn join_tokens_round_trip_and_a_short_hash_does_not_decode() {
+        let tokens = vec![
+            JoinToken { hash: [1; 32], expires_unix_ms: 5, used_by: None },
+            JoinToken { hash: [2; 32], expires_unix_ms: 6, used_by: Some(9) },
+        ];
+        let state = State::load(Vec::new(), Vec::new(), tokens.clone());
+        assert_eq!(decode_join_tokens(&encode_join_tokens(&state)).unwrap(), tokens);
+        assert_eq!(decode_snapshot(&encode_snapshot(&state)).unwrap(), state);
+        let short = pb::Command {
+            at_unix_ms: 1,
+            kind: Some(pb::command::Kind::UseJoinToken(pb::UseJoinToken { hash: vec![1; 31], node: 2 })),
+        };
+        assert!(decode_command(&short.encode_to_vec()).is_err());
     }
 
     #[test]

@@ -55,9 +55,64 @@ use std::collections::{BTreeMap, BTreeSet};
 pub struct State {
     members: BTreeMap<NodeId, Member>,
     vms: BTreeMap<String, Vm>,
+    /// Join tokens by hash; expired ones are dropped whenever a token
+    /// command is applied.
+    join_tokens: BTreeMap<[u8; 32], JoinToken>,
+    /// Derived from `vms`, never stored: per-host questions (what runs
+    /// here, what is used here) cost that host's VMs, not every VM.
+    index: HostIndex,
     /// Rows changed since the last [`State::take_dirty`]; the storage writes
     /// exactly these in the transaction that records the applied index.
     dirty: Dirty,
+}
+
+/// For each host, the VMs placed on it and the VMs with a pending handoff
+/// from it; kept up to date with every VM a command changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct HostIndex {
+    placed: BTreeMap<NodeId, BTreeSet<String>>,
+    handoffs: BTreeMap<NodeId, BTreeSet<String>>,
+    /// What `placed` and `handoffs` hold for each VM: (placed on, handoff from).
+    of_vm: BTreeMap<String, (Option<NodeId>, Option<NodeId>)>,
+}
+
+impl HostIndex {
+    fn build(vms: &BTreeMap<String, Vm>) -> HostIndex {
+        let mut index = HostIndex::default();
+        for vm in vms.values() {
+            index.update(&vm.name, Some(vm));
+        }
+        index
+    }
+
+    /// Re-files VM `name` as it now is (`None`: deleted).
+    fn update(&mut self, name: &str, vm: Option<&Vm>) {
+        fn remove(map: &mut BTreeMap<NodeId, BTreeSet<String>>, node: Option<NodeId>, name: &str) {
+            if let Some(node) = node
+                && let Some(names) = map.get_mut(&node)
+            {
+                names.remove(name);
+                if names.is_empty() {
+                    map.remove(&node);
+                }
+            }
+        }
+        if let Some((placed, handoff)) = self.of_vm.remove(name) {
+            remove(&mut self.placed, placed, name);
+            remove(&mut self.handoffs, handoff, name);
+        }
+        let Some(vm) = vm else { return };
+        let entry = (vm.placement.map(|p| p.node), vm.handoff.map(|h| h.from));
+        if let Some(node) = entry.0 {
+            self.placed.entry(node).or_default().insert(name.to_string());
+        }
+        if let Some(node) = entry.1 {
+            self.handoffs.entry(node).or_default().insert(name.to_string());
+        }
+        if entry != (None, None) {
+            self.of_vm.insert(name.to_string(), entry);
+        }
+    }
 }
 
 /// Keys of rows changed by applied commands (including deletions).
@@ -65,11 +120,22 @@ pub struct State {
 pub struct Dirty {
     pub members: BTreeSet<NodeId>,
     pub vms: BTreeSet<String>,
+    /// VMs changed by the command being applied, to re-file in the host
+    /// index when it is done.
+    reindex: BTreeSet<String>,
+    /// The join tokens changed (they are stored as one small record).
+    pub join_tokens: bool,
 }
 
 impl Dirty {
+    /// Records that VM `name` changed (or was deleted).
+    fn vm(&mut self, name: String) {
+        self.reindex.insert(name.clone());
+        self.vms.insert(name);
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.members.is_empty() && self.vms.is_empty()
+        self.members.is_empty() && self.vms.is_empty() && !self.join_tokens
     }
 }
 
@@ -105,9 +171,21 @@ impl State {
         self.vms.get(name)
     }
 
-    /// VMs placed on `node`.
+    /// The join tokens not yet dropped (see [`JoinToken`]).
+    pub fn join_tokens(&self) -> &BTreeMap<[u8; 32], JoinToken> {
+        &self.join_tokens
+    }
+
+    /// VMs placed on `node`, by name.
     pub fn vms_on(&self, node: NodeId) -> impl Iterator<Item = &Vm> {
-        self.vms.values().filter(move |vm| vm.placement.map(|p| p.node) == Some(node))
+        self.index.placed.get(&node).into_iter().flatten().filter_map(|name| self.vms.get(name))
+    }
+
+    /// Re-files in the host index the VMs the last command changed.
+    fn reindex(&mut self) {
+        for name in std::mem::take(&mut self.dirty.reindex) {
+            self.index.update(&name, self.vms.get(&name));
+        }
     }
 
     /// Resources used on `node` by the VMs placed there and by the copies
@@ -115,17 +193,14 @@ impl State {
     /// placement and its reservation).
     pub fn used_on(&self, node: NodeId, except: Option<&str>) -> Resources {
         let mut used = Resources::default();
-        for vm in self.vms.values() {
-            if Some(vm.name.as_str()) == except {
-                continue;
-            }
-            if vm.placement.is_some_and(|p| p.node == node) {
+        for vm in self.vms_on(node) {
+            if Some(vm.name.as_str()) != except {
                 used.vcpu += u64::from(vm.spec.vcpu);
                 used.memory_mib += vm.spec.memory_mib;
             }
-            if let Some(handoff) = vm.handoff
-                && handoff.from == node
-            {
+        }
+        for (vm, handoff) in self.handoffs_from(node) {
+            if Some(vm.name.as_str()) != except {
                 used.vcpu += handoff.reserved.vcpu;
                 used.memory_mib += handoff.reserved.memory_mib;
             }
@@ -144,7 +219,13 @@ impl State {
     /// its copy of each and then proposes `Released` with the handoff's
     /// generation.
     pub fn handoffs_from(&self, node: NodeId) -> impl Iterator<Item = (&Vm, Handoff)> {
-        self.vms.values().filter_map(move |vm| vm.handoff.filter(|h| h.from == node).map(|h| (vm, h)))
+        self.index
+            .handoffs
+            .get(&node)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.vms.get(name))
+            .filter_map(move |vm| vm.handoff.filter(|h| h.from == node).map(|h| (vm, h)))
     }
 
     /// Why a VM named `vm` with `spec` could not be placed on `node` right
@@ -166,16 +247,25 @@ impl State {
 
     /// Inserts or replaces rows as read back from storage. Used only when a
     /// node opens its store; applied commands go through [`State::apply`].
-    pub fn load(members: Vec<Member>, vms: Vec<Vm>) -> Self {
+    pub fn load(members: Vec<Member>, vms: Vec<Vm>, join_tokens: Vec<JoinToken>) -> Self {
+        let vms: BTreeMap<String, Vm> = vms.into_iter().map(|v| (v.name.clone(), v)).collect();
         State {
             members: members.into_iter().map(|m| (m.id, m)).collect(),
-            vms: vms.into_iter().map(|v| (v.name.clone(), v)).collect(),
+            index: HostIndex::build(&vms),
+            vms,
+            join_tokens: join_tokens.into_iter().map(|t| (t.hash, t)).collect(),
             dirty: Dirty::default(),
         }
     }
 
     /// Checks the invariants listed in the module documentation.
     pub fn validate(&self) -> Result<(), String> {
+        if self.index != HostIndex::build(&self.vms) {
+            return Err("the host index does not match the VMs' placements and handoffs".into());
+        }
+        if self.join_tokens.len() > types::limits::JOIN_TOKENS_MAX {
+            return Err(format!("{} join tokens kept, over the limit", self.join_tokens.len()));
+        }
         for member in self.members.values() {
             crate::names::validate(&member.name).map_err(|e| format!("member {}: {e}", member.id))?;
             let used = self.used_on(member.id, None);

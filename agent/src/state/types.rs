@@ -30,6 +30,10 @@ pub mod limits {
     pub const RUNNERS_MAX: usize = 100_000;
     pub const ADDRESS_LEN_MAX: usize = 255;
     pub const ERROR_LEN_MAX: usize = 1024;
+    /// Join tokens outstanding at once (unexpired, used or not).
+    pub const JOIN_TOKENS_MAX: usize = 64;
+    /// The longest a join token may live: 7 days, in milliseconds.
+    pub const JOIN_TOKEN_TTL_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -252,4 +256,16 @@ impl Vm {
     pub fn size(&self) -> Resources {
         Resources { vcpu: u64::from(self.spec.vcpu), memory_mib: self.spec.memory_mib }
     }
+}
+
+/// A one-time join token as the cluster keeps it: only the SHA-256 of the
+/// secret (which only the operator who issued it ever sees), when it
+/// expires, and the host it admitted. A token admits one host: that host
+/// may present it again (a retried join) until it expires; any other is
+/// refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinToken {
+    pub hash: [u8; 32],
+    pub expires_unix_ms: u64,
+    pub used_by: Option<NodeId>,
 }

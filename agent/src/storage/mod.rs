@@ -52,6 +52,8 @@ const META_APPLIED: &str = "applied";
 /// `index (u64 LE) ++ term (u64 LE)` of the last entry folded into the
 /// state machine and removed from the log.
 const META_SNAPSHOT_POINT: &str = "snapshot_point";
+/// The state's join tokens (hashes only), one record.
+const META_JOIN_TOKENS: &str = "join_tokens";
 /// Identity of this node (`NodeIdentity`), written once.
 const META_IDENTITY: &str = "identity";
 
@@ -243,6 +245,8 @@ impl Store {
             None => (0, 0),
         };
         let identity = get(META_IDENTITY)?.map(|b| NodeIdentity::decode(&b)).transpose()?;
+        let join_tokens =
+            get(META_JOIN_TOKENS)?.map(|b| codec::decode_join_tokens(&b)).transpose()?.unwrap_or_default();
 
         let mut entries = VecDeque::new();
         for row in txn.open_table(LOG)?.range(snapshot_index + 1..)? {
@@ -279,7 +283,7 @@ impl Store {
             snapshot_index,
             snapshot_term,
             entries,
-            state: State::load(members, vms),
+            state: State::load(members, vms, join_tokens),
             identity,
         };
         store.validate().map_err(StorageError::Corrupt)?;
@@ -471,6 +475,7 @@ impl Store {
                 for vm in new_state.vms().values() {
                     vms.insert(vm.name.as_str(), prost::Message::encode_to_vec(&codec::vm_to_pb(vm)).as_slice())?;
                 }
+                meta.insert(META_JOIN_TOKENS, codec::encode_join_tokens(new_state).as_slice())?;
                 let point = [snap_meta.index.to_le_bytes(), snap_meta.term.to_le_bytes()].concat();
                 meta.insert(META_SNAPSHOT_POINT, point.as_slice())?;
                 meta.insert(META_APPLIED, snap_meta.index.to_le_bytes().as_slice())?;
@@ -499,6 +504,9 @@ impl Store {
                             vms.remove(name.as_str())?;
                         }
                     }
+                }
+                if dirty.join_tokens {
+                    meta.insert(META_JOIN_TOKENS, codec::encode_join_tokens(&self.state).as_slice())?;
                 }
             }
             if let Some(applied) = batch.applied {

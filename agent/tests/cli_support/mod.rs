@@ -264,6 +264,17 @@ impl Blixard for Service {
         .await
     }
 
+    async fn cluster_join_token(
+        &self,
+        r: Request<pb::ClusterJoinTokenRequest>,
+    ) -> Result<Response<pb::ClusterJoinTokenResponse>, Status> {
+        let r = r.into_inner();
+        self.handle(format!("ClusterJoinToken({})", r.ttl_seconds), |_| {
+            Ok(pb::ClusterJoinTokenResponse { token: "blxjt_0123".into(), expires_unix_ms: 1_700_000_000_000 })
+        })
+        .await
+    }
+
     async fn cluster_leave(
         &self,
         r: Request<pb::ClusterLeaveRequest>,

@@ -76,6 +76,13 @@ pub fn command(rng: &mut impl Rng, state: &State, now_ms: u64) -> Command {
             node: node(rng),
             status: if rng.random_bool(0.2) { MemberStatus::Down } else { MemberStatus::Up },
         },
+        // A few token hashes, so that tokens are reused, expire and run out;
+        // a TTL of 0 or over the 7-day limit is refused.
+        85..=86 => CommandKind::AddJoinToken {
+            hash: [rng.random_range(0..4); 32],
+            ttl_ms: *[0, 500, 60_000, 8 * 86_400_000].choose(rng).expect("non-empty"),
+        },
+        87..=88 => CommandKind::UseJoinToken { hash: [rng.random_range(0..4); 32], node: node(rng) },
         _ => {
             let (node, generation) = match state.vm(&vm).and_then(|v| v.placement) {
                 Some(p) if rng.random_bool(0.9) => (p.node, p.generation),
