@@ -19,6 +19,14 @@ const PROMOTION_GRACE_CHECKS: u64 = 5;
 /// A plan runs at least this often even when nothing was applied, so time-
 /// based changes (a host becoming fenced) are acted on.
 const PLAN_INTERVAL_MS: u64 = 1000;
+/// Plans triggered by applied changes keep the raft thread at most about
+/// 1/(1+PLAN_BACKOFF_FACTOR) busy planning: after a plan that took T ms, the
+/// next waits PLAN_BACKOFF_FACTOR * T ms (at most PLAN_INTERVAL_MS). A plan
+/// over a few hundred VMs takes well under a millisecond, so this only ever
+/// delays planning when thousands of VMs wait unplaceable and every applied
+/// create would otherwise re-plan them all. A change in the fenced hosts
+/// (failover) plans at once regardless.
+const PLAN_BACKOFF_FACTOR: u32 = 9;
 
 pub struct Duties {
     checks_as_leader: u64,
@@ -30,6 +38,8 @@ pub struct Duties {
     /// any is in flight, so the same decision is never proposed twice.
     in_flight: BTreeSet<ProposalId>,
     last_plan: Option<(u64, BTreeSet<NodeId>, u64)>,
+    /// No plan triggered by applied changes before this (monotonic ms).
+    plan_not_before_ms: u64,
     metrics: Arc<Metrics>,
 }
 
@@ -43,6 +53,7 @@ impl Duties {
             last_check_ms: 0,
             in_flight: BTreeSet::new(),
             last_plan: None,
+            plan_not_before_ms: 0,
             metrics,
         }
     }
@@ -105,11 +116,16 @@ impl Duties {
         let due = match &self.last_plan {
             None => true,
             Some((last_applied, last_fenced, last_ms)) => {
-                *last_applied != applied || *last_fenced != fenced || now_ms >= last_ms + PLAN_INTERVAL_MS
+                *last_fenced != fenced
+                    || now_ms >= last_ms + PLAN_INTERVAL_MS
+                    || (*last_applied != applied && now_ms >= self.plan_not_before_ms)
             }
         };
         if due {
+            let started = std::time::Instant::now();
             decisions.extend(scheduler::plan(core.state(), &self.policy, &fenced));
+            let backoff = started.elapsed().saturating_mul(PLAN_BACKOFF_FACTOR);
+            self.plan_not_before_ms = now_ms + (backoff.as_millis() as u64).min(PLAN_INTERVAL_MS);
             self.last_plan = Some((applied, fenced.clone(), now_ms));
         }
         for Decision { command, reason } in decisions {
