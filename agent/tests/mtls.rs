@@ -251,9 +251,21 @@ fn a_host_joins_with_its_member_certificate() {
     // Through a follower: it forwards the admission to the leader.
     let leader = c.cli(&["cluster", "status", "--json"]).json()["leader"].as_str().unwrap().to_string();
     let seed = c.members.iter().find(|m| m.name != leader).unwrap().address.clone();
-    let out = run(&[&["cluster", "join", &seed, "--endpoint", &address][..], &tls].concat());
+    // A token given anyway is checked too: a made-up one is refused, and
+    // nothing changes.
+    let bogus = c.pki.join("bogus-token");
+    std::fs::write(&bogus, "blxjt_not-issued\n").unwrap();
+    let join = ["cluster", "join", &seed, "--endpoint", &address];
+    run(&[&join[..], &["--token-file", s(&bogus)], &tls].concat()).assert_error(1, "join token is not valid");
+    // A client certificate may issue tokens; the token is printed, never logged.
+    let issued = run(&[&["cluster", "join-token", "--endpoint", &seed][..], &tls].concat());
+    issued.assert_ok();
+    let token = issued.json()["token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("blxjt_"), "{token}");
+    let out = run(&[&join[..], &tls].concat());
     out.assert_ok();
     assert_eq!(out.json()["name"], "h4");
+    assert!(!c.logs().contains(&token), "a join token appears in a log");
     c.wait_until("h4 to be a member everywhere", |_| {
         let out = run(&[&["cluster", "status", "--endpoint", &address][..], &tls].concat());
         out.code == 0 && out.json()["members"].as_array().is_some_and(|m| m.len() == 4)
