@@ -39,8 +39,9 @@ pub fn validate(name: &str) -> Result<(), NameError> {
     if ok_first && ok_rest { Ok(()) } else { Err(NameError::Invalid { name: truncate_for_display(name) }) }
 }
 
-/// Keeps error messages one readable line even for hostile input.
-fn truncate_for_display(name: &str) -> String {
+/// Keeps error messages one readable line even for hostile input: at most
+/// 80 characters of `name`, then `…`.
+pub fn truncate_for_display(name: &str) -> String {
     const SHOWN_MAX: usize = 80;
     if name.chars().count() <= SHOWN_MAX {
         name.to_owned()

@@ -120,6 +120,16 @@ mod tests {
         proptest::collection::vec(frame, 0..12).prop_map(|frames| frames.concat())
     }
 
+    /// Found by `cargo fuzz run request_validation`: a long label key of
+    /// control characters was echoed whole (escaped, six bytes each) in the
+    /// refusal.
+    #[test]
+    fn a_long_hostile_label_key_is_not_echoed_whole() {
+        let labels = [("\u{7f}".repeat(300), "v".to_string())].into_iter().collect();
+        let request = pb::VmCreateRequest { name: "web".into(), vcpu: 1, memory_mib: 64, labels, ..Default::default() };
+        vm_create_request(&request.encode_to_vec());
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 

@@ -752,7 +752,8 @@ fn check_labels(labels: &Labels) -> Result<(), Rejection> {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.' | b'/'));
         if !key_ok {
             return Err(Rejection::InvalidValue(format!(
-                "label key {key:?} must be 1 to {} characters of a-z, 0-9, '-', '_', '.', '/'",
+                "label key {:?} must be 1 to {} characters of a-z, 0-9, '-', '_', '.', '/'",
+                names::truncate_for_display(key),
                 limits::LABEL_KEY_LEN_MAX
             )));
         }
