@@ -17,9 +17,12 @@
 //! machine's kernel, so these timestamps, the test process's [`monotonic_us`] and the
 //! agents' clocks are one clock. A [`Timeline`] turns the samples into exact intervals
 //! during which a copy of a guest existed on a host, from the moment its unit left
-//! `inactive` (before its process was forked) to the moment it was `inactive` or `failed`
-//! again (after every process of it was gone), or to the moment its host lost power. Two
-//! intervals of one guest on two hosts that overlap are two copies at once.
+//! `inactive` to the moment it was `inactive` or `failed` again (after every process of
+//! it was gone), or to the moment its host lost power. Two intervals of one guest on two
+//! hosts that overlap are two copies at once. (systemd stamps the start just after it
+//! forks the unit's first process, not before: on a loaded machine the cgroup rounds
+//! have seen that process up to 20 ms before the stamp. Handovers take hundreds of
+//! milliseconds.)
 //!
 //! Sampling only has to see every transition, not catch the overlap itself: a unit that
 //! went up and down twice between two samples would hide one interval, so the timeline
@@ -44,7 +47,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 
-pub use cgroups::{CgroupSampler, CgroupSamples};
+pub use cgroups::{CgroupSampler, CgroupSamples, SeenCopy};
 
 use crate::Testbed;
 use crate::guest;
