@@ -13,9 +13,11 @@
 //! ```
 //!
 //! The test process talks to the agents' gRPC API over the bed's bridge, reads unit
-//! states with `systemctl` inside the hosts, and has a [`Sampler`] running in every host
+//! states with `systemctl` inside the hosts, and has two observers of the guests running
 //! from the start, so that every scenario ends with the check that no guest ever ran on two
-//! hosts at once ([`BedCluster::assert_never_two_copies`]).
+//! hosts at once ([`BedCluster::assert_never_two_copies`]): a [`Sampler`] in every host
+//! (systemd's exact transition times) and a [`CgroupSampler`] in the test process (whether
+//! each guest's unit cgroup has a process, about 50 times a second).
 //!
 //! Each host's agent is `blixard-agent.service`, enabled (it starts again when its host
 //! boots again) with the unit settings of the NixOS module that matter here:
@@ -32,7 +34,9 @@ use blixard::api::pb;
 use blixard::api::pb::blixard_client::BlixardClient;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::timeline::{Sampler, Timeline, Unit, monotonic_us, parse_journal, query_units};
+use crate::timeline::{
+    CgroupSampler, CgroupSamples, CopySpan, Sampler, SeenCopy, Timeline, Unit, monotonic_us, parse_journal, query_units,
+};
 use crate::{Probe, Testbed, agent_binary, wait_for};
 
 /// The agents' gRPC port, on each host's bridge address.
@@ -75,6 +79,7 @@ WantedBy=multi-user.target
 ";
 
 pub struct BedCluster {
+    cgroups: CgroupSampler,
     sampler: Sampler,
     bed: Testbed,
     runtime: tokio::runtime::Runtime,
@@ -95,8 +100,9 @@ impl BedCluster {
         let guests: Vec<String> = guests.iter().map(|g| (*g).to_owned()).collect();
         // Sampling from before any guest can start: the timeline sees every start.
         let sampler = Sampler::start(&bed, guests.clone())?;
+        let cgroups = CgroupSampler::start(&bed, guests.clone())?;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        let cluster = BedCluster { sampler, bed, runtime, guests };
+        let cluster = BedCluster { cgroups, sampler, bed, runtime, guests };
         let members: Vec<String> =
             cluster.bed.hosts().iter().map(|h| format!("\"{}={}:{PORT}\"", h.name(), h.addr())).collect();
         for host in cluster.bed.hosts() {
@@ -377,36 +383,89 @@ impl BedCluster {
         Ok(timeline)
     }
 
-    /// The safety property over everything sampled since the start: no guest ever had
-    /// copies on two hosts at the same moment, and the timeline saw every start each
-    /// fake guest logged (so no interval escaped it between two samples).
-    pub fn assert_never_two_copies(&self) -> Result<Timeline> {
+    /// The safety property over everything observed since the start, by both observers:
+    /// - systemd's exact timeline: no guest ever had copies on two hosts at the same
+    ///   moment, and it saw every start each fake guest logged (so no interval escaped it
+    ///   between two samples);
+    /// - the cgroup rounds: none saw a guest with processes on two hosts, none failed to
+    ///   read a cgroup, and they agree with the timeline: they saw every copy it has
+    ///   begin, and processes only during its copies (so they did look at the right
+    ///   cgroups, and no copy was shorter than their period).
+    ///
+    /// The rate of the cgroup rounds is left to the caller to assert.
+    pub fn assert_never_two_copies(&self) -> Result<Observed> {
         let timeline = self.timeline()?;
+        self.cgroups.catch_up(SETTLE_TIMEOUT)?;
+        let cgroups = self.cgroups.samples();
         let mut problems = String::new();
+        if cgroups.failed_reads > 0 {
+            let _ = writeln!(
+                problems,
+                "{} cgroup reads failed; the last: {}",
+                cgroups.failed_reads,
+                cgroups.last_error.as_deref().unwrap_or("?")
+            );
+        }
         for vm in &self.guests {
+            let mut trouble = false;
             for (a, b) in timeline.overlaps(vm) {
+                trouble = true;
                 let _ = writeln!(problems, "{vm} ran on h{} and h{} at once: {a:?} / {b:?}", a.host, b.host);
+            }
+            for (at_us, hosts) in cgroups.two_copies(vm) {
+                trouble = true;
+                let _ = writeln!(problems, "{vm} had processes on hosts {hosts:?} at once, at {at_us} µs");
             }
             for host in self.bed.hosts() {
                 let logged = self.guest_starts(host.index(), vm)?;
                 let seen = timeline.starts(vm, host.index());
                 if logged != seen {
+                    trouble = true;
                     let _ = writeln!(
                         problems,
-                        "{vm} on {}: the guest logged {logged} starts, the sampler saw {seen}",
+                        "{vm} on {}: the guest logged {logged} starts, the systemd sampler saw {seen}",
                         host.name()
                     );
                 }
             }
-            if !problems.is_empty() {
-                let _ = writeln!(problems, "{}", timeline.describe(vm));
+            // The two observers agree: the cgroup rounds saw processes during every copy
+            // systemd's timeline has, and at no other time. (Overlapping, not nested:
+            // systemd stamps a unit's start just after forking its first process, and
+            // the rounds have seen that process up to 20 ms earlier. Not one for one
+            // either: a unit's cgroup can be empty for a moment while it stops, between
+            // its main process and a stop command.)
+            let (exact, seen) = (timeline.copies(vm), cgroups.copies(vm));
+            let overlap = |c: &SeenCopy, e: &CopySpan| {
+                c.host == e.host
+                    && c.from_us <= e.until_us.unwrap_or(u64::MAX)
+                    && e.from_us <= c.until_us.unwrap_or(u64::MAX)
+            };
+            for e in exact.iter().filter(|e| !seen.iter().any(|c| overlap(c, e))) {
+                trouble = true;
+                let _ = writeln!(problems, "{vm}: the cgroup rounds never saw the copy {e:?}");
+            }
+            for c in seen.iter().filter(|c| !exact.iter().any(|e| overlap(c, e))) {
+                trouble = true;
+                let _ = writeln!(problems, "{vm}: the cgroup rounds saw processes outside systemd's copies: {c:?}");
+            }
+            if trouble {
+                let _ = writeln!(problems, "{}\n{}", timeline.describe(vm), cgroups.describe(vm));
             }
         }
         if !problems.is_empty() {
             bail!("{problems}");
         }
-        Ok(timeline)
+        Ok(Observed { timeline, cgroups })
     }
+}
+
+/// What [`BedCluster::assert_never_two_copies`] checked.
+pub struct Observed {
+    /// systemd's transition timestamps, journal lines and power cuts: exact intervals.
+    pub timeline: Timeline,
+    /// The test process's rounds over the guests' unit cgroups: sampled, about 50 a
+    /// second ([`CgroupSamples::rate`]).
+    pub cgroups: CgroupSamples,
 }
 
 /// See [`BedCluster::wait_reconciled`]: a few of the reconciler's 100 ms passes.

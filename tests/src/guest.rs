@@ -28,6 +28,12 @@ pub fn unit(name: &str) -> String {
     format!("microvm@{name}.service")
 }
 
+/// The cgroup of [`unit`] in its host's cgroup tree: systemd puts a template's instances
+/// in a slice named after the template, below `system.slice`.
+pub fn cgroup(name: &str) -> String {
+    format!("system.slice/system-microvm.slice/{}", unit(name))
+}
+
 impl Host {
     /// Installs fake guest `name` on this host (running or not).
     pub fn install_fake_guest(&self, name: &str) -> Result<()> {

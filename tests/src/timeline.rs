@@ -1,16 +1,28 @@
 //! Which host ran which guest when, and the check that no guest ever ran on two hosts at
-//! once.
+//! once, by two observers.
+//!
+//! - [`cgroups`]: the direct one. A thread of the test process reads, [`cgroups::PERIOD`]
+//!   apart (about 50 times a second), whether each guest's unit cgroup in each host has a
+//!   process, and no read may find one guest with processes on two hosts. It costs a few
+//!   file reads per round, so it keeps its rate on a loaded machine; it is sampled.
+//! - [`Sampler`] and [`Timeline`], below: the exact one, from systemd's own transition
+//!   timestamps, read by a `systemctl show` loop inside every host; its rate does not
+//!   matter to its exactness, and on a loaded 2-core machine it managed only 2.6 to 6
+//!   samples a second per host.
 //!
 //! A [`Sampler`] asks every host's systemd for the state of the `microvm@` units of a set
-//! of guests, [`SAMPLE_PERIOD`] apart (10 to 12 times a second), from inside every host. Each
-//! sample carries more than the state at that instant: systemd's own monotonic
-//! timestamps of the unit's last transitions. Every host of a bed runs on this machine's
-//! kernel, so these timestamps, the test process's [`monotonic_us`] and the agents'
-//! clocks are one clock. A [`Timeline`] turns the samples into exact intervals during
-//! which a copy of a guest existed on a host, from the moment its unit left `inactive`
-//! (before its process was forked) to the moment it was `inactive` or `failed` again
-//! (after every process of it was gone), or to the moment its host lost power. Two
-//! intervals of one guest on two hosts that overlap are two copies at once.
+//! of guests, [`SAMPLE_PERIOD`] apart (it aims at 10 to 12 times a second), from inside
+//! every host. Each sample carries more than the state at that instant: systemd's own
+//! monotonic timestamps of the unit's last transitions. Every host of a bed runs on this
+//! machine's kernel, so these timestamps, the test process's [`monotonic_us`] and the
+//! agents' clocks are one clock. A [`Timeline`] turns the samples into exact intervals
+//! during which a copy of a guest existed on a host, from the moment its unit left
+//! `inactive` to the moment it was `inactive` or `failed` again (after every process of
+//! it was gone), or to the moment its host lost power. Two intervals of one guest on two
+//! hosts that overlap are two copies at once. (systemd stamps the start just after it
+//! forks the unit's first process, not before: on a loaded machine the cgroup rounds
+//! have seen that process up to 20 ms before the stamp. Handovers take hundreds of
+//! milliseconds.)
 //!
 //! Sampling only has to see every transition, not catch the overlap itself: a unit that
 //! went up and down twice between two samples would hide one interval, so the timeline
@@ -26,6 +38,8 @@
 //! and the journal say, so it is never earlier than the truth: any error makes two copies
 //! look closer, never further apart.
 
+pub mod cgroups;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::{Mutex, MutexGuard};
@@ -33,12 +47,15 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 
+pub use cgroups::{CgroupSampler, CgroupSamples, SeenCopy};
+
 use crate::Testbed;
 use crate::guest;
 
 /// The sampler's pause between two samples: with the sample itself, 10 to 12 samples a
-/// second per host. Not more: three hosts' `systemctl` runs cost CPU the agents need on
-/// a loaded 2-core machine, and the check's exactness does not depend on the rate.
+/// second per host on an idle machine. Not more: three hosts' `systemctl` runs cost CPU
+/// the agents need on a loaded 2-core machine, and the check's exactness does not depend
+/// on the rate.
 pub const SAMPLE_PERIOD: Duration = Duration::from_millis(70);
 /// Bound on one query of a host's units from the test process.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -326,8 +343,9 @@ impl Timeline {
 pub const SAMPLES_PATH: &str = "/var/lib/blixard-sampler/samples";
 const SAMPLER_UNIT: &str = "blixard-sampler.service";
 
-/// Samples the guest units of every host of a bed, over 10 times a second, from inside the
-/// hosts: each runs `blixard-sampler.service`, a shell loop around one `systemctl show`
+/// Samples the guest units of every host of a bed, up to 10 to 12 times a second (fewer
+/// when the machine is loaded: see [`cgroups`] for the sampler that keeps its rate), from
+/// inside the hosts: each runs `blixard-sampler.service`, a shell loop around one `systemctl show`
 /// of every guest unit, appending to [`SAMPLES_PATH`]. It starts again when its host
 /// boots, and its file survives power cuts, so the samples of a host that lost power
 /// stay readable. (Sampling from the test process through `nsenter` costs a process

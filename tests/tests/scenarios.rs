@@ -3,10 +3,13 @@
 //! `microvm@NAME.service` units (fake runners, see `blixard_systests::guest`).
 //!
 //! One bed serves every scenario, in order, because booting and forming is most of the
-//! cost; each scenario starts from the placements the previous one left. A sampler reads
-//! every host's guest units 20 times a second for the whole run, and the test ends by
-//! checking, over all of it, that no guest ever had copies on two hosts at once (see
-//! `blixard_systests::timeline` for how that is exact rather than sampled).
+//! cost; each scenario starts from the placements the previous one left. Two observers
+//! watch the guests for the whole run (see `blixard_systests::timeline`): systemd's own
+//! transition timestamps, read inside every host, give exact intervals; and the test
+//! process looks about 50 times a second at whether each guest's unit cgroup on each host
+//! has a process. The test ends by checking, over all of it and with both, that no guest
+//! ever had copies on two hosts at once, and that the cgroup sampling ran at least
+//! [`REQUIRED_RATE`] times a second per host.
 //!
 //! Waits are conditions with deadlines; the deadlines are generous (a loaded 2-core CI
 //! machine), the properties are asserted strictly.
@@ -16,6 +19,7 @@ use std::time::Duration;
 
 use blixard::api::pb;
 use blixard_systests::bedcluster::{AGENT_UNIT, BedCluster};
+use blixard_systests::timeline::cgroups::REQUIRED_RATE;
 use blixard_systests::timeline::{CopySpan, Timeline};
 use blixard_systests::{Probe, wait_for};
 
@@ -287,11 +291,20 @@ fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
         .unwrap();
     assert!(journal.contains("TARGET=blixard"), "no structured agent entries in the journal:\n{journal}");
 
-    // Over the whole run: never two copies of a guest at once.
-    let timeline = c.assert_never_two_copies().unwrap();
+    // Over the whole run: never two copies of a guest at once, by systemd's exact
+    // timeline and by cgroup rounds at least REQUIRED_RATE times a second.
+    let observed = c.assert_never_two_copies().unwrap();
+    let (rate, longest_gap) = observed.cgroups.rate();
+    eprintln!(
+        "cgroup sampler: {} rounds of every host, {rate:.1}/s per host, longest gap {longest_gap:?}",
+        observed.cgroups.rounds.len()
+    );
+    assert!(rate >= REQUIRED_RATE, "the cgroup sampler took {rate:.1} samples a second per host");
+    let timeline = &observed.timeline;
     let (longest_gap, rate) = timeline.sampling();
     eprintln!(
-        "{} samples ({rate:.1}/s per host, longest gap {longest_gap:?}, {} failed); closest handovers: {}; total {:.1} s",
+        "systemd sampler: {} samples ({rate:.1}/s per host, longest gap {longest_gap:?}, {} failed); \
+         closest handovers: {}; total {:.1} s",
         timeline.samples.len(),
         timeline.failed_samples,
         VMS.iter()

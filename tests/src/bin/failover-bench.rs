@@ -99,8 +99,10 @@ fn run(trials: usize) -> Result<()> {
         );
         results.push(result);
     }
-    let timeline = cluster.assert_never_two_copies()?;
+    let observed = cluster.assert_never_two_copies()?;
+    let timeline = &observed.timeline;
     let (longest_gap, rate) = timeline.sampling();
+    let (cgroup_rate, cgroup_gap) = observed.cgroups.rate();
     let load_after = loadavg();
 
     println!("| host lost | trials | unit active: median | max | `running`: median | max |");
@@ -124,9 +126,11 @@ fn run(trials: usize) -> Result<()> {
         );
     }
     println!(
-        "\nnever two copies: checked over {} unit samples ({rate:.1}/s per host, longest gap {longest_gap:?}); \
+        "\nnever two copies: checked over {} unit samples ({rate:.1}/s per host, longest gap {longest_gap:?}) \
+         and {} cgroup rounds ({cgroup_rate:.1}/s per host, longest gap {cgroup_gap:?}); \
          load average {load_before} before, {load_after} after; {:.0} s in all",
         timeline.samples.len(),
+        observed.cgroups.rounds.len(),
         started.elapsed().as_secs_f64()
     );
     Ok(())

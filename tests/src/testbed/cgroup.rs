@@ -99,7 +99,8 @@ impl Group {
         self.layout.roots().map(|root| root.join(&self.relative)).collect()
     }
 
-    fn unified_path(&self) -> PathBuf {
+    /// This group's directory in the cgroup2 tree.
+    pub(super) fn unified_path(&self) -> PathBuf {
         self.layout.unified.join(&self.relative)
     }
 

@@ -118,6 +118,14 @@ impl Host {
         self.root.join(path_inside.trim_start_matches('/'))
     }
 
+    /// The cgroup2 directory on this machine of the cgroup the host's systemd calls
+    /// `/<relative>` (a unit's, say `system.slice/dbus.service`): nspawn roots the
+    /// container's cgroup tree at the host's `payload/`. It exists only while the host
+    /// runs and has that cgroup.
+    pub fn unit_cgroup(&self, relative: &str) -> PathBuf {
+        self.cgroup.child("payload").unified_path().join(relative)
+    }
+
     /// The host-side end of the host's link to the bridge.
     pub fn veth(&self) -> String {
         resources::veth_name(&self.machine)
