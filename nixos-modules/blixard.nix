@@ -458,7 +458,9 @@ in
       ]));
 
     warnings = lib.optional ((cfg.settings.runtime.kind or "systemd") != "systemd")
-      ''services.blixard.settings.runtime.kind is "${cfg.settings.runtime.kind}": the unit's sandbox is made for the systemd runtime (no /dev/kvm, no capabilities), so guests started as the agent's children will most likely fail.'';
+      ''services.blixard.settings.runtime.kind is "${cfg.settings.runtime.kind}": the unit's sandbox is made for the systemd runtime (no /dev/kvm, no capabilities), so guests started as the agent's children will most likely fail.''
+    ++ lib.optional (cfg.join != [ ] && !tlsEnabled && cfg.joinTokenFile == null)
+      "services.blixard.join is set without tls or joinTokenFile: without TLS the cluster admits a host only with a one-time token (`blixard-agent cluster join-token` on a member), so set services.blixard.joinTokenFile to a file holding one.";
 
     services.blixard.settings = {
       node_name = cfg.nodeName;

@@ -461,8 +461,28 @@ let
             services.blixard = { enable = true; listenAddress = "10.0.0.4"; join = [ "10.0.0.1:7000" ]; };
           }];
         in
-        { failed = failedMessages cfg; inherit (agentConfig cfg) initial_members join; };
-      expected = { failed = [ ]; initial_members = [ ]; join = [ "10.0.0.1:7000" ]; };
+        {
+          failed = failedMessages cfg;
+          inherit (agentConfig cfg) initial_members join;
+          # Without TLS or a token file the cluster would refuse it: warned.
+          warned = lib.any (lib.hasInfix "joinTokenFile") cfg.warnings;
+          warnedWithToken = (evalHost [{
+            networking.hostName = "h4";
+            services.blixard = {
+              enable = true;
+              listenAddress = "10.0.0.4";
+              join = [ "10.0.0.1:7000" ];
+              joinTokenFile = "/run/secrets/join-token";
+            };
+          }]).warnings;
+        };
+      expected = {
+        failed = [ ];
+        initial_members = [ ];
+        join = [ "10.0.0.1:7000" ];
+        warned = true;
+        warnedWithToken = [ ];
+      };
     };
 
     testUninitialisedHostIsAllowed = {
