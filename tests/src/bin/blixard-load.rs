@@ -122,6 +122,44 @@ impl Stats {
     }
 }
 
+/// What one client loop saw.
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    errors: usize,
+    first_error: Option<String>,
+}
+
+impl Tally {
+    /// Records one operation sent at `sent` that ended with `outcome`.
+    fn record(&mut self, sent: Instant, outcome: Outcome) {
+        match outcome {
+            Ok(()) => self.latencies.push(sent.elapsed()),
+            Err(status) => {
+                self.errors += 1;
+                self.first_error.get_or_insert_with(|| format!("{:?}: {}", status.code(), status.message()));
+            }
+        }
+    }
+}
+
+/// Waits for every client loop and adds up what they saw.
+async fn gather(started: Instant, tasks: Vec<tokio::task::JoinHandle<Tally>>) -> Stats {
+    let mut stats = Stats { ok: 0, errors: 0, first_error: None, elapsed: Duration::ZERO, latencies: Vec::new() };
+    for task in tasks {
+        let tally = task.await.expect("a load task");
+        stats.ok += tally.latencies.len();
+        stats.latencies.extend(tally.latencies);
+        stats.errors += tally.errors;
+        if stats.first_error.is_none() {
+            stats.first_error = tally.first_error;
+        }
+    }
+    stats.elapsed = started.elapsed();
+    stats.latencies.sort_unstable();
+    stats
+}
+
 /// Runs `clients` loops for `duration`; loop `c` calls `op(c, seq)` with
 /// `seq` = 0, 1, 2, ... and waits for each before the next.
 async fn drive<F, Fut>(clients: usize, duration: Duration, op: F) -> Stats
@@ -131,41 +169,22 @@ where
 {
     let started = Instant::now();
     let deadline = started + duration;
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let op = op.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut errors = 0usize;
-            let mut first_error = None;
-            let mut seq = 0u64;
-            while Instant::now() < deadline {
-                let sent = Instant::now();
-                match op(c, seq).await {
-                    Ok(()) => latencies.push(sent.elapsed()),
-                    Err(status) => {
-                        errors += 1;
-                        first_error.get_or_insert_with(|| format!("{:?}: {}", status.code(), status.message()));
-                    }
+    let tasks = (0..clients)
+        .map(|c| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut tally = Tally::default();
+                let mut seq = 0u64;
+                while Instant::now() < deadline {
+                    let sent = Instant::now();
+                    tally.record(sent, op(c, seq).await);
+                    seq += 1;
                 }
-                seq += 1;
-            }
-            (latencies, errors, first_error)
-        }));
-    }
-    let mut stats = Stats { ok: 0, errors: 0, first_error: None, elapsed: Duration::ZERO, latencies: Vec::new() };
-    for task in tasks {
-        let (latencies, errors, first_error) = task.await.expect("a load task");
-        stats.ok += latencies.len();
-        stats.latencies.extend(latencies);
-        stats.errors += errors;
-        if stats.first_error.is_none() {
-            stats.first_error = first_error;
-        }
-    }
-    stats.elapsed = started.elapsed();
-    stats.latencies.sort_unstable();
-    stats
+                tally
+            })
+        })
+        .collect();
+    gather(started, tasks).await
 }
 
 /// Drives `count` operations in total from `clients` loops, as fast as they
@@ -176,39 +195,20 @@ where
     Fut: Future<Output = Outcome> + Send,
 {
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let op = op.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut errors = 0usize;
-            let mut first_error = None;
-            for i in (c..count).step_by(clients) {
-                let sent = Instant::now();
-                match op(i).await {
-                    Ok(()) => latencies.push(sent.elapsed()),
-                    Err(status) => {
-                        errors += 1;
-                        first_error.get_or_insert_with(|| format!("{:?}: {}", status.code(), status.message()));
-                    }
+    let tasks = (0..clients)
+        .map(|c| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut tally = Tally::default();
+                for i in (c..count).step_by(clients) {
+                    let sent = Instant::now();
+                    tally.record(sent, op(i).await);
                 }
-            }
-            (latencies, errors, first_error)
-        }));
-    }
-    let mut stats = Stats { ok: 0, errors: 0, first_error: None, elapsed: Duration::ZERO, latencies: Vec::new() };
-    for task in tasks {
-        let (latencies, errors, first_error) = task.await.expect("a load task");
-        stats.ok += latencies.len();
-        stats.latencies.extend(latencies);
-        stats.errors += errors;
-        if stats.first_error.is_none() {
-            stats.first_error = first_error;
-        }
-    }
-    stats.elapsed = started.elapsed();
-    stats.latencies.sort_unstable();
-    stats
+                tally
+            })
+        })
+        .collect();
+    gather(started, tasks).await
 }
 
 fn channel_to(address: &str) -> Channel {
