@@ -4,11 +4,15 @@
 //!
 //! Sending never blocks the raft thread: [`PeerSender::send`] only appends
 //! to a per-peer queue, and one task per peer drains it, several messages
-//! to one `Peer.Raft` call. A queue holds at most [`PEER_QUEUE_MAX`]
-//! messages and drops the oldest beyond that: Raft retransmits whatever
-//! still matters, and a peer that is down must not make us hold unbounded
-//! memory. A failed call drops its batch, tells Raft the peer is
-//! unreachable (so the leader stops pipelining to it) and backs off.
+//! to one batch. Batches go as frames on one long-lived `Peer.RaftStream`
+//! call per peer (a call per batch costs several times more CPU, which at
+//! rest is most of what an agent does); to a member that predates that
+//! call, one `Peer.Raft` call per batch. A queue holds at most
+//! [`PEER_QUEUE_MAX`] messages and drops the oldest beyond that: Raft
+//! retransmits whatever still matters, and a peer that is down must not
+//! make us hold unbounded memory. A stream that breaks (or a failed call)
+//! loses what was in it, tells Raft the peer is unreachable (so the leader
+//! stops pipelining to it) and backs off before the next.
 //!
 //! Snapshots travel separately, streamed in [`SNAPSHOT_CHUNK_BYTES`] chunks
 //! through `Peer.Snapshot`, and their outcome is always reported with
@@ -28,7 +32,8 @@ use std::time::{Duration, Instant};
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -57,7 +62,11 @@ pub const SNAPSHOT_BYTES_MAX: u64 = 4 * 1024 * 1024 * 1024;
 const SNAPSHOT_PREALLOC_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Transfers of one snapshot while the receiver finds it damaged.
 pub const SNAPSHOT_SEND_ATTEMPTS_MAX: usize = 3;
-/// One `Peer.Raft` call; Raft's own timeouts are longer than this.
+/// Batches waiting to go onto a peer's stream; beyond this, messages wait
+/// in the peer's queue (where the oldest are dropped when it is full).
+const STREAM_BATCHES_QUEUED: usize = 4;
+/// One `Peer.Raft` call, or one batch waiting to go onto a peer's stream;
+/// Raft's own timeouts are longer than this.
 const RAFT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// One snapshot transfer, all chunks.
 const SNAPSHOT_CALL_TIMEOUT: Duration = Duration::from_secs(300);
@@ -215,9 +224,35 @@ fn next_batch(queue: &PeerQueue) -> Vec<Vec<u8>> {
     batch
 }
 
-/// Sends `peer`'s queued messages until the transport is dropped.
+/// An open `Peer.RaftStream` call: batches go into `batches`, and the call
+/// itself runs in its own task until the stream breaks or is dropped.
+struct OpenStream {
+    address: String,
+    batches: mpsc::Sender<pb::RaftBatch>,
+    call: JoinHandle<Result<(), Status>>,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.call.abort();
+    }
+}
+
+/// Why a batch could not go onto a stream.
+enum StreamFailure {
+    /// The peer predates `RaftStream`; the batch comes back to be sent by
+    /// a `Raft` call.
+    Unimplemented(pb::RaftBatch),
+    Failed(String),
+}
+
+/// Sends `peer`'s queued messages until the transport is dropped: on one
+/// long-lived `RaftStream` call, or one `Raft` call per batch to a peer
+/// that predates it.
 async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
     let mut connection: Option<(String, PeerClient<Channel>)> = None;
+    let mut stream: Option<OpenStream> = None;
+    let mut unary_only = false;
     let mut backoff = BACKOFF_MIN;
     loop {
         if shared.closed.load(Ordering::SeqCst) {
@@ -239,6 +274,7 @@ async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
                 Ok(endpoint) => {
                     let client = peer_client(endpoint.connect_lazy());
                     connection = Some((address.clone(), client.clone()));
+                    unary_only = false;
                     client
                 }
                 Err(e) => {
@@ -248,12 +284,34 @@ async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
                 }
             },
         };
-        let request = pb::RaftBatch {
+        let mut request = pb::RaftBatch {
             cluster_id: shared.me.cluster_id,
             from: shared.me.id,
             from_address: shared.me.address.clone(),
             messages: batch,
         };
+        if !unary_only {
+            match send_on_stream(&mut stream, &address, &client, request).await {
+                Ok(()) => {
+                    backoff = BACKOFF_MIN;
+                    continue;
+                }
+                Err(StreamFailure::Unimplemented(batch)) => {
+                    tracing::info!(peer, address, "this peer predates Peer.RaftStream; sending it one call per batch");
+                    unary_only = true;
+                    request = batch;
+                }
+                Err(StreamFailure::Failed(error)) => {
+                    // Logged at debug: a peer that is down fails every
+                    // heartbeat, and Raft's own role changes say more.
+                    tracing::debug!(peer, address, error, "sending to a peer failed");
+                    shared.report_unreachable(peer);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            }
+        }
         let mut client = client;
         match tokio::time::timeout(RAFT_CALL_TIMEOUT, client.raft(request)).await {
             Ok(Ok(_)) => backoff = BACKOFF_MIN,
@@ -262,14 +320,74 @@ async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
                     Ok(Err(status)) => status.message().to_string(),
                     _ => "timed out".to_string(),
                 };
-                // Logged at debug: a peer that is down fails every
-                // heartbeat, and Raft's own role changes say more.
                 tracing::debug!(peer, address, error, "sending to a peer failed");
                 shared.report_unreachable(peer);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
+    }
+}
+
+/// Puts one batch on the open stream to `address`, opening one first if
+/// there is none (or the last one ended). A stream that ended with an
+/// error, or that takes no batch for [`RAFT_CALL_TIMEOUT`] (a peer that
+/// stopped reading), is a failure: the batches in it may be lost, which
+/// Raft's retransmission covers once it is told the peer was unreachable.
+async fn send_on_stream(
+    stream: &mut Option<OpenStream>,
+    address: &str,
+    client: &PeerClient<Channel>,
+    batch: pb::RaftBatch,
+) -> Result<(), StreamFailure> {
+    if let Some(open) = stream.as_mut()
+        && (open.address != address || open.call.is_finished())
+    {
+        let ended = stream.take().expect("checked above");
+        if ended.call.is_finished()
+            && let Err(status) = ended_call(ended).await
+        {
+            return Err(failure(status, batch));
+        }
+    }
+    let open = stream.get_or_insert_with(|| {
+        let (batches, receiver) = mpsc::channel(STREAM_BATCHES_QUEUED);
+        let mut client = client.clone();
+        let call = tokio::spawn(async move {
+            client.raft_stream(tokio_stream::wrappers::ReceiverStream::new(receiver)).await.map(|_| ())
+        });
+        OpenStream { address: address.to_string(), batches, call }
+    });
+    match tokio::time::timeout(RAFT_CALL_TIMEOUT, open.batches.send(batch)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(mpsc::error::SendError(batch))) => {
+            let ended = stream.take().expect("used above");
+            Err(match ended_call(ended).await {
+                Err(status) => failure(status, batch),
+                Ok(()) => StreamFailure::Failed("the peer ended the stream".to_string()),
+            })
+        }
+        Err(_) => {
+            *stream = None;
+            Err(StreamFailure::Failed("timed out".to_string()))
+        }
+    }
+}
+
+/// The outcome of a stream's call, which has ended or is about to (its
+/// batch receiver is gone).
+async fn ended_call(mut ended: OpenStream) -> Result<(), Status> {
+    match (&mut ended.call).await {
+        Ok(outcome) => outcome,
+        Err(e) => Err(Status::unavailable(format!("the stream's task failed: {e}"))),
+    }
+}
+
+fn failure(status: Status, batch: pb::RaftBatch) -> StreamFailure {
+    if status.code() == tonic::Code::Unimplemented {
+        StreamFailure::Unimplemented(batch)
+    } else {
+        StreamFailure::Failed(status.message().to_string())
     }
 }
 
@@ -452,6 +570,33 @@ impl PeerService {
     }
 }
 
+impl PeerService {
+    /// Checks one batch of raft messages (sender, cluster, size, each
+    /// message's recipient) and steps them all, or none.
+    async fn accept_batch(&self, cert_name: Option<&str>, batch: pb::RaftBatch) -> Result<(), Status> {
+        let member = self.member_for(batch.cluster_id)?;
+        if let Some(cert_name) = cert_name {
+            self.context.check_sender(&member, cert_name, batch.from).await?;
+        }
+        if batch.messages.len() > RAFT_BATCH_MESSAGES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "{} raft messages in one batch; the limit is {RAFT_BATCH_MESSAGES_MAX}",
+                batch.messages.len()
+            )));
+        }
+        let mut messages = Vec::with_capacity(batch.messages.len());
+        for bytes in &batch.messages {
+            let message = Message::parse_from_bytes(bytes)
+                .map_err(|e| Status::invalid_argument(format!("a raft message does not decode: {e}")))?;
+            check_message(&message, member.id, batch.from)?;
+            messages.push(message);
+        }
+        self.learn_address(&member, batch.from, &batch.from_address);
+        member.node.step(messages);
+        Ok(())
+    }
+}
+
 /// Checks that a decoded raft message is for this member from the sender.
 fn check_message(message: &Message, me: NodeId, from: NodeId) -> Result<(), Status> {
     if message.to != me {
@@ -471,26 +616,17 @@ impl pb::peer_server::Peer for PeerService {
     async fn raft(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
         let caller = self.context.caller(&request)?;
         let cert_name = caller.require_member("Raft traffic")?.map(str::to_string);
-        let batch = request.into_inner();
-        let member = self.member_for(batch.cluster_id)?;
-        if let Some(cert_name) = &cert_name {
-            self.context.check_sender(&member, cert_name, batch.from).await?;
+        self.accept_batch(cert_name.as_deref(), request.into_inner()).await?;
+        Ok(Response::new(pb::RaftAck {}))
+    }
+
+    async fn raft_stream(&self, request: Request<Streaming<pb::RaftBatch>>) -> Result<Response<pb::RaftAck>, Status> {
+        let caller = self.context.caller(&request)?;
+        let cert_name = caller.require_member("Raft traffic")?.map(str::to_string);
+        let mut stream = request.into_inner();
+        while let Some(batch) = stream.message().await? {
+            self.accept_batch(cert_name.as_deref(), batch).await?;
         }
-        if batch.messages.len() > RAFT_BATCH_MESSAGES_MAX {
-            return Err(Status::invalid_argument(format!(
-                "{} raft messages in one batch; the limit is {RAFT_BATCH_MESSAGES_MAX}",
-                batch.messages.len()
-            )));
-        }
-        let mut messages = Vec::with_capacity(batch.messages.len());
-        for bytes in &batch.messages {
-            let message = Message::parse_from_bytes(bytes)
-                .map_err(|e| Status::invalid_argument(format!("a raft message does not decode: {e}")))?;
-            check_message(&message, member.id, batch.from)?;
-            messages.push(message);
-        }
-        self.learn_address(&member, batch.from, &batch.from_address);
-        member.node.step(messages);
         Ok(Response::new(pb::RaftAck {}))
     }
 
@@ -722,6 +858,9 @@ mod tests {
         async fn raft(&self, _: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
             Err(Status::unimplemented("test"))
         }
+        async fn raft_stream(&self, _: Request<Streaming<pb::RaftBatch>>) -> Result<Response<pb::RaftAck>, Status> {
+            Err(Status::unimplemented("test"))
+        }
         async fn snapshot(
             &self,
             request: Request<Streaming<pb::SnapshotChunk>>,
@@ -779,5 +918,131 @@ mod tests {
         let error = send_chunks(&Dialer::plain(), &address, chunks).await.unwrap_err();
         assert!(error.contains("CRC-32C"), "{error}");
         assert!(flaky.received.lock().unwrap().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// A `Peer` server that records each batch's messages and how they
+    /// came; `streams` says whether it has `RaftStream` (a member that
+    /// predates it answers `Unimplemented`).
+    struct Recorder {
+        streams: bool,
+        batches: Mutex<Vec<Received>>,
+    }
+
+    /// How a batch came ("stream" or "call") and its encoded messages.
+    type Received = (&'static str, Vec<Vec<u8>>);
+
+    #[tonic::async_trait]
+    impl pb::peer_server::Peer for Arc<Recorder> {
+        async fn raft(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
+            self.batches.lock().unwrap().push(("call", request.into_inner().messages));
+            Ok(Response::new(pb::RaftAck {}))
+        }
+        async fn raft_stream(
+            &self,
+            request: Request<Streaming<pb::RaftBatch>>,
+        ) -> Result<Response<pb::RaftAck>, Status> {
+            if !self.streams {
+                return Err(Status::unimplemented("not in this version"));
+            }
+            let mut stream = request.into_inner();
+            while let Some(batch) = stream.message().await? {
+                self.batches.lock().unwrap().push(("stream", batch.messages));
+            }
+            Ok(Response::new(pb::RaftAck {}))
+        }
+        async fn snapshot(&self, _: Request<Streaming<pb::SnapshotChunk>>) -> Result<Response<pb::RaftAck>, Status> {
+            Err(Status::unimplemented("test"))
+        }
+        async fn admit(&self, _: Request<pb::AdmitRequest>) -> Result<Response<pb::AdmitResponse>, Status> {
+            Err(Status::unimplemented("test"))
+        }
+        async fn propose(&self, _: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
+            Err(Status::unimplemented("test"))
+        }
+    }
+
+    async fn recorder(streams: bool) -> (Arc<Recorder>, PeerTransport) {
+        let recorder = Arc::new(Recorder { streams, batches: Mutex::new(Vec::new()) });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::peer_server::PeerServer::new(recorder.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let addresses: AddressBook = Arc::default();
+        addresses.write().unwrap().insert(2, address);
+        let me = Sender { id: 1, cluster_id: 7, address: "127.0.0.1:7000".into() };
+        let (transport, _link) = PeerTransport::new(me, addresses, Dialer::plain(), tokio::runtime::Handle::current());
+        (recorder, transport)
+    }
+
+    fn heartbeat(commit: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        m.from = 1;
+        m.to = 2;
+        m.commit = commit;
+        m
+    }
+
+    /// The commits of the heartbeats `recorder` received, and how they came.
+    fn received(recorder: &Recorder) -> (Vec<u64>, BTreeSet<&'static str>) {
+        let batches = recorder.batches.lock().unwrap();
+        let commits = batches
+            .iter()
+            .flat_map(|(_, messages)| messages.iter().map(|m| Message::parse_from_bytes(m).unwrap().commit))
+            .collect();
+        (commits, batches.iter().map(|(how, _)| *how).collect())
+    }
+
+    async fn wait_for(recorder: &Recorder, commit: u64, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if received(recorder).0.contains(&commit) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn batches_go_as_frames_on_one_stream() {
+        let (recorder, mut transport) = recorder(true).await;
+        for commit in 1..=20 {
+            transport.send(2, vec![heartbeat(commit)]);
+            assert!(wait_for(&recorder, commit, Duration::from_secs(10)).await, "heartbeat {commit} never arrived");
+        }
+        let (commits, how) = received(&recorder);
+        assert_eq!(commits, (1..=20).collect::<Vec<_>>(), "each exactly once, in order");
+        assert_eq!(how, BTreeSet::from(["stream"]));
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_streams_gets_one_call_per_batch() {
+        let (recorder, mut transport) = recorder(false).await;
+        for commit in 1..=5 {
+            // Resent like Raft would: what went onto the refused stream
+            // before its refusal came back is lost.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                transport.send(2, vec![heartbeat(commit)]);
+                if wait_for(&recorder, commit, Duration::from_millis(200)).await {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "heartbeat {commit} never arrived");
+            }
+        }
+        let (commits, how) = received(&recorder);
+        assert!((1..=5).all(|c| commits.contains(&c)), "{commits:?}");
+        assert_eq!(how, BTreeSet::from(["call"]));
     }
 }
