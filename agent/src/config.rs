@@ -182,8 +182,10 @@ pub struct RaftTiming {
 impl Default for RaftTiming {
     fn default() -> Self {
         // 50 ms ticks: elections within 0.5..1 s, which the failure timing
-        // (`failure::Timing::election_timeout_max_ms`) counts on.
-        RaftTiming { tick_ms: 50, election_ticks: 10, heartbeat_ticks: 1, log_compact_entries_max: 10_000 }
+        // (`failure::Timing::election_timeout_max_ms`) counts on; heartbeats
+        // every 150 ms (3 to the shortest election timeout), which also
+        // confirm every read index: at rest, most of what members send.
+        RaftTiming { tick_ms: 50, election_ticks: 10, heartbeat_ticks: 3, log_compact_entries_max: 10_000 }
     }
 }
 
@@ -485,6 +487,7 @@ impl Config {
             check_interval_ms: defaults.check_interval_ms,
             // raft-rs draws the election timeout from [election, 2 * election) ticks.
             election_timeout_max_ms: 2 * raft.election_ticks as u64 * raft.tick_ms,
+            heartbeat_interval_ms: raft.heartbeat_ticks as u64 * raft.tick_ms,
         };
         timing.validate().map_err(|message| err("timing", message))?;
 

@@ -49,7 +49,7 @@ use std::collections::BTreeMap;
 
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message, Snapshot};
+use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message, MessageType, Snapshot};
 use raft::{RawNode, ReadState, SnapshotStatus, StateRole};
 
 use crate::state::codec::{self, MemberInfo};
@@ -221,6 +221,9 @@ pub struct Core {
     /// Our proposals as leader: log index -> (id). Resolved when that index
     /// is applied (ours or not) or skipped by a snapshot.
     pending: BTreeMap<u64, ProposalId>,
+    /// A tick came since the last [`Core::handle_ready`]: only that `Ready`
+    /// may carry a leader's heartbeats (see [`Core::read_index`]).
+    ticked: bool,
 }
 
 impl std::fmt::Debug for Core {
@@ -250,7 +253,7 @@ impl Core {
         raft_config.validate()?;
         let logger = slog::Logger::root(slog_tracing::TracingDrain, slog::o!("raft_id" => config.id));
         let raw = RawNode::new(&raft_config, store, &logger)?;
-        Ok(Core { raw, config, next_seq: 0, pending: BTreeMap::new() })
+        Ok(Core { raw, config, next_seq: 0, pending: BTreeMap::new(), ticked: false })
     }
 
     pub fn id(&self) -> NodeId {
@@ -266,6 +269,7 @@ impl Core {
     }
 
     pub fn tick(&mut self) {
+        self.ticked = true;
         self.raw.tick();
     }
 
@@ -354,6 +358,15 @@ impl Core {
 
     /// Asks for a linearizable read point; the answer arrives as
     /// [`ReadyOutput::reads`] with this `context`.
+    ///
+    /// A read is confirmed by the leader's next regular heartbeat round, at
+    /// most one heartbeat interval later, not by a round of its own: raft-rs
+    /// broadcasts a heartbeat for every read index, which the leader drops
+    /// (`handle_ready`, outside a tick's `Ready`). The regular heartbeat
+    /// carries the newest pending read's context, and a quorum's answer to
+    /// it releases every read queued before it, each at the commit index it
+    /// was queued with. Every member reads its quorum contact this way every
+    /// check interval, so at rest this halves the messages between members.
     pub fn read_index(&mut self, context: Vec<u8>) {
         self.raw.read_index(context);
     }
@@ -427,6 +440,7 @@ impl Core {
     /// which the node must stop.
     pub fn handle_ready(&mut self, transport: &mut impl Transport) -> Result<ReadyOutput, StorageError> {
         let mut out = ReadyOutput::default();
+        let ticked = std::mem::take(&mut self.ticked);
         if !self.raw.has_ready() {
             return Ok(out);
         }
@@ -434,7 +448,7 @@ impl Core {
 
         // (1) A leader's messages may go out before its own write.
         if !ready.messages().is_empty() {
-            transport.send(ready.take_messages());
+            self.send(transport, ready.take_messages(), ticked);
         }
         if let Some(ss) = ready.ss() {
             out.role = Some(RoleChange {
@@ -481,7 +495,7 @@ impl Core {
         // (5) The light ready.
         let mut batch = WriteBatch { commit: light.commit_index(), ..WriteBatch::default() };
         if !light.messages().is_empty() {
-            transport.send(light.take_messages());
+            self.send(transport, light.take_messages(), ticked);
         }
         let committed = light.take_committed_entries();
         self.apply_entries(committed, &mut batch, &mut out);
@@ -491,6 +505,18 @@ impl Core {
         }
         self.raw.advance_apply();
         Ok(out)
+    }
+
+    /// Hands a leader's messages to `transport`, without the heartbeat
+    /// rounds raft-rs broadcasts for read indexes unless a tick came (see
+    /// [`Core::read_index`]).
+    fn send(&self, transport: &mut impl Transport, mut messages: Vec<Message>, ticked: bool) {
+        if !ticked && self.is_leader() {
+            messages.retain(|m| m.get_msg_type() != MessageType::MsgHeartbeat || m.get_context().is_empty());
+        }
+        if !messages.is_empty() {
+            transport.send(messages);
+        }
     }
 
     /// Applies committed entries to the in-memory state and records the new
@@ -570,5 +596,95 @@ impl Core {
         if to > snapshot_index {
             batch.compact_to = Some(to);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use raft::eraftpb::ConfState;
+
+    use super::*;
+    use crate::state::Member;
+    use crate::storage::CrashDisk;
+
+    #[derive(Default)]
+    struct Outbox(Vec<Message>);
+
+    impl Transport for Outbox {
+        fn send(&mut self, messages: Vec<Message>) {
+            self.0.extend(messages);
+        }
+    }
+
+    /// Three cores over in-memory disks, with node 1 elected.
+    fn cluster() -> (BTreeMap<NodeId, Core>, Vec<CrashDisk>) {
+        let ids = vec![1, 2, 3];
+        let members: Vec<Member> =
+            ids.iter().map(|id| Member::new(*id, format!("n{id}"), format!("n{id}:7000"))).collect();
+        let mut cores = BTreeMap::new();
+        let mut disks = Vec::new();
+        for id in &ids {
+            let disk = CrashDisk::new();
+            let mut store = Store::open_backend(disk.backend()).unwrap();
+            let conf_state = ConfState::from((ids.clone(), Vec::<u64>::new()));
+            store.bootstrap(conf_state, State::with_members(members.clone()), BOOTSTRAP_INDEX, BOOTSTRAP_TERM).unwrap();
+            cores.insert(*id, Core::new(CoreConfig { heartbeat_tick: 2, ..CoreConfig::new(*id) }, store).unwrap());
+            disks.push(disk);
+        }
+        cores.get_mut(&1).unwrap().campaign().unwrap();
+        pump(&mut cores, &mut Vec::new());
+        assert!(cores[&1].is_leader());
+        (cores, disks)
+    }
+
+    /// Delivers messages until none are left; every message sent is also
+    /// appended to `sent`, and every read answered to `reads`.
+    fn pump(cores: &mut BTreeMap<NodeId, Core>, sent: &mut Vec<Message>) -> Vec<(NodeId, Vec<u8>, u64)> {
+        let mut reads = Vec::new();
+        loop {
+            let mut outbox = Outbox::default();
+            for (id, core) in cores.iter_mut() {
+                let out = core.handle_ready(&mut outbox).unwrap();
+                reads.extend(out.reads.into_iter().map(|(ctx, index)| (*id, ctx, index)));
+            }
+            if outbox.0.is_empty() {
+                return reads;
+            }
+            for message in outbox.0 {
+                sent.push(message.clone());
+                let _ = cores.get_mut(&message.to).unwrap().step(message);
+            }
+        }
+    }
+
+    fn heartbeats(sent: &[Message]) -> usize {
+        sent.iter().filter(|m| m.get_msg_type() == MessageType::MsgHeartbeat).count()
+    }
+
+    #[test]
+    fn reads_wait_for_the_leaders_next_heartbeat_round_instead_of_a_round_each() {
+        let (mut cores, _disks) = cluster();
+        let commit = cores[&1].status().commit;
+        let mut sent = Vec::new();
+        // Reads on the leader and on a follower: no heartbeat goes out for
+        // them, and neither is answered yet.
+        cores.get_mut(&1).unwrap().read_index(b"on-leader".to_vec());
+        cores.get_mut(&2).unwrap().read_index(b"on-follower".to_vec());
+        let reads = pump(&mut cores, &mut sent);
+        assert_eq!(heartbeats(&sent), 0, "{sent:?}");
+        assert!(reads.is_empty(), "{reads:?}");
+        assert!(sent.iter().any(|m| m.get_msg_type() == MessageType::MsgReadIndex), "the follower asked the leader");
+
+        // The leader's heartbeat (every 2 ticks) confirms both at once.
+        let mut reads = Vec::new();
+        for _ in 0..2 {
+            for core in cores.values_mut() {
+                core.tick();
+            }
+            reads.extend(pump(&mut cores, &mut sent));
+        }
+        assert_eq!(heartbeats(&sent), 2, "one round, to both followers: {sent:?}");
+        reads.sort();
+        assert_eq!(reads, vec![(1, b"on-leader".to_vec(), commit), (2, b"on-follower".to_vec(), commit)]);
     }
 }

@@ -92,6 +92,9 @@ pub struct Timing {
     /// The longest a Raft election takes (raft-rs randomises the election
     /// timeout in `[election_tick, 2 * election_tick)` ticks).
     pub election_timeout_max_ms: u64,
+    /// The leader's heartbeat interval: a read index (each quorum contact)
+    /// waits up to this long for the heartbeat round that confirms it.
+    pub heartbeat_interval_ms: u64,
 }
 
 impl Default for Timing {
@@ -100,9 +103,11 @@ impl Default for Timing {
     /// - `check_interval` 100 ms: the agent's tick.
     /// - `election_timeout_max` 1000 ms: Raft ticks of 50 ms, election after
     ///   10..20 of them.
+    /// - `heartbeat_interval` 150 ms: Raft heartbeats every 3 ticks.
     /// - `fence_after` 1500 ms: long enough that a leader election (at most
-    ///   1000 ms, plus a tick before and a read round after) never fences a
-    ///   healthy cluster; any longer only delays failover.
+    ///   1000 ms, plus a tick before and a read round after, which waits up
+    ///   to a heartbeat interval) never fences a healthy cluster; any longer
+    ///   only delays failover.
     /// - `node_down_after` 1500 ms: as soon as the fence could fire, the host
     ///   stops receiving new placements.
     /// - `stop_max` 1000 ms: the runtime's stop timeout before it kills.
@@ -121,6 +126,7 @@ impl Default for Timing {
             stop_max_ms: 1000,
             check_interval_ms: 100,
             election_timeout_max_ms: 1000,
+            heartbeat_interval_ms: 150,
         }
     }
 }
@@ -137,6 +143,7 @@ impl Timing {
             ("stop_max_ms", self.stop_max_ms),
             ("check_interval_ms", self.check_interval_ms),
             ("election_timeout_max_ms", self.election_timeout_max_ms),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
         ];
         for (name, value) in fields {
             if value == 0 || value > TIMING_MS_MAX {
@@ -156,11 +163,11 @@ impl Timing {
                 CLOCK_RATE_ERROR_PPM * 2 / 10_000,
             ));
         }
-        let election = self.election_timeout_max_ms + 2 * self.check_interval_ms;
+        let election = self.election_timeout_max_ms + 2 * self.check_interval_ms + self.heartbeat_interval_ms;
         if self.fence_after_ms < election {
             return Err(format!(
-                "fence_after_ms ({}) must be at least election_timeout_max_ms + 2 * check_interval_ms \
-                 ({election}), or every host stops its VMs while a new leader is elected",
+                "fence_after_ms ({}) must be at least election_timeout_max_ms + 2 * check_interval_ms + \
+                 heartbeat_interval_ms ({election}), or every host stops its VMs while a new leader is elected",
                 self.fence_after_ms
             ));
         }

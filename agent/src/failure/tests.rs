@@ -280,6 +280,7 @@ proptest! {
         stop in 1u64..5_000,
         check in 1u64..1_000,
         election in 1u64..5_000,
+        heartbeat in 1u64..1_000,
     ) {
         let t = Timing {
             node_down_after_ms: node_down,
@@ -288,6 +289,7 @@ proptest! {
             stop_max_ms: stop,
             check_interval_ms: check,
             election_timeout_max_ms: election,
+            heartbeat_interval_ms: heartbeat,
         };
         if t.validate().is_ok() {
             let e = CLOCK_RATE_ERROR_PPM as f64 / 1e6;

@@ -155,6 +155,9 @@ pub struct Reconciler {
     busy: BTreeSet<String>,
     contact_in_flight: bool,
     fenced_logged: bool,
+    /// The last pass found the fence open and guests free to start: a new
+    /// quorum contact then changes nothing until the next tick's pass.
+    contact_settled: bool,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
 }
@@ -190,6 +193,7 @@ impl Reconciler {
             busy: BTreeSet::new(),
             contact_in_flight: false,
             fenced_logged: false,
+            contact_settled: false,
             done_tx,
             done_rx,
         }
@@ -225,7 +229,16 @@ impl Reconciler {
                 // Any applied change may concern us; the pass below reads it.
                 // One pass for every effect already queued, not one each.
                 _ = effects.recv() => while effects.try_recv().is_ok() {},
-                Some(done) = self.done_rx.recv() => self.on_done(done),
+                Some(done) = self.done_rx.recv() => {
+                    // A contact that only renews an open fence needs no pass
+                    // (at rest that is one pass, and one trip to the raft
+                    // thread, per check interval saved).
+                    let renewal = matches!(done, Done::Contact { commit: Some(_), .. }) && self.contact_settled;
+                    self.on_done(done);
+                    if renewal {
+                        continue;
+                    }
+                }
                 _ = tick.tick() => self.send_contact_read(),
                 _ = scan.tick() => match self.runtime.installed().await {
                     Ok(set) => installed = Some(set),
@@ -376,6 +389,7 @@ impl Reconciler {
         let now = monotonic_ms();
 
         // Fencing comes first and overrides everything else.
+        self.contact_settled = false;
         if self.fence.should_fence(now) {
             if !self.fenced_logged {
                 if self.fence.last_contact_ms().is_some() {
@@ -402,6 +416,7 @@ impl Reconciler {
             self.fenced_logged = false;
         }
         let may_start_any = self.fence.may_start(now, view.applied);
+        self.contact_settled = may_start_any;
 
         // Forget bookkeeping of VMs no longer here; reset it for new placements.
         self.guests.retain(|name, g| view.mine.get(name).is_some_and(|m| m.generation == g.generation));
