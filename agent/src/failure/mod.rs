@@ -250,8 +250,7 @@ impl Detector {
         if self.leader_since_ms.is_none() {
             return Vec::new();
         }
-        let handoff_hosts: BTreeSet<NodeId> =
-            state.vms().values().filter_map(|vm| vm.handoff.map(|h| h.from)).collect();
+        let handoff_hosts: BTreeSet<NodeId> = state.handoff_hosts().collect();
         self.heard_ms.retain(|node, _| state.member(*node).is_some() || handoff_hosts.contains(node));
         let down_after = self.timing.node_down_after_ms;
         let mut out = Vec::new();
@@ -283,11 +282,7 @@ impl Detector {
             return BTreeSet::new();
         }
         let down = state.members().values().filter(|m| m.status == MemberStatus::Down).map(|m| m.id);
-        let removed = state
-            .vms()
-            .values()
-            .filter_map(|vm| vm.handoff.map(|h| h.from))
-            .filter(|node| state.member(*node).is_none());
+        let removed = state.handoff_hosts().filter(|node| state.member(*node).is_none());
         down.chain(removed)
             .filter(|&node| node != self.me)
             .filter(|&node| self.silent_ms(node, now_ms).is_some_and(|s| s > self.timing.reschedule_after_ms))

@@ -215,6 +215,12 @@ impl State {
         self.vms.get(vm).is_some_and(|vm| vm.may_start_on(node))
     }
 
+    /// The hosts that some pending handoff waits for, from the host index
+    /// (the leader's failure detector asks every check interval).
+    pub fn handoff_hosts(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.index.handoffs.keys().copied()
+    }
+
     /// The VMs whose pending handoff waits for `node`: its reconciler stops
     /// its copy of each and then proposes `Released` with the handoff's
     /// generation.
