@@ -22,7 +22,10 @@
 //!    and the hard state are written in **one** transaction. Applying and
 //!    recording the applied index together means a crash can never re-apply
 //!    an entry (a re-applied `Place` would bump the generation twice and
-//!    the replicas would diverge).
+//!    the replicas would diverge). The effects and applied index may be
+//!    deferred to a later transaction (`WriteBatch::defer_state`, written at
+//!    the latest by the next tick's [`Core::write_state`]): they still go
+//!    together, and a crash before then re-applies from the log instead.
 //! 3. That transaction is durable (fsync) before `persisted_messages()` are
 //!    sent. They hold votes and append acknowledgements: a vote sent before
 //!    its hard state is durable can be forgotten by a crash, after which the
@@ -35,10 +38,11 @@
 //!    Advancing before the write would let a leader commit on the strength
 //!    of a copy that is not on its disk.
 //! 5. The light ready: its commit index is written in the same transaction
-//!    as the entries it lets us apply (persist the commit index with or
-//!    before applying: a restarted node whose applied index exceeds its
-//!    commit index is refused by raft-rs), its messages go out, and
-//!    `advance_apply` follows the write.
+//!    as the entries it lets us apply, or an earlier one (persist the commit
+//!    index with or before applying: a restarted node whose applied index
+//!    exceeds its commit index is refused by raft-rs), its messages go out,
+//!    and `advance_apply` follows. Both are normally deferred, so a light
+//!    ready costs no transaction at all.
 //!
 //! A storage error is fatal: the node stops (systemd restarts it) and the
 //! restarted node resumes from what is on disk. Nothing is ever wiped.
@@ -462,7 +466,7 @@ impl Core {
 
         // (2) Snapshot, applied entries, new entries and hard state: one
         // transaction.
-        let mut batch = WriteBatch { sync: ready.must_sync(), ..WriteBatch::default() };
+        let mut batch = WriteBatch { sync: ready.must_sync(), defer_state: true, ..WriteBatch::default() };
         if !ready.snapshot().is_empty() {
             let snapshot: Snapshot = ready.snapshot().clone();
             let index = snapshot.get_metadata().index;
@@ -493,7 +497,7 @@ impl Core {
         let mut light = self.raw.advance(ready);
 
         // (5) The light ready.
-        let mut batch = WriteBatch { commit: light.commit_index(), ..WriteBatch::default() };
+        let mut batch = WriteBatch { commit: light.commit_index(), defer_state: true, ..WriteBatch::default() };
         if !light.messages().is_empty() {
             self.send(transport, light.take_messages(), ticked);
         }
@@ -505,6 +509,13 @@ impl Core {
         }
         self.raw.advance_apply();
         Ok(out)
+    }
+
+    /// Writes the applied state that `handle_ready` deferred (see the
+    /// `storage` module); the node calls it every tick and before it stops.
+    /// An error is a storage failure, after which the node must stop.
+    pub fn write_state(&mut self) -> Result<(), StorageError> {
+        self.raw.mut_store().write_state()
     }
 
     /// Hands a leader's messages to `transport`, without the heartbeat

@@ -561,23 +561,24 @@ impl RaftThread {
         loop {
             let timeout = next_tick.saturating_duration_since(Instant::now());
             match rx.recv_timeout(timeout) {
-                Ok(Input::Shutdown) => return Ok(()),
+                Ok(Input::Shutdown) => return self.core.write_state(),
                 Ok(input) => {
                     self.handle(input);
                     // Batch: take everything already queued.
                     while let Ok(input) = rx.try_recv() {
                         if matches!(input, Input::Shutdown) {
                             self.process_ready()?;
-                            return Ok(());
+                            return self.core.write_state();
                         }
                         self.handle(input);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                Err(RecvTimeoutError::Disconnected) => return self.core.write_state(),
             }
             let now = Instant::now();
-            if now >= next_tick {
+            let ticked = now >= next_tick;
+            if ticked {
                 next_tick = now + self.options.tick;
                 if !self.removed {
                     self.core.tick();
@@ -586,6 +587,14 @@ impl RaftThread {
                 self.expire(now);
             }
             self.process_ready()?;
+            if ticked {
+                // The applied state `process_ready` deferred, at most a tick
+                // behind the log (see `consensus`).
+                if let Err(e) = self.core.write_state() {
+                    tracing::error!(error = %e, "storage failed; stopping this member (systemd restarts it)");
+                    return Err(e);
+                }
+            }
         }
     }
 

@@ -23,6 +23,15 @@
 //! writes would re-apply entries on restart (a second `Place` bumps the
 //! generation twice) and the replicas would diverge.
 //!
+//! A batch may also *defer* the applied state ([`WriteBatch::defer_state`]):
+//! the rows, applied index and light-ready commit index then stay in memory
+//! and a later batch (or [`Store::write_state`]) writes them all, still
+//! together, so the same holds. What a crash loses of them is re-applied from
+//! the log on restart: a deferred applied index only ever lags, and the log
+//! is compacted only in a batch that writes the state, so the entries to
+//! re-apply are always there. The node writes its state every tick; a batch
+//! per `Ready` then holds only the log and hard state, as etcd's WAL does.
+//!
 //! The whole log since the snapshot point is also kept in memory
 //! (`entries`): it is bounded by the compaction threshold, and raft-rs reads
 //! entries and terms far more often than we write them.
@@ -160,6 +169,11 @@ pub struct WriteBatch {
     /// Must the batch be on disk before `commit` returns? Set whenever the
     /// batch holds entries, a snapshot, or a changed term or vote.
     pub sync: bool,
+    /// Keep the applied state (changed rows, `applied`) and `commit` in
+    /// memory for a later batch to write (module documentation). Ignored,
+    /// and everything written, when the batch installs a snapshot, changes
+    /// the conf state or compacts.
+    pub defer_state: bool,
 }
 
 impl WriteBatch {
@@ -185,6 +199,11 @@ pub struct Store {
     entries: VecDeque<Entry>,
     state: State,
     identity: Option<NodeIdentity>,
+    /// `applied` and the rows changed up to it are ahead of the disk.
+    state_unwritten: bool,
+    /// A commit index ahead of `hard_state.commit` (which is what the disk
+    /// holds), from a deferred batch.
+    commit_unwritten: Option<u64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -285,6 +304,8 @@ impl Store {
             entries,
             state: State::load(members, vms, join_tokens),
             identity,
+            state_unwritten: false,
+            commit_unwritten: None,
         };
         store.validate().map_err(StorageError::Corrupt)?;
         Ok(store)
@@ -293,8 +314,7 @@ impl Store {
     /// Checks the pointer invariant (module documentation). Called after
     /// opening and, in tests, after every write.
     pub fn validate(&self) -> Result<(), String> {
-        let (snap, applied, commit, last) =
-            (self.snapshot_index, self.applied, self.hard_state.commit, self.last_index());
+        let (snap, applied, commit, last) = (self.snapshot_index, self.applied, self.commit_index(), self.last_index());
         if !(snap <= applied && applied <= commit && commit <= last.max(snap)) {
             return Err(format!(
                 "pointer invariant broken: snapshot {snap} <= applied {applied} <= commit {commit} <= last {last}"
@@ -358,8 +378,28 @@ impl Store {
         self.commit(batch)
     }
 
+    /// The hard state as written.
     pub fn hard_state(&self) -> &HardState {
         &self.hard_state
+    }
+
+    /// The commit index, including one a deferred batch has not written.
+    pub fn commit_index(&self) -> u64 {
+        self.commit_unwritten.map_or(self.hard_state.commit, |c| c.max(self.hard_state.commit))
+    }
+
+    /// Whether deferred state waits for [`Store::write_state`].
+    pub fn state_unwritten(&self) -> bool {
+        self.state_unwritten || self.commit_unwritten.is_some()
+    }
+
+    /// Writes the deferred state (unsynced: a crash before the next synced
+    /// write only means re-applying from the log).
+    pub fn write_state(&mut self) -> Result<(), StorageError> {
+        if !self.state_unwritten() {
+            return Ok(());
+        }
+        self.commit(WriteBatch::default())
     }
 
     pub fn conf_state(&self) -> &ConfState {
@@ -455,6 +495,28 @@ impl Store {
             (to, term)
         });
 
+        let write_state =
+            !batch.defer_state || installed.is_some() || batch.conf_state.is_some() || batch.compact_to.is_some();
+        if !write_state && batch.entries.is_empty() && batch.hard_state.is_none() {
+            // Nothing for the disk yet: only the in-memory mirror moves.
+            if let Some(applied) = batch.applied {
+                self.applied = applied;
+                self.state_unwritten = true;
+            }
+            if let Some(commit) = batch.commit {
+                self.commit_unwritten = Some(self.commit_index().max(commit));
+            }
+            debug_assert_eq!(self.validate(), Ok(()));
+            return Ok(());
+        }
+        // The applied index to write: this batch's, or one deferred earlier
+        // (never that one over a snapshot, which replaces it).
+        let applied_to_write = match batch.applied {
+            Some(applied) if write_state => Some(applied),
+            None if write_state && self.state_unwritten && installed.is_none() => Some(self.applied),
+            _ => None,
+        };
+
         let mut txn = self.db.begin_write()?;
         txn.set_durability(if batch.sync { Durability::Immediate } else { Durability::None })?;
         {
@@ -482,34 +544,41 @@ impl Store {
                 meta.insert(META_CONF_STATE, snap_meta.get_conf_state().write_to_bytes()?.as_slice())?;
             }
 
-            // Rows changed by applying committed entries.
-            let dirty = self.state.take_dirty();
-            if installed.is_none() {
-                for id in dirty.members {
-                    match self.state.member(id) {
-                        Some(m) => {
-                            members.insert(id, prost::Message::encode_to_vec(&codec::member_to_pb(m)).as_slice())?;
-                        }
-                        None => {
-                            members.remove(id)?;
-                        }
-                    }
-                }
-                for name in dirty.vms {
-                    match self.state.vm(&name) {
-                        Some(vm) => {
-                            vms.insert(name.as_str(), prost::Message::encode_to_vec(&codec::vm_to_pb(vm)).as_slice())?;
-                        }
-                        None => {
-                            vms.remove(name.as_str())?;
+            // Rows changed by applying committed entries (they stay marked
+            // while the state is deferred).
+            if write_state {
+                let dirty = self.state.take_dirty();
+                if installed.is_none() {
+                    for id in dirty.members {
+                        match self.state.member(id) {
+                            Some(m) => {
+                                members
+                                    .insert(id, prost::Message::encode_to_vec(&codec::member_to_pb(m)).as_slice())?;
+                            }
+                            None => {
+                                members.remove(id)?;
+                            }
                         }
                     }
-                }
-                if dirty.join_tokens {
-                    meta.insert(META_JOIN_TOKENS, codec::encode_join_tokens(&self.state).as_slice())?;
+                    for name in dirty.vms {
+                        match self.state.vm(&name) {
+                            Some(vm) => {
+                                vms.insert(
+                                    name.as_str(),
+                                    prost::Message::encode_to_vec(&codec::vm_to_pb(vm)).as_slice(),
+                                )?;
+                            }
+                            None => {
+                                vms.remove(name.as_str())?;
+                            }
+                        }
+                    }
+                    if dirty.join_tokens {
+                        meta.insert(META_JOIN_TOKENS, codec::encode_join_tokens(&self.state).as_slice())?;
+                    }
                 }
             }
-            if let Some(applied) = batch.applied {
+            if let Some(applied) = applied_to_write {
                 meta.insert(META_APPLIED, applied.to_le_bytes().as_slice())?;
             }
             if let Some(conf_state) = &batch.conf_state {
@@ -545,8 +614,13 @@ impl Store {
             if let Some(hs) = batch.hard_state.take() {
                 hard_state = hs;
             }
-            if let Some(commit) = batch.commit {
-                hard_state.commit = commit;
+            if write_state {
+                let deferred = self.commit_unwritten.take().into_iter();
+                for commit in batch.commit.into_iter().chain(deferred) {
+                    hard_state.commit = hard_state.commit.max(commit);
+                }
+            } else if let Some(commit) = batch.commit {
+                self.commit_unwritten = Some(self.commit_index().max(commit));
             }
             if let Some((to, term)) = compaction {
                 let stale: Vec<u64> = log.range(..=to)?.map(|r| r.map(|(k, _)| k.value())).collect::<Result<_, _>>()?;
@@ -575,6 +649,10 @@ impl Store {
         }
         if let Some(applied) = batch.applied {
             self.applied = applied;
+        }
+        self.state_unwritten = !write_state && (self.state_unwritten || batch.applied.is_some());
+        if self.commit_unwritten.is_some_and(|c| c <= self.hard_state.commit) {
+            self.commit_unwritten = None;
         }
         if let Some(conf_state) = batch.conf_state {
             self.conf_state = conf_state;

@@ -62,7 +62,7 @@ impl Checker {
 
         // A committed entry is never lost or changed: every node's
         // committed entries agree with what anyone ever saw committed.
-        let commit = store.hard_state().commit;
+        let commit = store.commit_index();
         let (snapshot_index, _) = store.snapshot_point();
         let from = self.checked_commit.get(&id).copied().unwrap_or(0).max(snapshot_index) + 1;
         for index in from..=commit {

@@ -397,7 +397,15 @@ impl Sim {
             let node = self.nodes.get_mut(&id).expect("alive");
             if node.next_tick_ms <= self.now_ms {
                 node.next_tick_ms += TICK_MS - 5 + self.rng.random_range(0..10);
-                node.core.as_mut().expect("alive").tick();
+                let core = node.core.as_mut().expect("alive");
+                core.tick();
+                // As the node does every tick: write the state that readies
+                // deferred (so crashes hit both written and deferred state).
+                if let Err(e) = core.write_state() {
+                    self.stats.sync_failures += 1;
+                    self.log(|| format!("node {id}: storage failed writing its state ({e}); crashing"));
+                    self.crash(id);
+                }
             }
         }
     }
