@@ -554,15 +554,17 @@ impl Sim {
             self.process_readies().map_err(|e| self.fail("chaos", e))?;
         }
 
-        // Calm: heal everything, restart every crashed member, stop faults.
+        // Calm: heal everything, stop faults, restart every crashed member
+        // (in that order: a sync failure still armed would otherwise fire
+        // during the restart and keep that member down for good).
         self.blocked.clear();
+        for node in self.nodes.values() {
+            node.disk.clear_faults();
+        }
         let dead: Vec<NodeId> =
             self.nodes.iter().filter(|(_, n)| n.core.is_none() && !n.removed).map(|(id, _)| *id).collect();
         for id in dead {
             self.start(id);
-        }
-        for node in self.nodes.values() {
-            node.disk.clear_faults();
         }
         let loss = self.params.loss;
         self.params = Params {
