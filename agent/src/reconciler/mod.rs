@@ -158,6 +158,13 @@ pub struct Reconciler {
     /// The last pass found the fence open and guests free to start: a new
     /// quorum contact then changes nothing until the next tick's pass.
     contact_settled: bool,
+    /// The last pass's view, with the guests that were up then: a tick's
+    /// pass reuses it while the applied index and the guests are the same
+    /// (the state at an applied index never changes), which at rest spares
+    /// a trip to the raft thread every check interval.
+    last_view: Option<(Vec<String>, Arc<View>)>,
+    /// An applied change arrived since the last view was read.
+    state_changed: bool,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
 }
@@ -194,6 +201,8 @@ impl Reconciler {
             contact_in_flight: false,
             fenced_logged: false,
             contact_settled: false,
+            last_view: None,
+            state_changed: true,
             done_tx,
             done_rx,
         }
@@ -228,7 +237,10 @@ impl Reconciler {
                 },
                 // Any applied change may concern us; the pass below reads it.
                 // One pass for every effect already queued, not one each.
-                _ = effects.recv() => while effects.try_recv().is_ok() {},
+                _ = effects.recv() => {
+                    while effects.try_recv().is_ok() {}
+                    self.state_changed = true;
+                }
                 Some(done) = self.done_rx.recv() => {
                     // A contact that only renews an open fence needs no pass
                     // (at rest that is one pass, and one trip to the raft
@@ -379,13 +391,22 @@ impl Reconciler {
     async fn pass(&mut self, installed: Option<&BTreeSet<String>>) {
         let me = self.me;
         let up: Vec<String> = self.observed.iter().filter(|(_, s)| s.is_up()).map(|(n, _)| n.clone()).collect();
-        let view = match self.node.read_local(move |state, status| view(state, me, status.applied, &up)).await {
-            Ok(view) => view,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot read the local state");
-                return;
+        let applied = self.node.status().applied;
+        let view = match self.last_view.take() {
+            Some((last_up, view)) if !self.state_changed && last_up == up && view.applied == applied => view,
+            _ => {
+                self.state_changed = false;
+                let read_up = up.clone();
+                match self.node.read_local(move |state, status| view(state, me, status.applied, &read_up)).await {
+                    Ok(view) => Arc::new(view),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot read the local state");
+                        return;
+                    }
+                }
             }
         };
+        self.last_view = Some((up, view.clone()));
         let now = monotonic_ms();
 
         // Fencing comes first and overrides everything else.
