@@ -100,7 +100,8 @@ pub struct Timing {
 impl Default for Timing {
     /// Chosen to put a lost host's VMs back into `running` within 5 s:
     ///
-    /// - `check_interval` 100 ms: the agent's tick.
+    /// - `check_interval` 150 ms: the agent's tick (each tick costs every
+    ///   member a contact read, so it is not shorter than a heartbeat).
     /// - `election_timeout_max` 1000 ms: Raft ticks of 50 ms, election after
     ///   10..20 of them.
     /// - `heartbeat_interval` 150 ms: Raft heartbeats every 3 ticks.
@@ -112,19 +113,19 @@ impl Default for Timing {
     ///   stops receiving new placements.
     /// - `stop_max` 1000 ms: the runtime's stop timeout before it kills.
     /// - `reschedule_after` 3000 ms: the smallest round number that clears
-    ///   the safety bound, (1500 + 100 + 1000) * 1.01 / 0.99 = 2653 ms.
+    ///   the safety bound, (1500 + 150 + 1000) * 1.01 / 0.99 = 2704 ms.
     ///
     /// Failover then takes at most `reschedule_after` + one tick + a Raft
     /// commit + the guest's start, about 3.2 s plus the start; when the
     /// leader's own host is lost, add up to one election: 4.2 s plus the
-    /// start.
+    /// start. (The fence needs 1000 + 2 * 150 + 150 = 1450 <= 1500 ms.)
     fn default() -> Self {
         Timing {
             node_down_after_ms: 1500,
             reschedule_after_ms: 3000,
             fence_after_ms: 1500,
             stop_max_ms: 1000,
-            check_interval_ms: 100,
+            check_interval_ms: 150,
             election_timeout_max_ms: 1000,
             heartbeat_interval_ms: 150,
         }

@@ -54,13 +54,13 @@ fn the_default_timing_is_valid_and_meets_the_failover_goal() {
 #[test]
 fn unsafe_timings_are_refused_with_a_reason() {
     let base = Timing::default();
-    let e = Timing { reschedule_after_ms: 2600, ..base }.validate().unwrap_err();
+    let e = Timing { reschedule_after_ms: 2700, ..base }.validate().unwrap_err();
     assert_eq!(
         e,
-        "reschedule_after_ms (2600) must be at least 2653: fence_after_ms + check_interval_ms + stop_max_ms \
-         (2600) plus 2% for clock rates, or a cut-off host may still run a VM when another host starts it"
+        "reschedule_after_ms (2700) must be at least 2704: fence_after_ms + check_interval_ms + stop_max_ms \
+         (2650) plus 2% for clock rates, or a cut-off host may still run a VM when another host starts it"
     );
-    Timing { reschedule_after_ms: 2653, ..base }.validate().unwrap();
+    Timing { reschedule_after_ms: 2704, ..base }.validate().unwrap();
     let e = Timing { fence_after_ms: 1100, ..base }.validate().unwrap_err();
     assert!(e.starts_with("fence_after_ms (1100) must be at least election_timeout_max_ms"), "{e}");
     let e = Timing { node_down_after_ms: 5000, ..base }.validate().unwrap_err();
