@@ -277,6 +277,22 @@ impl Core {
         self.raw.tick();
     }
 
+    /// How many ticks may pass before one does something: the leader's next
+    /// heartbeat or quorum check, or a follower's (or candidate's) election
+    /// timeout. At least 1. A node that sleeps that long and then delivers
+    /// the ticks that passed behaves as one ticked every time.
+    pub fn ticks_until_due(&self) -> usize {
+        let raft = &self.raw.raft;
+        let due = if raft.state == StateRole::Leader {
+            let heartbeat = self.config.heartbeat_tick.saturating_sub(raft.heartbeat_elapsed());
+            let quorum_check = self.config.election_tick.saturating_sub(raft.election_elapsed);
+            heartbeat.min(quorum_check)
+        } else {
+            raft.randomized_election_timeout().saturating_sub(raft.election_elapsed)
+        };
+        due.max(1)
+    }
+
     /// Feeds a message from a peer. Errors are messages raft-rs refuses
     /// (from a removed peer, a local message type); the caller logs them.
     pub fn step(&mut self, message: Message) -> Result<(), raft::Error> {

@@ -58,6 +58,11 @@ impl Duties {
         }
     }
 
+    /// How often the duties run.
+    pub fn check_interval_ms(&self) -> u64 {
+        self.check_interval_ms
+    }
+
     pub fn became_leader(&mut self, now_ms: u64) {
         self.checks_as_leader = 0;
         self.detector.on_became_leader(now_ms);
@@ -89,7 +94,10 @@ impl Duties {
     /// Runs the duties if a check interval has passed; proposes through
     /// `core` (the leader).
     pub fn check(&mut self, core: &mut Core, now_ms: u64, at_unix_ms: u64) {
-        if !core.is_leader() || now_ms < self.last_check_ms + self.check_interval_ms {
+        // A quarter interval of slack: the raft thread wakes for the duties
+        // on a tick clock, and a wake-up a millisecond early must not put
+        // the check off by a whole interval.
+        if !core.is_leader() || now_ms + self.check_interval_ms / 4 < self.last_check_ms + self.check_interval_ms {
             return;
         }
         self.last_check_ms = now_ms;

@@ -529,6 +529,11 @@ impl Transport for SenderTransport<'_> {
     }
 }
 
+/// Ticks a removed member sleeps between looking at its inputs.
+const IDLE_TICKS: usize = 20;
+/// The most ticks delivered at once after the raft thread was held up.
+const CATCH_UP_TICKS_MAX: usize = 100;
+
 struct PendingRead {
     f: ReadFn,
     deadline: Instant,
@@ -557,10 +562,23 @@ struct RaftThread {
 
 impl RaftThread {
     fn run(&mut self, rx: mpsc::Receiver<Input>) -> Result<(), StorageError> {
-        let mut next_tick = Instant::now() + self.options.tick;
+        let tick = self.options.tick;
+        // Leader duties run every check interval: the leader wakes for them.
+        let duty_ticks = self.duties.check_interval_ms().div_ceil(tick.as_millis().max(1) as u64).max(1) as usize;
+        let mut last_tick = Instant::now();
         loop {
-            let timeout = next_tick.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(timeout) {
+            // Sleep until a tick would do something (a heartbeat, a quorum
+            // check, an election, the leader's duties) or an input comes, not
+            // through every tick: at rest that spares most wake-ups.
+            let due = if self.removed {
+                IDLE_TICKS
+            } else if self.core.is_leader() {
+                self.core.ticks_until_due().min(duty_ticks)
+            } else {
+                self.core.ticks_until_due()
+            };
+            let wake_at = last_tick + tick * due as u32;
+            match rx.recv_timeout(wake_at.saturating_duration_since(Instant::now())) {
                 Ok(Input::Shutdown) => return self.core.write_state(),
                 Ok(input) => {
                     self.handle(input);
@@ -577,11 +595,20 @@ impl RaftThread {
                 Err(RecvTimeoutError::Disconnected) => return self.core.write_state(),
             }
             let now = Instant::now();
-            let ticked = now >= next_tick;
+            // The ticks that passed, delivered now (at most a bounded number
+            // after a long stall, such as a suspended process).
+            let passed = (now.saturating_duration_since(last_tick).as_nanos() / tick.as_nanos().max(1)) as usize;
+            let ticked = passed > 0;
             if ticked {
-                next_tick = now + self.options.tick;
+                if passed > CATCH_UP_TICKS_MAX {
+                    last_tick = now;
+                } else {
+                    last_tick += tick * passed as u32;
+                }
                 if !self.removed {
-                    self.core.tick();
+                    for _ in 0..passed.min(CATCH_UP_TICKS_MAX) {
+                        self.core.tick();
+                    }
                     self.leader_duties();
                 }
                 self.expire(now);
