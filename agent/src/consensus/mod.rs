@@ -714,4 +714,33 @@ mod tests {
         reads.sort();
         assert_eq!(reads, vec![(1, b"on-leader".to_vec(), commit), (2, b"on-follower".to_vec(), commit)]);
     }
+
+    #[test]
+    fn ticks_until_due_names_the_first_tick_that_does_something() {
+        let (mut cores, _disks) = cluster();
+        let mut sent = Vec::new();
+        // The leader: its next heartbeat round (every 2 ticks here).
+        let due = cores[&1].ticks_until_due();
+        assert!((1..=2).contains(&due), "{due}");
+        for _ in 1..due {
+            cores.get_mut(&1).unwrap().tick();
+        }
+        pump(&mut cores, &mut sent);
+        assert_eq!(heartbeats(&sent), 0, "no heartbeat before the due tick");
+        cores.get_mut(&1).unwrap().tick();
+        pump(&mut cores, &mut sent);
+        assert_eq!(heartbeats(&sent), 2, "the due tick sends a round");
+        assert_eq!(cores[&1].ticks_until_due(), 2);
+
+        // A follower: its election timeout, not a tick earlier.
+        let follower = cores.get_mut(&2).unwrap();
+        let due = follower.ticks_until_due();
+        assert!((10..20).contains(&due), "{due}");
+        for _ in 1..due {
+            follower.tick();
+        }
+        assert_eq!(follower.status().role, Role::Follower);
+        follower.tick();
+        assert_ne!(follower.status().role, Role::Follower, "the due tick starts an election");
+    }
 }
