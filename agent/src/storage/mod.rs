@@ -393,13 +393,16 @@ impl Store {
         self.state_unwritten || self.commit_unwritten.is_some()
     }
 
-    /// Writes the deferred state (unsynced: a crash before the next synced
-    /// write only means re-applying from the log).
+    /// Writes the deferred state, synced: redb keeps an unsynced commit
+    /// only in its own memory until a synced one, so a killed process would
+    /// lose it and re-apply everything since the last synced state (up to a
+    /// compaction interval of entries, which measured 1.1 s of restart for
+    /// 100,000 VMs instead of 0.4 s). At rest there is nothing to write.
     pub fn write_state(&mut self) -> Result<(), StorageError> {
         if !self.state_unwritten() {
             return Ok(());
         }
-        self.commit(WriteBatch::default())
+        self.commit(WriteBatch { sync: true, ..WriteBatch::default() })
     }
 
     pub fn conf_state(&self) -> &ConfState {
