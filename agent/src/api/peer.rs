@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -61,8 +62,11 @@ pub const SNAPSHOT_BYTES_MAX: u64 = 4 * 1024 * 1024 * 1024;
 const SNAPSHOT_PREALLOC_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Transfers of one snapshot while the receiver finds it damaged.
 pub const SNAPSHOT_SEND_ATTEMPTS_MAX: usize = 3;
-/// One `Peer.Raft` call (to a member that predates `RaftStream`); Raft's
-/// own timeouts are longer than this.
+/// Batches waiting to go onto a peer's stream; beyond this, messages wait
+/// in the peer's queue (where the oldest are dropped when it is full).
+const STREAM_BATCHES_QUEUED: usize = 4;
+/// One `Peer.Raft` call, or one batch waiting to go onto a peer's stream;
+/// Raft's own timeouts are longer than this.
 const RAFT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// One snapshot transfer, all chunks.
 const SNAPSHOT_CALL_TIMEOUT: Duration = Duration::from_secs(300);
@@ -223,29 +227,51 @@ fn next_batch(queue: &PeerQueue) -> Vec<Vec<u8>> {
     batch
 }
 
+/// An open `Peer.RaftStream` call: batches go into `batches`, and the call
+/// itself runs in its own task until the stream breaks or is dropped.
+struct OpenStream {
+    address: String,
+    batches: mpsc::Sender<pb::RaftBatch>,
+    call: JoinHandle<Result<(), Status>>,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.call.abort();
+    }
+}
+
+/// Why a batch could not go onto a stream.
+enum StreamFailure {
+    /// The peer predates `RaftStream`; the batch comes back to be sent by
+    /// a `Raft` call.
+    Unimplemented(pb::RaftBatch),
+    Failed(String),
+}
+
 /// Sends `peer`'s queued messages until the transport is dropped: on one
-/// long-lived `RaftStream` call, whose body takes batches straight off the
-/// queue as the connection can send them, or one `Raft` call per batch to a
-/// peer that predates it.
+/// long-lived `RaftStream` call, or one `Raft` call per batch to a peer
+/// that predates it.
 async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
     let mut connection: Option<(String, PeerClient<Channel>)> = None;
+    let mut stream: Option<OpenStream> = None;
     let mut unary_only = false;
     let mut backoff = BACKOFF_MIN;
     loop {
         if shared.closed.load(Ordering::SeqCst) {
             return;
         }
-        if queue.messages.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+        let batch = next_batch(&queue);
+        if batch.is_empty() {
             queue.ready.notified().await;
             continue;
         }
         let Some(address) = shared.address_of(peer) else {
-            next_batch(&queue);
             tracing::debug!(peer, "no address known for this peer; dropped its messages");
             shared.report_unreachable(peer);
             continue;
         };
-        let mut client = match &connection {
+        let client = match &connection {
             Some((known, client)) if *known == address => client.clone(),
             _ => match shared.dialer.endpoint(&address) {
                 Ok(endpoint) => {
@@ -255,41 +281,49 @@ async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
                     client
                 }
                 Err(e) => {
-                    next_batch(&queue);
                     tracing::warn!(peer, address, error = %e.message(), "bad peer address");
                     shared.report_unreachable(peer);
                     continue;
                 }
             },
         };
-        let outcome = if unary_only {
-            let request = batch_of(&shared, next_batch(&queue));
-            if request.messages.is_empty() {
-                continue;
-            }
-            match tokio::time::timeout(RAFT_CALL_TIMEOUT, client.raft(request)).await {
-                Ok(outcome) => outcome.map(|_| ()),
-                Err(_) => Err(Status::deadline_exceeded("timed out")),
-            }
-        } else {
-            // Runs until the stream breaks, or ends it (the transport was
-            // dropped or the peer moved to another address).
-            match client.raft_stream(stream_batches(shared.clone(), peer, queue.clone(), address.clone())).await {
-                Err(status) if status.code() == tonic::Code::Unimplemented => {
-                    tracing::info!(peer, address, "this peer predates Peer.RaftStream; sending it one call per batch");
-                    unary_only = true;
+        let mut request = pb::RaftBatch {
+            cluster_id: shared.me.cluster_id,
+            from: shared.me.id,
+            from_address: shared.me.address.clone(),
+            messages: batch,
+        };
+        if !unary_only {
+            match send_on_stream(&mut stream, &address, &client, request).await {
+                Ok(()) => {
+                    backoff = BACKOFF_MIN;
                     continue;
                 }
-                outcome => outcome.map(|_| ()),
+                Err(StreamFailure::Unimplemented(batch)) => {
+                    tracing::info!(peer, address, "this peer predates Peer.RaftStream; sending it one call per batch");
+                    unary_only = true;
+                    request = batch;
+                }
+                Err(StreamFailure::Failed(error)) => {
+                    // Logged at debug: a peer that is down fails every
+                    // heartbeat, and Raft's own role changes say more.
+                    tracing::debug!(peer, address, error, "sending to a peer failed");
+                    shared.report_unreachable(peer);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
             }
-        };
-        match outcome {
-            Ok(()) => backoff = BACKOFF_MIN,
-            Err(status) => {
-                // Logged at debug: a peer that is down fails every
-                // heartbeat, and Raft's own role changes say more. What was
-                // in flight is lost; Raft retransmits once told.
-                tracing::debug!(peer, address, error = status.message(), "sending to a peer failed");
+        }
+        let mut client = client;
+        match tokio::time::timeout(RAFT_CALL_TIMEOUT, client.raft(request)).await {
+            Ok(Ok(_)) => backoff = BACKOFF_MIN,
+            outcome => {
+                let error = match outcome {
+                    Ok(Err(status)) => status.message().to_string(),
+                    _ => "timed out".to_string(),
+                };
+                tracing::debug!(peer, address, error, "sending to a peer failed");
                 shared.report_unreachable(peer);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -298,43 +332,66 @@ async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
     }
 }
 
-fn batch_of(shared: &Shared, messages: Vec<Vec<u8>>) -> pb::RaftBatch {
-    pb::RaftBatch {
-        cluster_id: shared.me.cluster_id,
-        from: shared.me.id,
-        from_address: shared.me.address.clone(),
-        messages,
+/// Puts one batch on the open stream to `address`, opening one first if
+/// there is none (or the last one ended). A stream that ended with an
+/// error, or that takes no batch for [`RAFT_CALL_TIMEOUT`] (a peer that
+/// stopped reading), is a failure: the batches in it may be lost, which
+/// Raft's retransmission covers once it is told the peer was unreachable.
+async fn send_on_stream(
+    stream: &mut Option<OpenStream>,
+    address: &str,
+    client: &PeerClient<Channel>,
+    batch: pb::RaftBatch,
+) -> Result<(), StreamFailure> {
+    if let Some(open) = stream.as_mut()
+        && (open.address != address || open.call.is_finished())
+    {
+        let ended = stream.take().expect("checked above");
+        if ended.call.is_finished()
+            && let Err(status) = ended_call(ended).await
+        {
+            return Err(failure(status, batch));
+        }
+    }
+    let open = stream.get_or_insert_with(|| {
+        let (batches, receiver) = mpsc::channel(STREAM_BATCHES_QUEUED);
+        let mut client = client.clone();
+        let call = tokio::spawn(async move {
+            client.raft_stream(tokio_stream::wrappers::ReceiverStream::new(receiver)).await.map(|_| ())
+        });
+        OpenStream { address: address.to_string(), batches, call }
+    });
+    match tokio::time::timeout(RAFT_CALL_TIMEOUT, open.batches.send(batch)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(mpsc::error::SendError(batch))) => {
+            let ended = stream.take().expect("used above");
+            Err(match ended_call(ended).await {
+                Err(status) => failure(status, batch),
+                Ok(()) => StreamFailure::Failed("the peer ended the stream".to_string()),
+            })
+        }
+        Err(_) => {
+            *stream = None;
+            Err(StreamFailure::Failed("timed out".to_string()))
+        }
     }
 }
 
-/// The body of one `RaftStream` call to `peer` at `address`: the queued
-/// messages, a batch at a time, as the connection takes them (so a slow
-/// peer leaves them in the queue, where the oldest are dropped beyond its
-/// bound). It ends when the transport is dropped or the peer's address
-/// changes.
-fn stream_batches(
-    shared: Arc<Shared>,
-    peer: NodeId,
-    queue: Arc<PeerQueue>,
-    address: String,
-) -> impl futures_util::Stream<Item = pb::RaftBatch> + Send + 'static {
-    futures_util::stream::unfold((shared, queue), move |(shared, queue)| {
-        let address = address.clone();
-        async move {
-            loop {
-                if shared.closed.load(Ordering::SeqCst) || shared.address_of(peer).as_deref() != Some(address.as_str())
-                {
-                    return None;
-                }
-                let batch = next_batch(&queue);
-                if !batch.is_empty() {
-                    let batch = batch_of(&shared, batch);
-                    return Some((batch, (shared, queue)));
-                }
-                queue.ready.notified().await;
-            }
-        }
-    })
+/// The outcome of a stream's call, which has ended or is about to (its
+/// batch receiver is gone).
+async fn ended_call(mut ended: OpenStream) -> Result<(), Status> {
+    match (&mut ended.call).await {
+        Ok(outcome) => outcome,
+        Err(e) => Err(Status::unavailable(format!("the stream's task failed: {e}"))),
+    }
+}
+
+fn failure(status: Status, batch: pb::RaftBatch) -> StreamFailure {
+    if status.code() == tonic::Code::Unimplemented {
+        StreamFailure::Unimplemented(batch)
+    } else {
+        StreamFailure::Failed(status.message().to_string())
+    }
 }
 
 /// Streams one `MsgSnapshot` to `peer` and always reports the outcome.
