@@ -537,7 +537,15 @@ const CATCH_UP_TICKS_MAX: usize = 100;
 struct PendingRead {
     f: ReadFn,
     deadline: Instant,
+    /// When its read index was (last) asked for.
+    asked: Instant,
 }
+
+/// A read index not answered after this long is asked for again under a
+/// new context: raft-rs never resends a follower's read-index request, so
+/// one lost on the way to the leader (a peer stream that broke with it in
+/// flight) would otherwise wait out the whole request timeout.
+const READ_RETRY: Duration = Duration::from_secs(1);
 
 struct RaftThread {
     core: Core,
@@ -661,7 +669,8 @@ impl RaftThread {
                 self.next_read += 1;
                 let ctx = self.next_read;
                 self.core.read_index(ctx.to_le_bytes().to_vec());
-                self.reads.insert(ctx, PendingRead { f, deadline: Instant::now() + self.options.request_timeout });
+                let now = Instant::now();
+                self.reads.insert(ctx, PendingRead { f, deadline: now + self.options.request_timeout, asked: now });
             }
             Input::Raft(messages) => {
                 let now_ms = crate::reconciler::monotonic_ms();
@@ -754,6 +763,19 @@ impl RaftThread {
         for key in expired {
             if let Some(read) = self.reads.remove(&key) {
                 (read.f)(Err(NodeError::Timeout));
+            }
+        }
+        if self.core.leader().is_some() {
+            let stale: Vec<u64> =
+                self.reads.iter().filter(|(_, r)| r.asked + READ_RETRY <= now).map(|(k, _)| *k).collect();
+            for key in stale {
+                if let Some(mut read) = self.reads.remove(&key) {
+                    self.next_read += 1;
+                    let ctx = self.next_read;
+                    self.core.read_index(ctx.to_le_bytes().to_vec());
+                    read.asked = now;
+                    self.reads.insert(ctx, read);
+                }
             }
         }
     }
