@@ -79,6 +79,10 @@ pub struct CoreConfig {
     pub max_size_per_msg: u64,
     /// Append messages in flight per follower.
     pub max_inflight_msgs: usize,
+    /// Tells this start of the node from its others: the high half of its
+    /// proposals' sequence numbers, so that an entry a previous run
+    /// proposed is never taken for one of this run's (random by default).
+    pub incarnation: u32,
     /// The largest command accepted by [`Core::propose`], in bytes.
     pub proposal_bytes_max: usize,
 }
@@ -92,6 +96,7 @@ impl CoreConfig {
             log_compact_entries_max: 10_000,
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
+            incarnation: rand::random(),
             proposal_bytes_max: 1024 * 1024,
         }
     }
@@ -105,16 +110,20 @@ pub struct ProposalId {
 }
 
 impl ProposalId {
-    fn encode(self) -> Vec<u8> {
-        codec::pb::ProposalContext { proposer: self.proposer, seq: self.seq }.encode_to_vec()
+    /// An entry's context: this id and the term of the leader it was
+    /// handed to.
+    fn encode(self, term: u64) -> Vec<u8> {
+        codec::pb::ProposalContext { proposer: self.proposer, seq: self.seq, term }.encode_to_vec()
     }
 
-    fn decode(bytes: &[u8]) -> Option<Self> {
+    /// The id and the term an entry's context names (term 0: none, from an
+    /// older agent).
+    fn decode(bytes: &[u8]) -> Option<(Self, u64)> {
         if bytes.is_empty() {
             return None;
         }
         let ctx = codec::pb::ProposalContext::decode(bytes).ok()?;
-        Some(ProposalId { proposer: ctx.proposer, seq: ctx.seq })
+        Some((ProposalId { proposer: ctx.proposer, seq: ctx.seq }, ctx.term))
     }
 }
 
@@ -225,6 +234,10 @@ pub struct Core {
     /// Our proposals as leader: log index -> (id). Resolved when that index
     /// is applied (ours or not) or skipped by a snapshot.
     pending: BTreeMap<u64, ProposalId>,
+    /// Our proposals as follower, handed to the leader of the term given:
+    /// id -> term. Resolved when applied, as dropped when an entry of a
+    /// later term is applied first, as unknown when a snapshot skips them.
+    forwarded: BTreeMap<ProposalId, u64>,
     /// A tick came since the last [`Core::handle_ready`]: only that `Ready`
     /// may carry a leader's heartbeats (see [`Core::read_index`]).
     ticked: bool,
@@ -257,7 +270,8 @@ impl Core {
         raft_config.validate()?;
         let logger = slog::Logger::root(slog_tracing::TracingDrain, slog::o!("raft_id" => config.id));
         let raw = RawNode::new(&raft_config, store, &logger)?;
-        Ok(Core { raw, config, next_seq: 0, pending: BTreeMap::new(), ticked: false })
+        let next_seq = u64::from(config.incarnation) << 32;
+        Ok(Core { raw, config, next_seq, pending: BTreeMap::new(), forwarded: BTreeMap::new(), ticked: false })
     }
 
     pub fn id(&self) -> NodeId {
@@ -295,7 +309,18 @@ impl Core {
 
     /// Feeds a message from a peer. Errors are messages raft-rs refuses
     /// (from a removed peer, a local message type); the caller logs them.
-    pub fn step(&mut self, message: Message) -> Result<(), raft::Error> {
+    ///
+    /// A leader drops a follower's proposal handed to the leader of an
+    /// earlier term (see [`Core::propose`]): its proposer may already have
+    /// seen that term end without it and reported it dropped.
+    pub fn step(&mut self, mut message: Message) -> Result<(), raft::Error> {
+        if message.get_msg_type() == MessageType::MsgPropose && self.is_leader() {
+            let term = self.term();
+            message.entries.retain(|e| ProposalId::decode(e.get_context()).is_none_or(|(_, t)| t == 0 || t >= term));
+            if message.entries.is_empty() {
+                return Ok(());
+            }
+        }
         self.raw.step(message)
     }
 
@@ -325,19 +350,41 @@ impl Core {
         if self.is_leader() { Ok(()) } else { Err(ProposeError::NotLeader { leader: self.leader() }) }
     }
 
-    /// Proposes a command. Only the leader proposes (followers forward
-    /// requests to it), so the proposal's log index is known and its outcome
-    /// is always reported: applied, dropped, or unknown.
+    /// Proposes a command, on the leader or on any member that knows one.
+    ///
+    /// On the leader the proposal's log index is known, and its outcome is
+    /// always reported: applied, dropped, or unknown. A follower hands it
+    /// to the leader in a Raft message (as etcd does; no request of its
+    /// own), stamped with the leader's term, and reports it applied when
+    /// it applies it; dropped when it applies an entry of a later term
+    /// first (a leader drops proposals stamped with an earlier term than
+    /// its own, and terms only grow along the log, so it can never be
+    /// applied after that); unknown when a snapshot skips over it. A
+    /// message lost on its way to a leader that stays in office leaves it
+    /// unresolved: the caller's deadline ends it ([`Core::forget`]).
     pub fn propose(&mut self, command: &Command) -> Result<ProposalId, ProposeError> {
-        self.check_leader()?;
+        if self.leader().is_none() {
+            return Err(ProposeError::NotLeader { leader: None });
+        }
         let data = codec::encode_command(command);
         if data.len() > self.config.proposal_bytes_max {
             return Err(ProposeError::TooLarge { size: data.len(), max: self.config.proposal_bytes_max });
         }
         let id = self.next_proposal();
-        self.raw.propose(id.encode(), data).map_err(|_| ProposeError::Dropped)?;
-        self.track(id);
+        let term = self.term();
+        self.raw.propose(id.encode(term), data).map_err(|_| ProposeError::Dropped)?;
+        if self.is_leader() {
+            self.track(id);
+        } else {
+            self.forwarded.insert(id, term);
+        }
         Ok(id)
+    }
+
+    /// Stops tracking a follower's proposal whose caller gave up on it; if
+    /// it is applied after all, it is reported like anyone's entry.
+    pub fn forget(&mut self, id: ProposalId) {
+        self.forwarded.remove(&id);
     }
 
     /// Proposes a membership change as a Raft conf change. raft-rs turns it
@@ -366,7 +413,7 @@ impl Core {
         cc.node_id = change.node();
         cc.set_context(codec::encode_member_info(&info).into());
         let id = self.next_proposal();
-        self.raw.propose_conf_change(id.encode(), cc).map_err(|_| ProposeError::Dropped)?;
+        self.raw.propose_conf_change(id.encode(self.term()), cc).map_err(|_| ProposeError::Dropped)?;
         self.track(id);
         Ok(id)
     }
@@ -494,6 +541,9 @@ impl Core {
                 let id = self.pending.remove(&i).expect("listed above");
                 out.applied.push(Applied { index: i, proposal: Some(id), outcome: Outcome::Unknown });
             }
+            for id in std::mem::take(&mut self.forwarded).into_keys() {
+                out.applied.push(Applied { index, proposal: Some(id), outcome: Outcome::Unknown });
+            }
             batch.snapshot = Some(snapshot);
         }
         let committed = ready.take_committed_entries();
@@ -551,7 +601,7 @@ impl Core {
     fn apply_entries(&mut self, entries: Vec<Entry>, batch: &mut WriteBatch, out: &mut ReadyOutput) {
         for entry in entries {
             let index = entry.index;
-            let context = ProposalId::decode(entry.get_context());
+            let context = ProposalId::decode(entry.get_context()).map(|(id, _)| id);
             let outcome = match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.get_data().is_empty() => None,
                 EntryType::EntryNormal => {
@@ -575,7 +625,20 @@ impl Core {
                 };
                 out.applied.push(Applied { index, proposal: Some(ours), outcome });
             } else if let Some(result) = outcome {
+                if let Some(id) = context {
+                    self.forwarded.remove(&id);
+                }
                 out.applied.push(Applied { index, proposal: context, outcome: Outcome::Applied(result) });
+            }
+            // Our proposals handed to the leader of an earlier term can no
+            // longer be applied (see `propose`).
+            if self.forwarded.values().any(|term| *term < entry.term) {
+                let overtaken: Vec<ProposalId> =
+                    self.forwarded.iter().filter(|(_, term)| **term < entry.term).map(|(id, _)| *id).collect();
+                for id in overtaken {
+                    self.forwarded.remove(&id);
+                    out.applied.push(Applied { index, proposal: Some(id), outcome: Outcome::Dropped });
+                }
             }
         }
     }
@@ -631,7 +694,7 @@ mod tests {
     use raft::eraftpb::ConfState;
 
     use super::*;
-    use crate::state::Member;
+    use crate::state::{CommandKind, Member};
     use crate::storage::CrashDisk;
 
     #[derive(Default)]
@@ -668,19 +731,104 @@ mod tests {
     /// appended to `sent`, and every read answered to `reads`.
     fn pump(cores: &mut BTreeMap<NodeId, Core>, sent: &mut Vec<Message>) -> Vec<(NodeId, Vec<u8>, u64)> {
         let mut reads = Vec::new();
+        for (id, out) in pump_outputs(cores, sent) {
+            reads.extend(out.reads.into_iter().map(|(ctx, index)| (id, ctx, index)));
+        }
+        reads
+    }
+
+    /// [`pump`], returning every node's ready outputs.
+    fn pump_outputs(cores: &mut BTreeMap<NodeId, Core>, sent: &mut Vec<Message>) -> Vec<(NodeId, ReadyOutput)> {
+        let mut outputs = Vec::new();
         loop {
             let mut outbox = Outbox::default();
             for (id, core) in cores.iter_mut() {
-                let out = core.handle_ready(&mut outbox).unwrap();
-                reads.extend(out.reads.into_iter().map(|(ctx, index)| (*id, ctx, index)));
+                outputs.push((*id, core.handle_ready(&mut outbox).unwrap()));
             }
             if outbox.0.is_empty() {
-                return reads;
+                return outputs;
             }
             for message in outbox.0 {
                 sent.push(message.clone());
                 let _ = cores.get_mut(&message.to).unwrap().step(message);
             }
+        }
+    }
+
+    /// What `node` reported about `proposal` in `outputs`.
+    fn outcomes(outputs: &[(NodeId, ReadyOutput)], node: NodeId, proposal: ProposalId) -> Vec<Outcome> {
+        outputs
+            .iter()
+            .filter(|(id, _)| *id == node)
+            .flat_map(|(_, out)| out.applied.iter())
+            .filter(|a| a.proposal == Some(proposal))
+            .map(|a| a.outcome.clone())
+            .collect()
+    }
+
+    fn drain(node: NodeId) -> Command {
+        Command { at_unix_ms: 1, kind: CommandKind::SetDrain { node, drain: true } }
+    }
+
+    #[test]
+    fn a_followers_proposal_goes_to_the_leader_in_a_raft_message_and_resolves_on_the_follower() {
+        let (mut cores, _disks) = cluster();
+        let id = cores.get_mut(&2).unwrap().propose(&drain(3)).unwrap();
+        let mut sent = Vec::new();
+        let outputs = pump_outputs(&mut cores, &mut sent);
+        assert!(
+            sent.iter().any(|m| m.get_msg_type() == MessageType::MsgPropose && m.from == 2 && m.to == 1),
+            "{sent:?}"
+        );
+        assert!(
+            matches!(outcomes(&outputs, 2, id).as_slice(), [Outcome::Applied(Ok(_))]),
+            "{:?}",
+            outcomes(&outputs, 2, id)
+        );
+        for core in cores.values() {
+            assert!(core.state().member(3).unwrap().drain);
+        }
+        assert!(cores[&2].forwarded.is_empty());
+
+        // Without a leader there is no one to hand it to.
+        let mut lone = cluster().0.remove(&3).unwrap();
+        lone.raw.raft.leader_id = raft::INVALID_ID;
+        assert_eq!(lone.propose(&drain(3)), Err(ProposeError::NotLeader { leader: None }));
+    }
+
+    #[test]
+    fn a_followers_proposal_overtaken_by_a_later_term_is_reported_dropped_and_never_applied() {
+        let (mut cores, _disks) = cluster();
+        let term = cores[&1].term();
+        // Node 2 hands a proposal to leader 1, and the message is held up.
+        let id = cores.get_mut(&2).unwrap().propose(&drain(3)).unwrap();
+        let mut outbox = Outbox::default();
+        cores.get_mut(&2).unwrap().handle_ready(&mut outbox).unwrap();
+        let held = outbox.0;
+        assert!(!held.is_empty() && held.iter().all(|m| m.get_msg_type() == MessageType::MsgPropose), "{held:?}");
+
+        // Leadership passes to node 3 in a later term; node 2 applies the
+        // new leader's first entry and reports its proposal dropped.
+        cores.get_mut(&1).unwrap().transfer_leader(3);
+        let mut sent = Vec::new();
+        let mut outputs = pump_outputs(&mut cores, &mut sent);
+        assert!(cores[&3].is_leader() && cores[&3].term() > term);
+        assert_eq!(outcomes(&outputs, 2, id), vec![Outcome::Dropped]);
+
+        // The held message arrives late at node 1, which passes it on to
+        // the new leader, which drops it: it is never applied anywhere.
+        for message in held {
+            cores.get_mut(&1).unwrap().step(message).unwrap();
+        }
+        outputs.extend(pump_outputs(&mut cores, &mut sent));
+        assert!(sent.iter().any(|m| m.get_msg_type() == MessageType::MsgPropose && m.to == 3), "{sent:?}");
+        for node in [1, 2, 3] {
+            assert!(
+                outcomes(&outputs, node, id).iter().all(|o| !matches!(o, Outcome::Applied(_))),
+                "node {node}: {:?}",
+                outcomes(&outputs, node, id)
+            );
+            assert!(!cores[&node].state().member(3).unwrap().drain);
         }
     }
 

@@ -103,6 +103,8 @@ pub struct Sim {
     next_node_id: NodeId,
     /// Proposals waiting for an outcome, per proposer.
     proposals: BTreeMap<ProposalId, u64>,
+    /// Proposals their proposer reported dropped: none may ever be applied.
+    dropped: BTreeSet<ProposalId>,
     pub stats: Stats,
     /// A ring of recent events, printed when a check fails.
     trace: Vec<String>,
@@ -146,6 +148,7 @@ impl Sim {
             reads: BTreeMap::new(),
             next_node_id: params.initial_nodes as NodeId + 1,
             proposals: BTreeMap::new(),
+            dropped: BTreeSet::new(),
             stats: Stats::default(),
             trace: Vec::new(),
             verbose,
@@ -178,8 +181,13 @@ impl Sim {
         }
     }
 
-    fn core_config(&self, id: NodeId) -> CoreConfig {
-        CoreConfig { log_compact_entries_max: self.params.compact_entries_max, ..CoreConfig::new(id) }
+    fn core_config(&mut self, id: NodeId) -> CoreConfig {
+        CoreConfig {
+            log_compact_entries_max: self.params.compact_entries_max,
+            // From the seed, so that a run replays exactly.
+            incarnation: self.rng.random(),
+            ..CoreConfig::new(id)
+        }
     }
 
     /// (Re)starts a node from what its disk holds.
@@ -322,6 +330,15 @@ impl Sim {
 
     fn on_applied(&mut self, id: NodeId, applied: blixard::consensus::Applied) -> Result<(), String> {
         if let Some(proposal) = applied.proposal
+            && matches!(applied.outcome, Outcome::Applied(_))
+            && self.dropped.contains(&proposal)
+        {
+            return Err(format!(
+                "node {id} applied {proposal:?} at index {}, which its proposer had reported dropped",
+                applied.index
+            ));
+        }
+        if let Some(proposal) = applied.proposal
             && proposal.proposer == id
             && self.proposals.remove(&proposal).is_some()
         {
@@ -335,7 +352,11 @@ impl Sim {
                     }
                 }
                 Outcome::Applied(Err(_)) => self.stats.rejected += 1,
-                Outcome::Dropped | Outcome::Unknown => self.stats.dropped += 1,
+                Outcome::Dropped => {
+                    self.stats.dropped += 1;
+                    self.dropped.insert(proposal);
+                }
+                Outcome::Unknown => self.stats.dropped += 1,
             }
         }
         // A node that applied its own removal stops for good.
@@ -460,11 +481,15 @@ impl Sim {
     fn clients(&mut self) {
         let Some(leader) = self.leader() else { return };
         if self.rng.random_bool(self.params.propose) {
+            // On any live member: a follower hands it to its leader in a
+            // Raft message.
+            let alive = self.alive();
+            let at = *alive.choose(&mut self.rng).expect("the leader is alive");
             let command = {
-                let core = self.nodes[&leader].core.as_ref().expect("leader is alive");
+                let core = self.nodes[&at].core.as_ref().expect("alive");
                 workload::command(&mut self.rng, core.state(), self.now_ms)
             };
-            let core = self.core_mut(leader).expect("alive");
+            let core = self.core_mut(at).expect("alive");
             if let Ok(id) = core.propose(&command) {
                 self.stats.proposals += 1;
                 self.proposals.insert(id, 0);
