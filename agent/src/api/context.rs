@@ -7,12 +7,15 @@
 //! becomes a member only when `ClusterJoin` admits it. So the node is not a
 //! fixed field but a [`watch`] the daemon publishes into once the node runs.
 //!
-//! Routing ("users never see not-leader", design decision 9): a write is
-//! handled locally on the leader; any other member forwards it once to the
-//! leader, marked with the [`FORWARDED_HEADER`] metadata so that it is never
-//! forwarded again. While there is no leader the request waits for one, up
-//! to [`LEADER_WAIT`]. Only errors that mean "not applied" (`Unavailable`,
-//! a local not-leader) are retried.
+//! Routing ("users never see not-leader", design decision 9): a write of
+//! plain commands (VM create, start, stop, delete; a member's reports) is
+//! proposed on the member that took it, and a follower hands the proposal
+//! to the leader in a Raft message ([`Context::write_anywhere`]). Any other
+//! write is handled locally on the leader; any other member forwards it
+//! once to the leader, marked with the [`FORWARDED_HEADER`] metadata so
+//! that it is never forwarded again. While there is no leader the request
+//! waits for one, up to [`LEADER_WAIT`]. Only errors that mean "not
+//! applied" (`Unavailable`, not-leader, dropped) are retried.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,12 +29,11 @@ use tonic::{Code, Request, Status};
 
 use super::pb;
 use super::pb::blixard_client::BlixardClient;
-use super::pb::peer_client::PeerClient;
 use super::status::{from_node_error, not_member};
 use super::tls::{Caller, TlsFiles};
 use crate::consensus::Role;
 use crate::node::{LeaderInfo, NodeError, NodeHandle, NodeStatus};
-use crate::state::{Command, CommandKind, NodeId, codec};
+use crate::state::{CommandKind, NodeId};
 
 /// Marks a request one agent forwarded to another (to the leader): the
 /// receiver handles it itself and never forwards it again.
@@ -334,6 +336,48 @@ impl Context {
         }
     }
 
+    /// Runs a write that proposes plain commands (no membership change) on
+    /// this member, whatever its role: a follower hands its proposal to
+    /// the leader in a Raft message and answers once it applied it itself
+    /// (`Core::propose`), so the leader serves no request for it. `local`
+    /// may read this member's state beforehand to refuse early what apply
+    /// would refuse; on a follower that state may lag, and apply is the
+    /// judge. Waits for a leader up to [`LEADER_WAIT`].
+    pub(crate) async fn write_anywhere<Req, Resp>(
+        &self,
+        request: Request<Req>,
+        local: impl Fn(Membership, Req) -> BoxFuture<Result<Resp, ApiError>>,
+    ) -> Result<tonic::Response<Resp>, Status>
+    where
+        Req: Clone,
+    {
+        // An older agent forwarded it to us as the leader: it retries.
+        let forwarded = is_forwarded(&request);
+        let deadline = Instant::now() + LEADER_WAIT;
+        let request = request.into_inner();
+        loop {
+            let member = self.member()?;
+            let mut status = member.node.watch_status();
+            loop {
+                let current = status.borrow_and_update().clone();
+                if current.removed {
+                    return Err(not_member());
+                }
+                if current.leader.is_some() {
+                    break;
+                }
+                wait_for_change(&mut status, deadline).await.map_err(|()| no_leader(&current))?;
+            }
+            match local(member.clone(), request.clone()).await {
+                Ok(response) => return Ok(tonic::Response::new(response)),
+                Err(e) if e.is_retryable() && !forwarded && Instant::now() < deadline => {
+                    pause_for_change(&member.node, deadline).await;
+                }
+                Err(e) => return Err(e.into_status()),
+            }
+        }
+    }
+
     /// Runs a linearizable read on the local node, waiting for a leader
     /// (read index needs one) up to [`LEADER_WAIT`].
     pub(crate) async fn read<T: Send + 'static>(
@@ -353,32 +397,16 @@ impl Context {
         }
     }
 
-    /// Proposes `kind` on the leader wherever it is: locally when this
-    /// member leads, else through the leader's `Peer.Propose`. Waits for a
-    /// leader up to [`LEADER_WAIT`]. This is how a member reports about
-    /// itself (capacity, labels, address, runners, VM states); the status
-    /// codes are those of the client API.
+    /// Proposes `kind` through Raft from this member, whatever its role
+    /// ([`Context::write_anywhere`]), and waits until it is applied here.
+    /// Waits for a leader up to [`LEADER_WAIT`]. This is how a member
+    /// reports about itself (capacity, labels, address, runners, VM
+    /// states); the status codes are those of the client API.
     pub async fn propose(&self, kind: CommandKind) -> Result<(), Status> {
-        let member = self.member()?;
-        let request = pb::ProposeRequest {
-            cluster_id: member.cluster_id,
-            command: codec::encode_command(&Command { at_unix_ms: 0, kind: kind.clone() }),
-        };
-        self.write(
-            Request::new(request),
-            move |member, _| {
-                let kind = kind.clone();
-                Box::pin(async move { member.node.propose(kind).await.map(|_| ()).map_err(ApiError::from) })
-            },
-            |channel, request| {
-                Box::pin(async move {
-                    let mut client = PeerClient::new(channel)
-                        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
-                        .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
-                    client.propose(request).await.map(|r| r.map(|_| ()))
-                })
-            },
-        )
+        self.write_anywhere(Request::new(()), move |member, ()| {
+            let kind = kind.clone();
+            Box::pin(async move { member.node.propose(kind).await.map(|_| ()).map_err(ApiError::from) })
+        })
         .await
         .map(|_| ())
     }

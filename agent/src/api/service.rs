@@ -1,7 +1,9 @@
 //! The client API (`service Blixard`): what the CLI talks to.
 //!
-//! Any member accepts any request. Writes run on the leader (forwarded
-//! there once by [`Context::write`]); reads are linearizable, served by the
+//! Any member accepts any request. VM create, start, stop and delete are
+//! proposed by the member that took them ([`Context::write_anywhere`]);
+//! other writes run on the leader (forwarded there once by
+//! [`Context::write`]); reads are linearizable, served by the
 //! receiving member after a read-index round. Requests are validated here,
 //! at the edge, with the same rules the state machine applies again, so a
 //! malformed request is refused before it costs a Raft round and nothing
@@ -19,8 +21,8 @@ use super::pb::blixard_server::Blixard;
 use super::status::from_rejection;
 use crate::consensus::{CoreStatus, Role};
 use crate::names;
-use crate::node::NodeStatus;
 use crate::node::events::{EVENTS_MAX, Event};
+use crate::node::{NodeStatus, ProposalCheck};
 use crate::state::{
     CommandKind, Desired, Labels, Member, MemberStatus, MembershipChange, NodeId, Rejection, State, Vm, VmSpec,
     VmState, limits,
@@ -191,6 +193,23 @@ pub fn spec_of(request: &pb::VmCreateRequest) -> Result<VmSpec, Status> {
     Ok(spec)
 }
 
+/// Proposes `kind` (unless `check` refuses it) and answers with the VM's
+/// info once this member applied it, in one trip to the raft thread.
+async fn propose_for_vm(
+    member: &Membership,
+    kind: CommandKind,
+    check: Option<ProposalCheck>,
+    name: String,
+) -> Result<pb::VmInfo, ApiError> {
+    let info = member
+        .node
+        .propose_then(kind, check, move |_, state| {
+            state.vm(&name).map(|vm| vm_info(state, vm, false)).ok_or(Rejection::UnknownVm(name))
+        })
+        .await?;
+    info.map_err(|r| ApiError::Status(from_rejection(&r)))
+}
+
 /// Reads a VM's info after a write on the leader (its state already
 /// reflects the write).
 async fn vm_after_write(member: &Membership, name: String) -> Result<pb::VmInfo, ApiError> {
@@ -242,23 +261,12 @@ impl BlixardService {
     ) -> Result<Response<pb::VmInfo>, Status> {
         check_name("VM", &request.get_ref().name)?;
         self.context
-            .write(
-                request,
-                move |member, request| {
-                    Box::pin(async move {
-                        member.node.propose(CommandKind::SetDesired { name: request.name.clone(), desired }).await?;
-                        vm_after_write(&member, request.name).await
-                    })
-                },
-                move |channel, request| {
-                    Box::pin(async move {
-                        match desired {
-                            Desired::Running => client(channel).vm_start(request).await,
-                            Desired::Stopped => client(channel).vm_stop(request).await,
-                        }
-                    })
-                },
-            )
+            .write_anywhere(request, move |member, request| {
+                Box::pin(async move {
+                    let kind = CommandKind::SetDesired { name: request.name.clone(), desired };
+                    propose_for_vm(&member, kind, None, request.name).await
+                })
+            })
             .await
     }
 
@@ -444,51 +452,38 @@ impl Blixard for BlixardService {
         spec_of(request.get_ref())?;
         self.context.member()?;
         self.context
-            .write(
-                request,
-                |member, request| {
-                    Box::pin(async move {
-                        let spec = spec_of(&request)?;
-                        let name = request.name.clone();
-                        let check_spec = spec.clone();
-                        // Refuse what cannot succeed before proposing, so
-                        // that nothing is created: a duplicate, an unknown
-                        // pinned node, a pinned VM that cannot fit there.
-                        // A local read: this runs on the leader, the
-                        // proposal itself is linearized, and apply refuses a
-                        // duplicate again; a read-index round would only
-                        // cost every create a round trip to the followers.
-                        let refusal = member
-                            .node
-                            .read_local(move |state, _| {
-                                if state.vm(&name).is_some() {
-                                    return Some(Rejection::DuplicateVm(name));
-                                }
-                                let pinned = check_spec.node.as_deref()?;
-                                let Some(node) = state.member_by_name(pinned) else {
-                                    return Some(Rejection::UnknownNodeName(pinned.to_string()));
-                                };
-                                if node.status == MemberStatus::Down {
-                                    return Some(Rejection::NodeUnavailable { node: node.name.clone(), why: "down" });
-                                }
-                                if node.drain {
-                                    return Some(Rejection::NodeUnavailable {
-                                        node: node.name.clone(),
-                                        why: "draining",
-                                    });
-                                }
-                                state.fit_violation(&name, &check_spec, node.id)
-                            })
-                            .await?;
-                        if let Some(rejection) = refusal {
-                            return Err(ApiError::Status(from_rejection(&rejection)));
+            .write_anywhere(request, |member, request| {
+                Box::pin(async move {
+                    let spec = spec_of(&request)?;
+                    let name = request.name.clone();
+                    let check_spec = spec.clone();
+                    // Refuse what cannot succeed before proposing, so
+                    // that nothing is created: a duplicate, an unknown
+                    // pinned node, a pinned VM that cannot fit there.
+                    // From the state of whichever member took the
+                    // request: the proposal itself is linearized and
+                    // apply refuses a duplicate again; a read-index
+                    // round would cost every create a heartbeat round.
+                    let check: ProposalCheck = Box::new(move |state| {
+                        if state.vm(&name).is_some() {
+                            return Some(Rejection::DuplicateVm(name));
                         }
-                        member.node.propose(CommandKind::CreateVm { name: request.name.clone(), spec }).await?;
-                        vm_after_write(&member, request.name).await
-                    })
-                },
-                |channel, request| Box::pin(async move { client(channel).vm_create(request).await }),
-            )
+                        let pinned = check_spec.node.as_deref()?;
+                        let Some(node) = state.member_by_name(pinned) else {
+                            return Some(Rejection::UnknownNodeName(pinned.to_string()));
+                        };
+                        if node.status == MemberStatus::Down {
+                            return Some(Rejection::NodeUnavailable { node: node.name.clone(), why: "down" });
+                        }
+                        if node.drain {
+                            return Some(Rejection::NodeUnavailable { node: node.name.clone(), why: "draining" });
+                        }
+                        state.fit_violation(&name, &check_spec, node.id)
+                    });
+                    let kind = CommandKind::CreateVm { name: request.name.clone(), spec };
+                    propose_for_vm(&member, kind, Some(check), request.name).await
+                })
+            })
             .await
     }
 
@@ -503,16 +498,12 @@ impl Blixard for BlixardService {
     async fn vm_delete(&self, request: Request<pb::VmRequest>) -> Result<Response<pb::VmDeleteResponse>, Status> {
         check_name("VM", &request.get_ref().name)?;
         self.context
-            .write(
-                request,
-                |member, request| {
-                    Box::pin(async move {
-                        member.node.propose(CommandKind::DeleteVm { name: request.name.clone() }).await?;
-                        Ok(pb::VmDeleteResponse { name: request.name })
-                    })
-                },
-                |channel, request| Box::pin(async move { client(channel).vm_delete(request).await }),
-            )
+            .write_anywhere(request, |member, request| {
+                Box::pin(async move {
+                    member.node.propose(CommandKind::DeleteVm { name: request.name.clone() }).await?;
+                    Ok(pb::VmDeleteResponse { name: request.name })
+                })
+            })
             .await
     }
 

@@ -8,9 +8,12 @@
 //! before handling the Ready, so many concurrent proposals share one Raft
 //! `Ready`, one redb transaction and one fsync.
 //!
-//! Writes: only the leader proposes; a follower answers
-//! [`NodeError::NotLeader`] with the leader's address and the API layer
-//! forwards the request there. Reads are linearizable by default: a read
+//! Writes: commands are proposed on any member that knows a leader (a
+//! follower hands them to the leader in a Raft message, see
+//! `Core::propose`) and answered once applied here; membership changes
+//! only on the leader, and a follower answers [`NodeError::NotLeader`] with
+//! the leader's address, for the API layer to forward the request there.
+//! Reads are linearizable by default: a read
 //! index round confirms leadership, and the read runs on the local state
 //! once the local applied index has caught up with it.
 
@@ -124,15 +127,21 @@ pub trait PeerSender: Send + 'static {
 pub type AddressBook = Arc<RwLock<BTreeMap<NodeId, String>>>;
 
 type ReadFn = Box<dyn FnOnce(Result<(&State, &CoreStatus), NodeError>) + Send>;
+/// Answers a proposal, once, with its outcome and this node's state just
+/// after (on the raft thread: the caller needs no second trip to read it).
+type ProposalReply = Box<dyn FnOnce(Result<Effect, NodeError>, &State) + Send>;
+/// Refuses a proposal before it is made, from this node's state.
+pub type ProposalCheck = Box<dyn FnOnce(&State) -> Option<Rejection> + Send>;
 
 enum Input {
     Propose {
         kind: CommandKind,
-        reply: oneshot::Sender<Result<Effect, NodeError>>,
+        check: Option<ProposalCheck>,
+        reply: ProposalReply,
     },
     Membership {
         change: MembershipChange,
-        reply: oneshot::Sender<Result<Effect, NodeError>>,
+        reply: ProposalReply,
     },
     Read {
         linearizable: bool,
@@ -371,12 +380,29 @@ impl NodeHandle {
         }
     }
 
-    /// Proposes a command on this node (which must be the leader) and waits
-    /// until it is applied.
+    /// Proposes a command and waits until this node applies it: on the
+    /// leader, or on a follower that hands it to the leader in a Raft
+    /// message (see `Core::propose`).
     pub async fn propose(&self, kind: CommandKind) -> Result<Effect, NodeError> {
+        self.propose_then(kind, None, |effect, _| effect).await
+    }
+
+    /// [`NodeHandle::propose`], in one trip to the raft thread: `check`
+    /// may refuse the command first from this node's state (the same
+    /// rejection apply would give, but nothing is proposed), and `after`
+    /// reads the state once this node applied it.
+    pub async fn propose_then<T: Send + 'static>(
+        &self,
+        kind: CommandKind,
+        check: Option<ProposalCheck>,
+        after: impl FnOnce(Effect, &State) -> T + Send + 'static,
+    ) -> Result<T, NodeError> {
         let started = Instant::now();
-        let (reply, rx) = oneshot::channel();
-        self.submit(Input::Propose { kind, reply })?;
+        let (tx, rx) = oneshot::channel();
+        let reply: ProposalReply = Box::new(move |result, state| {
+            let _ = tx.send(result.map(|effect| after(effect, state)));
+        });
+        self.submit(Input::Propose { kind, check, reply })?;
         let result = self.wait(rx).await;
         if result.is_ok() {
             self.metrics.observe_proposal(started.elapsed());
@@ -395,7 +421,10 @@ impl NodeHandle {
     }
 
     pub async fn propose_membership(&self, change: MembershipChange) -> Result<Effect, NodeError> {
-        let (reply, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        let reply: ProposalReply = Box::new(move |result, _| {
+            let _ = tx.send(result);
+        });
         self.submit(Input::Membership { change, reply })?;
         self.wait(rx).await
     }
@@ -555,7 +584,7 @@ struct RaftThread {
     addresses: AddressBook,
     status: watch::Sender<NodeStatus>,
     effects: broadcast::Sender<AppliedEffect>,
-    proposals: BTreeMap<ProposalId, (oneshot::Sender<Result<Effect, NodeError>>, Instant)>,
+    proposals: BTreeMap<ProposalId, (ProposalReply, Instant)>,
     /// Reads waiting for their read index: context -> read.
     reads: BTreeMap<u64, PendingRead>,
     /// Reads whose index is known, waiting for the applied index.
@@ -637,7 +666,7 @@ impl RaftThread {
         if self.removed {
             match input {
                 Input::Propose { reply, .. } | Input::Membership { reply, .. } => {
-                    let _ = reply.send(Err(NodeError::NotMember));
+                    reply(Err(NodeError::NotMember), self.core.state());
                 }
                 Input::Read { f, .. } => f(Err(NodeError::NotMember)),
                 _ => {}
@@ -645,15 +674,17 @@ impl RaftThread {
             return;
         }
         match input {
-            Input::Propose { kind, reply } => {
+            Input::Propose { kind, check, reply } => {
+                if let Some(rejection) = check.and_then(|check| check(self.core.state())) {
+                    reply(Err(NodeError::Rejected(rejection)), self.core.state());
+                    return;
+                }
                 let command = Command { at_unix_ms: now_unix_ms(), kind };
                 match self.core.propose(&command) {
                     Ok(id) => {
                         self.proposals.insert(id, (reply, Instant::now() + self.options.request_timeout));
                     }
-                    Err(e) => {
-                        let _ = reply.send(Err(self.propose_error(e)));
-                    }
+                    Err(e) => reply(Err(self.propose_error(e)), self.core.state()),
                 }
             }
             Input::Membership { change, reply } => self.propose_membership(change, reply),
@@ -699,7 +730,7 @@ impl RaftThread {
         }
     }
 
-    fn propose_membership(&mut self, change: MembershipChange, reply: oneshot::Sender<Result<Effect, NodeError>>) {
+    fn propose_membership(&mut self, change: MembershipChange, reply: ProposalReply) {
         // The leader does not remove itself: it hands leadership to the
         // most up-to-date voter first and the request is retried there.
         if let MembershipChange::Remove { id } = change
@@ -710,10 +741,10 @@ impl RaftThread {
                 Some(to) => {
                     tracing::info!(to, "transferring leadership before removing this member");
                     self.core.transfer_leader(to);
-                    let _ = reply.send(Err(NodeError::NotLeader { leader: None }));
+                    reply(Err(NodeError::NotLeader { leader: None }), self.core.state());
                 }
                 None => {
-                    let _ = reply.send(Err(NodeError::Rejected(Rejection::LastVoter(id))));
+                    reply(Err(NodeError::Rejected(Rejection::LastVoter(id))), self.core.state());
                 }
             }
             return;
@@ -722,9 +753,7 @@ impl RaftThread {
             Ok(id) => {
                 self.proposals.insert(id, (reply, Instant::now() + self.options.request_timeout));
             }
-            Err(e) => {
-                let _ = reply.send(Err(self.propose_error(e)));
-            }
+            Err(e) => reply(Err(self.propose_error(e)), self.core.state()),
         }
     }
 
@@ -756,7 +785,8 @@ impl RaftThread {
             self.proposals.iter().filter(|(_, (_, deadline))| *deadline <= now).map(|(id, _)| *id).collect();
         for id in expired {
             if let Some((reply, _)) = self.proposals.remove(&id) {
-                let _ = reply.send(Err(NodeError::Timeout));
+                self.core.forget(id);
+                reply(Err(NodeError::Timeout), self.core.state());
             }
         }
         let expired: Vec<u64> = self.reads.iter().filter(|(_, r)| r.deadline <= now).map(|(k, _)| *k).collect();
@@ -852,7 +882,7 @@ impl RaftThread {
                         Outcome::Dropped => Err(NodeError::Dropped),
                         Outcome::Unknown => Err(NodeError::Unknown),
                     };
-                    let _ = reply.send(result);
+                    reply(result, self.core.state());
                 }
             }
             for (ctx, index) in out.reads {
