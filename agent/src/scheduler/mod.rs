@@ -128,7 +128,7 @@ pub fn plan(state: &State, policy: &Policy, fenced: &BTreeSet<NodeId>) -> Vec<De
 /// 2 vcpu free, h3 is draining").
 pub fn why_pending(state: &State, policy: &Policy, vm: &str) -> String {
     let model = Model::new(state);
-    let Some(&v) = model.vm_index.get(vm) else {
+    let Ok(v) = model.vms.binary_search_by(|candidate| candidate.name.as_str().cmp(vm)) else {
         return format!("no VM named {vm:?}");
     };
     let view = model.views[v];
@@ -277,10 +277,10 @@ struct Model<'s> {
     /// Host index by node id and by name; hosts are in name order.
     host_by_id: BTreeMap<NodeId, usize>,
     host_index: BTreeMap<&'s str, usize>,
-    /// VMs in name order, with their current view.
+    /// VMs in name order (so an index is found by binary search), with
+    /// their current view.
     vms: Vec<&'s Vm>,
     views: Vec<View>,
-    vm_index: BTreeMap<&'s str, usize>,
 }
 
 /// Fixed-point scale of a load fraction.
@@ -307,8 +307,7 @@ impl<'s> Model<'s> {
             .iter()
             .map(|vm| View { placement: vm.placement.map(|p| p.node), generation: vm.generation, handoff: vm.handoff })
             .collect();
-        let vm_index = vms.iter().enumerate().map(|(i, vm)| (vm.name.as_str(), i)).collect();
-        let mut model = Model { hosts, host_by_id, host_index, vms, views, vm_index };
+        let mut model = Model { hosts, host_by_id, host_index, vms, views };
         for v in 0..model.vms.len() {
             model.count(v, true);
         }
@@ -620,10 +619,8 @@ impl Planner<'_, '_> {
             .filter(|&v| self.model.views[v].placement.is_none() && self.model.vms[v].spec.desired == Desired::Running)
             .collect();
         let vms = &self.model.vms;
-        pending.sort_by(|&a, &b| {
-            let key = |v: usize| (vms[v].spec.vcpu, vms[v].spec.memory_mib);
-            key(b).cmp(&key(a)).then(vms[a].name.cmp(&vms[b].name))
-        });
+        // A stable sort of VMs in name order: equal sizes stay by name.
+        pending.sort_by_key(|&v| std::cmp::Reverse((vms[v].spec.vcpu, vms[v].spec.memory_mib)));
         for v in pending {
             if !self.room(1) {
                 return;
