@@ -617,14 +617,21 @@ impl Core {
                 }
             };
             batch.applied = Some(index);
-            // Resolve our own proposal at this index, whatever landed there.
+            // Resolve our own proposal as leader at this index, whatever
+            // landed there; what did land is reported too (it may be ours
+            // from a later term as follower, see `propose`).
+            let mut reported = false;
             if let Some(ours) = self.pending.remove(&index) {
                 let outcome = match (&outcome, context) {
-                    (Some(result), Some(id)) if id == ours => Outcome::Applied(result.clone()),
+                    (Some(result), Some(id)) if id == ours => {
+                        reported = true;
+                        Outcome::Applied(result.clone())
+                    }
                     _ => Outcome::Dropped,
                 };
                 out.applied.push(Applied { index, proposal: Some(ours), outcome });
-            } else if let Some(result) = outcome {
+            }
+            if !reported && let Some(result) = outcome {
                 if let Some(id) = context {
                     self.forwarded.remove(&id);
                 }
