@@ -674,6 +674,14 @@ impl Core {
             .raw
             .apply_conf_change(&cc)
             .unwrap_or_else(|e| panic!("raft refused membership change {change:?} that the state accepted: {e}"));
+        // A leader that applies its own removal (proposed by an earlier
+        // leader, committed under this one) steps down: raft-rs leaves it
+        // leader without its own progress, and persisting its next entries
+        // would then panic. It stops taking part anyway.
+        if self.is_leader() && !conf_state.voters.contains(&self.config.id) {
+            let term = self.term();
+            self.raw.raft.become_follower(term, raft::INVALID_ID);
+        }
         batch.conf_state = Some(conf_state);
         Ok(effect)
     }
@@ -701,7 +709,7 @@ mod tests {
     use raft::eraftpb::ConfState;
 
     use super::*;
-    use crate::state::{CommandKind, Member};
+    use crate::state::{CommandKind, Member, MembershipChange};
     use crate::storage::CrashDisk;
 
     #[derive(Default)]
@@ -775,6 +783,26 @@ mod tests {
 
     fn drain(node: NodeId) -> Command {
         Command { at_unix_ms: 1, kind: CommandKind::SetDrain { node, drain: true } }
+    }
+
+    #[test]
+    fn a_leader_that_applies_its_own_removal_steps_down() {
+        let (mut cores, _disks) = cluster();
+        let mut sent = Vec::new();
+        // (The node shell never proposes this; an earlier leader's removal
+        // of this member, committed under it, gets here the same way.)
+        cores.get_mut(&1).unwrap().propose_membership(&MembershipChange::Remove { id: 1 }, 1).unwrap();
+        pump(&mut cores, &mut sent);
+        assert!(!cores[&1].status().voters.contains(&1));
+        assert!(!cores[&1].is_leader(), "raft-rs would keep it leader without its own progress");
+        // The other two elect a leader of their own.
+        for _ in 0..40 {
+            for core in cores.values_mut() {
+                core.tick();
+            }
+            pump(&mut cores, &mut sent);
+        }
+        assert!(cores[&2].is_leader() || cores[&3].is_leader());
     }
 
     #[test]
