@@ -72,6 +72,15 @@ impl Cluster {
             cluster.spawn(name, address, &extra);
         }
         cluster.wait_for_members(n);
+        // Agent 0 knowing the leader does not mean every agent does yet
+        // (the leader's first message to one may wait out a connection
+        // back-off): every agent ready (`/readyz`: a member that knows the
+        // leader).
+        cluster.wait_until("every agent to know the leader", |c| {
+            c.agents
+                .iter()
+                .all(|a| std::net::TcpStream::connect(&a.http).is_ok() && http_get(&a.http, "/readyz").0 == 200)
+        });
         cluster
     }
 
