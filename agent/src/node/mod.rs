@@ -762,12 +762,16 @@ impl RaftThread {
     fn successor(&self) -> Option<NodeId> {
         let me = self.identity.id;
         let status = self.core.status();
-        status
-            .progress
-            .iter()
-            .filter(|p| p.id != me && !p.learner && p.recent_active)
+        let voters = status.progress.iter().filter(|p| p.id != me && !p.learner);
+        // raft-rs clears `recent_active` at every quorum check until each
+        // peer's next answer (up to a heartbeat later): an active voter
+        // first, else the most up-to-date voter at all.
+        voters
+            .clone()
+            .filter(|p| p.recent_active)
             .max_by_key(|p| p.matched)
             .map(|p| p.id)
+            .or_else(|| voters.max_by_key(|p| p.matched).map(|p| p.id))
     }
 
     fn propose_error(&self, e: ProposeError) -> NodeError {
