@@ -62,6 +62,8 @@ pub struct Metrics {
     pub leader_changes: Counter,
     pub proposal_seconds: Histogram,
     pub reconcile_seconds: Histogram,
+    pub plan_seconds: Histogram,
+    pub blocked_vms: Gauge,
     pub failovers: Counter,
     fencing: Family<KindLabel, Counter>,
     decisions: Family<KindLabel, Counter>,
@@ -98,6 +100,8 @@ impl Metrics {
             leader_changes: Counter::default(),
             proposal_seconds: Histogram::new(latency_buckets()),
             reconcile_seconds: Histogram::new(latency_buckets()),
+            plan_seconds: Histogram::new(latency_buckets()),
+            blocked_vms: Gauge::default(),
             failovers: Counter::default(),
             fencing: Family::default(),
             decisions: Family::default(),
@@ -131,6 +135,16 @@ impl Metrics {
             m.fencing.clone(),
         );
         registry.register("scheduler_decisions", "Decisions this leader proposed, by kind", m.decisions.clone());
+        registry.register(
+            "scheduler_plan_duration_seconds",
+            "Duration of one scheduler plan on this leader (it runs on the Raft thread)",
+            m.plan_seconds.clone(),
+        );
+        registry.register(
+            "scheduler_blocked_vms",
+            "Desired-running unplaced VMs this leader's last plan found fit on no host",
+            m.blocked_vms.clone(),
+        );
         Metrics { registry, ..m }
     }
 

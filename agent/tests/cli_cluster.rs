@@ -381,6 +381,12 @@ fn metrics_are_scraped_as_prometheus_text() {
         sample(&scrape(&c.agents[leader_index].http), "blixard_raft_reachable_peers", &[]) == Some(2.0)
     });
     assert!(sample(&s, "blixard_scheduler_decisions_total", &[("kind", "place")]).unwrap() >= 1.0);
+    assert!(s.docs.contains_key("blixard_scheduler_plan_duration_seconds"), "{:?}", s.docs.keys());
+    // A VM no host has a runner for fits nowhere, and the leader says so.
+    c.cli(0, &["vm", "create", "ghost", "--vcpu", "1", "--memory", "64"]).assert_ok();
+    c.wait_until("the leader to count ghost as fitting nowhere", |_| {
+        sample(&scrape(&c.agents[leader_index].http), "blixard_scheduler_blocked_vms", &[]) == Some(1.0)
+    });
     // The histograms have observations: the reconciler's on every host,
     // proposals on the host that reported web's state.
     let host_index = c.agents.iter().position(|a| a.name == host).unwrap();
@@ -394,6 +400,8 @@ fn metrics_are_scraped_as_prometheus_text() {
         })
     };
     assert!(count(&s, "blixard_reconcile_duration_seconds").unwrap() > 0.0);
+    let s = scrape(&c.agents[leader_index].http);
+    assert!(count(&s, "blixard_scheduler_plan_duration_seconds").unwrap() > 0.0);
 }
 
 /// The `--json` events of agent `i`.

@@ -286,6 +286,17 @@ impl Core {
         self.raw.store().state()
     }
 
+    /// The VMs changed since the last call, for the leader's scheduler; see
+    /// [`State::take_vm_changes`].
+    pub fn take_vm_changes(&mut self) -> Option<std::collections::BTreeSet<String>> {
+        self.raw.mut_store().state_mut().take_vm_changes()
+    }
+
+    /// Stops collecting VM changes (a follower has no use for them).
+    pub fn stop_vm_changes(&mut self) {
+        self.raw.mut_store().state_mut().stop_vm_changes();
+    }
+
     pub fn tick(&mut self) {
         self.ticked = true;
         self.raw.tick();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::consensus::{Core, Outcome, ProposalId};
 use crate::failure::{Detector, Timing};
 use crate::metrics::Metrics;
-use crate::scheduler::{self, Decision, Policy};
+use crate::scheduler::{self, Decision, Memo, Policy};
 use crate::state::{Command, CommandKind, MemberStatus, MembershipChange, NodeId, State};
 
 /// Ticks a new leader waits before promoting anyone, so that progress
@@ -22,10 +22,11 @@ const PLAN_INTERVAL_MS: u64 = 1000;
 /// Plans triggered by applied changes keep the raft thread at most about
 /// 1/(1+PLAN_BACKOFF_FACTOR) busy planning: after a plan that took T ms, the
 /// next waits PLAN_BACKOFF_FACTOR * T ms (at most PLAN_INTERVAL_MS). A plan
-/// over a few hundred VMs takes well under a millisecond, so this only ever
-/// delays planning when thousands of VMs wait unplaceable and every applied
-/// create would otherwise re-plan them all. A change in the fenced hosts
-/// (failover) plans at once regardless.
+/// over a few hundred VMs takes well under a millisecond, and VMs found to
+/// fit nowhere are skipped until something frees room (`scheduler::Memo`),
+/// so this only delays planning when many VMs change at once or room keeps
+/// being freed while thousands wait. A change in the fenced hosts (failover)
+/// plans at once regardless.
 const PLAN_BACKOFF_FACTOR: u32 = 9;
 
 pub struct Duties {
@@ -38,6 +39,11 @@ pub struct Duties {
     /// any is in flight, so the same decision is never proposed twice.
     in_flight: BTreeSet<ProposalId>,
     last_plan: Option<(u64, BTreeSet<NodeId>, u64)>,
+    /// What the last plan learned (which waiting VMs fit nowhere), reused
+    /// with the VMs changed since; see `scheduler::Memo`.
+    memo: Memo,
+    /// Whether the state collects VM changes for `memo` (only as leader).
+    collecting: bool,
     /// No plan triggered by applied changes before this (monotonic ms).
     plan_not_before_ms: u64,
     metrics: Arc<Metrics>,
@@ -53,6 +59,8 @@ impl Duties {
             last_check_ms: 0,
             in_flight: BTreeSet::new(),
             last_plan: None,
+            memo: Memo::default(),
+            collecting: false,
             plan_not_before_ms: 0,
             metrics,
         }
@@ -68,6 +76,7 @@ impl Duties {
         self.detector.on_became_leader(now_ms);
         self.in_flight.clear();
         self.last_plan = None;
+        self.memo = Memo::default();
     }
 
     pub fn lost_leadership(&mut self) {
@@ -97,7 +106,14 @@ impl Duties {
         // A quarter interval of slack: the raft thread wakes for the duties
         // on a tick clock, and a wake-up a millisecond early must not put
         // the check off by a whole interval.
-        if !core.is_leader() || now_ms + self.check_interval_ms / 4 < self.last_check_ms + self.check_interval_ms {
+        if !core.is_leader() {
+            if self.collecting {
+                core.stop_vm_changes();
+                self.collecting = false;
+            }
+            return;
+        }
+        if now_ms + self.check_interval_ms / 4 < self.last_check_ms + self.check_interval_ms {
             return;
         }
         self.last_check_ms = now_ms;
@@ -131,8 +147,21 @@ impl Duties {
         };
         if due {
             let started = std::time::Instant::now();
-            decisions.extend(scheduler::plan(core.state(), &self.policy, &fenced));
-            let backoff = started.elapsed().saturating_mul(PLAN_BACKOFF_FACTOR);
+            // The first plan as leader (or after a snapshot replaced the
+            // state) gets `None` and considers every waiting VM.
+            let changed = core.take_vm_changes();
+            self.collecting = true;
+            decisions.extend(scheduler::plan_with(
+                core.state(),
+                &self.policy,
+                &fenced,
+                changed.as_ref(),
+                &mut self.memo,
+            ));
+            let took = started.elapsed();
+            self.metrics.plan_seconds.observe(took.as_secs_f64());
+            self.metrics.blocked_vms.set(self.memo.blocked() as i64);
+            let backoff = took.saturating_mul(PLAN_BACKOFF_FACTOR);
             self.plan_not_before_ms = now_ms + (backoff.as_millis() as u64).min(PLAN_INTERVAL_MS);
             self.last_plan = Some((applied, fenced.clone(), now_ms));
         }

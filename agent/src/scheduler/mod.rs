@@ -56,12 +56,21 @@
 //!
 //! # Cost
 //!
-//! Building the usage model is O(VMs + hosts); placing one VM scans the
-//! hosts once with two integer comparisons per host, and checks the costlier
-//! constraints (runner set, labels, anti-affinity) only on a host that would
-//! beat the best so far. A plan is O(VMs x hosts) at worst.
+//! A plan reads each host's usage from the state's host index (kept up to
+//! date at apply) and looks only at the VMs its rules concern, which the
+//! same index lists: handoffs from and VMs on fenced hosts, failed VMs,
+//! waiting (unplaced desired-running) VMs, and every VM only while some
+//! host drains. Placing one VM scans the hosts once with two integer
+//! comparisons per host, and checks the costlier constraints (runner set,
+//! labels, anti-affinity) only on a host that would beat the best so far.
+//!
+//! The leader plans with [`plan_with`] and a [`Memo`]: waiting VMs that fit
+//! on no host are skipped by later plans until they change or some host
+//! could take more than it could, so a plan after a few creates costs those
+//! creates, not the thousands of VMs waiting for a runner. Its decisions
+//! are exactly [`plan`]'s (a property test holds it to that).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use crate::state::{CommandKind, Desired, Handoff, Member, MemberStatus, NodeId, Resources, State, Vm, VmState};
@@ -114,11 +123,24 @@ pub struct Decision {
 /// `failure::Detector::fenced`. A host in `fenced` that is an up member is
 /// ignored, as `State::apply` would refuse to clear its handoffs.
 pub fn plan(state: &State, policy: &Policy, fenced: &BTreeSet<NodeId>) -> Vec<Decision> {
-    let mut planner = Planner { model: Model::new(state), policy, fenced, out: Vec::new() };
+    plan_with(state, policy, fenced, None, &mut Memo::default())
+}
+
+/// [`plan`], reusing what the last plan learned (`memo`): `changed` names
+/// every VM changed since that plan, `None` if they are not known (then it
+/// plans as [`plan`] does). The decisions are the same as [`plan`]'s.
+pub fn plan_with(
+    state: &State,
+    policy: &Policy,
+    fenced: &BTreeSet<NodeId>,
+    changed: Option<&BTreeSet<String>>,
+    memo: &mut Memo,
+) -> Vec<Decision> {
+    let mut planner = Planner { state, model: Model::new(state), policy, fenced, out: Vec::new() };
     planner.clear_fenced_handoffs();
     planner.reschedule_fenced();
     planner.reschedule_failed();
-    planner.place_unplaced();
+    planner.place_unplaced(memo, changed);
     planner.drain();
     planner.out
 }
@@ -127,10 +149,11 @@ pub fn plan(state: &State, policy: &Policy, fenced: &BTreeSet<NodeId>) -> Vec<De
 /// VM, what each host lacks ("no host fits: h1 lacks its runner, h2 has 1 of
 /// 2 vcpu free, h3 is draining").
 pub fn why_pending(state: &State, policy: &Policy, vm: &str) -> String {
-    let model = Model::new(state);
-    let Ok(v) = model.vms.binary_search_by(|candidate| candidate.name.as_str().cmp(vm)) else {
+    let mut model = Model::new(state);
+    let Some(vm) = state.vm(vm) else {
         return format!("no VM named {vm:?}");
     };
+    let v = model.slot(vm);
     let view = model.views[v];
     let vm = model.vms[v];
     if let Some(handoff) = view.handoff {
@@ -260,6 +283,12 @@ struct View {
     handoff: Option<Handoff>,
 }
 
+impl View {
+    fn of(vm: &Vm) -> View {
+        View { placement: vm.placement.map(|p| p.node), generation: vm.generation, handoff: vm.handoff }
+    }
+}
+
 #[derive(Debug)]
 struct Host<'s> {
     member: &'s Member,
@@ -271,16 +300,19 @@ struct Host<'s> {
     groups: BTreeMap<&'s str, u32>,
 }
 
-/// The scheduler's incremental copy of what `State::apply` checks.
+/// The scheduler's incremental copy of what `State::apply` checks. The
+/// hosts' usage starts from the state's host index; VMs enter the model
+/// only when the plan looks at them (a slot each), so a plan costs the VMs
+/// it considers, not every VM.
 struct Model<'s> {
     hosts: Vec<Host<'s>>,
     /// Host index by node id and by name; hosts are in name order.
     host_by_id: BTreeMap<NodeId, usize>,
     host_index: BTreeMap<&'s str, usize>,
-    /// VMs in name order (so an index is found by binary search), with
-    /// their current view.
+    /// The VMs the plan has looked at, by slot, with their current view.
     vms: Vec<&'s Vm>,
     views: Vec<View>,
+    slot_of: HashMap<&'s str, usize>,
 }
 
 /// Fixed-point scale of a load fraction.
@@ -292,26 +324,38 @@ impl<'s> Model<'s> {
         members.sort_by(|a, b| a.name.cmp(&b.name));
         let hosts: Vec<Host> = members
             .into_iter()
-            .map(|member| Host {
-                member,
-                accepts: member.accepts_placements(),
-                limit: member.capacity.limit(),
-                used: Resources::default(),
-                groups: BTreeMap::new(),
+            .map(|member| {
+                let usage = state.usage_on(member.id);
+                Host {
+                    member,
+                    accepts: member.accepts_placements(),
+                    limit: member.capacity.limit(),
+                    used: usage.map(|u| u.used).unwrap_or_default(),
+                    groups: usage
+                        .into_iter()
+                        .flat_map(|u| u.groups.iter().map(|(group, count)| (group.as_str(), *count)))
+                        .collect(),
+                }
             })
             .collect();
         let host_by_id = hosts.iter().enumerate().map(|(i, h)| (h.member.id, i)).collect();
         let host_index = hosts.iter().enumerate().map(|(i, h)| (h.member.name.as_str(), i)).collect();
-        let vms: Vec<&Vm> = state.vms().values().collect();
-        let views = vms
-            .iter()
-            .map(|vm| View { placement: vm.placement.map(|p| p.node), generation: vm.generation, handoff: vm.handoff })
-            .collect();
-        let mut model = Model { hosts, host_by_id, host_index, vms, views };
-        for v in 0..model.vms.len() {
-            model.count(v, true);
-        }
-        model
+        Model { hosts, host_by_id, host_index, vms: Vec::new(), views: Vec::new(), slot_of: HashMap::new() }
+    }
+
+    /// VM `vm`'s slot, entering it into the model as the state has it (the
+    /// hosts' usage already counts it).
+    fn slot(&mut self, vm: &'s Vm) -> usize {
+        *self.slot_of.entry(vm.name.as_str()).or_insert_with(|| {
+            self.vms.push(vm);
+            self.views.push(View::of(vm));
+            self.vms.len() - 1
+        })
+    }
+
+    /// VM `vm`'s view, without entering it.
+    fn view_of(&self, vm: &Vm) -> View {
+        self.slot_of.get(vm.name.as_str()).map_or_else(|| View::of(vm), |&v| self.views[v])
     }
 
     fn node_name(&self, node: NodeId) -> String {
@@ -477,13 +521,14 @@ impl<'s> Model<'s> {
 }
 
 struct Planner<'s, 'p> {
+    state: &'s State,
     model: Model<'s>,
     policy: &'p Policy,
     fenced: &'p BTreeSet<NodeId>,
     out: Vec<Decision>,
 }
 
-impl Planner<'_, '_> {
+impl<'s> Planner<'s, '_> {
     fn room(&self, decisions: usize) -> bool {
         self.out.len() + decisions <= self.policy.decisions_max
     }
@@ -492,6 +537,19 @@ impl Planner<'_, '_> {
     /// no longer a member (as `ClearHandoff` requires).
     fn is_fenced(&self, node: NodeId) -> bool {
         self.fenced.contains(&node) && self.model.member(node).is_none_or(|m| m.status == MemberStatus::Down)
+    }
+
+    /// The hosts in the detector's set that have fenced themselves.
+    fn fenced_hosts(&self) -> Vec<NodeId> {
+        self.fenced.iter().copied().filter(|&node| self.is_fenced(node)).collect()
+    }
+
+    /// Slots of `vms`, in name order.
+    fn slots_by_name(&mut self, vms: impl IntoIterator<Item = &'s Vm>) -> Vec<usize> {
+        let mut vms: Vec<&'s Vm> = vms.into_iter().collect();
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        vms.dedup_by(|a, b| a.name == b.name);
+        vms.into_iter().map(|vm| self.model.slot(vm)).collect()
     }
 
     fn clear_handoff(&mut self, v: usize, reason: String) {
@@ -510,7 +568,10 @@ impl Planner<'_, '_> {
     }
 
     fn clear_fenced_handoffs(&mut self) {
-        for v in 0..self.model.vms.len() {
+        let state = self.state;
+        let fenced = self.fenced_hosts();
+        let vms = self.slots_by_name(fenced.iter().flat_map(|&node| state.handoffs_from(node).map(|(vm, _)| vm)));
+        for v in vms {
             let Some(handoff) = self.model.views[v].handoff else {
                 continue;
             };
@@ -564,7 +625,10 @@ impl Planner<'_, '_> {
 
     /// Moves the desired-running VMs off fenced hosts.
     fn reschedule_fenced(&mut self) {
-        for v in 0..self.model.vms.len() {
+        let state = self.state;
+        let fenced = self.fenced_hosts();
+        let vms = self.slots_by_name(fenced.iter().flat_map(|&node| state.vms_on(node)));
+        for v in vms {
             let view = self.model.views[v];
             let Some(from) = view.placement else { continue };
             if view.handoff.is_some() || self.model.vms[v].spec.desired != Desired::Running || !self.is_fenced(from) {
@@ -590,7 +654,8 @@ impl Planner<'_, '_> {
     /// host where they have not failed. One that fits nowhere else stays
     /// failed where it is.
     fn reschedule_failed(&mut self) {
-        for v in 0..self.model.vms.len() {
+        let vms = self.slots_by_name(self.state.failed_placed());
+        for v in vms {
             let view = self.model.views[v];
             let vm = self.model.vms[v];
             let Some(from) = view.placement else { continue };
@@ -613,22 +678,68 @@ impl Planner<'_, '_> {
         }
     }
 
-    /// Places unplaced desired-running VMs, largest first.
-    fn place_unplaced(&mut self) {
-        let mut pending: Vec<usize> = (0..self.model.vms.len())
-            .filter(|&v| self.model.views[v].placement.is_none() && self.model.vms[v].spec.desired == Desired::Running)
-            .collect();
-        let vms = &self.model.vms;
-        // A stable sort of VMs in name order: equal sizes stay by name.
-        pending.sort_by_key(|&v| std::cmp::Reverse((vms[v].spec.vcpu, vms[v].spec.memory_mib)));
-        for v in pending {
-            if !self.room(1) {
-                return;
+    /// Places unplaced desired-running VMs, largest first, skipping those
+    /// `memo` knows fit nowhere (see [`Memo`]).
+    fn place_unplaced(&mut self, memo: &mut Memo, changed: Option<&BTreeSet<String>>) {
+        let state = self.state;
+        let mut skipping = changed.is_some() && memo.holds_for(&self.model.hosts);
+        let mut vms: Vec<&'s Vm> = match changed.filter(|_| skipping) {
+            Some(changed) => {
+                for name in changed {
+                    memo.blocked.remove(name);
+                }
+                let mut vms: Vec<&'s Vm> = memo
+                    .open
+                    .iter()
+                    .chain(changed)
+                    .filter_map(|name| state.vm(name))
+                    .filter(|vm| vm.placement.is_none() && vm.spec.desired == Desired::Running)
+                    .collect();
+                vms.sort_by(|a, b| wait_order(a).cmp(&wait_order(b)));
+                vms.dedup_by(|a, b| a.name == b.name);
+                vms
             }
-            if let Some((i, used)) = self.model.best_host(v, self.policy.strategy) {
-                self.place(v, i, used, None);
+            None => {
+                memo.blocked.clear();
+                state.waiting().collect()
+            }
+        };
+        memo.open.clear();
+        // The most each host used while a VM was found to fit nowhere.
+        let mut peak = Peak::default();
+        let mut next = 0;
+        while let Some(&vm) = vms.get(next) {
+            next += 1;
+            if !self.room(1) {
+                memo.open.extend(vms[next - 1..].iter().map(|vm| vm.name.clone()));
+                break;
+            }
+            let v = self.model.slot(vm);
+            let Some((i, used)) = self.model.best_host(v, self.policy.strategy) else {
+                memo.blocked.insert(vm.name.clone());
+                continue;
+            };
+            // Back on the host it is handing off from, the VM ends its
+            // handoff: that host's usage may drop, and VMs found blocked
+            // above it in the order may fit now.
+            let frees = self.model.views[v].handoff.is_some_and(|h| h.from == self.model.hosts[i].member.id);
+            if frees {
+                peak.fold(&self.model.hosts);
+            }
+            self.place(v, i, used, None);
+            memo.open.insert(vm.name.clone());
+            if frees && skipping {
+                // The rest of the queue is considered in full.
+                vms = state.waiting().filter(|w| wait_order(w) > wait_order(vm)).collect();
+                for w in &vms {
+                    memo.blocked.remove(&w.name);
+                }
+                next = 0;
+                skipping = false;
             }
         }
+        peak.fold(&self.model.hosts);
+        memo.mark(&self.model.hosts, peak);
     }
 
     /// Moves one VM off each draining host whose previous move has settled.
@@ -644,9 +755,9 @@ impl Planner<'_, '_> {
             return;
         }
         let mut busy = BTreeSet::new();
-        let mut candidates: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
-        for (v, vm) in self.model.vms.iter().enumerate() {
-            let view = self.model.views[v];
+        let mut candidates: BTreeMap<NodeId, Vec<&'s Vm>> = BTreeMap::new();
+        for vm in self.state.vms().values() {
+            let view = self.model.view_of(vm);
             if let Some(h) = view.handoff {
                 busy.insert(h.from);
             }
@@ -661,7 +772,7 @@ impl Planner<'_, '_> {
                 && view.handoff.is_none()
                 && draining.contains(&node)
             {
-                candidates.entry(node).or_default().push(v);
+                candidates.entry(node).or_default().push(vm);
             }
         }
         for (node, vms) in candidates {
@@ -669,16 +780,101 @@ impl Planner<'_, '_> {
                 continue;
             }
             let why = format!("{} is draining", self.model.node_name(node));
-            for v in vms {
+            for vm in vms {
                 if !self.room(1) {
                     return;
                 }
+                let v = self.model.slot(vm);
                 if let Some((i, used)) = self.model.best_host(v, self.policy.strategy) {
                     self.place(v, i, used, Some(why));
                     break;
                 }
             }
         }
+    }
+}
+
+/// Where a waiting VM goes in the queue: larger first, then by name (as
+/// `State::waiting`).
+fn wait_order(vm: &Vm) -> (std::cmp::Reverse<(u32, u64)>, &str) {
+    (std::cmp::Reverse((vm.spec.vcpu, vm.spec.memory_mib)), vm.name.as_str())
+}
+
+/// What one plan learned that the next can reuse: which waiting VMs fit on
+/// no host. Such a VM still fits nowhere as long as it is unchanged and no
+/// host has become any more able to take it: the same members with the same
+/// status, drain, runners, labels and capacity, each using at least what it
+/// used, and holding at least the anti-affinity groups it held, when the VM
+/// was found to fit nowhere. [`plan_with`] then leaves those VMs out, so
+/// thousands of VMs waiting for a runner cost a plan nothing after the
+/// first. Any other change (a VM deleted or stopped on some host, a handoff
+/// released, a member changed, a decision lost) makes the next plan
+/// consider every waiting VM again.
+#[derive(Debug, Default)]
+pub struct Memo {
+    /// Waiting VMs that fit on no host at the last plan.
+    blocked: HashSet<String>,
+    /// Waiting VMs the last plan placed or did not reach: considered again.
+    open: BTreeSet<String>,
+    /// The hosts as they were when the last plan found VMs blocked; `None`:
+    /// no plan yet.
+    hosts: Option<Vec<HostMark>>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct HostMark {
+    member: Member,
+    used: Resources,
+    groups: BTreeMap<String, u32>,
+}
+
+/// Each host's highest usage and group counts over some points of a plan.
+#[derive(Debug, Default)]
+struct Peak(Vec<(Resources, BTreeMap<String, u32>)>);
+
+impl Peak {
+    fn fold(&mut self, hosts: &[Host]) {
+        self.0.resize_with(hosts.len(), Default::default);
+        for ((used, groups), host) in self.0.iter_mut().zip(hosts) {
+            used.vcpu = used.vcpu.max(host.used.vcpu);
+            used.memory_mib = used.memory_mib.max(host.used.memory_mib);
+            for (group, &count) in &host.groups {
+                let held = groups.entry(group.to_string()).or_default();
+                *held = (*held).max(count);
+            }
+        }
+    }
+}
+
+impl Memo {
+    /// Whether the VMs found blocked still fit nowhere on `hosts` (unless
+    /// they changed).
+    fn holds_for(&self, hosts: &[Host]) -> bool {
+        let Some(marks) = &self.hosts else { return false };
+        marks.len() == hosts.len()
+            && marks.iter().zip(hosts).all(|(mark, host)| {
+                mark.member == *host.member
+                    && host.used.vcpu >= mark.used.vcpu
+                    && host.used.memory_mib >= mark.used.memory_mib
+                    && mark
+                        .groups
+                        .iter()
+                        .all(|(group, &count)| host.groups.get(group.as_str()).is_some_and(|&c| c >= count))
+            })
+    }
+
+    fn mark(&mut self, hosts: &[Host], peak: Peak) {
+        let marks = hosts
+            .iter()
+            .zip(peak.0)
+            .map(|(h, (used, groups))| HostMark { member: h.member.clone(), used, groups })
+            .collect();
+        self.hosts = Some(marks);
+    }
+
+    /// How many waiting VMs the last plan found fit nowhere.
+    pub fn blocked(&self) -> usize {
+        self.blocked.len()
     }
 }
 

@@ -690,8 +690,9 @@ proptest! {
     #[test]
     fn the_model_agrees_with_apply((hosts, vms, ops) in cluster()) {
         let (state, _) = build(&hosts, &vms, &ops);
-        let model = Model::new(&state);
-        for (v, vm) in model.vms.iter().enumerate() {
+        let mut model = Model::new(&state);
+        for vm in state.vms().values() {
+            let v = model.slot(vm);
             for (i, host) in model.hosts.iter().enumerate() {
                 let place = CommandKind::Place { vm: vm.name.clone(), node: host.member.id, expected_generation: vm.generation };
                 let applied = state.clone().apply(&cmd(place));
@@ -810,4 +811,118 @@ fn a_vm_that_keeps_failing_moves_to_a_host_where_it_has_not_failed() {
     let vm = state.vm("a").unwrap();
     assert!(vm.failed_on.is_empty());
     assert_eq!(vm.observed.state, VmState::Pending);
+}
+
+/// One random change between two plans, from `(kind, vm, host, size)`.
+fn random_change(state: &State, hosts: usize, (kind, v, h, size): (u8, usize, usize, u8)) -> Option<CommandKind> {
+    let name = vm_name(v % 20);
+    let node = (h % hosts) as NodeId + 1;
+    let vm = state.vm(&name);
+    let sized =
+        VmSpec { vcpu: u32::from(size % 4) + 1, memory_mib: 256 * (u64::from(size / 4 % 4) + 1), ..VmSpec::default() };
+    Some(match kind % 12 {
+        0 | 1 => CommandKind::CreateVm { name, spec: sized },
+        2 => CommandKind::DeleteVm { name },
+        3 => CommandKind::UpdateVm { name, spec: sized },
+        4 => CommandKind::SetDesired { name, desired: if size % 2 == 0 { Desired::Running } else { Desired::Stopped } },
+        5 => CommandKind::Place { vm: name, node, expected_generation: vm?.generation },
+        6 => CommandKind::Unplace { vm: name, expected_generation: vm?.generation },
+        7 => {
+            let handoff = vm?.handoff?;
+            CommandKind::Released { node: handoff.from, vm: name, generation: handoff.generation }
+        }
+        8 => {
+            let runners = (0..20).filter(|i| !(i + size as usize).is_multiple_of(3)).map(vm_name).collect();
+            CommandKind::SetRunners { node, runners }
+        }
+        9 => CommandKind::SetCapacity {
+            node,
+            capacity: Capacity { vcpu: u32::from(size % 16) + 1, memory_mib: 4096, ..Capacity::default() },
+        },
+        10 => {
+            CommandKind::SetStatus { node, status: if size % 2 == 0 { MemberStatus::Up } else { MemberStatus::Down } }
+        }
+        _ => {
+            let placement = vm?.placement?;
+            let state = if size % 2 == 0 { VmState::Failed } else { VmState::Running };
+            CommandKind::Report {
+                node: placement.node,
+                vm: name,
+                generation: placement.generation,
+                state,
+                last_error: None,
+            }
+        }
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// A plan that reuses the last plan's memo decides exactly what a plan
+    /// from scratch decides, whatever changed in between: decisions applied
+    /// or lost, VMs created, resized, stopped, deleted, hosts changed.
+    #[test]
+    fn a_memo_never_changes_a_plan(
+        (hosts, vms, ops) in cluster(),
+        steps in prop::collection::vec((any::<u8>(), any::<u8>(), (any::<u8>(), any::<usize>(), any::<usize>(), any::<u8>())), 1..16),
+        binpack in any::<bool>(),
+        decisions_max in 1usize..8,
+    ) {
+        let (mut state, fenced) = build(&hosts, &vms, &ops);
+        let strategy = if binpack { Strategy::Binpack } else { Strategy::Spread };
+        let policy = Policy { strategy, decisions_max };
+        let mut memo = Memo::default();
+        prop_assert_eq!(state.take_vm_changes(), None);
+        let mut changed = None;
+        for (applied, changes, change) in steps {
+            let fresh = plan(&state, &policy, &fenced);
+            let reused = plan_with(&state, &policy, &fenced, changed.as_ref(), &mut memo);
+            prop_assert_eq!(&reused, &fresh);
+            // Some decisions apply, some are lost (as when a leader's
+            // proposal is dropped).
+            for (k, decision) in fresh.iter().enumerate() {
+                if applied & (1 << (k % 8)) != 0 {
+                    let _ = state.apply(&cmd(decision.command.clone()));
+                }
+            }
+            for _ in 0..changes % 3 {
+                if let Some(kind) = random_change(&state, hosts.len(), change) {
+                    let _ = state.apply(&cmd(kind)); // rejections are part of the game
+                }
+            }
+            state.validate().map_err(proptest::test_runner::TestCaseError::fail)?;
+            changed = state.take_vm_changes();
+            prop_assert!(changed.is_some());
+        }
+    }
+}
+
+/// VMs that fit nowhere are skipped by the next plan until something that
+/// could make them fit changes.
+#[test]
+fn a_memo_skips_vms_that_fit_nowhere_until_a_host_frees_up() {
+    let mut state = hosts(1);
+    create(&mut state, "a", spec(6, 1024));
+    create(&mut state, "b", spec(4, 1024));
+    state.take_vm_changes();
+    let policy = policy(Strategy::Spread);
+    let mut memo = Memo::default();
+    let decisions = plan_with(&state, &policy, &none(), None, &mut memo);
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    apply(&mut state, decisions[0].command.clone()).unwrap();
+    assert_eq!(memo.blocked(), 1, "b does not fit next to a");
+
+    // Nothing freed: b is not even looked at.
+    let changed = state.take_vm_changes();
+    assert_eq!(plan_with(&state, &policy, &none(), changed.as_ref(), &mut memo), []);
+    assert_eq!(memo.blocked(), 1);
+
+    // a is deleted: the host has room again and b is placed.
+    apply(&mut state, CommandKind::DeleteVm { name: "a".into() }).unwrap();
+    let changed = state.take_vm_changes();
+    let decisions = plan_with(&state, &policy, &none(), changed.as_ref(), &mut memo);
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    assert!(decisions[0].reason.starts_with("placed b on h1"), "{}", decisions[0].reason);
+    assert_eq!(memo.blocked(), 0);
 }

@@ -64,16 +64,82 @@ pub struct State {
     /// Rows changed since the last [`State::take_dirty`]; the storage writes
     /// exactly these in the transaction that records the applied index.
     dirty: Dirty,
+    /// VMs changed since the last [`State::take_vm_changes`], for the
+    /// leader's scheduler.
+    vm_changes: ChangeFeed,
 }
 
-/// For each host, the VMs placed on it and the VMs with a pending handoff
-/// from it; kept up to date with every VM a command changes.
+/// Names of the VMs changed by applied commands, collected only while
+/// someone reads them (the leader's scheduler), so followers keep nothing.
+/// Bookkeeping for that reader, not part of the state's value: two states
+/// compare equal whatever their feeds hold.
+#[derive(Debug, Clone, Default)]
+struct ChangeFeed(Option<BTreeSet<String>>);
+
+impl PartialEq for ChangeFeed {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for ChangeFeed {}
+
+/// Derived from `vms`, never stored: what the scheduler and the per-host
+/// questions need, kept up to date with every VM a command changes, so they
+/// cost the VMs concerned rather than every VM.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct HostIndex {
+    /// For each host, the VMs placed on it.
     placed: BTreeMap<NodeId, BTreeSet<String>>,
+    /// For each host, the VMs with a pending handoff from it.
     handoffs: BTreeMap<NodeId, BTreeSet<String>>,
-    /// What `placed` and `handoffs` hold for each VM: (placed on, handoff from).
-    of_vm: BTreeMap<String, (Option<NodeId>, Option<NodeId>)>,
+    /// For each host with anything placed or reserved: what that uses.
+    usage: BTreeMap<NodeId, HostUsage>,
+    /// Unplaced desired-running VMs, largest first, then by name: the
+    /// scheduler's queue.
+    waiting: BTreeSet<WaitKey>,
+    /// Placed VMs observed failed (the scheduler may move them away).
+    failed: BTreeSet<String>,
+    /// What the sets above hold for each VM, to undo it when the VM changes.
+    of_vm: BTreeMap<String, Filed>,
+}
+
+/// What the VMs placed on a host, and the copies reserved there by pending
+/// handoffs, use of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostUsage {
+    pub used: Resources,
+    /// Anti-affinity groups of the VMs placed there, with their count.
+    pub groups: BTreeMap<String, u32>,
+}
+
+/// An entry of the scheduler's queue: larger VMs sort first (vcpu, then
+/// memory), equal sizes by name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct WaitKey {
+    size: std::cmp::Reverse<(u32, u64)>,
+    name: String,
+}
+
+/// One VM's contributions to the host index.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Filed {
+    placed: Option<(NodeId, Resources, Option<String>)>,
+    handoff: Option<(NodeId, Resources)>,
+    waiting: Option<(u32, u64)>,
+    failed: bool,
+}
+
+impl Filed {
+    fn of(vm: &Vm) -> Filed {
+        let running = vm.spec.desired == Desired::Running;
+        Filed {
+            placed: vm.placement.map(|p| (p.node, vm.size(), vm.spec.anti_affinity.clone())),
+            handoff: vm.handoff.map(|h| (h.from, h.reserved)),
+            waiting: (vm.placement.is_none() && running).then_some((vm.spec.vcpu, vm.spec.memory_mib)),
+            failed: vm.placement.is_some() && vm.observed.state == VmState::Failed,
+        }
+    }
 }
 
 impl HostIndex {
@@ -87,30 +153,78 @@ impl HostIndex {
 
     /// Re-files VM `name` as it now is (`None`: deleted).
     fn update(&mut self, name: &str, vm: Option<&Vm>) {
-        fn remove(map: &mut BTreeMap<NodeId, BTreeSet<String>>, node: Option<NodeId>, name: &str) {
-            if let Some(node) = node
-                && let Some(names) = map.get_mut(&node)
-            {
+        if let Some(old) = self.of_vm.remove(name) {
+            self.file(name, &old, false);
+        }
+        let Some(vm) = vm else { return };
+        let new = Filed::of(vm);
+        if new != Filed::default() {
+            self.file(name, &new, true);
+            self.of_vm.insert(name.to_string(), new);
+        }
+    }
+
+    /// Adds (or removes) one VM's contributions.
+    fn file(&mut self, name: &str, filed: &Filed, add: bool) {
+        fn set(map: &mut BTreeMap<NodeId, BTreeSet<String>>, node: NodeId, name: &str, add: bool) {
+            if add {
+                map.entry(node).or_default().insert(name.to_string());
+            } else if let Some(names) = map.get_mut(&node) {
                 names.remove(name);
                 if names.is_empty() {
                     map.remove(&node);
                 }
             }
         }
-        if let Some((placed, handoff)) = self.of_vm.remove(name) {
-            remove(&mut self.placed, placed, name);
-            remove(&mut self.handoffs, handoff, name);
+        let mut use_on = |node: NodeId, r: Resources, group: Option<&String>| {
+            let usage = self.usage.entry(node).or_default();
+            if add {
+                usage.used.vcpu += r.vcpu;
+                usage.used.memory_mib += r.memory_mib;
+            } else {
+                usage.used.vcpu -= r.vcpu;
+                usage.used.memory_mib -= r.memory_mib;
+            }
+            if let Some(group) = group {
+                if add {
+                    *usage.groups.entry(group.clone()).or_default() += 1;
+                } else if let Some(count) = usage.groups.get_mut(group) {
+                    *count -= 1;
+                    if *count == 0 {
+                        usage.groups.remove(group);
+                    }
+                }
+            }
+            if *usage == HostUsage::default() {
+                self.usage.remove(&node);
+            }
+        };
+        if let Some((node, size, group)) = &filed.placed {
+            use_on(*node, *size, group.as_ref());
         }
-        let Some(vm) = vm else { return };
-        let entry = (vm.placement.map(|p| p.node), vm.handoff.map(|h| h.from));
-        if let Some(node) = entry.0 {
-            self.placed.entry(node).or_default().insert(name.to_string());
+        if let Some((node, reserved)) = filed.handoff {
+            use_on(node, reserved, None);
         }
-        if let Some(node) = entry.1 {
-            self.handoffs.entry(node).or_default().insert(name.to_string());
+        if let Some((node, ..)) = filed.placed {
+            set(&mut self.placed, node, name, add);
         }
-        if entry != (None, None) {
-            self.of_vm.insert(name.to_string(), entry);
+        if let Some((node, _)) = filed.handoff {
+            set(&mut self.handoffs, node, name, add);
+        }
+        if let Some((vcpu, memory_mib)) = filed.waiting {
+            let key = WaitKey { size: std::cmp::Reverse((vcpu, memory_mib)), name: name.to_string() };
+            if add {
+                self.waiting.insert(key);
+            } else {
+                self.waiting.remove(&key);
+            }
+        }
+        if filed.failed {
+            if add {
+                self.failed.insert(name.to_string());
+            } else {
+                self.failed.remove(name);
+            }
         }
     }
 }
@@ -185,27 +299,57 @@ impl State {
     fn reindex(&mut self) {
         for name in std::mem::take(&mut self.dirty.reindex) {
             self.index.update(&name, self.vms.get(&name));
+            if let Some(changes) = &mut self.vm_changes.0 {
+                changes.insert(name);
+            }
         }
+    }
+
+    /// The names of the VMs changed (created, updated, deleted) by commands
+    /// applied since the last call; `None` when they were not collected
+    /// since (this is the first call, or [`State::stop_vm_changes`] was
+    /// called, or this state was replaced by a snapshot's). Collecting goes
+    /// on from this call until `stop_vm_changes`.
+    pub fn take_vm_changes(&mut self) -> Option<BTreeSet<String>> {
+        self.vm_changes.0.replace(BTreeSet::new())
+    }
+
+    /// Stops collecting VM changes (see [`State::take_vm_changes`]).
+    pub fn stop_vm_changes(&mut self) {
+        self.vm_changes.0 = None;
     }
 
     /// Resources used on `node` by the VMs placed there and by the copies
     /// reserved there by pending handoffs, excluding VM `except` (both its
     /// placement and its reservation).
     pub fn used_on(&self, node: NodeId, except: Option<&str>) -> Resources {
-        let mut used = Resources::default();
-        for vm in self.vms_on(node) {
-            if Some(vm.name.as_str()) != except {
-                used.vcpu += u64::from(vm.spec.vcpu);
-                used.memory_mib += vm.spec.memory_mib;
-            }
-        }
-        for (vm, handoff) in self.handoffs_from(node) {
-            if Some(vm.name.as_str()) != except {
-                used.vcpu += handoff.reserved.vcpu;
-                used.memory_mib += handoff.reserved.memory_mib;
+        let mut used = self.index.usage.get(&node).map(|u| u.used).unwrap_or_default();
+        if let Some(filed) = except.and_then(|name| self.index.of_vm.get(name)) {
+            let own = [filed.placed.as_ref().map(|(n, size, _)| (*n, *size)), filed.handoff];
+            for (n, r) in own.into_iter().flatten() {
+                if n == node {
+                    used.vcpu -= r.vcpu;
+                    used.memory_mib -= r.memory_mib;
+                }
             }
         }
         used
+    }
+
+    /// What the VMs placed on `node` and the copies reserved there use.
+    pub fn usage_on(&self, node: NodeId) -> Option<&HostUsage> {
+        self.index.usage.get(&node)
+    }
+
+    /// Unplaced desired-running VMs, largest first (vcpu, then memory),
+    /// equal sizes by name: the order the scheduler places them in.
+    pub fn waiting(&self) -> impl Iterator<Item = &Vm> {
+        self.index.waiting.iter().filter_map(|key| self.vms.get(&key.name))
+    }
+
+    /// Placed VMs observed failed, by name.
+    pub fn failed_placed(&self) -> impl Iterator<Item = &Vm> {
+        self.index.failed.iter().filter_map(|name| self.vms.get(name))
     }
 
     /// Whether the reconciler on `node` may start VM `vm`: it is placed on
@@ -261,6 +405,7 @@ impl State {
             vms,
             join_tokens: join_tokens.into_iter().map(|t| (t.hash, t)).collect(),
             dirty: Dirty::default(),
+            vm_changes: ChangeFeed::default(),
         }
     }
 
