@@ -57,10 +57,10 @@
 //! # Cost
 //!
 //! A plan reads each host's usage from the state's host index (kept up to
-//! date at apply) and looks only at the VMs its rules concern, which the
-//! same index lists: handoffs from and VMs on fenced hosts, failed VMs,
-//! waiting (unplaced desired-running) VMs, and every VM only while some
-//! host drains. Placing one VM scans the hosts once with two integer
+//! date at apply) and looks only at the VMs its rules concern: handoffs
+//! from and VMs on fenced hosts (from the same index), failed VMs and
+//! waiting (unplaced desired-running) VMs (from the [`Memo`]'s queues), and
+//! every VM only while some host drains. Placing one VM scans the hosts once with two integer
 //! comparisons per host, and checks the costlier constraints (runner set,
 //! labels, anti-affinity) only on a host that would beat the best so far.
 //!
@@ -136,10 +136,14 @@ pub fn plan_with(
     changed: Option<&BTreeSet<String>>,
     memo: &mut Memo,
 ) -> Vec<Decision> {
+    let changed = changed.filter(|changed| memo.follow(state, changed));
+    if changed.is_none() {
+        memo.rebuild(state);
+    }
     let mut planner = Planner { state, model: Model::new(state), policy, fenced, out: Vec::new() };
     planner.clear_fenced_handoffs();
     planner.reschedule_fenced();
-    planner.reschedule_failed();
+    planner.reschedule_failed(&memo.failed);
     planner.place_unplaced(memo, changed);
     planner.drain();
     planner.out
@@ -653,8 +657,9 @@ impl<'s> Planner<'s, '_> {
     /// Moves VMs whose host gave up on them (observed `failed` there) to a
     /// host where they have not failed. One that fits nowhere else stays
     /// failed where it is.
-    fn reschedule_failed(&mut self) {
-        let vms = self.slots_by_name(self.state.failed_placed());
+    fn reschedule_failed(&mut self, failed: &BTreeSet<String>) {
+        let state = self.state;
+        let vms = self.slots_by_name(failed.iter().filter_map(|name| state.vm(name)));
         for v in vms {
             let view = self.model.views[v];
             let vm = self.model.vms[v];
@@ -685,23 +690,11 @@ impl<'s> Planner<'s, '_> {
         let mut skipping = changed.is_some() && memo.holds_for(&self.model.hosts);
         let mut vms: Vec<&'s Vm> = match changed.filter(|_| skipping) {
             Some(changed) => {
-                for name in changed {
-                    memo.blocked.remove(name);
-                }
-                let mut vms: Vec<&'s Vm> = memo
-                    .open
-                    .iter()
-                    .chain(changed)
-                    .filter_map(|name| state.vm(name))
-                    .filter(|vm| vm.placement.is_none() && vm.spec.desired == Desired::Running)
-                    .collect();
-                vms.sort_by(|a, b| wait_order(a).cmp(&wait_order(b)));
-                vms.dedup_by(|a, b| a.name == b.name);
-                vms
+                memo_queue(state, memo.open.iter().chain(changed).filter(|name| memo.waiting.contains(*name)))
             }
             None => {
                 memo.blocked.clear();
-                state.waiting().collect()
+                memo_queue(state, memo.waiting.iter())
             }
         };
         memo.open.clear();
@@ -730,7 +723,8 @@ impl<'s> Planner<'s, '_> {
             memo.open.insert(vm.name.clone());
             if frees && skipping {
                 // The rest of the queue is considered in full.
-                vms = state.waiting().filter(|w| wait_order(w) > wait_order(vm)).collect();
+                vms = memo_queue(state, memo.waiting.iter());
+                vms.retain(|w| wait_order(w) > wait_order(vm));
                 for w in &vms {
                     memo.blocked.remove(&w.name);
                 }
@@ -794,10 +788,28 @@ impl<'s> Planner<'s, '_> {
     }
 }
 
-/// Where a waiting VM goes in the queue: larger first, then by name (as
-/// `State::waiting`).
+/// Where a waiting VM goes in the queue: larger first (vcpu, then memory),
+/// equal sizes by name.
 fn wait_order(vm: &Vm) -> (std::cmp::Reverse<(u32, u64)>, &str) {
     (std::cmp::Reverse((vm.spec.vcpu, vm.spec.memory_mib)), vm.name.as_str())
+}
+
+/// The VMs named, in queue order, each once.
+fn memo_queue<'s, 'n>(state: &'s State, names: impl Iterator<Item = &'n String>) -> Vec<&'s Vm> {
+    let mut vms: Vec<&'s Vm> = names.filter_map(|name| state.vm(name)).collect();
+    vms.sort_by(|a, b| wait_order(a).cmp(&wait_order(b)));
+    vms.dedup_by(|a, b| a.name == b.name);
+    vms
+}
+
+/// A VM for the scheduler to place: unplaced and desired running.
+fn is_waiting(vm: &Vm) -> bool {
+    vm.placement.is_none() && vm.spec.desired == Desired::Running
+}
+
+/// A VM for the scheduler to look at moving: placed and observed failed.
+fn is_failed(vm: &Vm) -> bool {
+    vm.placement.is_some() && vm.observed.state == VmState::Failed
 }
 
 /// What one plan learned that the next can reuse: which waiting VMs fit on
@@ -810,8 +822,19 @@ fn wait_order(vm: &Vm) -> (std::cmp::Reverse<(u32, u64)>, &str) {
 /// first. Any other change (a VM deleted or stopped on some host, a handoff
 /// released, a member changed, a decision lost) makes the next plan
 /// consider every waiting VM again.
+///
+/// The memo also keeps the plan's queues (the waiting VMs and the failed
+/// ones), built by one pass over every VM when it starts and then kept up
+/// to date from the names of the VMs changed, so only the leader pays for
+/// them.
 #[derive(Debug, Default)]
 pub struct Memo {
+    /// Unplaced desired-running VMs, by name.
+    waiting: BTreeSet<String>,
+    /// Placed VMs observed failed, by name.
+    failed: BTreeSet<String>,
+    /// Whether `waiting` and `failed` were built.
+    built: bool,
     /// Waiting VMs that fit on no host at the last plan.
     blocked: HashSet<String>,
     /// Waiting VMs the last plan placed or did not reach: considered again.
@@ -847,6 +870,39 @@ impl Peak {
 }
 
 impl Memo {
+    /// Brings the queues up to date with the VMs `changed` since the last
+    /// plan; false when they were never built (then call `rebuild`).
+    fn follow(&mut self, state: &State, changed: &BTreeSet<String>) -> bool {
+        if !self.built {
+            return false;
+        }
+        for name in changed {
+            self.blocked.remove(name);
+            let vm = state.vm(name);
+            for (set, member) in
+                [(&mut self.waiting, vm.is_some_and(is_waiting)), (&mut self.failed, vm.is_some_and(is_failed))]
+            {
+                if member {
+                    set.insert(name.clone());
+                } else {
+                    set.remove(name);
+                }
+            }
+        }
+        true
+    }
+
+    /// Builds the queues from every VM and forgets what earlier plans
+    /// learned.
+    fn rebuild(&mut self, state: &State) {
+        *self = Memo {
+            waiting: state.vms().values().filter(|vm| is_waiting(vm)).map(|vm| vm.name.clone()).collect(),
+            failed: state.vms().values().filter(|vm| is_failed(vm)).map(|vm| vm.name.clone()).collect(),
+            built: true,
+            ..Memo::default()
+        };
+    }
+
     /// Whether the VMs found blocked still fit nowhere on `hosts` (unless
     /// they changed).
     fn holds_for(&self, hosts: &[Host]) -> bool {

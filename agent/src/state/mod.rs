@@ -84,9 +84,9 @@ impl PartialEq for ChangeFeed {
 
 impl Eq for ChangeFeed {}
 
-/// Derived from `vms`, never stored: what the scheduler and the per-host
-/// questions need, kept up to date with every VM a command changes, so they
-/// cost the VMs concerned rather than every VM.
+/// Derived from `vms`, never stored: per-host questions (what runs here,
+/// what is used here) cost that host's VMs, not every VM. Kept up to date
+/// with every VM a command changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct HostIndex {
     /// For each host, the VMs placed on it.
@@ -95,12 +95,8 @@ struct HostIndex {
     handoffs: BTreeMap<NodeId, BTreeSet<String>>,
     /// For each host with anything placed or reserved: what that uses.
     usage: BTreeMap<NodeId, HostUsage>,
-    /// Unplaced desired-running VMs, largest first, then by name: the
-    /// scheduler's queue.
-    waiting: BTreeSet<WaitKey>,
-    /// Placed VMs observed failed (the scheduler may move them away).
-    failed: BTreeSet<String>,
-    /// What the sets above hold for each VM, to undo it when the VM changes.
+    /// What the maps above hold for each placed or reserved VM, to undo it
+    /// when the VM changes.
     of_vm: BTreeMap<String, Filed>,
 }
 
@@ -113,31 +109,18 @@ pub struct HostUsage {
     pub groups: BTreeMap<String, u32>,
 }
 
-/// An entry of the scheduler's queue: larger VMs sort first (vcpu, then
-/// memory), equal sizes by name.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct WaitKey {
-    size: std::cmp::Reverse<(u32, u64)>,
-    name: String,
-}
-
 /// One VM's contributions to the host index.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Filed {
     placed: Option<(NodeId, Resources, Option<String>)>,
     handoff: Option<(NodeId, Resources)>,
-    waiting: Option<(u32, u64)>,
-    failed: bool,
 }
 
 impl Filed {
     fn of(vm: &Vm) -> Filed {
-        let running = vm.spec.desired == Desired::Running;
         Filed {
             placed: vm.placement.map(|p| (p.node, vm.size(), vm.spec.anti_affinity.clone())),
             handoff: vm.handoff.map(|h| (h.from, h.reserved)),
-            waiting: (vm.placement.is_none() && running).then_some((vm.spec.vcpu, vm.spec.memory_mib)),
-            failed: vm.placement.is_some() && vm.observed.state == VmState::Failed,
         }
     }
 }
@@ -210,21 +193,6 @@ impl HostIndex {
         }
         if let Some((node, _)) = filed.handoff {
             set(&mut self.handoffs, node, name, add);
-        }
-        if let Some((vcpu, memory_mib)) = filed.waiting {
-            let key = WaitKey { size: std::cmp::Reverse((vcpu, memory_mib)), name: name.to_string() };
-            if add {
-                self.waiting.insert(key);
-            } else {
-                self.waiting.remove(&key);
-            }
-        }
-        if filed.failed {
-            if add {
-                self.failed.insert(name.to_string());
-            } else {
-                self.failed.remove(name);
-            }
         }
     }
 }
@@ -339,17 +307,6 @@ impl State {
     /// What the VMs placed on `node` and the copies reserved there use.
     pub fn usage_on(&self, node: NodeId) -> Option<&HostUsage> {
         self.index.usage.get(&node)
-    }
-
-    /// Unplaced desired-running VMs, largest first (vcpu, then memory),
-    /// equal sizes by name: the order the scheduler places them in.
-    pub fn waiting(&self) -> impl Iterator<Item = &Vm> {
-        self.index.waiting.iter().filter_map(|key| self.vms.get(&key.name))
-    }
-
-    /// Placed VMs observed failed, by name.
-    pub fn failed_placed(&self) -> impl Iterator<Item = &Vm> {
-        self.index.failed.iter().filter_map(|name| self.vms.get(name))
     }
 
     /// Whether the reconciler on `node` may start VM `vm`: it is placed on
