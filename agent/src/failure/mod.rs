@@ -233,6 +233,12 @@ impl Detector {
         }
     }
 
+    /// The nodes this leader heard from within the last `window_ms`, during
+    /// this leadership (none unless leader).
+    pub fn heard_within(&self, window_ms: u64, now_ms: u64) -> impl Iterator<Item = NodeId> + '_ {
+        self.heard_ms.iter().filter(move |(_, t)| now_ms.saturating_sub(**t) <= window_ms).map(|(&node, _)| node)
+    }
+
     /// How long `node` has been silent, as far as this leader can vouch.
     fn silent_ms(&self, node: NodeId, now_ms: u64) -> Option<u64> {
         let since = self.leader_since_ms?;

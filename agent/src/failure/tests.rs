@@ -85,6 +85,20 @@ fn a_follower_decides_nothing() {
 }
 
 #[test]
+fn heard_within_lists_the_peers_heard_from_recently_and_only_as_leader() {
+    let mut d = Detector::new(1, Timing::default());
+    d.heard_from(2, 1_000);
+    assert_eq!(d.heard_within(500, 1_000).count(), 0, "not leader");
+    d.on_became_leader(1_000);
+    d.heard_from(2, 1_100);
+    d.heard_from(3, 1_400);
+    assert_eq!(d.heard_within(500, 1_500).collect::<Vec<_>>(), [2, 3]);
+    assert_eq!(d.heard_within(500, 1_700).collect::<Vec<_>>(), [3]);
+    d.on_lost_leadership();
+    assert_eq!(d.heard_within(500, 1_700).count(), 0);
+}
+
+#[test]
 fn a_silent_member_goes_down_and_comes_back_up() {
     let mut state = cluster();
     let mut d = Detector::new(1, Timing::default());

@@ -89,6 +89,14 @@ impl Duties {
         self.detector.heard_from(node, now_ms);
     }
 
+    /// The peers this leader heard from within the shortest election
+    /// timeout (half the longest): what `NodeStatus::active_peers` reports
+    /// besides raft-rs's own activity flags, which raft-rs clears at every
+    /// quorum check until each peer's next answer.
+    pub fn heard_recently(&self, now_ms: u64) -> impl Iterator<Item = NodeId> + '_ {
+        self.detector.heard_within(self.detector.timing().election_timeout_max_ms / 2, now_ms)
+    }
+
     /// A proposal resolved; returns whether it was one of ours.
     pub fn resolved(&mut self, id: ProposalId, outcome: &Outcome) -> bool {
         if !self.in_flight.remove(&id) {

@@ -23,7 +23,7 @@ mod leader;
 
 pub use identity::{cluster_id_of, member_id_of, random_member_id};
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, RwLock};
@@ -102,7 +102,8 @@ pub struct NodeStatus {
     pub applied: u64,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
-    /// Peers the leader heard from within an election timeout (leader only).
+    /// Peers the leader heard from within an election timeout (leader
+    /// only), in id order.
     pub active_peers: Vec<NodeId>,
     /// This member has been removed from the cluster.
     pub removed: bool,
@@ -294,7 +295,7 @@ impl Node {
         let removed = store.is_initialized() && store.state().member(identity.id).is_none();
         let core = Core::new(options.core.clone(), store).map_err(|e| NodeError::TooLarge(format!("raft: {e}")))?;
         let (inputs, rx) = mpsc::sync_channel(INPUT_QUEUE_MAX);
-        let status = status_of(&core, &identity, &addresses, removed);
+        let status = status_of(&core, &identity, &addresses, removed, []);
         let (status_tx, status_rx) = watch::channel(status);
         let (effects, _) = broadcast::channel(EFFECTS_CHANNEL_MAX);
         let events_log = options.events.clone();
@@ -513,7 +514,15 @@ impl NodeHandle {
     }
 }
 
-fn status_of(core: &Core, identity: &NodeIdentity, addresses: &AddressBook, removed: bool) -> NodeStatus {
+/// `heard`: the peers the leader's failure detector heard from recently
+/// (see `Duties::heard_recently`).
+fn status_of(
+    core: &Core,
+    identity: &NodeIdentity,
+    addresses: &AddressBook,
+    removed: bool,
+    heard: impl IntoIterator<Item = NodeId>,
+) -> NodeStatus {
     let s = core.status();
     let leader = s.leader.map(|id| {
         let member = core.state().member(id);
@@ -536,7 +545,13 @@ fn status_of(core: &Core, identity: &NodeIdentity, addresses: &AddressBook, remo
         applied: s.applied,
         voters: s.voters,
         learners: s.learners,
-        active_peers: s.progress.iter().filter(|p| p.recent_active).map(|p| p.id).collect(),
+        active_peers: {
+            let mut active: BTreeSet<NodeId> = s.progress.iter().filter(|p| p.recent_active).map(|p| p.id).collect();
+            if s.role == Role::Leader {
+                active.extend(heard.into_iter().filter(|id| s.progress.iter().any(|p| p.id == *id)));
+            }
+            active.into_iter().collect()
+        },
         removed,
     }
 }
@@ -917,7 +932,8 @@ impl RaftThread {
             self.waiting_reads = still;
         }
         if changed {
-            let status = status_of(&self.core, &self.identity, &self.addresses, self.removed);
+            let heard = self.duties.heard_recently(crate::reconciler::monotonic_ms());
+            let status = status_of(&self.core, &self.identity, &self.addresses, self.removed, heard);
             self.status.send_if_modified(|old| {
                 if *old == status {
                     false
