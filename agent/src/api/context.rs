@@ -98,6 +98,10 @@ pub struct Context {
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// How [`Context::write`] forwards a request to the leader.
+type RemoteWrite<'a, Req, Resp> =
+    dyn Fn(Channel, Request<Req>) -> BoxFuture<Result<tonic::Response<Resp>, Status>> + Sync + 'a;
+
 /// Where a request is handled.
 pub(crate) enum Route {
     Local(Membership),
@@ -270,9 +274,9 @@ impl Context {
     }
 
     /// Decides where a request runs: here on the leader (or when it was
-    /// forwarded to us), else on the leader; waits for a leader up to
-    /// `deadline`.
-    pub(crate) async fn route(&self, forwarded: bool, deadline: Instant) -> Result<Route, Status> {
+    /// forwarded to us, or when it may run `anywhere` and some leader is
+    /// known), else on the leader; waits for a leader up to `deadline`.
+    pub(crate) async fn route(&self, forwarded: bool, anywhere: bool, deadline: Instant) -> Result<Route, Status> {
         let member = self.member()?;
         if forwarded {
             return Ok(Route::Local(member));
@@ -283,7 +287,7 @@ impl Context {
             if current.removed {
                 return Err(not_member());
             }
-            if current.role == Role::Leader {
+            if current.role == Role::Leader || (anywhere && current.leader.is_some()) {
                 return Ok(Route::Local(member));
             }
             if let Some(leader) = current.leader.as_ref().filter(|l| l.id != member.id && !l.address.is_empty()) {
@@ -299,41 +303,12 @@ impl Context {
         &self,
         request: Request<Req>,
         local: impl Fn(Membership, Req) -> BoxFuture<Result<Resp, ApiError>>,
-        remote: impl Fn(Channel, Request<Req>) -> BoxFuture<Result<tonic::Response<Resp>, Status>>,
+        remote: impl Fn(Channel, Request<Req>) -> BoxFuture<Result<tonic::Response<Resp>, Status>> + Sync,
     ) -> Result<tonic::Response<Resp>, Status>
     where
         Req: Clone,
     {
-        let forwarded = is_forwarded(&request);
-        let deadline = Instant::now() + LEADER_WAIT;
-        let request = request.into_inner();
-        loop {
-            match self.route(forwarded, deadline).await? {
-                Route::Local(member) => match local(member.clone(), request.clone()).await {
-                    Ok(response) => return Ok(tonic::Response::new(response)),
-                    Err(e) if e.is_retryable() && !forwarded && Instant::now() < deadline => {
-                        pause_for_change(&member.node, deadline).await;
-                    }
-                    Err(e) => return Err(e.into_status()),
-                },
-                Route::Leader(leader, channel) => {
-                    let mut forward = Request::new(request.clone());
-                    mark_forwarded(&mut forward, deadline);
-                    match remote(channel, forward).await {
-                        Ok(response) => return Ok(response),
-                        // `Unavailable` from an agent means "not applied";
-                        // from the transport, the leader could not be
-                        // reached. Either way: wait for news, try again.
-                        Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
-                            tracing::debug!(leader = %leader.name, error = %s.message(), "forwarding failed; retrying");
-                            let member = self.member()?;
-                            pause_for_change(&member.node, deadline).await;
-                        }
-                        Err(s) => return Err(s),
-                    }
-                }
-            }
-        }
+        self.write_routed(request, local, Some(&remote)).await
     }
 
     /// Runs a write that proposes plain commands (no membership change) on
@@ -351,29 +326,53 @@ impl Context {
     where
         Req: Clone,
     {
-        // An older agent forwarded it to us as the leader: it retries.
+        self.write_routed(request, local, None).await
+    }
+
+    /// [`Context::write`] (with `remote`) and [`Context::write_anywhere`]
+    /// (without): runs `local` where [`Context::route`] says, retrying a
+    /// retryable failure until [`LEADER_WAIT`] has passed.
+    async fn write_routed<Req, Resp>(
+        &self,
+        request: Request<Req>,
+        local: impl Fn(Membership, Req) -> BoxFuture<Result<Resp, ApiError>>,
+        remote: Option<&RemoteWrite<'_, Req, Resp>>,
+    ) -> Result<tonic::Response<Resp>, Status>
+    where
+        Req: Clone,
+    {
+        // A forwarded request is served here and not retried: the member
+        // that forwarded it retries (an older agent may forward writes that
+        // this version runs anywhere).
         let forwarded = is_forwarded(&request);
         let deadline = Instant::now() + LEADER_WAIT;
         let request = request.into_inner();
         loop {
-            let member = self.member()?;
-            let mut status = member.node.watch_status();
-            loop {
-                let current = status.borrow_and_update().clone();
-                if current.removed {
-                    return Err(not_member());
+            match self.route(forwarded, remote.is_none(), deadline).await? {
+                Route::Local(member) => match local(member.clone(), request.clone()).await {
+                    Ok(response) => return Ok(tonic::Response::new(response)),
+                    Err(e) if e.is_retryable() && !forwarded && Instant::now() < deadline => {
+                        pause_for_change(&member.node, deadline).await;
+                    }
+                    Err(e) => return Err(e.into_status()),
+                },
+                Route::Leader(leader, channel) => {
+                    let remote = remote.expect("a write that may run anywhere is routed here");
+                    let mut forward = Request::new(request.clone());
+                    mark_forwarded(&mut forward, deadline);
+                    match remote(channel, forward).await {
+                        Ok(response) => return Ok(response),
+                        // `Unavailable` from an agent means "not applied";
+                        // from the transport, the leader could not be
+                        // reached. Either way: wait for news, try again.
+                        Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                            tracing::debug!(leader = %leader.name, error = %s.message(), "forwarding failed; retrying");
+                            let member = self.member()?;
+                            pause_for_change(&member.node, deadline).await;
+                        }
+                        Err(s) => return Err(s),
+                    }
                 }
-                if current.leader.is_some() {
-                    break;
-                }
-                wait_for_change(&mut status, deadline).await.map_err(|()| no_leader(&current))?;
-            }
-            match local(member.clone(), request.clone()).await {
-                Ok(response) => return Ok(tonic::Response::new(response)),
-                Err(e) if e.is_retryable() && !forwarded && Instant::now() < deadline => {
-                    pause_for_change(&member.node, deadline).await;
-                }
-                Err(e) => return Err(e.into_status()),
             }
         }
     }
