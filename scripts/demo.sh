@@ -19,7 +19,7 @@ keep_running=1
 if [ -n "${BLIXARD_AGENT_BIN:-}" ]; then
   bin=$BLIXARD_AGENT_BIN
 else
-  echo "==> building blixard-agent (release; the first build takes a few minutes)"
+  echo "==> building blixard-agent (release, whole-program optimised: the first build takes several minutes)"
   cargo build --release -p blixard-agent --bin blixard-agent
   bin=$PWD/target/release/blixard-agent
 fi
