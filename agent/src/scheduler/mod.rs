@@ -73,7 +73,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
-use crate::state::{CommandKind, Desired, Handoff, Member, MemberStatus, NodeId, Resources, State, Vm, VmState};
+use crate::state::{
+    CommandKind, Desired, Handoff, Member, MemberStatus, NodeId, Resources, State, Vm, VmState, tally_count,
+};
 
 /// How the leader places VMs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -377,23 +379,9 @@ impl<'s> Model<'s> {
         let mut change = |host: Option<&usize>, r: Resources, group: Option<&'s str>| {
             let Some(&i) = host else { return };
             let h = &mut self.hosts[i];
-            if add {
-                h.used.vcpu += r.vcpu;
-                h.used.memory_mib += r.memory_mib;
-            } else {
-                h.used.vcpu -= r.vcpu;
-                h.used.memory_mib -= r.memory_mib;
-            }
+            h.used.tally(r, add);
             if let Some(group) = group {
-                let count = h.groups.entry(group).or_default();
-                if add {
-                    *count += 1;
-                } else {
-                    *count -= 1;
-                    if *count == 0 {
-                        h.groups.remove(group);
-                    }
-                }
+                tally_count(&mut h.groups, group, add);
             }
         };
         if let Some(node) = view.placement {

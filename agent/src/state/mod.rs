@@ -161,22 +161,9 @@ impl HostIndex {
         }
         let mut use_on = |node: NodeId, r: Resources, group: Option<&String>| {
             let usage = self.usage.entry(node).or_default();
-            if add {
-                usage.used.vcpu += r.vcpu;
-                usage.used.memory_mib += r.memory_mib;
-            } else {
-                usage.used.vcpu -= r.vcpu;
-                usage.used.memory_mib -= r.memory_mib;
-            }
+            usage.used.tally(r, add);
             if let Some(group) = group {
-                if add {
-                    *usage.groups.entry(group.clone()).or_default() += 1;
-                } else if let Some(count) = usage.groups.get_mut(group) {
-                    *count -= 1;
-                    if *count == 0 {
-                        usage.groups.remove(group);
-                    }
-                }
+                tally_count(&mut usage.groups, group.clone(), add);
             }
             if *usage == HostUsage::default() {
                 self.usage.remove(&node);
@@ -296,8 +283,7 @@ impl State {
             let own = [filed.placed.as_ref().map(|(n, size, _)| (*n, *size)), filed.handoff];
             for (n, r) in own.into_iter().flatten() {
                 if n == node {
-                    used.vcpu -= r.vcpu;
-                    used.memory_mib -= r.memory_mib;
+                    used.tally(r, false);
                 }
             }
         }

@@ -42,6 +42,32 @@ pub struct Resources {
     pub memory_mib: u64,
 }
 
+impl Resources {
+    /// Adds `r` to this usage, or takes it away (`add` false).
+    pub fn tally(&mut self, r: Resources, add: bool) {
+        if add {
+            self.vcpu += r.vcpu;
+            self.memory_mib += r.memory_mib;
+        } else {
+            self.vcpu -= r.vcpu;
+            self.memory_mib -= r.memory_mib;
+        }
+    }
+}
+
+/// Counts `key` once more in `counts`, or once less (`add` false; a count
+/// that reaches zero is removed).
+pub fn tally_count<K: Ord>(counts: &mut std::collections::BTreeMap<K, u32>, key: K, add: bool) {
+    if add {
+        *counts.entry(key).or_default() += 1;
+    } else if let Some(count) = counts.get_mut(&key) {
+        *count -= 1;
+        if *count == 0 {
+            counts.remove(&key);
+        }
+    }
+}
+
 /// What a member offers to guests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacity {
