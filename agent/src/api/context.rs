@@ -357,7 +357,7 @@ impl Context {
                     Err(e) => return Err(e.into_status()),
                 },
                 Route::Leader(leader, channel) => {
-                    let remote = remote.expect("a write that may run anywhere is routed here");
+                    let remote = remote.expect("route() sends only a write with a remote path to the leader");
                     let mut forward = Request::new(request.clone());
                     mark_forwarded(&mut forward, deadline);
                     match remote(channel, forward).await {

@@ -42,8 +42,6 @@ pub struct Duties {
     /// What the last plan learned (which waiting VMs fit nowhere), reused
     /// with the VMs changed since; see `scheduler::Memo`.
     memo: Memo,
-    /// Whether the state collects VM changes for `memo` (only as leader).
-    collecting: bool,
     /// No plan triggered by applied changes before this (monotonic ms).
     plan_not_before_ms: u64,
     metrics: Arc<Metrics>,
@@ -60,7 +58,6 @@ impl Duties {
             in_flight: BTreeSet::new(),
             last_plan: None,
             memo: Memo::default(),
-            collecting: false,
             plan_not_before_ms: 0,
             metrics,
         }
@@ -115,10 +112,8 @@ impl Duties {
         // on a tick clock, and a wake-up a millisecond early must not put
         // the check off by a whole interval.
         if !core.is_leader() {
-            if self.collecting {
-                core.stop_vm_changes();
-                self.collecting = false;
-            }
+            // A follower has no use for the changed VMs' names.
+            core.stop_vm_changes();
             return;
         }
         if now_ms + self.check_interval_ms / 4 < self.last_check_ms + self.check_interval_ms {
@@ -158,7 +153,6 @@ impl Duties {
             // The first plan as leader (or after a snapshot replaced the
             // state) gets `None` and considers every waiting VM.
             let changed = core.take_vm_changes();
-            self.collecting = true;
             decisions.extend(scheduler::plan_with(
                 core.state(),
                 &self.policy,

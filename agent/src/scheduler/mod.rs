@@ -60,9 +60,10 @@
 //! date at apply) and looks only at the VMs its rules concern: handoffs
 //! from and VMs on fenced hosts (from the same index), failed VMs and
 //! waiting (unplaced desired-running) VMs (from the [`Memo`]'s queues), and
-//! every VM only while some host drains. Placing one VM scans the hosts once with two integer
-//! comparisons per host, and checks the costlier constraints (runner set,
-//! labels, anti-affinity) only on a host that would beat the best so far.
+//! every VM only while some host drains. Placing one VM scans the hosts
+//! once with two integer comparisons per host, and checks the costlier
+//! constraints (runner set, labels, anti-affinity) only on a host that
+//! would beat the best so far.
 //!
 //! The leader plans with [`plan_with`] and a [`Memo`]: waiting VMs that fit
 //! on no host are skipped by later plans until they change or some host
