@@ -22,6 +22,7 @@
 //! | `raft_is_leader` | gauge | 1 on the leader |
 //! | `vms{host,state}` | gauge | VMs placed on each host, by observed state (`host=""`: unplaced) |
 //! | `reconcile_duration_seconds` | histogram | one reconciler pass on this host |
+//! | `contact_reads_total` | counter | quorum-contact reads this host sent itself because the leader's confirmations stopped (none at rest) |
 //! | `failovers_total` | counter | VMs this leader moved off a fenced (down) host |
 //! | `fencing_events_total{kind}` | counter | `self`: this host fenced itself (lost quorum); `vouched`: this leader cleared a fenced host's handoff |
 //! | `scheduler_decisions_total{kind}` | counter | decisions this leader proposed: `place`, `move`, `unplace`, `host_down`, `host_up`, `clear_handoff` |
@@ -65,6 +66,7 @@ pub struct Metrics {
     pub plan_seconds: Histogram,
     pub blocked_vms: Gauge,
     pub failovers: Counter,
+    pub contact_reads: Counter,
     fencing: Family<KindLabel, Counter>,
     decisions: Family<KindLabel, Counter>,
 }
@@ -103,6 +105,7 @@ impl Metrics {
             plan_seconds: Histogram::new(latency_buckets()),
             blocked_vms: Gauge::default(),
             failovers: Counter::default(),
+            contact_reads: Counter::default(),
             fencing: Family::default(),
             decisions: Family::default(),
             registry: Registry::default(),
@@ -129,6 +132,11 @@ impl Metrics {
             m.reconcile_seconds.clone(),
         );
         registry.register("failovers", "VMs this leader moved off a fenced host", m.failovers.clone());
+        registry.register(
+            "contact_reads",
+            "Quorum-contact reads this host sent itself because the leader's confirmations stopped",
+            m.contact_reads.clone(),
+        );
         registry.register(
             "fencing_events",
             "self: this host fenced itself; vouched: this leader cleared a fenced host's handoff",

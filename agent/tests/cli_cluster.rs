@@ -402,6 +402,29 @@ fn metrics_are_scraped_as_prometheus_text() {
     assert!(count(&s, "blixard_reconcile_duration_seconds").unwrap() > 0.0);
     let s = scrape(&c.agents[leader_index].http);
     assert!(count(&s, "blixard_scheduler_plan_duration_seconds").unwrap() > 0.0);
+
+    // At rest the leader's heartbeats carry every host's quorum contact: a
+    // host reads it itself only when those confirmations stop (an election,
+    // a stall), once its contact is 600 ms old. Over 40 reconciler passes
+    // (a pass a tick, 150 ms, and one per read), a host without
+    // confirmations reads about 7 times; allow a hiccup, not a habit.
+    let counters = |c: &Cluster| -> Vec<(f64, f64)> {
+        c.agents
+            .iter()
+            .map(|a| {
+                let s = scrape(&a.http);
+                let reads = sample(&s, "blixard_contact_reads_total", &[]).unwrap_or(0.0);
+                (reads, count(&s, "blixard_reconcile_duration_seconds").unwrap_or(0.0))
+            })
+            .collect()
+    };
+    let before = counters(&c);
+    c.wait_until("40 reconciler passes on every host", |c| {
+        counters(c).iter().zip(&before).all(|(now, then)| now.1 >= then.1 + 40.0)
+    });
+    for ((now, then), agent) in counters(&c).iter().zip(&before).zip(&c.agents) {
+        assert!(now.0 - then.0 <= 2.0, "{} read its quorum contact {} times", agent.name, now.0 - then.0);
+    }
 }
 
 /// The `--json` events of agent `i`.

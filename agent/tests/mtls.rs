@@ -287,6 +287,7 @@ fn peer_traffic_is_bound_to_member_certificates() {
             from,
             from_address: String::new(),
             messages,
+            ..Default::default()
         };
         let heartbeat = |from: u64| {
             let mut m = raft::eraftpb::Message::default();
@@ -402,6 +403,7 @@ fn hostile_requests_are_refused_without_a_state_change() {
             from: member_id_of("h1"),
             from_address: String::new(),
             messages: vec![vec![0xff; 64]],
+            ..Default::default()
         };
         assert_eq!(peer.raft(batch).await.unwrap_err().code(), Code::InvalidArgument);
         let propose = pb::ProposeRequest { cluster_id: c.cluster_id(), command: vec![0xff; 64] };

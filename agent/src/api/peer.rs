@@ -42,7 +42,7 @@ use super::pb;
 use super::pb::peer_client::PeerClient;
 use super::tls::Caller;
 use crate::names;
-use crate::node::{AddressBook, NodeHandle, PeerSender};
+use crate::node::{AddressBook, Contact, NodeHandle, PeerSender};
 use crate::state::{CommandKind, MembershipChange, NodeId, codec, limits};
 
 /// Messages queued for one peer before the oldest are dropped.
@@ -87,6 +87,8 @@ pub struct Sender {
 
 struct PeerQueue {
     messages: Mutex<VecDeque<Message>>,
+    /// A confirmation of the peer's quorum contact, to ride the next batch.
+    confirmation: Mutex<Option<Contact>>,
     ready: Notify,
 }
 
@@ -154,7 +156,11 @@ impl PeerTransport {
 
     fn queue(&mut self, peer: NodeId) -> Arc<PeerQueue> {
         let queue = self.peers.entry(peer).or_insert_with(|| {
-            let queue = Arc::new(PeerQueue { messages: Mutex::new(VecDeque::new()), ready: Notify::new() });
+            let queue = Arc::new(PeerQueue {
+                messages: Mutex::new(VecDeque::new()),
+                confirmation: Mutex::new(None),
+                ready: Notify::new(),
+            });
             self.runtime.spawn(run_peer(self.shared.clone(), peer, queue.clone()));
             queue
         });
@@ -186,6 +192,14 @@ impl PeerSender for PeerTransport {
             }
         }
         queue.ready.notify_one();
+    }
+
+    /// Waits for the next batch to `to` (normally the next heartbeat): a
+    /// frame of its own would cost what confirming saves.
+    fn confirm_contact(&mut self, to: NodeId, contact: Contact) {
+        let queue = self.queue(to);
+        let mut confirmation = queue.confirmation.lock().unwrap_or_else(|e| e.into_inner());
+        *confirmation = Some(confirmation.map_or(contact, |v| v.max(contact)));
     }
 }
 
@@ -287,11 +301,14 @@ async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
                 }
             },
         };
+        let confirmed = queue.confirmation.lock().unwrap_or_else(|e| e.into_inner()).take();
         let mut request = pb::RaftBatch {
             cluster_id: shared.me.cluster_id,
             from: shared.me.id,
             from_address: shared.me.address.clone(),
             messages: batch,
+            sent_at_ms: crate::reconciler::monotonic_ms(),
+            confirmation: confirmed.map(|v| pb::ContactConfirmation { sent_at_ms: v.sent_at_ms, commit: v.commit }),
         };
         if !unary_only {
             match send_on_stream(&mut stream, &address, &client, request).await {
@@ -595,7 +612,13 @@ impl PeerService {
             messages.push(message);
         }
         self.learn_address(&member, batch.from, &batch.from_address);
-        member.node.step(messages);
+        if let Some(confirmed) = batch.confirmation {
+            member.node.contact_confirmed(Contact { sent_at_ms: confirmed.sent_at_ms, commit: confirmed.commit });
+        }
+        match batch.sent_at_ms {
+            0 => member.node.step(messages),
+            sent_at_ms => member.node.step_frame(batch.from, sent_at_ms, messages),
+        }
         Ok(())
     }
 }

@@ -318,6 +318,11 @@ impl Core {
         due.max(1)
     }
 
+    /// As leader: how many ticks until the next heartbeat round (at least 1).
+    pub fn ticks_until_heartbeat(&self) -> usize {
+        self.config.heartbeat_tick.saturating_sub(self.raw.raft.heartbeat_elapsed()).max(1)
+    }
+
     /// Feeds a message from a peer. Errors are messages raft-rs refuses
     /// (from a removed peer, a local message type); the caller logs them.
     ///
@@ -598,9 +603,26 @@ impl Core {
     /// Hands a leader's messages to `transport`, without the heartbeat
     /// rounds raft-rs broadcasts for read indexes unless a tick came (see
     /// [`Core::read_index`]).
+    ///
+    /// A tick's heartbeat round and a read index asked in the same turn
+    /// put two heartbeats to each peer in one `Ready`; only the last to
+    /// each peer goes (it carries the newest read's context, which answers
+    /// every older one).
     fn send(&self, transport: &mut impl Transport, mut messages: Vec<Message>, ticked: bool) {
-        if !ticked && self.is_leader() {
-            messages.retain(|m| m.get_msg_type() != MessageType::MsgHeartbeat || m.get_context().is_empty());
+        if self.is_leader() {
+            if ticked {
+                let mut seen = std::collections::BTreeSet::new();
+                let mut keep: Vec<bool> = messages
+                    .iter()
+                    .rev()
+                    .map(|m| m.get_msg_type() != MessageType::MsgHeartbeat || seen.insert(m.to))
+                    .collect();
+                keep.reverse();
+                let mut keep = keep.into_iter();
+                messages.retain(|_| keep.next().unwrap_or(true));
+            } else {
+                messages.retain(|m| m.get_msg_type() != MessageType::MsgHeartbeat || m.get_context().is_empty());
+            }
         }
         if !messages.is_empty() {
             transport.send(messages);

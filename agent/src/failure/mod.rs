@@ -25,8 +25,11 @@
 //!    that has since completed, not the time it received some message. A
 //!    completed read index proves two things about that send time `s`: the
 //!    leader received the request after `s`, and a quorum acknowledged that
-//!    leader's heartbeat round after `s`. Receiving leader messages proves
-//!    neither: with a one-way partition (X hears the leader, the leader does
+//!    leader's heartbeat round after `s`. The leader's confirmations
+//!    (`node::Contact`) are the same proof: a read index the leader asked
+//!    after receiving a frame X sent at `s`, which names its `s`, and the
+//!    leader calls `heard_from` for that frame. Receiving leader messages
+//!    proves neither: with a one-way partition (X hears the leader, the leader does
 //!    not hear X) X would never fence while the leader reschedules its VMs;
 //!    and a deposed leader that has not noticed yet keeps sending.
 //! 2. **Same leader.** The leader calls [`Detector::heard_from`] for every
@@ -92,38 +95,38 @@ pub struct Timing {
     /// The longest a Raft election takes (raft-rs randomises the election
     /// timeout in `[election_tick, 2 * election_tick)` ticks).
     pub election_timeout_max_ms: u64,
-    /// The leader's heartbeat interval: a read index (each quorum contact)
-    /// waits up to this long for the heartbeat round that confirms it.
+    /// The leader's heartbeat interval: a read index waits up to this long
+    /// for the heartbeat round that confirms it, and the leader's
+    /// confirmation of a host's quorum contact arrives up to two of them
+    /// after the contact's send time (see `node::Contact`).
     pub heartbeat_interval_ms: u64,
 }
 
 impl Default for Timing {
     /// Chosen to put a lost host's VMs back into `running` within 5 s:
     ///
-    /// - `check_interval` 150 ms: the agent's tick (each tick costs every
-    ///   member a contact read, so it is not shorter than a heartbeat).
+    /// - `check_interval` 150 ms: the agent's tick.
     /// - `election_timeout_max` 1000 ms: Raft ticks of 50 ms, election after
     ///   10..20 of them.
     /// - `heartbeat_interval` 150 ms: Raft heartbeats every 3 ticks.
-    /// - `fence_after` 1500 ms: long enough that a leader election (at most
-    ///   1000 ms, plus a tick before and a read round after, which waits up
-    ///   to a heartbeat interval) never fences a healthy cluster; any longer
-    ///   only delays failover.
-    /// - `node_down_after` 1500 ms: as soon as the fence could fire, the host
+    /// - `fence_after` 1750 ms: long enough that a leader election never
+    ///   fences a healthy cluster (see [`Timing::validate`]: 1000 + 5 * 150);
+    ///   any longer only delays failover.
+    /// - `node_down_after` 1750 ms: as soon as the fence could fire, the host
     ///   stops receiving new placements.
     /// - `stop_max` 1000 ms: the runtime's stop timeout before it kills.
     /// - `reschedule_after` 3000 ms: the smallest round number that clears
-    ///   the safety bound, (1500 + 150 + 1000) * 1.01 / 0.99 = 2704 ms.
+    ///   the safety bound, (1750 + 150 + 1000) * 1.01 / 0.99 = 2959 ms.
     ///
     /// Failover then takes at most `reschedule_after` + one tick + a Raft
     /// commit + the guest's start, about 3.2 s plus the start; when the
     /// leader's own host is lost, add up to one election: 4.2 s plus the
-    /// start. (The fence needs 1000 + 2 * 150 + 150 = 1450 <= 1500 ms.)
+    /// start.
     fn default() -> Self {
         Timing {
-            node_down_after_ms: 1500,
+            node_down_after_ms: 1750,
             reschedule_after_ms: 3000,
-            fence_after_ms: 1500,
+            fence_after_ms: 1750,
             stop_max_ms: 1000,
             check_interval_ms: 150,
             election_timeout_max_ms: 1000,
@@ -164,11 +167,23 @@ impl Timing {
                 CLOCK_RATE_ERROR_PPM * 2 / 10_000,
             ));
         }
-        let election = self.election_timeout_max_ms + 2 * self.check_interval_ms + self.heartbeat_interval_ms;
+        // A host's last contact before the leader is lost can be
+        // `contact_lag` old. A new leader is elected within
+        // `election_timeout_max`, and the host's next contact then takes up
+        // to `contact_lag` again: as confirmed by the leader, a frame of the
+        // host's reaches it, the next heartbeat round confirms it and the
+        // one after carries the confirmation (up to 2 heartbeats; the
+        // contact before the loss is then up to 3 old). By a read of its
+        // own: a tick, then a read round (a check interval and a heartbeat
+        // either side).
+        let confirmed = 5 * self.heartbeat_interval_ms;
+        let read = 2 * self.check_interval_ms + self.heartbeat_interval_ms;
+        let election = self.election_timeout_max_ms + confirmed.max(read);
         if self.fence_after_ms < election {
             return Err(format!(
-                "fence_after_ms ({}) must be at least election_timeout_max_ms + 2 * check_interval_ms + \
-                 heartbeat_interval_ms ({election}), or every host stops its VMs while a new leader is elected",
+                "fence_after_ms ({}) must be at least election_timeout_max_ms + the larger of 5 * \
+                 heartbeat_interval_ms and 2 * check_interval_ms + heartbeat_interval_ms ({election}), or every \
+                 host stops its VMs while a new leader is elected",
                 self.fence_after_ms
             ));
         }
@@ -180,6 +195,16 @@ impl Timing {
             ));
         }
         Ok(())
+    }
+}
+
+impl Timing {
+    /// A host reads its quorum contact itself once the last is this old:
+    /// the leader's confirmations normally keep it under three heartbeat
+    /// intervals (one round to confirm, one to carry the confirmation, one
+    /// until the next), checked every check interval.
+    pub fn contact_read_after_ms(&self) -> u64 {
+        3 * self.heartbeat_interval_ms + self.check_interval_ms
     }
 }
 

@@ -54,15 +54,23 @@ fn the_default_timing_is_valid_and_meets_the_failover_goal() {
 #[test]
 fn unsafe_timings_are_refused_with_a_reason() {
     let base = Timing::default();
-    let e = Timing { reschedule_after_ms: 2700, ..base }.validate().unwrap_err();
+    let e = Timing { reschedule_after_ms: 2950, ..base }.validate().unwrap_err();
     assert_eq!(
         e,
-        "reschedule_after_ms (2700) must be at least 2704: fence_after_ms + check_interval_ms + stop_max_ms \
-         (2650) plus 2% for clock rates, or a cut-off host may still run a VM when another host starts it"
+        "reschedule_after_ms (2950) must be at least 2959: fence_after_ms + check_interval_ms + stop_max_ms \
+         (2900) plus 2% for clock rates, or a cut-off host may still run a VM when another host starts it"
     );
-    Timing { reschedule_after_ms: 2704, ..base }.validate().unwrap();
+    Timing { reschedule_after_ms: 2959, ..base }.validate().unwrap();
     let e = Timing { fence_after_ms: 1100, ..base }.validate().unwrap_err();
     assert!(e.starts_with("fence_after_ms (1100) must be at least election_timeout_max_ms"), "{e}");
+    // The election bound: 1000 + 5 * 150 with confirmed contact; with a
+    // slower check interval, the host's own reads set it.
+    let e = Timing { fence_after_ms: 1749, ..base }.validate().unwrap_err();
+    assert!(e.contains("(1750)"), "{e}");
+    let slow_checks = Timing { check_interval_ms: 500, reschedule_after_ms: 4000, ..base };
+    let e = Timing { fence_after_ms: 2149, ..slow_checks }.validate().unwrap_err();
+    assert!(e.contains("(2150)"), "{e}");
+    Timing { fence_after_ms: 2150, ..slow_checks }.validate().unwrap();
     let e = Timing { node_down_after_ms: 5000, ..base }.validate().unwrap_err();
     assert!(e.starts_with("node_down_after_ms (5000) must not exceed reschedule_after_ms"), "{e}");
     let e = Timing { stop_max_ms: 0, ..base }.validate().unwrap_err();
@@ -104,11 +112,11 @@ fn a_silent_member_goes_down_and_comes_back_up() {
     let mut d = Detector::new(1, Timing::default());
     d.on_became_leader(1_000);
     // Grace: nobody has been heard from yet, but the new leader waits.
-    assert_eq!(d.decisions(&state, 2_500), []);
+    assert_eq!(d.decisions(&state, 2_750), []);
     d.heard_from(3, 2_000);
-    let decisions = d.decisions(&state, 2_501);
+    let decisions = d.decisions(&state, 2_751);
     assert_eq!(statuses(&decisions), [(2, MemberStatus::Down)]);
-    assert_eq!(decisions[0].reason, "h2 not heard from for 1501 ms (node_down_after 1500 ms)");
+    assert_eq!(decisions[0].reason, "h2 not heard from for 1751 ms (node_down_after 1750 ms)");
     apply_all(&mut state, &decisions);
     assert_eq!(d.decisions(&state, 3_000), []);
     d.heard_from(2, 3_100);

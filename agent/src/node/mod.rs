@@ -17,9 +17,12 @@
 //! index round confirms leadership, and the read runs on the local state
 //! once the local applied index has caught up with it.
 
+mod contact;
 pub mod events;
 mod identity;
 mod leader;
+
+pub use contact::Contact;
 
 pub use identity::{cluster_id_of, member_id_of, random_member_id};
 
@@ -121,6 +124,13 @@ pub struct AppliedEffect {
 /// transport (and by in-process test harnesses). Must not block.
 pub trait PeerSender: Send + 'static {
     fn send(&mut self, to: NodeId, messages: Vec<Message>);
+
+    /// Confirms the quorum contact of `to` (see the `contact` module), to
+    /// ride the next frame sent to `to`. A transport that carries no send
+    /// times ignores it, and its hosts read their contact themselves.
+    fn confirm_contact(&mut self, to: NodeId, contact: Contact) {
+        let _ = (to, contact);
+    }
 }
 
 /// Addresses of peers, kept current by the raft thread from the member
@@ -148,7 +158,12 @@ enum Input {
         linearizable: bool,
         f: ReadFn,
     },
-    Raft(Vec<Message>),
+    Raft {
+        /// The sender and its send time (boot-wide monotonic clock), when
+        /// the transport carries one.
+        sent: Option<(NodeId, u64)>,
+        messages: Vec<Message>,
+    },
     SnapshotReport {
         peer: NodeId,
         delivered: bool,
@@ -204,6 +219,7 @@ pub struct NodeHandle {
     request_timeout: Duration,
     metrics: Arc<Metrics>,
     events: Arc<EventLog>,
+    contact: Arc<watch::Sender<Option<Contact>>>,
 }
 
 /// The running node: its handle plus the raft thread.
@@ -307,6 +323,7 @@ impl Node {
             request_timeout: options.request_timeout,
             metrics: options.metrics.clone(),
             events: events_log.clone(),
+            contact: Arc::new(watch::Sender::new(None)),
         };
         let duties = leader::Duties::new(identity.id, options.timing, options.policy.clone(), options.metrics.clone());
         let mut raft = RaftThread {
@@ -325,6 +342,8 @@ impl Node {
             duties,
             last_leader: None,
             events: events_log,
+            rounds: contact::ContactRounds::default(),
+            contact: handle.contact.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("raft".into())
@@ -464,7 +483,25 @@ impl NodeHandle {
     /// Feeds messages received from a peer. Dropped when the queue is full:
     /// Raft retransmits.
     pub fn step(&self, messages: Vec<Message>) {
-        let _ = self.submit(Input::Raft(messages));
+        let _ = self.submit(Input::Raft { sent: None, messages });
+    }
+
+    /// Feeds a frame from peer `from`, which it sent at `sent_at_ms` on its
+    /// boot-wide monotonic clock: the leader confirms that time once a
+    /// quorum has answered a heartbeat round it started after receiving it.
+    pub fn step_frame(&self, from: NodeId, sent_at_ms: u64, messages: Vec<Message>) {
+        let _ = self.submit(Input::Raft { sent: Some((from, sent_at_ms)), messages });
+    }
+
+    /// The leader confirmed this host's quorum contact.
+    pub fn contact_confirmed(&self, contact: Contact) {
+        raise_contact(&self.contact, contact);
+    }
+
+    /// This host's newest quorum contact, as confirmed by the leader (or
+    /// found as leader); `None` until the first.
+    pub fn watch_contact(&self) -> watch::Receiver<Option<Contact>> {
+        self.contact.subscribe()
     }
 
     pub fn report_snapshot(&self, peer: NodeId, delivered: bool) {
@@ -610,6 +647,21 @@ struct RaftThread {
     /// The leader last seen, to count leader changes.
     last_leader: Option<NodeId>,
     events: Arc<EventLog>,
+    /// As leader: the heartbeat rounds that confirm every member's
+    /// quorum contact (see the `contact` module).
+    rounds: contact::ContactRounds,
+    /// This host's newest quorum contact (shared with the handle).
+    contact: Arc<watch::Sender<Option<Contact>>>,
+}
+
+/// Raises the contact in `watch` to `contact` (each field only grows).
+fn raise_contact(watch: &watch::Sender<Option<Contact>>, contact: Contact) {
+    watch.send_if_modified(|known| {
+        let newer = known.map_or(contact, |k| k.max(contact));
+        let changed = *known != Some(newer);
+        *known = Some(newer);
+        changed
+    });
 }
 
 impl RaftThread {
@@ -658,8 +710,15 @@ impl RaftThread {
                     last_tick += tick * passed as u32;
                 }
                 if !self.removed {
+                    let beat = self.core.is_leader() && passed >= self.core.ticks_until_heartbeat();
                     for _ in 0..passed.min(CATCH_UP_TICKS_MAX) {
                         self.core.tick();
+                    }
+                    // Each heartbeat round also confirms every member's
+                    // quorum contact: its read index goes out with it.
+                    if beat && self.core.is_leader() {
+                        let ctx = self.rounds.ask(crate::reconciler::monotonic_ms());
+                        self.core.read_index(ctx);
                     }
                     self.leader_duties();
                 }
@@ -718,8 +777,11 @@ impl RaftThread {
                 let now = Instant::now();
                 self.reads.insert(ctx, PendingRead { f, deadline: now + self.options.request_timeout, asked: now });
             }
-            Input::Raft(messages) => {
+            Input::Raft { sent, messages } => {
                 let now_ms = crate::reconciler::monotonic_ms();
+                if let Some((from, sent_at_ms)) = sent {
+                    self.rounds.heard(from, sent_at_ms);
+                }
                 for message in messages {
                     self.duties.heard_from(message.from, now_ms);
                     if let Err(e) = self.core.step(message) {
@@ -862,6 +924,7 @@ impl RaftThread {
                     self.duties.became_leader(crate::reconciler::monotonic_ms());
                 } else {
                     self.duties.lost_leadership();
+                    self.rounds.lost_leadership();
                 }
             }
             if let Some(index) = out.snapshot_installed {
@@ -874,11 +937,12 @@ impl RaftThread {
                         effect,
                         Effect::MemberAdded { .. } | Effect::MemberRemoved { .. } | Effect::MemberChanged { .. }
                     );
-                    if let Effect::MemberRemoved { node, .. } = effect
-                        && *node == self.identity.id
-                    {
-                        tracing::warn!("this member was removed from the cluster; it stops taking part");
-                        self.removed = true;
+                    if let Effect::MemberRemoved { node, .. } = effect {
+                        self.rounds.forget(*node);
+                        if *node == self.identity.id {
+                            tracing::warn!("this member was removed from the cluster; it stops taking part");
+                            self.removed = true;
+                        }
                     }
                     let at_unix_ms = now_unix_ms();
                     for event in events::events_of(effect, self.core.state()) {
@@ -905,6 +969,15 @@ impl RaftThread {
                 }
             }
             for (ctx, index) in out.reads {
+                if let Some(round) = contact::round_of(&ctx) {
+                    if let Some((own, confirmed)) = self.rounds.resolved(round, index) {
+                        for (peer, contact) in confirmed {
+                            self.sender.confirm_contact(peer, contact);
+                        }
+                        raise_contact(&self.contact, own);
+                    }
+                    continue;
+                }
                 let Ok(bytes) = <[u8; 8]>::try_from(ctx.as_slice()) else { continue };
                 if let Some(read) = self.reads.remove(&u64::from_le_bytes(bytes)) {
                     self.waiting_reads.push_back((index, read));

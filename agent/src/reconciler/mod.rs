@@ -19,9 +19,11 @@
 //! Starting a VM is never a side effect of an RPC or of Raft apply: this
 //! loop is the only thing that starts or stops guests.
 //!
-//! Quorum contact comes from a linearizable read (a Raft read index) sent
-//! every `check_interval`: its *send* time is the contact time, see the
-//! safety argument in `failure`.
+//! Quorum contact normally comes confirmed by the leader, riding its
+//! heartbeats (`node::Contact`); when none has come for
+//! [`Timing::contact_read_after_ms`], the host sends a linearizable read (a
+//! Raft read index) of its own. Either way the contact time is a *send*
+//! time of this host's, see the safety argument in `failure`.
 
 mod contact;
 
@@ -33,10 +35,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::failure::{Fence, Timing};
-use crate::node::NodeHandle;
+use crate::node::{Contact, NodeHandle};
 use crate::runtime::health::{Health, HealthPolicy, Verdict};
 use crate::runtime::{GuestState, Phase, Runtime};
 use crate::state::{CommandKind, Desired, NodeId, State, VmState};
@@ -165,6 +167,8 @@ pub struct Reconciler {
     last_view: Option<(Vec<String>, Arc<View>)>,
     /// An applied change arrived since the last view was read.
     state_changed: bool,
+    /// Quorum contact confirmed by the leader (see `node::Contact`).
+    confirmed: watch::Receiver<Option<Contact>>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
 }
@@ -188,6 +192,7 @@ impl Reconciler {
         let last_contact = config.contact_file.as_ref().and_then(ContactFile::load);
         let fence = Fence::new(config.timing.fence_after_ms, last_contact);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let confirmed = node.watch_contact();
         Reconciler {
             me,
             node,
@@ -203,6 +208,7 @@ impl Reconciler {
             contact_settled: false,
             last_view: None,
             state_changed: true,
+            confirmed,
             done_tx,
             done_rx,
         }
@@ -251,12 +257,21 @@ impl Reconciler {
                         continue;
                     }
                 }
-                _ = tick.tick() => self.send_contact_read(),
+                _ = tick.tick() => {
+                    self.take_confirmed();
+                    // Vouches keep the contact fresh; a read of our own only
+                    // when they stop (no leader, or one that does not confirm).
+                    let read_after = self.config.timing.contact_read_after_ms();
+                    if self.fence.last_contact_ms().is_none_or(|c| monotonic_ms().saturating_sub(c) > read_after) {
+                        self.send_contact_read();
+                    }
+                }
                 _ = scan.tick() => match self.runtime.installed().await {
                     Ok(set) => installed = Some(set),
                     Err(e) => tracing::warn!(error = %e, "cannot scan the installed guests"),
                 },
             }
+            self.take_confirmed();
             let started = std::time::Instant::now();
             self.pass(installed.as_ref()).await;
             self.config.metrics.observe_reconcile(started.elapsed());
@@ -314,12 +329,25 @@ impl Reconciler {
             Done::Contact { sent_at_ms, commit } => {
                 self.contact_in_flight = false;
                 if let Some(commit) = commit {
-                    self.fence.quorum_contact(sent_at_ms, commit);
-                    if let Some(file) = &self.config.contact_file {
-                        file.store(sent_at_ms);
-                    }
+                    self.on_contact(sent_at_ms, commit);
                 }
             }
+        }
+    }
+
+    /// Takes the newest contact the leader confirmed.
+    fn take_confirmed(&mut self) {
+        if !self.confirmed.has_changed().unwrap_or(false) {
+            return;
+        }
+        let Some(contact) = *self.confirmed.borrow_and_update() else { return };
+        self.on_contact(contact.sent_at_ms, contact.commit);
+    }
+
+    fn on_contact(&mut self, sent_at_ms: u64, commit: u64) {
+        self.fence.quorum_contact(sent_at_ms, commit);
+        if let Some(file) = &self.config.contact_file {
+            file.store(sent_at_ms);
         }
     }
 
@@ -330,6 +358,7 @@ impl Reconciler {
             return;
         }
         self.contact_in_flight = true;
+        self.config.metrics.contact_reads.inc();
         let node = self.node.clone();
         let done = self.done_tx.clone();
         let sent_at_ms = monotonic_ms();

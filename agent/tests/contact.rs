@@ -1,0 +1,151 @@
+//! Quorum contact confirmed by the leader's heartbeat rounds, with real
+//! nodes in one process and a transport that carries send times and
+//! confirmations as the gRPC one does: every host's contact stays fresh
+//! with no read of its own, and a host the leader cannot hear gets none.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blixard::config::InitialMember;
+use blixard::node::{self, AddressBook, Contact, Node, NodeHandle, NodeOptions, PeerSender, Start};
+use blixard::reconciler::monotonic_ms;
+use blixard::state::NodeId;
+use raft::eraftpb::{Message, MessageType};
+
+#[derive(Default)]
+struct Net {
+    peers: BTreeMap<NodeId, NodeHandle>,
+    /// Hosts whose frames are lost on the way out (they still receive).
+    muted: BTreeSet<NodeId>,
+    /// Confirmations waiting for the next frame to their host.
+    confirmations: BTreeMap<NodeId, Contact>,
+    read_requests: usize,
+}
+
+type Shared = Arc<Mutex<Net>>;
+
+struct LocalSender {
+    from: NodeId,
+    net: Shared,
+}
+
+impl PeerSender for LocalSender {
+    fn send(&mut self, to: NodeId, messages: Vec<Message>) {
+        let mut net = self.net.lock().unwrap();
+        net.read_requests += messages.iter().filter(|m| m.get_msg_type() == MessageType::MsgReadIndex).count();
+        if net.muted.contains(&self.from) {
+            return;
+        }
+        let Some(peer) = net.peers.get(&to).cloned() else { return };
+        let confirmation = net.confirmations.remove(&to);
+        drop(net);
+        if let Some(contact) = confirmation {
+            peer.contact_confirmed(contact);
+        }
+        peer.step_frame(self.from, monotonic_ms(), messages);
+    }
+
+    fn confirm_contact(&mut self, to: NodeId, contact: Contact) {
+        let mut net = self.net.lock().unwrap();
+        let newest = net.confirmations.get(&to).map_or(contact, |c| c.max(contact));
+        net.confirmations.insert(to, newest);
+    }
+}
+
+struct Cluster {
+    net: Shared,
+    nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start(n: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let members: Vec<InitialMember> =
+            (1..=n).map(|i| InitialMember { name: format!("h{i}"), address: format!("127.0.0.{i}:7000") }).collect();
+        let net = Shared::default();
+        let mut nodes = Vec::new();
+        for member in &members {
+            let mut store = node::open_store(&dir.path().join(&member.name)).unwrap();
+            let identity = node::prepare_store(&mut store, &member.name, &Start::InitialMembers(&members)).unwrap();
+            let sender = Box::new(LocalSender { from: identity.id, net: net.clone() });
+            let node =
+                Node::start(store, NodeOptions::new(identity.id), sender, AddressBook::default(), BTreeMap::new())
+                    .unwrap();
+            net.lock().unwrap().peers.insert(identity.id, node.handle());
+            nodes.push(node);
+        }
+        Cluster { net, nodes, _dir: dir }
+    }
+
+    fn leader(&self) -> Option<usize> {
+        self.nodes.iter().position(|n| n.handle().status().role == blixard::consensus::Role::Leader)
+    }
+
+    fn contact(&self, i: usize) -> Option<Contact> {
+        *self.nodes[i].handle().watch_contact().borrow()
+    }
+
+    fn wait_until(&self, what: &str, mut ok: impl FnMut(&Cluster) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ok(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Contact at or after `since_ms`.
+fn fresh(contact: Option<Contact>, since_ms: u64) -> bool {
+    contact.is_some_and(|c| c.sent_at_ms >= since_ms)
+}
+
+#[test]
+fn every_host_gets_quorum_contact_from_the_leaders_heartbeats_without_reading() {
+    let c = Cluster::start(3);
+    c.wait_until("a leader", |c| c.leader().is_some());
+    let since = monotonic_ms();
+    c.wait_until("every host's contact to be renewed", |c| (0..3).all(|i| fresh(c.contact(i), since)));
+    // And it keeps being renewed, each time to a send time of the host's
+    // own after the last, with the commit index of the leader's read.
+    let again = monotonic_ms();
+    c.wait_until("every host's contact to be renewed again", |c| (0..3).all(|i| fresh(c.contact(i), again)));
+    let leader_commit = c.nodes[c.leader().unwrap()].handle().status().commit;
+    for i in 0..3 {
+        let contact = c.contact(i).unwrap();
+        assert!(contact.sent_at_ms <= monotonic_ms());
+        assert!(contact.commit > 0 && contact.commit <= leader_commit, "{contact:?} vs commit {leader_commit}");
+    }
+    assert_eq!(c.net.lock().unwrap().read_requests, 0, "nobody had to read its contact");
+}
+
+#[test]
+fn a_host_the_leader_cannot_hear_gets_no_contact_even_though_it_hears_the_leader() {
+    let c = Cluster::start(3);
+    c.wait_until("a leader", |c| c.leader().is_some());
+    let leader = c.leader().unwrap();
+    let cut = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let cut_id = c.nodes[cut].handle().status().id;
+    let since = monotonic_ms();
+    c.wait_until("every host's contact to be renewed", |c| (0..3).all(|i| fresh(c.contact(i), since)));
+
+    // One-way partition: the cut host still receives the leader's
+    // heartbeats (and would accept any confirmation), but nothing it sends
+    // arrives. (Muted hosts also do not campaign anywhere, so the leader
+    // stays.)
+    let muted_at = monotonic_ms();
+    c.net.lock().unwrap().muted.insert(cut_id);
+    let later = muted_at + 1_000;
+    c.wait_until("the others' contact to pass the cut by a second", |c| {
+        fresh(c.contact(other), later) && fresh(c.contact(leader), later)
+    });
+    let contact = c.contact(cut).unwrap();
+    assert!(
+        contact.sent_at_ms < muted_at,
+        "the cut host got contact for {} ms after it was cut at {muted_at}",
+        contact.sent_at_ms
+    );
+    assert_eq!(c.leader(), Some(leader));
+}
