@@ -167,15 +167,18 @@ impl Timing {
                 CLOCK_RATE_ERROR_PPM * 2 / 10_000,
             ));
         }
-        // A host's last contact before the leader is lost can be
-        // `contact_lag` old. A new leader is elected within
-        // `election_timeout_max`, and the host's next contact then takes up
-        // to `contact_lag` again: as confirmed by the leader, a frame of the
-        // host's reaches it, the next heartbeat round confirms it and the
-        // one after carries the confirmation (up to 2 heartbeats; the
-        // contact before the loss is then up to 3 old). By a read of its
-        // own: a tick, then a read round (a check interval and a heartbeat
-        // either side).
+        // A healthy host must not fence while a new leader is elected: its
+        // newest contact when the leader is lost may already be old, and
+        // after the election (at most `election_timeout_max`) the next one
+        // takes time to arrive.
+        // - Confirmed by the leader: the newest contact can be 3 heartbeat
+        //   intervals old (its frame waits for a round, the confirmation for
+        //   the next heartbeat, then a heartbeat passes), and the next one
+        //   arrives 2 after the election (a round, then the heartbeat that
+        //   carries it): 5 in all.
+        // - Read by the host itself: a check interval old before the loss;
+        //   after the election, a check interval until the next read and a
+        //   heartbeat for its round.
         let confirmed = 5 * self.heartbeat_interval_ms;
         let read = 2 * self.check_interval_ms + self.heartbeat_interval_ms;
         let election = self.election_timeout_max_ms + confirmed.max(read);
