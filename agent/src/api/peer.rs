@@ -302,7 +302,7 @@ async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
             },
         };
         let confirmed = queue.confirmation.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let mut request = pb::RaftBatch {
+        let request = pb::RaftBatch {
             cluster_id: shared.me.cluster_id,
             from: shared.me.id,
             from_address: shared.me.address.clone(),
@@ -310,42 +310,40 @@ async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
             sent_at_ms: crate::reconciler::monotonic_ms(),
             confirmation: confirmed.map(|v| pb::ContactConfirmation { sent_at_ms: v.sent_at_ms, commit: v.commit }),
         };
-        if !unary_only {
+        let sent = if unary_only {
+            send_unary(client, request).await
+        } else {
             match send_on_stream(&mut stream, &address, &client, request).await {
-                Ok(()) => {
-                    backoff = BACKOFF_MIN;
-                    continue;
-                }
+                Ok(()) => Ok(()),
                 Err(StreamFailure::Unimplemented(batch)) => {
                     tracing::info!(peer, address, "this peer predates Peer.RaftStream; sending it one call per batch");
                     unary_only = true;
-                    request = batch;
+                    send_unary(client, batch).await
                 }
-                Err(StreamFailure::Failed(error)) => {
-                    // Logged at debug: a peer that is down fails every
-                    // heartbeat, and Raft's own role changes say more.
-                    tracing::debug!(peer, address, error, "sending to a peer failed");
-                    shared.report_unreachable(peer);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
-                }
+                Err(StreamFailure::Failed(error)) => Err(error),
             }
-        }
-        let mut client = client;
-        match tokio::time::timeout(RAFT_CALL_TIMEOUT, client.raft(request)).await {
-            Ok(Ok(_)) => backoff = BACKOFF_MIN,
-            outcome => {
-                let error = match outcome {
-                    Ok(Err(status)) => status.message().to_string(),
-                    _ => "timed out".to_string(),
-                };
+        };
+        match sent {
+            Ok(()) => backoff = BACKOFF_MIN,
+            Err(error) => {
+                // Logged at debug: a peer that is down fails every
+                // heartbeat, and Raft's own role changes say more.
                 tracing::debug!(peer, address, error, "sending to a peer failed");
                 shared.report_unreachable(peer);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
+    }
+}
+
+/// Sends one batch as its own `Raft` call (to a peer that predates
+/// `RaftStream`).
+async fn send_unary(mut client: PeerClient<Channel>, request: pb::RaftBatch) -> Result<(), String> {
+    match tokio::time::timeout(RAFT_CALL_TIMEOUT, client.raft(request)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => Err(status.message().to_string()),
+        Err(_) => Err("timed out".to_string()),
     }
 }
 
