@@ -612,14 +612,12 @@ impl Core {
         if self.is_leader() {
             if ticked {
                 let mut seen = std::collections::BTreeSet::new();
-                let mut keep: Vec<bool> = messages
-                    .iter()
+                messages = messages
+                    .into_iter()
                     .rev()
-                    .map(|m| m.get_msg_type() != MessageType::MsgHeartbeat || seen.insert(m.to))
+                    .filter(|m| m.get_msg_type() != MessageType::MsgHeartbeat || seen.insert(m.to))
                     .collect();
-                keep.reverse();
-                let mut keep = keep.into_iter();
-                messages.retain(|_| keep.next().unwrap_or(true));
+                messages.reverse();
             } else {
                 messages.retain(|m| m.get_msg_type() != MessageType::MsgHeartbeat || m.get_context().is_empty());
             }

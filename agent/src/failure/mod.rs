@@ -29,9 +29,10 @@
 //!    (`node::Contact`) are the same proof: a read index the leader asked
 //!    after receiving a frame X sent at `s`, which names its `s`, and the
 //!    leader calls `heard_from` for that frame. Receiving leader messages
-//!    proves neither: with a one-way partition (X hears the leader, the leader does
-//!    not hear X) X would never fence while the leader reschedules its VMs;
-//!    and a deposed leader that has not noticed yet keeps sending.
+//!    proves neither: with a one-way partition (X hears the leader, the
+//!    leader does not hear X) X would never fence while the leader
+//!    reschedules its VMs; and a deposed leader that has not noticed yet
+//!    keeps sending.
 //! 2. **Same leader.** The leader calls [`Detector::heard_from`] for every
 //!    message it receives, so its last-heard time for X is at least the
 //!    arrival of X's last read request, which is after `s`. The leader
@@ -199,9 +200,7 @@ impl Timing {
         }
         Ok(())
     }
-}
 
-impl Timing {
     /// A host reads its quorum contact itself once the last is this old:
     /// the leader's confirmations normally keep it under three heartbeat
     /// intervals (one round to confirm, one to carry the confirmation, one

@@ -259,8 +259,9 @@ impl Reconciler {
                 }
                 _ = tick.tick() => {
                     self.take_confirmed();
-                    // Vouches keep the contact fresh; a read of our own only
-                    // when they stop (no leader, or one that does not confirm).
+                    // Confirmations keep the contact fresh; a read of our own
+                    // only when they stop (no leader, or one that does not
+                    // confirm).
                     let read_after = self.config.timing.contact_read_after_ms();
                     if self.fence.last_contact_ms().is_none_or(|c| monotonic_ms().saturating_sub(c) > read_after) {
                         self.send_contact_read();
