@@ -124,6 +124,8 @@ pub struct VmSection {
     pub node: Option<String>,
     pub anti_affinity: Option<String>,
     pub desired: Option<String>,
+    /// "auto" (default) or "manual".
+    pub failover: Option<String>,
 }
 
 /// Values given as `run` flags; each replaces the file's value.
@@ -519,6 +521,11 @@ impl Config {
                     return Err(err(format!("{key}.desired"), format!("{other:?} is not \"running\" or \"stopped\"")));
                 }
             };
+            let failover = match vm.failover.as_deref() {
+                None => crate::state::Failover::Auto,
+                Some(text) => crate::state::Failover::parse(text)
+                    .ok_or_else(|| err(format!("{key}.failover"), format!("{text:?} is not \"auto\" or \"manual\"")))?,
+            };
             vms.push(DeclaredVm {
                 name: vm.name.clone(),
                 spec: VmSpec {
@@ -528,6 +535,7 @@ impl Config {
                     node: vm.node.clone(),
                     anti_affinity: vm.anti_affinity.clone(),
                     desired,
+                    failover,
                 },
             });
         }

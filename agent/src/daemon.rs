@@ -41,10 +41,11 @@ use crate::api::service::BlixardService;
 use crate::api::tls::{Caller, TlsFiles};
 use crate::config::{Config, RuntimeKind};
 use crate::consensus::CoreConfig;
+use crate::guard::GuardConfig;
 use crate::metrics::Metrics;
 use crate::node::events::EventLog;
 use crate::node::{self, AddressBook, Node, NodeOptions, Start};
-use crate::reconciler::{BoxFuture, ContactFile, Proposer, Reconciler, ReconcilerConfig};
+use crate::reconciler::{BoxFuture, ContactFile, ExemptFile, Proposer, Reconciler, ReconcilerConfig};
 use crate::runtime::health::HealthPolicy;
 use crate::state::{Capacity, CommandKind, NodeId, VmSpec};
 use crate::storage::{StorageError, Store};
@@ -479,11 +480,30 @@ impl Agent {
             ReconcilerConfig {
                 timing: self.config.timing,
                 health: HealthPolicy::default(),
-                contact_file: Some(ContactFile::new(self.config.data_dir.join("fence-contact"))),
+                contact_file: Some(ContactFile::in_dir(&self.config.data_dir)),
+                exempt_file: Some(ExemptFile::in_dir(&self.config.data_dir)),
                 metrics: self.metrics.clone(),
             },
         );
+        let guard =
+            GuardConfig::new(&self.config.data_dir, &self.config.state_dir, self.config.runtime, &self.config.timing);
+        let runtime = self.runtime.clone();
         let reconciler = tokio::spawn(async move {
+            // The guard runs before the first guest may start (with the
+            // systemd runtime no guest starts without it).
+            let keeper = match std::env::current_exe() {
+                Ok(exe) => {
+                    let spec = guard.spec(exe);
+                    ensure_guard(runtime.as_ref(), &spec, &mut None).await;
+                    Some(tokio::spawn(keep_guard(runtime, spec)))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot find this agent's binary to run the fence guard with; \
+                        guests stop only while this agent runs");
+                    None
+                }
+            };
+            let _keeper = AbortOnDrop(keeper);
             if let Err(e) = reconciler.run(std::future::pending()).await {
                 tracing::error!(error = %e, "the reconciler stopped; guests on this host are no longer managed");
             }
@@ -503,6 +523,57 @@ impl Agent {
         tokio::task::spawn_blocking(move || running.node.shutdown())
             .await
             .unwrap_or_else(|_| Err(StorageError::Redb("the raft thread panicked".into())))
+    }
+}
+
+/// How often the agent makes sure the fence guard runs.
+const GUARD_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Aborts a task when dropped (the guard keeper ends with the reconciler).
+struct AbortOnDrop(Option<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// One look at the fence guard (see `guard`): starts it when it does not
+/// run, and logs what it found when that differs from `last`.
+async fn ensure_guard(
+    runtime: &dyn crate::runtime::Runtime,
+    spec: &crate::runtime::GuardSpec,
+    last: &mut Option<String>,
+) {
+    use crate::runtime::GuardStatus;
+    let found = match runtime.ensure_guard(spec).await {
+        Ok(GuardStatus::Running) => None,
+        Ok(GuardStatus::Unsupported) => None,
+        Ok(GuardStatus::Started(how)) => {
+            tracing::info!("fence guard: {how}");
+            None
+        }
+        Ok(GuardStatus::Degraded(why)) => Some(format!("fence guard: {why}")),
+        Err(e) => Some(format!(
+            "fence guard: cannot make sure it runs ({e}); guests stop without quorum contact only while this agent runs"
+        )),
+    };
+    if found != *last
+        && let Some(problem) = &found
+    {
+        tracing::error!("{problem}");
+    }
+    *last = found;
+}
+
+/// Keeps the fence guard running while this agent is a member.
+async fn keep_guard(runtime: Arc<dyn crate::runtime::Runtime>, spec: crate::runtime::GuardSpec) {
+    let mut last = None;
+    loop {
+        tokio::time::sleep(GUARD_CHECK_INTERVAL).await;
+        ensure_guard(runtime.as_ref(), &spec, &mut last).await;
     }
 }
 

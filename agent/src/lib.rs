@@ -8,11 +8,13 @@
 pub mod api;
 pub mod certs;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod consensus;
 pub mod daemon;
 pub mod dashboard;
 pub mod failure;
+pub mod guard;
 pub mod http;
 pub mod join_token;
 pub mod metrics;

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use blixard::cli::{self, Command, args::RunArgs};
+use blixard::cli::{self, Command, args::GuardArgs, args::RunArgs};
 use blixard::config::Config;
 
 fn main() -> ExitCode {
@@ -17,6 +17,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run(&args),
+        Command::Guard(args) => guard(&args),
         command => cli::execute(command),
     }
 }
@@ -34,13 +35,41 @@ fn run(args: &RunArgs) -> ExitCode {
     }
 }
 
+/// `guard`: the fence guard, or (`--fence-if-stale`) its one-shot stop-post.
+/// Logs at info (`RUST_LOG` overrides); a failure is exit 1, and systemd
+/// restarts the guard.
+fn guard(args: &GuardArgs) -> ExitCode {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|env| tracing_subscriber::EnvFilter::try_new(env).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    init_logging(filter, "blixard-guard");
+    let config = args.config();
+    // One thread: the guard does little, and must not need much to do it.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => return cli::CliError::failed(format!("starting the tokio runtime: {e}")).report(),
+    };
+    let result = runtime.block_on(async {
+        if args.fence_if_stale {
+            blixard::guard::fence_if_stale(config).await
+        } else {
+            blixard::guard::run(config, shutdown_signal()?).await
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => cli::CliError::failed(format!("{e:#}")).report(),
+    }
+}
+
 fn daemon(config: Config) -> anyhow::Result<()> {
     // RUST_LOG, when set, overrides `log_level` (as the NixOS module documents).
     let filter = match std::env::var("RUST_LOG") {
         Ok(env) if !env.is_empty() => tracing_subscriber::EnvFilter::try_new(&env).context("RUST_LOG")?,
         _ => tracing_subscriber::EnvFilter::try_new(&config.log_level).context("log_level")?,
     };
-    init_logging(filter);
+    init_logging(filter, "blixard-agent");
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
     runtime.block_on(async {
@@ -52,13 +81,13 @@ fn daemon(config: Config) -> anyhow::Result<()> {
 /// Logs go to the journal, with structured fields (`journalctl -o verbose`
 /// shows `VM=`, `REASON=`...), when stderr is connected to it (systemd sets
 /// `JOURNAL_STREAM` to stderr's device and inode); otherwise to stderr.
-fn init_logging(filter: tracing_subscriber::EnvFilter) {
+fn init_logging(filter: tracing_subscriber::EnvFilter, identifier: &str) {
     use tracing_subscriber::prelude::*;
     let registry = tracing_subscriber::registry().with(filter);
     if stderr_is_journal() {
         match tracing_journald::layer() {
             Ok(journald) => {
-                registry.with(journald.with_syslog_identifier("blixard-agent".into())).init();
+                registry.with(journald.with_syslog_identifier(identifier.into())).init();
                 return;
             }
             Err(e) => eprintln!("cannot log to the journal ({e}); logging to stderr"),

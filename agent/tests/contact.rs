@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use blixard::clock::monotonic_ms;
 use blixard::config::InitialMember;
 use blixard::node::{self, AddressBook, Contact, Node, NodeHandle, NodeOptions, PeerSender, Start};
-use blixard::reconciler::monotonic_ms;
 use blixard::state::NodeId;
 use raft::eraftpb::{Message, MessageType};
 
@@ -40,10 +40,7 @@ impl PeerSender for LocalSender {
         let Some(peer) = net.peers.get(&to).cloned() else { return };
         let confirmation = net.confirmations.remove(&to);
         drop(net);
-        if let Some(contact) = confirmation {
-            peer.contact_confirmed(contact);
-        }
-        peer.step_frame(self.from, monotonic_ms(), messages);
+        peer.step_frame(self.from, monotonic_ms(), messages, confirmation);
     }
 
     fn confirm_contact(&mut self, to: NodeId, contact: Contact) {

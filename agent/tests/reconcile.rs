@@ -106,6 +106,7 @@ impl Cluster {
                 timing: options_timing(),
                 health: HealthPolicy::default(),
                 contact_file: None,
+                exempt_file: None,
                 metrics: handle.metrics(),
             };
             let reconciler = Reconciler::new(

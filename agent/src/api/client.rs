@@ -194,12 +194,61 @@ impl Client {
         self.call(req, |mut c, r| async move { c.vm_migrate(r).await }).await
     }
 
+    pub async fn vm_recover(&self, req: pb::VmRecoverRequest) -> Result<pb::VmInfo, ClientError> {
+        self.call(req, |mut c, r| async move { c.vm_recover(r).await }).await
+    }
+
     pub async fn vm_list(&self) -> Result<pb::VmListResponse, ClientError> {
         self.call(pb::VmListRequest {}, |mut c, r| async move { c.vm_list(r).await }).await
     }
 
     pub async fn vm_status(&self, name: String) -> Result<pb::VmInfo, ClientError> {
         self.call(pb::VmRequest { name }, |mut c, r| async move { c.vm_status(r).await }).await
+    }
+
+    /// [`Client::node_list`] from the agent's own state (`--stale`), and how
+    /// old its last quorum contact is.
+    pub async fn node_list_stale(&self) -> Result<(pb::NodeListResponse, Staleness), ClientError> {
+        self.call_stale(pb::NodeListRequest {}, |mut c, r| async move { c.node_list(r).await }).await
+    }
+
+    /// [`Client::vm_list`] from the agent's own state (`--stale`).
+    pub async fn vm_list_stale(&self) -> Result<(pb::VmListResponse, Staleness), ClientError> {
+        self.call_stale(pb::VmListRequest {}, |mut c, r| async move { c.vm_list(r).await }).await
+    }
+
+    /// [`Client::vm_status`] from the agent's own state (`--stale`).
+    pub async fn vm_status_stale(&self, name: String) -> Result<(pb::VmInfo, Staleness), ClientError> {
+        self.call_stale(pb::VmRequest { name }, |mut c, r| async move { c.vm_status(r).await }).await
+    }
+
+    /// A unary call that asks for the agent's own view (quorum or not).
+    async fn call_stale<Req, Resp, Fut>(
+        &self,
+        message: Req,
+        f: impl FnOnce(BlixardClient<Channel>, tonic::Request<Req>) -> Fut,
+    ) -> Result<(Resp, Staleness), ClientError>
+    where
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout);
+        request
+            .metadata_mut()
+            .insert(crate::api::context::STALE_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+        match tokio::time::timeout(self.timeout, f(self.inner.clone(), request)).await {
+            Err(_) => Err(timed_out(&self.authority, self.timeout)),
+            Ok(Err(status)) => Err(from_status(&self.authority, self.timeout, self.tls, &status)),
+            Ok(Ok(response)) => {
+                let header = response.metadata().get(crate::api::context::STALE_FOR_HEADER);
+                let staleness = match header.and_then(|v| v.to_str().ok()) {
+                    Some("never") => Staleness::NeverHadContact,
+                    Some(ms) => ms.parse().map_or(Staleness::Unknown, Staleness::ContactAgeMs),
+                    None => Staleness::Unknown,
+                };
+                Ok((response.into_inner(), staleness))
+            }
+        }
     }
 
     /// The agent's events. Without `follow` the whole call has the
@@ -264,6 +313,17 @@ impl Client {
             Ok(Ok(response)) => Ok(response.into_inner()),
         }
     }
+}
+
+/// How old the view of a `--stale` answer may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staleness {
+    /// The agent's last quorum contact was this many ms before it answered.
+    ContactAgeMs(u64),
+    /// It has had no quorum contact since it started.
+    NeverHadContact,
+    /// It did not say (an older agent).
+    Unknown,
 }
 
 /// A status from the server keeps its message; one made by the client for

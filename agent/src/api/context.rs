@@ -38,6 +38,17 @@ use crate::state::{CommandKind, NodeId};
 /// Marks a request one agent forwarded to another (to the leader): the
 /// receiver handles it itself and never forwards it again.
 pub const FORWARDED_HEADER: &str = "x-blixard-forwarded";
+/// Request metadata: answer from this member's own state, on purpose,
+/// even without a quorum (`--stale`).
+pub const STALE_HEADER: &str = "x-blixard-stale";
+/// Response metadata of a `--stale` read: how old the answering member's
+/// last quorum contact is, in ms (`never` if it had none since it started).
+pub const STALE_FOR_HEADER: &str = "x-blixard-stale-for-ms";
+
+/// Whether a request asks for this member's own (possibly stale) view.
+pub fn wants_stale<T>(request: &tonic::Request<T>) -> bool {
+    request.metadata().contains_key(STALE_HEADER)
+}
 /// How long a request waits for a leader (an election, a leadership
 /// transfer) before failing with `Unavailable`.
 pub const LEADER_WAIT: Duration = Duration::from_secs(8);
@@ -391,9 +402,36 @@ impl Context {
                 Err(e) if e.is_retryable() && Instant::now() < deadline => {
                     pause_for_change(&member.node, deadline).await
                 }
+                Err(e) if e.is_retryable() && !member.node.has_quorum_contact() => {
+                    return Err(Status::unavailable(format!(
+                        "{} cannot reach a quorum ({}), so it cannot answer with the cluster's current state; add \
+                         --stale to see what it last knew",
+                        self.name,
+                        match member.node.contact_age_ms() {
+                            Some(age) => format!("its last quorum contact was {:.1} s ago", age as f64 / 1000.0),
+                            None => "it has had no quorum contact since it started".into(),
+                        }
+                    )));
+                }
                 Err(e) => return Err(from_node_error(&e)),
             }
         }
+    }
+
+    /// [`Context::read`], or with `stale` this member's own state as it
+    /// is, quorum or not; then also how old its last quorum contact is
+    /// (`Some(None)`: it never had one), for [`STALE_FOR_HEADER`].
+    pub(crate) async fn read_maybe_stale<T: Send + 'static>(
+        &self,
+        stale: bool,
+        f: impl Fn(&crate::state::State, &crate::consensus::CoreStatus) -> T + Send + Sync + Clone + 'static,
+    ) -> Result<(T, Option<Option<u64>>), Status> {
+        if !stale {
+            return Ok((self.read(f).await?, None));
+        }
+        let member = self.member()?;
+        let value = member.node.read_local(f).await.map_err(|e| from_node_error(&e))?;
+        Ok((value, Some(member.node.contact_age_ms())))
     }
 
     /// Proposes `kind` through Raft from this member, whatever its role

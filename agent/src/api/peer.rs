@@ -307,7 +307,7 @@ async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
             from: shared.me.id,
             from_address: shared.me.address.clone(),
             messages: batch,
-            sent_at_ms: crate::reconciler::monotonic_ms(),
+            sent_at_ms: crate::clock::monotonic_ms(),
             confirmation: confirmed.map(|v| pb::ContactConfirmation { sent_at_ms: v.sent_at_ms, commit: v.commit }),
         };
         let sent = if unary_only {
@@ -610,13 +610,10 @@ impl PeerService {
             messages.push(message);
         }
         self.learn_address(&member, batch.from, &batch.from_address);
-        if let Some(confirmed) = batch.confirmation {
-            member.node.contact_confirmed(Contact { sent_at_ms: confirmed.sent_at_ms, commit: confirmed.commit });
-        }
-        match batch.sent_at_ms {
-            0 => member.node.step(messages),
-            sent_at_ms => member.node.step_frame(batch.from, sent_at_ms, messages),
-        }
+        let confirmation = batch.confirmation.map(|c| Contact { sent_at_ms: c.sent_at_ms, commit: c.commit });
+        // The node judges the confirmation (only the current leader's, never
+        // in the future): the transport only carries it.
+        member.node.step_frame(batch.from, batch.sent_at_ms, messages, confirmation);
         Ok(())
     }
 }

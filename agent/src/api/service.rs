@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
-use super::context::{ApiError, Context, FORWARDED_HEADER, Membership, is_forwarded};
+use super::context::{ApiError, Context, FORWARDED_HEADER, Membership, is_forwarded, wants_stale};
 use super::pb;
 use super::pb::blixard_server::Blixard;
 use super::status::from_rejection;
@@ -24,8 +24,8 @@ use crate::names;
 use crate::node::events::{EVENTS_MAX, Event};
 use crate::node::{NodeStatus, ProposalCheck};
 use crate::state::{
-    CommandKind, Desired, Labels, Member, MemberStatus, MembershipChange, NodeId, Rejection, State, Vm, VmSpec,
-    VmState, limits,
+    CommandKind, Desired, Failover, Labels, Member, MemberStatus, MembershipChange, NodeId, Rejection, State, Vm,
+    VmSpec, VmState, limits,
 };
 
 /// A VM as the API shows it. `explain` adds why a VM that is not running
@@ -37,7 +37,7 @@ pub fn vm_info(state: &State, vm: &Vm, explain: bool) -> pb::VmInfo {
         name: vm.name.clone(),
         node,
         desired: vm.spec.desired.to_string(),
-        state: vm.observed.state.to_string(),
+        state: state.vm_state(vm).to_string(),
         vcpu: vm.spec.vcpu,
         memory_mib: vm.spec.memory_mib,
         since_unix_ms: vm.observed.since_unix_ms,
@@ -45,13 +45,26 @@ pub fn vm_info(state: &State, vm: &Vm, explain: bool) -> pb::VmInfo {
         labels: vm.spec.labels.clone().into_iter().collect(),
         pinned_node: vm.spec.node.clone().unwrap_or_default(),
         anti_affinity: vm.spec.anti_affinity.clone().unwrap_or_default(),
-        pending_reason: if explain && matches!(vm.observed.state, VmState::Pending | VmState::Failed) {
+        pending_reason: if explain && matches!(state.vm_state(vm), VmState::Pending | VmState::Failed | VmState::Lost) {
             crate::scheduler::why_pending(state, &crate::scheduler::Policy::default(), &vm.name)
         } else {
             String::new()
         },
         generation: vm.generation,
+        failover: vm.spec.failover.to_string(),
     }
+}
+
+/// Marks the answer of a `--stale` read with how old this member's last
+/// quorum contact is ([`super::context::STALE_FOR_HEADER`]).
+fn stale_marked<T>(mut response: Response<T>, stale: Option<Option<u64>>) -> Response<T> {
+    if let Some(age) = stale {
+        let value = age.map_or_else(|| "never".to_string(), |ms| ms.to_string());
+        if let Ok(value) = value.parse() {
+            response.metadata_mut().insert(super::context::STALE_FOR_HEADER, value);
+        }
+    }
+    response
 }
 
 fn role_of(member: &Member, leader: Option<NodeId>) -> &'static str {
@@ -121,6 +134,8 @@ fn cluster_status(state: &State, core: &CoreStatus, node: &NodeStatus, me: &Memb
         name: node.name.clone(),
         id: me.id,
         cluster_id: me.cluster_id,
+        contact_age_ms: me.node.contact_age_ms(),
+        quorum: me.node.has_quorum_contact(),
     }
 }
 
@@ -171,6 +186,12 @@ pub fn spec_of(request: &pb::VmCreateRequest) -> Result<VmSpec, Status> {
     if let Some(group) = &anti_affinity {
         check_name("anti-affinity group", group)?;
     }
+    let failover = match request.failover.as_str() {
+        "" => Failover::Auto,
+        text => Failover::parse(text).ok_or_else(|| {
+            Status::invalid_argument(format!("failover must be \"auto\" or \"manual\", not {text:?}"))
+        })?,
+    };
     let labels: Labels = request.labels.clone().into_iter().collect();
     let spec = VmSpec {
         vcpu: request.vcpu,
@@ -179,6 +200,7 @@ pub fn spec_of(request: &pb::VmCreateRequest) -> Result<VmSpec, Status> {
         node,
         anti_affinity,
         desired: if request.stopped { Desired::Stopped } else { Desired::Running },
+        failover,
     };
     // The label rules live in the state machine; ask it with a dry run so
     // the edge and apply can never disagree.
@@ -340,6 +362,8 @@ impl Blixard for BlixardService {
                     let body = response.get_mut();
                     body.name = node.name.clone();
                     body.id = member.id;
+                    body.contact_age_ms = member.node.contact_age_ms();
+                    body.quorum = member.node.has_quorum_contact();
                     return Ok(response);
                 }
                 Err(e) => {
@@ -416,6 +440,35 @@ impl Blixard for BlixardService {
                 |member, request| {
                     Box::pin(async move {
                         let id = member_id(&member, request.node.clone()).await?;
+                        if !request.force {
+                            let busy = member
+                                .node
+                                .read_local(move |state, _| {
+                                    let mut vms: Vec<String> = state
+                                        .vms_on(id)
+                                        .filter(|vm| vm.spec.desired == Desired::Running)
+                                        .chain(state.handoffs_from(id).map(|(vm, _)| vm))
+                                        .map(|vm| vm.name.clone())
+                                        .collect();
+                                    vms.sort();
+                                    vms.dedup();
+                                    vms
+                                })
+                                .await?;
+                            if !busy.is_empty() {
+                                let shown: Vec<&str> = busy.iter().take(5).map(String::as_str).collect();
+                                let more = if busy.len() > shown.len() { ", ..." } else { "" };
+                                return Err(ApiError::Status(Status::failed_precondition(format!(
+                                    "{} still runs {} VM(s) ({}{more}): drain it first (`blixard-agent node drain {} \
+                                     --wait`), or leave with --force to remove it now (its VMs move once it has \
+                                     certainly stopped them)",
+                                    request.node,
+                                    busy.len(),
+                                    shown.join(", "),
+                                    request.node
+                                ))));
+                            }
+                        }
                         // Removing the leader itself: the node hands
                         // leadership over first and answers NotLeader,
                         // and the retry lands on the new leader.
@@ -428,16 +481,15 @@ impl Blixard for BlixardService {
             .await
     }
 
-    async fn node_list(
-        &self,
-        _request: Request<pb::NodeListRequest>,
-    ) -> Result<Response<pb::NodeListResponse>, Status> {
-        let mut nodes: Vec<pb::NodeInfo> = self
+    async fn node_list(&self, request: Request<pb::NodeListRequest>) -> Result<Response<pb::NodeListResponse>, Status> {
+        let (mut nodes, stale): (Vec<pb::NodeInfo>, _) = self
             .context
-            .read(|state, core| state.members().values().map(|m| node_info(state, m, core.leader)).collect())
+            .read_maybe_stale(wants_stale(&request), |state, core| {
+                state.members().values().map(|m| node_info(state, m, core.leader)).collect()
+            })
             .await?;
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Response::new(pb::NodeListResponse { nodes }))
+        Ok(stale_marked(Response::new(pb::NodeListResponse { nodes }), stale))
     }
 
     async fn node_drain(&self, request: Request<pb::NodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
@@ -543,22 +595,65 @@ impl Blixard for BlixardService {
             .await
     }
 
-    async fn vm_list(&self, _request: Request<pb::VmListRequest>) -> Result<Response<pb::VmListResponse>, Status> {
-        let vms =
-            self.context.read(|state, _| state.vms().values().map(|vm| vm_info(state, vm, false)).collect()).await?;
-        Ok(Response::new(pb::VmListResponse { vms }))
+    async fn vm_recover(&self, request: Request<pb::VmRecoverRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        check_name("VM", &request.get_ref().name)?;
+        check_name("node", &request.get_ref().to)?;
+        self.context
+            .write(
+                request,
+                |member, request| {
+                    Box::pin(async move {
+                        let (vm, to) = (request.name.clone(), request.to.clone());
+                        let target = member
+                            .node
+                            .read_local(move |state, _| {
+                                let vm = state.vm(&vm).ok_or(Rejection::UnknownVm(vm.clone()))?;
+                                let node = state.member_by_name(&to).ok_or(Rejection::UnknownNodeName(to))?;
+                                Ok::<_, Rejection>((node.id, vm.generation))
+                            })
+                            .await?;
+                        let (node, expected_generation) = target.map_err(|r| ApiError::Status(from_rejection(&r)))?;
+                        member
+                            .node
+                            .propose(CommandKind::Recover { vm: request.name.clone(), node, expected_generation })
+                            .await?;
+                        tracing::warn!(
+                            target: "blixard::decision",
+                            kind = "recover",
+                            vm = request.name,
+                            "recovered {} onto {} at an operator's request (its old host is down and was vouched dead)",
+                            request.name,
+                            request.to
+                        );
+                        vm_after_write(&member, request.name).await
+                    })
+                },
+                |channel, request| Box::pin(async move { client(channel).vm_recover(request).await }),
+            )
+            .await
+    }
+
+    async fn vm_list(&self, request: Request<pb::VmListRequest>) -> Result<Response<pb::VmListResponse>, Status> {
+        let (vms, stale) = self
+            .context
+            .read_maybe_stale(wants_stale(&request), |state, _| {
+                state.vms().values().map(|vm| vm_info(state, vm, false)).collect()
+            })
+            .await?;
+        Ok(stale_marked(Response::new(pb::VmListResponse { vms }), stale))
     }
 
     async fn vm_status(&self, request: Request<pb::VmRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        let stale = wants_stale(&request);
         let name = request.into_inner().name;
         check_name("VM", &name)?;
-        let info = self
+        let (info, stale) = self
             .context
-            .read(move |state, _| {
+            .read_maybe_stale(stale, move |state, _| {
                 state.vm(&name).map(|vm| vm_info(state, vm, true)).ok_or(Rejection::UnknownVm(name.clone()))
             })
             .await?;
-        info.map(Response::new).map_err(|r| from_rejection(&r))
+        info.map(|info| stale_marked(Response::new(info), stale)).map_err(|r| from_rejection(&r))
     }
 
     type EventsStream = EventStream;

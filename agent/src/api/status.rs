@@ -45,6 +45,7 @@ pub fn rejection_code(rejection: &Rejection) -> Code {
         | Rejection::NotPlacedThere { .. }
         | Rejection::NoSuchHandoff { .. }
         | Rejection::HandoffFromLiveHost { .. }
+        | Rejection::RecoverFromLiveHost { .. }
         | Rejection::TooManyJoinTokens(_) => Code::FailedPrecondition,
         Rejection::InvalidJoinToken => Code::PermissionDenied,
     }

@@ -64,6 +64,9 @@ pub enum Command {
     /// Show the cluster's events: leader changes, hosts up, down or draining, VMs placed, moved, started, stopped, failed or fenced.
     #[command(after_help = examples::EVENTS)]
     Events(EventsArgs),
+    /// Run the fence guard: stop this host's guests when its quorum contact is too old, even when the agent cannot (started by the agent or the NixOS module).
+    #[command(after_help = examples::GUARD)]
+    Guard(GuardArgs),
     /// Make a cluster CA and certificates for hosts and clients (mutual TLS).
     #[command(subcommand, subcommand_required = true, after_help = examples::CERTS)]
     Certs(CertsCommand),
@@ -223,6 +226,58 @@ impl RunArgs {
     }
 }
 
+/// `guard`: flags only (never the agent's config file: a config the agent
+/// refuses must not stop the guard).
+#[derive(Debug, Clone, Args)]
+pub struct GuardArgs {
+    /// The agent's data dir, holding `fence-contact` and `fence-exempt`
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Where microvm.nix lays out guests (`runtime.state_dir`)
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/microvms")]
+    pub state_dir: PathBuf,
+    /// How the agent runs guests (`runtime.kind`)
+    #[arg(long, value_name = "KIND", value_parser = ["systemd", "process"], default_value = "systemd")]
+    pub runtime: String,
+    /// Stop the guests once the last quorum contact is this old (`timing.fence_after_ms`)
+    #[arg(long, value_name = "MS", value_parser = timing_ms, default_value_t = crate::failure::Timing::default().fence_after_ms)]
+    pub fence_after_ms: u64,
+    /// How long a guest may take to stop before it is killed (`timing.stop_max_ms`)
+    #[arg(long, value_name = "MS", value_parser = timing_ms, default_value_t = crate::failure::Timing::default().stop_max_ms)]
+    pub stop_max_ms: u64,
+    /// The agent's check interval (`timing.check_interval_ms`): how late past the deadline a frozen guard may be killed
+    #[arg(long, value_name = "MS", value_parser = timing_ms, default_value_t = crate::failure::Timing::default().check_interval_ms)]
+    pub check_interval_ms: u64,
+    /// Check once: if the contact is stale, stop the guests, then exit (the guard unit's ExecStopPost)
+    #[arg(long)]
+    pub fence_if_stale: bool,
+}
+
+impl GuardArgs {
+    pub fn config(&self) -> crate::guard::GuardConfig {
+        crate::guard::GuardConfig {
+            data_dir: self.data_dir.clone(),
+            state_dir: self.state_dir.clone(),
+            runtime: if self.runtime == "process" {
+                crate::config::RuntimeKind::Process
+            } else {
+                crate::config::RuntimeKind::Systemd
+            },
+            fence_after_ms: self.fence_after_ms,
+            stop_max_ms: self.stop_max_ms,
+            check_interval_ms: self.check_interval_ms,
+        }
+    }
+}
+
+fn timing_ms(text: &str) -> Result<u64, String> {
+    let max = crate::failure::TIMING_MS_MAX;
+    match text.parse::<u128>() {
+        Ok(ms) if (1..=u128::from(max)).contains(&ms) => Ok(ms as u64),
+        _ => Err(format!("{text:?} is not a whole number of milliseconds between 1 and {max}")),
+    }
+}
+
 /// Options every client command takes.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Connection options")]
@@ -288,12 +343,18 @@ pub enum ClusterCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Remove NODE from the cluster (default: the agent at --endpoint).
+    /// Remove NODE from the cluster (default: the agent at --endpoint): drains it first, so every VM runs elsewhere before it goes.
     #[command(after_help = examples::CLUSTER_LEAVE)]
     Leave {
         /// The member to remove [default: the agent at --endpoint]
         #[arg(value_name = "NODE")]
         node: Option<Name>,
+        /// Remove it now without draining: its VMs move once it has certainly stopped them (use for a dead host)
+        #[arg(long)]
+        force: bool,
+        /// How long to wait for the drain before giving up (exit 1; the member stays, draining)
+        #[arg(long, value_name = "SECS", default_value_t = WAIT_SECS_DEFAULT, value_parser = parse_timeout_secs)]
+        wait_timeout: u64,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -304,6 +365,8 @@ pub enum NodeCommand {
     /// List hosts with their status, capacity in use and VMs.
     #[command(after_help = examples::NODE_LIST)]
     List {
+        #[command(flatten)]
+        stale: StaleArg,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -357,15 +420,37 @@ pub enum VmCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Move a VM off a host that is down and known to be dead (for failover = "manual" VMs, which the cluster never moves by itself).
+    #[command(after_help = examples::VM_RECOVER)]
+    Recover {
+        /// The VM's name
+        #[arg(value_name = "NAME")]
+        name: Name,
+        /// The host to run it on now
+        #[arg(long, value_name = "NODE")]
+        to: Name,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// List every VM with its host, desired and observed state.
     #[command(after_help = examples::VM_LIST)]
     List {
         #[command(flatten)]
+        stale: StaleArg,
+        #[command(flatten)]
         client: ClientArgs,
     },
-    /// Show one VM in detail: state since when, last error, why it is pending.
+    /// Show one VM in detail: state since when, last error, why it is pending or lost.
     #[command(after_help = examples::VM_STATUS)]
-    Status(VmName),
+    Status {
+        /// The VM's name
+        #[arg(value_name = "NAME")]
+        name: Name,
+        #[command(flatten)]
+        stale: StaleArg,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Show a VM's log (its unit's journal) from the host that runs it.
     #[command(after_help = examples::VM_LOGS)]
     Logs(VmLogsArgs),
@@ -395,6 +480,14 @@ pub struct WaitArgs {
     /// With --wait: give up (exit 1) after this many seconds
     #[arg(long, value_name = "SECS", default_value_t = WAIT_SECS_DEFAULT, value_parser = parse_timeout_secs, requires = "wait")]
     pub wait_timeout: u64,
+}
+
+/// `--stale` of the read commands.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct StaleArg {
+    /// Answer from the agent's own state even if it cannot reach a quorum (its last known state, which may be stale; stderr says how old)
+    #[arg(long)]
+    pub stale: bool,
 }
 
 /// Default `--wait-timeout`, in seconds.
@@ -444,6 +537,9 @@ pub struct VmCreateArgs {
     /// Create it with desired state stopped
     #[arg(long)]
     pub stopped: bool,
+    /// What happens when its host is lost: auto (fenced there, restarted elsewhere) or manual (never fenced for want of quorum, moved only by `vm recover`)
+    #[arg(long, value_name = "POLICY", value_parser = ["auto", "manual"], default_value = "auto")]
+    pub failover: String,
     #[command(flatten)]
     pub client: ClientArgs,
 }

@@ -21,6 +21,23 @@ Examples:
       --initial-member h1=127.0.0.1:7001 --runtime process --state-dir /tmp/h1-vms
   blixard-agent run --node-name h4 --listen 10.0.0.4:7000 --join 10.0.0.1:7000";
 
+pub const GUARD: &str = "\
+The agent starts the guard itself (a transient blixard-guard.service, or the NixOS
+module's unit); it is not meant to be run by hand. Never restart it while guests
+run: every guest requires it, so a restart of the guard restarts them all.
+
+Examples:
+  blixard-agent guard --data-dir /var/lib/blixard --state-dir /var/lib/microvms
+  blixard-agent guard --fence-if-stale --data-dir /var/lib/blixard";
+
+pub const VM_RECOVER: &str = "\
+Only for a VM whose host is down and known to be dead (powered off, its disk
+gone): the cluster takes your word for it and starts the VM on NODE at once.
+If the old host is alive after all, both copies run until it stops its own.
+
+Examples:
+  blixard-agent vm recover db --to h2";
+
 pub const CLUSTER: &str = "\
 Examples:
   blixard-agent cluster status
@@ -46,9 +63,15 @@ Examples:
   blixard-agent cluster join 10.0.0.1:7000 --token-file join-token";
 
 pub const CLUSTER_LEAVE: &str = "\
+A member that runs VMs is drained first: each VM runs on another host before
+the member is removed. A removed agent stops every guest it still has at once.
+--force removes a member now (for a dead host): its VMs move once it has
+certainly stopped them, as after a failure.
+
 Examples:
   blixard-agent cluster leave          # the agent at --endpoint leaves
-  blixard-agent cluster leave h3";
+  blixard-agent cluster leave h3
+  blixard-agent cluster leave h3 --force   # h3 is dead";
 
 pub const NODE: &str = "\
 Examples:

@@ -62,7 +62,7 @@ pub fn run_config(args: &RunArgs) -> Result<Config, ConfigError> {
 /// Runs every command but `run`, printing its output; returns the exit code.
 pub fn execute(command: Command) -> ExitCode {
     let result = match command {
-        Command::Run(_) => Err(CliError::usage("`run` is dispatched by main")),
+        Command::Run(_) | Command::Guard(_) => Err(CliError::usage("`run` and `guard` are dispatched by main")),
         Command::Completions { shell } => docs::completions(shell, &mut std::io::stdout().lock()),
         Command::Certs(certs) => make_certs(certs),
         Command::Man { outdir } => docs::man_pages(&outdir),
@@ -124,7 +124,15 @@ pub enum Request {
     ClusterJoin(pb::ClusterJoinRequest),
     ClusterJoinToken(pb::ClusterJoinTokenRequest),
     ClusterLeave(pb::ClusterLeaveRequest),
-    NodeList,
+    /// `cluster leave NODE` without --force: drain NODE, wait until no VM
+    /// is left on it, then remove it.
+    ClusterLeaveDrained {
+        node: String,
+        wait_secs: u64,
+    },
+    NodeList {
+        stale: bool,
+    },
     NodeDrain(String),
     NodeUndrain(String),
     VmCreate(pb::VmCreateRequest),
@@ -132,8 +140,14 @@ pub enum Request {
     VmStop(String),
     VmDelete(String),
     VmMigrate(pb::VmMigrateRequest),
-    VmList,
-    VmStatus(String),
+    VmRecover(pb::VmRecoverRequest),
+    VmList {
+        stale: bool,
+    },
+    VmStatus {
+        name: String,
+        stale: bool,
+    },
     Events(pb::EventsRequest),
     VmLogs(pb::VmLogsRequest),
     /// `node drain NODE --wait`: drain, then wait until no VM is left on NODE.
@@ -166,11 +180,15 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
         Command::Cluster(ClusterCommand::JoinToken { ttl, client }) => {
             (Request::ClusterJoinToken(pb::ClusterJoinTokenRequest { ttl_seconds: ttl }), client)
         }
-        Command::Cluster(ClusterCommand::Leave { node, client }) => (
-            Request::ClusterLeave(pb::ClusterLeaveRequest { node: node.map(|n| n.to_string()).unwrap_or_default() }),
-            client,
-        ),
-        Command::Node(NodeCommand::List { client }) => (Request::NodeList, client),
+        Command::Cluster(ClusterCommand::Leave { node, force, wait_timeout, client }) => {
+            let node = node.map(|n| n.to_string()).unwrap_or_default();
+            if force {
+                (Request::ClusterLeave(pb::ClusterLeaveRequest { node, force, ..Default::default() }), client)
+            } else {
+                (Request::ClusterLeaveDrained { node, wait_secs: wait_timeout }, client)
+            }
+        }
+        Command::Node(NodeCommand::List { stale, client }) => (Request::NodeList { stale: stale.stale }, client),
         Command::Node(NodeCommand::Drain { node, wait, client }) => match wait.wait {
             true => (Request::NodeDrainWait { node: node.to_string(), wait_secs: wait.wait_timeout }, client),
             false => (Request::NodeDrain(node.to_string()), client),
@@ -187,6 +205,7 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
                 labels: labels.into_iter().collect(),
                 anti_affinity: args.anti_affinity.as_ref().map(|n| n.to_string()).unwrap_or_default(),
                 stopped: args.stopped,
+                failover: if args.failover == "manual" { "manual".into() } else { String::new() },
                 ..Default::default()
             };
             (Request::VmCreate(request), args.client)
@@ -201,8 +220,13 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
                 false => (Request::VmMigrate(request), client),
             }
         }
-        Command::Vm(VmCommand::List { client }) => (Request::VmList, client),
-        Command::Vm(VmCommand::Status(vm)) => (Request::VmStatus(vm.name.to_string()), vm.client),
+        Command::Vm(VmCommand::Recover { name, to, client }) => {
+            (Request::VmRecover(pb::VmRecoverRequest { name: name.to_string(), to: to.to_string() }), client)
+        }
+        Command::Vm(VmCommand::List { stale, client }) => (Request::VmList { stale: stale.stale }, client),
+        Command::Vm(VmCommand::Status { name, stale, client }) => {
+            (Request::VmStatus { name: name.to_string(), stale: stale.stale }, client)
+        }
         Command::Vm(VmCommand::Logs(args)) => (
             Request::VmLogs(pb::VmLogsRequest { name: args.name.to_string(), follow: args.follow, lines: args.lines }),
             args.client,
@@ -210,7 +234,7 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
         Command::Events(args) => {
             (Request::Events(pb::EventsRequest { follow: args.follow, limit: args.lines.unwrap_or(0) }), args.client)
         }
-        Command::Run(_) | Command::Completions { .. } | Command::Man { .. } | Command::Certs(_) => {
+        Command::Run(_) | Command::Guard(_) | Command::Completions { .. } | Command::Man { .. } | Command::Certs(_) => {
             return Err(CliError::usage("not a client command"));
         }
     })
@@ -324,6 +348,27 @@ fn now_unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Tells stderr how stale a `--stale` answer may be, when the agent had no
+/// quorum contact (a member with contact answers with what it applied,
+/// a moment behind the cluster at most).
+fn warn_stale(staleness: crate::api::client::Staleness) {
+    use crate::api::client::Staleness;
+    let fence_after_ms = crate::failure::Timing::default().fence_after_ms;
+    match staleness {
+        Staleness::ContactAgeMs(age) if age <= fence_after_ms => {}
+        Staleness::ContactAgeMs(age) => eprintln!(
+            "warning: this agent has had no quorum contact for {:.1} s: this is its last known state, which may be \
+             stale",
+            age as f64 / 1000.0
+        ),
+        Staleness::NeverHadContact => eprintln!(
+            "warning: this agent has had no quorum contact since it started: this is its last known state, which may \
+             be stale"
+        ),
+        Staleness::Unknown => eprintln!("warning: the agent did not say how old its view is; it may be stale"),
+    }
+}
+
 /// Sends `request` and renders the answer.
 async fn send(client: &Client, request: Request, json: bool) -> Result<String, ClientError> {
     use output::*;
@@ -360,8 +405,31 @@ async fn send(client: &Client, request: Request, json: bool) -> Result<String, C
                 format!("{} left the cluster\n", error::one_line(&r.name))
             }
         }
-        Request::NodeList => {
-            let r = client.node_list().await?;
+        Request::ClusterLeaveDrained { node, wait_secs } => {
+            // The member at --endpoint when no NODE is named.
+            let node = if node.is_empty() { client.cluster_status().await?.name } else { node };
+            let has_vms = client.node_list().await?.nodes.iter().any(|n| n.name == node && n.vms > 0);
+            if has_vms {
+                client.node_drain(node.clone()).await?;
+                let progress = Progress::new(!json);
+                progress.say(&format!("draining {} before it leaves", error::one_line(&node)));
+                wait::drain(client, &node, Duration::from_secs(wait_secs), &progress).await?;
+            }
+            let r = client.cluster_leave(pb::ClusterLeaveRequest { node, ..Default::default() }).await?;
+            if json {
+                to_json(&NameJson { name: &r.name })
+            } else {
+                format!("{} left the cluster\n", error::one_line(&r.name))
+            }
+        }
+        Request::NodeList { stale } => {
+            let r = if stale {
+                let (r, staleness) = client.node_list_stale().await?;
+                warn_stale(staleness);
+                r
+            } else {
+                client.node_list().await?
+            };
             if json { to_json(&r.nodes.iter().map(node_json).collect::<Vec<_>>()) } else { node_list_table(&r.nodes) }
         }
         Request::NodeDrain(name) => node_out("draining", client.node_drain(name).await?),
@@ -378,12 +446,25 @@ async fn send(client: &Client, request: Request, json: bool) -> Result<String, C
             }
         }
         Request::VmMigrate(req) => vm_out("migrating", client.vm_migrate(req).await?),
-        Request::VmList => {
-            let r = client.vm_list().await?;
+        Request::VmRecover(req) => vm_out("recovered", client.vm_recover(req).await?),
+        Request::VmList { stale } => {
+            let r = if stale {
+                let (r, staleness) = client.vm_list_stale().await?;
+                warn_stale(staleness);
+                r
+            } else {
+                client.vm_list().await?
+            };
             if json { to_json(&r.vms.iter().map(vm_json).collect::<Vec<_>>()) } else { vm_list_table(&r.vms) }
         }
-        Request::VmStatus(name) => {
-            let v = client.vm_status(name).await?;
+        Request::VmStatus { name, stale } => {
+            let v = if stale {
+                let (v, staleness) = client.vm_status_stale(name).await?;
+                warn_stale(staleness);
+                v
+            } else {
+                client.vm_status(name).await?
+            };
             if json { to_json(&vm_status_json(&v)) } else { vm_status_text(&v, now_unix_ms()) }
         }
         Request::Events(_) | Request::VmLogs(_) => unreachable!("streams are handled by run_client"),
@@ -442,9 +523,14 @@ mod tests {
                 &["cluster", "join-token", "--ttl", "15m"],
                 Request::ClusterJoinToken(pb::ClusterJoinTokenRequest { ttl_seconds: 900 }),
             ),
-            (&["cluster", "leave"], Request::ClusterLeave(pb::ClusterLeaveRequest { node: String::new() })),
-            (&["cluster", "leave", "h3"], Request::ClusterLeave(pb::ClusterLeaveRequest { node: "h3".into() })),
-            (&["node", "list"], Request::NodeList),
+            (&["cluster", "leave"], Request::ClusterLeaveDrained { node: String::new(), wait_secs: 600 }),
+            (&["cluster", "leave", "h3"], Request::ClusterLeaveDrained { node: "h3".into(), wait_secs: 600 }),
+            (
+                &["cluster", "leave", "h3", "--force"],
+                Request::ClusterLeave(pb::ClusterLeaveRequest { node: "h3".into(), force: true }),
+            ),
+            (&["node", "list"], Request::NodeList { stale: false }),
+            (&["node", "list", "--stale"], Request::NodeList { stale: true }),
             (&["node", "drain", "h2"], Request::NodeDrain("h2".into())),
             (&["node", "undrain", "h2"], Request::NodeUndrain("h2".into())),
             (
@@ -492,8 +578,13 @@ mod tests {
                 &["vm", "migrate", "web", "--to", "h2"],
                 Request::VmMigrate(pb::VmMigrateRequest { name: "web".into(), to: "h2".into() }),
             ),
-            (&["vm", "list"], Request::VmList),
-            (&["vm", "status", "web"], Request::VmStatus("web".into())),
+            (&["vm", "list"], Request::VmList { stale: false }),
+            (&["vm", "list", "--stale"], Request::VmList { stale: true }),
+            (&["vm", "status", "web"], Request::VmStatus { name: "web".into(), stale: false }),
+            (
+                &["vm", "recover", "web", "--to", "h2"],
+                Request::VmRecover(pb::VmRecoverRequest { name: "web".into(), to: "h2".into() }),
+            ),
             (&["events"], Request::Events(pb::EventsRequest { follow: false, limit: 0 })),
             (
                 &["vm", "logs", "web", "-f", "-n", "7"],
@@ -537,7 +628,7 @@ mod tests {
          "unknown flag --frobnicate for `vm create`; see `blixard-agent vm create --help`"),
         (&["vm", "frob"], "unknown subcommand \"frob\" for `vm`"),
         (&["frob"], "unknown subcommand \"frob\" for blixard-agent"),
-        (&["vm"], "`vm` needs a subcommand (create, start, stop, delete, migrate, list, status, logs)"),
+        (&["vm"], "`vm` needs a subcommand (create, start, stop, delete, migrate, recover, list, status, logs)"),
         (&[], "blixard-agent needs a subcommand"),
         (&["vm", "create", "web"], "`vm create` needs --vcpu N and --memory MIB"),
         (&["vm", "create", "--vcpu", "1", "--memory", "64"], "`vm create` needs NAME"),

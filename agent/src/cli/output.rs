@@ -30,6 +30,11 @@ pub struct ClusterStatusJson<'a> {
     pub members: Vec<MemberJson<'a>>,
     pub commit_index: u64,
     pub applied_index: u64,
+    /// Whether the answering member has quorum contact; false: its view
+    /// may be stale, and it fences its guests.
+    pub quorum: bool,
+    /// How old its last quorum contact is, in ms (null: none since it started).
+    pub contact_age_ms: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,6 +69,8 @@ pub struct VmJson<'a> {
     pub state: &'a str,
     pub vcpu: u32,
     pub memory_mib: u64,
+    /// "auto" or "manual".
+    pub failover: &'a str,
 }
 
 #[derive(Debug, Serialize)]
@@ -152,6 +159,8 @@ pub fn cluster_status_json(s: &pb::ClusterStatusResponse) -> ClusterStatusJson<'
             .collect(),
         commit_index: s.commit_index,
         applied_index: s.applied_index,
+        quorum: s.quorum,
+        contact_age_ms: s.contact_age_ms,
     }
 }
 
@@ -179,6 +188,7 @@ pub fn vm_json(v: &pb::VmInfo) -> VmJson<'_> {
         state: &v.state,
         vcpu: v.vcpu,
         memory_mib: v.memory_mib,
+        failover: if v.failover.is_empty() { "auto" } else { &v.failover },
     }
 }
 
@@ -249,7 +259,18 @@ fn cell(text: &str) -> String {
 
 pub fn cluster_status_table(s: &pb::ClusterStatusResponse) -> String {
     let leader = if s.leader.is_empty() { "none".to_string() } else { cell(&s.leader) };
-    let mut out = format!("leader: {leader}\nterm:   {}\n\n", s.term);
+    let mut out = format!("leader: {leader}\nterm:   {}\n", s.term);
+    if s.member && !s.quorum {
+        let age = match s.contact_age_ms {
+            Some(ms) => format!("its last quorum contact was {:.1} s ago", ms as f64 / 1000.0),
+            None => "it has had no quorum contact since it started".to_string(),
+        };
+        out.push_str(&format!(
+            "quorum: NO: {} cannot reach a quorum ({age}); what it shows may be stale, and it fences its guests\n",
+            cell(&s.name)
+        ));
+    }
+    out.push('\n');
     let rows: Vec<Vec<String>> = s
         .members
         .iter()
@@ -326,7 +347,8 @@ pub fn vm_status_text(v: &pb::VmInfo, now_unix_ms: u64) -> String {
         ("pinned to", v.pinned_node.clone()),
         ("anti-affinity", v.anti_affinity.clone()),
         ("last error", v.last_error.clone()),
-        ("pending reason", v.pending_reason.clone()),
+        ("failover", if v.failover.is_empty() { "auto".into() } else { v.failover.clone() }),
+        (if v.state == "lost" { "lost because" } else { "pending reason" }, v.pending_reason.clone()),
         ("generation", v.generation.to_string()),
     ];
     key_values(&lines)
@@ -481,7 +503,8 @@ mod tests {
     fn cluster_status_json_shape() {
         assert_eq!(
             value(cluster_status_json(&status())),
-            json!({"leader": "h1", "term": 3, "commit_index": 10, "applied_index": 9, "members": [
+            json!({"leader": "h1", "term": 3, "commit_index": 10, "applied_index": 9, "quorum": false,
+                   "contact_age_ms": null, "members": [
                 {"id": 1, "name": "h1", "address": "10.0.0.1:7000", "role": "leader", "healthy": true},
                 {"id": 22, "name": "h2", "address": "10.0.0.2:7000", "role": "follower", "healthy": false}]})
         );
@@ -504,14 +527,16 @@ mod tests {
         assert_eq!(
             value(vec![vm_json(&vm("web", "h1")), vm_json(&vm("db", ""))]),
             json!([
-                {"name": "web", "node": "h1", "desired": "running", "state": "running", "vcpu": 2, "memory_mib": 1024},
-                {"name": "db", "node": null, "desired": "running", "state": "pending", "vcpu": 2, "memory_mib": 1024}
+                {"name": "web", "node": "h1", "desired": "running", "state": "running", "vcpu": 2, "memory_mib": 1024,
+                 "failover": "auto"},
+                {"name": "db", "node": null, "desired": "running", "state": "pending", "vcpu": 2, "memory_mib": 1024,
+                 "failover": "auto"}
             ])
         );
         assert_eq!(
             value(vm_status_json(&vm("db", ""))),
             json!({"name": "db", "node": null, "desired": "running", "state": "pending", "vcpu": 2,
-                   "memory_mib": 1024, "since": "2025-01-02T03:04:05.678Z", "since_unix_ms": 1_735_787_045_678u64,
+                   "memory_mib": 1024, "failover": "auto", "since": "2025-01-02T03:04:05.678Z", "since_unix_ms": 1_735_787_045_678u64,
                    "last_error": null, "pending_reason": "no host has room for 2 vcpus", "pinned_node": null,
                    "anti_affinity": null, "labels": {"tier": "web"}, "generation": 4})
         );
@@ -573,6 +598,7 @@ mod tests {
              pinned to:      -\n\
              anti-affinity:  -\n\
              last error:     exit status 1\n\
+             failover:       auto\n\
              pending reason: -\n\
              generation:     4\n"
         );

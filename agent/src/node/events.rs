@@ -4,8 +4,10 @@
 //! Events are derived on every member from the entries it applies, by a
 //! pure function of the effect and the state ([`events_of`]); every member
 //! applies the same entries in the same order, so every member derives the
-//! same VM and host events with the same Raft `index`. Leader changes are
-//! the exception: each member records the leader changes it observes.
+//! same VM and host events with the same Raft `index`. Leader changes and a
+//! host's own fencing are the exception: each member records the leader
+//! changes it observes, and its own fencing (`host_fenced`,
+//! `host_unfenced`), which no other member can see.
 //!
 //! The log is a bounded ring ([`EVENTS_MAX`]) in memory, kept since this
 //! agent started: a restarted member has applied everything before its
@@ -39,6 +41,10 @@ pub enum EventKind {
     HostDown,
     HostDraining,
     HostUndrained,
+    /// This host fenced itself (no quorum contact) or was removed: each
+    /// member's own observation, like leader changes.
+    HostFenced,
+    HostUnfenced,
     VmCreated,
     VmDeleted,
     VmDesired,
@@ -49,6 +55,8 @@ pub enum EventKind {
     VmStopped,
     VmFailed,
     VmFenced,
+    /// Its host went down while it was desired running.
+    VmLost,
 }
 
 impl EventKind {
@@ -63,6 +71,8 @@ impl EventKind {
             EventKind::HostDown => "host_down",
             EventKind::HostDraining => "host_draining",
             EventKind::HostUndrained => "host_undrained",
+            EventKind::HostFenced => "host_fenced",
+            EventKind::HostUnfenced => "host_unfenced",
             EventKind::VmCreated => "vm_created",
             EventKind::VmDeleted => "vm_deleted",
             EventKind::VmDesired => "vm_desired",
@@ -73,6 +83,7 @@ impl EventKind {
             EventKind::VmStopped => "vm_stopped",
             EventKind::VmFailed => "vm_failed",
             EventKind::VmFenced => "vm_fenced",
+            EventKind::VmLost => "vm_lost",
         }
     }
 }
@@ -234,7 +245,22 @@ pub fn events_of(effect: &Effect, state: &State) -> Vec<Derived> {
                 MemberStatus::Down => (K::HostDown, format!("host {host} is down")),
                 MemberStatus::Up => (K::HostUp, format!("host {host} is up")),
             };
-            one(derived(kind, None, Some(host), None, message))
+            let mut events = vec![derived(kind, None, Some(host.clone()), None, message)];
+            if *status == MemberStatus::Down {
+                for vm in state.vms_on(*node).filter(|vm| vm.spec.desired == Desired::Running) {
+                    let next = if vm.spec.failover == crate::state::Failover::Manual {
+                        format!(
+                            "failover is manual: once {host} is known to be dead, `blixard-agent vm recover {} --to NODE`",
+                            vm.name
+                        )
+                    } else {
+                        format!("it moves once {host} has certainly fenced itself, if another host can take it")
+                    };
+                    let message = format!("VM {} is lost: its host {host} is down; {next}", vm.name);
+                    events.push(derived(K::VmLost, Some(&vm.name), Some(host.clone()), None, message));
+                }
+            }
+            events
         }
         Effect::DrainSet { node, drain } => {
             let host = name_of(state, *node);

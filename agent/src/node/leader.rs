@@ -44,6 +44,9 @@ pub struct Duties {
     memo: Memo,
     /// No plan triggered by applied changes before this (monotonic ms).
     plan_not_before_ms: u64,
+    /// VMs (name, generation) on fenced hosts that this leader has logged
+    /// as unable to fail over, so each is logged once.
+    stuck_logged: BTreeSet<(String, u64)>,
     metrics: Arc<Metrics>,
 }
 
@@ -59,6 +62,7 @@ impl Duties {
             last_plan: None,
             memo: Memo::default(),
             plan_not_before_ms: 0,
+            stuck_logged: BTreeSet::new(),
             metrics,
         }
     }
@@ -166,6 +170,7 @@ impl Duties {
             let backoff = took.saturating_mul(PLAN_BACKOFF_FACTOR);
             self.plan_not_before_ms = now_ms + (backoff.as_millis() as u64).min(PLAN_INTERVAL_MS);
             self.last_plan = Some((applied, fenced.clone(), now_ms));
+            self.log_stuck(core.state(), &fenced, &decisions);
         }
         for Decision { command, reason } in decisions {
             let kind = decision_kind(core.state(), &command, &fenced);
@@ -189,6 +194,36 @@ impl Duties {
                 }
             }
         }
+    }
+}
+
+impl Duties {
+    /// Logs, once per VM and placement, each VM left on a fenced host by a
+    /// plan: it cannot fail over (it fits nowhere, or its failover is
+    /// manual), and says why.
+    fn log_stuck(&mut self, state: &State, fenced: &BTreeSet<NodeId>, decisions: &[Decision]) {
+        let moving: BTreeSet<&str> = decisions
+            .iter()
+            .filter_map(|d| match &d.command {
+                CommandKind::Place { vm, .. } => Some(vm.as_str()),
+                _ => None,
+            })
+            .collect();
+        let mut stuck = BTreeSet::new();
+        for &node in fenced {
+            for vm in state.vms_on(node) {
+                if vm.spec.desired != crate::state::Desired::Running || moving.contains(vm.name.as_str()) {
+                    continue;
+                }
+                let key = (vm.name.clone(), vm.generation);
+                if !self.stuck_logged.contains(&key) {
+                    let why = scheduler::why_pending(state, &self.policy, &vm.name);
+                    tracing::warn!(target: "blixard::decision", kind = "stuck", vm = vm.name, "VM {} is lost: {why}", vm.name);
+                }
+                stuck.insert(key);
+            }
+        }
+        self.stuck_logged = stuck;
     }
 }
 

@@ -163,6 +163,11 @@ enum Input {
         /// the transport carries one.
         sent: Option<(NodeId, u64)>,
         messages: Vec<Message>,
+        /// The sender's confirmation of this host's quorum contact: counts
+        /// only if the sender is the leader of this node's term once the
+        /// frame's messages are stepped, and only for a time not later than
+        /// this host's clock.
+        confirmation: Option<(NodeId, Contact)>,
     },
     SnapshotReport {
         peer: NodeId,
@@ -220,6 +225,7 @@ pub struct NodeHandle {
     metrics: Arc<Metrics>,
     events: Arc<EventLog>,
     contact: Arc<watch::Sender<Option<Contact>>>,
+    fence_after_ms: u64,
 }
 
 /// The running node: its handle plus the raft thread.
@@ -324,6 +330,7 @@ impl Node {
             metrics: options.metrics.clone(),
             events: events_log.clone(),
             contact: Arc::new(watch::Sender::new(None)),
+            fence_after_ms: options.timing.fence_after_ms,
         };
         let duties = leader::Duties::new(identity.id, options.timing, options.policy.clone(), options.metrics.clone());
         let mut raft = RaftThread {
@@ -483,18 +490,39 @@ impl NodeHandle {
     /// Feeds messages received from a peer. Dropped when the queue is full:
     /// Raft retransmits.
     pub fn step(&self, messages: Vec<Message>) {
-        let _ = self.submit(Input::Raft { sent: None, messages });
+        let _ = self.submit(Input::Raft { sent: None, messages, confirmation: None });
     }
 
     /// Feeds a frame from peer `from`, which it sent at `sent_at_ms` on its
-    /// boot-wide monotonic clock: the leader confirms that time once a
-    /// quorum has answered a heartbeat round it started after receiving it.
-    pub fn step_frame(&self, from: NodeId, sent_at_ms: u64, messages: Vec<Message>) {
-        let _ = self.submit(Input::Raft { sent: Some((from, sent_at_ms)), messages });
+    /// boot-wide monotonic clock (0: not carried): the leader confirms that
+    /// time once a quorum has answered a heartbeat round it started after
+    /// receiving it. `confirmation` is the sender's confirmation of this
+    /// host's quorum contact, if the frame carries one; it counts only from
+    /// the current leader (see `Input::Raft`).
+    pub fn step_frame(&self, from: NodeId, sent_at_ms: u64, messages: Vec<Message>, confirmation: Option<Contact>) {
+        let sent = (sent_at_ms != 0).then_some((from, sent_at_ms));
+        let confirmation = confirmation.map(|c| (from, c));
+        let _ = self.submit(Input::Raft { sent, messages, confirmation });
     }
 
-    /// The leader confirmed this host's quorum contact.
-    pub fn contact_confirmed(&self, contact: Contact) {
+    /// How old this host's newest quorum contact (confirmed by the leader,
+    /// or its own read) is; `None` if it never had one since the agent
+    /// started. The reconciler keeps it fresh with its own reads when
+    /// confirmations stop, so it is what the fence sees.
+    pub fn contact_age_ms(&self) -> Option<u64> {
+        let contact = (*self.contact.borrow())?;
+        Some(crate::clock::monotonic_ms().saturating_sub(contact.sent_at_ms))
+    }
+
+    /// Whether this host has quorum contact now: its newest is younger than
+    /// `fence_after`. Without it, what it serves may be stale.
+    pub fn has_quorum_contact(&self) -> bool {
+        self.contact_age_ms().is_some_and(|age| age <= self.fence_after_ms)
+    }
+
+    /// Records a quorum contact found by this host itself (its own
+    /// completed read index), so [`NodeHandle::contact_age_ms`] counts it.
+    pub fn own_contact(&self, contact: Contact) {
         raise_contact(&self.contact, contact);
     }
 
@@ -717,7 +745,7 @@ impl RaftThread {
                     // Each heartbeat round also confirms every member's
                     // quorum contact: its read index goes out with it.
                     if beat && self.core.is_leader() {
-                        let ctx = self.rounds.ask(crate::reconciler::monotonic_ms());
+                        let ctx = self.rounds.ask(crate::clock::monotonic_ms());
                         self.core.read_index(ctx);
                     }
                     self.leader_duties();
@@ -777,8 +805,8 @@ impl RaftThread {
                 let now = Instant::now();
                 self.reads.insert(ctx, PendingRead { f, deadline: now + self.options.request_timeout, asked: now });
             }
-            Input::Raft { sent, messages } => {
-                let now_ms = crate::reconciler::monotonic_ms();
+            Input::Raft { sent, messages, confirmation } => {
+                let now_ms = crate::clock::monotonic_ms();
                 if let Some((from, sent_at_ms)) = sent {
                     self.rounds.heard(from, sent_at_ms);
                 }
@@ -787,6 +815,9 @@ impl RaftThread {
                     if let Err(e) = self.core.step(message) {
                         tracing::debug!(error = %e, "dropped a peer message");
                     }
+                }
+                if let Some((from, contact)) = confirmation {
+                    self.on_confirmation(from, contact, now_ms);
                 }
             }
             Input::SnapshotReport { peer, delivered } => self.core.report_snapshot(peer, delivered),
@@ -805,6 +836,30 @@ impl RaftThread {
             }
             Input::Shutdown => {}
         }
+    }
+
+    /// A peer confirmed this host's quorum contact. The fence trusts it only
+    /// from the leader of this node's current term (after the frame that
+    /// carried it was stepped: its heartbeat may have just made the sender
+    /// leader), never for a time later than this host's own clock (the
+    /// time is this host's own send time echoed back: a later one is
+    /// forged), and never for a removed member.
+    fn on_confirmation(&mut self, from: NodeId, contact: Contact, now_ms: u64) {
+        let leader = self.core.leader();
+        if self.removed || leader != Some(from) || from == self.identity.id {
+            tracing::debug!(from, ?leader, "ignored a contact confirmation from a member that is not the leader");
+            return;
+        }
+        if contact.sent_at_ms > now_ms {
+            tracing::warn!(
+                from,
+                sent_at_ms = contact.sent_at_ms,
+                now_ms,
+                "ignored a contact confirmation for a time later than this host's clock"
+            );
+            return;
+        }
+        raise_contact(&self.contact, contact);
     }
 
     fn propose_membership(&mut self, change: MembershipChange, reply: ProposalReply) {
@@ -892,7 +947,7 @@ impl RaftThread {
     }
 
     fn leader_duties(&mut self) {
-        self.duties.check(&mut self.core, crate::reconciler::monotonic_ms(), now_unix_ms());
+        self.duties.check(&mut self.core, crate::clock::monotonic_ms(), now_unix_ms());
     }
 
     fn process_ready(&mut self) -> Result<(), StorageError> {
@@ -921,7 +976,7 @@ impl RaftThread {
                     self.events.record(self.core.store().applied(), now_unix_ms(), event);
                 }
                 if role.role == Role::Leader {
-                    self.duties.became_leader(crate::reconciler::monotonic_ms());
+                    self.duties.became_leader(crate::clock::monotonic_ms());
                 } else {
                     self.duties.lost_leadership();
                     self.rounds.lost_leadership();
@@ -1005,7 +1060,7 @@ impl RaftThread {
             self.waiting_reads = still;
         }
         if changed {
-            let heard = self.duties.heard_recently(crate::reconciler::monotonic_ms());
+            let heard = self.duties.heard_recently(crate::clock::monotonic_ms());
             let status = status_of(&self.core, &self.identity, &self.addresses, self.removed, heard);
             self.status.send_if_modified(|old| {
                 if *old == status {

@@ -25,9 +25,8 @@
 //! Raft read index) of its own. Either way the contact time is a *send*
 //! time of this host's, see the safety argument in `failure`.
 
-mod contact;
-
-pub use contact::ContactFile;
+pub use crate::clock::monotonic_ms;
+pub use crate::guard::{ContactFile, ExemptFile};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -38,10 +37,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::failure::{Fence, Timing};
+use crate::node::events::{Derived, EventKind};
 use crate::node::{Contact, NodeHandle};
 use crate::runtime::health::{Health, HealthPolicy, Verdict};
 use crate::runtime::{GuestState, Phase, Runtime};
-use crate::state::{CommandKind, Desired, NodeId, State, VmState};
+use crate::state::{CommandKind, Desired, Failover, NodeId, State, VmState};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -69,8 +69,12 @@ const CONTACT_READ_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct ReconcilerConfig {
     pub timing: Timing,
     pub health: HealthPolicy,
-    /// Where the last quorum contact is kept across agent restarts.
+    /// Where the last quorum contact is kept across agent restarts, and
+    /// read by the fence guard.
     pub contact_file: Option<ContactFile>,
+    /// Where the guests no fence stops (`failover = "manual"`) are listed
+    /// for the fence guard.
+    pub exempt_file: Option<ExemptFile>,
     /// Where pass latency and self-fencing are counted.
     pub metrics: Arc<crate::metrics::Metrics>,
 }
@@ -89,6 +93,8 @@ struct View {
     /// O(VMs in the cluster) in copies.
     known: BTreeSet<String>,
     runners: Option<BTreeSet<String>>,
+    /// VMs here (placed, or a copy handed off) that no fence stops.
+    exempt: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -117,8 +123,15 @@ fn view(state: &State, me: NodeId, applied: u64, up: &[String]) -> View {
             )
         })
         .collect();
+    let manual = |vm: &crate::state::Vm| vm.spec.failover == Failover::Manual;
     View {
         applied,
+        exempt: state
+            .vms_on(me)
+            .filter(|vm| manual(vm))
+            .chain(state.handoffs_from(me).map(|(vm, _)| vm).filter(|vm| manual(vm)))
+            .map(|vm| vm.name.clone())
+            .collect(),
         mine,
         handoffs: state.handoffs_from(me).map(|(vm, h)| (vm.name.clone(), h.generation)).collect(),
         known: up.iter().filter(|name| state.vm(name).is_some()).cloned().collect(),
@@ -157,6 +170,13 @@ pub struct Reconciler {
     busy: BTreeSet<String>,
     contact_in_flight: bool,
     fenced_logged: bool,
+    /// This host was removed from the cluster: it stopped everything and
+    /// revoked its contact, for good (until `cluster join`).
+    removed: bool,
+    /// The guests no fence stops, as last written for the guard; kept
+    /// across passes so a fence that cannot read the state still spares
+    /// them.
+    exempt: BTreeSet<String>,
     /// The last pass found the fence open and guests free to start: a new
     /// quorum contact then changes nothing until the next tick's pass.
     contact_settled: bool,
@@ -173,14 +193,6 @@ pub struct Reconciler {
     done_rx: mpsc::UnboundedReceiver<Done>,
 }
 
-/// Milliseconds of the boot-wide monotonic clock (shared by every process
-/// of this boot, so a restarted agent can compare with what the previous
-/// one recorded).
-pub fn monotonic_ms() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map_or(0, |t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
-}
-
 impl Reconciler {
     pub fn new(
         me: NodeId,
@@ -189,7 +201,10 @@ impl Reconciler {
         proposer: Arc<dyn Proposer>,
         config: ReconcilerConfig,
     ) -> Self {
-        let last_contact = config.contact_file.as_ref().and_then(ContactFile::load);
+        // What the previous agent recorded, if it still counts (this boot,
+        // not revoked, not in the future: see `guard::record`).
+        let last_contact = config.contact_file.as_ref().and_then(|file| file.load(monotonic_ms()));
+        let exempt = config.exempt_file.as_ref().map(ExemptFile::load).unwrap_or_default();
         let fence = Fence::new(config.timing.fence_after_ms, last_contact);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let confirmed = node.watch_contact();
@@ -205,6 +220,8 @@ impl Reconciler {
             busy: BTreeSet::new(),
             contact_in_flight: false,
             fenced_logged: false,
+            removed: false,
+            exempt,
             contact_settled: false,
             last_view: None,
             state_changed: true,
@@ -330,6 +347,7 @@ impl Reconciler {
             Done::Contact { sent_at_ms, commit } => {
                 self.contact_in_flight = false;
                 if let Some(commit) = commit {
+                    self.node.own_contact(Contact { sent_at_ms, commit });
                     self.on_contact(sent_at_ms, commit);
                 }
             }
@@ -346,6 +364,9 @@ impl Reconciler {
     }
 
     fn on_contact(&mut self, sent_at_ms: u64, commit: u64) {
+        if self.removed {
+            return;
+        }
         self.fence.quorum_contact(sent_at_ms, commit);
         if let Some(file) = &self.config.contact_file {
             file.store(sent_at_ms);
@@ -418,10 +439,102 @@ impl Reconciler {
         });
     }
 
+    /// Records one of this host's own events (fencing, removal) in the
+    /// agent's event log, at the applied index it happened at.
+    fn record_event(&self, kind: EventKind, message: String) {
+        let status = self.node.status();
+        let event = Derived { kind, vm: None, node: Some(status.name.clone()), from: None, message };
+        self.node.events().record(status.applied, crate::node::now_unix_ms(), event);
+    }
+
+    fn up_guests(&self) -> Vec<String> {
+        self.observed.iter().filter(|(_, s)| s.is_up()).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// This host was removed from the cluster: every guest stops at once
+    /// (manual ones too: nothing manages them any more), and the contact is
+    /// revoked so the guard stops whatever this agent cannot.
+    fn on_removed(&mut self) {
+        if !self.removed {
+            self.removed = true;
+            if let Some(file) = &self.config.contact_file {
+                file.revoke();
+            }
+            self.exempt.clear();
+            if let Some(file) = &self.config.exempt_file
+                && let Err(e) = file.store(&self.exempt)
+            {
+                tracing::warn!(error = %e, "cannot clear the fence's exempt list");
+            }
+            tracing::warn!(
+                "this host was removed from the cluster: stopping every guest now; to bring it back, run \
+                 `blixard-agent cluster join ADDRESS` on it with the address of a member"
+            );
+            self.record_event(
+                EventKind::HostFenced,
+                format!("{} was removed from the cluster and stops every guest", self.node.status().name),
+            );
+        }
+        for vm in self.up_guests() {
+            self.spawn_stop(
+                &vm,
+                Some(Duration::from_millis(self.config.timing.stop_max_ms)),
+                "removed from the cluster",
+            );
+        }
+    }
+
+    /// No quorum contact: stop every guest but the exempt ones, within
+    /// `stop_max`. Needs nothing from the state (a member that cannot read
+    /// it must fence all the same).
+    fn fence_now(&mut self) {
+        if !self.fenced_logged {
+            if let Some(contact) = self.fence.last_contact_ms() {
+                let age_ms = monotonic_ms().saturating_sub(contact);
+                tracing::warn!(
+                    fence_after_ms = self.config.timing.fence_after_ms,
+                    age_ms,
+                    "no quorum contact: fencing, stopping every guest on this host"
+                );
+                self.record_event(
+                    EventKind::HostFenced,
+                    format!(
+                        "{} fenced itself: no quorum contact for {age_ms} ms (fence_after {} ms); it stops its guests",
+                        self.node.status().name,
+                        self.config.timing.fence_after_ms
+                    ),
+                );
+            } else {
+                // A fresh start: nothing is wrong yet, this host just has
+                // not reached a quorum since it started.
+                tracing::info!("no quorum contact yet: this host runs no guests until it reaches a quorum");
+            }
+            self.fenced_logged = true;
+            self.config.metrics.fencing_event("self");
+        }
+        for vm in self.up_guests() {
+            if self.exempt.contains(&vm) {
+                continue;
+            }
+            self.spawn_stop(&vm, Some(Duration::from_millis(self.config.timing.stop_max_ms)), "fenced");
+        }
+    }
+
     async fn pass(&mut self, installed: Option<&BTreeSet<String>>) {
         let me = self.me;
-        let up: Vec<String> = self.observed.iter().filter(|(_, s)| s.is_up()).map(|(n, _)| n.clone()).collect();
-        let applied = self.node.status().applied;
+        let status = self.node.status();
+        if status.removed || self.removed {
+            self.on_removed();
+            return;
+        }
+        // Fencing comes first and overrides everything else, the state too.
+        self.contact_settled = false;
+        if self.fence.should_fence(monotonic_ms()) {
+            self.fence_now();
+            return;
+        }
+        let up = self.up_guests();
+        let applied = status.applied;
         let view = match self.last_view.take() {
             Some((last_up, view)) if !self.state_changed && last_up == up && view.applied == applied => view,
             _ => {
@@ -438,33 +551,28 @@ impl Reconciler {
         };
         self.last_view = Some((up, view.clone()));
         let now = monotonic_ms();
-
-        // Fencing comes first and overrides everything else.
-        self.contact_settled = false;
         if self.fence.should_fence(now) {
-            if !self.fenced_logged {
-                if self.fence.last_contact_ms().is_some() {
-                    tracing::warn!(
-                        fence_after_ms = self.config.timing.fence_after_ms,
-                        "no quorum contact: fencing, stopping every guest on this host"
-                    );
-                } else {
-                    // A fresh start: nothing is wrong yet, this host just has
-                    // not reached a quorum since it started.
-                    tracing::info!("no quorum contact yet: this host runs no guests until it reaches a quorum");
-                }
-                self.fenced_logged = true;
-                self.config.metrics.fencing_event("self");
-            }
-            let up: Vec<String> = self.observed.iter().filter(|(_, s)| s.is_up()).map(|(n, _)| n.clone()).collect();
-            for vm in up {
-                self.spawn_stop(&vm, Some(Duration::from_millis(self.config.timing.stop_max_ms)), "fenced");
-            }
+            self.fence_now();
             return;
         }
         if self.fenced_logged {
+            if self.fence.last_contact_ms().is_some() {
+                self.record_event(
+                    EventKind::HostUnfenced,
+                    format!("{} has quorum contact again and may run guests", self.node.status().name),
+                );
+            }
             tracing::info!("quorum contact is back; this host may run guests again");
             self.fenced_logged = false;
+        }
+        // The guard learns of a new manual VM before it may start here.
+        if view.exempt != self.exempt {
+            match self.config.exempt_file.as_ref().map(|file| file.store(&view.exempt)) {
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot write the fence's exempt list; the guard fences every guest")
+                }
+                _ => self.exempt = view.exempt.clone(),
+            }
         }
         let may_start_any = self.fence.may_start(now, view.applied);
         self.contact_settled = may_start_any;

@@ -196,6 +196,34 @@ pub enum RuntimeError {
     Closed(String),
 }
 
+/// The fence guard as a runtime keeps it running beside the agent (see
+/// `guard`): a program that stops the guests when the agent cannot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardSpec {
+    /// The agent's own binary.
+    pub program: PathBuf,
+    /// `guard ...`: the guard's arguments.
+    pub args: Vec<String>,
+    /// `guard --fence-if-stale ...`: what runs whenever the guard stops,
+    /// however it stops (the systemd runtime's `ExecStopPost`).
+    pub stop_post_args: Vec<String>,
+    /// The watchdog timeout of a guard that has not pinged yet.
+    pub watchdog_ms: u64,
+}
+
+/// How the guard was found by [`Runtime::ensure_guard`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuardStatus {
+    /// It runs, as it should.
+    Running,
+    /// It did not run, and was started now (the text says how).
+    Started(String),
+    /// It runs, but not quite as it should; the text says what is wrong.
+    Degraded(String),
+    /// This runtime has no guard (test fakes).
+    Unsupported,
+}
+
 /// Starts, stops and watches the guests of this host.
 ///
 /// A trait object (`Arc<dyn Runtime>`), not an enum or a generic parameter: the kind is
@@ -241,6 +269,15 @@ pub trait Runtime: Send + Sync {
 
     /// Where guest `vm`'s log is on this host (see [`logs`]).
     fn log_source(&self, vm: &str) -> Result<logs::LogSource, RuntimeError>;
+
+    /// Makes sure the fence guard `spec` runs (starting it, or what it
+    /// needs, when it does not), so that this host's guests stop when its
+    /// quorum contact is too old even if the agent cannot stop them. Called
+    /// at start and every few seconds; cheap when all is well.
+    async fn ensure_guard(&self, spec: &GuardSpec) -> Result<GuardStatus, RuntimeError> {
+        let _ = spec;
+        Ok(GuardStatus::Unsupported)
+    }
 }
 
 /// The runtime the config asks for, with default timeouts. The systemd runtime connects

@@ -31,7 +31,8 @@ use tokio::process::{Child, Command};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::{
-    EVENTS_BUFFERED_MAX, GuestEvent, GuestState, KILL_WAIT, Phase, Runtime, RuntimeError, STOP_TIMEOUT_DEFAULT, Stopped,
+    EVENTS_BUFFERED_MAX, GuardSpec, GuardStatus, GuestEvent, GuestState, KILL_WAIT, Phase, Runtime, RuntimeError,
+    STOP_TIMEOUT_DEFAULT, Stopped,
 };
 use crate::names;
 
@@ -55,6 +56,9 @@ pub struct ProcessRuntime {
     guests: Arc<Mutex<HashMap<String, Guest>>>,
     events: broadcast::Sender<GuestEvent>,
     spawner: Spawner,
+    /// The fence guard, a child like the guests (see `guard`): it kills
+    /// them when a frozen agent cannot.
+    guard: tokio::sync::Mutex<Option<Child>>,
 }
 
 /// What the runtime knows of one guest it started.
@@ -83,7 +87,13 @@ impl ProcessRuntime {
             source: Box::new(e),
         })?;
         let (events, _) = broadcast::channel(EVENTS_BUFFERED_MAX);
-        Ok(Self { config, guests: Arc::default(), events, spawner: Spawner::new(handle)? })
+        Ok(Self {
+            config,
+            guests: Arc::default(),
+            events,
+            spawner: Spawner::new(handle)?,
+            guard: tokio::sync::Mutex::new(None),
+        })
     }
 
     fn guests(&self) -> MutexGuard<'_, HashMap<String, Guest>> {
@@ -268,6 +278,46 @@ impl Runtime for ProcessRuntime {
     fn log_source(&self, vm: &str) -> Result<super::logs::LogSource, RuntimeError> {
         crate::names::validate(vm)?;
         Ok(super::logs::LogSource::File(self.config.state_dir.join(vm).join("microvm-run.log")))
+    }
+
+    /// The guard is a child of the agent, spawned like the guests (it dies
+    /// with the agent, as they do), started again when it has exited.
+    async fn ensure_guard(&self, spec: &GuardSpec) -> Result<GuardStatus, RuntimeError> {
+        let mut guard = self.guard.lock().await;
+        let mut restarted = None;
+        if let Some(child) = guard.as_mut() {
+            match child.try_wait() {
+                Ok(None) => return Ok(GuardStatus::Running),
+                Ok(Some(status)) => restarted = Some(describe(status)),
+                Err(e) => restarted = Some(format!("lost track of it: {e}")),
+            }
+        }
+        let mut command = std::process::Command::new(&spec.program);
+        command.args(&spec.args).stdin(Stdio::null()).process_group(0);
+        let parent = std::process::id();
+        // SAFETY: as for the guests in `command`: prctl, getppid and raise only.
+        unsafe {
+            command.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(Some(Signal::SIGKILL))?;
+                if nix::unistd::getppid().as_raw() as u32 != parent {
+                    nix::sys::signal::raise(Signal::SIGKILL)?;
+                }
+                Ok(())
+            });
+        }
+        let mut command = Command::from(command);
+        command.kill_on_drop(true);
+        let child = self
+            .spawner
+            .spawn(command)
+            .await
+            .map_err(|source| RuntimeError::Io { path: spec.program.clone(), source })?;
+        let pid = child.id().unwrap_or_default();
+        *guard = Some(child);
+        Ok(GuardStatus::Started(match restarted {
+            Some(how) => format!("the guard {how}; started it again (pid {pid})"),
+            None => format!("started the guard (pid {pid})"),
+        }))
     }
 }
 

@@ -39,7 +39,8 @@ use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 use zbus::{Connection, MessageStream, names::InterfaceName};
 
 use super::{
-    EVENTS_BUFFERED_MAX, GuestEvent, GuestState, KILL_WAIT, Phase, Runtime, RuntimeError, STOP_TIMEOUT_DEFAULT, Stopped,
+    EVENTS_BUFFERED_MAX, GuardSpec, GuardStatus, GuestEvent, GuestState, KILL_WAIT, Phase, Runtime, RuntimeError,
+    STOP_TIMEOUT_DEFAULT, Stopped,
 };
 use crate::names;
 
@@ -63,6 +64,28 @@ const GUEST_UNIT_PATH_PREFIX: &str = "/org/freedesktop/systemd1/unit/microvm_40"
 const GUEST_UNIT_PATTERN: &str = "microvm@*.service";
 const NO_SUCH_UNIT: &str = "org.freedesktop.systemd1.NoSuchUnit";
 
+/// The fence guard's unit (see `guard`).
+pub const GUARD_UNIT: &str = "blixard-guard.service";
+/// Where the agent ties every guest to the guard on a host where nothing
+/// declared it: a runtime drop-in for microvm.nix's template (gone at
+/// reboot, with the transient guard itself).
+pub const GUARD_DROPIN_DIR: &str = "/run/systemd/system/microvm@.service.d";
+pub const GUARD_DROPIN_FILE: &str = "50-blixard-guard.conf";
+/// `Requisite=`, not `BindsTo=`: on systemd 252 BindsTo stops every guest
+/// whenever the guard restarts after a crash (see `guard`).
+pub const GUARD_DROPIN: &str = "\
+# Written by blixard-agent: no guest runs without the fence guard, and
+# stopping the guard stops every guest (see the agent's guard module).
+[Unit]
+Requisite=blixard-guard.service
+After=blixard-guard.service
+";
+/// How long the guard's start (until its READY=1) may take.
+const GUARD_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// The guard's restart delay after it died: its stop-post has fenced if it
+/// had to, and a new guard should look again at once.
+const GUARD_RESTART: Duration = Duration::from_millis(100);
+
 /// `waitid`'s `si_code` values that systemd reports as `ExecMainCode`.
 const CLD_EXITED: i32 = 1;
 const CLD_KILLED: i32 = 2;
@@ -84,6 +107,17 @@ trait Manager {
     fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
     fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn list_units_by_patterns(&self, states: &[&str], patterns: &[&str]) -> zbus::Result<Vec<UnitRow>>;
+    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    fn start_transient_unit(
+        &self,
+        name: &str,
+        mode: &str,
+        properties: &[(&str, Value<'_>)],
+        aux: &[(&str, Vec<(&str, Value<'_>)>)],
+    ) -> zbus::Result<OwnedObjectPath>;
+    /// `daemon-reload`: answers once the reload is done.
+    fn reload(&self) -> zbus::Result<()>;
     /// Asks systemd to send its signals (it sends none to nobody).
     fn subscribe(&self) -> zbus::Result<()>;
     #[zbus(signal)]
@@ -281,6 +315,144 @@ impl SystemdRuntime {
     }
 }
 
+/// What `ensure_guard` needs to know of the guard's unit.
+#[derive(Debug, Default)]
+struct GuardUnitInfo {
+    load_state: String,
+    active_state: String,
+    description: String,
+    transient: bool,
+}
+
+impl SystemdRuntime {
+    async fn guard_unit_info(&self) -> Result<GuardUnitInfo, RuntimeError> {
+        let path = self.manager.load_unit(GUARD_UNIT).await.map_err(backend(format!("loading {GUARD_UNIT}")))?;
+        let proxy = self.properties_proxy(path).await?;
+        let all = proxy
+            .get_all(InterfaceName::from_static_str_unchecked(UNIT_INTERFACE))
+            .await
+            .map_err(backend(format!("reading the properties of {GUARD_UNIT}")))?;
+        let text = |name: &str| match all.get(name).map(|v| &**v) {
+            Some(Value::Str(s)) => s.as_str().to_owned(),
+            _ => String::new(),
+        };
+        Ok(GuardUnitInfo {
+            load_state: text("LoadState"),
+            active_state: text("ActiveState"),
+            description: text("Description"),
+            transient: matches!(all.get("Transient").map(|v| &**v), Some(Value::Bool(true))),
+        })
+    }
+
+    /// Runs a job (`start` of a unit, a transient unit) to its end.
+    async fn run_job(
+        &self,
+        jobs: &mut broadcast::Receiver<JobDone>,
+        job: OwnedObjectPath,
+        what: &str,
+    ) -> Result<(), RuntimeError> {
+        match self.wait_job(jobs, &job, GUARD_START_TIMEOUT).await? {
+            Some(result) if result == "done" || result == "unknown" => Ok(()),
+            Some(result) => Err(RuntimeError::Backend {
+                context: what.to_owned(),
+                source: format!("the job ended with result {result:?}").into(),
+            }),
+            None => Err(RuntimeError::Timeout { what: what.to_owned(), timeout: GUARD_START_TIMEOUT }),
+        }
+    }
+
+    async fn start_declared_guard(&self, failed: bool) -> Result<(), RuntimeError> {
+        if failed {
+            let _ = self.manager.reset_failed_unit(GUARD_UNIT).await;
+        }
+        let mut jobs = self.subscribe_jobs()?;
+        let job =
+            self.manager.start_unit(GUARD_UNIT, "replace").await.map_err(backend(format!("starting {GUARD_UNIT}")))?;
+        self.run_job(&mut jobs, job, &format!("starting {GUARD_UNIT}")).await
+    }
+
+    /// Creates and starts the guard as a transient unit (a host where
+    /// nothing declared it). Root only: systemd refuses others.
+    async fn start_transient_guard(&self, spec: &GuardSpec, description: &str) -> Result<(), RuntimeError> {
+        let program = spec.program.display().to_string();
+        let command = |args: &[String]| {
+            let argv: Vec<String> = std::iter::once(program.clone()).chain(args.iter().cloned()).collect();
+            Value::from(vec![(program.clone(), argv, false)])
+        };
+        let micros = |d: Duration| Value::U64(d.as_micros() as u64);
+        let properties: Vec<(&str, Value<'_>)> = vec![
+            ("Description", Value::from(description)),
+            ("Type", Value::from("notify")),
+            ("NotifyAccess", Value::from("main")),
+            ("ExecStart", command(&spec.args)),
+            ("ExecStopPost", command(&spec.stop_post_args)),
+            ("Restart", Value::from("always")),
+            ("RestartUSec", micros(GUARD_RESTART)),
+            // Each death runs the stop-post (the fence when stale); never give up.
+            ("StartLimitIntervalUSec", Value::U64(0)),
+            ("WatchdogUSec", micros(Duration::from_millis(spec.watchdog_ms))),
+            ("WatchdogSignal", Value::I32(nix::sys::signal::Signal::SIGKILL as i32)),
+            // The stop-post waits for the guests' stops (stop_max, then a kill).
+            ("TimeoutStopUSec", micros(Duration::from_secs(30))),
+            // It needs no network and writes nothing.
+            ("PrivateNetwork", Value::Bool(true)),
+            ("NoNewPrivileges", Value::Bool(true)),
+            ("ProtectSystem", Value::from("strict")),
+            ("ProtectHome", Value::from("read-only")),
+            ("PrivateTmp", Value::Bool(true)),
+        ];
+        let mut jobs = self.subscribe_jobs()?;
+        let job = self
+            .manager
+            .start_transient_unit(GUARD_UNIT, "fail", &properties, &[])
+            .await
+            .map_err(backend(format!("creating the transient unit {GUARD_UNIT}")))?;
+        self.run_job(&mut jobs, job, &format!("starting the transient unit {GUARD_UNIT}")).await
+    }
+
+    async fn stop_guard(&self) -> Result<(), RuntimeError> {
+        let mut jobs = self.subscribe_jobs()?;
+        let job =
+            self.manager.stop_unit(GUARD_UNIT, "replace").await.map_err(backend(format!("stopping {GUARD_UNIT}")))?;
+        self.run_job(&mut jobs, job, &format!("stopping {GUARD_UNIT}")).await
+    }
+
+    /// Writes the guests' drop-in if it is not there as it should be, and
+    /// reloads systemd so it applies. `Ok(false)`: nothing to do.
+    async fn ensure_guard_dropin(&self) -> Result<bool, RuntimeError> {
+        let dir = std::path::Path::new(GUARD_DROPIN_DIR);
+        let path = dir.join(GUARD_DROPIN_FILE);
+        if tokio::fs::read_to_string(&path).await.is_ok_and(|text| text == GUARD_DROPIN) {
+            return Ok(false);
+        }
+        let io = |source| RuntimeError::Io { path: path.clone(), source };
+        tokio::fs::create_dir_all(dir).await.map_err(io)?;
+        let tmp = dir.join(format!("{GUARD_DROPIN_FILE}.new"));
+        tokio::fs::write(&tmp, GUARD_DROPIN).await.map_err(|source| RuntimeError::Io { path: tmp.clone(), source })?;
+        tokio::fs::rename(&tmp, &path).await.map_err(io)?;
+        self.manager.reload().await.map_err(backend("reloading systemd for the guests' guard drop-in"))?;
+        Ok(true)
+    }
+}
+
+/// The guard unit's description, which names its settings: a guard of
+/// other settings is told apart by it.
+fn guard_description(spec: &GuardSpec) -> String {
+    use sha2::Digest as _;
+    let mut hash = sha2::Sha256::new();
+    for part in std::iter::once(spec.program.display().to_string()).chain(spec.args.iter().cloned()) {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    let digest = hash.finalize();
+    let tag: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("Blixard fence guard (stops this host's guests without quorum contact) [{tag}]")
+}
+
+fn is_running(active_state: &str) -> bool {
+    matches!(active_state, "active" | "reloading" | "activating" | "refreshing")
+}
+
 #[async_trait]
 impl Runtime for SystemdRuntime {
     fn kind(&self) -> &'static str {
@@ -401,6 +573,57 @@ impl Runtime for SystemdRuntime {
 
     fn log_source(&self, vm: &str) -> Result<super::logs::LogSource, RuntimeError> {
         Ok(super::logs::LogSource::Journal { unit: unit_name(vm)? })
+    }
+
+    async fn ensure_guard(&self, spec: &GuardSpec) -> Result<GuardStatus, RuntimeError> {
+        let info = self.guard_unit_info().await?;
+        if info.load_state == "loaded" && !info.transient {
+            // Declared (the NixOS module): it owns the guard's settings and
+            // the guests' Requisite; we only see that it runs.
+            if is_running(&info.active_state) {
+                return Ok(GuardStatus::Running);
+            }
+            self.start_declared_guard(info.active_state == "failed").await?;
+            return Ok(GuardStatus::Started(format!("started the declared {GUARD_UNIT}")));
+        }
+        let description = guard_description(spec);
+        let mut status = GuardStatus::Running;
+        if info.transient && is_running(&info.active_state) {
+            if info.description != description {
+                // Stopping the guard stops every guest: replace it only when
+                // none runs.
+                let guests_up = self.list().await?.iter().any(|(_, state)| state.is_up());
+                if guests_up {
+                    status = GuardStatus::Degraded(format!(
+                        "the running {GUARD_UNIT} has other settings than this agent ({}); it is replaced once no guest \
+                         runs on this host",
+                        info.description
+                    ));
+                } else {
+                    self.stop_guard().await?;
+                    let _ = self.manager.reset_failed_unit(GUARD_UNIT).await;
+                    self.start_transient_guard(spec, &description).await?;
+                    status = GuardStatus::Started(format!("replaced {GUARD_UNIT} (its settings changed)"));
+                }
+            }
+        } else {
+            if info.transient {
+                let _ = self.manager.reset_failed_unit(GUARD_UNIT).await;
+            }
+            self.start_transient_guard(spec, &description).await?;
+            status = GuardStatus::Started(format!("created the transient unit {GUARD_UNIT}"));
+        }
+        // The guests' Requisite comes after the guard runs.
+        match self.ensure_guard_dropin().await {
+            Ok(true) => tracing::info!("tied every guest to {GUARD_UNIT} ({GUARD_DROPIN_DIR}/{GUARD_DROPIN_FILE})"),
+            Ok(false) => {}
+            Err(e) => {
+                status = GuardStatus::Degraded(format!(
+                    "guests are not tied to {GUARD_UNIT} (a guest could start without a guard): {e}"
+                ))
+            }
+        }
+        Ok(status)
     }
 
     fn events(&self) -> broadcast::Receiver<GuestEvent> {

@@ -75,7 +75,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use crate::state::{
-    CommandKind, Desired, Handoff, Member, MemberStatus, NodeId, Resources, State, Vm, VmState, tally_count,
+    CommandKind, Desired, Failover, Handoff, Member, MemberStatus, NodeId, Resources, State, Vm, VmState, tally_count,
 };
 
 /// How the leader places VMs.
@@ -169,6 +169,22 @@ pub fn why_pending(state: &State, policy: &Policy, vm: &str) -> String {
     if let Some(node) = view.placement {
         let name = model.node_name(node);
         return match state.member(node) {
+            Some(m) if m.status == MemberStatus::Down && vm.spec.desired == Desired::Running => {
+                if vm.spec.failover == Failover::Manual {
+                    format!(
+                        "{name} is down and failover is manual: once {name} is known to be dead, move it with \
+                         `blixard-agent vm recover {} --to NODE`",
+                        vm.name
+                    )
+                } else if let Some((i, _)) = model.best_host(v, policy.strategy) {
+                    format!(
+                        "{name} is down; it moves to {} once {name} has certainly fenced itself (reschedule_after)",
+                        model.hosts[i].member.name
+                    )
+                } else {
+                    format!("{name} is down; cannot fail over: {}", no_host(&model, v, vm, Some(node)))
+                }
+            }
             Some(m) if m.status == MemberStatus::Down => format!("placed on {name}, which is down"),
             _ if vm.spec.desired == Desired::Stopped => {
                 format!("placed on {name}, desired stopped")
@@ -182,22 +198,31 @@ pub fn why_pending(state: &State, policy: &Policy, vm: &str) -> String {
     if let Some((i, _)) = model.best_host(v, policy.strategy) {
         return format!("{} fits ({}); waiting for the scheduler", model.hosts[i].member.name, policy.strategy);
     }
+    format!("no host fits: {}", no_host(&model, v, vm, None))
+}
+
+/// Why no host fits VM `v` (after "no host fits: "), leaving out `except`
+/// (the down host it is on).
+fn no_host(model: &Model<'_>, v: usize, vm: &Vm, except: Option<NodeId>) -> String {
     if model.hosts.is_empty() {
-        return "no host fits: the cluster has no members".into();
+        return "the cluster has no members".into();
     }
     if let Some(pinned) = &vm.spec.node {
         return match model.host_index.get(pinned.as_str()) {
-            None => format!("no host fits: pinned to {pinned}, which is not a member"),
-            Some(&i) => format!(
-                "no host fits: pinned to {pinned}, which {}",
-                model.misfit(v, i).map_or("fits".into(), |m| m.describe(vm))
-            ),
+            None => format!("pinned to {pinned}, which is not a member"),
+            Some(&i) => {
+                format!("pinned to {pinned}, which {}", model.misfit(v, i).map_or("fits".into(), |m| m.describe(vm)))
+            }
         };
     }
     let misfits: Vec<(String, Misfit)> = (0..model.hosts.len())
+        .filter(|&i| Some(model.hosts[i].member.id) != except)
         .filter_map(|i| model.misfit(v, i).map(|m| (model.hosts[i].member.name.clone(), m)))
         .collect();
-    format!("no host fits: {}", summarise(vm, &misfits))
+    if misfits.is_empty() {
+        return "no other host is a member".into();
+    }
+    summarise(vm, &misfits)
 }
 
 /// Hosts listed by name in a `why_pending` line; beyond this, hosts are
@@ -568,7 +593,8 @@ impl<'s> Planner<'s, '_> {
             let Some(handoff) = self.model.views[v].handoff else {
                 continue;
             };
-            if !self.is_fenced(handoff.from) || !self.room(1) {
+            // A manual VM's copy there is not fenced: only `vm recover` ends it.
+            if !self.is_fenced(handoff.from) || self.model.vms[v].spec.failover == Failover::Manual || !self.room(1) {
                 continue;
             }
             let from = self.model.node_name(handoff.from);
@@ -624,7 +650,13 @@ impl<'s> Planner<'s, '_> {
         for v in vms {
             let view = self.model.views[v];
             let Some(from) = view.placement else { continue };
-            if view.handoff.is_some() || self.model.vms[v].spec.desired != Desired::Running || !self.is_fenced(from) {
+            let spec = &self.model.vms[v].spec;
+            // A manual VM waits for `vm recover`: its host never fences it.
+            if view.handoff.is_some()
+                || spec.desired != Desired::Running
+                || spec.failover == Failover::Manual
+                || !self.is_fenced(from)
+            {
                 continue;
             }
             if !self.room(2) {

@@ -302,7 +302,35 @@ fn a_vm_that_fits_nowhere_stays_on_its_fenced_host() {
     place(&mut state, "b", 2);
     set_status(&mut state, 1, MemberStatus::Down);
     assert_eq!(plan(&state, &Policy::default(), &BTreeSet::from([1])), []);
-    assert_eq!(why_pending(&state, &Policy::default(), "a"), "placed on h1, which is down");
+    assert_eq!(why_pending(&state, &Policy::default(), "a"), "h1 is down; cannot fail over: h2 has 0 of 8 vcpu free");
+    assert_eq!(state.vm_state(state.vm("a").unwrap()), crate::state::VmState::Lost);
+}
+
+#[test]
+fn a_manual_vm_is_never_moved_off_a_fenced_host_nor_its_handoff_cleared() {
+    let mut state = hosts(3);
+    let manual = VmSpec { failover: crate::state::Failover::Manual, ..spec(1, 128) };
+    create(&mut state, "a", manual.clone());
+    create(&mut state, "b", manual);
+    create(&mut state, "c", spec(1, 128));
+    place(&mut state, "a", 1);
+    place(&mut state, "c", 1);
+    place(&mut state, "b", 1);
+    // "b" is moved to h2 while h1 runs it: a handoff from h1.
+    place(&mut state, "b", 2);
+    set_status(&mut state, 1, MemberStatus::Down);
+    let decisions = plan(&state, &Policy::default(), &BTreeSet::from([1]));
+    let about = |vm: &str| {
+        decisions.iter().any(|d| match &d.command {
+            CommandKind::Place { vm: v, .. } | CommandKind::ClearHandoff { vm: v, .. } => v == vm,
+            _ => false,
+        })
+    };
+    assert!(about("c"), "the auto VM fails over: {decisions:?}");
+    assert!(!about("a") && !about("b"), "manual VMs wait for `vm recover`: {decisions:?}");
+    let why = why_pending(&state, &Policy::default(), "a");
+    assert!(why.contains("failover is manual") && why.contains("vm recover a --to NODE"), "{why}");
+    assert_eq!(state.vm_state(state.vm("a").unwrap()), crate::state::VmState::Lost);
 }
 
 #[test]
@@ -639,6 +667,7 @@ fn build(hosts: &[HostGen], vms: &[VmGen], ops: &[Op]) -> (State, BTreeSet<NodeI
             node: v.pin.map(|h| format!("h{}", h + 1)),
             anti_affinity: v.group.map(|g| format!("g{g}")),
             desired: if v.stopped { Desired::Stopped } else { Desired::Running },
+            failover: crate::state::Failover::Auto,
         };
         create(&mut state, &names[i], spec);
     }

@@ -93,6 +93,17 @@ pub enum CommandKind {
         from: NodeId,
         expected_generation: u64,
     },
+    /// An operator moves `vm` to `node` because the host that may run it
+    /// (its handoff's, else its placement's) is down or gone and known to
+    /// be dead: a placement on `node` with no handoff, so `node` starts it
+    /// at once. Refused while that host is an up member. For VMs with
+    /// `failover = "manual"`, which the cluster never moves off a lost
+    /// host by itself (`vm recover`).
+    Recover {
+        vm: String,
+        node: NodeId,
+        expected_generation: u64,
+    },
     /// Records a new join token by the SHA-256 `hash` of its secret,
     /// valid for `ttl_ms` from the command's time.
     AddJoinToken {
@@ -258,6 +269,8 @@ pub enum Rejection {
     NoSuchHandoff { vm: String, node: NodeId, generation: u64 },
     #[error("member {node} is up, so only its own release ends the handoff of VM {vm:?}")]
     HandoffFromLiveHost { vm: String, node: String },
+    #[error("VM {vm:?} runs on {node}, which is up: move it with `vm migrate`, not `vm recover`")]
+    RecoverFromLiveHost { vm: String, node: String },
     /// Deliberately vague: whoever presents a token learns nothing about
     /// which tokens exist.
     #[error("the join token is not valid: it is unknown, expired, or was used by another host")]
@@ -368,6 +381,35 @@ impl State {
                 self.dirty.vm(name.clone());
                 Ok(Effect::Placed { vm: name.clone(), node: *node, from, generation: vm.generation })
             }
+            CommandKind::Recover { vm: name, node, expected_generation } => {
+                check_name("VM", name)?;
+                let vm = self.vm(name).ok_or_else(|| Rejection::UnknownVm(name.clone()))?;
+                check_generation(vm, *expected_generation)?;
+                let holder = vm.handoff.map(|h| h.from).or(vm.placement.map(|p| p.node));
+                if let Some(holder) = holder
+                    && let Some(m) = self.members.get(&holder)
+                    && m.status == MemberStatus::Up
+                {
+                    return Err(Rejection::RecoverFromLiveHost { vm: name.clone(), node: m.name.clone() });
+                }
+                let member = self.members.get(node).ok_or(Rejection::UnknownNode(*node))?;
+                if member.status == MemberStatus::Down {
+                    return Err(Rejection::NodeUnavailable { node: member.name.clone(), why: "down" });
+                }
+                if let Some(rejection) = constraint_violation(self, vm, &vm.spec, member) {
+                    return Err(rejection);
+                }
+                let vm = self.vms.get_mut(name).expect("checked above");
+                let from = holder;
+                // The operator vouches the old host is dead: no handoff.
+                vm.handoff = None;
+                vm.moved_from = from.filter(|from| from != node);
+                vm.generation += 1;
+                vm.placement = Some(Placement { node: *node, generation: vm.generation });
+                vm.observed = Observed { state: VmState::Pending, since_unix_ms: at, last_error: None };
+                self.dirty.vm(name.clone());
+                Ok(Effect::Placed { vm: name.clone(), node: *node, from, generation: vm.generation })
+            }
             CommandKind::Unplace { vm: name, expected_generation } => {
                 check_name("VM", name)?;
                 let vm = self.vms.get_mut(name).ok_or_else(|| Rejection::UnknownVm(name.clone()))?;
@@ -450,6 +492,9 @@ impl State {
                         error.len(),
                         limits::ERROR_LEN_MAX
                     )));
+                }
+                if *state == VmState::Lost {
+                    return Err(Rejection::InvalidValue("a host cannot report its own VM lost".into()));
                 }
                 let vm = self.vms.get_mut(name).ok_or_else(|| Rejection::UnknownVm(name.clone()))?;
                 if vm.placement != Some(Placement { node: *node, generation: *generation }) {
@@ -884,6 +929,37 @@ mod tests {
         let rejection = state.apply(&cmd(command)).expect_err("should be rejected");
         assert_eq!(*state, before, "a rejected command changed the state");
         rejection
+    }
+
+    #[test]
+    fn recover_moves_a_vm_off_a_down_host_without_a_handoff_and_only_then() {
+        let mut state = cluster();
+        let manual = VmSpec { failover: Failover::Manual, ..spec(1, 128) };
+        create(&mut state, "a", manual).unwrap();
+        place(&mut state, "a", 1).unwrap();
+        let recover = |state: &State| CommandKind::Recover {
+            vm: "a".into(),
+            node: 2,
+            expected_generation: state.vm("a").unwrap().generation,
+        };
+        let command = recover(&state);
+        let r = rejected(&mut state, command);
+        assert!(matches!(r, Rejection::RecoverFromLiveHost { .. }), "{r}");
+        state.apply(&cmd(CommandKind::SetStatus { node: 1, status: MemberStatus::Down })).unwrap();
+        assert_eq!(state.vm_state(state.vm("a").unwrap()), VmState::Lost);
+        let r = rejected(&mut state, CommandKind::Recover { vm: "a".into(), node: 2, expected_generation: 0 });
+        assert!(matches!(r, Rejection::StaleGeneration { .. }), "{r}");
+        state.apply(&cmd(recover(&state))).unwrap();
+        let vm = state.vm("a").unwrap();
+        assert_eq!(vm.placement.map(|p| p.node), Some(2));
+        assert_eq!(vm.handoff, None, "the operator vouched h1 is dead");
+        assert!(vm.may_start_on(2));
+        assert_eq!(state.vm_state(vm), VmState::Pending);
+        // A host never reports a VM lost.
+        let generation = vm.placement.unwrap().generation;
+        let report =
+            CommandKind::Report { node: 2, vm: "a".into(), generation, state: VmState::Lost, last_error: None };
+        assert!(matches!(rejected(&mut state, report), Rejection::InvalidValue(_)));
     }
 
     #[test]

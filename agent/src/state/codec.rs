@@ -121,6 +121,7 @@ fn vm_state_to_pb(s: VmState) -> pb::VmState {
         VmState::Stopping => pb::VmState::Stopping,
         VmState::Stopped => pb::VmState::Stopped,
         VmState::Failed => pb::VmState::Failed,
+        VmState::Lost => pb::VmState::Lost,
     }
 }
 
@@ -132,6 +133,7 @@ fn vm_state_from_pb(s: i32) -> Result<VmState, DecodeError> {
         pb::VmState::Stopping => VmState::Stopping,
         pb::VmState::Stopped => VmState::Stopped,
         pb::VmState::Failed => VmState::Failed,
+        pb::VmState::Lost => VmState::Lost,
     })
 }
 
@@ -147,6 +149,10 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
         node: s.node.clone().unwrap_or_default(),
         anti_affinity: s.anti_affinity.clone().unwrap_or_default(),
         desired: desired_to_pb(s.desired) as i32,
+        failover: match s.failover {
+            Failover::Auto => pb::Failover::Auto,
+            Failover::Manual => pb::Failover::Manual,
+        } as i32,
     }
 }
 
@@ -158,6 +164,10 @@ pub fn spec_from_pb(s: pb::VmSpec) -> Result<VmSpec, DecodeError> {
         node: non_empty(s.node),
         anti_affinity: non_empty(s.anti_affinity),
         desired: desired_from_pb(s.desired)?,
+        failover: match enum_value::<pb::Failover>(s.failover, "failover policy")? {
+            pb::Failover::Auto => Failover::Auto,
+            pb::Failover::Manual => Failover::Manual,
+        },
     })
 }
 
@@ -269,6 +279,9 @@ pub fn encode_command(c: &Command) -> Vec<u8> {
         CommandKind::UseJoinToken { hash, node } => {
             Kind::UseJoinToken(pb::UseJoinToken { hash: hash.to_vec(), node: *node })
         }
+        CommandKind::Recover { vm, node, expected_generation } => {
+            Kind::Recover(pb::Recover { vm: vm.clone(), node: *node, expected_generation: *expected_generation })
+        }
     };
     pb::Command { kind: Some(kind), at_unix_ms: c.at_unix_ms }.encode_to_vec()
 }
@@ -312,6 +325,7 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command, DecodeError> {
         }
         Kind::AddJoinToken(m) => CommandKind::AddJoinToken { hash: token_hash(&m.hash)?, ttl_ms: m.ttl_ms },
         Kind::UseJoinToken(m) => CommandKind::UseJoinToken { hash: token_hash(&m.hash)?, node: m.node },
+        Kind::Recover(m) => CommandKind::Recover { vm: m.vm, node: m.node, expected_generation: m.expected_generation },
     };
     Ok(Command { at_unix_ms: c.at_unix_ms, kind })
 }
@@ -394,6 +408,7 @@ mod tests {
             node: Some("h1".into()),
             anti_affinity: Some("g".into()),
             desired: Desired::Stopped,
+            failover: Failover::Manual,
         };
         let kinds = vec![
             CommandKind::CreateVm { name: "web".into(), spec: spec.clone() },
@@ -420,6 +435,7 @@ mod tests {
             },
             CommandKind::Released { node: 3, vm: "web".into(), generation: 5 },
             CommandKind::ClearHandoff { vm: "web".into(), from: 3, expected_generation: 6 },
+            CommandKind::Recover { vm: "web".into(), node: 2, expected_generation: 7 },
             CommandKind::AddJoinToken { hash: [7; 32], ttl_ms: 3_600_000 },
             CommandKind::UseJoinToken { hash: [7; 32], node: 4 },
         ];

@@ -224,6 +224,15 @@ impl State {
         &self.members
     }
 
+    /// The state to show for `vm`: its host's last report, except that a
+    /// VM desired running on a host that is down is `Lost` (nobody knows
+    /// whether it runs) until it moves or its host is back.
+    pub fn vm_state(&self, vm: &Vm) -> VmState {
+        let on_down_host =
+            vm.placement.and_then(|p| self.member(p.node)).is_some_and(|m| m.status == MemberStatus::Down);
+        if on_down_host && vm.spec.desired == Desired::Running { VmState::Lost } else { vm.observed.state }
+    }
+
     pub fn member(&self, id: NodeId) -> Option<&Member> {
         self.members.get(&id)
     }

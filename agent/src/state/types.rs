@@ -163,6 +163,44 @@ impl fmt::Display for Desired {
     }
 }
 
+/// What happens to a VM when its host is lost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Failover {
+    /// Its host fences it without quorum contact and the leader restarts it
+    /// elsewhere once that host has certainly fenced itself.
+    #[default]
+    Auto,
+    /// Never fenced for want of quorum contact, never moved off a lost host
+    /// by the cluster: an operator moves it (`vm recover`) once its host is
+    /// known to be dead. For guests with local disks, and clusters where a
+    /// network blip must not stop every VM.
+    Manual,
+}
+
+impl Failover {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failover::Auto => "auto",
+            Failover::Manual => "manual",
+        }
+    }
+
+    /// `"auto"` or `"manual"`.
+    pub fn parse(text: &str) -> Option<Failover> {
+        match text {
+            "auto" => Some(Failover::Auto),
+            "manual" => Some(Failover::Manual),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Failover {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VmSpec {
     pub vcpu: u32,
@@ -175,6 +213,7 @@ pub struct VmSpec {
     /// VMs sharing a group are never placed on the same host.
     pub anti_affinity: Option<String>,
     pub desired: Desired,
+    pub failover: Failover,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -186,11 +225,22 @@ pub enum VmState {
     Stopping,
     Stopped,
     Failed,
+    /// Placed on a host that is down: nobody knows whether it runs. Never
+    /// reported by a host nor stored; shown in place of the last report
+    /// (`State::vm_state`) until the VM moves or its host is back.
+    Lost,
 }
 
 impl VmState {
-    pub const ALL: [VmState; 6] =
-        [VmState::Pending, VmState::Starting, VmState::Running, VmState::Stopping, VmState::Stopped, VmState::Failed];
+    pub const ALL: [VmState; 7] = [
+        VmState::Pending,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Stopping,
+        VmState::Stopped,
+        VmState::Failed,
+        VmState::Lost,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -200,6 +250,7 @@ impl VmState {
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
             VmState::Failed => "failed",
+            VmState::Lost => "lost",
         }
     }
 }
