@@ -62,8 +62,11 @@ const SELF_REPORT_INTERVAL: Duration = Duration::from_secs(30);
 const SELF_REPORT_RETRY_MAX: Duration = Duration::from_secs(5);
 /// A stopping leader waits this long for a successor to take over.
 const STEP_DOWN_TIMEOUT: Duration = Duration::from_secs(2);
-/// Graceful server shutdown waits this long for requests in flight.
-const SERVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Graceful server shutdown waits this long for requests in flight. Short:
+/// the peers' Raft streams never end on their own (they are cut, and the
+/// peers reconnect), clients retry, and a restart must be back within
+/// `fence_after` or every guest of this host is fenced (`failure`).
+const SERVER_DRAIN_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// Installs the stderr logger (journald picks it up): `log_level` as an
 /// `EnvFilter`, which `RUST_LOG` overrides. Does nothing if a global
@@ -106,6 +109,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             if config.runtime == RuntimeKind::Systemd { "systemd" } else { "process" }
         )
     })?;
+    if config.runtime == RuntimeKind::Systemd && std::env::var_os("INVOCATION_ID").is_some() {
+        check_own_unit(&config.timing).await;
+    }
     let address = advertised(config.listen);
     let (context, control) = Context::new(config.node_name.clone(), address.clone(), dialer);
     context.set_runtime(runtime.clone());
@@ -150,6 +156,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     node_result.map_err(|e| anyhow!("the store failed while stopping: {e}"))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What an agent's start takes until it renews its quorum contact, at most,
+/// on a healthy host (the store opening with 100,000 VMs is ~0.4 s; then a
+/// heartbeat round): what `Timing::validate_unit` needs to fit.
+const START_BUDGET_MS: u64 = 800;
+
+/// Warns when this agent's own systemd unit would make a restart stop the
+/// host's guests (`Timing::validate_unit`): a `RestartSec` too long for
+/// `fence_after`, no restart at all, or a watchdog out of range.
+async fn check_own_unit(timing: &crate::failure::Timing) {
+    match crate::runtime::systemd::own_unit_restart().await {
+        Ok(unit) => {
+            if unit.restart == "no" {
+                tracing::warn!(
+                    unit = unit.unit,
+                    "this agent's unit has Restart=no: a crashed agent is not restarted \
+                    (its guests are stopped by the fence guard, and nothing runs here until it is started again)"
+                );
+            }
+            if let Err(problem) = timing.validate_unit(unit.restart_sec_ms, unit.watchdog_sec_ms, START_BUDGET_MS) {
+                tracing::warn!(unit = unit.unit, "{problem}");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot read this agent's own unit settings"),
+    }
 }
 
 /// `host:port` as peers reach this agent.
@@ -306,7 +338,16 @@ impl Agent {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut store = Some(store);
         let identity = store.as_ref().and_then(|s| s.identity().cloned());
-        if identity.is_some() || !self.config.initial_members.is_empty() {
+        // A host that left (was removed) and set its old store aside to join
+        // again never bootstraps from `initial_members`: it is not one of a
+        // new cluster's first members any more.
+        let rejoining = self.config.data_dir.join(REJOIN_MARKER).exists();
+        if identity.is_none() && rejoining {
+            tracing::info!(
+                "this host left its cluster and waits to join again: `blixard-agent cluster join ADDRESS` (or `join` \
+                 seeds in the config)"
+            );
+        } else if identity.is_some() || !self.config.initial_members.is_empty() {
             let mut store = store.take().expect("not taken yet");
             let mode = if identity.is_some() { "restarting as a member" } else { "bootstrapping" };
             node::prepare_store(
@@ -359,9 +400,23 @@ impl Agent {
                         };
                     }
                 }
-                request = self.control.joins.recv(), if store.is_some() => {
+                request = self.control.joins.recv(), if store.is_some() || self.removed() => {
                     let Some(request) = request else { continue };
                     let JoinRequest { seed, token, reply } = request;
+                    if store.is_none() {
+                        // Removed from its cluster: the old store goes aside
+                        // (never deleted), and the host joins as a new member.
+                        match self.set_removed_store_aside().await {
+                            Ok(fresh) => {
+                                store = Some(fresh);
+                                node_status = None;
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(tonic::Status::internal(format!("{e:#}"))));
+                                continue;
+                            }
+                        }
+                    }
                     let outcome = self.join(&mut store, join_id, &seed, token).await;
                     if outcome.is_ok() {
                         node_status = self.member.as_ref().map(|m| m.node.handle().watch_status());
@@ -406,6 +461,31 @@ impl Agent {
         }
     }
 
+    /// Whether this agent's node was removed from its cluster.
+    fn removed(&self) -> bool {
+        self.member.as_ref().is_some_and(|m| m.node.handle().status().removed)
+    }
+
+    /// A removed member's way back: stops its node, renames its store to
+    /// `blixard.redb.removed-<unix ms>` (kept for inspection, never
+    /// deleted), marks the data dir as rejoining and opens a new, empty
+    /// store to join with.
+    async fn set_removed_store_aside(&mut self) -> anyhow::Result<Store> {
+        self.stop_member().await.map_err(|e| anyhow!("the store failed while stopping: {e}"))?;
+        let data_dir = self.config.data_dir.clone();
+        let old = node::store_path(&data_dir);
+        let aside = data_dir.join(format!("{}.removed-{}", node::STORE_FILE, node::now_unix_ms()));
+        std::fs::write(data_dir.join(REJOIN_MARKER), "this host left its cluster; it joins again as a new member\n")
+            .with_context(|| format!("cannot mark {} as rejoining", data_dir.display()))?;
+        std::fs::rename(&old, &aside)
+            .with_context(|| format!("cannot set the old store {} aside as {}", old.display(), aside.display()))?;
+        tracing::warn!(
+            old = %aside.display(),
+            "left the cluster earlier: its old store is set aside, and this host joins as a new member"
+        );
+        open_store(&self.config).await
+    }
+
     /// Asks `seed` to admit this host, then starts the node. On success the
     /// store has been moved into the node.
     async fn join(
@@ -435,6 +515,7 @@ impl Agent {
         }
         // The identity is on disk: from here a failure is fatal for the
         // store (a restart resumes as this member).
+        let _ = std::fs::remove_file(self.config.data_dir.join(REJOIN_MARKER));
         self.start_member(prepared, peers).map_err(|e| tonic::Status::internal(e.to_string()))?;
         tracing::info!(seed, id, cluster_id = format!("{:016x}", admitted.cluster_id), "admitted as a learner");
         Ok(pb::ClusterJoinResponse { name: self.config.node_name.clone(), id })
@@ -525,6 +606,10 @@ impl Agent {
             .unwrap_or_else(|_| Err(StorageError::Redb("the raft thread panicked".into())))
     }
 }
+
+/// In the data dir while a host that left its cluster waits to join again
+/// (see `Agent::set_removed_store_aside`).
+pub const REJOIN_MARKER: &str = "rejoin-pending";
 
 /// How often the agent makes sure the fence guard runs.
 const GUARD_CHECK_INTERVAL: Duration = Duration::from_secs(5);

@@ -635,3 +635,124 @@ fn vm_logs_come_from_the_guests_host_through_any_member() {
     let _ = follow.kill();
     let _ = follow.wait();
 }
+
+/// The process ids of live processes whose working directory is `dir`
+/// (a process-runtime guest runs in `<state_dir>/<name>`).
+fn processes_in(dir: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .filter(|pid| {
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+                .unwrap_or(true);
+            !zombie && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir)
+        })
+        .collect()
+}
+
+/// The agent's fence guard: its child running `blixard-agent guard`.
+fn guard_of(agent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let guard = cmdline.split(|b| *b == 0).nth(1) == Some(b"guard".as_slice());
+        (ppid == agent && guard).then_some(pid)
+    })
+}
+
+/// Samples, 20 times a second, on which hosts each guest has a live
+/// process; remembers any moment a guest had one on two hosts.
+struct CopySampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl CopySampler {
+    fn start(c: &Cluster) -> CopySampler {
+        let homes: Vec<(String, PathBuf)> =
+            c.agents.iter().map(|a| (a.name.clone(), c.dir.path().join(&a.name).join("vms"))).collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut rounds, mut doubles) = (0, Vec::new());
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                for guest in GUESTS {
+                    let on: Vec<&str> = homes
+                        .iter()
+                        .filter(|(_, vms)| !processes_in(&vms.join(guest)).is_empty())
+                        .map(|(name, _)| name.as_str())
+                        .collect();
+                    if on.len() > 1 {
+                        doubles.push(format!("{guest} on {on:?} in round {rounds}"));
+                    }
+                }
+                rounds += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (rounds, doubles)
+        });
+        CopySampler { stop, thread: Some(thread) }
+    }
+
+    fn assert_never_two_copies(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (rounds, doubles) = self.thread.take().unwrap().join().unwrap();
+        assert!(rounds > 20, "the sampler ran only {rounds} rounds");
+        assert!(doubles.is_empty(), "two copies at once: {doubles:#?}");
+    }
+}
+
+/// The process runtime gets the guard too: a frozen agent's guests are
+/// killed by it (they do not outlive the freeze), each VM runs on exactly
+/// one other host, and a killed guard is started again by its agent.
+#[test]
+fn a_frozen_agent_s_guests_are_stopped_by_its_guard_and_run_once_elsewhere() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let c = Cluster::start(3);
+    for guest in GUESTS {
+        c.cli(0, &["vm", "create", guest, "--vcpu", "1", "--memory", "64"]).assert_ok();
+    }
+    c.wait_until("every guest to run", |c| GUESTS.iter().all(|g| c.vm_now(0, g)["state"] == "running"));
+    let sampler = CopySampler::start(&c);
+    let host_name = c.vm(0, "web")["node"].as_str().unwrap().to_string();
+    let host = c.agents.iter().position(|a| a.name == host_name).unwrap();
+    let survivor = (host + 1) % 3;
+    let agent = c.agents[host].child.id();
+    c.wait_until("the guard to run", |_| guard_of(agent).is_some());
+    let on_host: Vec<&str> =
+        GUESTS.iter().copied().filter(|g| c.vm(survivor, g)["node"] == host_name.as_str()).collect();
+    let vms = c.dir.path().join(&host_name).join("vms");
+
+    kill(Pid::from_raw(agent as i32), Signal::SIGSTOP).unwrap();
+    let frozen_at = Instant::now();
+    c.wait_until("the frozen agent's guests to be killed", |_| {
+        on_host.iter().all(|g| processes_in(&vms.join(g)).is_empty())
+    });
+    eprintln!("{host_name} frozen: its guests {on_host:?} were gone {:?} later", frozen_at.elapsed());
+    c.wait_until("the guests to run elsewhere", |c| {
+        on_host.iter().all(|g| {
+            let v = c.vm_now(survivor, g);
+            v["node"] != host_name.as_str() && v["state"] == "running"
+        })
+    });
+    kill(Pid::from_raw(agent as i32), Signal::SIGCONT).unwrap();
+    c.wait_until("the thawed agent to have quorum again", |c| {
+        let out = c.cli(host, &["cluster", "status", "--json"]);
+        out.code == 0 && out.json()["quorum"] == true
+    });
+    // It takes nothing back.
+    assert!(GUESTS.iter().all(|g| processes_in(&vms.join(g)).is_empty()), "the thawed host restarted a guest");
+
+    // A killed guard is started again by its agent.
+    let agent = c.agents[survivor].child.id();
+    let guard = guard_of(agent).expect("the survivor's guard");
+    kill(Pid::from_raw(guard as i32), Signal::SIGKILL).unwrap();
+    c.wait_until("the guard to be started again", |_| guard_of(agent).is_some_and(|g| g != guard));
+    sampler.assert_never_two_copies();
+}

@@ -77,10 +77,11 @@ fn malformed_endpoints_are_refused_before_connecting() {
 
 #[test]
 fn missing_subcommands_are_one_sentence() {
-    run(&[]).assert_error(2, "blixard-agent needs a subcommand (run, cluster, node, vm, events, certs, completions");
+    run(&[])
+        .assert_error(2, "blixard-agent needs a subcommand (run, cluster, node, vm, events, guard, certs, completions");
     run(&["vm"]).assert_error(
         2,
-        "`vm` needs a subcommand (create, start, stop, delete, migrate, list, status, logs); see `blixard-agent vm --help`",
+        "`vm` needs a subcommand (create, start, stop, delete, migrate, recover, list, status, logs); see `blixard-agent vm --help`",
     );
     run(&["cluster"]).assert_error(2, "`cluster` needs a subcommand (status, join, join-token, leave)");
     run(&["node"]).assert_error(2, "`node` needs a subcommand (list, drain, undrain)");
@@ -173,7 +174,7 @@ fn vm_commands_print_the_documented_json() {
     assert_eq!(
         out.json(),
         json!({"name": "web", "node": "h1", "desired": "running", "state": "starting", "vcpu": 2, "memory_mib": 1024,
-               "since": "2025-01-02T03:04:05.678Z", "since_unix_ms": SINCE_UNIX_MS, "last_error": null,
+               "failover": "auto", "since": "2025-01-02T03:04:05.678Z", "since_unix_ms": SINCE_UNIX_MS, "last_error": null,
                "pending_reason": null, "pinned_node": null, "anti_affinity": null, "labels": {"tier": "web"},
                "generation": 1})
     );
@@ -184,8 +185,8 @@ fn vm_commands_print_the_documented_json() {
     assert_eq!(
         out.json(),
         json!([
-            {"name": "db", "node": null, "desired": "running", "state": "pending", "vcpu": 2, "memory_mib": 1024},
-            {"name": "web", "node": "h1", "desired": "running", "state": "starting", "vcpu": 2, "memory_mib": 1024}
+            {"name": "db", "node": null, "desired": "running", "state": "pending", "vcpu": 2, "memory_mib": 1024, "failover": "auto"},
+            {"name": "web", "node": "h1", "desired": "running", "state": "starting", "vcpu": 2, "memory_mib": 1024, "failover": "auto"}
         ])
     );
 

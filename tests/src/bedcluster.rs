@@ -62,21 +62,29 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// One API request; agents wait for a leader up to 8 s themselves.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The agent's service unit: what matters of the NixOS module's unit.
+/// The agent's service unit: what matters of the NixOS module's unit
+/// (a restart well within `fence_after`, never giving up, a watchdog of a
+/// few seconds: longer than a failover, so a frozen agent's VMs move before
+/// it is restarted). Nothing else: the agent sets up its fence guard itself.
 const AGENT_SERVICE: &str = "[Unit]
 Description=Blixard agent
 After=network.target dbus.service
+StartLimitIntervalSec=0
 
 [Service]
 Type=notify
 NotifyAccess=main
 ExecStart=/usr/local/bin/blixard-agent run --config /etc/blixard/agent.toml
 Restart=always
-RestartSec=2s
+RestartSec=100ms
+WatchdogSec=10s
 
 [Install]
 WantedBy=multi-user.target
 ";
+
+/// The fence guard's unit, which the agent creates (transient).
+pub const GUARD_UNIT: &str = "blixard-guard.service";
 
 pub struct BedCluster {
     cgroups: CgroupSampler,
@@ -337,8 +345,83 @@ impl BedCluster {
 
     /// The agent's main PID inside `host`.
     pub fn agent_pid(&self, host: usize) -> Result<u32> {
-        let out = self.bed.host(host).run(&["systemctl", "show", "--property=MainPID", "--value", AGENT_UNIT])?;
-        out.trim().parse().with_context(|| format!("MainPID of {AGENT_UNIT}: {out:?}"))
+        self.main_pid(host, AGENT_UNIT)
+    }
+
+    /// The main PID of `unit` inside `host` (0: none).
+    pub fn main_pid(&self, host: usize, unit: &str) -> Result<u32> {
+        let out = self.bed.host(host).run(&["systemctl", "show", "--property=MainPID", "--value", unit])?;
+        out.trim().parse().with_context(|| format!("MainPID of {unit}: {out:?}"))
+    }
+
+    /// Sends `signal` to the main process of `unit` on `host` (SIGSTOP freezes it).
+    pub fn signal(&self, host: usize, unit: &str, signal: &str) -> Result<()> {
+        self.bed
+            .host(host)
+            .run(&["systemctl", "kill", "--kill-who=main", &format!("--signal={signal}"), unit])
+            .map(drop)
+    }
+
+    /// Waits until the fence guard runs on `host` (the agent starts it).
+    pub fn wait_guard(&self, host: usize) -> Result<u32> {
+        wait_for(&format!("the fence guard on {}", self.name(host)), SETTLE_TIMEOUT, || {
+            Ok(match self.bed.host(host).unit_state(GUARD_UNIT)?.as_str() {
+                "active" => match self.main_pid(host, GUARD_UNIT)? {
+                    0 => Probe::NotYet("active without a main pid".into()),
+                    pid => Probe::Ready(pid),
+                },
+                other => Probe::NotYet(format!("{GUARD_UNIT} is {other}")),
+            })
+        })
+    }
+
+    /// Waits until none of `host`'s guests is active; returns when that
+    /// was seen (monotonic µs).
+    pub fn wait_no_guests(&self, host: usize) -> Result<u64> {
+        wait_for(&format!("every guest of {} to stop", self.name(host)), SETTLE_TIMEOUT, || {
+            let up: Vec<String> = self.units(host)?.into_iter().filter(|u| u.is_active()).map(|u| u.vm).collect();
+            Ok(if up.is_empty() { Probe::Ready(monotonic_us()) } else { Probe::NotYet(format!("still up: {up:?}")) })
+        })
+    }
+
+    /// Runs the agent's CLI inside `host` (it talks to that host's agent,
+    /// as an operator on the host would).
+    pub fn cli(&self, host: usize, args: &[&str]) -> Result<String> {
+        let mut argv = vec!["/usr/local/bin/blixard-agent"];
+        argv.extend(args);
+        let endpoint = format!("{}:{PORT}", self.addr(host));
+        argv.extend(["--endpoint", endpoint.as_str()]);
+        self.bed.host(host).run(&argv)
+    }
+
+    /// Replaces `host`'s agent config (keeps the original as `.orig` once).
+    pub fn write_config(&self, host: usize, text: &str) -> Result<()> {
+        let h = self.bed.host(host);
+        let orig = format!("{CONFIG_PATH}.orig");
+        if h.read_file(&orig).is_err() {
+            h.write_file(&orig, h.read_file(CONFIG_PATH)?, 0o644)?;
+        }
+        h.write_file(CONFIG_PATH, text, 0o644)
+    }
+
+    /// Puts `host`'s original agent config back.
+    pub fn restore_config(&self, host: usize) -> Result<()> {
+        let h = self.bed.host(host);
+        h.write_file(CONFIG_PATH, h.read_file(&format!("{CONFIG_PATH}.orig"))?, 0o644)
+    }
+
+    /// A runtime drop-in for the agent's unit on `host` (`None` removes it),
+    /// applied with a daemon reload.
+    pub fn agent_dropin(&self, host: usize, text: Option<&str>) -> Result<()> {
+        // Written from inside: /run is the host's own tmpfs.
+        let h = self.bed.host(host);
+        let dir = format!("/run/systemd/system/{AGENT_UNIT}.d");
+        let script = match text {
+            Some(text) => format!("mkdir -p {dir} && printf '%s' '{}' > {dir}/50-test.conf", text.replace('\'', "")),
+            None => format!("rm -f {dir}/50-test.conf"),
+        };
+        h.sh(&script)?;
+        h.run(&["systemctl", "daemon-reload"]).map(drop)
     }
 
     /// Cuts `host`'s power and records the moment in the timeline.

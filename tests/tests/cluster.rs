@@ -293,17 +293,19 @@ fn a_host_joins_keeps_its_membership_across_restarts_and_members_leave() -> Resu
     let leader = cluster.wait_formed(&[0, 1, 2, joiner, seeded])?;
     let follower = follower_of(&[0, 1, 2], leader);
     let name = cluster.agent(follower).name.clone();
-    let left = cluster.block_on(client.cluster_leave(pb::ClusterLeaveRequest { node: name.clone() }))?;
+    let left = cluster.block_on(client.cluster_leave(pb::ClusterLeaveRequest { node: name.clone(), force: false }))?;
     assert_eq!(left.get_ref().name, name);
     let mut remaining: Vec<usize> = [0, 1, 2, joiner, seeded].into_iter().filter(|&i| i != follower).collect();
     cluster.wait_formed(&remaining)?;
     let leader_name = cluster.agent(leader).name.clone();
-    cluster.block_on(client.cluster_leave(pb::ClusterLeaveRequest { node: leader_name }))?;
+    cluster.block_on(client.cluster_leave(pb::ClusterLeaveRequest { node: leader_name, force: false }))?;
     remaining.retain(|&i| i != leader);
     let new_leader = cluster.wait_formed(&remaining)?;
     assert_ne!(new_leader, leader);
     create(&cluster, joiner, create_request("after-leave"))?;
-    let unknown = cluster.block_on(client.cluster_leave(pb::ClusterLeaveRequest { node: "h9".into() })).unwrap_err();
+    let unknown = cluster
+        .block_on(client.cluster_leave(pb::ClusterLeaveRequest { node: "h9".into(), force: false }))
+        .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
 
     // A removed member says so, also after a restart.

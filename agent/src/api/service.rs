@@ -380,7 +380,9 @@ impl Blixard for BlixardService {
         &self,
         request: Request<pb::ClusterJoinRequest>,
     ) -> Result<Response<pb::ClusterJoinResponse>, Status> {
-        if let Some(member) = self.context.membership() {
+        if let Some(member) = self.context.membership()
+            && !member.node.status().removed
+        {
             return Err(Status::failed_precondition(format!(
                 "{} is already a member of a cluster (id {}); a member never joins another",
                 self.context.name, member.id

@@ -60,14 +60,49 @@
 //!    index to have reached the commit index of its last contact: by then it
 //!    has applied the moves made while it was away.
 //!
-//! What the shell must guarantee: contact times as in (1); `heard_from` for
-//! every received message as in (2); the fence checked at least every
-//! `check_interval_ms`; a fence stops every guest within `stop_max_ms`
-//! (StopUnit with a timeout, then KillUnit); and a restarted agent restores
-//! its last contact time (kept in /run, whose lifetime matches a monotonic
-//! clock's) or fences at once. A host whose agent is dead does not fence;
-//! systemd restarts it well within `fence_after_ms`.
-
+//! What the shell must guarantee: contact times as in (1), taken only from
+//! the current leader's confirmations (`node`'s `on_confirmation`: from the
+//! leader of the receiver's term, never later than the receiver's clock) or
+//! from a read index of the host's own; `heard_from` for every received
+//! message as in (2); the fence checked at least every `check_interval_ms`;
+//! a fence stops every guest within `stop_max_ms` (StopUnit with a timeout,
+//! then KillUnit); and a restarted agent restores its last contact time
+//! (`<data_dir>/fence-contact`, with the boot id: a record from another boot,
+//! or later than the clock, counts as none) or fences at once.
+//!
+//! # Layers: the fence does not need a live agent
+//!
+//! The argument above needs *someone* on host X to fence at `s +
+//! fence_after`. The agent is not enough: frozen (a disk stall, SIGSTOP, a
+//! deadlock), stopped for maintenance, crash-looping on a bad config,
+//! killed, or removed from the cluster, it fences nothing, while the leader
+//! reschedules as always. So the fence has layers; each guarantees the bound
+//! `s + fence_after + check_interval + stop_max` under its own assumption:
+//!
+//! | layer | acts when | assumes | shown by |
+//! |---|---|---|---|
+//! | the agent's reconciler ([`Fence`]) | the agent runs | nothing else | `reconciler` tests, the simulator, `tests/tests/scenarios.rs` |
+//! | the guard (`guard`, `blixard-guard.service`) | the agent cannot | the guard runs; the agent recorded `s` | `guard::tests` (the model), `tests/tests/fencing.rs` 1-4 |
+//! | systemd's watchdog on the guard, then the guard's stop-post | the guard is frozen or dies | PID 1 runs | `guard::tests`, `fencing.rs` 5-6 |
+//! | every guest's start check for the guard | no guard runs | PID 1 runs | `fencing.rs` (the drop-in), `runtime::systemd` |
+//! | the host watchdog (`RuntimeWatchdogSec`) | PID 1 or the kernel hangs | a hardware or soft watchdog | documented (docs/fencing.md) |
+//!
+//! The guard reads only the contact record and writes nothing; it stops
+//! guests at `s + fence_after` (checking every `period` <= 50 ms, so within
+//! one check interval) and is done `stop_max` later. A frozen guard is
+//! killed at the latest at the deadline plus one check interval (it sets its
+//! watchdog timeout to that at every check), and its stop-post fences within
+//! `stop_max`: the same bound, so `Timing::validate`'s inequality covers
+//! every layer. A removed agent revokes its record (and stops every guest at
+//! once): the guard fences too. Guests with `failover = "manual"` are listed
+//! in `<data_dir>/fence-exempt` and no layer above stops them for want of
+//! quorum: the cluster never moves them by itself either (the scheduler
+//! leaves them on a lost host; `vm recover` is the operator vouching).
+//!
+//! A restart is not a failure: an agent back within `fence_after` (systemd
+//! restarts it after `RestartSec=100ms`; see [`Timing::validate_unit`])
+//! renews the record before the deadline, its guests keep running and it
+//! re-adopts them; the guard never stops.
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::scheduler::Decision;
@@ -196,6 +231,39 @@ impl Timing {
                 "node_down_after_ms ({}) must not exceed reschedule_after_ms ({}): a host's VMs move only \
                  once it is marked down",
                 self.node_down_after_ms, self.reschedule_after_ms
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses agent unit settings under which a restart would not be cheap:
+    /// systemd must start the agent again (`RestartSec`) and the agent must
+    /// renew its contact (about a heartbeat round once it serves, plus its
+    /// start) before `fence_after` runs out, or every restart fences the
+    /// host. `start_budget_ms` is what starting takes (the store opening,
+    /// the first contact). The watchdog (`WatchdogSec`) must also be well
+    /// above the agent's own pet interval (half of it) and no longer than a
+    /// minute, so a hung agent is restarted in seconds.
+    pub fn validate_unit(
+        &self,
+        restart_sec_ms: u64,
+        watchdog_sec_ms: Option<u64>,
+        start_budget_ms: u64,
+    ) -> Result<(), String> {
+        if restart_sec_ms + start_budget_ms >= self.fence_after_ms {
+            return Err(format!(
+                "RestartSec ({restart_sec_ms} ms) plus the agent's start ({start_budget_ms} ms) must stay below \
+                 fence_after_ms ({}), or every agent restart stops this host's guests",
+                self.fence_after_ms
+            ));
+        }
+        if let Some(watchdog) = watchdog_sec_ms
+            && !(2 * self.check_interval_ms..=60_000).contains(&watchdog)
+        {
+            return Err(format!(
+                "WatchdogSec ({watchdog} ms) must be between {} ms and 60 s: the agent pets the watchdog every half \
+                 of it, and a hung agent should be restarted within seconds",
+                2 * self.check_interval_ms
             ));
         }
         Ok(())

@@ -388,3 +388,20 @@ proptest! {
         prop_assert!(rescheduled_at - cut_at <= timing.reschedule_after_ms + 2 * timing.check_interval_ms + 100);
     }
 }
+
+#[test]
+fn unit_settings_must_let_a_restart_finish_before_the_fence() {
+    let t = Timing::default();
+    // The NixOS unit: RestartSec=100ms, WatchdogSec=10s.
+    assert_eq!(t.validate_unit(100, Some(10_000), 800), Ok(()));
+    // The old unit: RestartSec=2s is longer than fence_after itself.
+    let e = t.validate_unit(2_000, Some(30_000), 800).unwrap_err();
+    assert!(e.contains("RestartSec (2000 ms)") && e.contains("fence_after_ms (1750)"), "{e}");
+    // The edge: restart + start must stay strictly below fence_after.
+    assert!(t.validate_unit(949, None, 800).is_ok());
+    assert!(t.validate_unit(950, None, 800).is_err());
+    // A watchdog shorter than two check intervals, or longer than a minute.
+    assert!(t.validate_unit(100, Some(299), 800).is_err());
+    assert!(t.validate_unit(100, Some(300), 800).is_ok());
+    assert!(t.validate_unit(100, Some(60_001), 800).is_err());
+}

@@ -27,15 +27,12 @@
 //!    killed by systemd (`WatchdogSignal=SIGKILL`) no later than that, and
 //!    the unit's `ExecStopPost` (`guard --fence-if-stale`, a fresh process)
 //!    fences; then systemd restarts the guard (`Restart=always`).
-//! 4. **No guard, no guest**: every `microvm@` unit has
-//!    `Requisite=blixard-guard.service` and `After=` it, so no guest starts
-//!    while no guard runs, and stopping the guard stops every guest. Not
-//!    `BindsTo=`: on systemd 252 that stops every guest whenever the guard
-//!    is restarted after a crash (tested in the container test bed).
-//!    The flip side: an explicit `systemctl restart blixard-guard` restarts
-//!    every guest, so nothing restarts it (the NixOS unit has
-//!    `restartIfChanged = false`; the agent replaces a transient guard of
-//!    other settings only while no guest runs).
+//! 4. **No guard, no guest**: every `microvm@` unit checks before it starts
+//!    that the guard is active (`ExecStartPre=systemctl is-active ...`), and
+//!    is ordered after it. A check, not a dependency: on systemd 252
+//!    `BindsTo=`, `Requires=` and `Requisite=` all pass the guard's restart
+//!    after a crash on to every guest, which systemd would then stop and
+//!    start by itself (seen in the container test bed).
 //! 5. **The host's own watchdog** (`RuntimeWatchdogSec`, a hardware or soft
 //!    watchdog; the NixOS option `services.blixard.hostWatchdog`) reboots
 //!    the host when PID 1 or the kernel hangs.

@@ -71,14 +71,18 @@ pub const GUARD_UNIT: &str = "blixard-guard.service";
 /// reboot, with the transient guard itself).
 pub const GUARD_DROPIN_DIR: &str = "/run/systemd/system/microvm@.service.d";
 pub const GUARD_DROPIN_FILE: &str = "50-blixard-guard.conf";
-/// `Requisite=`, not `BindsTo=`: on systemd 252 BindsTo stops every guest
-/// whenever the guard restarts after a crash (see `guard`).
+/// A start-time check, not a dependency: on systemd 252 `BindsTo=`,
+/// `Requires=` and `Requisite=` all propagate the guard's restart after a
+/// crash to every guest (systemd would stop and start them itself; see
+/// `guard`).
 pub const GUARD_DROPIN: &str = "\
-# Written by blixard-agent: no guest runs without the fence guard, and
-# stopping the guard stops every guest (see the agent's guard module).
+# Written by blixard-agent: no guest starts while its fence guard does not
+# run (see the agent's guard module).
 [Unit]
-Requisite=blixard-guard.service
 After=blixard-guard.service
+
+[Service]
+ExecStartPre=systemctl is-active --quiet blixard-guard.service
 ";
 /// How long the guard's start (until its READY=1) may take.
 const GUARD_START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -108,6 +112,8 @@ trait Manager {
     fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn list_units_by_patterns(&self, states: &[&str], patterns: &[&str]) -> zbus::Result<Vec<UnitRow>>;
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    #[zbus(name = "GetUnitByPID")]
+    fn get_unit_by_pid(&self, pid: u32) -> zbus::Result<OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
     fn start_transient_unit(
         &self,
@@ -435,6 +441,55 @@ impl SystemdRuntime {
     }
 }
 
+/// The restart settings of the unit a process runs in, as systemd has them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitRestart {
+    pub unit: String,
+    pub restart: String,
+    pub restart_sec_ms: u64,
+    /// `None`: no watchdog.
+    pub watchdog_sec_ms: Option<u64>,
+}
+
+/// This process's own unit's restart settings, over a short-lived
+/// connection of its own (the agent checks them once at start).
+pub async fn own_unit_restart() -> Result<UnitRestart, RuntimeError> {
+    let runtime = SystemdRuntime::connect(SystemdConfig::new("/nonexistent")).await?;
+    runtime.unit_restart_of(std::process::id()).await
+}
+
+impl SystemdRuntime {
+    /// The restart settings of the unit that runs process `pid` (this
+    /// agent's own, to check them against the fence's timing).
+    pub async fn unit_restart_of(&self, pid: u32) -> Result<UnitRestart, RuntimeError> {
+        let path = self.manager.get_unit_by_pid(pid).await.map_err(backend("finding this agent's unit"))?;
+        let proxy = self.properties_proxy(path).await?;
+        let unit = proxy
+            .get_all(InterfaceName::from_static_str_unchecked(UNIT_INTERFACE))
+            .await
+            .map_err(backend("reading this agent's unit"))?;
+        let service = proxy
+            .get_all(InterfaceName::from_static_str_unchecked(SERVICE_INTERFACE))
+            .await
+            .map_err(backend("reading this agent's service"))?;
+        let text = |map: &HashMap<String, OwnedValue>, name: &str| match map.get(name).map(|v| &**v) {
+            Some(Value::Str(s)) => s.as_str().to_owned(),
+            _ => String::new(),
+        };
+        let micros = |name: &str| match service.get(name).map(|v| &**v) {
+            Some(Value::U64(us)) => *us,
+            _ => 0,
+        };
+        let watchdog = micros("WatchdogUSec");
+        Ok(UnitRestart {
+            unit: text(&unit, "Id"),
+            restart: text(&service, "Restart"),
+            restart_sec_ms: micros("RestartUSec") / 1000,
+            watchdog_sec_ms: (watchdog != 0 && watchdog != u64::MAX).then_some(watchdog / 1000),
+        })
+    }
+}
+
 /// The guard unit's description, which names its settings: a guard of
 /// other settings is told apart by it.
 fn guard_description(spec: &GuardSpec) -> String {
@@ -579,7 +634,7 @@ impl Runtime for SystemdRuntime {
         let info = self.guard_unit_info().await?;
         if info.load_state == "loaded" && !info.transient {
             // Declared (the NixOS module): it owns the guard's settings and
-            // the guests' Requisite; we only see that it runs.
+            // the guests' start check; we only see that it runs.
             if is_running(&info.active_state) {
                 return Ok(GuardStatus::Running);
             }
@@ -613,7 +668,7 @@ impl Runtime for SystemdRuntime {
             self.start_transient_guard(spec, &description).await?;
             status = GuardStatus::Started(format!("created the transient unit {GUARD_UNIT}"));
         }
-        // The guests' Requisite comes after the guard runs.
+        // The guests' start check comes after the guard runs.
         match self.ensure_guard_dropin().await {
             Ok(true) => tracing::info!("tied every guest to {GUARD_UNIT} ({GUARD_DROPIN_DIR}/{GUARD_DROPIN_FILE})"),
             Ok(false) => {}

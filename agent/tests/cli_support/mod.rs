@@ -391,6 +391,19 @@ impl Blixard for Service {
         .await
     }
 
+    async fn vm_recover(&self, r: Request<pb::VmRecoverRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        let r = r.into_inner();
+        self.handle(format!("VmRecover({},{})", r.name, r.to), |m| {
+            m.vm(&r.name)?;
+            m.node(&r.to)?;
+            let vm = m.vms.get_mut(&r.name).expect("checked");
+            vm.node = r.to;
+            vm.generation += 1;
+            Ok(vm.clone())
+        })
+        .await
+    }
+
     async fn vm_list(&self, _: Request<pb::VmListRequest>) -> Result<Response<pb::VmListResponse>, Status> {
         self.handle("VmList".into(), |m| Ok(pb::VmListResponse { vms: m.vms.values().cloned().collect() })).await
     }

@@ -1,7 +1,9 @@
 //! Random client commands: mostly valid, some stale or invalid, so that
 //! both the accepted and the rejected paths of every command run.
 
-use blixard::state::{Capacity, Command, CommandKind, Desired, Labels, MemberStatus, NodeId, State, VmSpec, VmState};
+use blixard::state::{
+    Capacity, Command, CommandKind, Desired, Failover, Labels, MemberStatus, NodeId, State, VmSpec, VmState,
+};
 use rand::Rng;
 use rand::seq::IndexedRandom;
 
@@ -27,6 +29,7 @@ fn spec(rng: &mut impl Rng, members: &[(NodeId, String)]) -> VmSpec {
         node: if rng.random_bool(0.1) { members.choose(rng).map(|(_, n)| n.clone()) } else { None },
         anti_affinity: if rng.random_bool(0.2) { Some("grp".into()) } else { None },
         desired: if rng.random_bool(0.8) { Desired::Running } else { Desired::Stopped },
+        failover: if rng.random_bool(0.1) { Failover::Manual } else { Failover::Auto },
     }
 }
 
@@ -83,6 +86,10 @@ pub fn command(rng: &mut impl Rng, state: &State, now_ms: u64) -> Command {
             ttl_ms: *[0, 500, 60_000, 8 * 86_400_000].choose(rng).expect("non-empty"),
         },
         87..=88 => CommandKind::UseJoinToken { hash: [rng.random_range(0..4); 32], node: node(rng) },
+        89 => {
+            let expected_generation = generation(rng, &vm);
+            CommandKind::Recover { vm, node: node(rng), expected_generation }
+        }
         _ => {
             let (node, generation) = match state.vm(&vm).and_then(|v| v.placement) {
                 Some(p) if rng.random_bool(0.9) => (p.node, p.generation),

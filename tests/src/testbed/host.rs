@@ -148,9 +148,13 @@ impl Host {
     }
 
     /// Copies the agent binary to [`AGENT_PATH`] inside the host.
+    /// A new file renamed over the old, as a package upgrade does: the old
+    /// binary may still run (the fence guard does, across agent restarts).
     pub fn install_agent(&self, binary: &Path) -> Result<()> {
         let contents = fs::read(binary).with_context(|| format!("reading {}", binary.display()))?;
-        self.write_file(AGENT_PATH, contents, 0o755)
+        let new = format!("{AGENT_PATH}.new");
+        self.write_file(&new, contents, 0o755)?;
+        fs::rename(self.path(&new), self.path(AGENT_PATH)).with_context(|| format!("installing {AGENT_PATH}"))
     }
 
     /// Bytes this host's own files take on disk: the overlay upper layer, i.e. what it
