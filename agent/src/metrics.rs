@@ -209,12 +209,12 @@ fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// VMs counted by (host name, observed state); unplaced VMs under host "".
+/// VMs counted by (host name, shown state (`lost` on a host that is down)); unplaced VMs under host "".
 pub fn vm_counts(state: &State) -> BTreeMap<(String, String), u64> {
     let mut counts = BTreeMap::new();
     for vm in state.vms().values() {
         let host = vm.placement.and_then(|p| state.member(p.node)).map(|m| m.name.clone()).unwrap_or_default();
-        *counts.entry((host, vm.observed.state.to_string())).or_insert(0) += 1;
+        *counts.entry((host, state.vm_state(vm).to_string())).or_insert(0) += 1;
     }
     counts
 }

@@ -257,9 +257,13 @@ fn guests_stop_without_a_live_agent_and_run_once_elsewhere() {
     let before = c.units(host).unwrap();
     let guard_pid = c.main_pid(host, GUARD_UNIT).unwrap();
     let h = c.bed().host(host);
+    // As a switch does: the new binary is in place (the new system is built) before
+    // the unit restarts; here it is renamed over the old one in between.
+    let binary = std::fs::read(agent_binary().unwrap()).unwrap();
+    h.write_file("/usr/local/bin/blixard-agent.next", binary, 0o755).unwrap();
     let restart_at = monotonic_us();
     h.run(&["systemctl", "stop", AGENT_UNIT]).unwrap();
-    h.install_agent(&agent_binary().unwrap()).unwrap();
+    h.run(&["mv", "/usr/local/bin/blixard-agent.next", "/usr/local/bin/blixard-agent"]).unwrap();
     h.run(&["systemctl", "start", AGENT_UNIT]).unwrap();
     eprintln!("restart with a new binary took {:.2} s", secs(monotonic_us() - restart_at));
     c.wait_formed(&ALL).unwrap();

@@ -96,7 +96,7 @@ fn vm_view(state: &State, vm: &Vm) -> VmView {
         name: vm.name.clone(),
         node: vm.placement.and_then(|p| state.member(p.node)).map(|m| m.name.clone()),
         desired: vm.spec.desired.to_string(),
-        state: vm.observed.state.as_str(),
+        state: state.vm_state(vm).as_str(),
         vcpu: vm.spec.vcpu,
         memory_mib: vm.spec.memory_mib,
         since_unix_ms: vm.observed.since_unix_ms,

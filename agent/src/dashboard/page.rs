@@ -14,7 +14,7 @@ use super::events::Event;
 use super::overview::{MemberView, VmView};
 
 /// The VM states, in the order the filter offers them.
-const STATES: [&str; 6] = ["pending", "starting", "running", "stopping", "stopped", "failed"];
+const STATES: [&str; 7] = ["pending", "starting", "running", "stopping", "stopped", "failed", "lost"];
 
 /// `text` safe to place in HTML text and in double-quoted attributes.
 pub fn escape(text: &str) -> String {
