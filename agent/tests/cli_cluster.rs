@@ -756,3 +756,74 @@ fn a_frozen_agent_s_guests_are_stopped_by_its_guard_and_run_once_elsewhere() {
     c.wait_until("the guard to be started again", |_| guard_of(agent).is_some_and(|g| g != guard));
     sampler.assert_never_two_copies();
 }
+
+/// A member that cannot reach a quorum says so: reads fail with one
+/// sentence saying why, `--stale` gives its last known state on purpose
+/// (and says how old), `cluster status` shows it; a VM pinned to a host
+/// that is down is `lost`, with the reason it cannot fail over; a manual
+/// VM waits there (while an automatic one fails over) until `vm recover`.
+#[test]
+fn lost_vms_stale_views_and_vm_recover() {
+    let mut c = Cluster::start(3);
+    let placed = |c: &Cluster, i: usize, vm: &str| c.vm_now(i, vm)["node"].as_str().map(str::to_string);
+    // (Retried like a migrate while h3 has not reported its capacity yet.)
+    c.migrate(0, &["vm", "create", "web", "--vcpu", "1", "--memory", "64", "--node", "h3"]).assert_ok();
+    c.cli(0, &["vm", "create", "db", "--vcpu", "1", "--memory", "64", "--failover", "manual"]).assert_ok();
+    c.cli(0, &["vm", "create", "cache", "--vcpu", "1", "--memory", "64"]).assert_ok();
+    c.cli(0, &["vm", "create", "x", "--vcpu", "1", "--memory", "64", "--failover", "bogus"]).assert_error(2, "manual");
+    c.wait_until("every VM to run", |c| GUESTS.iter().all(|vm| c.vm_now(0, vm)["state"] == "running"));
+    for vm in ["db", "cache"] {
+        let out = c.migrate(0, &["vm", "migrate", vm, "--to", "h3", "--wait"]);
+        assert_eq!(out.code, 0, "{out:?}");
+    }
+    assert_eq!(c.vm(0, "db")["failover"], "manual");
+
+    // h3 dies (its guests die with it: the process runtime).
+    let h3 = c.agents.iter().position(|a| a.name == "h3").unwrap();
+    let _ = c.agents[h3].child.kill();
+    let _ = c.agents[h3].child.wait();
+    c.wait_until("the automatic VM to fail over", |c| {
+        c.vm_now(0, "cache")["state"] == "running" && placed(c, 0, "cache").as_deref() != Some("h3")
+    });
+    // By then the others would have moved too, if they could.
+    for vm in ["web", "db"] {
+        assert_eq!((c.vm(0, vm)["state"].clone(), placed(&c, 0, vm)), ("lost".into(), Some("h3".into())), "{vm}");
+    }
+    let web = c.vm(1, "web");
+    let why = web["pending_reason"].as_str().unwrap_or_default();
+    assert!(why.contains("h3 is down; cannot fail over: pinned to h3"), "{web}");
+    let text = c.cli(1, &["vm", "status", "web"]);
+    text.assert_ok();
+    assert!(text.stdout.contains("lost because:"), "{}", text.stdout);
+    let db = c.vm(1, "db");
+    assert!(db["pending_reason"].as_str().unwrap_or_default().contains("vm recover db --to NODE"), "{db}");
+    let e = events(&c, 0);
+    assert!(e.iter().any(|e| e["kind"] == "vm_lost" && e["vm"] == "db"), "{e:?}");
+    // The operator vouches h3 is dead: db runs on h2.
+    c.cli(0, &["vm", "recover", "db", "--to", "h2"]).assert_ok();
+    c.cli(0, &["vm", "recover", "web", "--to", "h9"]).assert_error(2, "h9");
+    c.wait_until("db to run on h2", |c| {
+        c.vm_now(0, "db")["state"] == "running" && placed(c, 0, "db").as_deref() == Some("h2")
+    });
+    // Recovering a VM whose host is up is refused: that is `vm migrate`.
+    c.cli(0, &["vm", "recover", "db", "--to", "h1"]).assert_error(2, "vm migrate");
+
+    // h2 goes too: h1 alone has no quorum, and says so.
+    let h2 = c.agents.iter().position(|a| a.name == "h2").unwrap();
+    let _ = c.agents[h2].child.kill();
+    let _ = c.agents[h2].child.wait();
+    let h1 = c.agents.iter().position(|a| a.name == "h1").unwrap();
+    c.wait_until("h1 to know it has no quorum", |c| {
+        let out = c.cli(h1, &["cluster", "status", "--json"]);
+        out.code == 0 && out.json()["quorum"] == false
+    });
+    let out = c.cli(h1, &["vm", "list"]);
+    out.assert_error(1, "cannot reach a quorum");
+    assert!(out.stderr.contains("--stale"), "{}", out.stderr);
+    let stale = c.cli(h1, &["vm", "list", "--stale", "--json"]);
+    assert_eq!(stale.code, 0, "{stale:?}");
+    assert_eq!(stale.json().as_array().map(Vec::len), Some(GUESTS.len()), "{}", stale.stdout);
+    assert!(stale.stderr.contains("no quorum contact for"), "{}", stale.stderr);
+    let status = c.cli(h1, &["cluster", "status"]);
+    assert!(status.stdout.contains("quorum: NO"), "{}", status.stdout);
+}

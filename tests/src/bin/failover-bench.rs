@@ -3,7 +3,13 @@
 //! runtime, default failure timing).
 //!
 //!     cargo build --release --bin blixard-agent --bin failover-bench
-//!     sudo target/release/failover-bench [--trials N]     # default 12
+//!     sudo target/release/failover-bench [--trials N] [--fault power|freeze]   # 12, power
+//!
+//! `--fault freeze` freezes the host's agent (SIGSTOP) instead of cutting its power: the
+//! host stays up and only its fence guard can stop the guest. It also measures `guest
+//! stopped`: from the freeze until the frozen host's `microvm@bench.service` is inactive
+//! (systemd's InactiveEnterTimestamp), which the guard must keep within `fence_after` +
+//! the stop bound of the host's last quorum contact.
 //!
 //! (It uses the `blixard-agent` next to itself, or `$BLIXARD_AGENT_BIN`.) Each trial
 //! places the VM `bench` on a host (by `vm migrate` when needed), cuts that host's power
@@ -36,17 +42,25 @@ struct Trial {
     was_leader: bool,
     unit_active_ms: f64,
     running_ms: f64,
+    /// `--fault freeze`: until the frozen host's copy was stopped.
+    stopped_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Power,
+    Freeze,
 }
 
 fn main() -> ExitCode {
-    let trials = match parse_args() {
-        Ok(trials) => trials,
+    let (trials, fault) = match parse_args() {
+        Ok(args) => args,
         Err(e) => {
-            eprintln!("failover-bench: {e}\nusage: failover-bench [--trials N]");
+            eprintln!("failover-bench: {e}\nusage: failover-bench [--trials N] [--fault power|freeze]");
             return ExitCode::from(2);
         }
     };
-    match run(trials) {
+    match run(trials, fault) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("failover-bench: {e:#}");
@@ -55,19 +69,29 @@ fn main() -> ExitCode {
     }
 }
 
-fn parse_args() -> Result<usize> {
+fn parse_args() -> Result<(usize, Fault)> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.as_slice() {
-        [] => Ok(TRIALS_DEFAULT),
-        [flag, n] if flag == "--trials" => match n.parse() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => bail!("--trials takes a positive number, not {n:?}"),
-        },
-        _ => bail!("unexpected arguments {args:?}"),
+    let (mut trials, mut fault) = (TRIALS_DEFAULT, Fault::Power);
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let value = rest.next().with_context(|| format!("{flag} takes a value"))?;
+        match flag.as_str() {
+            "--trials" => match value.parse() {
+                Ok(n) if n > 0 => trials = n,
+                _ => bail!("--trials takes a positive number, not {value:?}"),
+            },
+            "--fault" => match value.as_str() {
+                "power" => fault = Fault::Power,
+                "freeze" => fault = Fault::Freeze,
+                _ => bail!("--fault takes power or freeze, not {value:?}"),
+            },
+            _ => bail!("unexpected argument {flag:?}"),
+        }
     }
+    Ok((trials, fault))
 }
 
-fn run(trials: usize) -> Result<()> {
+fn run(trials: usize, fault: Fault) -> Result<()> {
     if std::env::var_os("BLIXARD_AGENT_BIN").is_none() {
         let sibling = std::env::current_exe()?.with_file_name("blixard-agent");
         if !sibling.is_file() {
@@ -88,12 +112,13 @@ fn run(trials: usize) -> Result<()> {
     let mut results = Vec::new();
     for trial in 0..trials {
         let lose_leader = trial % 2 == 1;
-        let result = run_trial(&cluster, lose_leader).with_context(|| format!("trial {}", trial + 1))?;
+        let result = run_trial(&cluster, lose_leader, fault).with_context(|| format!("trial {}", trial + 1))?;
         eprintln!(
-            "trial {:2}: lost {} ({}): unit active after {:.0} ms, running after {:.0} ms",
+            "trial {:2}: lost {} ({}): {}unit active after {:.0} ms, running after {:.0} ms",
             trial + 1,
             result.lost,
             if result.was_leader { "leader" } else { "follower" },
+            result.stopped_ms.map(|ms| format!("guest stopped after {ms:.0} ms, ")).unwrap_or_default(),
             result.unit_active_ms,
             result.running_ms
         );
@@ -105,8 +130,11 @@ fn run(trials: usize) -> Result<()> {
     let (cgroup_rate, cgroup_gap) = observed.cgroups.rate();
     let load_after = loadavg();
 
-    println!("| host lost | trials | unit active: median | max | `running`: median | max |");
-    println!("|---|---|---|---|---|---|");
+    println!("fault: {fault:?}\n");
+    println!(
+        "| host lost | trials | unit active: median | max | `running`: median | max | guest stopped: median | max |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     // (label, which trials: lost the leader or not, or all)
     let rows = [("follower", Some(false)), ("leader", Some(true)), ("any", None)];
     for (label, lost_leader) in rows {
@@ -116,8 +144,14 @@ fn run(trials: usize) -> Result<()> {
         }
         let unit: Vec<f64> = chosen.iter().map(|t| t.unit_active_ms).collect();
         let running: Vec<f64> = chosen.iter().map(|t| t.running_ms).collect();
+        let stopped: Vec<f64> = chosen.iter().filter_map(|t| t.stopped_ms).collect();
+        let stopped = if stopped.is_empty() {
+            "- | -".to_string()
+        } else {
+            format!("{:.2} s | {:.2} s", median(&stopped) / 1000.0, max(&stopped) / 1000.0)
+        };
         println!(
-            "| {label} | {} | {:.2} s | {:.2} s | {:.2} s | {:.2} s |",
+            "| {label} | {} | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {stopped} |",
             chosen.len(),
             median(&unit) / 1000.0,
             max(&unit) / 1000.0,
@@ -138,7 +172,7 @@ fn run(trials: usize) -> Result<()> {
 
 /// Puts the VM on the leader (or a follower), cuts that host's power, measures, and
 /// boots it again.
-fn run_trial(cluster: &BedCluster, lose_leader: bool) -> Result<Trial> {
+fn run_trial(cluster: &BedCluster, lose_leader: bool, fault: Fault) -> Result<Trial> {
     let all = [0, 1, 2];
     let leader = cluster.wait_formed(&all)?;
     let placed = cluster.wait_settled(&[VM], &all)?[VM];
@@ -163,7 +197,10 @@ fn run_trial(cluster: &BedCluster, lose_leader: bool) -> Result<Trial> {
     let survivors: Vec<usize> = all.into_iter().filter(|&h| h != target).collect();
 
     let cut_us = monotonic_us();
-    cluster.power_off(target)?;
+    match fault {
+        Fault::Power => cluster.power_off(target)?,
+        Fault::Freeze => cluster.signal(target, blixard_systests::bedcluster::AGENT_UNIT, "SIGSTOP")?,
+    }
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     let mut active_us = None;
     let running_us = loop {
@@ -189,7 +226,20 @@ fn run_trial(cluster: &BedCluster, lose_leader: bool) -> Result<Trial> {
     };
     let (_, active_us) = active_us.expect("set before running is seen");
 
-    cluster.boot(target)?;
+    let stopped_ms = match fault {
+        Fault::Power => {
+            cluster.boot(target)?;
+            None
+        }
+        Fault::Freeze => {
+            let unit = cluster.unit(target, VM)?;
+            if unit.is_active() || unit.inactive_enter_us < cut_us {
+                bail!("the frozen host's copy of {VM} is not stopped: {unit:?}");
+            }
+            cluster.signal(target, blixard_systests::bedcluster::AGENT_UNIT, "SIGCONT")?;
+            Some((unit.inactive_enter_us - cut_us) as f64 / 1000.0)
+        }
+    };
     cluster.wait_formed(&all)?;
     cluster.wait_reconciled(target)?;
     Ok(Trial {
@@ -197,6 +247,7 @@ fn run_trial(cluster: &BedCluster, lose_leader: bool) -> Result<Trial> {
         was_leader,
         unit_active_ms: (active_us - cut_us) as f64 / 1000.0,
         running_ms: (running_us - cut_us) as f64 / 1000.0,
+        stopped_ms,
     })
 }
 
