@@ -116,7 +116,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let (context, control) = Context::new(config.node_name.clone(), address.clone(), dialer);
     context.set_runtime(runtime.clone());
     let metrics = Arc::new(Metrics::new());
-    let events = Arc::new(EventLog::new());
+    let events = Arc::new(EventLog::with_metrics(metrics.clone()));
 
     let (stop_server, server_stopped) = watch::channel(false);
     if let Some(address) = config.metrics_listen {

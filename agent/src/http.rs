@@ -38,8 +38,11 @@ const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; cha
 async fn metrics_text(State(state): State<HttpState>) -> impl IntoResponse {
     if let Some(member) = state.context.membership() {
         state.metrics.set_status(&member.node.status());
-        if let Ok(counts) = member.node.read_local(|s, _| metrics::vm_counts(s)).await {
+        state.metrics.set_contact(member.node.has_quorum_contact(), member.node.contact_age_ms());
+        if let Ok((counts, hosts)) = member.node.read_local(|s, _| (metrics::vm_counts(s), metrics::host_rows(s))).await
+        {
             state.metrics.set_vms(&counts);
+            state.metrics.set_hosts(&hosts);
         }
     }
     ([(header::CONTENT_TYPE, OPENMETRICS_TEXT)], state.metrics.encode())

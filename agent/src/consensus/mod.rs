@@ -642,13 +642,12 @@ impl Core {
             let outcome = match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.get_data().is_empty() => None,
                 EntryType::EntryNormal => {
-                    let result =
-                        codec::decode_command(entry.get_data()).map_err(|e| Rejection::Malformed(e.to_string())).and_then(
-                            |command| {
-                                at_unix_ms = command.at_unix_ms;
-                                self.raw.mut_store().state_mut().apply(&command)
-                            },
-                        );
+                    let result = codec::decode_command(entry.get_data())
+                        .map_err(|e| Rejection::Malformed(e.to_string()))
+                        .and_then(|command| {
+                            at_unix_ms = command.at_unix_ms;
+                            self.raw.mut_store().state_mut().apply(&command)
+                        });
                     Some(result)
                 }
                 EntryType::EntryConfChange => Some(self.apply_conf_change(&entry, batch, &mut at_unix_ms)),

@@ -176,6 +176,8 @@ pub struct Event {
 pub struct EventLog {
     inner: Mutex<Ring>,
     followers: broadcast::Sender<Event>,
+    /// Counts events by level (`events_total`), when given.
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 struct Ring {
@@ -198,7 +200,12 @@ impl std::fmt::Debug for EventLog {
 impl EventLog {
     pub fn new() -> Self {
         let (followers, _) = broadcast::channel(FOLLOWERS_LAG_MAX);
-        EventLog { inner: Mutex::new(Ring { events: VecDeque::new(), next_seq: 1 }), followers }
+        EventLog { inner: Mutex::new(Ring { events: VecDeque::new(), next_seq: 1 }), followers, metrics: None }
+    }
+
+    /// A log that counts what it records in `metrics` (`events_total`).
+    pub fn with_metrics(metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        EventLog { metrics: Some(metrics), ..Self::new() }
     }
 
     /// The last `n` events (at most [`EVENTS_MAX`]), oldest first.
@@ -223,6 +230,9 @@ impl EventLog {
     pub fn record(&self, index: u64, at_unix_ms: u64, derived: Derived) {
         let mut ring = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let Derived { kind, vm, node, from, message } = derived;
+        if let Some(metrics) = &self.metrics {
+            metrics.event(kind.level().as_str());
+        }
         let event = Event { seq: ring.next_seq, index, at_unix_ms, kind, vm, node, from, message };
         ring.next_seq += 1;
         if ring.events.len() == EVENTS_MAX {
@@ -257,7 +267,13 @@ pub fn events_of(effect: &Effect, state: &State) -> Vec<Derived> {
         | Effect::JoinTokenUsed { .. } => Vec::new(),
         Effect::LeaderElected { node, term } => {
             let host = name_of(state, *node);
-            one(derived(K::LeaderChanged, None, Some(host.clone()), None, format!("{host} is the leader in term {term}")))
+            one(derived(
+                K::LeaderChanged,
+                None,
+                Some(host.clone()),
+                None,
+                format!("{host} is the leader in term {term}"),
+            ))
         }
         Effect::VmCreated { vm } => one(derived(K::VmCreated, Some(vm), None, None, format!("VM {vm} created"))),
         Effect::VmDeleted { vm, was_on } => {
@@ -410,8 +426,11 @@ mod tests {
             s.apply(&Command { at_unix_ms: 1, kind }).unwrap();
         }
         let expected_generation = s.vm("web").unwrap().generation;
-        s.apply(&Command { at_unix_ms: 2, kind: CommandKind::Place { vm: "web".into(), node: 1, expected_generation } })
-            .unwrap();
+        s.apply(&Command {
+            at_unix_ms: 2,
+            kind: CommandKind::Place { vm: "web".into(), node: 1, expected_generation },
+        })
+        .unwrap();
         let generation = s.vm("web").unwrap().generation;
         let mut kinds = Vec::new();
         // running, exits, running, exits while starting, fails for good.

@@ -758,6 +758,7 @@ impl RaftThread {
                 // behind the log (see `consensus`).
                 if let Err(e) = self.core.write_state() {
                     tracing::error!(error = %e, "storage failed; stopping this member (systemd restarts it)");
+                    self.options.metrics.disk_error("store");
                     return Err(e);
                 }
             }
@@ -962,6 +963,7 @@ impl RaftThread {
                 Ok(out) => out,
                 Err(e) => {
                     tracing::error!(error = %e, "storage failed; stopping this member (systemd restarts it)");
+                    self.options.metrics.disk_error("store");
                     return Err(e);
                 }
             };
