@@ -107,6 +107,11 @@ pub struct LevelLabel {
     pub level: String,
 }
 
+/// The files `disk_errors_total` counts failed writes to.
+pub const DISK_FILES: [&str; 3] = ["store", "fence-contact", "fence-exempt"];
+/// The reasons `guest_stops_total` counts stops by.
+pub const STOP_REASONS: [&str; 5] = ["desired_stopped", "moved", "not_in_state", "fenced", "removed"];
+
 /// The statuses `host_status` has a series for, per host.
 pub const HOST_STATUSES: [&str; 3] = ["up", "down", "draining"];
 
@@ -308,6 +313,20 @@ impl Metrics {
             "Desired-running unplaced VMs this leader's last plan found fit on no host",
             m.blocked_vms.clone(),
         );
+        // Series an alert takes `increase()` of exist from the start at 0:
+        // a counter that appears at 1 shows no increase to Prometheus.
+        for kind in ["self", "vouched"] {
+            m.fencing.get_or_create(&KindLabel { kind: kind.to_string() });
+        }
+        for file in DISK_FILES {
+            m.disk_errors.get_or_create(&FileLabel { file: file.to_string() });
+        }
+        for reason in STOP_REASONS {
+            m.guest_stops.get_or_create(&ReasonLabel { reason: reason.to_string() });
+        }
+        for level in ["info", "warning", "error"] {
+            m.events.get_or_create(&LevelLabel { level: level.to_string() });
+        }
         Metrics { registry, ..m }
     }
 
@@ -527,5 +546,102 @@ mod tests {
         let text = m.encode();
         assert!(!text.contains("host=\"h2\""), "a host that left has no series:\n{text}");
         assert!(text.contains("blixard_host_status{host=\"h1\",status=\"draining\"} 1"));
+    }
+
+    /// The series names `encode` can produce: each family's name with the
+    /// suffixes its type adds.
+    fn series_names(text: &str) -> std::collections::BTreeSet<String> {
+        let mut names = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else { continue };
+            let (name, kind) = rest.split_once(' ').unwrap();
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                "info" => &["_info"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        }
+        names
+    }
+
+    /// Every `blixard_*` name in `expr`.
+    fn referenced(expr: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = expr;
+        while let Some(at) = rest.find("blixard_") {
+            let tail = &rest[at..];
+            let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+            out.push(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+        out
+    }
+
+    /// The shipped alert rules and Grafana board use only metrics the agent
+    /// exports (`promtool` checks their syntax and behaviour in CI), and the
+    /// board is a well-formed dashboard: unique panel ids, a grid position
+    /// each, every query on the board's data source variable.
+    #[test]
+    fn the_shipped_rules_and_dashboard_name_real_metrics() {
+        let m = Metrics::new();
+        // Families without a series yet are not encoded at all.
+        let row = HostRow {
+            host: "h1".into(),
+            status: "up",
+            vcpus: 1,
+            vcpus_used: 0,
+            memory_mib: 1,
+            memory_mib_used: 0,
+            vms: 0,
+        };
+        m.set_hosts(&[row]);
+        m.set_vms(&[(("h1".to_string(), "running".to_string()), 1)].into());
+        m.decision("place");
+        let exported = series_names(&m.encode());
+        assert!(exported.contains("blixard_host_status") && exported.contains("blixard_build_info"), "{exported:?}");
+        let rules = include_str!("../../monitoring/prometheus/blixard.rules.yml");
+        let mut exprs: Vec<String> = rules
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("expr: "))
+            .map(str::to_string)
+            .collect();
+        assert!(exprs.len() >= 10, "the rules have their expressions on one line each: {exprs:?}");
+        let board: serde_json::Value =
+            serde_json::from_str(include_str!("../../monitoring/grafana/blixard.json")).expect("the board is JSON");
+        for key in ["title", "uid", "schemaVersion", "panels", "templating"] {
+            assert!(!board[key].is_null(), "the board has no {key}");
+        }
+        let variables: Vec<&str> =
+            board["templating"]["list"].as_array().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
+        assert!(variables.contains(&"datasource") && variables.contains(&"job"), "{variables:?}");
+        let mut ids = std::collections::BTreeSet::new();
+        for panel in board["panels"].as_array().unwrap() {
+            let title = panel["title"].as_str().expect("every panel has a title");
+            assert!(ids.insert(panel["id"].as_u64().expect("a numeric id")), "panel id of {title} repeats");
+            for key in ["h", "w", "x", "y"] {
+                assert!(panel["gridPos"][key].is_u64(), "{title}: gridPos.{key}");
+            }
+            let x_end = panel["gridPos"]["x"].as_u64().unwrap() + panel["gridPos"]["w"].as_u64().unwrap();
+            assert!(x_end <= 24, "{title} is wider than the grid");
+            if panel["type"] == "row" {
+                continue;
+            }
+            assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title}");
+            let targets = panel["targets"].as_array().expect("targets");
+            assert!(!targets.is_empty(), "{title} has no query");
+            for target in targets {
+                assert_eq!(target["datasource"]["uid"], "${datasource}", "{title}");
+                let expr = target["expr"].as_str().expect("a PromQL expression");
+                assert!(expr.contains("job=\"$job\""), "{title}: {expr} ignores $job");
+                exprs.push(expr.to_string());
+            }
+        }
+        for expr in &exprs {
+            for name in referenced(expr) {
+                assert!(exported.contains(&name), "{name} (in {expr}) is not a metric the agent exports");
+            }
+        }
     }
 }
