@@ -316,16 +316,16 @@ impl Metrics {
         // Series an alert takes `increase()` of exist from the start at 0:
         // a counter that appears at 1 shows no increase to Prometheus.
         for kind in ["self", "vouched"] {
-            m.fencing.get_or_create(&KindLabel { kind: kind.to_string() });
+            let _ = m.fencing.get_or_create(&KindLabel { kind: kind.to_string() });
         }
         for file in DISK_FILES {
-            m.disk_errors.get_or_create(&FileLabel { file: file.to_string() });
+            let _ = m.disk_errors.get_or_create(&FileLabel { file: file.to_string() });
         }
         for reason in STOP_REASONS {
-            m.guest_stops.get_or_create(&ReasonLabel { reason: reason.to_string() });
+            let _ = m.guest_stops.get_or_create(&ReasonLabel { reason: reason.to_string() });
         }
         for level in ["info", "warning", "error"] {
-            m.events.get_or_create(&LevelLabel { level: level.to_string() });
+            let _ = m.events.get_or_create(&LevelLabel { level: level.to_string() });
         }
         Metrics { registry, ..m }
     }
@@ -602,11 +602,8 @@ mod tests {
         let exported = series_names(&m.encode());
         assert!(exported.contains("blixard_host_status") && exported.contains("blixard_build_info"), "{exported:?}");
         let rules = include_str!("../../monitoring/prometheus/blixard.rules.yml");
-        let mut exprs: Vec<String> = rules
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("expr: "))
-            .map(str::to_string)
-            .collect();
+        let mut exprs: Vec<String> =
+            rules.lines().filter_map(|l| l.trim().strip_prefix("expr: ")).map(str::to_string).collect();
         assert!(exprs.len() >= 10, "the rules have their expressions on one line each: {exprs:?}");
         let board: serde_json::Value =
             serde_json::from_str(include_str!("../../monitoring/grafana/blixard.json")).expect("the board is JSON");

@@ -69,9 +69,9 @@ pub enum EventKind {
 /// How much an event matters to an operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
-    Info,
-    Warning,
-    Error,
+    Info = 0,
+    Warning = 1,
+    Error = 2,
 }
 
 impl Level {
@@ -183,6 +183,9 @@ pub struct EventLog {
 struct Ring {
     events: VecDeque<Event>,
     next_seq: u64,
+    /// Events recorded since this agent started, by level (info, warning,
+    /// error), dropped ones included.
+    by_level: [u64; 3],
 }
 
 impl Default for EventLog {
@@ -200,7 +203,11 @@ impl std::fmt::Debug for EventLog {
 impl EventLog {
     pub fn new() -> Self {
         let (followers, _) = broadcast::channel(FOLLOWERS_LAG_MAX);
-        EventLog { inner: Mutex::new(Ring { events: VecDeque::new(), next_seq: 1 }), followers, metrics: None }
+        EventLog {
+            inner: Mutex::new(Ring { events: VecDeque::new(), next_seq: 1, by_level: [0; 3] }),
+            followers,
+            metrics: None,
+        }
     }
 
     /// A log that counts what it records in `metrics` (`events_total`).
@@ -226,6 +233,17 @@ impl EventLog {
         (events, rx)
     }
 
+    /// The `seq` of the newest event (0: none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).next_seq - 1
+    }
+
+    /// Events recorded since this agent started, by level.
+    pub fn counts_by_level(&self) -> [(Level, u64); 3] {
+        let ring = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        [Level::Info, Level::Warning, Level::Error].map(|level| (level, ring.by_level[level as usize]))
+    }
+
     /// Appends an event, dropping the oldest beyond [`EVENTS_MAX`].
     pub fn record(&self, index: u64, at_unix_ms: u64, derived: Derived) {
         let mut ring = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -235,6 +253,7 @@ impl EventLog {
         }
         let event = Event { seq: ring.next_seq, index, at_unix_ms, kind, vm, node, from, message };
         ring.next_seq += 1;
+        ring.by_level[kind.level() as usize] += 1;
         if ring.events.len() == EVENTS_MAX {
             ring.events.pop_front();
         }
