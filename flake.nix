@@ -9,21 +9,30 @@
     };
   };
 
-  outputs = { self, nixpkgs, microvm }:
+  outputs =
+    {
+      self,
+      nixpkgs,
+      microvm,
+    }:
     let
       inherit (nixpkgs) lib;
 
-      systems = [ "x86_64-linux" "aarch64-linux" ];
+      systems = [
+        "x86_64-linux"
+        "aarch64-linux"
+      ];
       forAllSystems = f: lib.genAttrs systems (system: f system nixpkgs.legacyPackages.${system});
 
       workspace = (lib.importTOML ./Cargo.toml).workspace.package;
 
       # The agent, for callPackage.
       blixardAgent =
-        { lib
-        , stdenv
-        , rustPlatform
-        , installShellFiles
+        {
+          lib,
+          stdenv,
+          rustPlatform,
+          installShellFiles,
         }:
         rustPlatform.buildRustPackage {
           pname = "blixard-agent";
@@ -43,8 +52,14 @@
 
           # The system-test crate needs several hosts; the agent's own tests
           # run here and skip those that need root or missing prerequisites.
-          cargoBuildFlags = [ "--package" "blixard-agent" ];
-          cargoTestFlags = [ "--package" "blixard-agent" ];
+          cargoBuildFlags = [
+            "--package"
+            "blixard-agent"
+          ];
+          cargoTestFlags = [
+            "--package"
+            "blixard-agent"
+          ];
           doCheck = true;
 
           nativeBuildInputs = [ installShellFiles ];
@@ -60,30 +75,37 @@
 
           meta = {
             description = "Blixard host agent: Raft-replicated placement of microvm.nix guests";
-            license = with lib.licenses; [ mit asl20 ];
+            license = with lib.licenses; [
+              mit
+              asl20
+            ];
             platforms = lib.platforms.linux;
             mainProgram = "blixard-agent";
           };
         };
 
-      vmTests = system: import ./vm-tests {
-        inherit self;
-        pkgs = nixpkgs.legacyPackages.${system};
-      };
+      vmTests =
+        system:
+        import ./vm-tests {
+          inherit self;
+          pkgs = nixpkgs.legacyPackages.${system};
+        };
     in
     {
       overlays.default = final: _prev: {
         blixard-agent = final.callPackage blixardAgent { };
       };
 
-      packages = forAllSystems (_system: pkgs:
+      packages = forAllSystems (
+        _system: pkgs:
         let
           blixard-agent = pkgs.callPackage blixardAgent { };
         in
         {
           inherit blixard-agent;
           default = blixard-agent;
-        });
+        }
+      );
 
       nixosModules = {
         # services.blixard plus microvm.nix's host module, with the package
@@ -95,12 +117,14 @@
             ./nixos-modules/blixard.nix
           ];
           services.blixard.package =
-            lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.blixard-agent;
+            lib.mkDefault
+              self.packages.${pkgs.stdenv.hostPlatform.system}.blixard-agent;
         };
         default = self.nixosModules.blixard;
       };
 
-      checks = forAllSystems (system: pkgs:
+      checks = forAllSystems (
+        system: pkgs:
         let
           evalTests = import ./tests/nix/eval.nix { inherit lib; };
           exampleHost = lib.nixosSystem {
@@ -110,38 +134,43 @@
             ];
           };
         in
-        vmTests system // {
+        vmTests system
+        // {
           package = self.packages.${system}.blixard-agent;
 
           # The evaluation tests of tests/nix/eval.nix, against the pinned lib.
           module-eval =
-            if evalTests.failures == [ ]
-            then
+            if evalTests.failures == [ ] then
               pkgs.runCommand "blixard-module-eval" { } ''
                 echo "${toString evalTests.total} passed, 0 failed" | tee $out
               ''
-            else throw "module evaluation tests failed: ${builtins.toJSON evalTests.failures}";
+            else
+              throw "module evaluation tests failed: ${builtins.toJSON evalTests.failures}";
 
           # A whole NixOS host with the module and a guest evaluates (all
           # assertions hold, every unit renders); nothing is built.
-          nixos-eval = pkgs.writeText "blixard-nixos-eval"
-            (builtins.unsafeDiscardStringContext exampleHost.config.system.build.toplevel.drvPath);
-        });
+          nixos-eval = pkgs.writeText "blixard-nixos-eval" (
+            builtins.unsafeDiscardStringContext exampleHost.config.system.build.toplevel.drvPath
+          );
+        }
+      );
 
-      devShells = forAllSystems (system: pkgs: {
-        default = pkgs.mkShell {
-          inputsFrom = [ self.packages.${system}.blixard-agent ];
-          packages = with pkgs; [
-            clippy
-            rustfmt
-            rust-analyzer
-            nixpkgs-fmt
-            statix
-            deadnix
-            jq
-          ];
-        };
-      });
+      devShells = forAllSystems (
+        system: pkgs: {
+          default = pkgs.mkShell {
+            inputsFrom = [ self.packages.${system}.blixard-agent ];
+            packages = with pkgs; [
+              clippy
+              rustfmt
+              rust-analyzer
+              nixpkgs-fmt
+              statix
+              deadnix
+              jq
+            ];
+          };
+        }
+      );
 
       formatter = forAllSystems (_system: pkgs: pkgs.nixpkgs-fmt);
     };

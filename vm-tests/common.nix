@@ -20,12 +20,14 @@ rec {
       hypervisor = "qemu";
       cpu = "max";
       # The host's store over 9p: no store image to build per guest.
-      shares = [{
-        tag = "ro-store";
-        source = "/nix/store";
-        mountPoint = "/nix/.ro-store";
-        proto = "9p";
-      }];
+      shares = [
+        {
+          tag = "ro-store";
+          source = "/nix/store";
+          mountPoint = "/nix/.ro-store";
+          proto = "9p";
+        }
+      ];
     };
     system.stateVersion = lib.trivial.release;
   };
@@ -84,7 +86,9 @@ rec {
         h2 = "10.0.0.2:7000";
         h3 = "10.0.0.3:7000";
       };
-      vms.web = vm // { labels.tier = "web"; };
+      vms.web = vm // {
+        labels.tier = "web";
+      };
     };
   };
 

@@ -103,7 +103,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let store = open_store(&config).await?;
     let listener =
         TcpListener::bind(config.listen).await.map_err(|e| anyhow!("cannot listen on {}: {e}", config.listen))?;
-    let runtime = crate::runtime::open(config.runtime, &config.state_dir).await.map_err(|e| {
+    let runtime = crate::runtime::open(config.runtime, &config.state_dir, config.start_timeout).await.map_err(|e| {
         anyhow!(
             "cannot start the {} runtime: {e}",
             if config.runtime == RuntimeKind::Systemd { "systemd" } else { "process" }
