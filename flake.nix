@@ -50,15 +50,20 @@
           };
           cargoLock.lockFile = ./Cargo.lock;
 
-          # The system-test crate needs several hosts; the agent's own tests
-          # run here and skip those that need root or missing prerequisites.
           cargoBuildFlags = [
             "--package"
             "blixard-agent"
           ];
+          # The check phase of a package every deploying host may build: only
+          # the agent's unit tests (fast, hermetic: no other process, no
+          # network beyond loopback, no root), in the dev profile (incremental
+          # off, dependencies at opt-level 1) instead of the fat-LTO release
+          # profile. The multi-agent cluster tests are `checks.cluster-tests`.
+          checkType = "debug";
           cargoTestFlags = [
             "--package"
             "blixard-agent"
+            "--lib"
           ];
           doCheck = true;
 
@@ -84,6 +89,32 @@
           };
         };
 
+      # The agent's integration tests: several agent processes per test on
+      # loopback (cluster formation, failover, TLS, storage crashes, the
+      # simulator). Those that need root, a system bus or a browser skip
+      # themselves in the build sandbox. Built in the `ci` profile (optimised,
+      # debug assertions on, no LTO); installs nothing.
+      clusterTests =
+        package:
+        package.overrideAttrs (_old: {
+          pname = "blixard-agent-cluster-tests";
+          cargoBuildType = "ci";
+          cargoCheckType = "ci";
+          cargoTestFlags = [
+            "--package"
+            "blixard-agent"
+            "--tests"
+          ];
+          # Fewer simulator seeds than scripts/test.sh: a check, not the soak.
+          BLIXARD_SIM_SEEDS = "200";
+          installPhase = ''
+            runHook preInstall
+            touch $out
+            runHook postInstall
+          '';
+          postInstall = "";
+        });
+
       vmTests =
         system:
         import ./vm-tests {
@@ -107,26 +138,23 @@
         }
       );
 
-      nixosModules = {
-        # services.blixard plus microvm.nix's host module, with the package
-        # from this flake (built against this flake's nixpkgs).
-        blixard = { lib, pkgs, ... }: {
-          key = "blixard#nixosModules.blixard";
-          imports = [
-            microvm.nixosModules.host
-            ./nixos-modules/blixard.nix
-          ];
-          services.blixard.package =
-            lib.mkDefault
-              self.packages.${pkgs.stdenv.hostPlatform.system}.blixard-agent;
-        };
-        default = self.nixosModules.blixard;
+      # `blixard`: services.blixard alone, for a configuration that imports
+      # microvm.nix's host module itself. `default`: services.blixard with
+      # microvm.nix's host module (whose host side follows
+      # services.blixard.enable). Both default the package to this flake's
+      # (built against this flake's nixpkgs, or yours with `follows`).
+      nixosModules = import ./nixos-modules/exports.nix {
+        inherit microvm;
+        packageFor = pkgs: self.packages.${pkgs.stdenv.hostPlatform.system}.blixard-agent;
       };
 
       checks = forAllSystems (
         system: pkgs:
         let
-          evalTests = import ./tests/nix/eval.nix { inherit lib; };
+          evalTests = import ./tests/nix/eval.nix {
+            inherit lib;
+            microvm = microvm.outPath;
+          };
           exampleHost = lib.nixosSystem {
             modules = [
               (import ./vm-tests/common.nix { inherit self lib; }).exampleHost
@@ -138,7 +166,10 @@
         // {
           package = self.packages.${system}.blixard-agent;
 
-          # The evaluation tests of tests/nix/eval.nix, against the pinned lib.
+          cluster-tests = clusterTests self.packages.${system}.blixard-agent;
+
+          # The evaluation tests of tests/nix/eval.nix, against the pinned lib
+          # and microvm.nix.
           module-eval =
             if evalTests.failures == [ ] then
               pkgs.runCommand "blixard-module-eval" { } ''
@@ -163,7 +194,7 @@
               clippy
               rustfmt
               rust-analyzer
-              nixpkgs-fmt
+              nixfmt
               statix
               deadnix
               jq
@@ -172,6 +203,7 @@
         }
       );
 
-      formatter = forAllSystems (_system: pkgs: pkgs.nixpkgs-fmt);
+      # nixfmt: the RFC 166 style nixpkgs uses.
+      formatter = forAllSystems (_system: pkgs: pkgs.nixfmt);
     };
 }

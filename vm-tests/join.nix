@@ -8,7 +8,7 @@ let
 in
 {
   name = "blixard-join";
-  meta.timeout = 1800;
+  meta.timeout = 3600;
 
   nodes = {
     h1 = common.founder;

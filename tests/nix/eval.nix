@@ -13,12 +13,14 @@
 { lib, microvm }:
 
 let
+  # A path value, also when the flake hands over its input's store path string.
+  microvmDir = /. + toString microvm;
   stubs = import ./stubs { inherit lib; };
   inherit (stubs) storePath;
 
   # microvm.nix's flake output, as the flake sees it (a path: importing it twice
   # imports it once).
-  microvmFlake.nixosModules.host = microvm + "/nixos-modules/host";
+  microvmFlake.nixosModules.host = microvmDir + "/nixos-modules/host";
   exports = import ../../nixos-modules/exports.nix {
     microvm = microvmFlake;
     packageFor = pkgs: pkgs.blixard-agent;
@@ -288,7 +290,7 @@ let
       (eval [
         (
           builtins.path {
-            path = microvm;
+            path = microvmDir;
             name = "microvm-nix-second-copy";
           }
           + "/nixos-modules/host"
@@ -480,6 +482,36 @@ let
         [ ]
         [ ]
       ];
+    };
+
+    # The VM tests' guest is a valid microvm.nix guest, on the QEMU from the
+    # binary cache.
+    testVmTestGuest = {
+      expr =
+        let
+          vmTests = import ../../vm-tests/common.nix {
+            self = null;
+            inherit lib;
+          };
+          cfg = evalHost (withVms {
+            web = vmTests.vm;
+          });
+          microvmCfg = cfg.microvm.vms.web.config.config.microvm;
+        in
+        {
+          failed = failedMessages cfg;
+          inherit (microvmCfg) cpu hypervisor mem;
+          qemu = microvmCfg.qemu.package.name;
+          marker = cfg.microvm.vms.web.config.config.systemd.services.blixard-marker.serviceConfig.TTYPath;
+        };
+      expected = {
+        failed = [ ];
+        cpu = "max";
+        hypervisor = "qemu";
+        mem = 384;
+        qemu = "qemu-test";
+        marker = "/dev/ttyS0";
+      };
     };
 
     # --- the agent's own unit ---------------------------------------------------

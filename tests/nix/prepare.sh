@@ -61,7 +61,7 @@ export_rev() { # SOURCE REV DEST
   else
     git_dir="$work/repo.git"
     git init --quiet --bare "$git_dir"
-    git -C "$git_dir" fetch --quiet --depth 1 "$source" "$rev" ||
+    timeout 300 git -C "$git_dir" fetch --quiet --depth 1 "$source" "$rev" ||
       die "cannot fetch $rev from $source (set BLIXARD_MICROVM_GIT / BLIXARD_NIXPKGS_LIB_GIT to a reachable copy)"
   fi
   mkdir "$work/tree"

@@ -50,6 +50,7 @@ let
     blixard-agent = fakePackage "blixard-agent";
     callPackage = fn: _args: fakePackage (baseNameOf (toString fn));
     qemu-utils = fakePackage "qemu-utils";
+    qemu_test = fakePackage "qemu-test";
     coreutils = fakePackage "coreutils";
     runtimeShell = "${storePath "bash"}/bin/bash";
   };
