@@ -45,7 +45,7 @@ use crate::guard::GuardConfig;
 use crate::metrics::Metrics;
 use crate::node::events::EventLog;
 use crate::node::{self, AddressBook, Node, NodeOptions, Start};
-use crate::reconciler::{BoxFuture, ContactFile, ExemptFile, Proposer, Reconciler, ReconcilerConfig};
+use crate::reconciler::{BoxFuture, ContactFile, ExemptFile, Proposer, Reconciler, ReconcilerConfig, RunnerWatch};
 use crate::runtime::health::HealthPolicy;
 use crate::state::{Capacity, CommandKind, NodeId, VmSpec};
 use crate::storage::{StorageError, Store};
@@ -564,6 +564,10 @@ impl Agent {
                 contact_file: Some(ContactFile::in_dir(&self.config.data_dir)),
                 exempt_file: Some(ExemptFile::in_dir(&self.config.data_dir)),
                 metrics: self.metrics.clone(),
+                // Only microvm.nix's units link `booted`: the process runtime
+                // starts `current` itself and has nothing to roll.
+                runners: (self.config.runtime == RuntimeKind::Systemd)
+                    .then(|| RunnerWatch::new(&self.config.state_dir)),
             },
         );
         let guard =
