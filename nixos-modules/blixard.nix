@@ -177,8 +177,19 @@ let
   # Implication helpers for assertions about every guest / member.
   forEachVm = f: lib.mapAttrsToList f cfg.vms;
 
-  # systemd's polkit details for manage-units: the unit and the verb.
-  polkitVerbs = verbs: builtins.toJSON verbs;
+  # The verbs (systemd's polkit detail "verb" of manage-units) the agent may use:
+  # StartUnit, StopUnit, KillUnit and ResetFailedUnit on guests; the guard it
+  # only starts.
+  microvmVerbs = builtins.toJSON [
+    "start"
+    "stop"
+    "kill"
+    "reset-failed"
+  ];
+  guardVerbs = builtins.toJSON [
+    "start"
+    "reset-failed"
+  ];
 
   vmOptions =
     { name, ... }:
@@ -760,23 +771,11 @@ in
         var unit = action.lookup("unit");
         var verb = action.lookup("verb");
         if (/^microvm@${namePattern}\.service$/.test(unit) &&
-            ${
-              polkitVerbs [
-                "start"
-                "stop"
-                "kill"
-                "reset-failed"
-              ]
-            }.indexOf(verb) >= 0) {
+            ${microvmVerbs}.indexOf(verb) >= 0) {
           return polkit.Result.YES;
         }
         if (unit == "blixard-guard.service" &&
-            ${
-              polkitVerbs [
-                "start"
-                "reset-failed"
-              ]
-            }.indexOf(verb) >= 0) {
+            ${guardVerbs}.indexOf(verb) >= 0) {
           return polkit.Result.YES;
         }
         return polkit.Result.NOT_HANDLED;
