@@ -303,8 +303,10 @@ impl Reconciler {
                         Err(e) => tracing::warn!(error = %e, "cannot scan the installed guests"),
                     }
                     if let Some(watch) = &self.config.runners {
-                        let active = self.observed.iter().filter(|(_, s)| s.phase == Phase::Active).map(|(vm, _)| vm);
-                        self.stale_runners = watch.stale(active).await;
+                        // Collected first: no iterator (and its closures) lives across the await.
+                        let active: Vec<String> =
+                            self.observed.iter().filter(|(_, s)| s.phase == Phase::Active).map(|(vm, _)| vm.clone()).collect();
+                        self.stale_runners = watch.clone().stale(&active).await;
                     }
                 }
             }

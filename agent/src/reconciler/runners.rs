@@ -31,7 +31,7 @@ impl RunnerWatch {
     }
 
     /// Of `running`, the guests booted from a runner that is no longer `current`.
-    pub async fn stale<'a>(&self, running: impl IntoIterator<Item = &'a String>) -> BTreeSet<String> {
+    pub async fn stale(&self, running: &[String]) -> BTreeSet<String> {
         let mut stale = BTreeSet::new();
         for vm in running {
             if is_stale(&self.state_dir, vm).await {
