@@ -147,6 +147,8 @@ let
     stop_max_ms = "--stop-max-ms";
     check_interval_ms = "--check-interval-ms";
   };
+  # As the agent computes it for the guard it starts on a host set up by hand.
+  guardWatchdogMs = (timing.fence_after_ms or 1750) + (timing.check_interval_ms or 150);
   guardCommand =
     extra:
     lib.escapeShellArgs (
@@ -530,8 +532,9 @@ in
         The agent's configuration file (TOML), written from the options above.
         Set further keys here as the agent grows them: the agent rejects
         unknown keys, so set only keys the installed agent knows. The fence
-        guard reads `timing.fence_after_ms`, `timing.stop_max_ms` and
-        `timing.check_interval_ms` from here too.
+        guard takes `timing.fence_after_ms` and `timing.stop_max_ms` (and
+        `timing.check_interval_ms`, where the agent has it) from here too, so
+        that the two always agree.
       '';
     };
 
@@ -782,11 +785,13 @@ in
       });
     '';
 
-    # Every guest is bound to the guard: no guard, no guest. A guard that
-    # stops for good (or is stopped) stops every guest, and no guest starts
-    # without one.
+    # Every guest is tied to the guard: no guest starts while no guard runs,
+    # and stopping the guard stops every guest. Requisite=, not BindsTo=: on
+    # systemd 252 BindsTo stops every guest whenever the guard restarts after
+    # a crash (see the agent's guard module). The agent writes the same for a
+    # host set up by hand.
     systemd.services."microvm@" = {
-      bindsTo = [ "blixard-guard.service" ];
+      requisite = [ "blixard-guard.service" ];
       after = [ "blixard-guard.service" ];
     };
 
@@ -801,8 +806,8 @@ in
       # touches it; a changed guard unit takes effect at its next start (boot).
       restartIfChanged = false;
       stopIfChanged = false;
-      startLimitIntervalSec = 10;
-      startLimitBurst = 20;
+      # Each death runs the stop-post (the fence, when stale): never give up.
+      startLimitIntervalSec = 0;
       serviceConfig = {
         Type = "notify";
         NotifyAccess = "main";
@@ -812,11 +817,12 @@ in
         Restart = "always";
         RestartSec = "100ms";
         # It pets the watchdog and moves the deadline to the fence deadline
-        # (WATCHDOG_USEC): a frozen guard is killed exactly then, and
-        # ExecStopPost fences.
-        WatchdogSec = "2s";
+        # plus a check interval (WATCHDOG_USEC); this is the first one. A
+        # frozen guard is killed then, and ExecStopPost fences.
+        WatchdogSec = "${toString guardWatchdogMs}ms";
         WatchdogSignal = "SIGKILL";
-        TimeoutStopSec = "15s";
+        # The stop-post waits for the guests' stops (stop_max, then a kill).
+        TimeoutStopSec = "30s";
 
         # Root, so that stopping guests never depends on polkitd, but little
         # else: no network at all, a read-only view of the system.

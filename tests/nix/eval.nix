@@ -174,14 +174,14 @@ let
           template = cfg.systemd.services."microvm@";
         in
         {
-          inherit (template) bindsTo restartIfChanged;
+          inherit (template) requisite restartIfChanged;
           after = lib.elem "blixard-guard.service" template.after;
           # microvm.nix's own settings survive the merge.
           inherit (template.serviceConfig) Restart TimeoutSec;
           stop = template.serviceConfig.ExecStop;
         };
       expected = {
-        bindsTo = [ "blixard-guard.service" ];
+        requisite = [ "blixard-guard.service" ];
         restartIfChanged = false;
         after = true;
         Restart = "always";
@@ -222,7 +222,7 @@ let
         ExecStopPost = "${storePath "blixard-agent"}/bin/blixard-agent guard --fence-if-stale --data-dir /var/lib/blixard --state-dir /var/lib/microvms --runtime systemd";
         Restart = "always";
         RestartSec = "100ms";
-        WatchdogSec = "2s";
+        WatchdogSec = "1900ms";
         WatchdogSignal = "SIGKILL";
         PrivateNetwork = true;
         RestrictAddressFamilies = [ "AF_UNIX" ];
