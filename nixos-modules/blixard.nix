@@ -793,6 +793,19 @@ in
     systemd.services."microvm@" = {
       requisite = [ "blixard-guard.service" ];
       after = [ "blixard-guard.service" ];
+      # A stop waits for qemu to exit. microvm.nix's qemu `microvm-shutdown`
+      # sends ctrl-alt-del, then waits by reading stdin, which systemd makes
+      # /dev/null: it returns at once and systemd terminates qemu before the
+      # guest has shut down (fixed upstream after the revision flake.lock
+      # pins, microvm.nix PR 578; the container test bed showed it). The
+      # second command waits for the hypervisor itself, so every stop is a
+      # clean shutdown, bounded by the unit's TimeoutStopSec (and the agent's
+      # stop timeout, after which it kills the guest). Harmless with a
+      # microvm-shutdown that waits by itself.
+      serviceConfig.ExecStop = lib.mkForce [
+        "${toString config.microvm.stateDir}/%i/booted/bin/microvm-shutdown"
+        "-${lib.getExe' pkgs.coreutils "tail"} --pid=\${MAINPID} -f /dev/null"
+      ];
     };
 
     # The fence guard: stops this host's guests when its last confirmed quorum

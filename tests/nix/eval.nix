@@ -186,7 +186,11 @@ let
         after = true;
         Restart = "always";
         TimeoutSec = 150;
-        stop = "/var/lib/microvms/%i/booted/bin/microvm-shutdown";
+        # microvm.nix's shutdown, then a wait for qemu itself.
+        stop = [
+          "/var/lib/microvms/%i/booted/bin/microvm-shutdown"
+          "-${storePath "coreutils"}/bin/tail --pid=\${MAINPID} -f /dev/null"
+        ];
       };
     };
 

@@ -86,6 +86,12 @@ WantedBy=multi-user.target
 
 /// The fence guard's unit, which the agent creates (transient).
 pub const GUARD_UNIT: &str = "blixard-guard.service";
+/// What the NixOS module adds to microvm.nix's `microvm@.service`: a stop waits for
+/// the hypervisor to exit (microvm.nix's qemu `microvm-shutdown` at the locked revision
+/// returns at once under systemd, and systemd would then terminate qemu before the
+/// guest has shut down).
+const GUEST_STOP_WAIT_PATH: &str = "/etc/systemd/system/microvm@.service.d/40-blixard-stop-wait.conf";
+const GUEST_STOP_WAIT: &str = "[Service]\nExecStop=-/usr/bin/tail --pid=${MAINPID} -f /dev/null\n";
 
 pub struct BedCluster {
     cgroups: CgroupSampler,
@@ -151,6 +157,7 @@ impl BedCluster {
             );
             host.write_file(CONFIG_PATH, config, 0o644)?;
             host.write_file(&format!("/etc/systemd/system/{AGENT_UNIT}"), AGENT_SERVICE, 0o644)?;
+            host.write_file(GUEST_STOP_WAIT_PATH, GUEST_STOP_WAIT, 0o644)?;
             host.run(&["systemctl", "daemon-reload"])?;
             host.run(&["systemctl", "enable", "--now", "--no-block", AGENT_UNIT])?;
         }

@@ -99,10 +99,10 @@ fn a_real_qemu_guest_starts_stops_rolls_migrates_is_fenced_and_fails_over() {
     assert!(stop_took < STOP_TIMEOUT, "the clean stop took {stop_took:?}");
     eprintln!("clean stop through microvm-shutdown in {stop_took:.1?}");
 
-    // Started again, on the same host: placement is stable.
+    // Started again.
     let t1 = monotonic_us();
     c.set_running(others(home)[1], VM, true).unwrap();
-    assert_eq!(c.wait_settled(&[VM], &ALL).unwrap()[VM], home);
+    let home = c.wait_settled(&[VM], &ALL).unwrap()[VM];
     wait_booted(c, home, t1);
 
     // A switch installs a new runner on every host (`current` moves): the agent rolls
