@@ -68,7 +68,10 @@ impl RealGuestImage {
         }
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         let manifest = fs::read_to_string(dir.join("manifest")).with_context(|| {
-            format!("the real guest is not prepared ({} has no manifest): run `{PREPARE_GUEST_SCRIPT}` as root", dir.display())
+            format!(
+                "the real guest is not prepared ({} has no manifest): run `{PREPARE_GUEST_SCRIPT}` as root",
+                dir.display()
+            )
         })?;
         let field = |key: &str| -> Result<String> {
             manifest

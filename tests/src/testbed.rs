@@ -358,7 +358,8 @@ fn lay_out_root(host_dir: &Path, rootfs: &Path, layers: &[PathBuf]) -> Result<Pa
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     if std::env::var(ROOTFS_MODE_ENV).as_deref() != Ok("copy") {
-        let lower: Vec<String> = layers.iter().chain([&rootfs.to_path_buf()]).map(|p| p.display().to_string()).collect();
+        let lower: Vec<String> =
+            layers.iter().chain([&rootfs.to_path_buf()]).map(|p| p.display().to_string()).collect();
         let options = format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), upper.display(), work.display());
         match mount_overlay(&root, &options) {
             Ok(()) => return Ok(upper),

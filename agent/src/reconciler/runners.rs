@@ -83,10 +83,8 @@ mod tests {
         guest(dir.path(), "same", "/nix/store/a-runner", Some("/nix/store/a-runner"));
         guest(dir.path(), "moved", "/nix/store/b-runner", Some("/nix/store/a-runner"));
         guest(dir.path(), "never-booted", "/nix/store/c-runner", None);
-        let running: Vec<String> = ["same", "moved", "never-booted", "not-installed", "../escape"]
-            .into_iter()
-            .map(String::from)
-            .collect();
+        let running: Vec<String> =
+            ["same", "moved", "never-booted", "not-installed", "../escape"].into_iter().map(String::from).collect();
         let stale = RunnerWatch::new(dir.path()).stale(&running).await;
         assert_eq!(stale, BTreeSet::from(["moved".to_string()]));
     }
