@@ -168,6 +168,35 @@ let
       ++ guardFlags
     );
 
+  # The sandbox both units share, after nixpkgs' headscale unit. The systemd
+  # runtime needs no device (guests are started by systemd as microvm@ units,
+  # not by the agent), nor does the guard.
+  hardening = {
+    NoNewPrivileges = true;
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectHostname = true;
+    ProtectClock = true;
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    SystemCallArchitectures = "native";
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged"
+    ];
+    SystemCallErrorNumber = "EPERM";
+    UMask = "0077";
+  };
+
   # The agent needs no capability unless it binds a privileged port.
   capabilities = lib.optional (cfg.port < 1024) "CAP_NET_BIND_SERVICE";
 
@@ -848,30 +877,8 @@ in
         # is an ordinary uid there). Talking to PID 1 as uid 0 needs none.
         CapabilityBoundingSet = [ "CAP_DAC_READ_SEARCH" ];
         AmbientCapabilities = [ "CAP_DAC_READ_SEARCH" ];
-        NoNewPrivileges = true;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectKernelLogs = true;
-        ProtectControlGroups = true;
-        ProtectHostname = true;
-        ProtectClock = true;
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        LockPersonality = true;
-        MemoryDenyWriteExecute = true;
-        SystemCallArchitectures = "native";
-        SystemCallFilter = [
-          "@system-service"
-          "~@privileged"
-        ];
-        SystemCallErrorNumber = "EPERM";
-        UMask = "0077";
-      };
+      }
+      // hardening;
     };
 
     systemd.services.blixard =
@@ -930,33 +937,14 @@ in
             ++ lib.optional (cfg.joinTokenFile != null) "join-token:${cfg.joinTokenFile}";
           LimitNOFILE = 65536;
 
-          # Hardening, after nixpkgs' headscale unit.
+          # Hardening (the shared part is `hardening`, after nixpkgs' headscale unit).
           CapabilityBoundingSet = lib.concatStringsSep " " capabilities;
           AmbientCapabilities = lib.concatStringsSep " " capabilities;
-          NoNewPrivileges = true;
-          ProtectSystem = "strict";
-          ProtectHome = true;
-          PrivateTmp = true;
-          # The systemd runtime needs no device: guests are started by
-          # systemd as microvm@ units, not by the agent.
-          PrivateDevices = true;
           PrivateMounts = true;
-          ProtectKernelTunables = true;
-          ProtectKernelModules = true;
-          ProtectKernelLogs = true;
-          ProtectControlGroups = true;
-          ProtectHostname = true;
-          ProtectClock = true;
           ProtectProc = "invisible";
           # Relaxed: no ProcSubset=pid. Without a configured capacity the
           # agent reads /proc/meminfo and /proc/cpuinfo to detect it.
-          RestrictNamespaces = true;
-          RestrictRealtime = true;
-          RestrictSUIDSGID = true;
           RemoveIPC = true;
-          LockPersonality = true;
-          MemoryDenyWriteExecute = true;
-          UMask = "0077";
           # Relaxed: AF_UNIX for the system bus (unit control), journald and
           # sd_notify; AF_INET/AF_INET6 for gRPC and metrics.
           RestrictAddressFamilies = [
@@ -964,18 +952,13 @@ in
             "AF_INET"
             "AF_INET6"
           ];
-          SystemCallArchitectures = "native";
-          SystemCallFilter = [
-            "@system-service"
-            "~@privileged"
-          ];
-          SystemCallErrorNumber = "EPERM";
           # Not set: PrivateUsers. Polkit judges the agent by its real uid on
           # the system bus, and with no capabilities a user namespace adds
           # little; it would also remap the owners of the runners it reads
           # under the microvm state dir (which stays readable: ProtectSystem
           # makes it read-only, not hidden).
-        };
+        }
+        // hardening;
       };
   };
 
