@@ -814,14 +814,16 @@ in
       });
     '';
 
-    # Every guest is tied to the guard: no guest starts while no guard runs,
-    # and stopping the guard stops every guest. Requisite=, not BindsTo=: on
-    # systemd 252 BindsTo stops every guest whenever the guard restarts after
-    # a crash (see the agent's guard module). The agent writes the same for a
-    # host set up by hand.
+    # No guard, no guest: every guest checks before it starts that the guard
+    # runs, and is ordered after it. A check, not a dependency: on systemd 252
+    # BindsTo=, Requires= and Requisite= all pass the guard's restart after a
+    # crash on to every guest (see the agent's guard module). The agent writes
+    # the same for a host set up by hand.
     systemd.services."microvm@" = {
-      requisite = [ "blixard-guard.service" ];
       after = [ "blixard-guard.service" ];
+      serviceConfig.ExecStartPre = [
+        "${lib.getExe' config.systemd.package "systemctl"} is-active --quiet blixard-guard.service"
+      ];
       # A stop waits for qemu to exit. microvm.nix's qemu `microvm-shutdown`
       # sends ctrl-alt-del, then waits by reading stdin, which systemd makes
       # /dev/null: it returns at once and systemd terminates qemu before the

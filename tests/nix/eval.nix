@@ -167,21 +167,22 @@ let
     };
 
     # microvm.nix's unit template and ours merge as systemd units do.
-    testGuestUnitsAreBoundToTheGuard = {
+    testGuestsCheckForTheGuardBeforeTheyStart = {
       expr =
         let
           cfg = evalHost [ base ];
           template = cfg.systemd.services."microvm@";
         in
         {
-          inherit (template) requisite restartIfChanged;
+          inherit (template) restartIfChanged;
+          check = template.serviceConfig.ExecStartPre;
           after = lib.elem "blixard-guard.service" template.after;
           # microvm.nix's own settings survive the merge.
           inherit (template.serviceConfig) Restart TimeoutSec;
           stop = template.serviceConfig.ExecStop;
         };
       expected = {
-        requisite = [ "blixard-guard.service" ];
+        check = [ "${storePath "systemd"}/bin/systemctl is-active --quiet blixard-guard.service" ];
         restartIfChanged = false;
         after = true;
         Restart = "always";

@@ -387,6 +387,10 @@ let
           type = types.attrsOf (types.either types.str (types.attrsOf types.anything));
           default = { };
         };
+        systemd.package = mkOption {
+          type = types.package;
+          default = fakePackage "systemd";
+        };
         systemd.services = mkOption {
           type = types.attrsOf (types.submodule service);
           default = { };
