@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use blixard_systests::bedcluster::{AGENT_UNIT, BedCluster};
-use blixard_systests::timeline::cgroups::REQUIRED_RATE;
 use blixard_systests::timeline::CopySpan;
+use blixard_systests::timeline::cgroups::REQUIRED_RATE;
 use blixard_systests::{Probe, wait_for};
 
 const VMS: [&str; 5] = ["a", "b", "c", "d", "e"];
