@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -21,6 +22,9 @@ pub const DEFAULT_PORT: u16 = 7000;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7000";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/blixard";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/microvms";
+/// Bounds of `runtime.start_timeout_ms`: a second, and a day.
+const START_TIMEOUT_MIN_MS: u64 = 1_000;
+const START_TIMEOUT_MAX_MS: u64 = 86_400_000;
 /// Where client commands look for the local agent's config.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/blixard/agent.toml";
 
@@ -70,6 +74,8 @@ pub struct FileConfig {
 pub struct RuntimeSection {
     pub kind: Option<String>,
     pub state_dir: Option<PathBuf>,
+    /// How long a guest's start may take (the systemd runtime's start job).
+    pub start_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -210,6 +216,10 @@ pub struct Config {
     pub join_token_file: Option<PathBuf>,
     pub runtime: RuntimeKind,
     pub state_dir: PathBuf,
+    /// How long the systemd runtime waits for a guest's start job. The NixOS module
+    /// sets it 10 s above microvm.nix's `startupTimeout` (the unit's own
+    /// `TimeoutSec`), so that systemd's verdict is what is reported.
+    pub start_timeout: Duration,
     /// `None`: detect from the host at start.
     pub capacity: Option<Capacity>,
     pub labels: Labels,
@@ -419,6 +429,16 @@ impl Config {
         if !state_dir.is_absolute() {
             return Err(err("runtime.state_dir", format!("{} is not an absolute path", state_dir.display())));
         }
+        let start_timeout = match file.runtime.start_timeout_ms {
+            None => crate::runtime::systemd::START_TIMEOUT_DEFAULT,
+            Some(ms) if (START_TIMEOUT_MIN_MS..=START_TIMEOUT_MAX_MS).contains(&ms) => Duration::from_millis(ms),
+            Some(ms) => {
+                return Err(err(
+                    "runtime.start_timeout_ms",
+                    format!("{ms} is outside {START_TIMEOUT_MIN_MS}..={START_TIMEOUT_MAX_MS}"),
+                ));
+            }
+        };
 
         let section = file.capacity.unwrap_or_default();
         let vcpu = overrides.vcpu.or(section.vcpu);
@@ -551,6 +571,7 @@ impl Config {
             join_token_file: overrides.join_token_file.or(file.join_token_file),
             runtime,
             state_dir,
+            start_timeout,
             capacity,
             labels,
             tls,
@@ -616,6 +637,14 @@ initial_members = ["h1=10.0.0.1:7000", "h2=10.0.0.2:7000", "h3=10.0.0.3:7000"]
         assert_eq!(config.capacity.unwrap().vcpu, 16);
         assert_eq!(config.vms[0].spec.memory_mib, 1024);
         assert_eq!(config.runtime, RuntimeKind::Systemd);
+        assert_eq!(config.start_timeout, crate::runtime::systemd::START_TIMEOUT_DEFAULT);
+    }
+
+    #[test]
+    fn start_timeout_follows_the_module() {
+        // What the NixOS module writes for microvm.nix's startupTimeout = 300.
+        let config = resolve(&format!("{BASE}[runtime]\nstart_timeout_ms = 310000\n")).unwrap();
+        assert_eq!(config.start_timeout, Duration::from_secs(310));
     }
 
     #[test]
@@ -647,6 +676,7 @@ initial_members = ["h1=10.0.0.1:7000", "h2=10.0.0.2:7000", "h3=10.0.0.3:7000"]
             (format!("{BASE}[timing]\nreschedule_after_ms = 1600\n"), "timing"),
             (format!("{BASE}[raft]\ntick_ms = 500\n"), "timing"),
             (format!("{BASE}[runtime]\nkind = \"docker\"\n"), "runtime.kind"),
+            (format!("{BASE}[runtime]\nstart_timeout_ms = 0\n"), "runtime.start_timeout_ms"),
             ("node_name = \"h9\"\nlisten = \"10.0.0.9:7000\"\ninitial_members = [\"h1=10.0.0.1:7000\"]\n".to_string(), "initial_members"),
             ("node_name = \"h1\"\nlisten = \"10.0.0.2:7000\"\ninitial_members = [\"h1=10.0.0.1:7000\"]\n".to_string(), "initial_members"),
             ("node_name = \"h1\"\nlisten = \"10.0.0.1:7000\"\ninitial_members = [\"h1=10.0.0.1:7000\", \"h1=10.0.0.2:7000\"]\n".to_string(), "initial_members"),

@@ -45,7 +45,7 @@ use crate::guard::GuardConfig;
 use crate::metrics::Metrics;
 use crate::node::events::EventLog;
 use crate::node::{self, AddressBook, Node, NodeOptions, Start};
-use crate::reconciler::{BoxFuture, ContactFile, ExemptFile, Proposer, Reconciler, ReconcilerConfig};
+use crate::reconciler::{BoxFuture, ContactFile, ExemptFile, Proposer, Reconciler, ReconcilerConfig, RunnerWatch};
 use crate::runtime::health::HealthPolicy;
 use crate::state::{Capacity, CommandKind, NodeId, VmSpec};
 use crate::storage::{StorageError, Store};
@@ -103,7 +103,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let store = open_store(&config).await?;
     let listener =
         TcpListener::bind(config.listen).await.map_err(|e| anyhow!("cannot listen on {}: {e}", config.listen))?;
-    let runtime = crate::runtime::open(config.runtime, &config.state_dir).await.map_err(|e| {
+    let runtime = crate::runtime::open(config.runtime, &config.state_dir, config.start_timeout).await.map_err(|e| {
         anyhow!(
             "cannot start the {} runtime: {e}",
             if config.runtime == RuntimeKind::Systemd { "systemd" } else { "process" }
@@ -564,6 +564,10 @@ impl Agent {
                 contact_file: Some(ContactFile::in_dir(&self.config.data_dir)),
                 exempt_file: Some(ExemptFile::in_dir(&self.config.data_dir)),
                 metrics: self.metrics.clone(),
+                // Only microvm.nix's units link `booted`: the process runtime
+                // starts `current` itself and has nothing to roll.
+                runners: (self.config.runtime == RuntimeKind::Systemd)
+                    .then(|| RunnerWatch::new(&self.config.state_dir)),
             },
         );
         let guard =
