@@ -223,8 +223,21 @@ fn vm_commands_print_tables_and_confirmations() {
     assert!(out.stdout.starts_with("name:           database\nnode:           -\n"), "{}", out.stdout);
     assert!(out.stdout.contains("since:          2025-01-02 03:04:05 UTC ("), "{}", out.stdout);
     assert!(out.stdout.contains("pending reason: no host has the runner installed\n"), "{}", out.stdout);
-    assert_eq!(fake.cli(&["vm", "stop", "web"]).stdout, "vm web stopped: desired stopped, state starting, on h1\n");
-    assert_eq!(fake.cli(&["vm", "delete", "web"]).stdout, "vm web deleted\n");
+    // A start or stop is a request the host acts on later: said so.
+    assert_eq!(
+        fake.cli(&["vm", "stop", "web"]).stdout,
+        "vm web: desired stopped, now starting on h1; its host stops it shortly (--wait waits until it has stopped)\n"
+    );
+    assert_eq!(
+        fake.cli(&["vm", "migrate", "web", "--to", "h1"]).stdout,
+        "vm web is already on h1; nothing to move\n",
+        "a migrate to where it is does nothing, and says so"
+    );
+    assert!(!fake.calls().iter().any(|c| c.starts_with("VmMigrate")), "{:?}", fake.calls());
+    assert_eq!(
+        fake.cli(&["vm", "delete", "web"]).stdout,
+        "vm web deleted; its host stops the guest shortly (--wait stops it first and waits)\n"
+    );
 }
 
 #[test]
@@ -253,7 +266,7 @@ fn cluster_and_node_commands() {
     assert_eq!(status["term"], 3);
     assert_eq!(
         status["members"][0],
-        json!({"id": 1, "name": "h1", "address": "127.0.0.1:7000", "role": "leader", "healthy": true})
+        json!({"id": "1", "name": "h1", "address": "127.0.0.1:7000", "role": "leader", "healthy": true})
     );
     let out = fake.cli(&["cluster", "status"]);
     out.assert_ok();
@@ -284,7 +297,7 @@ fn cluster_and_node_commands() {
     writeln!(token, "  s3cret  ").unwrap();
     let out = fake.cli(&["cluster", "join", "10.0.0.1:7000", "--token-file", token.path().to_str().unwrap(), "--json"]);
     out.assert_ok();
-    assert_eq!(out.json(), json!({"name": "h4", "id": 4}));
+    assert_eq!(out.json(), json!({"name": "h4", "id": "4"}));
     assert!(fake.calls().contains(&"ClusterJoin(10.0.0.1:7000,s3cret)".to_string()), "{:?}", fake.calls());
 
     assert_eq!(fake.cli(&["cluster", "leave", "h4"]).stdout, "h4 left the cluster\n");
@@ -305,12 +318,223 @@ fn cluster_and_node_commands() {
 }
 
 #[test]
-fn completions_for_every_shell() {
-    for shell in ["bash", "zsh", "fish"] {
-        let out = run(&["completions", shell]);
-        out.assert_ok();
-        assert!(out.stdout.contains("blixard-agent"), "{shell}");
-        assert!(out.stdout.contains("migrate"), "{shell}");
+fn vm_list_pages_through_every_vm_and_passes_its_filters() {
+    let fake = Fake::start();
+    fake.insert_many("vm-", 2500);
+    let out = fake.cli(&["vm", "list", "--json"]);
+    out.assert_ok();
+    let listed = out.json();
+    assert_eq!(listed.as_array().unwrap().len(), 2500);
+    assert_eq!(listed[2499]["name"], "vm-002499");
+    let pages: Vec<String> = fake.calls().into_iter().filter(|c| c.starts_with("VmList")).collect();
+    assert_eq!(
+        pages,
+        [
+            "VmList(token=,size=1000,node=,state=,labels=0,prefix=)",
+            "VmList(token=vm-000999,size=1000,node=,state=,labels=0,prefix=)",
+            "VmList(token=vm-001999,size=1000,node=,state=,labels=0,prefix=)",
+        ]
+    );
+    let out = fake.cli(&["vm", "list"]);
+    out.assert_ok();
+    assert_eq!(out.stdout.lines().count(), 2501, "a header and every VM");
+    fake.cli(&["vm", "list", "--node", "h1", "--state", "running", "--label", "a=b", "--prefix", "vm-00"]).assert_ok();
+    assert!(
+        fake.calls().contains(&"VmList(token=,size=1000,node=h1,state=running,labels=1,prefix=vm-00)".to_string()),
+        "{:?}",
+        fake.calls()
+    );
+    let none = fake.cli(&["vm", "list", "--prefix", "nothing-", "--json"]);
+    none.assert_ok();
+    assert_eq!(none.json(), json!([]));
+}
+
+/// `vm list | head -1`: the reader goes away; the command ends quietly
+/// (exit 0, nothing on stderr), never a panic (exit 101).
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    use std::io::BufRead;
+    let fake = Fake::start();
+    fake.insert_many("vm-", 20_000);
+    let endpoint = fake.endpoint();
+    for args in [&["vm", "list"][..], &["vm", "list", "--json"], &["cluster", "status"], &["completions", "bash"]] {
+        let mut child = std::process::Command::new(cli_support::BIN)
+            .args(args)
+            .args(["--endpoint", &endpoint, "--config", "/dev/null"].iter().filter(|_| args[0] != "completions"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut first = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut first).unwrap();
+        // The reader is gone (dropped) before the command has written it all.
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn vm_update_prints_what_changed_and_when_it_takes_effect() {
+    let fake = Fake::start();
+    fake.insert_vm("web", "h1");
+    let out = fake.cli(&["vm", "update", "web", "--vcpu", "4", "--label", "tier=web", "--json"]);
+    out.assert_ok();
+    let j = out.json();
+    assert_eq!((j["vcpu"].as_u64(), j["labels"]["tier"].as_str()), (Some(4), Some("web")), "{j}");
+    assert_eq!(j["changed"], json!(["vcpu", "labels"]));
+    assert_eq!(j["takes_effect"], "next_start", "web runs on a host that still fits it");
+    let out = fake.cli(&["vm", "update", "web", "--node", "h2"]);
+    out.assert_ok();
+    assert_eq!(
+        out.stdout,
+        "vm web updated (node): its host no longer satisfies it, so it moves to another host; now running on h2\n"
+    );
+    let out = fake.cli(&["vm", "update", "web", "--vcpu", "4", "--json"]);
+    assert_eq!(out.json()["takes_effect"], "unchanged");
+    fake.cli(&["vm", "update", "nope", "--vcpu", "2"]).assert_error(2, "no VM named \"nope\"");
+    fake.cli(&["vm", "update", "web"]).assert_error(2, "`vm update` needs something to change");
+}
+
+#[test]
+fn cluster_backup_writes_a_checked_file_and_never_overwrites_one() {
+    let fake = Fake::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("state.bak");
+    let out = fake.cli(&["cluster", "backup", file.to_str().unwrap(), "--json"]);
+    out.assert_ok();
+    let j = out.json();
+    assert_eq!(
+        (j["cluster_id"].as_str(), j["index"].as_u64(), j["members"].as_u64()),
+        (Some("0000000000000007"), Some(42), Some(1))
+    );
+    let backup = blixard::backup::read(&file).unwrap();
+    assert_eq!(backup.header.index, 42);
+    assert_eq!(backup.state.members().len(), 1);
+    fake.cli(&["cluster", "backup", file.to_str().unwrap()]).assert_error(2, "already exists");
+    assert_eq!(fake.calls().iter().filter(|c| *c == "ClusterBackup").count(), 1, "refused before asking");
+}
+
+/// Where the shells are: (bash, zsh, fish). Without zsh or fish the test
+/// skips them, unless `BLIXARD_REQUIRE_SHELLS` is set (scripts/test.sh
+/// installs both and sets it).
+fn shell(name: &str) -> Option<String> {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if found.is_none() {
+        assert!(std::env::var_os("BLIXARD_REQUIRE_SHELLS").is_none(), "{name} is required but not installed");
+        eprintln!("skipping the {name} completion checks: {name} is not installed");
+    }
+    found
+}
+
+/// Completions through each shell's own machinery, from the script
+/// `completions SHELL` prints: subcommands below the top level, flags of
+/// a subcommand, and VM and node names from the (fake) local agent.
+#[test]
+fn completions_work_in_bash_zsh_and_fish() {
+    let fake = Fake::start();
+    fake.insert_vm("web", "h1");
+    fake.insert_vm("worker", "h2");
+    fake.insert_vm("db", "h2");
+    let bin_dir = std::path::Path::new(cli_support::BIN).parent().unwrap().to_path_buf();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    // (the words typed before TAB, the word being completed, what must be offered, what must not)
+    let cases: &[(&[&str], &str, &[&str], &[&str])] = &[
+        (&["vm"], "st", &["start", "status", "stop"], &["create"]),
+        (&["vm", "update", "web"], "--re", &["--restart", "--remove-label"], &["--to"]),
+        (&["vm", "start"], "w", &["web", "worker"], &["db"]),
+        (&["node", "drain"], "", &["h1", "h2", "h3"], &[]),
+        (&["cluster"], "ba", &["backup"], &[]),
+        (&["vm", "list", "--state"], "ru", &["running"], &["stopped"]),
+    ];
+    let check = |shell: &str, case: &(&[&str], &str, &[&str], &[&str]), got: Vec<String>| {
+        let (before, _, want, not) = case;
+        for w in *want {
+            assert!(got.iter().any(|g| g == w), "{shell}: {before:?} + TAB offers {got:?}, without {w}");
+        }
+        for n in *not {
+            assert!(!got.iter().any(|g| g == n), "{shell}: {before:?} + TAB offers {n} in {got:?}");
+        }
+    };
+    let run_shell = |program: &str, args: &[&str], script: &str| -> String {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .arg(script)
+            .env("PATH", &path)
+            .env("BLIXARD_ENDPOINT", fake.endpoint())
+            .env_remove("COMPLETE")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{program}: {}\n{script}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for case in cases {
+        let (before, current, ..) = case;
+        let words: Vec<String> = std::iter::once("blixard-agent")
+            .chain(before.iter().copied())
+            .chain([*current])
+            .map(|w| format!("'{w}'"))
+            .collect();
+        let script = format!(
+            "source <(blixard-agent completions bash)\n\
+             COMP_WORDS=({words}); COMP_CWORD={cword}; COMP_TYPE=9; COMP_LINE=\"${{COMP_WORDS[*]}}\"; COMP_POINT=${{#COMP_LINE}}\n\
+             _clap_complete_blixard_agent blixard-agent '{current}' '{prev}'\n\
+             printf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
+            words = words.join(" "),
+            cword = words.len() - 1,
+            prev = before.last().copied().unwrap_or("blixard-agent"),
+        );
+        let got = run_shell("bash", &["-c"], &script).lines().map(|l| l.trim().to_string()).collect();
+        check("bash", case, got);
+    }
+    if let Some(zsh) = shell("zsh") {
+        for case in cases {
+            let (before, current, ..) = case;
+            let words: Vec<String> = std::iter::once("blixard-agent")
+                .chain(before.iter().copied())
+                .chain([*current])
+                .map(|w| format!("'{w}'"))
+                .collect();
+            // compinit's functions, reduced to what the script calls:
+            // `compdef` registers, `_describe` offers (value:help).
+            let script = format!(
+                "compdef() {{ :; }}\n\
+                 _describe() {{ local name=${{@[-1]}}; printf '%s\\n' \"${{(@P)name}}\"; }}\n\
+                 eval \"$(blixard-agent completions zsh)\"\n\
+                 words=({words}); CURRENT={current_index}\n\
+                 _clap_dynamic_completer_blixard_agent\n",
+                words = words.join(" "),
+                current_index = words.len(),
+            );
+            let got = run_shell(&zsh, &["-f", "-c"], &script)
+                .lines()
+                .map(|l| l.split(':').next().unwrap_or("").replace("\\", "").trim().to_string())
+                .collect();
+            check("zsh", case, got);
+        }
+    }
+    if let Some(fish) = shell("fish") {
+        for case in cases {
+            let (before, current, ..) = case;
+            let line = std::iter::once("blixard-agent")
+                .chain(before.iter().copied())
+                .chain([*current])
+                .collect::<Vec<_>>()
+                .join(" ");
+            let script = format!("blixard-agent completions fish | source; complete --do-complete '{line}'");
+            let got = run_shell(&fish, &["--no-config", "-c"], &script)
+                .lines()
+                .map(|l| l.split('\t').next().unwrap_or("").trim().to_string())
+                .collect();
+            check("fish", case, got);
+        }
     }
 }
 
@@ -336,6 +560,9 @@ fn help_shows_examples_for_every_command() {
         &["cluster", "status"],
         &["cluster", "join"],
         &["cluster", "leave"],
+        &["cluster", "backup"],
+        &["restore"],
+        &["recover"],
         &["node"],
         &["node", "list"],
         &["node", "drain"],
@@ -345,6 +572,7 @@ fn help_shows_examples_for_every_command() {
         &["vm", "start"],
         &["vm", "stop"],
         &["vm", "delete"],
+        &["vm", "update"],
         &["vm", "migrate"],
         &["vm", "list"],
         &["vm", "status"],

@@ -198,8 +198,82 @@ impl Client {
         self.call(req, |mut c, r| async move { c.vm_recover(r).await }).await
     }
 
-    pub async fn vm_list(&self) -> Result<pb::VmListResponse, ClientError> {
-        self.call(pb::VmListRequest {}, |mut c, r| async move { c.vm_list(r).await }).await
+    /// One page of VMs.
+    pub async fn vm_list(&self, req: pb::VmListRequest) -> Result<pb::VmListResponse, ClientError> {
+        self.call(req, |mut c, r| async move { c.vm_list(r).await }).await
+    }
+
+    /// Every VM `req` selects, page after page, handing each page to
+    /// `each` as it arrives (so a million VMs are never all in memory at
+    /// once unless the caller keeps them). Each page is one linearizable
+    /// read: a VM created or deleted while paging may or may not be
+    /// listed, and none is listed twice. With `stale`, each page is read
+    /// from the agent's own state (`--stale`), and the staleness of the
+    /// first page is returned.
+    pub async fn vm_list_each(
+        &self,
+        mut req: pb::VmListRequest,
+        stale: bool,
+        mut each: impl FnMut(Vec<pb::VmInfo>) -> std::ops::ControlFlow<()>,
+    ) -> Result<Option<Staleness>, ClientError> {
+        let mut staleness = None;
+        loop {
+            let page = if stale {
+                let (page, how) = self.vm_list_stale(req.clone()).await?;
+                staleness.get_or_insert(how);
+                page
+            } else {
+                self.vm_list(req.clone()).await?
+            };
+            if each(page.vms).is_break() || page.next_page_token.is_empty() {
+                return Ok(staleness);
+            }
+            if page.next_page_token <= req.page_token {
+                return Err(ClientError::failed(format!(
+                    "the agent at {} sent a page token that does not move forward",
+                    self.authority
+                )));
+            }
+            req.page_token = page.next_page_token;
+        }
+    }
+
+    /// Every VM `req` selects (see [`Client::vm_list_each`]).
+    pub async fn vm_list_all(&self, req: pb::VmListRequest) -> Result<Vec<pb::VmInfo>, ClientError> {
+        let mut all = Vec::new();
+        self.vm_list_each(req, false, |page| {
+            all.extend(page);
+            std::ops::ControlFlow::Continue(())
+        })
+        .await?;
+        Ok(all)
+    }
+
+    pub async fn vm_update(&self, req: pb::VmUpdateRequest) -> Result<pb::VmUpdateResponse, ClientError> {
+        self.call(req, |mut c, r| async move { c.vm_update(r).await }).await
+    }
+
+    /// The backup stream. The deadline covers the first chunk (the header,
+    /// which the agent sends once it has the state); the caller bounds
+    /// the wait for each later chunk.
+    pub async fn cluster_backup(
+        &self,
+    ) -> Result<impl futures_util::Stream<Item = Result<pb::BackupChunk, ClientError>> + use<>, ClientError> {
+        use futures_util::StreamExt;
+        let mut client = self.inner.clone().max_decoding_message_size(4 * 1024 * 1024);
+        let stream = match tokio::time::timeout(self.timeout, client.cluster_backup(pb::ClusterBackupRequest {})).await
+        {
+            Err(_) => return Err(timed_out(&self.authority, self.timeout)),
+            Ok(Err(status)) => return Err(from_status(&self.authority, self.timeout, self.tls, &status)),
+            Ok(Ok(response)) => response.into_inner(),
+        };
+        let (authority, timeout, tls) = (self.authority.clone(), self.timeout, self.tls);
+        Ok(stream.map(move |item| item.map_err(|status| from_status(&authority, timeout, tls, &status))))
+    }
+
+    /// How long this client waits for one answer.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     pub async fn vm_status(&self, name: String) -> Result<pb::VmInfo, ClientError> {
@@ -213,8 +287,8 @@ impl Client {
     }
 
     /// [`Client::vm_list`] from the agent's own state (`--stale`).
-    pub async fn vm_list_stale(&self) -> Result<(pb::VmListResponse, Staleness), ClientError> {
-        self.call_stale(pb::VmListRequest {}, |mut c, r| async move { c.vm_list(r).await }).await
+    pub async fn vm_list_stale(&self, req: pb::VmListRequest) -> Result<(pb::VmListResponse, Staleness), ClientError> {
+        self.call_stale(req, |mut c, r| async move { c.vm_list(r).await }).await
     }
 
     /// [`Client::vm_status`] from the agent's own state (`--stale`).
@@ -366,6 +440,14 @@ fn unreachable(
     const DROPPED: &[&str] =
         &["connection closed", "connection reset", "broken pipe", "unexpected eof", "frame with invalid size"];
     let dropped = DROPPED.iter().any(|s| lower.contains(s));
+    // HTTP/1 bytes read as HTTP/2 frames: a web server there, such as the
+    // agent's own metrics and dashboard port.
+    if lower.contains("frame with invalid size") && tls == TlsUse::Plain {
+        return ClientError::failed(format!(
+            "{authority} does not speak gRPC: it answers in another protocol (HTTP/1, such as an agent's \
+             metrics_listen port: the gRPC port is its `listen`), or requires TLS"
+        ));
+    }
     let hint = if dropped { tls.hint() } else { "" };
     ClientError::failed(format!("cannot reach the agent at {authority}: {cause}{hint}"))
 }

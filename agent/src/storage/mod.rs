@@ -174,6 +174,11 @@ pub struct WriteBatch {
     /// and everything written, when the batch installs a snapshot, changes
     /// the conf state or compacts.
     pub defer_state: bool,
+    /// Records this node's identity in the same transaction, replacing
+    /// any: only for starting a new cluster from a store (a restore, or
+    /// `recover --force-new-cluster`), so that a crash never leaves the new
+    /// cluster's state under the old cluster's id.
+    pub identity: Option<NodeIdentity>,
 }
 
 impl WriteBatch {
@@ -185,6 +190,7 @@ impl WriteBatch {
             && self.applied.is_none()
             && self.conf_state.is_none()
             && self.compact_to.is_none()
+            && self.identity.is_none()
     }
 }
 
@@ -376,6 +382,61 @@ impl Store {
         state.take_dirty();
         let batch = WriteBatch { snapshot: Some(snapshot), sync: true, ..WriteBatch::default() };
         self.commit(batch)
+    }
+
+    /// [`Store::bootstrap`] for a new cluster whose first state is not
+    /// derived from `initial_members` (a restored backup), recording the
+    /// node's `identity` in the same transaction.
+    pub fn bootstrap_as(
+        &mut self,
+        conf_state: ConfState,
+        mut state: State,
+        index: u64,
+        term: u64,
+        identity: NodeIdentity,
+    ) -> Result<(), StorageError> {
+        assert!(!self.is_initialized() && self.identity.is_none(), "bootstrap on an initialized store would wipe it");
+        assert!(index > 0 && term > 0);
+        let mut snapshot = Snapshot::default();
+        snapshot.set_data(codec::encode_snapshot(&state).into());
+        let meta = snapshot.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(conf_state);
+        state.take_dirty();
+        let batch =
+            WriteBatch { snapshot: Some(snapshot), sync: true, identity: Some(identity), ..WriteBatch::default() };
+        self.commit(batch)
+    }
+
+    /// `recover --force-new-cluster`: makes this store the whole of a new
+    /// cluster. `state` (this store's applied state with the other members
+    /// removed) becomes a snapshot at the applied index, under `conf_state`
+    /// and the new `identity`; every log entry is dropped, which discards
+    /// the entries after the commit index this node never saw committed.
+    /// The applied state must be written and caught up with the commit
+    /// index (`Core::apply_committed`). Returns the entries discarded.
+    pub fn force_new_cluster(
+        &mut self,
+        state: &State,
+        conf_state: ConfState,
+        identity: NodeIdentity,
+    ) -> Result<u64, StorageError> {
+        assert!(!self.state_unwritten(), "the applied state is written first");
+        assert_eq!(self.applied, self.commit_index(), "every committed entry is applied first");
+        let index = self.applied;
+        let term = self.term_of(index).expect("the applied entry is in the log or is the snapshot point");
+        let discarded = self.last_index() - index;
+        let mut snapshot = Snapshot::default();
+        snapshot.set_data(codec::encode_snapshot(state).into());
+        let meta = snapshot.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(conf_state);
+        let batch =
+            WriteBatch { snapshot: Some(snapshot), sync: true, identity: Some(identity), ..WriteBatch::default() };
+        self.commit(batch)?;
+        Ok(discarded)
     }
 
     /// The hard state as written.
@@ -636,12 +697,18 @@ impl Store {
             if hard_state != self.hard_state || installed.is_some() {
                 meta.insert(META_HARD_STATE, hard_state.write_to_bytes()?.as_slice())?;
             }
+            if let Some(identity) = &batch.identity {
+                meta.insert(META_IDENTITY, identity.encode().as_slice())?;
+            }
             self.hard_state = hard_state;
         }
         txn.commit()?;
 
         // The transaction is durable (or, unsynced, at least ordered before
         // any later synced one); mirror it in memory.
+        if let Some(identity) = batch.identity.take() {
+            self.identity = Some(identity);
+        }
         if let Some((snap_meta, new_state)) = installed {
             self.entries.clear();
             self.snapshot_index = snap_meta.index;
