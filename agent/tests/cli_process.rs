@@ -77,13 +77,15 @@ fn malformed_endpoints_are_refused_before_connecting() {
 
 #[test]
 fn missing_subcommands_are_one_sentence() {
-    run(&[])
-        .assert_error(2, "blixard-agent needs a subcommand (run, cluster, node, vm, events, guard, certs, completions");
+    run(&[]).assert_error(
+        2,
+        "blixard-agent needs a subcommand (run, cluster, node, vm, events, guard, restore, recover, certs, completions",
+    );
     run(&["vm"]).assert_error(
         2,
-        "`vm` needs a subcommand (create, start, stop, delete, migrate, recover, list, status, logs); see `blixard-agent vm --help`",
+        "`vm` needs a subcommand (create, start, stop, delete, update, migrate, recover, list, status, logs); see `blixard-agent vm --help`",
     );
-    run(&["cluster"]).assert_error(2, "`cluster` needs a subcommand (status, join, join-token, leave)");
+    run(&["cluster"]).assert_error(2, "`cluster` needs a subcommand (status, join, backup, join-token, leave)");
     run(&["node"]).assert_error(2, "`node` needs a subcommand (list, drain, undrain)");
     run(&["completions"]).assert_error(2, "`completions` needs SHELL");
     run(&["completions", "powershell"]).assert_error(2, "\"powershell\" is not a valid SHELL: use bash, zsh or fish");

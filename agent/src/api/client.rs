@@ -406,6 +406,13 @@ fn from_status(authority: &str, timeout: Duration, tls: TlsUse, status: &Status)
     if let Some(source) = std::error::Error::source(status) {
         return unreachable(authority, timeout, tls, source);
     }
+    // An HTTP server that is not gRPC answered (tonic maps its status).
+    if status.message().starts_with("grpc-status header missing") {
+        return ClientError::failed(format!(
+            "{authority} answered in plain HTTP, not gRPC: it is not an agent's gRPC port (is it its \
+             metrics_listen? the gRPC port is its `listen`)"
+        ));
+    }
     let message = clip(status.message().trim());
     let message = if message.is_empty() {
         format!("the agent at {authority} answered {:?} with no message", status.code())
@@ -526,6 +533,10 @@ mod tests {
         assert_eq!(e.class, ErrorClass::Failed);
         let e = from_status("h:1", t, TlsUse::Plain, &Status::internal(""));
         assert_eq!(e.message, "the agent at h:1 answered Internal with no message");
+        let http = Status::unimplemented("grpc-status header missing, mapped from HTTP status code 404");
+        let e = from_status("h:1", t, TlsUse::Plain, &http);
+        assert_eq!(e.class, ErrorClass::Failed);
+        assert!(e.message.starts_with("h:1 answered in plain HTTP, not gRPC"), "{e}");
         let e = from_status("h:1", t, TlsUse::Plain, &Status::deadline_exceeded(""));
         assert_eq!(e.message, "timed out after 10 s waiting for the agent at h:1");
         let e = from_status("h:1", t, TlsUse::Plain, &Status::invalid_argument("x".repeat(5000)));

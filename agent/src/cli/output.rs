@@ -500,8 +500,11 @@ fn key_values(lines: &[(&str, String)]) -> String {
 
 /// Where a VM is, for a sentence: "running on h1", "pending on no host".
 pub fn where_is(v: &pb::VmInfo) -> String {
-    let node = if v.node.is_empty() { "no host".to_string() } else { cell(&v.node) };
-    format!("{} on {node}", cell(&v.state))
+    if v.node.is_empty() {
+        format!("{}, on no host", cell(&v.state))
+    } else {
+        format!("{} on {}", cell(&v.state), cell(&v.node))
+    }
 }
 
 /// `vm start|stop` without `--wait`: what was asked and where the VM is.
@@ -513,7 +516,8 @@ pub fn vm_desired(v: &pb::VmInfo) -> String {
         _ => v.state == "stopped",
     };
     if done {
-        return format!("vm {name} is {wanted} ({})\n", where_is(v));
+        let on = if v.node.is_empty() { String::new() } else { format!(" on {}", cell(&v.node)) };
+        return format!("vm {name} is {wanted}{on}\n");
     }
     let action = if wanted == "running" { "starts" } else { "stops" };
     let actor = if v.node.is_empty() && wanted == "running" { "the host it is placed on" } else { "its host" };
@@ -532,7 +536,9 @@ pub fn vm_settled(v: &pb::VmInfo) -> String {
 }
 
 pub fn vm_written(verb: &str, v: &pb::VmInfo) -> String {
-    let place = if v.node.is_empty() {
+    let place = if v.node.is_empty() && v.desired == "stopped" {
+        "on no host until it is started".to_string()
+    } else if v.node.is_empty() {
         match v.pending_reason.as_str() {
             "" => "not placed yet".to_string(),
             reason => format!("not placed yet: {}", one_line(reason)),
@@ -784,7 +790,7 @@ mod tests {
             vm_desired(&stopped),
             "vm web: desired running, now stopped on h1; its host starts it shortly (--wait waits until it runs)\n"
         );
-        assert_eq!(vm_desired(&vm("web", "h1")), "vm web is running (running on h1)\n");
+        assert_eq!(vm_desired(&vm("web", "h1")), "vm web is running on h1\n");
         let stopping = pb::VmInfo { desired: "stopped".into(), ..vm("web", "h1") };
         assert_eq!(
             vm_desired(&stopping),
