@@ -770,6 +770,13 @@ pub fn reference() -> Vec<KeyDoc> {
         k("vm[].node", "", "none".into(), name_rule.clone(), "Pin it to this host."),
         k("vm[].anti_affinity", "", "none".into(), name_rule, "Never on a host with another VM of this group."),
         k(
+            "vm[].failover",
+            "",
+            "auto".into(),
+            "`auto` or `manual`".into(),
+            "When its host is lost: auto, fenced there and restarted elsewhere; manual, moved only by `vm recover`.",
+        ),
+        k(
             "vm[].desired",
             "",
             "running".into(),

@@ -178,7 +178,7 @@ fn vm_commands_print_the_documented_json() {
         json!({"name": "web", "node": "h1", "desired": "running", "state": "starting", "vcpu": 2, "memory_mib": 1024,
                "failover": "auto", "since": "2025-01-02T03:04:05.678Z", "since_unix_ms": SINCE_UNIX_MS, "last_error": null,
                "pending_reason": null, "pinned_node": null, "anti_affinity": null, "labels": {"tier": "web"},
-               "generation": 1})
+               "generation": 1, "failover": "auto"})
     );
     fake.insert_vm("db", "");
 

@@ -306,6 +306,12 @@ fn vm_update_changes_every_field_in_place_and_wait_waits() -> Result<()> {
     let out = cluster.cli(at, &["vm", "update", "db", "--node", "h2"])?;
     ensure!(out.code == 2 && out.stderr.contains("anti-affinity group \"g\""), "{out:?}");
 
+    // Failover policy.
+    let up = cluster.cli_json(at, &["vm", "update", "web", "--failover", "manual"])?;
+    ensure!(up["failover"] == "manual" && up["changed"] == serde_json::json!(["failover"]), "{up}");
+    let up = cluster.cli_json(at, &["vm", "update", "web", "--failover", "auto"])?;
+    ensure!(up["failover"] == "auto", "{up}");
+
     // --restart: takes effect now.
     let before = cluster.cli_json(at, &["vm", "status", "web"])?["since_unix_ms"].as_u64().unwrap_or(0);
     let up = cluster.cli_json(at, &["vm", "update", "web", "--no-anti-affinity", "--restart"])?;
@@ -406,7 +412,7 @@ fn vm_list_pages_and_filters_200000_vms() -> Result<()> {
     ensure!(
         on_h1
             == serde_json::json!([{"name": "vm-000007", "node": "h1", "desired": "running", "state": "running",
-                                         "vcpu": 1, "memory_mib": 16}]),
+                                         "vcpu": 1, "memory_mib": 16, "failover": "auto"}]),
         "{on_h1}"
     );
     let out = cluster.cli(0, &["vm", "list", "--node", "h9"])?;

@@ -572,6 +572,7 @@ pub enum StateArg {
     Stopping,
     Stopped,
     Failed,
+    Lost,
 }
 
 impl StateArg {
@@ -583,6 +584,7 @@ impl StateArg {
             StateArg::Stopping => "stopping",
             StateArg::Stopped => "stopped",
             StateArg::Failed => "failed",
+            StateArg::Lost => "lost",
         }
     }
 }

@@ -135,7 +135,7 @@ impl std::fmt::Display for CommandKind {
             if let Some(group) = &s.anti_affinity {
                 text.push_str(&format!(", anti-affinity {group}"));
             }
-            text.push_str(&format!(", desired {}", s.desired));
+            text.push_str(&format!(", desired {}, failover {}", s.desired, s.failover));
             text
         }
         match self {
@@ -168,6 +168,7 @@ impl std::fmt::Display for CommandKind {
             CommandKind::Report { node, vm, state, .. } => write!(f, "member {node} reports VM {vm} {state}"),
             CommandKind::Released { node, vm, .. } => write!(f, "member {node} released VM {vm}"),
             CommandKind::ClearHandoff { vm, from, .. } => write!(f, "end VM {vm}'s handoff from member {from}"),
+            CommandKind::Recover { vm, node, .. } => write!(f, "recover VM {vm} onto member {node}"),
             CommandKind::AddJoinToken { ttl_ms, .. } => write!(f, "add a join token for {} s", ttl_ms / 1000),
             CommandKind::UseJoinToken { node, .. } => write!(f, "admit member {node} with a join token"),
         }
