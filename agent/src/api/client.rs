@@ -447,14 +447,6 @@ fn unreachable(
     const DROPPED: &[&str] =
         &["connection closed", "connection reset", "broken pipe", "unexpected eof", "frame with invalid size"];
     let dropped = DROPPED.iter().any(|s| lower.contains(s));
-    // HTTP/1 bytes read as HTTP/2 frames: a web server there, such as the
-    // agent's own metrics and dashboard port.
-    if lower.contains("frame with invalid size") && tls == TlsUse::Plain {
-        return ClientError::failed(format!(
-            "{authority} does not speak gRPC: it answers in another protocol (HTTP/1, such as an agent's \
-             metrics_listen port: the gRPC port is its `listen`), or requires TLS"
-        ));
-    }
     let hint = if dropped { tls.hint() } else { "" };
     ClientError::failed(format!("cannot reach the agent at {authority}: {cause}{hint}"))
 }
