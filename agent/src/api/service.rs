@@ -1120,6 +1120,174 @@ mod tests {
         assert_eq!(spec_of(&pinned).unwrap_err().code(), tonic::Code::InvalidArgument);
     }
 
+    /// Two hosts (h1, h2; h1 rack r1) with runners for the first 100 VMs, 4 vcpus
+    /// each; `vms` VMs named vm-000000.. unplaced, every 3rd labelled
+    /// tier=db, every 5th desired stopped; vm-000001 placed on h1.
+    fn cluster(vms: usize) -> State {
+        use crate::state::{Capacity, Command, CommandKind as K, MembershipChange};
+        let mut state = State::with_members([Member::new(1, "h1", "127.0.0.1:7001")]);
+        state
+            .apply_membership(
+                &MembershipChange::AddLearner { id: 2, name: "h2".into(), address: "127.0.0.1:7002".into() },
+                0,
+            )
+            .unwrap();
+        let names: Vec<String> = (0..vms).map(|i| format!("vm-{i:06}")).collect();
+        let apply = |state: &mut State, kind| state.apply(&Command { at_unix_ms: 1, kind }).unwrap();
+        for node in [1, 2] {
+            let capacity = Capacity { vcpu: 4, memory_mib: 4096, ..Capacity::default() };
+            apply(&mut state, K::SetCapacity { node, capacity });
+            apply(&mut state, K::SetRunners { node, runners: names.iter().take(100).cloned().collect() });
+        }
+        apply(&mut state, K::SetLabels { node: 1, labels: [("rack".to_string(), "r1".to_string())].into() });
+        for (i, name) in names.iter().enumerate() {
+            let mut spec = VmSpec { vcpu: 1, memory_mib: 64, ..VmSpec::default() };
+            if i % 3 == 0 {
+                spec.labels.insert("tier".into(), "db".into());
+            }
+            if i % 5 == 0 {
+                spec.desired = Desired::Stopped;
+            }
+            apply(&mut state, K::CreateVm { name: name.clone(), spec });
+        }
+        apply(&mut state, K::Place { vm: "vm-000001".into(), node: 1, expected_generation: 0 });
+        let _ = state.take_dirty();
+        state
+    }
+
+    /// Every VM `query` selects, page after page.
+    fn all_pages(state: &State, mut query: VmQuery) -> (Vec<String>, usize) {
+        let (mut names, mut pages) = (Vec::new(), 0);
+        loop {
+            let page = vm_page(state, &query);
+            pages += 1;
+            names.extend(page.vms.into_iter().map(|v| v.name));
+            if page.next_page_token.is_empty() {
+                return (names, pages);
+            }
+            assert!(query.after.as_deref().is_none_or(|a| a < page.next_page_token.as_str()), "the token moves on");
+            query.after = Some(page.next_page_token);
+        }
+    }
+
+    #[test]
+    fn vm_list_pages_are_bounded_ordered_and_filtered() {
+        let state = cluster(2500);
+        let (names, pages) = all_pages(&state, VmQuery { size: 1000, ..VmQuery::default() });
+        assert_eq!((names.len(), pages), (2500, 3));
+        assert!(names.windows(2).all(|w| w[0] < w[1]));
+        // Without a size, a page holds what fits in VM_LIST_PAGE_BYTES.
+        let page = vm_page(&state, &VmQuery::default());
+        assert_eq!((page.vms.len(), page.next_page_token.as_str()), (2500, ""));
+        let labelled = VmQuery { labels: [("tier".to_string(), "db".to_string())].into(), ..VmQuery::default() };
+        assert_eq!(all_pages(&state, VmQuery { size: 100, ..labelled }).0.len(), 834);
+        // A desired-stopped VM on no host shows, and filters, as stopped.
+        let stopped = all_pages(&state, VmQuery { state: Some(VmState::Stopped), ..VmQuery::default() }).0;
+        assert_eq!(stopped.len(), 500);
+        assert_eq!(vm_info(&state, state.vm("vm-000000").unwrap(), false).state, "stopped");
+        assert_eq!(vm_info(&state, state.vm("vm-000002").unwrap(), false).state, "pending");
+        let on_h1 = all_pages(&state, VmQuery { node: Some(1), ..VmQuery::default() }).0;
+        assert_eq!(on_h1, ["vm-000001"]);
+        let on_h1_after = VmQuery { node: Some(1), after: Some("vm-000001".into()), ..VmQuery::default() };
+        assert!(all_pages(&state, on_h1_after).0.is_empty());
+        let prefixed = all_pages(&state, VmQuery { prefix: "vm-00001".into(), size: 3, ..VmQuery::default() }).0;
+        assert_eq!(prefixed.len(), 10);
+        assert_eq!(prefixed[0], "vm-000010");
+        // A token before the prefix starts at the prefix.
+        let query = VmQuery { prefix: "vm-002".into(), after: Some("vm-000005".into()), ..VmQuery::default() };
+        assert_eq!(all_pages(&state, query).0.first().map(String::as_str), Some("vm-002000"));
+    }
+
+    #[test]
+    fn a_filter_that_matches_little_examines_a_bounded_number_of_vms_per_page() {
+        let state = cluster(VM_LIST_SCAN_MAX + 10);
+        let query = VmQuery { labels: [("none".to_string(), "x".to_string())].into(), ..VmQuery::default() };
+        let first = vm_page(&state, &query);
+        assert!(first.vms.is_empty());
+        assert_eq!(first.next_page_token, format!("vm-{:06}", VM_LIST_SCAN_MAX - 1));
+        let second = vm_page(&state, &VmQuery { after: Some(first.next_page_token), ..query });
+        assert_eq!((second.vms.len(), second.next_page_token.as_str()), (0, ""));
+    }
+
+    #[test]
+    fn list_requests_are_checked() {
+        let ok = pb::VmListRequest { state: "running".into(), node: "h1".into(), ..Default::default() };
+        assert_eq!(query_of(&ok).unwrap().state, Some(VmState::Running));
+        for bad in [
+            pb::VmListRequest { page_token: "../x".into(), ..Default::default() },
+            pb::VmListRequest { page_size: VM_LIST_PAGE_MAX + 1, ..Default::default() },
+            pb::VmListRequest { state: "happy".into(), ..Default::default() },
+            pb::VmListRequest { node: "H1".into(), ..Default::default() },
+            pb::VmListRequest { name_prefix: "A".into(), ..Default::default() },
+            pb::VmListRequest { labels: [("Bad Key".to_string(), "v".to_string())].into(), ..Default::default() },
+        ] {
+            assert_eq!(query_of(&bad).unwrap_err().code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_update_is_checked_like_a_create_and_refused_when_it_fits_nowhere() {
+        let state = cluster(10);
+        let current = state.vm("vm-000001").unwrap().spec.clone();
+        let update = |f: fn(&mut pb::VmUpdateRequest)| {
+            let mut request = pb::VmUpdateRequest { name: "vm-000001".into(), ..Default::default() };
+            f(&mut request);
+            updated_spec(&current, &request)
+        };
+        let (spec, changed) = update(|r| {
+            r.vcpu = Some(2);
+            r.set_labels.insert("rack".into(), "r1".into());
+            r.failover = Some("manual".into());
+        })
+        .unwrap();
+        assert_eq!(changed, ["vcpu", "labels", "failover"]);
+        assert_eq!(update_violation(&state, "vm-000001", &spec), None, "it still fits on h1");
+        assert!(update(|r| r.vcpu = Some(0)).is_err());
+        assert!(update(|r| r.failover = Some("sometimes".into())).is_err());
+        assert!(
+            update(|r| {
+                r.unpin = true;
+                r.node = Some("h1".into());
+            })
+            .is_err()
+        );
+        assert_eq!(update(|r| r.vcpu = Some(1)).unwrap().1, Vec::<&str>::new(), "nothing changed");
+        // 8 vcpus fit on no host (4 each): refused with h1's reason.
+        let (big, _) = update(|r| r.vcpu = Some(8)).unwrap();
+        assert!(matches!(update_violation(&state, "vm-000001", &big), Some(Rejection::OverCapacity { .. })));
+        // A label h1 lacks but nobody has: refused; one h2 could take: fine (it moves).
+        let (r9, _) = update(|r| {
+            r.set_labels.insert("rack".into(), "r9".into());
+        })
+        .unwrap();
+        assert!(matches!(update_violation(&state, "vm-000001", &r9), Some(Rejection::LabelMismatch { .. })));
+        let (pinned, _) = update(|r| r.node = Some("h2".into())).unwrap();
+        assert_eq!(update_violation(&state, "vm-000001", &pinned), None);
+        let (unknown, _) = update(|r| r.node = Some("h9".into())).unwrap();
+        assert!(matches!(update_violation(&state, "vm-000001", &unknown), Some(Rejection::UnknownNodeName(_))));
+    }
+
+    #[test]
+    fn a_pin_to_a_host_that_has_not_reported_its_capacity_is_not_yet_known() {
+        let mut state = cluster(2);
+        state
+            .apply_membership(
+                &crate::state::MembershipChange::AddLearner {
+                    id: 3,
+                    name: "h3".into(),
+                    address: "127.0.0.1:7003".into(),
+                },
+                0,
+            )
+            .unwrap();
+        let spec = VmSpec { vcpu: 1, memory_mib: 64, node: Some("h3".into()), ..VmSpec::default() };
+        let h3 = state.member_by_name("h3").unwrap();
+        let rejection = pinned_violation(&state, "new", &spec, h3).unwrap();
+        assert!(matches!(rejection, Rejection::NotReported { .. }), "{rejection}");
+        assert_eq!(from_rejection(&rejection).code(), tonic::Code::Unavailable, "exit 1, not 2");
+        assert!(rejection.to_string().contains("not yet known"));
+    }
+
     #[test]
     fn node_status_words() {
         let mut state = State::default();

@@ -1007,6 +1007,24 @@ mod tests {
         assert_eq!(o.runtime.as_deref(), Some("process"));
     }
 
+    /// docs/config.md names the `run` flag of each key: they are the real
+    /// ones, and every flag of `run` (but --config) has its key there.
+    #[test]
+    fn the_config_reference_names_the_run_flags() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").unwrap();
+        let flags: Vec<String> = run.get_arguments().filter_map(|a| a.get_long()).map(|l| format!("--{l}")).collect();
+        let documented: Vec<&str> =
+            crate::config::reference().iter().map(|k| k.flag).filter(|f| !f.is_empty()).collect();
+        for flag in &documented {
+            assert!(flags.iter().any(|f| f == flag), "{flag} is not a flag of run");
+        }
+        for flag in flags.iter().filter(|f| !["--config", "--help", "--version"].contains(&f.as_str())) {
+            assert!(documented.contains(&flag.as_str()), "run's {flag} is missing from config::reference()");
+        }
+    }
+
     #[test]
     fn the_command_tree_is_consistent() {
         use clap::CommandFactory;

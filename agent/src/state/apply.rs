@@ -1420,6 +1420,37 @@ mod tests {
     }
 
     #[test]
+    fn a_state_for_a_new_cluster_keeps_what_its_hosts_still_hold() {
+        let mut state = three_with_a_on_h1();
+        create(&mut state, "b", spec(1, 128)).unwrap();
+        state.apply(&cmd(CommandKind::Place { vm: "b".into(), node: 3, expected_generation: 0 })).unwrap();
+        place(&mut state, "b", 1).unwrap(); // a handoff from h3
+        create(&mut state, "c", spec(1, 128)).unwrap();
+        state.apply(&cmd(CommandKind::Place { vm: "c".into(), node: 2, expected_generation: 0 })).unwrap();
+        state.apply(&cmd(CommandKind::AddJoinToken { hash: [9; 32], ttl_ms: 1000 })).unwrap();
+        // The new cluster: h1 (new id 11) and h9; h2 and h3 are gone.
+        let members = [Member::new(11, "h1", "10.0.0.1:7000"), Member::new(19, "h9", "10.0.0.9:7000")];
+        let new = state.for_new_cluster(&members, 77);
+        new.validate().unwrap();
+        let h1 = new.member(11).unwrap();
+        assert_eq!((h1.capacity, h1.address.as_str()), (state.member(1).unwrap().capacity, "10.0.0.1:7000"));
+        assert_eq!(h1.runners, state.member(1).unwrap().runners, "what h1 reported is kept");
+        assert_eq!(new.member(19).unwrap().capacity, Capacity::default(), "h9 reports its own");
+        assert!(new.member(2).is_none() && new.member(3).is_none());
+        // a stays on h1 (its new id); c was on h2: placed again, with a
+        // handoff from h2's old id; b's handoff from h3 stays, on h1.
+        assert_eq!(new.vm("a").unwrap().placement.map(|p| p.node), Some(11));
+        let c = new.vm("c").unwrap();
+        assert_eq!((c.placement, c.handoff.map(|h| h.from)), (None, Some(2)));
+        assert_eq!(c.observed, Observed { state: VmState::Pending, since_unix_ms: 77, last_error: None });
+        let b = new.vm("b").unwrap();
+        assert_eq!((b.placement.map(|p| p.node), b.handoff.map(|h| h.from)), (Some(11), Some(3)));
+        assert!(new.join_tokens().is_empty());
+        // Deterministic: every member restoring the same state computes it.
+        assert_eq!(state.for_new_cluster(&members, 77), new);
+    }
+
+    #[test]
     fn labels_are_bounded() {
         let mut state = cluster();
         let many: Labels = (0..33).map(|i| (format!("k{i}"), "v".to_string())).collect();

@@ -821,3 +821,47 @@ fn u64_le(bytes: &[u8]) -> Result<u64, StorageError> {
     let array: [u8; 8] = bytes.try_into().map_err(|_| StorageError::Corrupt("expected 8 bytes".into()))?;
     Ok(u64::from_le_bytes(array))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Member;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry { index, term, ..Default::default() }
+    }
+
+    /// `recover --force-new-cluster` rewrites a store in one transaction:
+    /// the applied state as a snapshot at the applied index, one voter, a
+    /// new cluster id, and no log (the entries never seen committed gone).
+    #[test]
+    fn a_forced_new_cluster_keeps_the_applied_state_and_drops_the_uncommitted_tail() {
+        let disk = CrashDisk::new();
+        let mut store = Store::open_backend(disk.backend()).unwrap();
+        let old = NodeIdentity { id: 1, name: "h1".into(), cluster_id: 7 };
+        store.set_identity(old.clone()).unwrap();
+        let hs = HardState { term: 2, commit: 3, ..Default::default() };
+        let entries = (1..=5).map(|i| entry(i, if i <= 3 { 1 } else { 2 })).collect();
+        let batch = WriteBatch {
+            entries,
+            hard_state: Some(hs),
+            applied: Some(3),
+            conf_state: Some(ConfState::from((vec![1, 2, 3], vec![]))),
+            sync: true,
+            ..WriteBatch::default()
+        };
+        store.commit(batch).unwrap();
+        let state = State::with_members([Member::new(1, "h1", "127.0.0.1:7000")]);
+        let new = NodeIdentity { cluster_id: 8, ..old };
+        let discarded = store.force_new_cluster(&state, ConfState::from((vec![1], vec![])), new.clone()).unwrap();
+        assert_eq!(discarded, 2);
+        for store in [store, Store::open_backend(disk.backend()).unwrap()] {
+            assert_eq!(store.identity(), Some(&new));
+            assert_eq!((store.snapshot_point(), store.applied(), store.last_index()), ((3, 1), 3, 3));
+            assert_eq!(store.conf_state().voters, vec![1]);
+            assert_eq!(store.hard_state().term, 2, "the term is kept");
+            assert_eq!(store.state().members().len(), 1);
+            store.validate().unwrap();
+        }
+    }
+}
