@@ -942,9 +942,8 @@ initial_members = ["h1=10.0.0.1:7000", "h2=10.0.0.2:7000", "h3=10.0.0.3:7000"]
             _ => "",
         };
         if current != generated {
-            if std::env::var_os("BLIXARD_UPDATE_DOCS").is_some() && start.is_some() && stop.is_some() {
-                let updated = format!("{}{generated}{}", &text[..start.unwrap()], &text[stop.unwrap()..]);
-                std::fs::write(&path, updated).unwrap();
+            if let (Some(a), Some(b), Some(_)) = (start, stop, std::env::var_os("BLIXARD_UPDATE_DOCS")) {
+                std::fs::write(&path, format!("{}{generated}{}", &text[..a], &text[b..])).unwrap();
                 return;
             }
             panic!(

@@ -219,24 +219,25 @@ pub fn updated_spec(current: &VmSpec, request: &pb::VmUpdateRequest) -> Result<(
     for (key, value) in &request.set_labels {
         spec.labels.insert(key.clone(), value.clone());
     }
-    if request.unpin && request.node.is_some() {
-        return Err(Status::invalid_argument("give either a node to pin the VM to or unpin, not both"));
+    /// Sets `field` to `value`, or clears it, or leaves it.
+    fn set_or_clear(field: &mut Option<String>, value: &Option<String>, clear: bool, what: &str) -> Result<(), Status> {
+        match (value, clear) {
+            (Some(_), true) => {
+                return Err(Status::invalid_argument(format!("give either {what} or clear it, not both")));
+            }
+            (Some(value), false) => *field = Some(value.clone()),
+            (None, true) => *field = None,
+            (None, false) => {}
+        }
+        Ok(())
     }
-    if request.unpin {
-        spec.node = None;
-    }
-    if let Some(node) = &request.node {
-        spec.node = Some(node.clone());
-    }
-    if request.clear_anti_affinity && request.anti_affinity.is_some() {
-        return Err(Status::invalid_argument("give either an anti-affinity group or clear it, not both"));
-    }
-    if request.clear_anti_affinity {
-        spec.anti_affinity = None;
-    }
-    if let Some(group) = &request.anti_affinity {
-        spec.anti_affinity = Some(group.clone());
-    }
+    set_or_clear(&mut spec.node, &request.node, request.unpin, "a node to pin the VM to")?;
+    set_or_clear(
+        &mut spec.anti_affinity,
+        &request.anti_affinity,
+        request.clear_anti_affinity,
+        "an anti-affinity group",
+    )?;
     // The checks of a create, on the whole new spec.
     let as_create = pb::VmCreateRequest {
         name: request.name.clone(),

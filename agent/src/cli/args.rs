@@ -563,40 +563,14 @@ pub struct VmNameWait {
     pub client: ClientArgs,
 }
 
-/// The states `vm list --state` filters on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StateArg {
-    Pending,
-    Starting,
-    Running,
-    Stopping,
-    Stopped,
-    Failed,
-    Lost,
-}
-
-impl StateArg {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StateArg::Pending => "pending",
-            StateArg::Starting => "starting",
-            StateArg::Running => "running",
-            StateArg::Stopping => "stopping",
-            StateArg::Stopped => "stopped",
-            StateArg::Failed => "failed",
-            StateArg::Lost => "lost",
-        }
-    }
-}
-
 #[derive(Debug, Args)]
 pub struct VmListArgs {
     /// Only VMs placed on this host
     #[arg(long, value_name = "NODE", add = complete::nodes())]
     pub node: Option<Name>,
     /// Only VMs in this state
-    #[arg(long, value_enum, value_name = "STATE")]
-    pub state: Option<StateArg>,
+    #[arg(long, value_name = "STATE", value_parser = clap::builder::PossibleValuesParser::new(crate::state::VmState::ALL.map(|s| s.as_str())))]
+    pub state: Option<String>,
     /// Only VMs with this label; repeatable (all must match)
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,

@@ -302,7 +302,7 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
                 .map_err(|e| CliError::usage(format!("invalid --label for `vm list`: {e}")))?;
             let request = pb::VmListRequest {
                 node: args.node.as_ref().map(|n| n.to_string()).unwrap_or_default(),
-                state: args.state.map(|s| s.as_str().to_string()).unwrap_or_default(),
+                state: args.state.clone().unwrap_or_default(),
                 labels: labels.into_iter().collect(),
                 name_prefix: args.prefix.clone().unwrap_or_default(),
                 page_size: VM_LIST_PAGE_SIZE,

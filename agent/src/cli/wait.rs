@@ -69,6 +69,13 @@ pub fn settled(vm: &pb::VmInfo) -> bool {
     }
 }
 
+/// [`status_of`] of a VM that must exist.
+async fn status_of_existing(client: &Client, vm: &str, deadline: Instant) -> Result<pb::VmInfo, ClientError> {
+    status_of(client, vm, deadline)
+        .await?
+        .ok_or_else(|| ClientError { class: ErrorClass::Rejected, message: format!("no VM named {vm:?}") })
+}
+
 /// A read of `vm`'s status while waiting: `Ok(None)` when it does not
 /// exist (any more); a passing failure is retried while there is time.
 async fn status_of(client: &Client, vm: &str, deadline: Instant) -> Result<Option<pb::VmInfo>, ClientError> {
@@ -139,9 +146,7 @@ pub async fn settle(
 ) -> Result<pb::VmInfo, ClientError> {
     let deadline = Instant::now() + limit;
     loop {
-        let Some(info) = status_of(client, vm, deadline).await? else {
-            return Err(ClientError { class: ErrorClass::Rejected, message: format!("no VM named {vm:?}") });
-        };
+        let info = status_of_existing(client, vm, deadline).await?;
         let now = super::output::where_is(&info);
         let mut line = format!("{}: desired {}, {now}", one_line(vm), one_line(&info.desired));
         if !info.pending_reason.is_empty() {
@@ -180,9 +185,7 @@ pub async fn migrate(
 ) -> Result<pb::VmInfo, ClientError> {
     let deadline = Instant::now() + limit;
     loop {
-        let Some(info) = status_of(client, vm, deadline).await? else {
-            return Err(ClientError { class: ErrorClass::Rejected, message: format!("no VM named {vm:?}") });
-        };
+        let info = status_of_existing(client, vm, deadline).await?;
         progress.say(&format!("moving {} to {}: {}", one_line(vm), one_line(to), where_is(&info)));
         if info.node == to && settled(&info) {
             return Ok(info);

@@ -367,21 +367,11 @@ impl Store {
     pub fn bootstrap(
         &mut self,
         conf_state: ConfState,
-        mut state: State,
+        state: State,
         index: u64,
         term: u64,
     ) -> Result<(), StorageError> {
-        assert!(!self.is_initialized(), "bootstrap on an initialized store would wipe it");
-        assert!(index > 0 && term > 0);
-        let mut snapshot = Snapshot::default();
-        snapshot.set_data(codec::encode_snapshot(&state).into());
-        let meta = snapshot.mut_metadata();
-        meta.index = index;
-        meta.term = term;
-        meta.set_conf_state(conf_state);
-        state.take_dirty();
-        let batch = WriteBatch { snapshot: Some(snapshot), sync: true, ..WriteBatch::default() };
-        self.commit(batch)
+        self.bootstrap_with(conf_state, state, index, term, None)
     }
 
     /// [`Store::bootstrap`] for a new cluster whose first state is not
@@ -390,23 +380,28 @@ impl Store {
     pub fn bootstrap_as(
         &mut self,
         conf_state: ConfState,
-        mut state: State,
+        state: State,
         index: u64,
         term: u64,
         identity: NodeIdentity,
     ) -> Result<(), StorageError> {
-        assert!(!self.is_initialized() && self.identity.is_none(), "bootstrap on an initialized store would wipe it");
+        assert!(self.identity.is_none(), "a restore never rewrites a member's identity");
+        self.bootstrap_with(conf_state, state, index, term, Some(identity))
+    }
+
+    fn bootstrap_with(
+        &mut self,
+        conf_state: ConfState,
+        mut state: State,
+        index: u64,
+        term: u64,
+        identity: Option<NodeIdentity>,
+    ) -> Result<(), StorageError> {
+        assert!(!self.is_initialized(), "bootstrap on an initialized store would wipe it");
         assert!(index > 0 && term > 0);
-        let mut snapshot = Snapshot::default();
-        snapshot.set_data(codec::encode_snapshot(&state).into());
-        let meta = snapshot.mut_metadata();
-        meta.index = index;
-        meta.term = term;
-        meta.set_conf_state(conf_state);
+        let snapshot = snapshot_of(&state, index, term, conf_state);
         state.take_dirty();
-        let batch =
-            WriteBatch { snapshot: Some(snapshot), sync: true, identity: Some(identity), ..WriteBatch::default() };
-        self.commit(batch)
+        self.commit(WriteBatch { snapshot: Some(snapshot), sync: true, identity, ..WriteBatch::default() })
     }
 
     /// `recover --force-new-cluster`: makes this store the whole of a new
@@ -427,12 +422,7 @@ impl Store {
         let index = self.applied;
         let term = self.term_of(index).expect("the applied entry is in the log or is the snapshot point");
         let discarded = self.last_index() - index;
-        let mut snapshot = Snapshot::default();
-        snapshot.set_data(codec::encode_snapshot(state).into());
-        let meta = snapshot.mut_metadata();
-        meta.index = index;
-        meta.term = term;
-        meta.set_conf_state(conf_state);
+        let snapshot = snapshot_of(state, index, term, conf_state);
         let batch =
             WriteBatch { snapshot: Some(snapshot), sync: true, identity: Some(identity), ..WriteBatch::default() };
         self.commit(batch)?;
@@ -798,6 +788,17 @@ impl raft::Storage for Store {
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         Ok(self.build_snapshot())
     }
+}
+
+/// A snapshot of `state` at `index` and `term`, under `conf_state`.
+fn snapshot_of(state: &State, index: u64, term: u64, conf_state: ConfState) -> Snapshot {
+    let mut snapshot = Snapshot::default();
+    snapshot.set_data(codec::encode_snapshot(state).into());
+    let meta = snapshot.mut_metadata();
+    meta.index = index;
+    meta.term = term;
+    meta.set_conf_state(conf_state);
+    snapshot
 }
 
 fn encode_entry(entry: &Entry) -> Result<Vec<u8>, StorageError> {
