@@ -436,6 +436,76 @@ fn shell(name: &str) -> Option<String> {
     found
 }
 
+/// One TAB: the words typed before it, the word being completed, what must
+/// be offered and what must not.
+struct Tab {
+    before: &'static [&'static str],
+    current: &'static str,
+    want: &'static [&'static str],
+    not: &'static [&'static str],
+}
+
+impl Tab {
+    /// Every word of the line, the binary's name first.
+    fn words(&self) -> Vec<&'static str> {
+        std::iter::once("blixard-agent").chain(self.before.iter().copied()).chain([self.current]).collect()
+    }
+
+    fn quoted_words(&self) -> String {
+        self.words().iter().map(|w| format!("'{w}'")).collect::<Vec<_>>().join(" ")
+    }
+
+    /// The shell's script that asks for this TAB's completions, one per line.
+    fn script(&self, shell: &str) -> String {
+        let n = self.words().len();
+        match shell {
+            "bash" => format!(
+                "source <(blixard-agent completions bash)\n\
+                 COMP_WORDS=({words}); COMP_CWORD={cword}; COMP_TYPE=9; COMP_LINE=\"${{COMP_WORDS[*]}}\"; \
+                 COMP_POINT=${{#COMP_LINE}}\n\
+                 _clap_complete_blixard_agent blixard-agent '{current}' '{prev}'\n\
+                 printf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
+                words = self.quoted_words(),
+                cword = n - 1,
+                current = self.current,
+                prev = self.before.last().copied().unwrap_or("blixard-agent"),
+            ),
+            // compinit's functions, reduced to what the script calls:
+            // `compdef` registers, `_describe` offers (value:help).
+            "zsh" => format!(
+                "compdef() {{ :; }}\n\
+                 _describe() {{ local name=${{@[-1]}}; printf '%s\\n' \"${{(@P)name}}\"; }}\n\
+                 eval \"$(blixard-agent completions zsh)\"\n\
+                 words=({words}); CURRENT={n}\n\
+                 _clap_dynamic_completer_blixard_agent\n",
+                words = self.quoted_words(),
+            ),
+            _ => {
+                format!("blixard-agent completions fish | source; complete --do-complete '{}'", self.words().join(" "))
+            }
+        }
+    }
+
+    /// The values in the shell's answer (without zsh's and fish's help).
+    fn offered(shell: &str, output: &str) -> Vec<String> {
+        let value = |l: &str| match shell {
+            "zsh" => l.split(':').next().unwrap_or("").replace('\\', ""),
+            "fish" => l.split('\t').next().unwrap_or("").to_string(),
+            _ => l.to_string(),
+        };
+        output.lines().map(|l| value(l).trim().to_string()).collect()
+    }
+
+    fn check(&self, shell: &str, got: &[String]) {
+        for w in self.want {
+            assert!(got.iter().any(|g| g == w), "{shell}: {:?} + TAB offers {got:?}, without {w}", self.before);
+        }
+        for n in self.not {
+            assert!(!got.iter().any(|g| g == n), "{shell}: {:?} + TAB offers {n} in {got:?}", self.before);
+        }
+    }
+}
+
 /// Completions through each shell's own machinery, from the script
 /// `completions SHELL` prints: subcommands below the top level, flags of
 /// a subcommand, and VM and node names from the (fake) local agent.
@@ -447,95 +517,38 @@ fn completions_work_in_bash_zsh_and_fish() {
     fake.insert_vm("db", "h2");
     let bin_dir = std::path::Path::new(cli_support::BIN).parent().unwrap().to_path_buf();
     let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
-    // (the words typed before TAB, the word being completed, what must be offered, what must not)
-    let cases: &[(&[&str], &str, &[&str], &[&str])] = &[
-        (&["vm"], "st", &["start", "status", "stop"], &["create"]),
-        (&["vm", "update", "web"], "--re", &["--restart", "--remove-label"], &["--to"]),
-        (&["vm", "start"], "w", &["web", "worker"], &["db"]),
-        (&["node", "drain"], "", &["h1", "h2", "h3"], &[]),
-        (&["cluster"], "ba", &["backup"], &[]),
-        (&["vm", "list", "--state"], "ru", &["running"], &["stopped"]),
+    let tabs = [
+        Tab { before: &["vm"], current: "st", want: &["start", "status", "stop"], not: &["create"] },
+        Tab {
+            before: &["vm", "update", "web"],
+            current: "--re",
+            want: &["--restart", "--remove-label"],
+            not: &["--to"],
+        },
+        Tab { before: &["vm", "start"], current: "w", want: &["web", "worker"], not: &["db"] },
+        Tab { before: &["node", "drain"], current: "", want: &["h1", "h2", "h3"], not: &[] },
+        Tab { before: &["cluster"], current: "ba", want: &["backup"], not: &[] },
+        Tab { before: &["vm", "list", "--state"], current: "ru", want: &["running"], not: &["stopped"] },
     ];
-    let check = |shell: &str, case: &(&[&str], &str, &[&str], &[&str]), got: Vec<String>| {
-        let (before, _, want, not) = case;
-        for w in *want {
-            assert!(got.iter().any(|g| g == w), "{shell}: {before:?} + TAB offers {got:?}, without {w}");
-        }
-        for n in *not {
-            assert!(!got.iter().any(|g| g == n), "{shell}: {before:?} + TAB offers {n} in {got:?}");
-        }
-    };
-    let run_shell = |program: &str, args: &[&str], script: &str| -> String {
-        let out = std::process::Command::new(program)
-            .args(args)
-            .arg(script)
-            .env("PATH", &path)
-            .env("BLIXARD_ENDPOINT", fake.endpoint())
-            .env_remove("COMPLETE")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{program}: {}\n{script}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    for case in cases {
-        let (before, current, ..) = case;
-        let words: Vec<String> = std::iter::once("blixard-agent")
-            .chain(before.iter().copied())
-            .chain([*current])
-            .map(|w| format!("'{w}'"))
+    let shells: Vec<(&str, String, &[&str])> =
+        [("bash", &["-c"][..]), ("zsh", &["-f", "-c"]), ("fish", &["--no-config", "-c"])]
+            .into_iter()
+            .filter_map(|(name, args)| shell(name).map(|program| (name, program, args)))
             .collect();
-        let script = format!(
-            "source <(blixard-agent completions bash)\n\
-             COMP_WORDS=({words}); COMP_CWORD={cword}; COMP_TYPE=9; COMP_LINE=\"${{COMP_WORDS[*]}}\"; COMP_POINT=${{#COMP_LINE}}\n\
-             _clap_complete_blixard_agent blixard-agent '{current}' '{prev}'\n\
-             printf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
-            words = words.join(" "),
-            cword = words.len() - 1,
-            prev = before.last().copied().unwrap_or("blixard-agent"),
-        );
-        let got = run_shell("bash", &["-c"], &script).lines().map(|l| l.trim().to_string()).collect();
-        check("bash", case, got);
-    }
-    if let Some(zsh) = shell("zsh") {
-        for case in cases {
-            let (before, current, ..) = case;
-            let words: Vec<String> = std::iter::once("blixard-agent")
-                .chain(before.iter().copied())
-                .chain([*current])
-                .map(|w| format!("'{w}'"))
-                .collect();
-            // compinit's functions, reduced to what the script calls:
-            // `compdef` registers, `_describe` offers (value:help).
-            let script = format!(
-                "compdef() {{ :; }}\n\
-                 _describe() {{ local name=${{@[-1]}}; printf '%s\\n' \"${{(@P)name}}\"; }}\n\
-                 eval \"$(blixard-agent completions zsh)\"\n\
-                 words=({words}); CURRENT={current_index}\n\
-                 _clap_dynamic_completer_blixard_agent\n",
-                words = words.join(" "),
-                current_index = words.len(),
-            );
-            let got = run_shell(&zsh, &["-f", "-c"], &script)
-                .lines()
-                .map(|l| l.split(':').next().unwrap_or("").replace("\\", "").trim().to_string())
-                .collect();
-            check("zsh", case, got);
-        }
-    }
-    if let Some(fish) = shell("fish") {
-        for case in cases {
-            let (before, current, ..) = case;
-            let line = std::iter::once("blixard-agent")
-                .chain(before.iter().copied())
-                .chain([*current])
-                .collect::<Vec<_>>()
-                .join(" ");
-            let script = format!("blixard-agent completions fish | source; complete --do-complete '{line}'");
-            let got = run_shell(&fish, &["--no-config", "-c"], &script)
-                .lines()
-                .map(|l| l.split('\t').next().unwrap_or("").trim().to_string())
-                .collect();
-            check("fish", case, got);
+    assert!(shells.iter().any(|(name, ..)| *name == "bash"), "bash is always there");
+    for (name, program, args) in &shells {
+        for tab in &tabs {
+            let script = tab.script(name);
+            let out = std::process::Command::new(program)
+                .args(*args)
+                .arg(&script)
+                .env("PATH", &path)
+                .env("BLIXARD_ENDPOINT", fake.endpoint())
+                .env_remove("COMPLETE")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{name}: {}\n{script}", String::from_utf8_lossy(&out.stderr));
+            tab.check(name, &Tab::offered(name, &String::from_utf8_lossy(&out.stdout)));
         }
     }
 }

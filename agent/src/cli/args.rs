@@ -446,7 +446,7 @@ pub enum VmCommand {
     /// Remove a VM from the cluster; its host stops the guest.
     #[command(after_help = examples::VM_DELETE)]
     Delete(VmNameWait),
-    /// Change a VM in place: size, labels, pin, anti-affinity.
+    /// Change a VM in place: size, labels, pin, anti-affinity, failover policy.
     #[command(after_help = examples::VM_UPDATE)]
     Update(Box<VmUpdateArgs>),
     /// Move a VM to another host.
