@@ -351,6 +351,9 @@ fn metrics_are_scraped_as_prometheus_text() {
     let c = Cluster::start(3);
     let (code, body) = http_get(&c.agents[1].http, "/readyz");
     assert_eq!(code, 200, "{body}");
+    // The CLI pointed at the HTTP port by mistake says so, in one sentence.
+    run(&["cluster", "status", "--endpoint", &c.agents[1].http, "--config", "/dev/null"])
+        .assert_error(1, "answered in plain HTTP, not gRPC");
     c.cli(0, &["vm", "create", "web", "--vcpu", "1", "--memory", "64"]).assert_ok();
     c.wait_until("web to run", |c| c.vm_now(0, "web")["state"] == "running");
     let host = c.vm(0, "web")["node"].as_str().unwrap().to_string();
