@@ -790,10 +790,12 @@ async fn report_once(context: &Context, config: &Config, desired: &Desired) -> R
         .ok_or_else(|| tonic::Status::unavailable("this member is not in the member list yet"))?;
     for command in differences.commands {
         match context.propose(command.clone()).await {
-            Ok(()) => tracing::info!(?command, "reported to the cluster"),
+            Ok(()) => tracing::info!(command = %command, "reported to the cluster"),
             // Another agent declared the same VM first.
             Err(s) if s.code() == Code::AlreadyExists => {}
-            Err(s) if is_final(&s) => tracing::warn!(?command, error = %s.message(), "the cluster refused a report"),
+            Err(s) if is_final(&s) => {
+                tracing::warn!(command = %command, error = %s.message(), "the cluster refused a report")
+            }
             Err(s) => return Err(s),
         }
     }

@@ -207,7 +207,7 @@ impl BedCluster {
 
     pub fn vm_list(&self, host: usize) -> Result<Vec<pb::VmInfo>, tonic::Status> {
         let mut client = self.client(host);
-        self.block_on(async move { client.vm_list(pb::VmListRequest {}).await.map(|r| r.into_inner().vms) })
+        self.block_on(async move { client.vm_list(pb::VmListRequest::default()).await.map(|r| r.into_inner().vms) })
     }
 
     pub fn create_vm(&self, host: usize, name: &str) -> Result<pb::VmInfo, tonic::Status> {
