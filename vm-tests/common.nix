@@ -10,39 +10,68 @@ rec {
   # name order) the static address 192.168.1.N on vlan 1; h1..h4 get .1..4.
   endpoint = node: "${node.networking.primaryIPAddress}:${toString port}";
 
-  # A tiny guest. `microvm.cpu` keeps microvm.nix from passing -enable-kvm, so
-  # qemu (accel=kvm:tcg) uses KVM where the test VM offers nested
-  # virtualisation and falls back to TCG where it does not: the tests pass on
-  # builders without nested KVM, only slower. The tests watch the hypervisor
-  # process (microvm@NAME.service), not the guest's own boot.
-  guest = { lib, ... }: {
-    microvm = {
-      hypervisor = "qemu";
-      cpu = "max";
-      # The host's store over 9p: no store image to build per guest.
-      shares = [{
-        tag = "ro-store";
-        source = "/nix/store";
-        mountPoint = "/nix/.ro-store";
-        proto = "9p";
-      }];
+  # A tiny guest that says on its serial console when it has booted: the
+  # tests wait for that line in its host's journal (microvm@NAME.service
+  # logs qemu's stdout, which is the guest's ttyS0), not just for the
+  # hypervisor process.
+  #
+  # QEMU: `qemu_test` (host CPU only, built for NixOS tests, so it is in the
+  # binary cache; microvm.nix's closure-size override maps it to itself).
+  # `cpu = "max"` keeps microvm.nix from passing -enable-kvm: with
+  # accel=kvm:tcg, qemu uses KVM where the test VM offers nested
+  # virtualisation and falls back to TCG where it does not (slower, so the
+  # tests' timeouts allow for it).
+  guest =
+    { lib, pkgs, ... }:
+    {
+      microvm = {
+        hypervisor = "qemu";
+        cpu = "max";
+        qemu.package = pkgs.qemu_test;
+        # The host's store over 9p: no store image to build per guest.
+        shares = [
+          {
+            tag = "ro-store";
+            source = "/nix/store";
+            mountPoint = "/nix/.ro-store";
+            proto = "9p";
+          }
+        ];
+      };
+      systemd.services.blixard-marker = {
+        description = "Tell the host that this guest has booted";
+        wantedBy = [ "multi-user.target" ];
+        serviceConfig = {
+          Type = "oneshot";
+          StandardOutput = "tty";
+          TTYPath = "/dev/ttyS0";
+        };
+        script = "echo \"${marker} $(cat /proc/sys/kernel/hostname)\"";
+      };
+      documentation.enable = false;
+      system.stateVersion = lib.trivial.release;
     };
-    system.stateVersion = lib.trivial.release;
-  };
+
+  # What a booted guest prints on its console, followed by its host name.
+  marker = "BLIXARD-GUEST-BOOTED";
 
   # A declared blixard guest, sized here (the module sets microvm.vcpu/mem).
   vm = {
     config = guest;
     vcpu = 1;
-    memory = 512;
+    memory = 384;
   };
 
   # A host of the cluster, configured by the module alone.
   host = { config, pkgs, ... }: {
-    imports = [ self.nixosModules.blixard ];
+    imports = [ self.nixosModules.default ];
     virtualisation = {
+      # Room for a guest (384 MiB) on every host, and for the failover test's
+      # survivors to run the crashed host's guest.
       memorySize = 2048;
-      cores = 2;
+      # One for the agent and the host, one for the guest's vCPU (TCG runs a
+      # vCPU as a busy thread).
+      cores = 3;
     };
     environment.systemPackages = [ pkgs.jq ];
     services.blixard = {
@@ -56,6 +85,14 @@ rec {
         memory = 4096;
       };
       metricsListenAddress = "127.0.0.1:9464";
+      # Relaxed for test VMs that share a loaded builder (the defaults aim at
+      # 5 s failover on real hosts): a starved VM must not look dead, nor fence.
+      settings.timing = {
+        node_down_after_ms = 5000;
+        fence_after_ms = 5000;
+        stop_max_ms = 2000;
+        reschedule_after_ms = 8000;
+      };
     };
   };
 
@@ -67,7 +104,7 @@ rec {
 
   # A standalone host (no test driver) for the evaluation check.
   exampleHost = { lib, ... }: {
-    imports = [ self.nixosModules.blixard ];
+    imports = [ self.nixosModules.default ];
     boot.loader.grub.enable = false;
     fileSystems."/" = {
       device = "/dev/vda";
@@ -84,7 +121,9 @@ rec {
         h2 = "10.0.0.2:7000";
         h3 = "10.0.0.3:7000";
       };
-      vms.web = vm // { labels.tier = "web"; };
+      vms.web = vm // {
+        labels.tier = "web";
+      };
     };
   };
 
@@ -118,6 +157,16 @@ rec {
             for machine in machines
             if machine.execute(f"systemctl is-active --quiet microvm@{vm}.service")[0] == 0
         ]
+
+
+    def wait_guest_booted(machine, vm, timeout=900):
+        """Wait until guest `vm` has said on its serial console, which its host's
+        journal keeps for microvm@VM.service, that it booted on `machine`."""
+        machine.wait_until_succeeds(
+            f"journalctl --boot --unit microvm@{vm}.service --output cat"
+            f" | grep -q '${marker} {vm}'",
+            timeout=timeout,
+        )
 
 
     def wait_runs_once(machines, vm, timeout=300):

@@ -11,7 +11,7 @@ let
 in
 {
   name = "blixard-failover";
-  meta.timeout = 1800;
+  meta.timeout = 3600;
 
   nodes = {
     h1 = member;
@@ -36,12 +36,14 @@ in
 
     with subtest("the VM runs on exactly one host"):
         owner = wait_runs_once(hosts, "web")
+        wait_guest_booted(owner, "web")
         assert_stays_on(hosts, "web", owner)
 
     with subtest("crashing that host starts the VM on another"):
         owner.crash()
         survivors = [host for host in hosts if host is not owner]
-        new_owner = wait_runs_once(survivors, "web", timeout=120)
+        new_owner = wait_runs_once(survivors, "web", timeout=300)
+        wait_guest_booted(new_owner, "web")
         for host in survivors:
             host.wait_until_succeeds(
                 "blixard-agent cluster status --json"

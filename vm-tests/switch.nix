@@ -14,7 +14,7 @@ let
 in
 {
   name = "blixard-switch";
-  meta.timeout = 1800;
+  meta.timeout = 3600;
 
   nodes = {
     h1 = member;
@@ -29,7 +29,7 @@ in
     for host in hosts:
         host.wait_for_unit("blixard.service")
     wait_for_cluster(hosts, 3)
-    wait_runs_once(hosts, "web")
+    wait_guest_booted(wait_runs_once(hosts, "web"), "web")
     for host in hosts:
         host.fail("test -e /var/lib/microvms/extra")
 
@@ -38,7 +38,7 @@ in
             host.succeed("/run/booted-system/specialisation/extra-vm/bin/switch-to-configuration test")
         for host in hosts:
             host.wait_until_succeeds("test -x /var/lib/microvms/extra/current/bin/microvm-run")
-        wait_runs_once(hosts, "extra")
+        wait_guest_booted(wait_runs_once(hosts, "extra"), "extra")
         h1.wait_until_succeeds(
             "blixard-agent vm list --json | jq -e 'map(.name) | sort == [\"extra\", \"web\"]'"
         )

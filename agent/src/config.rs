@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -21,6 +22,9 @@ pub const DEFAULT_PORT: u16 = 7000;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7000";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/blixard";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/microvms";
+/// Bounds of `runtime.start_timeout_ms`: a second, and a day.
+const START_TIMEOUT_MIN_MS: u64 = 1_000;
+const START_TIMEOUT_MAX_MS: u64 = 86_400_000;
 /// Where client commands look for the local agent's config.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/blixard/agent.toml";
 
@@ -70,6 +74,8 @@ pub struct FileConfig {
 pub struct RuntimeSection {
     pub kind: Option<String>,
     pub state_dir: Option<PathBuf>,
+    /// How long a guest's start may take (the systemd runtime's start job).
+    pub start_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -210,6 +216,10 @@ pub struct Config {
     pub join_token_file: Option<PathBuf>,
     pub runtime: RuntimeKind,
     pub state_dir: PathBuf,
+    /// How long the systemd runtime waits for a guest's start job. The NixOS module
+    /// sets it 10 s above microvm.nix's `startupTimeout` (the unit's own
+    /// `TimeoutSec`), so that systemd's verdict is what is reported.
+    pub start_timeout: Duration,
     /// `None`: detect from the host at start.
     pub capacity: Option<Capacity>,
     pub labels: Labels,
@@ -419,6 +429,16 @@ impl Config {
         if !state_dir.is_absolute() {
             return Err(err("runtime.state_dir", format!("{} is not an absolute path", state_dir.display())));
         }
+        let start_timeout = match file.runtime.start_timeout_ms {
+            None => crate::runtime::systemd::START_TIMEOUT_DEFAULT,
+            Some(ms) if (START_TIMEOUT_MIN_MS..=START_TIMEOUT_MAX_MS).contains(&ms) => Duration::from_millis(ms),
+            Some(ms) => {
+                return Err(err(
+                    "runtime.start_timeout_ms",
+                    format!("{ms} is outside {START_TIMEOUT_MIN_MS}..={START_TIMEOUT_MAX_MS}"),
+                ));
+            }
+        };
 
         let section = file.capacity.unwrap_or_default();
         let vcpu = overrides.vcpu.or(section.vcpu);
@@ -551,6 +571,7 @@ impl Config {
             join_token_file: overrides.join_token_file.or(file.join_token_file),
             runtime,
             state_dir,
+            start_timeout,
             capacity,
             labels,
             tls,
@@ -570,6 +591,237 @@ impl Config {
             memory_overcommit_pct: 100,
         })
     }
+}
+
+/// One config key as the reference (docs/config.md) lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyDoc {
+    /// `section.key` (`vm[].key` for the `[[vm]]` tables).
+    pub key: &'static str,
+    /// The `run` flag that overrides it, if any.
+    pub flag: &'static str,
+    pub default: String,
+    /// What values are accepted.
+    pub range: String,
+    pub meaning: &'static str,
+}
+
+/// Every key of the config file with its default and range, from the
+/// constants the checks above use: docs/config.md is generated from this
+/// (a test keeps them equal, and another that it names every key the
+/// parser accepts).
+pub fn reference() -> Vec<KeyDoc> {
+    let timing = Timing::default();
+    let raft = RaftTiming::default();
+    let ms = |v: u64| format!("{v}");
+    let k = |key, flag, default: String, range: String, meaning| KeyDoc { key, flag, default, range, meaning };
+    let name_rule = "a name: `^[a-z0-9][a-z0-9-]{0,62}$`".to_string();
+    let timing_range = format!("1..={} ms", crate::failure::TIMING_MS_MAX);
+    let overcommit = format!(
+        "{:.1}..={:.1}",
+        f64::from(limits::OVERCOMMIT_PCT_MIN) / 100.0,
+        f64::from(limits::OVERCOMMIT_PCT_MAX) / 100.0
+    );
+    let labels = format!(
+        "at most {} labels; keys 1..={} of `a-z 0-9 - _ . /`, values at most {} printable ASCII characters",
+        limits::LABELS_MAX,
+        limits::LABEL_KEY_LEN_MAX,
+        limits::LABEL_VALUE_LEN_MAX
+    );
+    vec![
+        k("node_name", "--node-name", "the host name".into(), name_rule.clone(), "This host's name in the cluster."),
+        k(
+            "listen",
+            "--listen",
+            DEFAULT_LISTEN.into(),
+            "IP:PORT, not 0.0.0.0, port not 0".into(),
+            "The gRPC port (peers and clients), at an address the other members reach.",
+        ),
+        k("data_dir", "--data-dir", DEFAULT_DATA_DIR.into(), "an absolute path".into(), "Where the store lives."),
+        k(
+            "initial_members",
+            "--initial-member",
+            "[]".into(),
+            "`NAME=HOST:PORT` each, names and addresses unique, this host among them at `listen`".into(),
+            "The members that form a new cluster together (same list on each).",
+        ),
+        k(
+            "join",
+            "--join",
+            "[]".into(),
+            "HOST:PORT each; not with initial_members".into(),
+            "Members to ask for admission, for a host not in initial_members.",
+        ),
+        k(
+            "log_level",
+            "--log-level",
+            "info".into(),
+            "a tracing filter (`info`, `blixard=debug,raft=info`)".into(),
+            "What is logged; RUST_LOG overrides it.",
+        ),
+        k(
+            "metrics_listen",
+            "--metrics-listen",
+            "none".into(),
+            "IP:PORT, not `listen`".into(),
+            "The HTTP port: /metrics, /healthz, /readyz and the dashboard.",
+        ),
+        k(
+            "join_token_file",
+            "--join-token-file",
+            "none".into(),
+            "a readable file".into(),
+            "The join token to present with `join` when the cluster runs without TLS.",
+        ),
+        k("labels", "--label", "{}".into(), labels.clone(), "This host's labels, which VMs' labels must match."),
+        k(
+            "runtime.kind",
+            "--runtime",
+            "systemd".into(),
+            "`systemd` or `process`".into(),
+            "How guests run: microvm@NAME.service over D-Bus, or child processes (tests).",
+        ),
+        k(
+            "runtime.state_dir",
+            "--state-dir",
+            DEFAULT_STATE_DIR.into(),
+            "an absolute path".into(),
+            "Where microvm.nix lays out guests (NAME/current/bin/microvm-run).",
+        ),
+        k(
+            "capacity.vcpu",
+            "--vcpu",
+            "detected (CPUs)".into(),
+            format!("1..={}", limits::HOST_VCPU_MAX),
+            "vcpus offered to guests. Without a [capacity] section the whole host is detected.",
+        ),
+        k(
+            "capacity.memory_mib",
+            "--memory-mib",
+            "detected (RAM less 10%, at most 2 GiB less)".into(),
+            format!("1..={}", limits::HOST_MEMORY_MIB_MAX),
+            "MiB offered to guests.",
+        ),
+        k("capacity.vcpu_overcommit", "", "1.0".into(), overcommit.clone(), "Guest vcpus placed per host vcpu."),
+        k("capacity.memory_overcommit", "", "1.0".into(), overcommit, "Guest MiB placed per host MiB."),
+        k(
+            "tls.ca_file",
+            "--tls-ca",
+            "none".into(),
+            "a PEM file".into(),
+            "The cluster CA (with [tls], mutual TLS only).",
+        ),
+        k(
+            "tls.cert_file",
+            "--tls-cert",
+            "none".into(),
+            "a PEM file: a member certificate for node_name".into(),
+            "This agent's certificate.",
+        ),
+        k("tls.key_file", "--tls-key", "none".into(), "a PEM file".into(), "This agent's private key."),
+        k(
+            "timing.node_down_after_ms",
+            "",
+            ms(timing.node_down_after_ms),
+            format!("{timing_range}; at most reschedule_after_ms"),
+            "The leader marks a silent member down (no new placements there).",
+        ),
+        k(
+            "timing.reschedule_after_ms",
+            "",
+            ms(timing.reschedule_after_ms),
+            format!("{timing_range}; at least (fence_after_ms + check interval + stop_max_ms) * 1.0202"),
+            "The leader moves a silent host's VMs (it has fenced itself by then).",
+        ),
+        k(
+            "timing.fence_after_ms",
+            "",
+            ms(timing.fence_after_ms),
+            format!(
+                "{timing_range}; at least the longest election (2 * raft.election_ticks * raft.tick_ms) + 5 heartbeats"
+            ),
+            "A host without quorum contact this long stops its guests.",
+        ),
+        k(
+            "timing.stop_max_ms",
+            "",
+            ms(timing.stop_max_ms),
+            timing_range.clone(),
+            "The longest stopping a guest may take before it is killed.",
+        ),
+        k(
+            "scheduler.strategy",
+            "--strategy",
+            Strategy::default().to_string(),
+            "`spread` or `binpack`".into(),
+            "spread: least loaded host first; binpack: most loaded host that fits.",
+        ),
+        k("raft.tick_ms", "", ms(raft.tick_ms), "10..=10000".into(), "The Raft tick."),
+        k(
+            "raft.election_ticks",
+            "",
+            raft.election_ticks.to_string(),
+            "more than raft.heartbeat_ticks".into(),
+            "Ticks without a leader before a follower campaigns (randomised up to twice that).",
+        ),
+        k(
+            "raft.heartbeat_ticks",
+            "",
+            raft.heartbeat_ticks.to_string(),
+            "at least 1".into(),
+            "Ticks between heartbeats.",
+        ),
+        k(
+            "raft.log_compact_entries_max",
+            "",
+            raft.log_compact_entries_max.to_string(),
+            "at least 10".into(),
+            "Applied entries kept in the log before it is compacted into a snapshot.",
+        ),
+        k("vm[].name", "", "required".into(), name_rule.clone(), "A guest declared by this host, kept in the cluster."),
+        k("vm[].vcpu", "", "required".into(), format!("1..={}", limits::VM_VCPU_MAX), "Its vcpus."),
+        k(
+            "vm[].memory_mib",
+            "",
+            "required".into(),
+            format!("{}..={}", limits::VM_MEMORY_MIB_MIN, limits::VM_MEMORY_MIB_MAX),
+            "Its memory in MiB.",
+        ),
+        k("vm[].labels", "", "{}".into(), labels, "Host labels it must be placed on."),
+        k("vm[].node", "", "none".into(), name_rule.clone(), "Pin it to this host."),
+        k("vm[].anti_affinity", "", "none".into(), name_rule, "Never on a host with another VM of this group."),
+        k(
+            "vm[].failover",
+            "",
+            "auto".into(),
+            "`auto` or `manual`".into(),
+            "When its host is lost: auto, fenced there and restarted elsewhere; manual, moved only by `vm recover`.",
+        ),
+        k(
+            "vm[].desired",
+            "",
+            "running".into(),
+            "`running` or `stopped`".into(),
+            "Its desired state when first created (later `vm start|stop` are kept).",
+        ),
+    ]
+}
+
+/// The reference as the Markdown table docs/config.md holds.
+pub fn reference_markdown() -> String {
+    let cell = |t: &str| if t.is_empty() { "-".to_string() } else { t.replace('|', "\\|") };
+    let mut out = String::from("| key | `run` flag | default | accepted | meaning |\n|---|---|---|---|---|\n");
+    for k in reference() {
+        let flag = if k.flag.is_empty() { "-".to_string() } else { format!("`{}`", k.flag) };
+        out.push_str(&format!(
+            "| `{}` | {flag} | {} | {} | {} |\n",
+            k.key,
+            cell(&k.default),
+            cell(&k.range),
+            cell(k.meaning)
+        ));
+    }
+    out
 }
 
 fn detect_vcpu() -> u32 {
@@ -616,6 +868,14 @@ initial_members = ["h1=10.0.0.1:7000", "h2=10.0.0.2:7000", "h3=10.0.0.3:7000"]
         assert_eq!(config.capacity.unwrap().vcpu, 16);
         assert_eq!(config.vms[0].spec.memory_mib, 1024);
         assert_eq!(config.runtime, RuntimeKind::Systemd);
+        assert_eq!(config.start_timeout, crate::runtime::systemd::START_TIMEOUT_DEFAULT);
+    }
+
+    #[test]
+    fn start_timeout_follows_the_module() {
+        // What the NixOS module writes for microvm.nix's startupTimeout = 300.
+        let config = resolve(&format!("{BASE}[runtime]\nstart_timeout_ms = 310000\n")).unwrap();
+        assert_eq!(config.start_timeout, Duration::from_secs(310));
     }
 
     #[test]
@@ -647,6 +907,7 @@ initial_members = ["h1=10.0.0.1:7000", "h2=10.0.0.2:7000", "h3=10.0.0.3:7000"]
             (format!("{BASE}[timing]\nreschedule_after_ms = 1600\n"), "timing"),
             (format!("{BASE}[raft]\ntick_ms = 500\n"), "timing"),
             (format!("{BASE}[runtime]\nkind = \"docker\"\n"), "runtime.kind"),
+            (format!("{BASE}[runtime]\nstart_timeout_ms = 0\n"), "runtime.start_timeout_ms"),
             ("node_name = \"h9\"\nlisten = \"10.0.0.9:7000\"\ninitial_members = [\"h1=10.0.0.1:7000\"]\n".to_string(), "initial_members"),
             ("node_name = \"h1\"\nlisten = \"10.0.0.2:7000\"\ninitial_members = [\"h1=10.0.0.1:7000\"]\n".to_string(), "initial_members"),
             ("node_name = \"h1\"\nlisten = \"10.0.0.1:7000\"\ninitial_members = [\"h1=10.0.0.1:7000\", \"h1=10.0.0.2:7000\"]\n".to_string(), "initial_members"),
@@ -655,6 +916,70 @@ initial_members = ["h1=10.0.0.1:7000", "h2=10.0.0.2:7000", "h3=10.0.0.3:7000"]
             let e = resolve(&text).expect_err(&text);
             assert!(e.key.starts_with(key), "{text}: expected key {key}, got {e}");
             assert!(!e.to_string().contains('\n'), "one line: {e}");
+        }
+    }
+
+    /// The keys the parser accepts in a table, read from serde's refusal of
+    /// an unknown one ("expected one of `a`, `b`, ...").
+    fn accepted_keys(prefix: &str, before: &str) -> Vec<String> {
+        let e = FileConfig::parse(&format!("{before}no_such_key_anywhere = 1\n")).unwrap_err();
+        // "expected `a`", "expected `a` or `b`", "expected one of `a`, ..."
+        let listed = e.message.split("expected").nth(1).unwrap_or_else(|| panic!("{e}"));
+        listed
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(|k| if prefix.is_empty() { k.to_string() } else { format!("{prefix}{k}") })
+            .collect()
+    }
+
+    #[test]
+    fn the_reference_names_every_key_the_parser_accepts() {
+        let documented: Vec<&str> = reference().iter().map(|k| k.key).collect();
+        let mut accepted = accepted_keys("", "");
+        // Tables: their keys instead of their names.
+        accepted.retain(|k| !["runtime", "capacity", "tls", "timing", "scheduler", "raft", "vm"].contains(&k.as_str()));
+        for (section, before) in [
+            ("runtime.", "[runtime]\n"),
+            ("capacity.", "[capacity]\n"),
+            ("tls.", "[tls]\n"),
+            ("timing.", "[timing]\n"),
+            ("scheduler.", "[scheduler]\n"),
+            ("raft.", "[raft]\n"),
+            ("vm[].", "[[vm]]\nname = \"a\"\nvcpu = 1\nmemory_mib = 64\n"),
+        ] {
+            accepted.extend(accepted_keys(section, before));
+        }
+        accepted.sort();
+        let mut sorted = documented.clone();
+        sorted.sort();
+        assert_eq!(sorted, accepted, "docs: config::reference() and the parser disagree");
+    }
+
+    #[test]
+    fn docs_config_md_is_generated_from_the_reference() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/config.md");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (begin, end) = (
+            "<!-- BEGIN config reference: generated by config::reference_markdown -->\n",
+            "<!-- END config reference -->",
+        );
+        let generated = reference_markdown();
+        let start = text.find(begin).map(|i| i + begin.len());
+        let stop = text.find(end);
+        let current = match (start, stop) {
+            (Some(a), Some(b)) if a <= b => &text[a..b],
+            _ => "",
+        };
+        if current != generated {
+            if let (Some(a), Some(b), Some(_)) = (start, stop, std::env::var_os("BLIXARD_UPDATE_DOCS")) {
+                std::fs::write(&path, format!("{}{generated}{}", &text[..a], &text[b..])).unwrap();
+                return;
+            }
+            panic!(
+                "docs/config.md's reference table differs from config::reference(); rerun with \
+                 BLIXARD_UPDATE_DOCS=1 to regenerate it. Expected:\n{generated}"
+            );
         }
     }
 

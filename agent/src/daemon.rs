@@ -45,7 +45,7 @@ use crate::guard::GuardConfig;
 use crate::metrics::Metrics;
 use crate::node::events::EventLog;
 use crate::node::{self, AddressBook, Node, NodeOptions, Start};
-use crate::reconciler::{BoxFuture, ContactFile, ExemptFile, Proposer, Reconciler, ReconcilerConfig};
+use crate::reconciler::{BoxFuture, ContactFile, ExemptFile, Proposer, Reconciler, ReconcilerConfig, RunnerWatch};
 use crate::runtime::health::HealthPolicy;
 use crate::state::{Capacity, CommandKind, NodeId, VmSpec};
 use crate::storage::{StorageError, Store};
@@ -103,7 +103,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let store = open_store(&config).await?;
     let listener =
         TcpListener::bind(config.listen).await.map_err(|e| anyhow!("cannot listen on {}: {e}", config.listen))?;
-    let runtime = crate::runtime::open(config.runtime, &config.state_dir).await.map_err(|e| {
+    let runtime = crate::runtime::open(config.runtime, &config.state_dir, config.start_timeout).await.map_err(|e| {
         anyhow!(
             "cannot start the {} runtime: {e}",
             if config.runtime == RuntimeKind::Systemd { "systemd" } else { "process" }
@@ -576,6 +576,10 @@ impl Agent {
                 contact_file: Some(ContactFile::in_dir(&self.config.data_dir)),
                 exempt_file: Some(ExemptFile::in_dir(&self.config.data_dir)),
                 metrics: self.metrics.clone(),
+                // Only microvm.nix's units link `booted`: the process runtime
+                // starts `current` itself and has nothing to roll.
+                runners: (self.config.runtime == RuntimeKind::Systemd)
+                    .then(|| RunnerWatch::new(&self.config.state_dir)),
             },
         );
         let guard =
@@ -798,10 +802,12 @@ async fn report_once(context: &Context, config: &Config, desired: &Desired) -> R
         .ok_or_else(|| tonic::Status::unavailable("this member is not in the member list yet"))?;
     for command in differences.commands {
         match context.propose(command.clone()).await {
-            Ok(()) => tracing::info!(?command, "reported to the cluster"),
+            Ok(()) => tracing::info!(command = %command, "reported to the cluster"),
             // Another agent declared the same VM first.
             Err(s) if s.code() == Code::AlreadyExists => {}
-            Err(s) if is_final(&s) => tracing::warn!(?command, error = %s.message(), "the cluster refused a report"),
+            Err(s) if is_final(&s) => {
+                tracing::warn!(command = %command, error = %s.message(), "the cluster refused a report")
+            }
             Err(s) => return Err(s),
         }
     }

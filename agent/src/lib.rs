@@ -6,6 +6,7 @@
 //! the `storage` they are given. See ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod backup;
 pub mod certs;
 pub mod cli;
 pub mod clock;

@@ -11,6 +11,11 @@ use blixard::cli::{self, Command, args::GuardArgs, args::RunArgs};
 use blixard::config::Config;
 
 fn main() -> ExitCode {
+    // A shell asking for completions (the script `completions SHELL`
+    // prints sets COMPLETE): answer and exit.
+    if cli::docs::answer_completion_request() {
+        return ExitCode::SUCCESS;
+    }
     let cli = match cli::parse(std::env::args_os()) {
         Ok(cli) => cli,
         Err(exit) => return exit.report(),

@@ -77,13 +77,15 @@ fn malformed_endpoints_are_refused_before_connecting() {
 
 #[test]
 fn missing_subcommands_are_one_sentence() {
-    run(&[])
-        .assert_error(2, "blixard-agent needs a subcommand (run, cluster, node, vm, events, guard, certs, completions");
+    run(&[]).assert_error(
+        2,
+        "blixard-agent needs a subcommand (run, cluster, node, vm, events, guard, restore, recover, certs, completions",
+    );
     run(&["vm"]).assert_error(
         2,
-        "`vm` needs a subcommand (create, start, stop, delete, migrate, recover, list, status, logs); see `blixard-agent vm --help`",
+        "`vm` needs a subcommand (create, start, stop, delete, update, migrate, recover, list, status, logs); see `blixard-agent vm --help`",
     );
-    run(&["cluster"]).assert_error(2, "`cluster` needs a subcommand (status, join, join-token, leave)");
+    run(&["cluster"]).assert_error(2, "`cluster` needs a subcommand (status, join, backup, join-token, leave)");
     run(&["node"]).assert_error(2, "`node` needs a subcommand (list, drain, undrain)");
     run(&["completions"]).assert_error(2, "`completions` needs SHELL");
     run(&["completions", "powershell"]).assert_error(2, "\"powershell\" is not a valid SHELL: use bash, zsh or fish");
@@ -176,7 +178,7 @@ fn vm_commands_print_the_documented_json() {
         json!({"name": "web", "node": "h1", "desired": "running", "state": "starting", "vcpu": 2, "memory_mib": 1024,
                "failover": "auto", "since": "2025-01-02T03:04:05.678Z", "since_unix_ms": SINCE_UNIX_MS, "last_error": null,
                "pending_reason": null, "pinned_node": null, "anti_affinity": null, "labels": {"tier": "web"},
-               "generation": 1})
+               "generation": 1, "failover": "auto"})
     );
     fake.insert_vm("db", "");
 
@@ -223,8 +225,21 @@ fn vm_commands_print_tables_and_confirmations() {
     assert!(out.stdout.starts_with("name:           database\nnode:           -\n"), "{}", out.stdout);
     assert!(out.stdout.contains("since:          2025-01-02 03:04:05 UTC ("), "{}", out.stdout);
     assert!(out.stdout.contains("pending reason: no host has the runner installed\n"), "{}", out.stdout);
-    assert_eq!(fake.cli(&["vm", "stop", "web"]).stdout, "vm web stopped: desired stopped, state starting, on h1\n");
-    assert_eq!(fake.cli(&["vm", "delete", "web"]).stdout, "vm web deleted\n");
+    // A start or stop is a request the host acts on later: said so.
+    assert_eq!(
+        fake.cli(&["vm", "stop", "web"]).stdout,
+        "vm web: desired stopped, now starting on h1; its host stops it shortly (--wait waits until it has stopped)\n"
+    );
+    assert_eq!(
+        fake.cli(&["vm", "migrate", "web", "--to", "h1"]).stdout,
+        "vm web is already on h1; nothing to move\n",
+        "a migrate to where it is does nothing, and says so"
+    );
+    assert!(!fake.calls().iter().any(|c| c.starts_with("VmMigrate")), "{:?}", fake.calls());
+    assert_eq!(
+        fake.cli(&["vm", "delete", "web"]).stdout,
+        "vm web deleted; its host stops the guest shortly (--wait stops it first and waits)\n"
+    );
 }
 
 #[test]
@@ -253,7 +268,7 @@ fn cluster_and_node_commands() {
     assert_eq!(status["term"], 3);
     assert_eq!(
         status["members"][0],
-        json!({"id": 1, "name": "h1", "address": "127.0.0.1:7000", "role": "leader", "healthy": true})
+        json!({"id": "1", "name": "h1", "address": "127.0.0.1:7000", "role": "leader", "healthy": true})
     );
     let out = fake.cli(&["cluster", "status"]);
     out.assert_ok();
@@ -284,7 +299,7 @@ fn cluster_and_node_commands() {
     writeln!(token, "  s3cret  ").unwrap();
     let out = fake.cli(&["cluster", "join", "10.0.0.1:7000", "--token-file", token.path().to_str().unwrap(), "--json"]);
     out.assert_ok();
-    assert_eq!(out.json(), json!({"name": "h4", "id": 4}));
+    assert_eq!(out.json(), json!({"name": "h4", "id": "4"}));
     assert!(fake.calls().contains(&"ClusterJoin(10.0.0.1:7000,s3cret)".to_string()), "{:?}", fake.calls());
 
     assert_eq!(fake.cli(&["cluster", "leave", "h4"]).stdout, "h4 left the cluster\n");
@@ -305,12 +320,236 @@ fn cluster_and_node_commands() {
 }
 
 #[test]
-fn completions_for_every_shell() {
-    for shell in ["bash", "zsh", "fish"] {
-        let out = run(&["completions", shell]);
-        out.assert_ok();
-        assert!(out.stdout.contains("blixard-agent"), "{shell}");
-        assert!(out.stdout.contains("migrate"), "{shell}");
+fn vm_list_pages_through_every_vm_and_passes_its_filters() {
+    let fake = Fake::start();
+    fake.insert_many("vm-", 2500);
+    let out = fake.cli(&["vm", "list", "--json"]);
+    out.assert_ok();
+    let listed = out.json();
+    assert_eq!(listed.as_array().unwrap().len(), 2500);
+    assert_eq!(listed[2499]["name"], "vm-002499");
+    let pages: Vec<String> = fake.calls().into_iter().filter(|c| c.starts_with("VmList")).collect();
+    assert_eq!(
+        pages,
+        [
+            "VmList(token=,size=1000,node=,state=,labels=0,prefix=)",
+            "VmList(token=vm-000999,size=1000,node=,state=,labels=0,prefix=)",
+            "VmList(token=vm-001999,size=1000,node=,state=,labels=0,prefix=)",
+        ]
+    );
+    let out = fake.cli(&["vm", "list"]);
+    out.assert_ok();
+    assert_eq!(out.stdout.lines().count(), 2501, "a header and every VM");
+    fake.cli(&["vm", "list", "--node", "h1", "--state", "running", "--label", "a=b", "--prefix", "vm-00"]).assert_ok();
+    assert!(
+        fake.calls().contains(&"VmList(token=,size=1000,node=h1,state=running,labels=1,prefix=vm-00)".to_string()),
+        "{:?}",
+        fake.calls()
+    );
+    let none = fake.cli(&["vm", "list", "--prefix", "nothing-", "--json"]);
+    none.assert_ok();
+    assert_eq!(none.json(), json!([]));
+}
+
+/// `vm list | head -1`: the reader goes away; the command ends quietly
+/// (exit 0, nothing on stderr), never a panic (exit 101).
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    use std::io::BufRead;
+    let fake = Fake::start();
+    fake.insert_many("vm-", 20_000);
+    let endpoint = fake.endpoint();
+    for args in [&["vm", "list"][..], &["vm", "list", "--json"], &["cluster", "status"], &["completions", "bash"]] {
+        let mut child = std::process::Command::new(cli_support::BIN)
+            .args(args)
+            .args(["--endpoint", &endpoint, "--config", "/dev/null"].iter().filter(|_| args[0] != "completions"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut first = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut first).unwrap();
+        // The reader is gone (dropped) before the command has written it all.
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn vm_update_prints_what_changed_and_when_it_takes_effect() {
+    let fake = Fake::start();
+    fake.insert_vm("web", "h1");
+    let out = fake.cli(&["vm", "update", "web", "--vcpu", "4", "--label", "tier=web", "--json"]);
+    out.assert_ok();
+    let j = out.json();
+    assert_eq!((j["vcpu"].as_u64(), j["labels"]["tier"].as_str()), (Some(4), Some("web")), "{j}");
+    assert_eq!(j["changed"], json!(["vcpu", "labels"]));
+    assert_eq!(j["takes_effect"], "next_start", "web runs on a host that still fits it");
+    let out = fake.cli(&["vm", "update", "web", "--node", "h2"]);
+    out.assert_ok();
+    assert_eq!(
+        out.stdout,
+        "vm web updated (node): its host no longer satisfies it, so it moves to another host; now running on h2\n"
+    );
+    let out = fake.cli(&["vm", "update", "web", "--vcpu", "4", "--json"]);
+    assert_eq!(out.json()["takes_effect"], "unchanged");
+    fake.cli(&["vm", "update", "nope", "--vcpu", "2"]).assert_error(2, "no VM named \"nope\"");
+    fake.cli(&["vm", "update", "web"]).assert_error(2, "`vm update` needs something to change");
+}
+
+#[test]
+fn cluster_backup_writes_a_checked_file_and_never_overwrites_one() {
+    let fake = Fake::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("state.bak");
+    let out = fake.cli(&["cluster", "backup", file.to_str().unwrap(), "--json"]);
+    out.assert_ok();
+    let j = out.json();
+    assert_eq!(
+        (j["cluster_id"].as_str(), j["index"].as_u64(), j["members"].as_u64()),
+        (Some("0000000000000007"), Some(42), Some(1))
+    );
+    let backup = blixard::backup::read(&file).unwrap();
+    assert_eq!(backup.header.index, 42);
+    assert_eq!(backup.state.members().len(), 1);
+    fake.cli(&["cluster", "backup", file.to_str().unwrap()]).assert_error(2, "already exists");
+    assert_eq!(fake.calls().iter().filter(|c| *c == "ClusterBackup").count(), 1, "refused before asking");
+}
+
+/// Where the shells are: (bash, zsh, fish). Without zsh or fish the test
+/// skips them, unless `BLIXARD_REQUIRE_SHELLS` is set (scripts/test.sh
+/// installs both and sets it).
+fn shell(name: &str) -> Option<String> {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if found.is_none() {
+        assert!(std::env::var_os("BLIXARD_REQUIRE_SHELLS").is_none(), "{name} is required but not installed");
+        eprintln!("skipping the {name} completion checks: {name} is not installed");
+    }
+    found
+}
+
+/// One TAB: the words typed before it, the word being completed, what must
+/// be offered and what must not.
+struct Tab {
+    before: &'static [&'static str],
+    current: &'static str,
+    want: &'static [&'static str],
+    not: &'static [&'static str],
+}
+
+impl Tab {
+    /// Every word of the line, the binary's name first.
+    fn words(&self) -> Vec<&'static str> {
+        std::iter::once("blixard-agent").chain(self.before.iter().copied()).chain([self.current]).collect()
+    }
+
+    fn quoted_words(&self) -> String {
+        self.words().iter().map(|w| format!("'{w}'")).collect::<Vec<_>>().join(" ")
+    }
+
+    /// The shell's script that asks for this TAB's completions, one per line.
+    fn script(&self, shell: &str) -> String {
+        let n = self.words().len();
+        match shell {
+            "bash" => format!(
+                "source <(blixard-agent completions bash)\n\
+                 COMP_WORDS=({words}); COMP_CWORD={cword}; COMP_TYPE=9; COMP_LINE=\"${{COMP_WORDS[*]}}\"; \
+                 COMP_POINT=${{#COMP_LINE}}\n\
+                 _clap_complete_blixard_agent blixard-agent '{current}' '{prev}'\n\
+                 printf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
+                words = self.quoted_words(),
+                cword = n - 1,
+                current = self.current,
+                prev = self.before.last().copied().unwrap_or("blixard-agent"),
+            ),
+            // compinit's functions, reduced to what the script calls:
+            // `compdef` registers, `_describe` offers (value:help).
+            "zsh" => format!(
+                "compdef() {{ :; }}\n\
+                 _describe() {{ local name=${{@[-1]}}; printf '%s\\n' \"${{(@P)name}}\"; }}\n\
+                 eval \"$(blixard-agent completions zsh)\"\n\
+                 words=({words}); CURRENT={n}\n\
+                 _clap_dynamic_completer_blixard_agent\n",
+                words = self.quoted_words(),
+            ),
+            _ => {
+                format!("blixard-agent completions fish | source; complete --do-complete '{}'", self.words().join(" "))
+            }
+        }
+    }
+
+    /// The values in the shell's answer (without zsh's and fish's help).
+    fn offered(shell: &str, output: &str) -> Vec<String> {
+        let value = |l: &str| match shell {
+            "zsh" => l.split(':').next().unwrap_or("").replace('\\', ""),
+            "fish" => l.split('\t').next().unwrap_or("").to_string(),
+            _ => l.to_string(),
+        };
+        output.lines().map(|l| value(l).trim().to_string()).collect()
+    }
+
+    fn check(&self, shell: &str, got: &[String]) {
+        for w in self.want {
+            assert!(got.iter().any(|g| g == w), "{shell}: {:?} + TAB offers {got:?}, without {w}", self.before);
+        }
+        for n in self.not {
+            assert!(!got.iter().any(|g| g == n), "{shell}: {:?} + TAB offers {n} in {got:?}", self.before);
+        }
+    }
+}
+
+/// Completions through each shell's own machinery, from the script
+/// `completions SHELL` prints: subcommands below the top level, flags of
+/// a subcommand, and VM and node names from the (fake) local agent.
+#[test]
+fn completions_work_in_bash_zsh_and_fish() {
+    let fake = Fake::start();
+    fake.insert_vm("web", "h1");
+    fake.insert_vm("worker", "h2");
+    fake.insert_vm("db", "h2");
+    let bin_dir = std::path::Path::new(cli_support::BIN).parent().unwrap().to_path_buf();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let tabs = [
+        Tab { before: &["vm"], current: "st", want: &["start", "status", "stop"], not: &["create"] },
+        Tab {
+            before: &["vm", "update", "web"],
+            current: "--re",
+            want: &["--restart", "--remove-label"],
+            not: &["--to"],
+        },
+        Tab { before: &["vm", "start"], current: "w", want: &["web", "worker"], not: &["db"] },
+        Tab { before: &["node", "drain"], current: "", want: &["h1", "h2", "h3"], not: &[] },
+        Tab { before: &["cluster"], current: "ba", want: &["backup"], not: &[] },
+        Tab { before: &["vm", "list", "--state"], current: "ru", want: &["running"], not: &["stopped"] },
+    ];
+    let shells: Vec<(&str, String, &[&str])> =
+        [("bash", &["-c"][..]), ("zsh", &["-f", "-c"]), ("fish", &["--no-config", "-c"])]
+            .into_iter()
+            .filter_map(|(name, args)| shell(name).map(|program| (name, program, args)))
+            .collect();
+    assert!(shells.iter().any(|(name, ..)| *name == "bash"), "bash is always there");
+    for (name, program, args) in &shells {
+        for tab in &tabs {
+            let script = tab.script(name);
+            let out = std::process::Command::new(program)
+                .args(*args)
+                .arg(&script)
+                .env("PATH", &path)
+                .env("BLIXARD_ENDPOINT", fake.endpoint())
+                .env_remove("COMPLETE")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{name}: {}\n{script}", String::from_utf8_lossy(&out.stderr));
+            tab.check(name, &Tab::offered(name, &String::from_utf8_lossy(&out.stdout)));
+        }
     }
 }
 
@@ -336,6 +575,9 @@ fn help_shows_examples_for_every_command() {
         &["cluster", "status"],
         &["cluster", "join"],
         &["cluster", "leave"],
+        &["cluster", "backup"],
+        &["restore"],
+        &["recover"],
         &["node"],
         &["node", "list"],
         &["node", "drain"],
@@ -345,6 +587,7 @@ fn help_shows_examples_for_every_command() {
         &["vm", "start"],
         &["vm", "stop"],
         &["vm", "delete"],
+        &["vm", "update"],
         &["vm", "migrate"],
         &["vm", "list"],
         &["vm", "status"],

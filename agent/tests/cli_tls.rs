@@ -111,7 +111,7 @@ fn mtls_from_the_config_file() {
         ),
     );
     run(&["vm", "list", "--config", s(&config)]).assert_ok();
-    assert_eq!(p.fake.calls(), ["VmList"]);
+    assert_eq!(p.fake.calls(), ["VmList(token=,size=1000,node=,state=,labels=0,prefix=)"]);
 }
 
 #[test]

@@ -146,3 +146,37 @@ fn a_host_the_leader_cannot_hear_gets_no_contact_even_though_it_hears_the_leader
     );
     assert_eq!(c.leader(), Some(leader));
 }
+
+#[test]
+fn only_the_current_leaders_confirmations_count_and_never_for_the_future() {
+    let c = Cluster::start(3);
+    c.wait_until("a leader", |c| c.leader().is_some());
+    let leader = c.leader().unwrap();
+    let follower = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let (leader_id, other_id) = (c.nodes[leader].handle().status().id, c.nodes[other].handle().status().id);
+    c.wait_until("the follower's first contact", |c| c.contact(follower).is_some());
+    // Every host is muted: no real confirmation arrives from here on.
+    for node in &c.nodes {
+        c.net.lock().unwrap().muted.insert(node.handle().status().id);
+    }
+    let before = c.contact(follower).unwrap();
+    let target = c.nodes[follower].handle();
+    let forged = |sent_at_ms| Contact { sent_at_ms, commit: before.commit };
+    c.wait_until("some time to pass since the last contact", |_| monotonic_ms() > before.sent_at_ms + 50);
+    // Times in the follower's past, newer than anything it had: `newest`
+    // from a member that is not the leader, `genuine` (older) from the leader.
+    let newest = monotonic_ms();
+    let genuine = newest - 20;
+    target.step_frame(other_id, newest, Vec::new(), Some(forged(newest)));
+    // From the leader, but for a time later than the follower's clock
+    // (what a forged confirmation of u64::MAX did before: no fence ever).
+    target.step_frame(leader_id, newest, Vec::new(), Some(forged(u64::MAX)));
+    target.step_frame(leader_id, newest, Vec::new(), Some(forged(monotonic_ms() + 60_000)));
+    // Frames are handled in order: the genuine one last shows the others
+    // were looked at.
+    target.step_frame(leader_id, genuine, Vec::new(), Some(forged(genuine)));
+    c.wait_until("the genuine confirmation", |c| fresh(c.contact(follower), genuine));
+    let contact = c.contact(follower).unwrap();
+    assert_eq!(contact.sent_at_ms, genuine, "a forged confirmation counted: {contact:?}");
+}

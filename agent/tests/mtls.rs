@@ -329,7 +329,7 @@ fn peer_traffic_is_bound_to_member_certificates() {
         // be between leaders).
         let deadline = Instant::now() + SETTLE;
         let mut blixard = BlixardClient::new(ops);
-        while let Err(status) = blixard.vm_list(pb::VmListRequest {}).await {
+        while let Err(status) = blixard.vm_list(pb::VmListRequest::default()).await {
             assert!(Instant::now() < deadline && status.code() != Code::PermissionDenied, "{status:?}");
         }
 
@@ -342,7 +342,7 @@ fn peer_traffic_is_bound_to_member_certificates() {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &issuer).unwrap().pem();
         let anonymous = c.channel(0, &c.read("ca.pem"), Some((&cert, &key.serialize_pem()))).await.expect("connect");
-        let status = BlixardClient::new(anonymous).vm_list(pb::VmListRequest {}).await.unwrap_err();
+        let status = BlixardClient::new(anonymous).vm_list(pb::VmListRequest::default()).await.unwrap_err();
         assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
 
         // No certificate, or one from another CA: no connection at all.
@@ -359,7 +359,7 @@ fn peer_traffic_is_bound_to_member_certificates() {
 async fn refused(connection: Result<Channel, String>) -> bool {
     match connection {
         Err(_) => true,
-        Ok(channel) => BlixardClient::new(channel).vm_list(pb::VmListRequest {}).await.is_err(),
+        Ok(channel) => BlixardClient::new(channel).vm_list(pb::VmListRequest::default()).await.is_err(),
     }
 }
 

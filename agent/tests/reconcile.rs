@@ -108,6 +108,7 @@ impl Cluster {
                 contact_file: None,
                 exempt_file: None,
                 metrics: handle.metrics(),
+                runners: None,
             };
             let reconciler = Reconciler::new(
                 identity.id,

@@ -1,121 +1,49 @@
-# Evaluation tests for nixos-modules/blixard.nix, without nixpkgs or NixOS.
+# Evaluation tests for nixos-modules/blixard.nix, next to the real microvm.nix.
 #
 #   nix-instantiate --eval --strict --json tests/nix/eval.nix \
-#     --arg lib 'import /path/to/nixpkgs.lib/lib'
+#     --arg lib 'import /var/cache/blixard/nixpkgs-lib/lib' \
+#     --arg microvm /var/cache/blixard/microvm.nix-<rev>
 #
-# The module is evaluated with `lib.evalModules` next to stub declarations of
-# the NixOS (and microvm.nix) options it sets, and a fake `pkgs` whose
-# `formats.toml { }` hands back the value it was given, so the tests can look
-# at the agent's config as an attribute set. Returns
-# `{ total; failures = [ { name; expected; result; } ]; }`.
-{ lib }:
+# (tests/nix/check.sh runs it; tests/nix/prepare.sh fills the cache.) Each host is
+# the flake's own nixosModules (nixos-modules/exports.nix) evaluated with
+# `lib.evalModules` together with microvm.nix's real host module
+# (nixos-modules/host, at the revision flake.lock pins) and, for every guest, its
+# real guest option module; the NixOS options around them are the typed stubs of
+# ./stubs. Returns `{ total; failures = [ { name; expected; result; } ]; }`.
+{ lib, microvm }:
 
 let
-  inherit (lib) mkOption types;
+  # A path value, also when the flake hands over its input's store path string.
+  microvmDir = /. + toString microvm;
+  stubs = import ./stubs { inherit lib; };
+  inherit (stubs) storePath;
 
-  storePath = name: "${builtins.storeDir}/00000000000000000000000000000000-${name}";
-
-  fakePackage = name: {
-    type = "derivation";
-    inherit name;
-    outPath = storePath name;
-    meta.mainProgram = name;
+  # microvm.nix's flake output, as the flake sees it (a path: importing it twice
+  # imports it once).
+  microvmFlake.nixosModules.host = microvmDir + "/nixos-modules/host";
+  exports = import ../../nixos-modules/exports.nix {
+    microvm = microvmFlake;
+    packageFor = pkgs: pkgs.blixard-agent;
   };
+  example = import ../../docs/examples/cluster.nix { inherit lib; };
 
-  tomlValue = types.oneOf [
-    types.bool
-    types.int
-    types.float
-    types.str
-    types.path
-    (types.attrsOf tomlValue)
-    (types.listOf tomlValue)
-  ] // { description = "TOML value"; };
-
-  fakePkgs = {
-    formats.toml = _: {
-      type = types.attrsOf tomlValue;
-      # The value itself, plus an outPath so that it can stand in a unit file.
-      generate = name: value: value // { outPath = storePath name; };
+  eval =
+    modules:
+    lib.evalModules {
+      modules = [
+        stubs.nixos
+        { _module.args.pkgs = stubs.pkgs; }
+      ]
+      ++ modules;
     };
-    blixard-agent = fakePackage "blixard-agent";
-  };
-
-  # What microvm.nix does with `microvm.vms.<name>.config`: evaluate the
-  # definitions as the guest's NixOS configuration. Here the guest only has
-  # the options the module reads.
-  guestStub = {
-    freeformType = types.attrsOf types.anything;
-    options.microvm = {
-      vcpu = mkOption { type = types.ints.positive; default = 1; };
-      mem = mkOption { type = types.ints.positive; default = 512; };
-    };
-  };
-  guestConfig = lib.mkOptionType {
-    name = "microvm-guest";
-    merge = _loc: defs: lib.evalModules {
-      modules = [ guestStub ] ++ map (def: { _file = def.file; imports = [ def.value ]; }) defs;
-    };
-  };
-
-  listOfStr = mkOption { type = types.listOf types.str; default = [ ]; };
-  anyAttrs = mkOption { type = types.attrsOf (types.attrsOf types.anything); default = { }; };
-
-  stubs = {
-    options = {
-      assertions = mkOption { type = types.listOf types.unspecified; default = [ ]; };
-      warnings = listOfStr;
-      networking.hostName = mkOption { type = types.str; default = "nixos"; };
-      networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
-      environment.etc = anyAttrs;
-      environment.systemPackages = mkOption { type = types.listOf types.package; default = [ ]; };
-      users.users = anyAttrs;
-      users.groups = anyAttrs;
-      systemd.tmpfiles.rules = listOfStr;
-      systemd.services = mkOption {
-        default = { };
-        type = types.attrsOf (types.submodule {
-          freeformType = types.attrsOf types.anything;
-          options = {
-            wantedBy = listOfStr;
-            wants = listOfStr;
-            after = listOfStr;
-            serviceConfig = mkOption { type = types.attrsOf types.anything; default = { }; };
-          };
-        });
-      };
-      security.polkit.enable = mkOption { type = types.bool; default = false; };
-      security.polkit.extraConfig = mkOption { type = types.lines; default = ""; };
-      microvm = {
-        stateDir = mkOption { type = types.str; default = "/var/lib/microvms"; };
-        autostart = listOfStr;
-        vms = mkOption {
-          default = { };
-          type = types.attrsOf (types.submodule {
-            options = {
-              config = mkOption { type = types.nullOr guestConfig; default = null; };
-              flake = mkOption { type = types.nullOr types.path; default = null; };
-              autostart = mkOption { type = types.bool; default = true; };
-            };
-          });
-        };
-      };
-    };
-  };
-
-  evalHost = modules: (lib.evalModules {
-    modules = [
-      stubs
-      ../../nixos-modules/blixard.nix
-      { _module.args.pkgs = fakePkgs; }
-    ] ++ modules;
-  }).config;
+  evalHost = modules: (eval ([ exports.default ] ++ modules)).config;
 
   failedMessages = cfg: map (a: a.message) (lib.filter (a: !a.assertion) cfg.assertions);
 
   # The generated config file, as the attribute set given to formats.toml.
   agentConfig = cfg: removeAttrs cfg.environment.etc."blixard/agent.toml".source [ "outPath" ];
   unit = cfg: cfg.systemd.services.blixard.serviceConfig;
+  guard = cfg: cfg.systemd.services.blixard-guard;
 
   members = {
     h1 = "10.0.0.1:7000";
@@ -133,154 +61,509 @@ let
     };
   };
 
+  guest = {
+    microvm.hypervisor = "qemu";
+    system.stateVersion = "26.05";
+  };
+
   # A fake flake with one guest, as microvm.nix reads it.
   fakeFlake = {
     outPath = storePath "guests-source";
-    nixosConfigurations.db.config.microvm = { vcpu = 4; mem = 4096; };
+    nixosConfigurations.db.config = {
+      microvm = {
+        vcpu = 4;
+        mem = 4096;
+        shares = [ ];
+        declaredRunner = stubs.fakePackage "microvm-qemu-db" // {
+          supportsNotifySocket = false;
+          registerWithMachined = false;
+        };
+      };
+      system.build.toplevel = stubs.fakePackage "nixos-system-db";
+    };
   };
 
-  withVms = vms: [ base { services.blixard.vms = vms; } ];
+  withVms = vms: [
+    base
+    { services.blixard.vms = vms; }
+  ];
 
   # Passes when evaluation reports exactly one failed assertion, and it
   # contains `text`; otherwise shows what it got.
-  failsWith = text: modules:
+  failsWith =
+    text: modules:
     let
       got = failedMessages (evalHost modules);
     in
     {
-      expr = if lib.length got == 1 && lib.hasInfix text (lib.head got) then "failed as expected" else got;
+      expr =
+        if lib.length got == 1 && lib.hasInfix text (lib.head got) then "failed as expected" else got;
       expected = "failed as expected";
     };
 
   # Passes when evaluating `attr` of the config throws (a type error).
-  rejects = modules: attr: {
-    expr = (builtins.tryEval (builtins.deepSeq (attr (evalHost modules)) true)).success;
+  rejects = modules: attr: rejectsEval (attr (evalHost modules));
+  rejectsEval = value: {
+    expr = (builtins.tryEval (builtins.deepSeq value true)).success;
     expected = false;
   };
 
   tests = {
-    testGoodConfigHasNoFailedAssertion = {
-      expr = failedMessages (evalHost [ base ]);
-      expected = [ ];
+    # --- the docs' three hosts ------------------------------------------------
+    testDocsHostsEvaluate = {
+      expr = lib.mapAttrs (
+        name: address:
+        let
+          cfg = evalHost [
+            example.cluster
+            (example.founder name address)
+          ];
+        in
+        {
+          failed = failedMessages cfg;
+          inherit (agentConfig cfg) node_name listen initial_members;
+          vm = (agentConfig cfg).vm;
+          guest = {
+            inherit (cfg.microvm.vms.web) autostart restartIfChanged;
+            inherit (cfg.microvm.vms.web.config.config.microvm) vcpu mem hypervisor;
+            shares = map (s: s.proto) cfg.microvm.vms.web.config.config.microvm.shares;
+          };
+          # microvm.nix's host side is on, and installs the runner.
+          installs = cfg.systemd.services."install-microvm-web".serviceConfig.Type;
+          microvmUser = cfg.users.users ? microvm;
+          firewall = cfg.networking.firewall.allowedTCPPorts;
+        }
+      ) example.founders;
+      expected = lib.mapAttrs (name: address: {
+        failed = [ ];
+        node_name = name;
+        listen = "${address}:7000";
+        initial_members = [
+          "h1=10.0.0.1:7000"
+          "h2=10.0.0.2:7000"
+          "h3=10.0.0.3:7000"
+        ];
+        vm = [
+          {
+            name = "web";
+            vcpu = 2;
+            memory_mib = 1024;
+            desired = "running";
+            failover = "auto";
+          }
+        ];
+        guest = {
+          autostart = false;
+          restartIfChanged = false;
+          vcpu = 2;
+          mem = 1024;
+          hypervisor = "qemu";
+          shares = [ "9p" ];
+        };
+        installs = "oneshot";
+        microvmUser = true;
+        firewall = [ 7000 ];
+      }) example.founders;
     };
 
-    testMinimalConfigFile = {
-      expr = agentConfig (evalHost [ base ]);
+    # microvm.nix's unit template and ours merge as systemd units do.
+    testGuestsCheckForTheGuardBeforeTheyStart = {
+      expr =
+        let
+          cfg = evalHost [ base ];
+          template = cfg.systemd.services."microvm@";
+        in
+        {
+          inherit (template) restartIfChanged;
+          check = template.serviceConfig.ExecStartPre;
+          after = lib.elem "blixard-guard.service" template.after;
+          # microvm.nix's own settings survive the merge.
+          inherit (template.serviceConfig) Restart TimeoutSec;
+          stop = template.serviceConfig.ExecStop;
+        };
       expected = {
-        node_name = "h1";
-        listen = "10.0.0.1:7000";
-        data_dir = "/var/lib/blixard";
-        initial_members = [ "h1=10.0.0.1:7000" "h2=10.0.0.2:7000" "h3=10.0.0.3:7000" ];
-        join = [ ];
-        log_level = "info";
-        runtime = { kind = "systemd"; state_dir = "/var/lib/microvms"; };
-        vm = [ ];
+        check = [ "${storePath "systemd"}/bin/systemctl is-active --quiet blixard-guard.service" ];
+        restartIfChanged = false;
+        after = true;
+        Restart = "always";
+        TimeoutSec = 150;
+        # microvm.nix's shutdown, then a wait for qemu itself.
+        stop = [
+          "/var/lib/microvms/%i/booted/bin/microvm-shutdown"
+          "-${storePath "coreutils"}/bin/tail --pid=\${MAINPID} -f /dev/null"
+        ];
       };
     };
 
-    testFullConfigFile = {
-      expr = agentConfig (evalHost [
-        base
+    testGuardUnit = {
+      expr =
+        let
+          g = guard (evalHost [ base ]);
+        in
         {
-          services.blixard = {
-            port = 7100;
-            initialMembers = lib.mkForce { h1 = "10.0.0.1:7100"; };
-            logLevel = "debug";
-            metricsListenAddress = "127.0.0.1:9464";
-            joinTokenFile = "/run/secrets/join-token";
-            capacity = { vcpu = 16; memory = 65536; vcpuOvercommit = 2; memoryOvercommit = 1.5; };
-            labels.rack = "r1";
-            tls = {
+          inherit (g) restartIfChanged stopIfChanged wantedBy;
+          inherit (g.serviceConfig)
+            Type
+            NotifyAccess
+            ExecStart
+            ExecStopPost
+            Restart
+            RestartSec
+            WatchdogSec
+            WatchdogSignal
+            PrivateNetwork
+            RestrictAddressFamilies
+            CapabilityBoundingSet
+            ;
+          user = g.serviceConfig ? User;
+        };
+      expected = {
+        restartIfChanged = false;
+        stopIfChanged = false;
+        wantedBy = [ "multi-user.target" ];
+        Type = "notify";
+        NotifyAccess = "main";
+        ExecStart = "${storePath "blixard-agent"}/bin/blixard-agent guard --data-dir /var/lib/blixard --state-dir /var/lib/microvms --runtime systemd";
+        ExecStopPost = "${storePath "blixard-agent"}/bin/blixard-agent guard --fence-if-stale --data-dir /var/lib/blixard --state-dir /var/lib/microvms --runtime systemd";
+        Restart = "always";
+        RestartSec = "100ms";
+        WatchdogSec = "1900ms";
+        WatchdogSignal = "SIGKILL";
+        PrivateNetwork = true;
+        RestrictAddressFamilies = [ "AF_UNIX" ];
+        CapabilityBoundingSet = [ "CAP_DAC_READ_SEARCH" ];
+        # root: stopping guests never waits for polkitd
+        user = false;
+      };
+    };
+
+    testGuardTakesTheAgentsTiming = {
+      expr =
+        (guard (evalHost [
+          base
+          {
+            services.blixard.settings.timing = {
+              fence_after_ms = 2500;
+              stop_max_ms = 800;
+              reschedule_after_ms = 5000;
+            };
+          }
+        ])).serviceConfig.ExecStart;
+      expected = "${storePath "blixard-agent"}/bin/blixard-agent guard --data-dir /var/lib/blixard --state-dir /var/lib/microvms --runtime systemd --fence-after-ms 2500 --stop-max-ms 800";
+    };
+
+    # --- a user who brings their own microvm.nix ------------------------------
+    testOwnMicrovmWithTheModuleAlone = {
+      expr =
+        let
+          cfg =
+            (eval [
+              microvmFlake.nixosModules.host
+              exports.blixard
+              base
+              { services.blixard.vms.web.config = guest; }
+            ]).config;
+        in
+        {
+          failed = failedMessages cfg;
+          hostSide = cfg.users.users ? microvm;
+          runner = cfg.systemd.services ? "install-microvm-web";
+        };
+      expected = {
+        failed = [ ];
+        hostSide = true;
+        runner = true;
+      };
+    };
+
+    # With `inputs.microvm.follows`, the user's microvm.nix and blixard's are the
+    # same path, and the module system imports it once.
+    testOwnMicrovmFollowedIsImportedOnce = {
+      expr = failedMessages (
+        (eval [
+          microvmFlake.nixosModules.host
+          exports.default
+          base
+        ]).config
+      );
+      expected = [ ];
+    };
+
+    # Without follows there are two copies: NixOS refuses the second (this is
+    # why the docs say `follows`, or `nixosModules.blixard`).
+    testTwoCopiesOfMicrovmAreRefused = rejectsEval (
+      (eval [
+        (
+          builtins.path {
+            path = microvmDir;
+            name = "microvm-nix-second-copy";
+          }
+          + "/nixos-modules/host"
+        )
+        exports.default
+        base
+      ]).config.microvm.host.enable
+    );
+
+    # --- imported but not enabled ----------------------------------------------
+    testImportedButDisabledChangesNothing = {
+      expr =
+        let
+          cfg = evalHost [ { networking.hostName = "h1"; } ];
+        in
+        {
+          hostEnabled = cfg.microvm.host.enable;
+          inherit (cfg.users) users groups;
+          inherit (cfg.security) wrappers;
+          etc = lib.attrNames cfg.environment.etc;
+          inherit (cfg.boot) kernelModules;
+          ksm = cfg.hardware.ksm.enable;
+          services = lib.attrNames cfg.systemd.services;
+          targets = lib.attrNames cfg.systemd.targets;
+          packages = cfg.environment.systemPackages;
+          polkit = cfg.security.polkit.enable;
+          inherit (cfg.system) activationScripts;
+          inherit (cfg) assertions warnings;
+        };
+      expected = {
+        hostEnabled = false;
+        users = { };
+        groups = { };
+        wrappers = { };
+        etc = [ ];
+        kernelModules = [ ];
+        ksm = false;
+        services = [ ];
+        targets = [ ];
+        packages = [ ];
+        polkit = false;
+        activationScripts = { };
+        assertions = [ ];
+        warnings = [ ];
+      };
+    };
+
+    # Someone who wants microvm.nix's host side without blixard says so.
+    testHostSideCanStillBeEnabledByHand = {
+      expr = (evalHost [ { microvm.host.enable = true; } ]).users.users ? microvm;
+      expected = true;
+    };
+
+    testEnablingTurnsTheHostSideOn = {
+      expr =
+        let
+          cfg = evalHost [ base ];
+        in
+        {
+          hostEnabled = cfg.microvm.host.enable;
+          wrapper = cfg.security.wrappers ? qemu-bridge-helper;
+        };
+      expected = {
+        hostEnabled = true;
+        wrapper = true;
+      };
+    };
+
+    # --- certificates given as path literals reach the store -------------------
+    testTlsPathLiteralsReachTheStore = {
+      expr =
+        let
+          credentials =
+            (unit (evalHost [
+              base
+              {
+                services.blixard.tls = {
+                  caFile = ./fixtures/ca.pem;
+                  certFile = ./fixtures/h1.pem;
+                  keyFile = "/run/secrets/h1-key.pem";
+                };
+              }
+            ])).LoadCredential;
+          ca = lib.head credentials;
+          storeFile = lib.removePrefix "ca.pem:" ca;
+        in
+        {
+          inStore = lib.hasPrefix "${builtins.storeDir}/" storeFile && lib.hasSuffix "-ca.pem" storeFile;
+          # The string refers to the store path: it is in the system's closure.
+          inClosure = builtins.hasContext ca;
+          sameFile = builtins.readFile storeFile == builtins.readFile ./fixtures/ca.pem;
+          key = lib.last credentials;
+        };
+      expected = {
+        inStore = true;
+        inClosure = true;
+        sameFile = true;
+        key = "key.pem:/run/secrets/h1-key.pem";
+      };
+    };
+
+    testTlsRuntimePathsStayRuntimePaths = {
+      expr =
+        (unit (evalHost [
+          base
+          {
+            services.blixard.joinTokenFile = "/run/secrets/join-token";
+            services.blixard.tls = {
               caFile = "/etc/blixard/ca.pem";
               certFile = "/etc/blixard/h1.pem";
               keyFile = "/run/secrets/h1-key.pem";
             };
-            vms.web = {
-              config = { };
-              vcpu = 2;
-              memory = 1024;
-              labels.tier = "web";
-              node = "h1";
-              antiAffinity = "frontends";
-              desired = "stopped";
-            };
+          }
+        ])).LoadCredential;
+      expected = [
+        "ca.pem:/etc/blixard/ca.pem"
+        "cert.pem:/etc/blixard/h1.pem"
+        "key.pem:/run/secrets/h1-key.pem"
+        "join-token:/run/secrets/join-token"
+      ];
+    };
+
+    # A key as a path literal would be copied into the world-readable store.
+    testKeyFileRejectsAPathLiteral = rejects [
+      base
+      { services.blixard.tls.keyFile = ./fixtures/ca.pem; }
+    ] (cfg: cfg.services.blixard.tls.keyFile);
+    testKeyFileRejectsAStorePath = rejects [
+      base
+      { services.blixard.tls.keyFile = storePath "h1-key.pem"; }
+    ] (cfg: cfg.services.blixard.tls.keyFile);
+    testJoinTokenRejectsAStorePath = rejects [
+      base
+      { services.blixard.joinTokenFile = storePath "token"; }
+    ] (cfg: cfg.services.blixard.joinTokenFile);
+    testDataDirIsAnAbsoluteRuntimePath = rejects [
+      base
+      { services.blixard.dataDir = "var/lib/blixard"; }
+    ] (cfg: cfg.services.blixard.dataDir);
+
+    # --- addresses the agent would refuse --------------------------------------
+    testHostNameInListenAddress =
+      failsWith ''services.blixard.listenAddress is "h1.example.org", which is not an IP address''
+        [
+          base
+          {
+            services.blixard.listenAddress = lib.mkForce "h1.example.org";
+            services.blixard.initialMembers = lib.mkForce { };
+          }
+        ];
+    testListenAddressOctetsAreChecked = failsWith "which is not an IP address" [
+      base
+      {
+        services.blixard.listenAddress = lib.mkForce "10.0.0.256";
+        services.blixard.initialMembers = lib.mkForce { };
+      }
+    ];
+    testHostNameInMetricsAddress = failsWith "services.blixard.metricsListenAddress" [
+      base
+      { services.blixard.metricsListenAddress = "localhost:9464"; }
+    ];
+    testIpAddressesAreAccepted = {
+      expr =
+        map
+          (
+            address:
+            failedMessages (evalHost [
+              {
+                networking.hostName = "h1";
+                services.blixard = {
+                  enable = true;
+                  listenAddress = address;
+                  metricsListenAddress = "[::1]:9464";
+                };
+              }
+            ])
+          )
+          [
+            "10.0.0.1"
+            "fd00::1"
+            "[fd00::1]"
+            "2001:db8:0:0:0:0:0:1"
+            "::ffff:10.0.0.1"
+          ];
+      expected = [
+        [ ]
+        [ ]
+        [ ]
+        [ ]
+        [ ]
+      ];
+    };
+
+    # The VM tests' guest is a valid microvm.nix guest, on the QEMU from the
+    # binary cache.
+    testVmTestGuest = {
+      expr =
+        let
+          vmTests = import ../../vm-tests/common.nix {
+            self = null;
+            inherit lib;
           };
-        }
-      ]);
-      expected = {
-        node_name = "h1";
-        listen = "10.0.0.1:7100";
-        data_dir = "/var/lib/blixard";
-        initial_members = [ "h1=10.0.0.1:7100" ];
-        join = [ ];
-        log_level = "debug";
-        metrics_listen = "127.0.0.1:9464";
-        join_token_file = "/run/credentials/blixard.service/join-token";
-        runtime = { kind = "systemd"; state_dir = "/var/lib/microvms"; };
-        capacity = { vcpu = 16; memory_mib = 65536; vcpu_overcommit = 2.0; memory_overcommit = 1.5; };
-        labels = { rack = "r1"; };
-        tls = {
-          ca_file = "/run/credentials/blixard.service/ca.pem";
-          cert_file = "/run/credentials/blixard.service/cert.pem";
-          key_file = "/run/credentials/blixard.service/key.pem";
+          cfg = evalHost (withVms {
+            web = vmTests.vm;
+          });
+          microvmCfg = cfg.microvm.vms.web.config.config.microvm;
+        in
+        {
+          failed = failedMessages cfg;
+          inherit (microvmCfg) cpu hypervisor mem;
+          qemu = microvmCfg.qemu.package.name;
+          marker = cfg.microvm.vms.web.config.config.systemd.services.blixard-marker.serviceConfig.TTYPath;
         };
-        vm = [{
-          name = "web";
-          vcpu = 2;
-          memory_mib = 1024;
-          labels = { tier = "web"; };
-          node = "h1";
-          anti_affinity = "frontends";
-          desired = "stopped";
-        }];
+      expected = {
+        failed = [ ];
+        cpu = "max";
+        hypervisor = "qemu";
+        mem = 384;
+        qemu = "qemu-test";
+        marker = "/dev/ttyS0";
       };
     };
 
-    testOvercommitIsAFloat = {
-      expr = builtins.isFloat (agentConfig (evalHost [ base { services.blixard.capacity.vcpuOvercommit = 3; } ])).capacity.vcpu_overcommit;
-      expected = true;
-    };
-
-    testIpv6ListenAddress = {
-      expr = (agentConfig (evalHost [{
-        networking.hostName = "h1";
-        services.blixard = { enable = true; listenAddress = "fd00::1"; initialMembers.h1 = "[fd00::1]:7000"; };
-      }])).listen;
-      expected = "[fd00::1]:7000";
-    };
-
-    testBracketedIpv6ListenAddress = {
-      expr = (agentConfig (evalHost [{
-        networking.hostName = "h1";
-        services.blixard = { enable = true; listenAddress = "[fd00::1]"; initialMembers.h1 = "[fd00::1]:7000"; };
-      }])).listen;
-      expected = "[fd00::1]:7000";
-    };
-
-    testSettingsAddsKeys = {
-      expr = (agentConfig (evalHost [ base { services.blixard.settings.runtime.kind = "process"; } ])).runtime;
-      expected = { kind = "process"; state_dir = "/var/lib/microvms"; };
-    };
-
-    testNonSystemdRuntimeWarns = {
-      expr = lib.length (evalHost [ base { services.blixard.settings.runtime.kind = "process"; } ]).warnings;
-      expected = 1;
-    };
-
-    testUnit = {
-      expr = {
-        inherit (unit (evalHost [ base ])) Type NotifyAccess Restart User Group StateDirectory WatchdogSec;
-        inherit ((evalHost [ base ]).systemd.services.blixard) wantedBy;
-      };
+    # --- the agent's own unit ---------------------------------------------------
+    testAgentUnit = {
+      expr =
+        let
+          cfg = evalHost [ base ];
+          agent = cfg.systemd.services.blixard;
+        in
+        {
+          inherit (agent.serviceConfig)
+            Type
+            NotifyAccess
+            Restart
+            RestartSec
+            RestartSteps
+            RestartMaxDelaySec
+            User
+            Group
+            StateDirectory
+            WatchdogSec
+            ;
+          inherit (agent)
+            wantedBy
+            stopIfChanged
+            startLimitIntervalSec
+            wants
+            ;
+        };
       expected = {
         Type = "notify";
         NotifyAccess = "main";
         Restart = "always";
+        RestartSec = "100ms";
+        RestartSteps = 8;
+        RestartMaxDelaySec = "10s";
         User = "blixard";
         Group = "blixard";
         StateDirectory = "blixard";
-        WatchdogSec = "30s";
+        WatchdogSec = "10s";
         wantedBy = [ "multi-user.target" ];
+        stopIfChanged = false;
+        startLimitIntervalSec = 0;
+        wants = [
+          "network-online.target"
+          "blixard-guard.service"
+        ];
       };
     };
 
@@ -295,16 +578,27 @@ let
     };
 
     testPackageOnPath = {
-      expr = map (p: p.name) (evalHost [ base ]).environment.systemPackages;
-      expected = [ "blixard-agent" ];
+      expr = lib.elem "blixard-agent" (map (p: p.name) (evalHost [ base ]).environment.systemPackages);
+      expected = true;
     };
 
     testHardening = {
       expr = {
         inherit (unit (evalHost [ base ]))
-          ProtectSystem PrivateTmp NoNewPrivileges UMask CapabilityBoundingSet
-          ProtectKernelTunables ProtectKernelModules ProtectKernelLogs RestrictNamespaces
-          SystemCallFilter RestrictAddressFamilies PrivateDevices ProtectHome;
+          ProtectSystem
+          PrivateTmp
+          NoNewPrivileges
+          UMask
+          CapabilityBoundingSet
+          ProtectKernelTunables
+          ProtectKernelModules
+          ProtectKernelLogs
+          RestrictNamespaces
+          SystemCallFilter
+          RestrictAddressFamilies
+          PrivateDevices
+          ProtectHome
+          ;
       };
       expected = {
         ProtectSystem = "strict";
@@ -316,53 +610,261 @@ let
         ProtectKernelModules = true;
         ProtectKernelLogs = true;
         RestrictNamespaces = true;
-        SystemCallFilter = [ "@system-service" "~@privileged" ];
-        RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged"
+        ];
+        RestrictAddressFamilies = [
+          "AF_UNIX"
+          "AF_INET"
+          "AF_INET6"
+        ];
         PrivateDevices = true;
         ProtectHome = true;
       };
     };
 
     testPrivilegedPortGetsOnlyBindCapability = {
-      expr = (unit (evalHost [ base { services.blixard.port = 700; services.blixard.initialMembers = lib.mkForce { h1 = "10.0.0.1:700"; }; } ])).CapabilityBoundingSet;
+      expr =
+        (unit (evalHost [
+          base
+          {
+            services.blixard.port = 700;
+            services.blixard.initialMembers = lib.mkForce { h1 = "10.0.0.1:700"; };
+          }
+        ])).CapabilityBoundingSet;
       expected = "CAP_NET_BIND_SERVICE";
+    };
+
+    # The typed stubs see what NixOS would: two different values for one
+    # single-valued unit key do not merge, nor does a Type systemd lacks.
+    testConflictingUnitSettingsDoNotMerge = rejects [
+      base
+      { systemd.services.blixard.serviceConfig.RestartSec = "5s"; }
+    ] (cfg: (unit cfg).RestartSec);
+    testUnitTypeIsChecked = rejects [
+      base
+      { systemd.services.blixard.serviceConfig.Type = lib.mkForce "daemon"; }
+    ] (cfg: unit cfg);
+    testDependencyListsTakeUnitNames = rejects [
+      base
+      { systemd.services.blixard.after = [ "blixard-guard" ]; }
+    ] (cfg: cfg.systemd.services.blixard.after);
+
+    testPolkitGrantsOnlyTheVerbsTheAgentUses = {
+      expr =
+        let
+          rule = (evalHost [ base ]).security.polkit.extraConfig;
+        in
+        map (text: lib.hasInfix text rule) [
+          ''action.id != "org.freedesktop.systemd1.manage-units" || subject.user != "blixard"''
+          ''/^microvm@[a-z0-9][a-z0-9-]{0,62}\.service$/.test(unit)''
+          ''["start","stop","kill","reset-failed"].indexOf(verb) >= 0''
+          ''unit == "blixard-guard.service"''
+          ''["start","reset-failed"].indexOf(verb) >= 0''
+        ];
+      expected = [
+        true
+        true
+        true
+        true
+        true
+      ];
+    };
+
+    testHostWatchdog = {
+      expr = {
+        set =
+          (evalHost [
+            base
+            { services.blixard.hostWatchdog = "30s"; }
+          ]).systemd.settings.Manager;
+        unset = (evalHost [ base ]).systemd.settings.Manager;
+      };
+      expected = {
+        set.RuntimeWatchdogSec = "30s";
+        unset = { };
+      };
+    };
+
+    # --- the config file --------------------------------------------------------
+    testMinimalConfigFile = {
+      expr = agentConfig (evalHost [ base ]);
+      expected = {
+        node_name = "h1";
+        listen = "10.0.0.1:7000";
+        data_dir = "/var/lib/blixard";
+        initial_members = [
+          "h1=10.0.0.1:7000"
+          "h2=10.0.0.2:7000"
+          "h3=10.0.0.3:7000"
+        ];
+        join = [ ];
+        log_level = "info";
+        runtime = {
+          kind = "systemd";
+          state_dir = "/var/lib/microvms";
+          start_timeout_ms = 160000;
+        };
+        vm = [ ];
+      };
+    };
+
+    testStartTimeoutFollowsMicrovmStartupTimeout = {
+      expr =
+        (agentConfig (evalHost [
+          base
+          { microvm.host.startupTimeout = 300; }
+        ])).runtime.start_timeout_ms;
+      expected = 310000;
+    };
+
+    testFullConfigFile = {
+      expr = agentConfig (evalHost [
+        base
+        {
+          services.blixard = {
+            port = 7100;
+            initialMembers = lib.mkForce { h1 = "10.0.0.1:7100"; };
+            logLevel = "debug";
+            metricsListenAddress = "127.0.0.1:9464";
+            joinTokenFile = "/run/secrets/join-token";
+            capacity = {
+              vcpu = 16;
+              memory = 65536;
+              vcpuOvercommit = 2;
+              memoryOvercommit = 1.5;
+            };
+            labels.rack = "r1";
+            tls = {
+              caFile = "/etc/blixard/ca.pem";
+              certFile = "/etc/blixard/h1.pem";
+              keyFile = "/run/secrets/h1-key.pem";
+            };
+            vms.web = {
+              config = guest;
+              vcpu = 2;
+              memory = 1024;
+              labels.tier = "web";
+              node = "h1";
+              antiAffinity = "frontends";
+              desired = "stopped";
+              failover = "manual";
+            };
+          };
+        }
+      ]);
+      expected = {
+        node_name = "h1";
+        listen = "10.0.0.1:7100";
+        data_dir = "/var/lib/blixard";
+        initial_members = [ "h1=10.0.0.1:7100" ];
+        join = [ ];
+        log_level = "debug";
+        metrics_listen = "127.0.0.1:9464";
+        join_token_file = "/run/credentials/blixard.service/join-token";
+        runtime = {
+          kind = "systemd";
+          state_dir = "/var/lib/microvms";
+          start_timeout_ms = 160000;
+        };
+        capacity = {
+          vcpu = 16;
+          memory_mib = 65536;
+          vcpu_overcommit = 2.0;
+          memory_overcommit = 1.5;
+        };
+        labels = {
+          rack = "r1";
+        };
+        tls = {
+          ca_file = "/run/credentials/blixard.service/ca.pem";
+          cert_file = "/run/credentials/blixard.service/cert.pem";
+          key_file = "/run/credentials/blixard.service/key.pem";
+        };
+        vm = [
+          {
+            name = "web";
+            vcpu = 2;
+            memory_mib = 1024;
+            labels = {
+              tier = "web";
+            };
+            node = "h1";
+            anti_affinity = "frontends";
+            desired = "stopped";
+            failover = "manual";
+          }
+        ];
+      };
+    };
+
+    testOvercommitIsAFloat = {
+      expr =
+        builtins.isFloat
+          (agentConfig (evalHost [
+            base
+            { services.blixard.capacity.vcpuOvercommit = 3; }
+          ])).capacity.vcpu_overcommit;
+      expected = true;
+    };
+
+    testIpv6ListenAddress = {
+      expr =
+        (agentConfig (evalHost [
+          {
+            networking.hostName = "h1";
+            services.blixard = {
+              enable = true;
+              listenAddress = "fd00::1";
+              initialMembers.h1 = "[fd00::1]:7000";
+            };
+          }
+        ])).listen;
+      expected = "[fd00::1]:7000";
+    };
+
+    testSettingsAddsKeys = {
+      expr =
+        (agentConfig (evalHost [
+          base
+          { services.blixard.settings.runtime.kind = "process"; }
+        ])).runtime.kind;
+      expected = "process";
+    };
+
+    testNonSystemdRuntimeWarns = {
+      expr =
+        lib.length
+          (evalHost [
+            base
+            { services.blixard.settings.runtime.kind = "process"; }
+          ]).warnings;
+      expected = 1;
     };
 
     testCustomDataDir = {
       expr =
-        let cfg = evalHost [ base { services.blixard.dataDir = "/srv/blixard"; } ];
-        in {
+        let
+          cfg = evalHost [
+            base
+            { services.blixard.dataDir = "/srv/blixard"; }
+          ];
+        in
+        {
           stateDirectory = (unit cfg) ? StateDirectory;
           inherit (unit cfg) ReadWritePaths;
           inherit (cfg.systemd.tmpfiles) rules;
-          inherit ((agentConfig cfg)) data_dir;
+          inherit (agentConfig cfg) data_dir;
+          guard = lib.hasInfix "--data-dir /srv/blixard" (guard cfg).serviceConfig.ExecStart;
         };
       expected = {
         stateDirectory = false;
         ReadWritePaths = [ "/srv/blixard" ];
         rules = [ "d /srv/blixard 0700 blixard blixard - -" ];
         data_dir = "/srv/blixard";
+        guard = true;
       };
-    };
-
-    testSecretsAreCredentials = {
-      expr = (unit (evalHost [
-        base
-        {
-          services.blixard.joinTokenFile = "/run/secrets/join-token";
-          services.blixard.tls = {
-            caFile = "/etc/blixard/ca.pem";
-            certFile = "/etc/blixard/h1.pem";
-            keyFile = "/run/secrets/h1-key.pem";
-          };
-        }
-      ])).LoadCredential;
-      expected = [
-        "ca.pem:/etc/blixard/ca.pem"
-        "cert.pem:/etc/blixard/h1.pem"
-        "key.pem:/run/secrets/h1-key.pem"
-        "join-token:/run/secrets/join-token"
-      ];
     };
 
     testNoCredentialsWithoutSecrets = {
@@ -376,72 +878,170 @@ let
     };
 
     testOpenFirewallOpensTheAgentPortOnly = {
-      expr = (evalHost [ base { services.blixard.openFirewall = true; services.blixard.metricsListenAddress = "0.0.0.0:9464"; } ]).networking.firewall.allowedTCPPorts;
+      expr =
+        (evalHost [
+          base
+          {
+            services.blixard.openFirewall = true;
+            services.blixard.metricsListenAddress = "0.0.0.0:9464";
+          }
+        ]).networking.firewall.allowedTCPPorts;
       expected = [ 7000 ];
     };
 
-    testDisabledModuleSetsNothing = {
+    # --- guests -----------------------------------------------------------------
+    testVmsBecomeMicrovmsThatNeitherAutostartNorRestartOnSwitch = {
       expr =
-        let cfg = evalHost [{ services.blixard.listenAddress = "10.0.0.1"; services.blixard.vms.web.config = { }; }];
-        in { inherit (cfg.systemd) services; inherit (cfg.microvm) vms; inherit (cfg.networking.firewall) allowedTCPPorts; inherit (cfg) assertions; };
-      expected = { services = { }; vms = { }; allowedTCPPorts = [ ]; assertions = [ ]; };
-    };
-
-    testUserAndPolkit = {
-      expr =
-        let cfg = evalHost [ base ];
-        in {
-          user = { inherit (cfg.users.users.blixard) isSystemUser group; };
-          group = cfg.users.groups ? blixard;
-          polkit = cfg.security.polkit.enable;
-          rule = map (text: lib.hasInfix text cfg.security.polkit.extraConfig) [
-            ''action.id == "org.freedesktop.systemd1.manage-units"''
-            ''subject.user == "blixard"''
-            ''/^microvm@[a-z0-9][a-z0-9-]{0,62}\.service$/.test(action.lookup("unit"))''
-          ];
+        lib.mapAttrs (_: vm: { inherit (vm) autostart restartIfChanged; })
+          (evalHost (withVms {
+            web.config = guest;
+            db.flake = fakeFlake;
+          })).microvm.vms;
+      expected = {
+        web = {
+          autostart = false;
+          restartIfChanged = false;
         };
-      expected = { user = { isSystemUser = true; group = "blixard"; }; group = true; polkit = true; rule = [ true true true ]; };
+        db = {
+          autostart = false;
+          restartIfChanged = false;
+        };
+      };
     };
 
-    testVmsBecomeMicrovmsThatDoNotAutostart = {
-      expr = lib.mapAttrs (_: vm: vm.autostart) (evalHost (withVms { web.config = { }; db.flake = fakeFlake; })).microvm.vms;
-      expected = { web = false; db = false; };
+    # microvm.nix renders restartIfChanged into its per-guest drop-in.
+    testGuestDropInDoesNotRestartOnSwitch = {
+      expr =
+        (evalHost (withVms {
+          web.config = guest;
+        })).systemd.services."microvm@web".serviceConfig.X-RestartIfChanged;
+      expected = [
+        ""
+        false
+      ];
     };
 
     testVmSizeIsSetInTheGuest = {
-      expr = (evalHost (withVms { web = { config = { }; vcpu = 2; memory = 1024; }; })).microvm.vms.web.config.config.microvm;
-      expected = { vcpu = 2; mem = 1024; };
+      expr = {
+        inherit
+          ((evalHost (withVms {
+            web = {
+              config = guest;
+              vcpu = 2;
+              memory = 1024;
+            };
+          })).microvm.vms.web.config.config.microvm
+          )
+          vcpu
+          mem
+          ;
+      };
+      expected = {
+        vcpu = 2;
+        mem = 1024;
+      };
     };
 
     testGuestConfigIsKept = {
-      expr = (evalHost (withVms { web.config = { services.nginx.enable = true; }; })).microvm.vms.web.config.config.services.nginx.enable;
+      expr =
+        (evalHost (withVms {
+          web.config = guest // {
+            services.nginx.enable = true;
+          };
+        })).microvm.vms.web.config.config.services.nginx.enable;
       expected = true;
     };
 
+    testGuestArgumentsPassThrough = {
+      expr =
+        let
+          vm =
+            (evalHost (withVms {
+              web = {
+                config =
+                  { role, ... }:
+                  guest // { networking.hostName = "web-${role}"; };
+                specialArgs.role = "frontend";
+                extraModules = [ { microvm.mem = 768; } ];
+              };
+            })).microvm.vms.web;
+        in
+        {
+          inherit (vm.config.config.networking) hostName;
+          inherit (vm.config.config.microvm) mem;
+        };
+      expected = {
+        hostName = "web-frontend";
+        mem = 768;
+      };
+    };
+
     testVmEntryTakesTheGuestsNumbers = {
-      expr = (agentConfig (evalHost (withVms {
-        web = { config = { }; vcpu = 2; memory = 1024; };
-        small.config = { };
-        sized.config = { microvm.mem = 768; };
-      }))).vm;
+      expr =
+        (agentConfig (
+          evalHost (withVms {
+            web = {
+              config = guest;
+              vcpu = 2;
+              memory = 1024;
+            };
+            small.config = guest;
+            sized.config = guest // {
+              microvm.mem = 768;
+            };
+          })
+        )).vm;
       expected = [
-        { name = "sized"; vcpu = 1; memory_mib = 768; desired = "running"; }
-        { name = "small"; vcpu = 1; memory_mib = 512; desired = "running"; }
-        { name = "web"; vcpu = 2; memory_mib = 1024; desired = "running"; }
+        {
+          name = "sized";
+          vcpu = 1;
+          memory_mib = 768;
+          desired = "running";
+          failover = "auto";
+        }
+        {
+          name = "small";
+          vcpu = 1;
+          memory_mib = 512;
+          desired = "running";
+          failover = "auto";
+        }
+        {
+          name = "web";
+          vcpu = 2;
+          memory_mib = 1024;
+          desired = "running";
+          failover = "auto";
+        }
       ];
     };
 
     testFlakeGuest = {
       expr =
-        let cfg = evalHost (withVms { db = { flake = fakeFlake; memory = 4096; }; });
-        in {
+        let
+          cfg = evalHost (withVms {
+            db = {
+              flake = fakeFlake;
+              memory = 4096;
+            };
+          });
+        in
+        {
           inherit (agentConfig cfg) vm;
           flake = "${cfg.microvm.vms.db.flake}";
           config = cfg.microvm.vms.db.config;
           failed = failedMessages cfg;
         };
       expected = {
-        vm = [{ name = "db"; vcpu = 4; memory_mib = 4096; desired = "running"; }];
+        vm = [
+          {
+            name = "db";
+            vcpu = 4;
+            memory_mib = 4096;
+            desired = "running";
+            failover = "auto";
+          }
+        ];
         flake = storePath "guests-source";
         config = null;
         failed = [ ];
@@ -449,32 +1049,37 @@ let
     };
 
     testAgentStartsAfterRunnersAreInstalled = {
-      expr = (evalHost (withVms { web.config = { }; })).systemd.services.blixard.after;
-      expected = [ "network-online.target" "install-microvm-web.service" ];
+      expr =
+        (evalHost (withVms {
+          web.config = guest;
+        })).systemd.services.blixard.after;
+      expected = [
+        "network-online.target"
+        "blixard-guard.service"
+        "install-microvm-web.service"
+      ];
     };
 
     testHostThatJoinsBySeeds = {
       expr =
         let
-          cfg = evalHost [{
+          joiner = extra: {
             networking.hostName = "h4";
-            services.blixard = { enable = true; listenAddress = "10.0.0.4"; join = [ "10.0.0.1:7000" ]; };
-          }];
+            services.blixard = {
+              enable = true;
+              listenAddress = "10.0.0.4";
+              join = [ "10.0.0.1:7000" ];
+            }
+            // extra;
+          };
+          cfg = evalHost [ (joiner { }) ];
         in
         {
           failed = failedMessages cfg;
           inherit (agentConfig cfg) initial_members join;
           # Without TLS or a token file the cluster would refuse it: warned.
           warned = lib.any (lib.hasInfix "joinTokenFile") cfg.warnings;
-          warnedWithToken = (evalHost [{
-            networking.hostName = "h4";
-            services.blixard = {
-              enable = true;
-              listenAddress = "10.0.0.4";
-              join = [ "10.0.0.1:7000" ];
-              joinTokenFile = "/run/secrets/join-token";
-            };
-          }]).warnings;
+          warnedWithToken = (evalHost [ (joiner { joinTokenFile = "/run/secrets/join-token"; }) ]).warnings;
         };
       expected = {
         failed = [ ];
@@ -486,48 +1091,109 @@ let
     };
 
     testUninitialisedHostIsAllowed = {
-      expr = failedMessages (evalHost [{
-        networking.hostName = "h4";
-        services.blixard = { enable = true; listenAddress = "10.0.0.4"; };
-      }]);
+      expr = failedMessages (evalHost [
+        {
+          networking.hostName = "h4";
+          services.blixard = {
+            enable = true;
+            listenAddress = "10.0.0.4";
+          };
+        }
+      ]);
       expected = [ ];
     };
 
-    testNodeNameDefaultsToHostName = {
-      expr = (agentConfig (evalHost [ base ])).node_name;
-      expected = "h1";
-    };
+    # --- other microvm.nix guests would be stopped by the agent -----------------
+    testUnmanagedMicrovmGuestIsRefused =
+      failsWith "microvm.vms has legacy, which services.blixard.vms does not declare"
+        [
+          base
+          {
+            microvm.vms.legacy = {
+              config = guest;
+              autostart = false;
+            };
+          }
+        ];
+    testMicrovmAutostartIsRefused = failsWith "microvm.autostart is [ imperative ]" [
+      base
+      { microvm.autostart = [ "imperative" ]; }
+    ];
+    testManagedGuestForcedToAutostartIsRefused = failsWith "microvm.autostart is [ web ]" [
+      base
+      {
+        services.blixard.vms.web.config = guest;
+        microvm.vms.web.autostart = lib.mkForce true;
+      }
+    ];
 
     # Bad values fail with our messages.
     testBadNodeName = failsWith ''services.blixard.nodeName "H1_x" is not a valid node name'' [
       base
-      { services.blixard.nodeName = "H1_x"; services.blixard.initialMembers = lib.mkForce { }; }
+      {
+        services.blixard.nodeName = "H1_x";
+        services.blixard.initialMembers = lib.mkForce { };
+      }
     ];
-    testNodeNameTooLong = failsWith "is not a valid node name" [
-      base
-      { services.blixard.nodeName = lib.strings.replicate 64 "a"; services.blixard.initialMembers = lib.mkForce { }; }
+    testBadVmName = failsWith ''services.blixard.vms."Web": "Web" is not a valid VM name'' (withVms {
+      Web.config = guest;
+    });
+    testVmNeedsConfigOrFlake =
+      failsWith "set exactly one of `config` (a NixOS module) and `flake`"
+        (withVms {
+          web = { };
+        });
+    testBadVmNode = failsWith ''services.blixard.vms.web.node "H2" is not a valid node name'' (withVms {
+      web = {
+        config = guest;
+        node = "H2";
+      };
+    });
+    testFlakeGuestSizeMismatch =
+      failsWith "the flake's nixosConfigurations.db has microvm.vcpu = 4"
+        (withVms {
+          db = {
+            flake = fakeFlake;
+            vcpu = 2;
+          };
+        });
+    testFlakeGuestTakesNoModuleArguments = failsWith "only apply to a `config` guest" (withVms {
+      db = {
+        flake = fakeFlake;
+        specialArgs.x = 1;
+      };
+    });
+    testListenAddressRequired = failsWith "services.blixard.listenAddress is not set" [
+      {
+        networking.hostName = "h1";
+        services.blixard.enable = true;
+      }
     ];
-    testBadVmName = failsWith ''services.blixard.vms."Web": "Web" is not a valid VM name'' (withVms { Web.config = { }; });
-    testVmNeedsConfigOrFlake = failsWith "set exactly one of `config` (a NixOS module) and `flake`" (withVms { web = { }; });
-    testVmNotBothConfigAndFlake = failsWith "set exactly one of `config`" (withVms { db = { config = { }; flake = fakeFlake; }; });
-    testBadVmNode = failsWith ''services.blixard.vms.web.node "H2" is not a valid node name'' (withVms { web = { config = { }; node = "H2"; }; });
-    testFlakeGuestSizeMismatch = failsWith "the flake's nixosConfigurations.db has microvm.vcpu = 4" (withVms { db = { flake = fakeFlake; vcpu = 2; }; });
-    testListenAddressRequired = failsWith "services.blixard.listenAddress is not set" [{
-      networking.hostName = "h1";
-      services.blixard.enable = true;
-    }];
-    testWildcardListenAddress = failsWith ''services.blixard.listenAddress is "0.0.0.0", but peers connect to it'' [
-      base
-      { services.blixard.listenAddress = lib.mkForce "0.0.0.0"; services.blixard.initialMembers = lib.mkForce { }; }
-    ];
-    testInitialMembersMustNameThisHost = failsWith ''services.blixard.initialMembers does not name this host "h4"'' [
-      base
-      { networking.hostName = lib.mkForce "h4"; }
-    ];
-    testOwnMemberAddressMustBeTheListenAddress = failsWith ''services.blixard.initialMembers.h1 is "10.0.0.1:7000" but this host listens on "10.0.0.9:7000"'' [
-      base
-      { services.blixard.listenAddress = lib.mkForce "10.0.0.9"; }
-    ];
+    testWildcardListenAddress = {
+      expr = lib.any (lib.hasInfix "but peers connect to it") (
+        failedMessages (evalHost [
+          base
+          {
+            services.blixard.listenAddress = lib.mkForce "0.0.0.0";
+            services.blixard.initialMembers = lib.mkForce { };
+          }
+        ])
+      );
+      expected = true;
+    };
+    testInitialMembersMustNameThisHost =
+      failsWith ''services.blixard.initialMembers does not name this host "h4"''
+        [
+          base
+          { networking.hostName = lib.mkForce "h4"; }
+        ];
+    testOwnMemberAddressMustBeTheListenAddress =
+      failsWith
+        ''services.blixard.initialMembers.h1 is "10.0.0.1:7000" but this host listens on "10.0.0.9:7000"''
+        [
+          base
+          { services.blixard.listenAddress = lib.mkForce "10.0.0.9"; }
+        ];
     testBadMemberAddress = failsWith ''services.blixard.initialMembers.h2 = "10.0.0.2"'' [
       base
       { services.blixard.initialMembers.h2 = lib.mkForce "10.0.0.2"; }
@@ -536,53 +1202,48 @@ let
       base
       { services.blixard.join = [ "10.0.0.2:7000" ]; }
     ];
-    testBadJoinSeed = failsWith ''services.blixard.join: "h1" is not "address:port"'' [{
-      networking.hostName = "h4";
-      services.blixard = { enable = true; listenAddress = "10.0.0.4"; join = [ "h1" ]; };
-    }];
     testTlsAllOrNone = failsWith "set all of caFile, certFile and keyFile, or none of them" [
       base
       { services.blixard.tls.certFile = "/etc/blixard/h1.pem"; }
     ];
-    testTlsKeyNotInStore = failsWith "services.blixard.tls.keyFile" [
-      base
-      {
-        services.blixard.tls = {
-          caFile = "/etc/blixard/ca.pem";
-          certFile = "/etc/blixard/h1.pem";
-          keyFile = storePath "h1-key.pem";
-        };
-      }
-    ];
-    testJoinTokenNotInStore = failsWith "services.blixard.joinTokenFile" [
-      base
-      { services.blixard.joinTokenFile = storePath "token"; }
-    ];
-    testOvercommitBelowOne = failsWith "services.blixard.capacity.memoryOvercommit must be at least 1.0" [
-      base
-      { services.blixard.capacity.memoryOvercommit = 0.5; }
-    ];
-    testBadMetricsAddress = failsWith "services.blixard.metricsListenAddress" [
-      base
-      { services.blixard.metricsListenAddress = "9464"; }
-    ];
+    testOvercommitBelowOne =
+      failsWith "services.blixard.capacity.memoryOvercommit must be at least 1.0"
+        [
+          base
+          { services.blixard.capacity.memoryOvercommit = 0.5; }
+        ];
     testStateDirMustBeMicrovms = failsWith "differs from microvm.stateDir" [
       base
       { services.blixard.stateDir = "/srv/microvms"; }
     ];
-    testManagedGuestNotInMicrovmAutostart = failsWith "microvm.autostart contains web" [
+    testHostSideDisabledByHand = failsWith "microvm.host.enable is false" [
       base
-      { services.blixard.vms.web.config = { }; microvm.autostart = [ "web" ]; }
-    ];
-    testRelativeDataDir = failsWith "must be an absolute path" [
-      base
-      { services.blixard.dataDir = "var/lib/blixard"; }
+      { microvm.host.enable = false; }
     ];
 
-    # Type errors: a key given as a Nix path would be copied into the store.
-    testKeyFileRejectsAPath = rejects [ base { services.blixard.tls.keyFile = ./eval.nix; } ] (cfg: cfg.services.blixard.tls.keyFile);
-    testDesiredIsRunningOrStopped = rejects (withVms { web = { config = { }; desired = "paused"; }; }) (cfg: cfg.services.blixard.vms.web.desired);
-    testPortIsAPort = rejects [ base { services.blixard.port = 70000; } ] (cfg: cfg.services.blixard.port);
+    # Type errors.
+    testDesiredIsRunningOrStopped = rejects (withVms {
+      web = {
+        config = guest;
+        desired = "paused";
+      };
+    }) (cfg: cfg.services.blixard.vms.web.desired);
+    testFailoverIsAutoOrManual = rejects (withVms {
+      web = {
+        config = guest;
+        failover = "sometimes";
+      };
+    }) (cfg: cfg.services.blixard.vms.web.failover);
+    testPortIsAPort = rejects [
+      base
+      { services.blixard.port = 70000; }
+    ] (cfg: cfg.services.blixard.port);
+    # The real microvm.nix guest options check what a guest sets.
+    testGuestOptionsAreMicrovmsOwn = rejects (withVms {
+      web.config = guest // {
+        microvm.hypervisor = "vmware";
+      };
+    }) (cfg: cfg.microvm.vms.web.config.config.microvm.hypervisor);
   };
 
   failures = lib.runTests tests;

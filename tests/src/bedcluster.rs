@@ -34,6 +34,7 @@ use blixard::api::pb;
 use blixard::api::pb::blixard_client::BlixardClient;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::guest::RealGuestImage;
 use crate::timeline::{
     CgroupSampler, CgroupSamples, CopySpan, Sampler, SeenCopy, Timeline, Unit, monotonic_us, parse_journal, query_units,
 };
@@ -85,6 +86,12 @@ WantedBy=multi-user.target
 
 /// The fence guard's unit, which the agent creates (transient).
 pub const GUARD_UNIT: &str = "blixard-guard.service";
+/// What the NixOS module adds to microvm.nix's `microvm@.service`: a stop waits for
+/// the hypervisor to exit (microvm.nix's qemu `microvm-shutdown` at the locked revision
+/// returns at once under systemd, and systemd would then terminate qemu before the
+/// guest has shut down).
+const GUEST_STOP_WAIT_PATH: &str = "/etc/systemd/system/microvm@.service.d/40-blixard-stop-wait.conf";
+const GUEST_STOP_WAIT: &str = "[Service]\nExecStop=-/usr/bin/tail --pid=${MAINPID} -f /dev/null\n";
 
 pub struct BedCluster {
     cgroups: CgroupSampler,
@@ -92,6 +99,8 @@ pub struct BedCluster {
     bed: Testbed,
     runtime: tokio::runtime::Runtime,
     guests: Vec<String>,
+    /// The real guests' image, when there are real guests.
+    image: Option<RealGuestImage>,
 }
 
 impl BedCluster {
@@ -103,20 +112,39 @@ impl BedCluster {
     }
 
     pub fn start(n_hosts: usize, guests: &[&str]) -> Result<BedCluster> {
+        BedCluster::start_with(n_hosts, guests, &[])
+    }
+
+    /// [`BedCluster::start_or_skip`] with `real` guests: qemu VMs (see
+    /// [`crate::guest`]) instead of fake runners. The real guest's image must be
+    /// prepared (`tests/testbed/prepare-guest.sh`); where the bed can run, a missing
+    /// image fails the test with what to run.
+    pub fn start_real_or_skip(n_hosts: usize, real: &[&str]) -> Option<BedCluster> {
+        Testbed::can_run().then(|| BedCluster::start_with(n_hosts, &[], real).unwrap_or_else(|e| panic!("{e:#}")))
+    }
+
+    /// Boots `n_hosts` hosts with `fake` and `real` guests installed on each (real
+    /// ones at runner generation 1) and the agents running.
+    pub fn start_with(n_hosts: usize, fake: &[&str], real: &[&str]) -> Result<BedCluster> {
         let binary = agent_binary()?;
-        let bed = Testbed::start(n_hosts).context("starting the test bed")?;
-        let guests: Vec<String> = guests.iter().map(|g| (*g).to_owned()).collect();
+        let image = if real.is_empty() { None } else { Some(RealGuestImage::prepared()?) };
+        let layers: Vec<_> = image.iter().map(|i| i.layer.clone()).collect();
+        let bed = Testbed::start_with_layers(n_hosts, &layers).context("starting the test bed")?;
+        let guests: Vec<String> = fake.iter().chain(real).map(|g| (*g).to_owned()).collect();
         // Sampling from before any guest can start: the timeline sees every start.
         let sampler = Sampler::start(&bed, guests.clone())?;
         let cgroups = CgroupSampler::start(&bed, guests.clone())?;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        let cluster = BedCluster { cgroups, sampler, bed, runtime, guests };
+        let cluster = BedCluster { cgroups, sampler, bed, runtime, guests, image };
         let members: Vec<String> =
             cluster.bed.hosts().iter().map(|h| format!("\"{}={}:{PORT}\"", h.name(), h.addr())).collect();
         for host in cluster.bed.hosts() {
             host.install_agent(&binary)?;
-            for guest in &cluster.guests {
+            for guest in fake {
                 host.install_fake_guest(guest)?;
+            }
+            for guest in real {
+                host.install_real_guest(guest, cluster.image.as_ref().expect("loaded above"), 1)?;
             }
             let config = format!(
                 "node_name = \"{name}\"\nlisten = \"{addr}:{PORT}\"\ndata_dir = \"{DATA_DIR}\"\n\
@@ -129,6 +157,7 @@ impl BedCluster {
             );
             host.write_file(CONFIG_PATH, config, 0o644)?;
             host.write_file(&format!("/etc/systemd/system/{AGENT_UNIT}"), AGENT_SERVICE, 0o644)?;
+            host.write_file(GUEST_STOP_WAIT_PATH, GUEST_STOP_WAIT, 0o644)?;
             host.run(&["systemctl", "daemon-reload"])?;
             host.run(&["systemctl", "enable", "--now", "--no-block", AGENT_UNIT])?;
         }
@@ -178,7 +207,7 @@ impl BedCluster {
 
     pub fn vm_list(&self, host: usize) -> Result<Vec<pb::VmInfo>, tonic::Status> {
         let mut client = self.client(host);
-        self.block_on(async move { client.vm_list(pb::VmListRequest {}).await.map(|r| r.into_inner().vms) })
+        self.block_on(async move { client.vm_list(pb::VmListRequest::default()).await.map(|r| r.into_inner().vms) })
     }
 
     pub fn create_vm(&self, host: usize, name: &str) -> Result<pb::VmInfo, tonic::Status> {
@@ -198,6 +227,72 @@ impl BedCluster {
         let mut client = self.client(host);
         let request = pb::NodeRequest { name: node.into() };
         self.block_on(async move { client.node_undrain(request).await.map(|r| r.into_inner()) })
+    }
+
+    /// `vm start` (`running`) or `vm stop` of `vm`, asked of `host`'s agent.
+    pub fn set_running(&self, host: usize, vm: &str, running: bool) -> Result<pb::VmInfo, tonic::Status> {
+        let mut client = self.client(host);
+        let request = pb::VmRequest { name: vm.into() };
+        self.block_on(async move {
+            if running { client.vm_start(request).await } else { client.vm_stop(request).await }.map(|r| r.into_inner())
+        })
+    }
+
+    /// `blixard-agent vm logs VM -n LINES`, asked of `host`'s agent.
+    pub fn vm_logs(&self, host: usize, vm: &str, lines: u32) -> Result<Vec<pb::LogLine>, tonic::Status> {
+        let mut client = self.client(host);
+        let request = pb::VmLogsRequest { name: vm.to_string(), follow: false, lines };
+        self.block_on(async move {
+            let mut stream = client.vm_logs(request).await?.into_inner();
+            let mut out = Vec::new();
+            while let Some(line) = stream.message().await? {
+                out.push(line);
+            }
+            Ok(out)
+        })
+    }
+
+    /// The events `host`'s agent has recorded (`blixard-agent events`), oldest first.
+    pub fn events(&self, host: usize) -> Result<Vec<pb::Event>, tonic::Status> {
+        let mut client = self.client(host);
+        self.block_on(async move {
+            let mut stream = client.events(pb::EventsRequest { follow: false, limit: 0 }).await?.into_inner();
+            let mut out = Vec::new();
+            while let Some(event) = stream.message().await? {
+                out.push(event);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Waits until the cluster, asked at `host`, lists every host with its capacity: a
+    /// new member reports it once it has reached a quorum, and until then the scheduler
+    /// cannot place on it.
+    pub fn wait_capacity_reported(&self, host: usize) -> Result<()> {
+        wait_for("every host to report its capacity", FORM_TIMEOUT, || {
+            let mut client = self.client(host);
+            let nodes = match self.block_on(client.node_list(pb::NodeListRequest {})) {
+                Ok(nodes) => nodes.into_inner().nodes,
+                Err(e) => return Ok(Probe::NotYet(e.message().to_string())),
+            };
+            Ok(if nodes.len() == self.bed.hosts().len() && nodes.iter().all(|n| n.vcpu_total > 0) {
+                Probe::Ready(())
+            } else {
+                Probe::NotYet(format!("{nodes:?}"))
+            })
+        })
+    }
+
+    /// Installs runner generation `runner` of real guest `vm` on every running host and
+    /// points `current` at it, as a switch to a configuration that changed the guest
+    /// does. Returns the new runner's store path.
+    pub fn install_runner(&self, vm: &str, runner: u32) -> Result<String> {
+        let image = self.image.as_ref().context("this cluster has no real guests")?;
+        let mut path = String::new();
+        for host in self.bed.hosts().iter().filter(|h| h.is_running()) {
+            path = host.install_real_guest(vm, image, runner)?;
+        }
+        Ok(path)
     }
 
     pub fn migrate(&self, host: usize, vm: &str, to: &str) -> Result<pb::VmInfo, tonic::Status> {

@@ -142,6 +142,58 @@ impl Agent {
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
+
+    /// Adds `line` (a top-level key, such as `labels = { rack = "r1" }`)
+    /// to the config, for the next start.
+    pub fn add_config(&self, line: &str) -> Result<()> {
+        let config = fs::read_to_string(&self.config_path)?;
+        fs::write(&self.config_path, format!("{line}\n{config}"))?;
+        Ok(())
+    }
+
+    /// Replaces the config line that starts with `key` (say
+    /// `initial_members`) by `line`, or removes it (`line` empty).
+    pub fn replace_config(&self, key: &str, line: &str) -> Result<()> {
+        let config = fs::read_to_string(&self.config_path)?;
+        let kept: Vec<&str> = config.lines().map(|l| if l.starts_with(key) { line } else { l }).collect();
+        fs::write(&self.config_path, kept.join("\n") + "\n")?;
+        Ok(())
+    }
+}
+
+/// What a run of the CLI left behind.
+#[derive(Debug, Clone)]
+pub struct CliOut {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOut {
+    /// Exit 0, or an error that shows the output.
+    pub fn ok(self) -> Result<CliOut> {
+        if self.code != 0 {
+            bail!("the CLI failed: {self:?}");
+        }
+        Ok(self)
+    }
+}
+
+fn run_cli(args: &[&str], connection: &[&str]) -> Result<CliOut> {
+    let output = Command::new(agent_binary()?)
+        .args(args)
+        .args(connection)
+        .env_remove("RUST_LOG")
+        .env_remove("COMPLETE")
+        .env_remove("BLIXARD_ENDPOINT")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running blixard-agent {}", args.join(" ")))?;
+    Ok(CliOut {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
 }
 
 impl Drop for Agent {
@@ -179,6 +231,17 @@ impl Cluster {
     /// Writes configs for `initial` agents `h1..hN` sharing one `initial_members` list
     /// and starts them. `test` names the temporary directory.
     pub fn start(test: &str, initial: usize, options: Options) -> Result<Cluster> {
+        let mut cluster = Cluster::configure(test, initial, options)?;
+        for agent in &mut cluster.agents {
+            agent.start()?;
+        }
+        Ok(cluster)
+    }
+
+    /// [`Cluster::start`] without starting anyone: the configs are written,
+    /// so a test can change them ([`Agent::add_config`]) or prepare data dirs
+    /// (`blixard-agent restore`) first.
+    pub fn configure(test: &str, initial: usize, options: Options) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix(&format!("blixard-{test}-")).tempdir()?;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         // Room for agents added later.
@@ -189,10 +252,44 @@ impl Cluster {
         for _ in 0..initial {
             cluster.add_agent(&format!("initial_members = {}\n", toml_list(&members)))?;
         }
-        for agent in &mut cluster.agents {
-            agent.start()?;
-        }
         Ok(cluster)
+    }
+
+    /// Installs a fake runner for guest `vm` on agent `index` (what
+    /// microvm.nix lays out: `<state_dir>/<vm>/current/bin/microvm-run`),
+    /// which the process runtime runs as the guest.
+    pub fn install_runner(&self, index: usize, vm: &str) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = self.agents[index].dir.join("microvms").join(vm).join("current/bin");
+        fs::create_dir_all(&bin)?;
+        let runner = bin.join("microvm-run");
+        fs::write(&runner, format!("#!/bin/sh\necho \"{vm} booted\"\nexec sleep 100000\n"))?;
+        fs::set_permissions(&runner, fs::Permissions::from_mode(0o755))?;
+        Ok(())
+    }
+
+    /// Runs the `blixard-agent` CLI with `args` against agent `index`.
+    pub fn cli(&self, index: usize, args: &[&str]) -> Result<CliOut> {
+        let address = self.agents[index].address.clone();
+        run_cli(args, &["--endpoint", &address, "--config", "/dev/null"])
+    }
+
+    /// [`Cluster::cli`] with `--json`, which must succeed: its output.
+    pub fn cli_json(&self, index: usize, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(index, &all)?;
+        if out.code != 0 {
+            bail!("blixard-agent {} failed: {out:?}", all.join(" "));
+        }
+        serde_json::from_str(&out.stdout).with_context(|| format!("{} printed no JSON: {out:?}", all.join(" ")))
+    }
+
+    /// Runs a command of the CLI that works on an agent's own config and
+    /// data dir (`restore`, `recover`): `args` then `--config` of agent `index`.
+    pub fn offline(&self, index: usize, args: &[&str]) -> Result<CliOut> {
+        let config = self.agents[index].config_path.display().to_string();
+        run_cli(args, &["--config", &config])
     }
 
     fn name_of(index: usize) -> String {

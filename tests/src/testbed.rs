@@ -118,6 +118,12 @@ impl Testbed {
 
     /// Boots `n_hosts` hosts on a new bridge and waits until all are up.
     pub fn start(n_hosts: usize) -> Result<Testbed> {
+        Testbed::start_with_layers(n_hosts, &[])
+    }
+
+    /// [`Testbed::start`] with more read-only layers over the shared rootfs in every
+    /// host, uppermost first (e.g. the real guest's, `tests/testbed/prepare-guest.sh`).
+    pub fn start_with_layers(n_hosts: usize, layers: &[PathBuf]) -> Result<Testbed> {
         assert!((1..=HOSTS_MAX).contains(&n_hosts), "a bed has 1 to {HOSTS_MAX} hosts");
         let env = Environment::check().map_err(anyhow::Error::msg)?;
         let swept = resources::sweep_stale(&env.cgroups)?;
@@ -150,7 +156,7 @@ impl Testbed {
         let names: Vec<(String, Ipv4Addr)> = (0..n_hosts).map(|i| (format!("h{i}"), host_addr(k, i))).collect();
         for (index, (name, addr)) in names.iter().enumerate() {
             let host_dir = dir.join(name);
-            let upper = lay_out_root(&host_dir, &env.rootfs)?;
+            let upper = lay_out_root(&host_dir, &env.rootfs, layers)?;
             let host = Host {
                 index,
                 name: name.clone(),
@@ -341,10 +347,10 @@ fn host_addr(k: u8, index: usize) -> Ipv4Addr {
 }
 
 /// Lays out a host's root in `host_dir/root`: an overlay of the host's own upper layer
-/// on the shared rootfs, or, when overlayfs is unavailable or
-/// `BLIXARD_TESTBED_ROOTFS_MODE=copy`, a full copy. Returns the directory holding what
-/// belongs to this host alone (the upper layer, or the whole copy).
-fn lay_out_root(host_dir: &Path, rootfs: &Path) -> Result<PathBuf> {
+/// on `layers` (uppermost first) on the shared rootfs, or, when overlayfs is unavailable
+/// or `BLIXARD_TESTBED_ROOTFS_MODE=copy`, a full copy of them. Returns the directory
+/// holding what belongs to this host alone (the upper layer, or the whole copy).
+fn lay_out_root(host_dir: &Path, rootfs: &Path, layers: &[PathBuf]) -> Result<PathBuf> {
     let root = host_dir.join("root");
     let upper = host_dir.join("upper");
     let work = host_dir.join("work");
@@ -352,7 +358,9 @@ fn lay_out_root(host_dir: &Path, rootfs: &Path) -> Result<PathBuf> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     if std::env::var(ROOTFS_MODE_ENV).as_deref() != Ok("copy") {
-        let options = format!("lowerdir={},upperdir={},workdir={}", rootfs.display(), upper.display(), work.display());
+        let lower: Vec<String> =
+            layers.iter().chain([&rootfs.to_path_buf()]).map(|p| p.display().to_string()).collect();
+        let options = format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), upper.display(), work.display());
         match mount_overlay(&root, &options) {
             Ok(()) => return Ok(upper),
             Err(e) => {
@@ -360,9 +368,12 @@ fn lay_out_root(host_dir: &Path, rootfs: &Path) -> Result<PathBuf> {
             }
         }
     }
-    let mut copy = Command::new("cp");
-    copy.args(["-a", "--reflink=auto"]).arg(rootfs.join(".")).arg(&root);
-    cmd::stdout_within(&mut copy, COPY_TIMEOUT)?;
+    // Lowest first, so that upper layers win.
+    for source in std::iter::once(rootfs).chain(layers.iter().rev().map(PathBuf::as_path)) {
+        let mut copy = Command::new("cp");
+        copy.args(["-a", "--reflink=auto"]).arg(source.join(".")).arg(&root);
+        cmd::stdout_within(&mut copy, COPY_TIMEOUT)?;
+    }
     Ok(root)
 }
 

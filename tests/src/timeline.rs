@@ -235,6 +235,17 @@ pub struct Timeline {
 }
 
 impl Timeline {
+    /// `vm`'s copy on `host` that was there at `at_us`, or the first one after it.
+    /// Panics (with the guest's timeline) when there is none: a test asks for a copy it
+    /// has seen run.
+    pub fn copy_at(&self, vm: &str, host: usize, at_us: u64) -> CopySpan {
+        self.copies(vm)
+            .iter()
+            .find(|c| c.host == host && c.until_us.is_none_or(|u| u >= at_us))
+            .copied()
+            .unwrap_or_else(|| panic!("no copy of {vm} on h{host} at {at_us}: {}", self.describe(vm)))
+    }
+
     /// Every copy of `vm`, by host then start.
     pub fn copies(&self, vm: &str) -> Vec<CopySpan> {
         let mut hosts: BTreeSet<usize> = self.samples.iter().map(|s| s.host).collect();

@@ -48,7 +48,7 @@ fn create(cluster: &Cluster, at: usize, request: pb::VmCreateRequest) -> Result<
 
 fn vm_names(cluster: &Cluster, at: usize) -> Result<BTreeSet<String>, tonic::Status> {
     let mut client = cluster.client(at);
-    let vms = cluster.block_on(async move { client.vm_list(pb::VmListRequest {}).await })?.into_inner().vms;
+    let vms = cluster.block_on(async move { client.vm_list(pb::VmListRequest::default()).await })?.into_inner().vms;
     Ok(vms.into_iter().map(|vm| vm.name).collect())
 }
 

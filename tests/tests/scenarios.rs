@@ -17,10 +17,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use blixard::api::pb;
 use blixard_systests::bedcluster::{AGENT_UNIT, BedCluster};
+use blixard_systests::timeline::CopySpan;
 use blixard_systests::timeline::cgroups::REQUIRED_RATE;
-use blixard_systests::timeline::{CopySpan, Timeline};
 use blixard_systests::{Probe, wait_for};
 
 const VMS: [&str; 5] = ["a", "b", "c", "d", "e"];
@@ -38,43 +37,6 @@ fn by_load(placed: &BTreeMap<String, usize>) -> Vec<(usize, Vec<String>)> {
         .collect();
     hosts.sort_by_key(|(h, vms)| (std::cmp::Reverse(vms.len()), *h));
     hosts
-}
-
-/// `vm`'s copy on `host` that was there at `at_us`, or the first one after it.
-fn copy_at(timeline: &Timeline, vm: &str, host: usize, at_us: u64) -> CopySpan {
-    let copies = timeline.copies(vm);
-    copies
-        .iter()
-        .find(|c| c.host == host && c.until_us.is_none_or(|u| u >= at_us))
-        .copied()
-        .unwrap_or_else(|| panic!("no copy of {vm} on h{host} at {at_us}: {}", timeline.describe(vm)))
-}
-
-/// `blixard-agent vm logs VM -n 50`, asked of `host`'s agent.
-fn vm_logs(c: &BedCluster, host: usize, vm: &str) -> Result<Vec<pb::LogLine>, tonic::Status> {
-    let mut client = c.client(host);
-    let request = pb::VmLogsRequest { name: vm.to_string(), follow: false, lines: 50 };
-    c.block_on(async move {
-        let mut stream = client.vm_logs(request).await?.into_inner();
-        let mut out = Vec::new();
-        while let Some(line) = stream.message().await? {
-            out.push(line);
-        }
-        Ok(out)
-    })
-}
-
-/// The events `host`'s agent has recorded (`blixard-agent events`), oldest first.
-fn events(c: &BedCluster, host: usize) -> Result<Vec<pb::Event>, tonic::Status> {
-    let mut client = c.client(host);
-    c.block_on(async move {
-        let mut stream = client.events(pb::EventsRequest { follow: false, limit: 0 }).await?.into_inner();
-        let mut out = Vec::new();
-        while let Some(event) = stream.message().await? {
-            out.push(event);
-        }
-        Ok(out)
-    })
 }
 
 fn ms(us: u64) -> f64 {
@@ -96,19 +58,7 @@ fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
     for host in ALL {
         c.wait_reconciled(host).unwrap();
     }
-    wait_for("every host to report its capacity", Duration::from_secs(60), || {
-        let mut client = c.client(leader);
-        let nodes = match c.block_on(client.node_list(pb::NodeListRequest {})) {
-            Ok(nodes) => nodes.into_inner().nodes,
-            Err(e) => return Ok(Probe::NotYet(e.message().to_string())),
-        };
-        Ok(if nodes.len() == ALL.len() && nodes.iter().all(|n| n.vcpu_total > 0) {
-            Probe::Ready(())
-        } else {
-            Probe::NotYet(format!("{nodes:?}"))
-        })
-    })
-    .unwrap();
+    c.wait_capacity_reported(leader).unwrap();
 
     // Each created VM's unit is active on exactly one host, where the cluster says.
     for vm in VMS {
@@ -122,7 +72,7 @@ fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
 
     // A guest's journal, from its host, through an agent that is not its host.
     let (vm, host) = placed.iter().next().map(|(vm, h)| (vm.clone(), *h)).expect("placed VMs");
-    let lines = vm_logs(c, others(host)[0], &vm).unwrap();
+    let lines = c.vm_logs(others(host)[0], &vm, 50).unwrap();
     assert!(lines.iter().all(|l| l.node == c.name(host)), "{lines:?}");
     assert!(lines.iter().any(|l| l.line.contains("Started")), "no start in {vm}'s journal: {lines:?}");
 
@@ -162,8 +112,8 @@ fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
     let mut moves: Vec<(String, CopySpan, CopySpan)> = moving
         .iter()
         .map(|vm| {
-            let old = copy_at(&timeline, vm, drained, drain_at);
-            let new = copy_at(&timeline, vm, placed[vm], drain_at);
+            let old = timeline.copy_at(vm, drained, drain_at);
+            let new = timeline.copy_at(vm, placed[vm], drain_at);
             (vm.clone(), old, new)
         })
         .collect();
@@ -193,7 +143,7 @@ fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
     }
     let placed = after;
     let timeline = c.timeline().unwrap();
-    let (old, new) = (copy_at(&timeline, vm, from, migrate_at), copy_at(&timeline, vm, to, migrate_at));
+    let (old, new) = (timeline.copy_at(vm, from, migrate_at), timeline.copy_at(vm, to, migrate_at));
     let handover = new.from_us.saturating_sub(old.until_us.expect("the old copy ended"));
     eprintln!("migrated {vm} {} -> {}: {:.1} ms between the copies", c.name(from), c.name(to), ms(handover));
 
@@ -210,7 +160,7 @@ fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
     let moved = c.wait_settled_where(&VMS, &survivors, |_, h| h != cut).unwrap();
     let timeline = c.timeline().unwrap();
     for vm in &cut_vms {
-        let (old, new) = (copy_at(&timeline, vm, cut, cut_at), copy_at(&timeline, vm, moved[vm], cut_at));
+        let (old, new) = (timeline.copy_at(vm, cut, cut_at), timeline.copy_at(vm, moved[vm], cut_at));
         let stopped = old.until_us.expect("the cut-off copy ended");
         assert!(
             stopped < new.from_us,
@@ -246,7 +196,7 @@ fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
     let moved = c.wait_settled_where(&VMS, &others(lost), |_, h| h != lost).unwrap();
     let timeline = c.timeline().unwrap();
     for vm in &lost_vms {
-        let new = copy_at(&timeline, vm, moved[vm], lost_at);
+        let new = timeline.copy_at(vm, moved[vm], lost_at);
         eprintln!(
             "{vm}: running on {} {:.0} ms after {} lost power",
             c.name(moved[vm]),
@@ -258,7 +208,7 @@ fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
     for survivor in others(lost) {
         let lost_name = c.name(lost).to_string();
         wait_for("the failover's events", Duration::from_secs(30), || {
-            let seen = match events(c, survivor) {
+            let seen = match c.events(survivor) {
                 Ok(seen) => seen,
                 Err(e) => return Ok(Probe::NotYet(e.message().to_string())),
             };

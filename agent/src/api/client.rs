@@ -198,8 +198,82 @@ impl Client {
         self.call(req, |mut c, r| async move { c.vm_recover(r).await }).await
     }
 
-    pub async fn vm_list(&self) -> Result<pb::VmListResponse, ClientError> {
-        self.call(pb::VmListRequest {}, |mut c, r| async move { c.vm_list(r).await }).await
+    /// One page of VMs.
+    pub async fn vm_list(&self, req: pb::VmListRequest) -> Result<pb::VmListResponse, ClientError> {
+        self.call(req, |mut c, r| async move { c.vm_list(r).await }).await
+    }
+
+    /// Every VM `req` selects, page after page, handing each page to
+    /// `each` as it arrives (so a million VMs are never all in memory at
+    /// once unless the caller keeps them). Each page is one linearizable
+    /// read: a VM created or deleted while paging may or may not be
+    /// listed, and none is listed twice. With `stale`, each page is read
+    /// from the agent's own state (`--stale`), and the staleness of the
+    /// first page is returned.
+    pub async fn vm_list_each(
+        &self,
+        mut req: pb::VmListRequest,
+        stale: bool,
+        mut each: impl FnMut(Vec<pb::VmInfo>) -> std::ops::ControlFlow<()>,
+    ) -> Result<Option<Staleness>, ClientError> {
+        let mut staleness = None;
+        loop {
+            let page = if stale {
+                let (page, how) = self.vm_list_stale(req.clone()).await?;
+                staleness.get_or_insert(how);
+                page
+            } else {
+                self.vm_list(req.clone()).await?
+            };
+            if each(page.vms).is_break() || page.next_page_token.is_empty() {
+                return Ok(staleness);
+            }
+            if page.next_page_token <= req.page_token {
+                return Err(ClientError::failed(format!(
+                    "the agent at {} sent a page token that does not move forward",
+                    self.authority
+                )));
+            }
+            req.page_token = page.next_page_token;
+        }
+    }
+
+    /// Every VM `req` selects (see [`Client::vm_list_each`]).
+    pub async fn vm_list_all(&self, req: pb::VmListRequest) -> Result<Vec<pb::VmInfo>, ClientError> {
+        let mut all = Vec::new();
+        self.vm_list_each(req, false, |page| {
+            all.extend(page);
+            std::ops::ControlFlow::Continue(())
+        })
+        .await?;
+        Ok(all)
+    }
+
+    pub async fn vm_update(&self, req: pb::VmUpdateRequest) -> Result<pb::VmUpdateResponse, ClientError> {
+        self.call(req, |mut c, r| async move { c.vm_update(r).await }).await
+    }
+
+    /// The backup stream. The deadline covers the first chunk (the header,
+    /// which the agent sends once it has the state); the caller bounds
+    /// the wait for each later chunk.
+    pub async fn cluster_backup(
+        &self,
+    ) -> Result<impl futures_util::Stream<Item = Result<pb::BackupChunk, ClientError>> + use<>, ClientError> {
+        use futures_util::StreamExt;
+        let mut client = self.inner.clone().max_decoding_message_size(4 * 1024 * 1024);
+        let stream = match tokio::time::timeout(self.timeout, client.cluster_backup(pb::ClusterBackupRequest {})).await
+        {
+            Err(_) => return Err(timed_out(&self.authority, self.timeout)),
+            Ok(Err(status)) => return Err(from_status(&self.authority, self.timeout, self.tls, &status)),
+            Ok(Ok(response)) => response.into_inner(),
+        };
+        let (authority, timeout, tls) = (self.authority.clone(), self.timeout, self.tls);
+        Ok(stream.map(move |item| item.map_err(|status| from_status(&authority, timeout, tls, &status))))
+    }
+
+    /// How long this client waits for one answer.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     pub async fn vm_status(&self, name: String) -> Result<pb::VmInfo, ClientError> {
@@ -213,8 +287,8 @@ impl Client {
     }
 
     /// [`Client::vm_list`] from the agent's own state (`--stale`).
-    pub async fn vm_list_stale(&self) -> Result<(pb::VmListResponse, Staleness), ClientError> {
-        self.call_stale(pb::VmListRequest {}, |mut c, r| async move { c.vm_list(r).await }).await
+    pub async fn vm_list_stale(&self, req: pb::VmListRequest) -> Result<(pb::VmListResponse, Staleness), ClientError> {
+        self.call_stale(req, |mut c, r| async move { c.vm_list(r).await }).await
     }
 
     /// [`Client::vm_status`] from the agent's own state (`--stale`).
@@ -341,6 +415,13 @@ fn from_status(authority: &str, timeout: Duration, tls: TlsUse, status: &Status)
     if let Some(source) = std::error::Error::source(status) {
         return unreachable(authority, timeout, tls, source);
     }
+    // An HTTP server that is not gRPC answered (tonic maps its status).
+    if status.message().starts_with("grpc-status header missing") {
+        return ClientError::failed(format!(
+            "{authority} answered in plain HTTP, not gRPC: it is not an agent's gRPC port (is it its \
+             metrics_listen? the gRPC port is its `listen`)"
+        ));
+    }
     let message = clip(status.message().trim());
     let message = if message.is_empty() {
         format!("the agent at {authority} answered {:?} with no message", status.code())
@@ -453,6 +534,10 @@ mod tests {
         assert_eq!(e.class, ErrorClass::Failed);
         let e = from_status("h:1", t, TlsUse::Plain, &Status::internal(""));
         assert_eq!(e.message, "the agent at h:1 answered Internal with no message");
+        let http = Status::unimplemented("grpc-status header missing, mapped from HTTP status code 404");
+        let e = from_status("h:1", t, TlsUse::Plain, &http);
+        assert_eq!(e.class, ErrorClass::Failed);
+        assert!(e.message.starts_with("h:1 answered in plain HTTP, not gRPC"), "{e}");
         let e = from_status("h:1", t, TlsUse::Plain, &Status::deadline_exceeded(""));
         assert_eq!(e.message, "timed out after 10 s waiting for the agent at h:1");
         let e = from_status("h:1", t, TlsUse::Plain, &Status::invalid_argument("x".repeat(5000)));

@@ -490,9 +490,14 @@ impl Dialer {
     }
 }
 
+/// What a member that has known no leader for [`LEADER_WAIT`] can honestly
+/// say: not that the cluster has none (it may be this member that is cut
+/// off, or too slow to follow: a stalled disk), only that it knows none.
 fn no_leader(status: &NodeStatus) -> Status {
     Status::unavailable(format!(
-        "no leader was elected within {} s (no quorum; term {})",
+        "{} has known no leader for {} s (term {}): it cannot reach a quorum, or it is too slow to follow the leader \
+         (a stalled disk); other members may still answer",
+        status.name,
         LEADER_WAIT.as_secs(),
         status.term
     ))

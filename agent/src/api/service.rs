@@ -33,11 +33,12 @@ use crate::state::{
 /// costs a pass over the whole cluster per VM.
 pub fn vm_info(state: &State, vm: &Vm, explain: bool) -> pb::VmInfo {
     let node = vm.placement.and_then(|p| state.member(p.node)).map(|m| m.name.clone()).unwrap_or_default();
+    let shown = shown_state(state, vm);
     pb::VmInfo {
         name: vm.name.clone(),
         node,
         desired: vm.spec.desired.to_string(),
-        state: state.vm_state(vm).to_string(),
+        state: shown.to_string(),
         vcpu: vm.spec.vcpu,
         memory_mib: vm.spec.memory_mib,
         since_unix_ms: vm.observed.since_unix_ms,
@@ -45,7 +46,7 @@ pub fn vm_info(state: &State, vm: &Vm, explain: bool) -> pb::VmInfo {
         labels: vm.spec.labels.clone().into_iter().collect(),
         pinned_node: vm.spec.node.clone().unwrap_or_default(),
         anti_affinity: vm.spec.anti_affinity.clone().unwrap_or_default(),
-        pending_reason: if explain && matches!(state.vm_state(vm), VmState::Pending | VmState::Failed | VmState::Lost) {
+        pending_reason: if explain && matches!(shown, VmState::Pending | VmState::Failed | VmState::Lost) {
             crate::scheduler::why_pending(state, &crate::scheduler::Policy::default(), &vm.name)
         } else {
             String::new()
@@ -65,6 +66,240 @@ fn stale_marked<T>(mut response: Response<T>, stale: Option<Option<u64>>) -> Res
         }
     }
     response
+}
+
+/// The state a VM is shown in: [`State::vm_state`], except that a
+/// desired-stopped VM on no host is `stopped`, not `pending` (nothing runs
+/// it, and nothing will until `vm start`; the state machine keeps it
+/// pending, as it was before this view existed).
+pub fn shown_state(state: &State, vm: &Vm) -> VmState {
+    let shown = state.vm_state(vm);
+    if vm.placement.is_none() && vm.spec.desired == Desired::Stopped && shown == VmState::Pending {
+        VmState::Stopped
+    } else {
+        shown
+    }
+}
+
+/// What `VmList` asks for, checked.
+#[derive(Debug, Clone, Default)]
+pub struct VmQuery {
+    /// Start after this name (the previous page's token).
+    pub after: Option<String>,
+    /// At most this many VMs; 0: as many as fit in [`VM_LIST_PAGE_BYTES`].
+    pub size: usize,
+    pub node: Option<NodeId>,
+    pub state: Option<VmState>,
+    pub labels: Labels,
+    pub prefix: String,
+}
+
+/// The most VMs one `VmList` page holds.
+pub const VM_LIST_PAGE_MAX: u32 = 10_000;
+/// Encoded bytes of VMs one page holds at most (a page holds at least one
+/// VM): half of a gRPC client's default 4 MiB receive limit.
+pub const VM_LIST_PAGE_BYTES: usize = 2 * 1024 * 1024;
+/// VMs one page examines at most: a read runs on the raft thread, and a
+/// filter that matches little must not make it walk a million VMs at once.
+pub const VM_LIST_SCAN_MAX: usize = 100_000;
+
+/// One page of `VmList`: the VMs after `query.after` in name order that
+/// match the filters, bounded by [`VmQuery::size`], [`VM_LIST_PAGE_BYTES`]
+/// and [`VM_LIST_SCAN_MAX`]; the token is the last name examined, empty
+/// when nothing is left.
+pub fn vm_page(state: &State, query: &VmQuery) -> pb::VmListResponse {
+    use prost::Message as _;
+    use std::ops::Bound;
+    let after = query.after.as_deref();
+    let prefix = query.prefix.as_str();
+    // Start at the prefix when the token is before it.
+    let start = match after {
+        Some(after) if after >= prefix => Bound::Excluded(after),
+        _ if prefix.is_empty() => Bound::Unbounded,
+        _ => Bound::Included(prefix),
+    };
+    let all: Box<dyn Iterator<Item = &Vm>> = match query.node {
+        Some(node) => Box::new(state.vms_on_after(node, None).skip_while(move |vm| match start {
+            Bound::Excluded(s) => vm.name.as_str() <= s,
+            Bound::Included(s) => vm.name.as_str() < s,
+            Bound::Unbounded => false,
+        })),
+        None => Box::new(state.vms().range::<str, _>((start, Bound::Unbounded)).map(|(_, vm)| vm)),
+    };
+    let size = if query.size == 0 { usize::MAX } else { query.size };
+    let (mut vms, mut bytes, mut scanned, mut last, mut more) = (Vec::new(), 0, 0, None, false);
+    for vm in all {
+        if !vm.name.starts_with(prefix) {
+            break; // names are in order: past the prefix, nothing matches
+        }
+        if vms.len() >= size || scanned >= VM_LIST_SCAN_MAX {
+            more = true;
+            break;
+        }
+        let matches = query.state.is_none_or(|s| shown_state(state, vm) == s)
+            && query.labels.iter().all(|(k, v)| vm.spec.labels.get(k) == Some(v));
+        if matches {
+            let info = vm_info(state, vm, false);
+            let len = info.encoded_len();
+            if !vms.is_empty() && bytes + len > VM_LIST_PAGE_BYTES {
+                more = true;
+                break;
+            }
+            bytes += len;
+            vms.push(info);
+        }
+        scanned += 1;
+        last = Some(vm.name.as_str());
+    }
+    let next_page_token = if more { last.unwrap_or_default().to_string() } else { String::new() };
+    pb::VmListResponse { vms, next_page_token }
+}
+
+/// Checks a `VmList` request; the node filter is resolved by the read.
+pub fn query_of(request: &pb::VmListRequest) -> Result<VmQuery, Status> {
+    if !request.page_token.is_empty() {
+        names::validate(&request.page_token)
+            .map_err(|_| Status::invalid_argument(format!("{} is not a page token", quoted(&request.page_token))))?;
+    }
+    if request.page_size > VM_LIST_PAGE_MAX {
+        return Err(Status::invalid_argument(format!(
+            "page_size is at most {VM_LIST_PAGE_MAX}, not {}",
+            request.page_size
+        )));
+    }
+    if !request.node.is_empty() {
+        check_name("node", &request.node)?;
+    }
+    let state = match request.state.as_str() {
+        "" => None,
+        text => Some(VmState::ALL.into_iter().find(|s| s.as_str() == text).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{} is not a VM state: pending, starting, running, stopping, stopped, failed or lost",
+                quoted(text)
+            ))
+        })?),
+    };
+    if request.name_prefix.len() > names::NAME_LEN_MAX
+        || !request.name_prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(Status::invalid_argument(format!("{} cannot start a VM name", quoted(&request.name_prefix))));
+    }
+    let labels: Labels = request.labels.clone().into_iter().collect();
+    // The label rules of the state machine, asked with a dry run.
+    let probe = pb::VmCreateRequest {
+        name: "probe".into(),
+        vcpu: 1,
+        memory_mib: 64,
+        labels: request.labels.clone(),
+        ..Default::default()
+    };
+    spec_of(&probe)?;
+    Ok(VmQuery {
+        after: (!request.page_token.is_empty()).then(|| request.page_token.clone()),
+        size: request.page_size as usize,
+        node: None,
+        state,
+        labels,
+        prefix: request.name_prefix.clone(),
+    })
+}
+
+/// The spec `request` asks `current` to become, and the fields it changes.
+pub fn updated_spec(current: &VmSpec, request: &pb::VmUpdateRequest) -> Result<(VmSpec, Vec<&'static str>), Status> {
+    let mut spec = current.clone();
+    if let Some(vcpu) = request.vcpu {
+        spec.vcpu = vcpu;
+    }
+    if let Some(memory_mib) = request.memory_mib {
+        spec.memory_mib = memory_mib;
+    }
+    for key in &request.remove_labels {
+        spec.labels.remove(key);
+    }
+    for (key, value) in &request.set_labels {
+        spec.labels.insert(key.clone(), value.clone());
+    }
+    /// Sets `field` to `value`, or clears it, or leaves it.
+    fn set_or_clear(field: &mut Option<String>, value: &Option<String>, clear: bool, what: &str) -> Result<(), Status> {
+        match (value, clear) {
+            (Some(_), true) => {
+                return Err(Status::invalid_argument(format!("give either {what} or clear it, not both")));
+            }
+            (Some(value), false) => *field = Some(value.clone()),
+            (None, true) => *field = None,
+            (None, false) => {}
+        }
+        Ok(())
+    }
+    set_or_clear(&mut spec.node, &request.node, request.unpin, "a node to pin the VM to")?;
+    set_or_clear(
+        &mut spec.anti_affinity,
+        &request.anti_affinity,
+        request.clear_anti_affinity,
+        "an anti-affinity group",
+    )?;
+    // The checks of a create, on the whole new spec.
+    let as_create = pb::VmCreateRequest {
+        name: request.name.clone(),
+        vcpu: spec.vcpu,
+        memory_mib: spec.memory_mib,
+        node: spec.node.clone().unwrap_or_default(),
+        labels: spec.labels.clone().into_iter().collect(),
+        anti_affinity: spec.anti_affinity.clone().unwrap_or_default(),
+        stopped: spec.desired == Desired::Stopped,
+        failover: request.failover.clone().unwrap_or_else(|| spec.failover.to_string()),
+    };
+    spec.failover = spec_of(&as_create)?.failover;
+    let mut changed = Vec::new();
+    for (field, differs) in [
+        ("vcpu", spec.vcpu != current.vcpu),
+        ("memory_mib", spec.memory_mib != current.memory_mib),
+        ("labels", spec.labels != current.labels),
+        ("node", spec.node != current.node),
+        ("anti_affinity", spec.anti_affinity != current.anti_affinity),
+        ("failover", spec.failover != current.failover),
+    ] {
+        if differs {
+            changed.push(field);
+        }
+    }
+    Ok((spec, changed))
+}
+
+/// Why VM `name` may not take `spec` now (`None`: it may). Pinned: it must
+/// fit on that node, as a create must. Placed and no longer fitting its
+/// host: some other host must take it, else the change is refused with
+/// the reason it does not fit where it is. Unplaced and unpinned: it waits
+/// for a host like a new VM.
+pub fn update_violation(state: &State, name: &str, spec: &VmSpec) -> Option<Rejection> {
+    let vm = state.vm(name)?;
+    if let Some(pinned) = spec.node.as_deref() {
+        let Some(node) = state.member_by_name(pinned) else {
+            return Some(Rejection::UnknownNodeName(pinned.to_string()));
+        };
+        return pinned_violation(state, name, spec, node);
+    }
+    let host = vm.placement.and_then(|p| state.member(p.node))?;
+    let here = state.placement_violation(name, spec, host.id)?;
+    let elsewhere = state
+        .members()
+        .values()
+        .any(|m| m.id != host.id && m.accepts_placements() && state.placement_violation(name, spec, m.id).is_none());
+    (!elsewhere).then_some(here)
+}
+
+/// Why a VM with `spec` pinned to `node` cannot be placed there now.
+fn pinned_violation(state: &State, name: &str, spec: &VmSpec, node: &Member) -> Option<Rejection> {
+    if node.status == MemberStatus::Down {
+        return Some(Rejection::NodeUnavailable { node: node.name.clone(), why: "down" });
+    }
+    if node.drain {
+        return Some(Rejection::NodeUnavailable { node: node.name.clone(), why: "draining" });
+    }
+    if node.capacity.vcpu == 0 {
+        return Some(Rejection::NotReported { node: node.name.clone() });
+    }
+    state.fit_violation(name, spec, node.id)
 }
 
 fn role_of(member: &Member, leader: Option<NodeId>) -> &'static str {
@@ -519,13 +754,7 @@ impl Blixard for BlixardService {
                         let Some(node) = state.member_by_name(pinned) else {
                             return Some(Rejection::UnknownNodeName(pinned.to_string()));
                         };
-                        if node.status == MemberStatus::Down {
-                            return Some(Rejection::NodeUnavailable { node: node.name.clone(), why: "down" });
-                        }
-                        if node.drain {
-                            return Some(Rejection::NodeUnavailable { node: node.name.clone(), why: "draining" });
-                        }
-                        state.fit_violation(&name, &check_spec, node.id)
+                        pinned_violation(state, &name, &check_spec, node)
                     });
                     let kind = CommandKind::CreateVm { name: request.name.clone(), spec };
                     propose_for_vm(&member, kind, Some(check), request.name).await
@@ -569,6 +798,9 @@ impl Blixard for BlixardService {
                                 let vm = state.vm(&vm).ok_or(Rejection::UnknownVm(vm.clone()))?;
                                 let node = state.member_by_name(&to).ok_or(Rejection::UnknownNodeName(to))?;
                                 let already = vm.placement.is_some_and(|p| p.node == node.id);
+                                if !already && node.capacity.vcpu == 0 {
+                                    return Err(Rejection::NotReported { node: node.name.clone() });
+                                }
                                 Ok::<_, Rejection>((node.id, vm.generation, already))
                             })
                             .await?;
@@ -629,13 +861,95 @@ impl Blixard for BlixardService {
     }
 
     async fn vm_list(&self, request: Request<pb::VmListRequest>) -> Result<Response<pb::VmListResponse>, Status> {
-        let (vms, stale) = self
+        let stale = wants_stale(&request);
+        let request = request.into_inner();
+        let query = query_of(&request)?;
+        let node = request.node;
+        let (page, stale) = self
             .context
-            .read_maybe_stale(wants_stale(&request), |state, _| {
-                state.vms().values().map(|vm| vm_info(state, vm, false)).collect()
+            .read_maybe_stale(stale, move |state, _| {
+                let mut query = query.clone();
+                if !node.is_empty() {
+                    let id =
+                        state.member_by_name(&node).map(|m| m.id).ok_or(Rejection::UnknownNodeName(node.clone()))?;
+                    query.node = Some(id);
+                }
+                Ok(vm_page(state, &query))
             })
             .await?;
-        Ok(stale_marked(Response::new(pb::VmListResponse { vms }), stale))
+        let page = page.map_err(|r: Rejection| from_rejection(&r))?;
+        Ok(stale_marked(Response::new(page), stale))
+    }
+
+    async fn vm_update(&self, request: Request<pb::VmUpdateRequest>) -> Result<Response<pb::VmUpdateResponse>, Status> {
+        check_name("VM", &request.get_ref().name)?;
+        self.context.member()?;
+        self.context
+            .write(
+                request,
+                |member, request| {
+                    Box::pin(async move {
+                        let name = request.name.clone();
+                        let current = member
+                            .node
+                            .read_local(move |state, _| state.vm(&name).map(|vm| vm.spec.clone()))
+                            .await?
+                            .ok_or_else(|| {
+                                ApiError::Status(from_rejection(&Rejection::UnknownVm(request.name.clone())))
+                            })?;
+                        let (spec, changed) = updated_spec(&current, &request)?;
+                        let changed: Vec<String> = changed.into_iter().map(str::to_string).collect();
+                        if changed.is_empty() {
+                            let vm = vm_after_write(&member, request.name).await?;
+                            return Ok(pb::VmUpdateResponse { vm: Some(vm), changed, moved: false });
+                        }
+                        let (name, check_spec) = (request.name.clone(), spec.clone());
+                        let check: ProposalCheck = Box::new(move |state| update_violation(state, &name, &check_spec));
+                        let kind = CommandKind::UpdateVm { name: request.name.clone(), spec };
+                        let name = request.name.clone();
+                        let answer = member
+                            .node
+                            .propose_then(kind, Some(check), move |effect, state| {
+                                let moved = matches!(effect, crate::state::Effect::Unplaced { .. });
+                                state.vm(&name).map(|vm| (vm_info(state, vm, false), moved))
+                            })
+                            .await?;
+                        let (vm, moved) = answer
+                            .ok_or_else(|| ApiError::Status(from_rejection(&Rejection::UnknownVm(request.name))))?;
+                        Ok(pb::VmUpdateResponse { vm: Some(vm), changed, moved })
+                    })
+                },
+                |channel, request| Box::pin(async move { client(channel).vm_update(request).await }),
+            )
+            .await
+    }
+
+    type ClusterBackupStream = BackupStream;
+
+    /// The state is encoded on the raft thread once a read-index round has
+    /// confirmed it (as a Raft snapshot for a follower is), then streamed.
+    async fn cluster_backup(
+        &self,
+        _request: Request<pb::ClusterBackupRequest>,
+    ) -> Result<Response<BackupStream>, Status> {
+        let member = self.context.member()?;
+        let (cluster_id, taken_by) = (member.cluster_id, self.context.name.clone());
+        let (header, bytes) = self
+            .context
+            .read(move |state, core| {
+                let bytes = crate::state::codec::encode_snapshot(state);
+                let header = crate::backup::Header::of(state, &bytes, cluster_id, core.applied, core.term, &taken_by);
+                (header, bytes)
+            })
+            .await?;
+        tracing::info!(index = header.index, vms = header.vms, bytes = header.state_bytes, "serving a backup");
+        let first = pb::BackupChunk { header: header.encode(), data: Vec::new() };
+        let chunks: Vec<Result<pb::BackupChunk, Status>> = std::iter::once(Ok(first))
+            .chain(
+                bytes.chunks(BACKUP_CHUNK_BYTES).map(|c| Ok(pb::BackupChunk { header: Vec::new(), data: c.to_vec() })),
+            )
+            .collect();
+        Ok(Response::new(Box::pin(futures_util::stream::iter(chunks))))
     }
 
     async fn vm_status(&self, request: Request<pb::VmRequest>) -> Result<Response<pb::VmInfo>, Status> {
@@ -745,6 +1059,13 @@ impl Blixard for BlixardService {
     }
 }
 
+/// The stream of `ClusterBackup`.
+pub type BackupStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::BackupChunk, Status>> + Send + 'static>>;
+
+/// State bytes per `BackupChunk`.
+const BACKUP_CHUNK_BYTES: usize = 1024 * 1024;
+
 /// The stream of `VmLogs`.
 pub type LogStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::LogLine, Status>> + Send + 'static>>;
 
@@ -791,6 +1112,174 @@ mod tests {
         let mut pinned = create("a", 1, 128);
         pinned.node = "../h1".into();
         assert_eq!(spec_of(&pinned).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+
+    /// Two hosts (h1, h2; h1 rack r1) with runners for the first 100 VMs, 4 vcpus
+    /// each; `vms` VMs named vm-000000.. unplaced, every 3rd labelled
+    /// tier=db, every 5th desired stopped; vm-000001 placed on h1.
+    fn cluster(vms: usize) -> State {
+        use crate::state::{Capacity, Command, CommandKind as K, MembershipChange};
+        let mut state = State::with_members([Member::new(1, "h1", "127.0.0.1:7001")]);
+        state
+            .apply_membership(
+                &MembershipChange::AddLearner { id: 2, name: "h2".into(), address: "127.0.0.1:7002".into() },
+                0,
+            )
+            .unwrap();
+        let names: Vec<String> = (0..vms).map(|i| format!("vm-{i:06}")).collect();
+        let apply = |state: &mut State, kind| state.apply(&Command { at_unix_ms: 1, kind }).unwrap();
+        for node in [1, 2] {
+            let capacity = Capacity { vcpu: 4, memory_mib: 4096, ..Capacity::default() };
+            apply(&mut state, K::SetCapacity { node, capacity });
+            apply(&mut state, K::SetRunners { node, runners: names.iter().take(100).cloned().collect() });
+        }
+        apply(&mut state, K::SetLabels { node: 1, labels: [("rack".to_string(), "r1".to_string())].into() });
+        for (i, name) in names.iter().enumerate() {
+            let mut spec = VmSpec { vcpu: 1, memory_mib: 64, ..VmSpec::default() };
+            if i % 3 == 0 {
+                spec.labels.insert("tier".into(), "db".into());
+            }
+            if i % 5 == 0 {
+                spec.desired = Desired::Stopped;
+            }
+            apply(&mut state, K::CreateVm { name: name.clone(), spec });
+        }
+        apply(&mut state, K::Place { vm: "vm-000001".into(), node: 1, expected_generation: 0 });
+        let _ = state.take_dirty();
+        state
+    }
+
+    /// Every VM `query` selects, page after page.
+    fn all_pages(state: &State, mut query: VmQuery) -> (Vec<String>, usize) {
+        let (mut names, mut pages) = (Vec::new(), 0);
+        loop {
+            let page = vm_page(state, &query);
+            pages += 1;
+            names.extend(page.vms.into_iter().map(|v| v.name));
+            if page.next_page_token.is_empty() {
+                return (names, pages);
+            }
+            assert!(query.after.as_deref().is_none_or(|a| a < page.next_page_token.as_str()), "the token moves on");
+            query.after = Some(page.next_page_token);
+        }
+    }
+
+    #[test]
+    fn vm_list_pages_are_bounded_ordered_and_filtered() {
+        let state = cluster(2500);
+        let (names, pages) = all_pages(&state, VmQuery { size: 1000, ..VmQuery::default() });
+        assert_eq!((names.len(), pages), (2500, 3));
+        assert!(names.windows(2).all(|w| w[0] < w[1]));
+        // Without a size, a page holds what fits in VM_LIST_PAGE_BYTES.
+        let page = vm_page(&state, &VmQuery::default());
+        assert_eq!((page.vms.len(), page.next_page_token.as_str()), (2500, ""));
+        let labelled = VmQuery { labels: [("tier".to_string(), "db".to_string())].into(), ..VmQuery::default() };
+        assert_eq!(all_pages(&state, VmQuery { size: 100, ..labelled }).0.len(), 834);
+        // A desired-stopped VM on no host shows, and filters, as stopped.
+        let stopped = all_pages(&state, VmQuery { state: Some(VmState::Stopped), ..VmQuery::default() }).0;
+        assert_eq!(stopped.len(), 500);
+        assert_eq!(vm_info(&state, state.vm("vm-000000").unwrap(), false).state, "stopped");
+        assert_eq!(vm_info(&state, state.vm("vm-000002").unwrap(), false).state, "pending");
+        let on_h1 = all_pages(&state, VmQuery { node: Some(1), ..VmQuery::default() }).0;
+        assert_eq!(on_h1, ["vm-000001"]);
+        let on_h1_after = VmQuery { node: Some(1), after: Some("vm-000001".into()), ..VmQuery::default() };
+        assert!(all_pages(&state, on_h1_after).0.is_empty());
+        let prefixed = all_pages(&state, VmQuery { prefix: "vm-00001".into(), size: 3, ..VmQuery::default() }).0;
+        assert_eq!(prefixed.len(), 10);
+        assert_eq!(prefixed[0], "vm-000010");
+        // A token before the prefix starts at the prefix.
+        let query = VmQuery { prefix: "vm-002".into(), after: Some("vm-000005".into()), ..VmQuery::default() };
+        assert_eq!(all_pages(&state, query).0.first().map(String::as_str), Some("vm-002000"));
+    }
+
+    #[test]
+    fn a_filter_that_matches_little_examines_a_bounded_number_of_vms_per_page() {
+        let state = cluster(VM_LIST_SCAN_MAX + 10);
+        let query = VmQuery { labels: [("none".to_string(), "x".to_string())].into(), ..VmQuery::default() };
+        let first = vm_page(&state, &query);
+        assert!(first.vms.is_empty());
+        assert_eq!(first.next_page_token, format!("vm-{:06}", VM_LIST_SCAN_MAX - 1));
+        let second = vm_page(&state, &VmQuery { after: Some(first.next_page_token), ..query });
+        assert_eq!((second.vms.len(), second.next_page_token.as_str()), (0, ""));
+    }
+
+    #[test]
+    fn list_requests_are_checked() {
+        let ok = pb::VmListRequest { state: "running".into(), node: "h1".into(), ..Default::default() };
+        assert_eq!(query_of(&ok).unwrap().state, Some(VmState::Running));
+        for bad in [
+            pb::VmListRequest { page_token: "../x".into(), ..Default::default() },
+            pb::VmListRequest { page_size: VM_LIST_PAGE_MAX + 1, ..Default::default() },
+            pb::VmListRequest { state: "happy".into(), ..Default::default() },
+            pb::VmListRequest { node: "H1".into(), ..Default::default() },
+            pb::VmListRequest { name_prefix: "A".into(), ..Default::default() },
+            pb::VmListRequest { labels: [("Bad Key".to_string(), "v".to_string())].into(), ..Default::default() },
+        ] {
+            assert_eq!(query_of(&bad).unwrap_err().code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_update_is_checked_like_a_create_and_refused_when_it_fits_nowhere() {
+        let state = cluster(10);
+        let current = state.vm("vm-000001").unwrap().spec.clone();
+        let update = |f: fn(&mut pb::VmUpdateRequest)| {
+            let mut request = pb::VmUpdateRequest { name: "vm-000001".into(), ..Default::default() };
+            f(&mut request);
+            updated_spec(&current, &request)
+        };
+        let (spec, changed) = update(|r| {
+            r.vcpu = Some(2);
+            r.set_labels.insert("rack".into(), "r1".into());
+            r.failover = Some("manual".into());
+        })
+        .unwrap();
+        assert_eq!(changed, ["vcpu", "labels", "failover"]);
+        assert_eq!(update_violation(&state, "vm-000001", &spec), None, "it still fits on h1");
+        assert!(update(|r| r.vcpu = Some(0)).is_err());
+        assert!(update(|r| r.failover = Some("sometimes".into())).is_err());
+        assert!(
+            update(|r| {
+                r.unpin = true;
+                r.node = Some("h1".into());
+            })
+            .is_err()
+        );
+        assert_eq!(update(|r| r.vcpu = Some(1)).unwrap().1, Vec::<&str>::new(), "nothing changed");
+        // 8 vcpus fit on no host (4 each): refused with h1's reason.
+        let (big, _) = update(|r| r.vcpu = Some(8)).unwrap();
+        assert!(matches!(update_violation(&state, "vm-000001", &big), Some(Rejection::OverCapacity { .. })));
+        // A label h1 lacks but nobody has: refused; one h2 could take: fine (it moves).
+        let (r9, _) = update(|r| {
+            r.set_labels.insert("rack".into(), "r9".into());
+        })
+        .unwrap();
+        assert!(matches!(update_violation(&state, "vm-000001", &r9), Some(Rejection::LabelMismatch { .. })));
+        let (pinned, _) = update(|r| r.node = Some("h2".into())).unwrap();
+        assert_eq!(update_violation(&state, "vm-000001", &pinned), None);
+        let (unknown, _) = update(|r| r.node = Some("h9".into())).unwrap();
+        assert!(matches!(update_violation(&state, "vm-000001", &unknown), Some(Rejection::UnknownNodeName(_))));
+    }
+
+    #[test]
+    fn a_pin_to_a_host_that_has_not_reported_its_capacity_is_not_yet_known() {
+        let mut state = cluster(2);
+        state
+            .apply_membership(
+                &crate::state::MembershipChange::AddLearner {
+                    id: 3,
+                    name: "h3".into(),
+                    address: "127.0.0.1:7003".into(),
+                },
+                0,
+            )
+            .unwrap();
+        let spec = VmSpec { vcpu: 1, memory_mib: 64, node: Some("h3".into()), ..VmSpec::default() };
+        let h3 = state.member_by_name("h3").unwrap();
+        let rejection = pinned_violation(&state, "new", &spec, h3).unwrap();
+        assert!(matches!(rejection, Rejection::NotReported { .. }), "{rejection}");
+        assert_eq!(from_rejection(&rejection).code(), tonic::Code::Unavailable, "exit 1, not 2");
+        assert!(rejection.to_string().contains("not yet known"));
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! | `AlreadyExists`      | duplicate name                                      | 2        |
 //! | `FailedPrecondition` | the cluster refuses it in its current state         | 2        |
 //! | `PermissionDenied`   | certificate role or join token does not allow it    | 1        |
-//! | `Unavailable`        | no leader or quorum, unreachable, not a member yet  | 1        |
+//! | `Unavailable`        | no leader or quorum, unreachable, not a member yet, | 1        |
+//! |                      | a member has not reported its capacity yet          |          |
 //! | `DeadlineExceeded`   | timed out                                           | 1        |
 //! | `Aborted`            | dropped or outcome unknown after a leader change    | 1        |
 //! | `Internal`           | a bug                                               | 1        |
@@ -48,6 +49,7 @@ pub fn rejection_code(rejection: &Rejection) -> Code {
         | Rejection::RecoverFromLiveHost { .. }
         | Rejection::TooManyJoinTokens(_) => Code::FailedPrecondition,
         Rejection::InvalidJoinToken => Code::PermissionDenied,
+        Rejection::NotReported { .. } => Code::Unavailable,
     }
 }
 

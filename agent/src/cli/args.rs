@@ -17,10 +17,13 @@ use crate::config::{DEFAULT_CONFIG_PATH, DEFAULT_LISTEN, Overrides};
 use crate::names::Name;
 use crate::state::limits;
 
-use super::examples;
+use super::{complete, examples};
 
 /// The program's name, as users type it.
 pub const BIN: &str = "blixard-agent";
+
+/// The environment variable that sets `--endpoint` (the flag wins).
+pub const ENDPOINT_ENV: &str = "BLIXARD_ENDPOINT";
 
 /// Default `--timeout`, in seconds.
 pub const TIMEOUT_SECS_DEFAULT: u64 = 10;
@@ -67,6 +70,12 @@ pub enum Command {
     /// Run the fence guard: stop this host's guests when its quorum contact is too old, even when the agent cannot (started by the agent or the NixOS module).
     #[command(after_help = examples::GUARD)]
     Guard(GuardArgs),
+    /// Start a NEW cluster on this host from a backup (the disaster path; the agent must be stopped).
+    #[command(after_help = examples::RESTORE)]
+    Restore(Box<RestoreArgs>),
+    /// Recover from losing a majority for good: make this stopped member a one-member cluster.
+    #[command(after_help = examples::RECOVER)]
+    Recover(Box<RecoverArgs>),
     /// Make a cluster CA and certificates for hosts and clients (mutual TLS).
     #[command(subcommand, subcommand_required = true, after_help = examples::CERTS)]
     Certs(CertsCommand),
@@ -124,6 +133,28 @@ pub enum CertsCommand {
         #[arg(long, value_name = "DAYS", default_value_t = 825, value_parser = clap::value_parser!(i64).range(1..=3650))]
         days: i64,
     },
+}
+
+/// `restore --from FILE`: the backup, and the agent's own settings (as `run`
+/// takes them) for the data dir, name, address and initial members.
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// The backup file (`blixard-agent cluster backup FILE`)
+    #[arg(long = "from", value_name = "FILE")]
+    pub from: PathBuf,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// `recover --force-new-cluster`: the stopped agent's settings, as `run`
+/// takes them.
+#[derive(Debug, Clone, Args)]
+pub struct RecoverArgs {
+    /// Required: form a new one-member cluster from this member's own state, removing every other member
+    #[arg(long, required = true)]
+    pub force_new_cluster: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -283,8 +314,8 @@ fn timing_ms(text: &str) -> Result<u64, String> {
 #[command(next_help_heading = "Connection options")]
 pub struct ClientArgs {
     /// The agent to talk to: HOST:PORT, http://HOST:PORT or https://HOST:PORT
-    /// [default: `listen` from the local agent's config, else 127.0.0.1:7000]
-    #[arg(long, value_name = "HOST:PORT", value_parser = parse_endpoint)]
+    /// [default: $BLIXARD_ENDPOINT, else `listen` from the local agent's config, else 127.0.0.1:7000]
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_endpoint, env = ENDPOINT_ENV, hide_env = true)]
     pub endpoint: Option<EndpointArg>,
     /// Print JSON instead of a table
     #[arg(long)]
@@ -333,6 +364,15 @@ pub enum ClusterCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Write a consistent, checksummed backup of the cluster state to FILE (from any member).
+    #[command(after_help = examples::CLUSTER_BACKUP)]
+    Backup {
+        /// The file to write (it must not exist; written whole or not at all)
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Issue a one-time join token and print it (only once: the cluster
     /// keeps just its hash).
     #[command(name = "join-token", after_help = examples::CLUSTER_JOIN_TOKEN)]
@@ -343,11 +383,11 @@ pub enum ClusterCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Remove NODE from the cluster (default: the agent at --endpoint): drains it first, so every VM runs elsewhere before it goes.
+    /// Remove NODE from the cluster (default: the agent at --endpoint): drains it first, so every VM runs elsewhere before it goes; NODE may be down.
     #[command(after_help = examples::CLUSTER_LEAVE)]
     Leave {
         /// The member to remove [default: the agent at --endpoint]
-        #[arg(value_name = "NODE")]
+        #[arg(value_name = "NODE", add = complete::nodes())]
         node: Option<Name>,
         /// Remove it now without draining: its VMs move once it has certainly stopped them (use for a dead host)
         #[arg(long)]
@@ -374,7 +414,7 @@ pub enum NodeCommand {
     #[command(after_help = examples::NODE_DRAIN)]
     Drain {
         /// The host's name in the cluster
-        #[arg(value_name = "NODE")]
+        #[arg(value_name = "NODE", add = complete::nodes())]
         node: Name,
         #[command(flatten)]
         wait: WaitArgs,
@@ -385,7 +425,7 @@ pub enum NodeCommand {
     #[command(after_help = examples::NODE_UNDRAIN)]
     Undrain {
         /// The host's name in the cluster
-        #[arg(value_name = "NODE")]
+        #[arg(value_name = "NODE", add = complete::nodes())]
         node: Name,
         #[command(flatten)]
         client: ClientArgs,
@@ -397,23 +437,26 @@ pub enum VmCommand {
     /// Create a VM; the cluster places it on a host that has its runner installed.
     #[command(after_help = examples::VM_CREATE)]
     Create(Box<VmCreateArgs>),
-    /// Set a VM's desired state to running.
+    /// Set a VM's desired state to running (its host then starts it).
     #[command(after_help = examples::VM_START)]
-    Start(VmName),
-    /// Set a VM's desired state to stopped.
+    Start(VmNameWait),
+    /// Set a VM's desired state to stopped (its host then stops it).
     #[command(after_help = examples::VM_STOP)]
-    Stop(VmName),
-    /// Stop a VM and remove it from the cluster.
+    Stop(VmNameWait),
+    /// Remove a VM from the cluster; its host stops the guest.
     #[command(after_help = examples::VM_DELETE)]
-    Delete(VmName),
+    Delete(VmNameWait),
+    /// Change a VM in place: size, labels, pin, anti-affinity, failover policy.
+    #[command(after_help = examples::VM_UPDATE)]
+    Update(Box<VmUpdateArgs>),
     /// Move a VM to another host.
     #[command(after_help = examples::VM_MIGRATE)]
     Migrate {
         /// The VM's name
-        #[arg(value_name = "NAME")]
+        #[arg(value_name = "NAME", add = complete::vms())]
         name: Name,
         /// The host to move it to
-        #[arg(long, value_name = "NODE")]
+        #[arg(long, value_name = "NODE", add = complete::nodes())]
         to: Name,
         #[command(flatten)]
         wait: WaitArgs,
@@ -424,27 +467,22 @@ pub enum VmCommand {
     #[command(after_help = examples::VM_RECOVER)]
     Recover {
         /// The VM's name
-        #[arg(value_name = "NAME")]
+        #[arg(value_name = "NAME", add = complete::vms())]
         name: Name,
         /// The host to run it on now
-        #[arg(long, value_name = "NODE")]
+        #[arg(long, value_name = "NODE", add = complete::nodes())]
         to: Name,
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// List every VM with its host, desired and observed state.
+    /// List VMs with their host, desired and observed state (all of them, or those that match).
     #[command(after_help = examples::VM_LIST)]
-    List {
-        #[command(flatten)]
-        stale: StaleArg,
-        #[command(flatten)]
-        client: ClientArgs,
-    },
+    List(VmListArgs),
     /// Show one VM in detail: state since when, last error, why it is pending or lost.
     #[command(after_help = examples::VM_STATUS)]
     Status {
         /// The VM's name
-        #[arg(value_name = "NAME")]
+        #[arg(value_name = "NAME", add = complete::vms())]
         name: Name,
         #[command(flatten)]
         stale: StaleArg,
@@ -459,7 +497,7 @@ pub enum VmCommand {
 #[derive(Debug, Args)]
 pub struct VmLogsArgs {
     /// The VM's name
-    #[arg(value_name = "NAME")]
+    #[arg(value_name = "NAME", add = complete::vms())]
     pub name: Name,
     /// Keep printing new lines as the guest writes them (until interrupted)
     #[arg(short = 'f', long)]
@@ -474,7 +512,7 @@ pub struct VmLogsArgs {
 /// `--wait` for the commands that start a long operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Args)]
 pub struct WaitArgs {
-    /// Block until the operation is done, showing on stderr what is moving and how far it is
+    /// Block until the operation is done (the VM settled), showing progress on stderr
     #[arg(long)]
     pub wait: bool,
     /// With --wait: give up (exit 1) after this many seconds
@@ -508,8 +546,80 @@ pub struct EventsArgs {
 #[derive(Debug, Args)]
 pub struct VmName {
     /// The VM's name
-    #[arg(value_name = "NAME")]
+    #[arg(value_name = "NAME", add = complete::vms())]
     pub name: Name,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VmNameWait {
+    /// The VM's name
+    #[arg(value_name = "NAME", add = complete::vms())]
+    pub name: Name,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VmListArgs {
+    /// Only VMs placed on this host
+    #[arg(long, value_name = "NODE", add = complete::nodes())]
+    pub node: Option<Name>,
+    /// Only VMs in this state
+    #[arg(long, value_name = "STATE", value_parser = clap::builder::PossibleValuesParser::new(crate::state::VmState::ALL.map(|s| s.as_str())))]
+    pub state: Option<String>,
+    /// Only VMs with this label; repeatable (all must match)
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Only VMs whose name starts with PREFIX
+    #[arg(long, value_name = "PREFIX", value_parser = parse_prefix)]
+    pub prefix: Option<String>,
+    #[command(flatten)]
+    pub stale: StaleArg,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VmUpdateArgs {
+    /// The VM's name
+    #[arg(value_name = "NAME", add = complete::vms())]
+    pub name: Name,
+    /// Virtual CPUs (1 to 1024)
+    #[arg(long, value_name = "N", value_parser = parse_vcpu, allow_negative_numbers = true)]
+    pub vcpu: Option<u32>,
+    /// Memory in MiB (16 to 16777216)
+    #[arg(long, value_name = "MIB", value_parser = parse_memory_mib, allow_negative_numbers = true)]
+    pub memory: Option<u64>,
+    /// Add or change a placement label; repeatable
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Remove a placement label; repeatable
+    #[arg(long = "remove-label", value_name = "KEY", value_parser = parse_label_key)]
+    pub remove_labels: Vec<String>,
+    /// Pin the VM to this host
+    #[arg(long, value_name = "NODE", conflicts_with = "unpin", add = complete::nodes())]
+    pub node: Option<Name>,
+    /// Let the VM run on any host
+    #[arg(long)]
+    pub unpin: bool,
+    /// Put the VM in this anti-affinity group
+    #[arg(long, value_name = "GROUP", conflicts_with = "no_anti_affinity")]
+    pub anti_affinity: Option<Name>,
+    /// Take the VM out of its anti-affinity group
+    #[arg(long)]
+    pub no_anti_affinity: bool,
+    /// What happens when its host is lost: auto (fenced there, restarted elsewhere) or manual (moved only by `vm recover`)
+    #[arg(long, value_name = "POLICY", value_parser = ["auto", "manual"])]
+    pub failover: Option<String>,
+    /// Restart the VM after the change (stop, then start), so that it takes effect now
+    #[arg(long)]
+    pub restart: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -526,7 +636,7 @@ pub struct VmCreateArgs {
     #[arg(long, value_name = "MIB", value_parser = parse_memory_mib, allow_negative_numbers = true)]
     pub memory: u64,
     /// Pin the VM to this host
-    #[arg(long, value_name = "NODE")]
+    #[arg(long, value_name = "NODE", add = complete::nodes())]
     pub node: Option<Name>,
     /// Place only on hosts with this label; repeatable
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
@@ -541,23 +651,30 @@ pub struct VmCreateArgs {
     #[arg(long, value_name = "POLICY", value_parser = ["auto", "manual"], default_value = "auto")]
     pub failover: String,
     #[command(flatten)]
+    pub wait: WaitArgs,
+    #[command(flatten)]
     pub client: ClientArgs,
 }
 
 impl VmCreateArgs {
     /// The labels as a map; refuses a key given twice and more than the limit.
     pub fn label_map(&self) -> Result<BTreeMap<String, String>, String> {
-        if self.labels.len() > limits::LABELS_MAX {
-            return Err(format!("{} labels given; the limit is {}", self.labels.len(), limits::LABELS_MAX));
-        }
-        let mut map = BTreeMap::new();
-        for (key, value) in &self.labels {
-            if map.insert(key.clone(), value.clone()).is_some() {
-                return Err(format!("label {key:?} is given twice"));
-            }
-        }
-        Ok(map)
+        label_map(&self.labels)
     }
+}
+
+/// `--label` values as a map; refuses a key given twice and more than the limit.
+pub fn label_map(labels: &[(String, String)]) -> Result<BTreeMap<String, String>, String> {
+    if labels.len() > limits::LABELS_MAX {
+        return Err(format!("{} labels given; the limit is {}", labels.len(), limits::LABELS_MAX));
+    }
+    let mut map = BTreeMap::new();
+    for (key, value) in labels {
+        if map.insert(key.clone(), value.clone()).is_some() {
+            return Err(format!("label {key:?} is given twice"));
+        }
+    }
+    Ok(map)
 }
 
 /// `--endpoint`, checked: where to connect and whether TLS was asked for.
@@ -721,6 +838,21 @@ pub fn parse_label(text: &str) -> Result<(String, String), String> {
     Ok((key.to_string(), value.to_string()))
 }
 
+/// Parses `--remove-label KEY`: a label key by the cluster's rules.
+pub fn parse_label_key(text: &str) -> Result<String, String> {
+    if text.contains('=') {
+        return Err(format!("{:?} is a label KEY, without =VALUE", shown(text)));
+    }
+    parse_label(&format!("{text}=")).map(|(key, _)| key)
+}
+
+/// Parses `--prefix`: the start of a VM name.
+pub fn parse_prefix(text: &str) -> Result<String, String> {
+    let ok = text.len() <= crate::names::NAME_LEN_MAX
+        && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok { Ok(text.to_string()) } else { Err(format!("{:?} cannot start a VM name (a-z, 0-9, '-')", shown(text))) }
+}
+
 /// Keeps hostile input from making an error message long: at most 80 characters.
 fn shown(text: &str) -> String {
     const SHOWN_MAX: usize = 80;
@@ -847,6 +979,24 @@ mod tests {
         assert_eq!(o.vcpu, Some(-3));
         assert_eq!(o.join, None);
         assert_eq!(o.runtime.as_deref(), Some("process"));
+    }
+
+    /// docs/config.md names the `run` flag of each key: they are the real
+    /// ones, and every flag of `run` (but --config) has its key there.
+    #[test]
+    fn the_config_reference_names_the_run_flags() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").unwrap();
+        let flags: Vec<String> = run.get_arguments().filter_map(|a| a.get_long()).map(|l| format!("--{l}")).collect();
+        let documented: Vec<&str> =
+            crate::config::reference().iter().map(|k| k.flag).filter(|f| !f.is_empty()).collect();
+        for flag in &documented {
+            assert!(flags.iter().any(|f| f == flag), "{flag} is not a flag of run");
+        }
+        for flag in flags.iter().filter(|f| !["--config", "--help", "--version"].contains(&f.as_str())) {
+            assert!(documented.contains(&flag.as_str()), "run's {flag} is missing from config::reference()");
+        }
     }
 
     #[test]

@@ -70,8 +70,42 @@ certainly stopped them, as after a failure.
 
 Examples:
   blixard-agent cluster leave          # the agent at --endpoint leaves
-  blixard-agent cluster leave h3
-  blixard-agent cluster leave h3 --force   # h3 is dead";
+  blixard-agent cluster leave h3           # drains h3 first; h3 may be down
+  blixard-agent cluster leave h3 --force   # h3 is dead: remove it now
+
+To bring a removed host back, give it an empty data dir and `cluster join` again.";
+
+pub const CLUSTER_BACKUP: &str = "\
+Examples:
+  blixard-agent cluster backup /var/backups/blixard-$(date +%F).bak
+  blixard-agent cluster backup state.bak --endpoint 10.0.0.2:7000 --json
+
+The backup holds the whole cluster state (members, VMs, placements) at an index a quorum confirmed, so it \
+holds every write acknowledged before the command started. It is written to FILE.partial, checked (SHA-256) \
+and renamed: FILE is whole or absent. Restore it with `blixard-agent restore --from FILE`.";
+
+pub const RESTORE: &str = "\
+Examples:
+  systemctl stop blixard; mv /var/lib/blixard /var/lib/blixard.old
+  blixard-agent restore --from state.bak --config /etc/blixard/agent.toml
+  systemctl start blixard
+
+The disaster path: writes the first state of a NEW cluster (a new cluster id) into the agent's empty data dir, \
+from the backup. The new cluster's members are `initial_members` (run the same restore, same backup, on each \
+of them before starting any), or this host alone. VMs come back as desired; those placed on a host of the new \
+cluster (same name) stay there, the others are placed again. See docs/operations.md.";
+
+pub const RECOVER: &str = "\
+Examples:
+  systemctl stop blixard
+  blixard-agent recover --force-new-cluster --config /etc/blixard/agent.toml
+  systemctl start blixard
+
+Only when a majority of the members is gone for good. Makes this stopped member the only member of a NEW \
+cluster from its own state: every other member is removed and their VMs are placed again. Refused while any \
+other member still answers as a member of the cluster. What can be lost (writes this member never received, \
+entries it never saw committed) is printed before it runs and in docs/operations.md. The other hosts then \
+join again with an empty data dir.";
 
 pub const NODE: &str = "\
 Examples:
@@ -113,15 +147,39 @@ services.blixard.vms.<name> in the NixOS configuration.";
 
 pub const VM_START: &str = "\
 Examples:
-  blixard-agent vm start web";
+  blixard-agent vm start web
+  blixard-agent vm start web --wait     # until it runs (exit 1 if it fails)
+
+Without --wait the command returns once the cluster has recorded the request; the VM's host starts it \
+shortly after.";
 
 pub const VM_STOP: &str = "\
 Examples:
-  blixard-agent vm stop web";
+  blixard-agent vm stop web
+  blixard-agent vm stop web --wait      # until its host has stopped it
+
+A stopped VM keeps its host and the capacity it takes there, so that `vm start` finds room; \
+`vm delete` frees it.";
 
 pub const VM_DELETE: &str = "\
 Examples:
-  blixard-agent vm delete web";
+  blixard-agent vm delete web
+  blixard-agent vm delete web --wait    # stop it, wait until it has stopped, then delete it";
+
+pub const VM_UPDATE: &str = "\
+Examples:
+  blixard-agent vm update web --vcpu 4 --memory 4096
+  blixard-agent vm update web --vcpu 4 --restart --wait
+  blixard-agent vm update db --label ssd=yes --remove-label rack
+  blixard-agent vm update db --node h2          # pin; --unpin to let it run anywhere
+  blixard-agent vm update web --anti-affinity web --json
+
+The change is checked as `vm create` checks a new VM and refused (exit 2) with the reason when it does not \
+fit: pinned to a host it does not fit on, or no longer fitting its host and fitting on no other. A running \
+VM whose host still satisfies the new spec keeps running as started until its next start (--restart \
+restarts it now); one whose host no longer does moves to a host that does. In --json, `changed` lists the \
+fields that changed and `takes_effect` is \"unchanged\", \"now\", \"next_start\", \"moving\" or \
+\"restarted\".";
 
 pub const VM_MIGRATE: &str = "\
 Examples:
@@ -130,7 +188,12 @@ Examples:
 pub const VM_LIST: &str = "\
 Examples:
   blixard-agent vm list
-  blixard-agent vm list --json | jq -r '.[] | select(.state == \"failed\") | .name'";
+  blixard-agent vm list --node h2 --state running
+  blixard-agent vm list --label tier=web --prefix web-
+  blixard-agent vm list --json | jq -r '.[] | select(.state == \"failed\") | .name'
+
+The list is read page by page (1000 VMs a page), each page a consistent read: a VM created or deleted \
+meanwhile may or may not be listed, and none is listed twice.";
 
 pub const VM_STATUS: &str = "\
 Examples:

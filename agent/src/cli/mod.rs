@@ -6,14 +6,18 @@
 //! - `target`: where to connect (`--endpoint`, the local agent's config,
 //!   127.0.0.1:7000) and with which TLS files.
 //! - `output`: tables and the `--json` shapes.
-//! - `docs`: shell completions and man pages.
+//! - `docs`: shell completions and man pages; `complete`: what TAB offers.
+//! - `wait`: `--wait`, following the cluster until an operation is done.
+//! - `offline`: `restore` and `recover`, on a stopped agent's data dir.
 //!
 //! `run` (the daemon) is dispatched by `main`; everything else by [`execute`].
 
 pub mod args;
+pub mod complete;
 pub mod docs;
 pub mod error;
 pub mod examples;
+pub mod offline;
 pub mod output;
 pub mod target;
 pub mod wait;
@@ -64,6 +68,8 @@ pub fn execute(command: Command) -> ExitCode {
     let result = match command {
         Command::Run(_) | Command::Guard(_) => Err(CliError::usage("`run` and `guard` are dispatched by main")),
         Command::Completions { shell } => docs::completions(shell, &mut std::io::stdout().lock()),
+        Command::Restore(args) => offline::restore(*args),
+        Command::Recover(args) => offline::recover(*args),
         Command::Certs(certs) => make_certs(certs),
         Command::Man { outdir } => docs::man_pages(&outdir),
         client => match plan(client) {
@@ -111,13 +117,13 @@ fn make_certs(command: CertsCommand) -> Result<(), CliError> {
             certs::write_pair(&dir, &format!("{name}.pem"), &format!("{name}.key"), &pem).map_err(error)?
         }
     };
-    for path in written {
-        println!("{}", path.display());
-    }
+    let text: String = written.iter().map(|path| format!("{}\n", path.display())).collect();
+    output::write_stdout(&text);
     Ok(())
 }
 
-/// One request to the agent, fully checked.
+/// One request to the agent, fully checked. `wait`: `--wait`, with its
+/// timeout in seconds.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
     ClusterStatus,
@@ -130,18 +136,37 @@ pub enum Request {
         node: String,
         wait_secs: u64,
     },
+    ClusterBackup(std::path::PathBuf),
     NodeList {
         stale: bool,
     },
     NodeDrain(String),
     NodeUndrain(String),
-    VmCreate(pb::VmCreateRequest),
-    VmStart(String),
-    VmStop(String),
-    VmDelete(String),
+    VmCreate {
+        request: pb::VmCreateRequest,
+        wait: Option<u64>,
+    },
+    VmStart {
+        name: String,
+        wait: Option<u64>,
+    },
+    VmStop {
+        name: String,
+        wait: Option<u64>,
+    },
+    VmDelete {
+        name: String,
+        wait: Option<u64>,
+    },
+    VmUpdate {
+        request: pb::VmUpdateRequest,
+        restart: bool,
+        wait: Option<u64>,
+    },
     VmMigrate(pb::VmMigrateRequest),
     VmRecover(pb::VmRecoverRequest),
     VmList {
+        request: pb::VmListRequest,
         stale: bool,
     },
     VmStatus {
@@ -162,6 +187,10 @@ pub enum Request {
     },
 }
 
+fn wait_secs(wait: args::WaitArgs) -> Option<u64> {
+    wait.wait.then_some(wait.wait_timeout)
+}
+
 /// Turns a parsed client command into the request to send, reading any
 /// file it names. Nothing touches the network here.
 // Requests are built with `..Default::default()` so that fields added to
@@ -180,6 +209,7 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
         Command::Cluster(ClusterCommand::JoinToken { ttl, client }) => {
             (Request::ClusterJoinToken(pb::ClusterJoinTokenRequest { ttl_seconds: ttl }), client)
         }
+        Command::Cluster(ClusterCommand::Backup { file, client }) => (Request::ClusterBackup(file), client),
         Command::Cluster(ClusterCommand::Leave { node, force, wait_timeout, client }) => {
             let node = node.map(|n| n.to_string()).unwrap_or_default();
             if force {
@@ -208,11 +238,55 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
                 failover: if args.failover == "manual" { "manual".into() } else { String::new() },
                 ..Default::default()
             };
-            (Request::VmCreate(request), args.client)
+            (Request::VmCreate { request, wait: wait_secs(args.wait) }, args.client)
         }
-        Command::Vm(VmCommand::Start(vm)) => (Request::VmStart(vm.name.to_string()), vm.client),
-        Command::Vm(VmCommand::Stop(vm)) => (Request::VmStop(vm.name.to_string()), vm.client),
-        Command::Vm(VmCommand::Delete(vm)) => (Request::VmDelete(vm.name.to_string()), vm.client),
+        Command::Vm(VmCommand::Start(vm)) => {
+            (Request::VmStart { name: vm.name.to_string(), wait: wait_secs(vm.wait) }, vm.client)
+        }
+        Command::Vm(VmCommand::Stop(vm)) => {
+            (Request::VmStop { name: vm.name.to_string(), wait: wait_secs(vm.wait) }, vm.client)
+        }
+        Command::Vm(VmCommand::Delete(vm)) => {
+            (Request::VmDelete { name: vm.name.to_string(), wait: wait_secs(vm.wait) }, vm.client)
+        }
+        Command::Vm(VmCommand::Update(args)) => {
+            let set_labels = args::label_map(&args.labels)
+                .map_err(|e| CliError::usage(format!("invalid --label for `vm update`: {e}")))?;
+            if let Some(key) = args.remove_labels.iter().find(|k| set_labels.contains_key(*k)) {
+                return Err(CliError::usage(format!(
+                    "label {key:?} is both set and removed in `vm update`; give one of --label and --remove-label"
+                )));
+            }
+            let request = pb::VmUpdateRequest {
+                name: args.name.to_string(),
+                vcpu: args.vcpu,
+                memory_mib: args.memory,
+                set_labels: set_labels.into_iter().collect(),
+                remove_labels: args.remove_labels.clone(),
+                node: args.node.as_ref().map(|n| n.to_string()),
+                unpin: args.unpin,
+                anti_affinity: args.anti_affinity.as_ref().map(|g| g.to_string()),
+                clear_anti_affinity: args.no_anti_affinity,
+                failover: args.failover.clone(),
+                ..Default::default()
+            };
+            let nothing = request.vcpu.is_none()
+                && request.memory_mib.is_none()
+                && request.set_labels.is_empty()
+                && request.remove_labels.is_empty()
+                && request.node.is_none()
+                && !request.unpin
+                && request.anti_affinity.is_none()
+                && !request.clear_anti_affinity
+                && request.failover.is_none();
+            if nothing && !args.restart {
+                return Err(CliError::usage(
+                    "`vm update` needs something to change: --vcpu, --memory, --label, --remove-label, --node, \
+                     --unpin, --anti-affinity, --no-anti-affinity, --failover or --restart",
+                ));
+            }
+            (Request::VmUpdate { request, restart: args.restart, wait: wait_secs(args.wait) }, args.client)
+        }
         Command::Vm(VmCommand::Migrate { name, to, wait, client }) => {
             let request = pb::VmMigrateRequest { name: name.to_string(), to: to.to_string() };
             match wait.wait {
@@ -223,7 +297,19 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
         Command::Vm(VmCommand::Recover { name, to, client }) => {
             (Request::VmRecover(pb::VmRecoverRequest { name: name.to_string(), to: to.to_string() }), client)
         }
-        Command::Vm(VmCommand::List { stale, client }) => (Request::VmList { stale: stale.stale }, client),
+        Command::Vm(VmCommand::List(args)) => {
+            let labels = args::label_map(&args.labels)
+                .map_err(|e| CliError::usage(format!("invalid --label for `vm list`: {e}")))?;
+            let request = pb::VmListRequest {
+                node: args.node.as_ref().map(|n| n.to_string()).unwrap_or_default(),
+                state: args.state.clone().unwrap_or_default(),
+                labels: labels.into_iter().collect(),
+                name_prefix: args.prefix.clone().unwrap_or_default(),
+                page_size: VM_LIST_PAGE_SIZE,
+                ..Default::default()
+            };
+            (Request::VmList { request, stale: args.stale.stale }, args.client)
+        }
         Command::Vm(VmCommand::Status { name, stale, client }) => {
             (Request::VmStatus { name: name.to_string(), stale: stale.stale }, client)
         }
@@ -234,7 +320,13 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
         Command::Events(args) => {
             (Request::Events(pb::EventsRequest { follow: args.follow, limit: args.lines.unwrap_or(0) }), args.client)
         }
-        Command::Run(_) | Command::Guard(_) | Command::Completions { .. } | Command::Man { .. } | Command::Certs(_) => {
+        Command::Run(_)
+        | Command::Guard(_)
+        | Command::Completions { .. }
+        | Command::Man { .. }
+        | Command::Certs(_)
+        | Command::Restore(_)
+        | Command::Recover(_) => {
             return Err(CliError::usage("not a client command"));
         }
     })
@@ -258,6 +350,9 @@ fn read_token(path: &std::path::Path) -> Result<String, CliError> {
     Ok(token.to_string())
 }
 
+/// VMs per `VmList` page the CLI asks for.
+pub const VM_LIST_PAGE_SIZE: u32 = 1000;
+
 fn run_client(request: Request, client_args: &ClientArgs) -> Result<(), CliError> {
     let options = target::resolve(client_args, std::path::Path::new(crate::config::DEFAULT_CONFIG_PATH))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -277,11 +372,109 @@ fn run_client(request: Request, client_args: &ClientArgs) -> Result<(), CliError
             vm_logs(&client, request, json).await
         });
     }
+    if let Request::VmList { request, stale } = request {
+        return runtime.block_on(async move {
+            let client = Client::connect(options).await.map_err(client_error)?;
+            vm_list(&client, request, stale, json).await
+        });
+    }
+    if let Request::ClusterBackup(file) = request {
+        return runtime.block_on(async move {
+            let client = Client::connect(options).await.map_err(client_error)?;
+            cluster_backup(&client, &file, json).await
+        });
+    }
     let text = runtime.block_on(async move {
         let client = Client::connect(options).await.map_err(client_error)?;
         send(&client, request, json).await.map_err(client_error)
     })?;
-    print!("{text}");
+    output::write_stdout(&text);
+    Ok(())
+}
+
+/// `vm list`: pages through every VM that matches. With `--json` the array
+/// is written as the pages arrive, one VM object per line; the table needs
+/// every row for its widths. A reader that goes away stops the paging.
+/// `--stale` pages through the agent's own state, and warns (once) how old
+/// its view may be.
+async fn vm_list(client: &Client, request: pb::VmListRequest, stale: bool, json: bool) -> Result<(), CliError> {
+    use std::ops::ControlFlow;
+    let mut first = true;
+    let mut open = true;
+    let mut rows = Vec::new();
+    if json {
+        open = output::write_stdout("[");
+    }
+    let each = |page: Vec<pb::VmInfo>| {
+        if !json {
+            rows.extend(page);
+            return ControlFlow::Continue(());
+        }
+        let mut text = String::new();
+        for vm in &page {
+            text.push_str(if first { "\n  " } else { ",\n  " });
+            text.push_str(&serde_json::to_string(&output::vm_json(vm)).expect("our JSON shapes always serialize"));
+            first = false;
+        }
+        open = open && output::write_stdout(&text);
+        if open { ControlFlow::Continue(()) } else { ControlFlow::Break(()) }
+    };
+    let staleness = client.vm_list_each(request, stale, each).await.map_err(client_error)?;
+    if let Some(staleness) = staleness {
+        warn_stale(staleness);
+    }
+    if json {
+        output::write_stdout(if first { "]\n" } else { "\n]\n" });
+    } else {
+        output::write_stdout(&output::vm_list_table(&rows));
+    }
+    Ok(())
+}
+
+/// The next chunk of a backup, waiting at most `wait` for it.
+async fn next_chunk(
+    stream: &mut (impl futures_util::Stream<Item = Result<pb::BackupChunk, ClientError>> + Unpin),
+    wait: Duration,
+) -> Result<Option<pb::BackupChunk>, CliError> {
+    use futures_util::StreamExt;
+    match tokio::time::timeout(wait, stream.next()).await {
+        Err(_) => {
+            Err(CliError::failed(format!("the backup was not written: no data for {} s (--timeout)", wait.as_secs())))
+        }
+        Ok(None) => Ok(None),
+        Ok(Some(chunk)) => chunk.map(Some).map_err(client_error),
+    }
+}
+
+/// `cluster backup FILE`: writes the stream to FILE (whole or not at all)
+/// and says what it holds.
+async fn cluster_backup(client: &Client, file: &std::path::Path, json: bool) -> Result<(), CliError> {
+    let backup_error = |e: crate::backup::BackupError| match e {
+        crate::backup::BackupError::Stream(m) => CliError::failed(format!("the backup was not written: {m}")),
+        e => CliError::usage(e.to_string()),
+    };
+    if file.exists() {
+        return Err(CliError::usage(format!(
+            "{} already exists; a backup never overwrites a file (remove it or choose another name)",
+            file.display()
+        )));
+    }
+    let mut stream = std::pin::pin!(client.cluster_backup().await.map_err(client_error)?);
+    let wait = client.timeout();
+    let Some(first) = next_chunk(&mut stream, wait).await? else {
+        return Err(CliError::failed("the backup was not written: the agent sent nothing"));
+    };
+    let header = crate::backup::Header::decode(&first.header)
+        .map_err(|e| CliError::failed(format!("the backup was not written: the agent's header is wrong: {e}")))?;
+    let mut writer = crate::backup::Writer::create(file, header).map_err(backup_error)?;
+    writer.write_state(&first.data).map_err(backup_error)?;
+    while let Some(chunk) = next_chunk(&mut stream, wait).await? {
+        writer.write_state(&chunk.data).map_err(backup_error)?;
+    }
+    let header = writer.finish().map_err(backup_error)?;
+    let text =
+        if json { output::to_json(&output::backup_json(file, &header)) } else { output::backup_text(file, &header) };
+    output::write_stdout(&text);
     Ok(())
 }
 
@@ -332,7 +525,7 @@ async fn events(client: &Client, request: pb::EventsRequest, json: bool) -> Resu
         }
     }
     if json && !follow {
-        print!("{}", output::to_json(&kept));
+        output::write_stdout(&output::to_json(&kept));
     }
     Ok(())
 }
@@ -383,7 +576,7 @@ async fn send(client: &Client, request: Request, json: bool) -> Result<String, C
             let seed = req.seed.clone();
             let r = client.cluster_join(req).await?;
             if json {
-                to_json(&JoinJson { name: &r.name, id: r.id })
+                to_json(&JoinJson { name: &r.name, id: r.id.to_string() })
             } else {
                 format!("{} joined the cluster at {seed} as member {}\n", error::one_line(&r.name), r.id)
             }
@@ -434,29 +627,74 @@ async fn send(client: &Client, request: Request, json: bool) -> Result<String, C
         }
         Request::NodeDrain(name) => node_out("draining", client.node_drain(name).await?),
         Request::NodeUndrain(name) => node_out("undrained", client.node_undrain(name).await?),
-        Request::VmCreate(req) => vm_out("created", client.vm_create(req).await?),
-        Request::VmStart(name) => vm_out("started", client.vm_start(name).await?),
-        Request::VmStop(name) => vm_out("stopped", client.vm_stop(name).await?),
-        Request::VmDelete(name) => {
+        Request::VmCreate { request, wait } => {
+            let name = request.name.clone();
+            let created = client.vm_create(request).await?;
+            match wait {
+                None => vm_out("created", created),
+                Some(secs) => {
+                    let progress = Progress::new(!json);
+                    let info = wait::settle(client, &name, Duration::from_secs(secs), &progress).await?;
+                    if json { to_json(&vm_status_json(&info)) } else { vm_settled(&info) }
+                }
+            }
+        }
+        Request::VmStart { name, wait } => set_desired(client, &name, true, wait, json).await?,
+        Request::VmStop { name, wait } => set_desired(client, &name, false, wait, json).await?,
+        Request::VmDelete { name, wait } => {
+            let progress = Progress::new(!json);
+            if let Some(secs) = wait {
+                // Stopped first, so that the command returns once the
+                // guest is down: a deleted VM has nobody to report that.
+                let limit = Duration::from_secs(secs);
+                let vm = client.vm_stop(name.clone()).await?;
+                if !wait::settled(&vm) {
+                    wait::settle(client, &name, limit, &progress).await?;
+                }
+            }
             let r = client.vm_delete(name).await?;
             if json {
                 to_json(&NameJson { name: &r.name })
+            } else if wait.is_some() {
+                format!("vm {} stopped and deleted\n", error::one_line(&r.name))
             } else {
-                format!("vm {} deleted\n", error::one_line(&r.name))
+                format!(
+                    "vm {} deleted; its host stops the guest shortly (--wait stops it first and waits)\n",
+                    error::one_line(&r.name)
+                )
             }
         }
-        Request::VmMigrate(req) => vm_out("migrating", client.vm_migrate(req).await?),
-        Request::VmRecover(req) => vm_out("recovered", client.vm_recover(req).await?),
-        Request::VmList { stale } => {
-            let r = if stale {
-                let (r, staleness) = client.vm_list_stale().await?;
-                warn_stale(staleness);
-                r
+        Request::VmUpdate { request, restart, wait } => update(client, request, restart, wait, json).await?,
+        Request::VmMigrate(req) => {
+            // Already there: say so instead of "migrating".
+            let before = client.vm_status(req.name.clone()).await?;
+            if before.node == req.to {
+                if json {
+                    to_json(&vm_status_json(&before))
+                } else {
+                    format!(
+                        "vm {} is already on {}; nothing to move\n",
+                        error::one_line(&req.name),
+                        error::one_line(&req.to)
+                    )
+                }
             } else {
-                client.vm_list().await?
-            };
-            if json { to_json(&r.vms.iter().map(vm_json).collect::<Vec<_>>()) } else { vm_list_table(&r.vms) }
+                let to = req.to.clone();
+                let v = client.vm_migrate(req).await?;
+                if json {
+                    to_json(&vm_status_json(&v))
+                } else {
+                    format!(
+                        "vm {}: moving to {} (now {}); --wait waits until it has settled there\n",
+                        error::one_line(&v.name),
+                        error::one_line(&to),
+                        where_is(&v)
+                    )
+                }
+            }
         }
+        Request::VmRecover(req) => vm_out("recovered", client.vm_recover(req).await?),
+        Request::VmList { .. } | Request::ClusterBackup(_) => unreachable!("handled by run_client"),
         Request::VmStatus { name, stale } => {
             let v = if stale {
                 let (v, staleness) = client.vm_status_stale(name).await?;
@@ -484,6 +722,65 @@ async fn send(client: &Client, request: Request, json: bool) -> Result<String, C
             vm_out("migrated", info)
         }
     })
+}
+
+/// `vm start|stop [--wait]`.
+async fn set_desired(
+    client: &Client,
+    name: &str,
+    running: bool,
+    wait: Option<u64>,
+    json: bool,
+) -> Result<String, ClientError> {
+    use output::*;
+    let vm = if running { client.vm_start(name.to_string()).await? } else { client.vm_stop(name.to_string()).await? };
+    let vm = match wait {
+        None => {
+            return Ok(if json { to_json(&vm_status_json(&vm)) } else { vm_desired(&vm) });
+        }
+        Some(secs) => {
+            let progress = wait::Progress::new(!json);
+            wait::settle(client, name, Duration::from_secs(secs), &progress).await?
+        }
+    };
+    Ok(if json { to_json(&vm_status_json(&vm)) } else { vm_settled(&vm) })
+}
+
+/// `vm update [--restart] [--wait]`.
+async fn update(
+    client: &Client,
+    request: pb::VmUpdateRequest,
+    restart: bool,
+    wait: Option<u64>,
+    json: bool,
+) -> Result<String, ClientError> {
+    use output::*;
+    let name = request.name.clone();
+    let progress = wait::Progress::new(!json);
+    let limit = Duration::from_secs(wait.unwrap_or(args::WAIT_SECS_DEFAULT));
+    let r = client.vm_update(request).await?;
+    let mut vm = r.vm.unwrap_or_default();
+    let mut effect = TakesEffect::of(&vm, !r.changed.is_empty(), r.moved);
+    if restart && vm.desired == "running" && !r.moved {
+        // A restart the operator asked for: stop, wait, start.
+        progress.say(&format!("restarting {}", error::one_line(&name)));
+        client.vm_stop(name.clone()).await?;
+        wait::settle(client, &name, limit, &progress).await?;
+        vm = client.vm_start(name.clone()).await?;
+        effect = TakesEffect::Restarted;
+    }
+    if wait.is_some() || effect == TakesEffect::Restarted {
+        vm = wait::settle(client, &name, limit, &progress).await?;
+    }
+    if json {
+        return Ok(to_json(&VmUpdateJson {
+            vm: vm_status_json(&vm),
+            changed: &r.changed,
+            takes_effect: effect.as_str(),
+        }));
+    }
+    let changed = if r.changed.is_empty() { "nothing".to_string() } else { r.changed.join(", ") };
+    Ok(format!("vm {} updated ({changed}): {}; now {}\n", error::one_line(&vm.name), effect.sentence(), where_is(&vm)))
 }
 
 #[cfg(test)]
@@ -535,12 +832,15 @@ mod tests {
             (&["node", "undrain", "h2"], Request::NodeUndrain("h2".into())),
             (
                 &["vm", "create", "web", "--vcpu", "2", "--memory", "1024"],
-                Request::VmCreate(pb::VmCreateRequest {
-                    name: "web".into(),
-                    vcpu: 2,
-                    memory_mib: 1024,
-                    ..Default::default()
-                }),
+                Request::VmCreate {
+                    request: pb::VmCreateRequest {
+                        name: "web".into(),
+                        vcpu: 2,
+                        memory_mib: 1024,
+                        ..Default::default()
+                    },
+                    wait: None,
+                },
             ),
             (
                 &[
@@ -560,26 +860,114 @@ mod tests {
                     "dbs",
                     "--stopped",
                 ],
-                Request::VmCreate(pb::VmCreateRequest {
-                    name: "db".into(),
-                    vcpu: 4,
-                    memory_mib: 8192,
-                    node: "h2".into(),
-                    labels: [("rack".into(), "r1".into()), ("ssd".into(), "yes".into())].into(),
-                    anti_affinity: "dbs".into(),
-                    stopped: true,
-                    ..Default::default()
-                }),
+                Request::VmCreate {
+                    request: pb::VmCreateRequest {
+                        name: "db".into(),
+                        vcpu: 4,
+                        memory_mib: 8192,
+                        node: "h2".into(),
+                        labels: [("rack".into(), "r1".into()), ("ssd".into(), "yes".into())].into(),
+                        anti_affinity: "dbs".into(),
+                        stopped: true,
+                        ..Default::default()
+                    },
+                    wait: None,
+                },
             ),
-            (&["vm", "start", "web"], Request::VmStart("web".into())),
-            (&["vm", "stop", "web"], Request::VmStop("web".into())),
-            (&["vm", "delete", "web"], Request::VmDelete("web".into())),
+            (&["vm", "start", "web"], Request::VmStart { name: "web".into(), wait: None }),
+            (
+                &["vm", "stop", "web", "--wait"],
+                Request::VmStop { name: "web".into(), wait: Some(args::WAIT_SECS_DEFAULT) },
+            ),
+            (
+                &["vm", "delete", "web", "--wait", "--wait-timeout", "9"],
+                Request::VmDelete { name: "web".into(), wait: Some(9) },
+            ),
+            (
+                &["vm", "create", "web", "--vcpu", "1", "--memory", "64", "--wait"],
+                Request::VmCreate {
+                    request: pb::VmCreateRequest { name: "web".into(), vcpu: 1, memory_mib: 64, ..Default::default() },
+                    wait: Some(args::WAIT_SECS_DEFAULT),
+                },
+            ),
+            (
+                &[
+                    "vm",
+                    "update",
+                    "web",
+                    "--vcpu",
+                    "4",
+                    "--memory",
+                    "2048",
+                    "--label",
+                    "rack=r2",
+                    "--remove-label",
+                    "ssd",
+                    "--unpin",
+                    "--no-anti-affinity",
+                    "--restart",
+                ],
+                Request::VmUpdate {
+                    request: pb::VmUpdateRequest {
+                        name: "web".into(),
+                        vcpu: Some(4),
+                        memory_mib: Some(2048),
+                        set_labels: [("rack".into(), "r2".into())].into(),
+                        remove_labels: vec!["ssd".into()],
+                        unpin: true,
+                        clear_anti_affinity: true,
+                        ..Default::default()
+                    },
+                    restart: true,
+                    wait: None,
+                },
+            ),
+            (
+                &["vm", "update", "web", "--node", "h2", "--anti-affinity", "g"],
+                Request::VmUpdate {
+                    request: pb::VmUpdateRequest {
+                        name: "web".into(),
+                        node: Some("h2".into()),
+                        anti_affinity: Some("g".into()),
+                        ..Default::default()
+                    },
+                    restart: false,
+                    wait: None,
+                },
+            ),
+            (
+                &["vm", "list", "--node", "h1", "--state", "running", "--label", "tier=web", "--prefix", "web-"],
+                Request::VmList {
+                    request: pb::VmListRequest {
+                        node: "h1".into(),
+                        state: "running".into(),
+                        labels: [("tier".into(), "web".into())].into(),
+                        name_prefix: "web-".into(),
+                        page_size: VM_LIST_PAGE_SIZE,
+                        ..Default::default()
+                    },
+                    stale: false,
+                },
+            ),
+            (&["cluster", "backup", "/tmp/b.bak"], Request::ClusterBackup("/tmp/b.bak".into())),
             (
                 &["vm", "migrate", "web", "--to", "h2"],
                 Request::VmMigrate(pb::VmMigrateRequest { name: "web".into(), to: "h2".into() }),
             ),
-            (&["vm", "list"], Request::VmList { stale: false }),
-            (&["vm", "list", "--stale"], Request::VmList { stale: true }),
+            (
+                &["vm", "list"],
+                Request::VmList {
+                    request: pb::VmListRequest { page_size: VM_LIST_PAGE_SIZE, ..Default::default() },
+                    stale: false,
+                },
+            ),
+            (
+                &["vm", "list", "--stale"],
+                Request::VmList {
+                    request: pb::VmListRequest { page_size: VM_LIST_PAGE_SIZE, ..Default::default() },
+                    stale: true,
+                },
+            ),
             (&["vm", "status", "web"], Request::VmStatus { name: "web".into(), stale: false }),
             (
                 &["vm", "recover", "web", "--to", "h2"],
@@ -628,7 +1016,18 @@ mod tests {
          "unknown flag --frobnicate for `vm create`; see `blixard-agent vm create --help`"),
         (&["vm", "frob"], "unknown subcommand \"frob\" for `vm`"),
         (&["frob"], "unknown subcommand \"frob\" for blixard-agent"),
-        (&["vm"], "`vm` needs a subcommand (create, start, stop, delete, migrate, recover, list, status, logs)"),
+        (&["vm"], "`vm` needs a subcommand (create, start, stop, delete, update, migrate, recover, list, status, logs)"),
+        (&["vm", "update", "web"], "`vm update` needs something to change"),
+        (&["vm", "update", "web", "--node", "h1", "--unpin"], "--node NODE cannot be used with --unpin"),
+        (&["vm", "update", "web", "--vcpu", "0"], "invalid --vcpu N for `vm update`: 0 is not between 1 and 1024 vcpus"),
+        (&["vm", "update", "web", "--label", "a=1", "--remove-label", "a"], "label \"a\" is both set and removed"),
+        (&["vm", "update", "web", "--remove-label", "a=1"], "invalid --remove-label KEY for `vm update`"),
+        (&["vm", "list", "--state", "happy"], "\"happy\" is not a valid --state STATE: use pending, starting, running, stopping, stopped, failed or lost"),
+        (&["vm", "list", "--prefix", "Web"], "invalid --prefix PREFIX for `vm list`"),
+        (&["vm", "start", "web", "--wait-timeout", "5"], ""),
+        (&["recover"], "`recover` needs --force-new-cluster"),
+        (&["restore"], "`restore` needs --from FILE"),
+        (&["cluster", "backup"], "`cluster backup` needs FILE"),
         (&[], "blixard-agent needs a subcommand"),
         (&["vm", "create", "web"], "`vm create` needs --vcpu N and --memory MIB"),
         (&["vm", "create", "--vcpu", "1", "--memory", "64"], "`vm create` needs NAME"),
@@ -679,7 +1078,9 @@ mod tests {
     fn a_repeated_option_takes_the_last_value() {
         let cli =
             parse_ok(&["vm", "create", "web", "--vcpu", "1", "--vcpu", "2", "--memory", "64", "--json", "--json"]);
-        let (Request::VmCreate(req), client) = plan(cli.command).unwrap() else { panic!("not a create") };
+        let (Request::VmCreate { request: req, .. }, client) = plan(cli.command).unwrap() else {
+            panic!("not a create")
+        };
         assert_eq!(req.vcpu, 2);
         assert!(client.json);
     }

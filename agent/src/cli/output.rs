@@ -9,6 +9,11 @@
 //!   given as `since_unix_ms` for arithmetic. Both are `null` when unknown.
 //! - `last_error` and `pending_reason` are `null` when empty.
 //! - Labels are objects with keys in sorted order.
+//! - Member ids are decimal strings (`"id": "12713832616263891722"`): they
+//!   are random 64-bit numbers, which a JSON number cannot carry exactly
+//!   past 2^53 (jq and JavaScript round them). The cluster id is a
+//!   16-digit hex string, as the logs print it. Counters (terms, indexes,
+//!   sizes) stay numbers: they never come near 2^53.
 //!
 //! Every function here is pure: `now_unix_ms` is passed in, so tests check
 //! exact output.
@@ -35,11 +40,13 @@ pub struct ClusterStatusJson<'a> {
     pub quorum: bool,
     /// How old its last quorum contact is, in ms (null: none since it started).
     pub contact_age_ms: Option<u64>,
+    /// `null` when the agent asked is not a member.
+    pub cluster_id: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct MemberJson<'a> {
-    pub id: u64,
+    pub id: String,
     pub name: &'a str,
     pub address: &'a str,
     pub role: &'a str,
@@ -54,7 +61,7 @@ pub struct NodeJson<'a> {
     pub vcpu_used: u64,
     pub memory_mib_total: u64,
     pub memory_mib_used: u64,
-    pub id: u64,
+    pub id: String,
     pub address: &'a str,
     pub role: &'a str,
     pub vms: u32,
@@ -95,7 +102,115 @@ pub struct NameJson<'a> {
 #[derive(Debug, Serialize)]
 pub struct JoinJson<'a> {
     pub name: &'a str,
-    pub id: u64,
+    pub id: String,
+}
+
+/// `vm update --json`: the `vm status` object, what changed, and when it
+/// takes effect (see [`TakesEffect`]).
+#[derive(Debug, Serialize)]
+pub struct VmUpdateJson<'a> {
+    #[serde(flatten)]
+    pub vm: VmStatusJson<'a>,
+    pub changed: &'a [String],
+    pub takes_effect: &'static str,
+}
+
+/// When a `vm update` takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakesEffect {
+    /// Nothing changed.
+    Unchanged,
+    /// No guest runs the VM: it starts with the new spec.
+    Now,
+    /// Its host no longer satisfies the spec: the VM moves (a running
+    /// guest restarts on its new host).
+    Moving,
+    /// The guest runs on a host that still satisfies the spec: the
+    /// cluster accounts for the new spec now, the guest runs as started
+    /// until its next start.
+    NextStart,
+    /// `--restart`: it was stopped and started again.
+    Restarted,
+}
+
+impl TakesEffect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TakesEffect::Unchanged => "unchanged",
+            TakesEffect::Now => "now",
+            TakesEffect::Moving => "moving",
+            TakesEffect::NextStart => "next_start",
+            TakesEffect::Restarted => "restarted",
+        }
+    }
+
+    /// When a change to `vm` (as the update left it) takes effect.
+    pub fn of(vm: &pb::VmInfo, changed: bool, moved: bool) -> TakesEffect {
+        match (changed, moved) {
+            (false, _) => TakesEffect::Unchanged,
+            (true, true) => TakesEffect::Moving,
+            _ if matches!(vm.state.as_str(), "running" | "starting" | "stopping") => TakesEffect::NextStart,
+            _ => TakesEffect::Now,
+        }
+    }
+
+    pub fn sentence(self) -> &'static str {
+        match self {
+            TakesEffect::Unchanged => "nothing changed",
+            TakesEffect::Now => "it starts with the new spec",
+            TakesEffect::Moving => "its host no longer satisfies it, so it moves to another host",
+            TakesEffect::NextStart => {
+                "the cluster counts the new spec now; the guest keeps running as started until its next start                  (--restart restarts it)"
+            }
+            TakesEffect::Restarted => "it was restarted",
+        }
+    }
+}
+
+/// `cluster backup FILE --json`.
+#[derive(Debug, Serialize)]
+pub struct BackupJson<'a> {
+    pub file: String,
+    pub cluster_id: String,
+    pub index: u64,
+    pub term: u64,
+    pub taken_by: &'a str,
+    pub taken_at: String,
+    pub taken_unix_ms: u64,
+    pub members: u32,
+    pub vms: u64,
+    pub state_bytes: u64,
+    pub state_sha256: String,
+}
+
+pub fn backup_json<'a>(file: &std::path::Path, h: &'a crate::backup::Header) -> BackupJson<'a> {
+    BackupJson {
+        file: file.display().to_string(),
+        cluster_id: format!("{:016x}", h.cluster_id),
+        index: h.index,
+        term: h.term,
+        taken_by: &h.taken_by,
+        taken_at: rfc3339_utc(h.taken_unix_ms),
+        taken_unix_ms: h.taken_unix_ms,
+        members: h.members,
+        vms: h.vms,
+        state_bytes: h.state_bytes,
+        state_sha256: h.digest_hex(),
+    }
+}
+
+pub fn backup_text(file: &std::path::Path, h: &crate::backup::Header) -> String {
+    format!(
+        "backup of cluster {:016x} at index {} ({} members, {} VMs, {} bytes of state, sha256 {}) written to {}
+",
+        h.cluster_id,
+        h.index,
+        h.members,
+        h.vms,
+        h.state_bytes,
+        h.digest_hex(),
+        file.display()
+    )
 }
 
 /// `cluster join-token --json`: `{"token": "blxjt_...", "expires_unix_ms": ...}`.
@@ -155,12 +270,19 @@ pub fn cluster_status_json(s: &pb::ClusterStatusResponse) -> ClusterStatusJson<'
         members: s
             .members
             .iter()
-            .map(|m| MemberJson { id: m.id, name: &m.name, address: &m.address, role: &m.role, healthy: m.healthy })
+            .map(|m| MemberJson {
+                id: m.id.to_string(),
+                name: &m.name,
+                address: &m.address,
+                role: &m.role,
+                healthy: m.healthy,
+            })
             .collect(),
         commit_index: s.commit_index,
         applied_index: s.applied_index,
         quorum: s.quorum,
         contact_age_ms: s.contact_age_ms,
+        cluster_id: (s.cluster_id != 0).then(|| format!("{:016x}", s.cluster_id)),
     }
 }
 
@@ -172,7 +294,7 @@ pub fn node_json(n: &pb::NodeInfo) -> NodeJson<'_> {
         vcpu_used: n.vcpu_used,
         memory_mib_total: n.memory_mib_total,
         memory_mib_used: n.memory_mib_used,
-        id: n.id,
+        id: n.id.to_string(),
         address: &n.address,
         role: &n.role,
         vms: n.vms,
@@ -212,6 +334,14 @@ pub fn to_json(value: &impl Serialize) -> String {
     let mut text = serde_json::to_string_pretty(value).expect("our JSON shapes always serialize");
     text.push('\n');
     text
+}
+
+/// Writes `text` to stdout. A reader that went away (`| head`) ends the
+/// output quietly: the command has nothing left to tell it.
+pub fn write_stdout(text: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_ok()
 }
 
 /// Compact JSON on one line (for streams: one object per line).
@@ -260,6 +390,9 @@ fn cell(text: &str) -> String {
 pub fn cluster_status_table(s: &pb::ClusterStatusResponse) -> String {
     let leader = if s.leader.is_empty() { "none".to_string() } else { cell(&s.leader) };
     let mut out = format!("leader: {leader}\nterm:   {}\n", s.term);
+    if s.cluster_id != 0 {
+        out.push_str(&format!("cluster: {:016x}\n", s.cluster_id));
+    }
     if s.member && !s.quorum {
         let age = match s.contact_age_ms {
             Some(ms) => format!("its last quorum contact was {:.1} s ago", ms as f64 / 1000.0),
@@ -365,8 +498,47 @@ fn key_values(lines: &[(&str, String)]) -> String {
 
 // ------------------------------------------------------ write confirmations --
 
+/// Where a VM is, for a sentence: "running on h1", "pending on no host".
+pub fn where_is(v: &pb::VmInfo) -> String {
+    if v.node.is_empty() {
+        format!("{}, on no host", cell(&v.state))
+    } else {
+        format!("{} on {}", cell(&v.state), cell(&v.node))
+    }
+}
+
+/// `vm start|stop` without `--wait`: what was asked and where the VM is.
+pub fn vm_desired(v: &pb::VmInfo) -> String {
+    let name = cell(&v.name);
+    let wanted = cell(&v.desired);
+    let done = match wanted.as_str() {
+        "running" => v.state == "running",
+        _ => v.state == "stopped",
+    };
+    if done {
+        let on = if v.node.is_empty() { String::new() } else { format!(" on {}", cell(&v.node)) };
+        return format!("vm {name} is {wanted}{on}\n");
+    }
+    let action = if wanted == "running" { "starts" } else { "stops" };
+    let actor = if v.node.is_empty() && wanted == "running" { "the host it is placed on" } else { "its host" };
+    let until = if wanted == "running" { "it runs" } else { "it has stopped" };
+    let mut text = format!("vm {name}: desired {wanted}, now {}; {actor} {action} it shortly", where_is(v));
+    if v.node.is_empty() && !v.pending_reason.is_empty() {
+        text.push_str(&format!(" (not placed yet: {})", one_line(&v.pending_reason)));
+    }
+    text.push_str(&format!(" (--wait waits until {until})\n"));
+    text
+}
+
+/// The line `vm <verb> --wait` ends with.
+pub fn vm_settled(v: &pb::VmInfo) -> String {
+    format!("vm {} is {}\n", cell(&v.name), where_is(v))
+}
+
 pub fn vm_written(verb: &str, v: &pb::VmInfo) -> String {
-    let place = if v.node.is_empty() {
+    let place = if v.node.is_empty() && v.desired == "stopped" {
+        "on no host until it is started".to_string()
+    } else if v.node.is_empty() {
         match v.pending_reason.as_str() {
             "" => "not placed yet".to_string(),
             reason => format!("not placed yet: {}", one_line(reason)),
@@ -505,8 +677,9 @@ mod tests {
             value(cluster_status_json(&status())),
             json!({"leader": "h1", "term": 3, "commit_index": 10, "applied_index": 9, "quorum": false,
                    "contact_age_ms": null, "members": [
-                {"id": 1, "name": "h1", "address": "10.0.0.1:7000", "role": "leader", "healthy": true},
-                {"id": 22, "name": "h2", "address": "10.0.0.2:7000", "role": "follower", "healthy": false}]})
+                {"id": "1", "name": "h1", "address": "10.0.0.1:7000", "role": "leader", "healthy": true},
+                {"id": "22", "name": "h2", "address": "10.0.0.2:7000", "role": "follower", "healthy": false}],
+                "cluster_id": null})
         );
         let none = pb::ClusterStatusResponse { leader: String::new(), ..status() };
         assert_eq!(value(cluster_status_json(&none))["leader"], serde_json::Value::Null);
@@ -517,7 +690,7 @@ mod tests {
         assert_eq!(
             value(vec![node_json(&node())]),
             json!([{"name": "h1", "status": "up", "vcpu_total": 8, "vcpu_used": 2, "memory_mib_total": 16384,
-                    "memory_mib_used": 1024, "id": 1, "address": "10.0.0.1:7000", "role": "leader", "vms": 1,
+                    "memory_mib_used": 1024, "id": "1", "address": "10.0.0.1:7000", "role": "leader", "vms": 1,
                     "labels": {}}])
         );
     }
@@ -612,6 +785,20 @@ mod tests {
             "vm db created: desired running, state pending, not placed yet: no host has room for 2 vcpus\n"
         );
         assert_eq!(node_written("draining", &node()), "node h1 draining: status up, 1 VM\n");
+        let stopped = pb::VmInfo { desired: "running".into(), state: "stopped".into(), ..vm("web", "h1") };
+        assert_eq!(
+            vm_desired(&stopped),
+            "vm web: desired running, now stopped on h1; its host starts it shortly (--wait waits until it runs)\n"
+        );
+        assert_eq!(vm_desired(&vm("web", "h1")), "vm web is running on h1\n");
+        let stopping = pb::VmInfo { desired: "stopped".into(), ..vm("web", "h1") };
+        assert_eq!(
+            vm_desired(&stopping),
+            "vm web: desired stopped, now running on h1; its host stops it shortly (--wait waits until it has stopped)\n"
+        );
+        // A big random id survives JSON exactly, as a string.
+        let big = pb::NodeInfo { id: u64::MAX - 1, ..node() };
+        assert_eq!(value(node_json(&big))["id"], "18446744073709551614");
     }
 
     #[test]

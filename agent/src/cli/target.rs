@@ -50,6 +50,27 @@ pub fn resolve(args: &ClientArgs, default_config: &Path) -> Result<ConnectOption
     Ok(ConnectOptions { authority: endpoint.authority(), tls, timeout: args.timeout() })
 }
 
+/// Connect options for an agent's own use of the client API (probing its
+/// peers before `recover --force-new-cluster`): `address` (HOST:PORT, as
+/// the member list holds it) with the agent's own `[tls]` files, if any.
+pub fn for_member(
+    address: &str,
+    tls: Option<&crate::config::Tls>,
+    timeout: std::time::Duration,
+) -> Result<ConnectOptions, CliError> {
+    let endpoint =
+        parse_endpoint(address).map_err(|e| CliError::usage(format!("a member's address cannot be dialled: {e}")))?;
+    let tls = match tls {
+        None => None,
+        Some(tls) => Some(TlsOptions {
+            ca_pem: read_pem("tls.ca_file", &tls.ca_file)?,
+            identity: Some((read_pem("tls.cert_file", &tls.cert_file)?, read_pem("tls.key_file", &tls.key_file)?)),
+            server_name: endpoint.tls_name().to_string(),
+        }),
+    };
+    Ok(ConnectOptions { authority: endpoint.authority(), tls, timeout })
+}
+
 /// The local agent's config file, if any. `--config` must be readable; the
 /// default path is skipped when absent but must parse when present (using
 /// it silently without its TLS files would be worse than an error).

@@ -1,4 +1,5 @@
-//! `--wait` for long operations (`node drain`, `vm migrate`): after the
+//! `--wait` for long operations (`node drain`, `vm migrate`, and `vm create`,
+//! `start`, `stop`, `delete`, `update`): after the
 //! request is accepted, follow the cluster state until the operation is
 //! done, telling the user on stderr what is moving and how far it is.
 //!
@@ -7,7 +8,7 @@
 //! something changed, so the output reads as a log of the operation in a
 //! terminal and in a CI job alike.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -59,11 +60,32 @@ fn where_is(vm: &pb::VmInfo) -> String {
     format!("{} {} on {node}", one_line(&vm.name), one_line(&vm.state))
 }
 
-/// Whether `vm`, moved off the drained node, has settled where it went.
-fn settled(vm: &pb::VmInfo) -> bool {
+/// Whether `vm` has settled: running when desired running; when desired
+/// stopped, stopped (or on no host, where nothing runs it).
+pub fn settled(vm: &pb::VmInfo) -> bool {
     match vm.desired.as_str() {
         "running" => vm.state == "running",
-        _ => vm.state == "stopped" || vm.state == "pending",
+        _ => vm.state == "stopped" || (vm.node.is_empty() && vm.state == "pending"),
+    }
+}
+
+/// [`status_of`] of a VM that must exist.
+async fn status_of_existing(client: &Client, vm: &str, deadline: Instant) -> Result<pb::VmInfo, ClientError> {
+    status_of(client, vm, deadline)
+        .await?
+        .ok_or_else(|| ClientError { class: ErrorClass::Rejected, message: format!("no VM named {vm:?}") })
+}
+
+/// A read of `vm`'s status while waiting: `Ok(None)` when it does not
+/// exist (any more); a passing failure is retried while there is time.
+async fn status_of(client: &Client, vm: &str, deadline: Instant) -> Result<Option<pb::VmInfo>, ClientError> {
+    loop {
+        match client.vm_status(vm.to_string()).await {
+            Ok(info) => return Ok(Some(info)),
+            Err(e) if e.class == ErrorClass::Rejected && e.message.starts_with("no VM named") => return Ok(None),
+            Err(e) if retry(&e, deadline) => tokio::time::sleep(POLL_INTERVAL).await,
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -71,40 +93,82 @@ fn settled(vm: &pb::VmInfo) -> bool {
 /// settled on their new hosts.
 pub async fn drain(client: &Client, node: &str, limit: Duration, progress: &Progress) -> Result<(), ClientError> {
     let deadline = Instant::now() + limit;
-    let mut moving: BTreeMap<String, ()> = BTreeMap::new();
+    let on_node = pb::VmListRequest { node: node.to_string(), ..Default::default() };
+    // Every VM seen on the node, and those of them settled elsewhere (or gone).
+    let (mut moving, mut done): (BTreeSet<String>, BTreeSet<String>) = Default::default();
     loop {
-        let vms = match client.vm_list().await {
-            Ok(list) => list.vms,
+        let left = match client.vm_list_all(on_node.clone()).await {
+            Ok(vms) => vms,
             Err(e) if retry(&e, deadline) => {
                 tokio::time::sleep(POLL_INTERVAL).await;
                 continue;
             }
             Err(e) => return Err(e),
         };
-        let left: Vec<&pb::VmInfo> = vms.iter().filter(|v| v.node == node).collect();
-        for vm in &left {
-            moving.insert(vm.name.clone(), ());
+        moving.extend(left.iter().map(|v| v.name.clone()));
+        let mut unsettled: Vec<String> = left.iter().map(where_is).collect();
+        let away: Vec<String> =
+            moving.iter().filter(|n| !done.contains(*n) && !left.iter().any(|v| &v.name == *n)).cloned().collect();
+        for name in away {
+            match status_of(client, &name, deadline).await? {
+                None => {
+                    done.insert(name);
+                }
+                Some(vm) if vm.node != node && !vm.node.is_empty() && settled(&vm) => {
+                    done.insert(name);
+                }
+                Some(vm) => unsettled.push(where_is(&vm)),
+            }
         }
-        let moved: Vec<&pb::VmInfo> =
-            vms.iter().filter(|v| moving.contains_key(&v.name) && v.node != node && !v.node.is_empty()).collect();
-        let settled_count = moved.iter().filter(|v| settled(v)).count();
-        // VMs deleted meanwhile count as done.
-        let gone = moving.keys().filter(|name| !vms.iter().any(|v| &v.name == *name)).count();
-        let total = moving.len();
-        let done = settled_count + gone;
-        let mut line = format!("draining {}: {done}/{total} VMs moved", one_line(node));
-        let unsettled: Vec<String> =
-            left.iter().copied().chain(moved.iter().copied().filter(|v| !settled(v))).map(where_is).collect();
+        let mut line = format!("draining {}: {}/{} VMs moved", one_line(node), done.len(), moving.len());
         if !unsettled.is_empty() {
             line.push_str(&format!("; waiting for {}", unsettled.join(", ")));
         }
         progress.say(&line);
-        if left.is_empty() && done == total {
+        if left.is_empty() && done.len() == moving.len() {
             progress.say(&format!("{} is drained", one_line(node)));
             return Ok(());
         }
         if Instant::now() >= deadline {
             return Err(timed_out(format!("{} is still draining: {}", one_line(node), unsettled.join(", ")), limit));
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Waits until `vm` has settled ([`settled`]). A VM that fails on its host
+/// ends the wait with the host's error.
+pub async fn settle(
+    client: &Client,
+    vm: &str,
+    limit: Duration,
+    progress: &Progress,
+) -> Result<pb::VmInfo, ClientError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let info = status_of_existing(client, vm, deadline).await?;
+        let now = super::output::where_is(&info);
+        let mut line = format!("{}: desired {}, {now}", one_line(vm), one_line(&info.desired));
+        if !info.pending_reason.is_empty() {
+            line.push_str(&format!(" ({})", one_line(&info.pending_reason)));
+        }
+        progress.say(&line);
+        if settled(&info) {
+            return Ok(info);
+        }
+        if info.state == "failed" && info.desired == "running" {
+            let why =
+                if info.last_error.is_empty() { "no error reported".to_string() } else { one_line(&info.last_error) };
+            return Err(ClientError {
+                class: ErrorClass::Failed,
+                message: format!(
+                    "VM {vm} failed on {}: {why}",
+                    if info.node.is_empty() { "its host" } else { &info.node }
+                ),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(timed_out(format!("{vm} is not yet {}: it is {now}", info.desired), limit));
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
@@ -121,14 +185,7 @@ pub async fn migrate(
 ) -> Result<pb::VmInfo, ClientError> {
     let deadline = Instant::now() + limit;
     loop {
-        let info = match client.vm_status(vm.to_string()).await {
-            Ok(info) => info,
-            Err(e) if retry(&e, deadline) => {
-                tokio::time::sleep(POLL_INTERVAL).await;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+        let info = status_of_existing(client, vm, deadline).await?;
         progress.say(&format!("moving {} to {}: {}", one_line(vm), one_line(to), where_is(&info)));
         if info.node == to && settled(&info) {
             return Ok(info);

@@ -169,6 +169,17 @@ pub enum Role {
     Leader,
 }
 
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::PreCandidate => "pre-candidate",
+            Role::Leader => "leader",
+        }
+    }
+}
+
 impl From<StateRole> for Role {
     fn from(r: StateRole) -> Self {
         match r {
@@ -230,7 +241,12 @@ pub struct CoreStatus {
 /// A joining node has an empty log (last index 0), so the leader must send
 /// it a snapshot, which carries the initial members the log does not.
 pub const BOOTSTRAP_INDEX: u64 = 5;
-pub const BOOTSTRAP_TERM: u64 = 5;
+/// The bootstrap snapshot's term: a new cluster elects its first leader in
+/// term 2 (as etcd's does), so a term says how many elections there were.
+/// (It was 5, which made a brand-new cluster report term 6. Only a new
+/// cluster's bootstrap uses it: clusters bootstrapped before keep their
+/// terms; the initial members of one new cluster run one version.)
+pub const BOOTSTRAP_TERM: u64 = 1;
 
 pub struct Core {
     raw: RawNode<Store>,
@@ -273,7 +289,8 @@ impl Core {
             ..raft::Config::default()
         };
         raft_config.validate()?;
-        let logger = slog::Logger::root(slog_tracing::TracingDrain, slog::o!("raft_id" => config.id));
+        // raft-rs adds `raft_id` itself.
+        let logger = slog::Logger::root(slog_tracing::TracingDrain, slog::o!());
         let raw = RawNode::new(&raft_config, store, &logger)?;
         let next_seq = u64::from(config.incarnation) << 32;
         Ok(Core { raw, config, next_seq, pending: BTreeMap::new(), forwarded: BTreeMap::new(), ticked: false })
@@ -281,6 +298,27 @@ impl Core {
 
     pub fn id(&self) -> NodeId {
         self.config.id
+    }
+
+    /// Offline, on a stopped member's store (`recover --force-new-cluster`):
+    /// applies every entry this node knows committed but had not applied
+    /// (raft-rs hands them to a restarted node in its first `Ready`), sends
+    /// nothing, and writes the state.
+    pub fn apply_committed(&mut self) -> Result<(), StorageError> {
+        struct Nowhere;
+        impl Transport for Nowhere {
+            fn send(&mut self, _: Vec<Message>) {}
+        }
+        while self.raw.has_ready() {
+            self.handle_ready(&mut Nowhere)?;
+        }
+        self.write_state()
+    }
+
+    /// The store, for [`Store::force_new_cluster`] once
+    /// [`Core::apply_committed`] caught it up.
+    pub fn store_mut(&mut self) -> &mut Store {
+        self.raw.mut_store()
     }
 
     pub fn store(&self) -> &Store {

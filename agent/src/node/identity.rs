@@ -25,6 +25,18 @@ pub fn cluster_id_of(members: &[InitialMember]) -> u64 {
     hash64("blixard cluster id", &entries.join(",")).max(1)
 }
 
+/// Identifies a cluster restored from a backup: the backup's state digest
+/// and the new members, so that every member restoring the same backup
+/// with the same `initial_members` computes the same id, and no restored
+/// cluster shares its id with the cluster the backup came from (nor with
+/// a fresh cluster of the same members).
+pub fn restored_cluster_id_of(state_sha256: &[u8; 32], members: &[InitialMember]) -> u64 {
+    let mut entries: Vec<String> = members.iter().map(|m| format!("{}={}", m.name, m.address)).collect();
+    entries.sort();
+    let digest: String = state_sha256.iter().map(|b| format!("{b:02x}")).collect();
+    hash64("blixard restored cluster id", &format!("{digest},{}", entries.join(","))).max(1)
+}
+
 /// A random id for a host that joins later.
 pub fn random_member_id() -> NodeId {
     rand::random::<u64>().max(1)

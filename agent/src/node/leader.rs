@@ -148,7 +148,7 @@ impl Duties {
         if self.checks_as_leader >= PROMOTION_GRACE_CHECKS
             && let Some(change) = promotion(core)
         {
-            tracing::info!(?change, "promoting a caught-up learner to voter");
+            tracing::info!(change = %change, "promoting a caught-up learner to voter");
             match core.propose_membership(&change, at_unix_ms) {
                 Ok(id) => {
                     self.in_flight.insert(id);

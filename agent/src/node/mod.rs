@@ -24,7 +24,7 @@ mod leader;
 
 pub use contact::Contact;
 
-pub use identity::{cluster_id_of, member_id_of, random_member_id};
+pub use identity::{cluster_id_of, member_id_of, random_member_id, restored_cluster_id_of};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -63,7 +63,7 @@ pub enum NodeError {
     Dropped,
     #[error("the leader changed while the request was in flight; it may or may not have been applied")]
     Unknown,
-    #[error("no leader is reachable (no quorum)")]
+    #[error("this member knows no leader right now: it cannot reach a quorum, or an election is under way")]
     NoLeader,
     #[error("the request timed out")]
     Timeout,
@@ -291,6 +291,94 @@ pub fn prepare_store(store: &mut Store, name: &str, start: &Start<'_>) -> Result
         }
         Start::InitialMembers(_) => Err(NodeError::NotMember),
     }
+}
+
+/// What [`restore_store`] made of a backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    pub cluster_id: u64,
+    pub vms: usize,
+    /// VMs placed on a host of the new cluster (same name), kept there.
+    pub kept: usize,
+    /// VMs placed on a host the new cluster does not have: placed again.
+    pub unplaced: usize,
+}
+
+/// Writes the first state of a NEW cluster into an empty `store`, from
+/// `backup`: the cluster of `members` (this host `name` among them; every
+/// member restores the same backup with the same list), with an id of
+/// its own ([`restored_cluster_id_of`]). See `State::for_new_cluster` for
+/// what is kept.
+pub fn restore_store(
+    store: &mut Store,
+    name: &str,
+    members: &[InitialMember],
+    backup: &crate::backup::Backup,
+) -> Result<Restored, StorageError> {
+    let new_members: Vec<Member> =
+        members.iter().map(|m| Member::new(member_id_of(&m.name), &m.name, &m.address)).collect();
+    let state = backup.state.for_new_cluster(&new_members, backup.header.taken_unix_ms);
+    state.validate().map_err(|e| StorageError::Corrupt(format!("the restored state is inconsistent: {e}")))?;
+    let placed_before = backup.state.vms().values().filter(|vm| vm.placement.is_some()).count();
+    let kept = state.vms().values().filter(|vm| vm.placement.is_some()).count();
+    let cluster_id = restored_cluster_id_of(&backup.header.state_sha256, members);
+    let voters: Vec<NodeId> = new_members.iter().map(|m| m.id).collect();
+    let identity = NodeIdentity { id: member_id_of(name), name: name.to_string(), cluster_id };
+    let restored = Restored { cluster_id, vms: state.vms().len(), kept, unplaced: placed_before - kept };
+    store.bootstrap_as(
+        ConfState::from((voters, Vec::<NodeId>::new())),
+        state,
+        BOOTSTRAP_INDEX,
+        BOOTSTRAP_TERM,
+        identity,
+    )?;
+    Ok(restored)
+}
+
+/// What [`force_new_cluster`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forced {
+    pub cluster_id: u64,
+    /// The index the new cluster starts from (this member's commit index).
+    pub index: u64,
+    /// Entries this member had received but never seen committed, dropped.
+    pub discarded: u64,
+    /// The members removed, by name, with the VMs that were on them.
+    pub removed: Vec<(String, usize)>,
+}
+
+/// `recover --force-new-cluster` on a stopped member's `store`: applies
+/// what it knows committed, removes every other member (their VMs are
+/// placed again; their handoffs stay until the new leader knows they
+/// fenced), and makes it the only voter of a new cluster `cluster_id`.
+pub fn force_new_cluster(store: Store, cluster_id: u64) -> Result<Forced, StorageError> {
+    let identity =
+        store.identity().cloned().ok_or_else(|| StorageError::Corrupt("the store has no identity".into()))?;
+    let mut core = Core::new(CoreConfig::new(identity.id), store)
+        .map_err(|e| StorageError::Corrupt(format!("raft refuses the store: {e}")))?;
+    core.apply_committed()?;
+    let mut state = core.state().clone();
+    let _ = state.take_dirty();
+    if state.member(identity.id).is_some_and(|m| m.learner) {
+        state
+            .apply_membership(&MembershipChange::Promote { id: identity.id }, now_unix_ms())
+            .map_err(|r| StorageError::Corrupt(format!("cannot make this member a voter: {r}")))?;
+    }
+    let others: Vec<Member> = state.members().values().filter(|m| m.id != identity.id).cloned().collect();
+    let mut removed = Vec::new();
+    for member in others {
+        let on = state.vms_on(member.id).count();
+        state
+            .apply_membership(&MembershipChange::Remove { id: member.id }, now_unix_ms())
+            .map_err(|r| StorageError::Corrupt(format!("cannot remove {}: {r}", member.name)))?;
+        removed.push((member.name, on));
+    }
+    let store = core.store_mut();
+    let index = store.applied();
+    let identity = NodeIdentity { cluster_id, ..identity };
+    let conf = ConfState::from((vec![identity.id], Vec::<NodeId>::new()));
+    let discarded = store.force_new_cluster(&state, conf, identity)?;
+    Ok(Forced { cluster_id, index, discarded, removed })
 }
 
 impl Node {
@@ -968,7 +1056,15 @@ impl RaftThread {
                 }
             };
             if let Some(role) = out.role {
-                tracing::info!(role = ?role.role, leader = ?role.leader, term = role.term, "raft role changed");
+                let leader = role
+                    .leader
+                    .map(|id| self.core.state().member(id).map_or_else(|| id.to_string(), |m| m.name.clone()));
+                tracing::info!(
+                    role = role.role.as_str(),
+                    leader = leader.as_deref().unwrap_or("none"),
+                    term = role.term,
+                    "raft role changed"
+                );
                 if let Some(leader) = role.leader
                     && role.leader != self.last_leader
                 {

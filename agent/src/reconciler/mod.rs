@@ -12,6 +12,9 @@
 //!   stopped, and guests the state does not know;
 //! - a fenced host (no quorum contact for `fence_after`) stops every guest
 //!   within `stop_max`;
+//! - a running guest whose runner changed (`current` no longer what it
+//!   booted from) is restarted on the new one, one guest at a time (see
+//!   `runners`);
 //! - the observed state and last error of each VM placed here is reported
 //!   when it differs from what the state says, and the runners installed
 //!   under the state dir when they differ from the member's record.
@@ -25,8 +28,11 @@
 //! Raft read index) of its own. Either way the contact time is a *send*
 //! time of this host's, see the safety argument in `failure`.
 
+mod runners;
+
 pub use crate::clock::monotonic_ms;
 pub use crate::guard::{ContactFile, ExemptFile};
+pub use runners::RunnerWatch;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -77,6 +83,9 @@ pub struct ReconcilerConfig {
     pub exempt_file: Option<ExemptFile>,
     /// Where pass latency and self-fencing are counted.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Where to see that a running guest's runner changed (systemd runtime);
+    /// `None`: guests are never rolled to a new runner.
+    pub runners: Option<RunnerWatch>,
 }
 
 /// What one pass needs from the state, copied out of the raft thread.
@@ -206,6 +215,9 @@ pub struct Reconciler {
     /// Runtime operations and proposals in flight, so a pass never repeats
     /// one that has not finished.
     busy: BTreeSet<String>,
+    /// Running guests booted from a runner that is no longer `current`, as of
+    /// the last runner scan.
+    stale_runners: BTreeSet<String>,
     contact_in_flight: bool,
     fenced_logged: bool,
     /// This host was removed from the cluster: it stopped everything and
@@ -256,6 +268,7 @@ impl Reconciler {
             observed: BTreeMap::new(),
             guests: BTreeMap::new(),
             busy: BTreeSet::new(),
+            stale_runners: BTreeSet::new(),
             contact_in_flight: false,
             fenced_logged: false,
             removed: false,
@@ -322,10 +335,18 @@ impl Reconciler {
                         self.send_contact_read();
                     }
                 }
-                _ = scan.tick() => match self.runtime.installed().await {
-                    Ok(set) => installed = Some(set),
-                    Err(e) => tracing::warn!(error = %e, "cannot scan the installed guests"),
-                },
+                _ = scan.tick() => {
+                    match self.runtime.installed().await {
+                        Ok(set) => installed = Some(set),
+                        Err(e) => tracing::warn!(error = %e, "cannot scan the installed guests"),
+                    }
+                    if let Some(watch) = &self.config.runners {
+                        // Collected first: no iterator (and its closures) lives across the await.
+                        let active: Vec<String> =
+                            self.observed.iter().filter(|(_, s)| s.phase == Phase::Active).map(|(vm, _)| vm.clone()).collect();
+                        self.stale_runners = watch.clone().stale(&active).await;
+                    }
+                }
             }
             self.take_confirmed();
             let started = std::time::Instant::now();
@@ -656,6 +677,22 @@ impl Reconciler {
                 None => StopReason::NotInState,
             };
             self.spawn_stop(&vm, None, why);
+        }
+
+        // Roll one guest to its new runner: stopped here, the start below (in a
+        // later pass) boots it from `current`. Only while nothing else starts or
+        // stops here, and only when it may start again at once.
+        let settled = !self.busy.iter().any(|key| key.starts_with("op:"))
+            && self.observed.values().all(|s| !matches!(s.phase, Phase::Activating | Phase::Deactivating));
+        if may_start_any
+            && settled
+            && let Some(vm) = runners::next_roll(&self.stale_runners, |vm| {
+                view.mine.get(vm).is_some_and(|m| m.desired == Desired::Running)
+                    && self.observed.get(vm).is_some_and(|s| s.phase == Phase::Active)
+            })
+        {
+            self.stale_runners.remove(&vm);
+            self.spawn_stop(&vm, None, "its runner changed: restarting it on the new one");
         }
 
         // Start what should run here.

@@ -280,13 +280,18 @@ pub trait Runtime: Send + Sync {
     }
 }
 
-/// The runtime the config asks for, with default timeouts. The systemd runtime connects
+/// The runtime the config asks for, with the default stop timeout. The systemd runtime connects
 /// to the system bus here, so a host without one fails at startup, not at the first
 /// start.
-pub async fn open(kind: RuntimeKind, state_dir: &Path) -> Result<Arc<dyn Runtime>, RuntimeError> {
+pub async fn open(
+    kind: RuntimeKind,
+    state_dir: &Path,
+    start_timeout: Duration,
+) -> Result<Arc<dyn Runtime>, RuntimeError> {
     Ok(match kind {
         RuntimeKind::Systemd => {
-            Arc::new(systemd::SystemdRuntime::connect(systemd::SystemdConfig::new(state_dir)).await?)
+            let config = systemd::SystemdConfig { start_timeout, ..systemd::SystemdConfig::new(state_dir) };
+            Arc::new(systemd::SystemdRuntime::connect(config).await?)
         }
         RuntimeKind::Process => Arc::new(process::ProcessRuntime::new(process::ProcessConfig::new(state_dir))?),
     })

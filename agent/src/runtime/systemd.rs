@@ -83,6 +83,10 @@ After=blixard-guard.service
 
 [Service]
 ExecStartPre=systemctl is-active --quiet blixard-guard.service
+# A stop waits for the hypervisor to exit (microvm.nix's microvm-shutdown
+# returns at once under systemd at some revisions, and systemd then killed
+# the guest instead of letting it shut down).
+ExecStop=-tail --pid=${MAINPID} -f /dev/null
 ";
 /// How long the guard's start (until its READY=1) may take.
 const GUARD_START_TIMEOUT: Duration = Duration::from_secs(20);

@@ -1,6 +1,6 @@
 //! Commands and how they are applied.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::State;
 use super::types::{limits, *};
@@ -128,6 +128,73 @@ pub enum CommandKind {
     },
 }
 
+/// Short, human forms for logs: what the command does, without dumping
+/// every field (a runner list can hold thousands of names).
+impl std::fmt::Display for CommandKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn spec(s: &VmSpec) -> String {
+            let mut text = format!("{} vcpu, {} MiB", s.vcpu, s.memory_mib);
+            if let Some(node) = &s.node {
+                text.push_str(&format!(", pinned to {node}"));
+            }
+            if !s.labels.is_empty() {
+                text.push_str(&format!(", {} labels", s.labels.len()));
+            }
+            if let Some(group) = &s.anti_affinity {
+                text.push_str(&format!(", anti-affinity {group}"));
+            }
+            text.push_str(&format!(", desired {}, failover {}", s.desired, s.failover));
+            text
+        }
+        match self {
+            CommandKind::CreateVm { name, spec: s } => write!(f, "create VM {name} ({})", spec(s)),
+            CommandKind::UpdateVm { name, spec: s } => write!(f, "update VM {name} to {}", spec(s)),
+            CommandKind::DeleteVm { name } => write!(f, "delete VM {name}"),
+            CommandKind::SetDesired { name, desired } => write!(f, "set VM {name} desired {desired}"),
+            CommandKind::Place { vm, node, .. } => write!(f, "place VM {vm} on member {node}"),
+            CommandKind::Unplace { vm, .. } => write!(f, "unplace VM {vm}"),
+            CommandKind::SetCapacity { node, capacity: c } => write!(
+                f,
+                "set member {node}'s capacity to {} vcpu, {} MiB (overcommit {}%, {}%)",
+                c.vcpu, c.memory_mib, c.vcpu_overcommit_pct, c.memory_overcommit_pct
+            ),
+            CommandKind::SetLabels { node, labels } => {
+                let shown: Vec<String> = labels.iter().take(8).map(|(k, v)| format!("{k}={v}")).collect();
+                let more = if labels.len() > 8 { format!(" and {} more", labels.len() - 8) } else { String::new() };
+                write!(f, "set member {node}'s labels to [{}]{more}", shown.join(", "))
+            }
+            CommandKind::SetRunners { node, runners } => {
+                let shown: Vec<&str> = runners.iter().take(8).map(String::as_str).collect();
+                let more = if runners.len() > 8 { format!(" and {} more", runners.len() - 8) } else { String::new() };
+                write!(f, "set member {node}'s runners to [{}]{more}", shown.join(", "))
+            }
+            CommandKind::SetDrain { node, drain } => {
+                write!(f, "{} member {node}", if *drain { "drain" } else { "undrain" })
+            }
+            CommandKind::SetStatus { node, status } => write!(f, "mark member {node} {status}"),
+            CommandKind::SetAddress { node, address } => write!(f, "set member {node}'s address to {address}"),
+            CommandKind::Report { node, vm, state, .. } => write!(f, "member {node} reports VM {vm} {state}"),
+            CommandKind::Released { node, vm, .. } => write!(f, "member {node} released VM {vm}"),
+            CommandKind::ClearHandoff { vm, from, .. } => write!(f, "end VM {vm}'s handoff from member {from}"),
+            CommandKind::Recover { vm, node, .. } => write!(f, "recover VM {vm} onto member {node}"),
+            CommandKind::AddJoinToken { ttl_ms, .. } => write!(f, "add a join token for {} s", ttl_ms / 1000),
+            CommandKind::UseJoinToken { node, .. } => write!(f, "admit member {node} with a join token"),
+        }
+    }
+}
+
+impl std::fmt::Display for MembershipChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MembershipChange::AddLearner { id, name, address } => {
+                write!(f, "add {name} (member {id}, {address}) as a learner")
+            }
+            MembershipChange::Promote { id } => write!(f, "promote member {id} to voter"),
+            MembershipChange::Remove { id } => write!(f, "remove member {id}"),
+        }
+    }
+}
+
 /// A membership change, carried in a Raft conf-change entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MembershipChange {
@@ -253,7 +320,9 @@ pub enum Rejection {
     UnknownNode(NodeId),
     #[error("no member named {0:?}")]
     UnknownNodeName(String),
-    #[error("a member named {name:?} already exists (id {id})")]
+    #[error(
+        "a member named {name:?} already exists (id {id}); to replace that host, remove it first with `blixard-agent cluster leave {name}`"
+    )]
     DuplicateMemberName { name: String, id: NodeId },
     #[error("member {0} is already in the cluster")]
     DuplicateMember(NodeId),
@@ -293,6 +362,11 @@ pub enum Rejection {
     TooManyJoinTokens(usize),
     #[error("malformed command: {0}")]
     Malformed(String),
+    /// Not a rule of apply: the API refuses a request that needs what a
+    /// member has not reported yet (it joined or started moments ago).
+    /// Transient, so the client sees `Unavailable` (exit 1), not a refusal.
+    #[error("{node} has not reported its capacity yet (it started moments ago): not yet known, try again shortly")]
+    NotReported { node: String },
 }
 
 impl State {
@@ -724,6 +798,61 @@ impl State {
             check_name("anti-affinity group", group)?;
         }
         Ok(())
+    }
+}
+
+impl State {
+    /// This state as the first state of a new cluster whose members are
+    /// `members` (restoring a backup): a member whose name was a member
+    /// here keeps what it reported (capacity, labels, runners, drain) under
+    /// its new id and address, and its VMs keep their placement; the VMs
+    /// of every other host are unplaced, with a handoff from that host's
+    /// old id (which the new cluster's leader ends once that host must
+    /// have fenced itself, as for a removed member). Join tokens are not
+    /// carried over. `at_unix_ms` is the time of the unplacements: every
+    /// member restoring the same backup must pass the same one, so that
+    /// they all start from the same state.
+    pub fn for_new_cluster(&self, members: &[Member], at_unix_ms: u64) -> State {
+        let new_id: BTreeMap<NodeId, NodeId> = self
+            .members
+            .values()
+            .filter_map(|old| members.iter().find(|m| m.name == old.name).map(|m| (old.id, m.id)))
+            .collect();
+        let new_members: Vec<Member> = members
+            .iter()
+            .map(|m| {
+                let mut member = Member::new(m.id, m.name.clone(), m.address.clone());
+                if let Some(old) = self.member_by_name(&m.name) {
+                    member.capacity = old.capacity;
+                    member.labels = old.labels.clone();
+                    member.runners = old.runners.clone();
+                    member.drain = old.drain;
+                }
+                member
+            })
+            .collect();
+        let vms: Vec<Vm> = self
+            .vms
+            .values()
+            .map(|vm| {
+                let mut vm = vm.clone();
+                if vm.placement.is_some_and(|p| !new_id.contains_key(&p.node)) {
+                    unplace(&mut vm, at_unix_ms);
+                }
+                if let Some(p) = &mut vm.placement {
+                    p.node = new_id[&p.node];
+                }
+                if let Some(h) = &mut vm.handoff
+                    && let Some(id) = new_id.get(&h.from)
+                {
+                    h.from = *id;
+                }
+                vm.moved_from = vm.moved_from.and_then(|from| new_id.get(&from).copied());
+                vm.failed_on = vm.failed_on.iter().filter_map(|old| new_id.get(old).copied()).collect();
+                vm
+            })
+            .collect();
+        State::load(new_members, vms, Vec::new())
     }
 }
 
@@ -1307,6 +1436,37 @@ mod tests {
         state.apply(&cmd(CommandKind::ClearHandoff { vm: "a".into(), from: 1, expected_generation: 2 })).unwrap();
         assert!(state.may_start("a", 2));
         state.validate().unwrap();
+    }
+
+    #[test]
+    fn a_state_for_a_new_cluster_keeps_what_its_hosts_still_hold() {
+        let mut state = three_with_a_on_h1();
+        create(&mut state, "b", spec(1, 128)).unwrap();
+        state.apply(&cmd(CommandKind::Place { vm: "b".into(), node: 3, expected_generation: 0 })).unwrap();
+        place(&mut state, "b", 1).unwrap(); // a handoff from h3
+        create(&mut state, "c", spec(1, 128)).unwrap();
+        state.apply(&cmd(CommandKind::Place { vm: "c".into(), node: 2, expected_generation: 0 })).unwrap();
+        state.apply(&cmd(CommandKind::AddJoinToken { hash: [9; 32], ttl_ms: 1000 })).unwrap();
+        // The new cluster: h1 (new id 11) and h9; h2 and h3 are gone.
+        let members = [Member::new(11, "h1", "10.0.0.1:7000"), Member::new(19, "h9", "10.0.0.9:7000")];
+        let new = state.for_new_cluster(&members, 77);
+        new.validate().unwrap();
+        let h1 = new.member(11).unwrap();
+        assert_eq!((h1.capacity, h1.address.as_str()), (state.member(1).unwrap().capacity, "10.0.0.1:7000"));
+        assert_eq!(h1.runners, state.member(1).unwrap().runners, "what h1 reported is kept");
+        assert_eq!(new.member(19).unwrap().capacity, Capacity::default(), "h9 reports its own");
+        assert!(new.member(2).is_none() && new.member(3).is_none());
+        // a stays on h1 (its new id); c was on h2: placed again, with a
+        // handoff from h2's old id; b's handoff from h3 stays, on h1.
+        assert_eq!(new.vm("a").unwrap().placement.map(|p| p.node), Some(11));
+        let c = new.vm("c").unwrap();
+        assert_eq!((c.placement, c.handoff.map(|h| h.from)), (None, Some(2)));
+        assert_eq!(c.observed, Observed { state: VmState::Pending, since_unix_ms: 77, last_error: None });
+        let b = new.vm("b").unwrap();
+        assert_eq!((b.placement.map(|p| p.node), b.handoff.map(|h| h.from)), (Some(11), Some(3)));
+        assert!(new.join_tokens().is_empty());
+        // Deterministic: every member restoring the same state computes it.
+        assert_eq!(state.for_new_cluster(&members, 77), new);
     }
 
     #[test]

@@ -342,6 +342,30 @@ impl State {
         }
     }
 
+    /// Why VM `vm` with `spec` could not be placed on `node` now, by every
+    /// rule `Place` applies but drain and down: [`State::fit_violation`]
+    /// and the runner. `None`: it may be placed there.
+    pub fn placement_violation(&self, vm: &str, spec: &VmSpec, node: NodeId) -> Option<Rejection> {
+        let Some(member) = self.members.get(&node) else { return Some(Rejection::UnknownNode(node)) };
+        if !member.runners.contains(vm) {
+            return Some(Rejection::MissingRunner { vm: vm.to_string(), node: member.name.clone() });
+        }
+        apply::fit_violation(self, vm, spec, member)
+    }
+
+    /// VMs placed on `node` whose names come after `after` (all of them
+    /// for `None`), in name order.
+    pub fn vms_on_after<'a>(&'a self, node: NodeId, after: Option<&'a str>) -> impl Iterator<Item = &'a Vm> + 'a {
+        use std::ops::Bound;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.index
+            .placed
+            .get(&node)
+            .into_iter()
+            .flat_map(move |names| names.range::<str, _>((start, Bound::Unbounded)))
+            .filter_map(|name| self.vms.get(name))
+    }
+
     /// Takes the set of rows changed since the last call.
     pub fn take_dirty(&mut self) -> Dirty {
         std::mem::take(&mut self.dirty)

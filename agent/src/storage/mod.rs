@@ -174,6 +174,11 @@ pub struct WriteBatch {
     /// and everything written, when the batch installs a snapshot, changes
     /// the conf state or compacts.
     pub defer_state: bool,
+    /// Records this node's identity in the same transaction, replacing
+    /// any: only for starting a new cluster from a store (a restore, or
+    /// `recover --force-new-cluster`), so that a crash never leaves the new
+    /// cluster's state under the old cluster's id.
+    pub identity: Option<NodeIdentity>,
 }
 
 impl WriteBatch {
@@ -185,6 +190,7 @@ impl WriteBatch {
             && self.applied.is_none()
             && self.conf_state.is_none()
             && self.compact_to.is_none()
+            && self.identity.is_none()
     }
 }
 
@@ -361,21 +367,66 @@ impl Store {
     pub fn bootstrap(
         &mut self,
         conf_state: ConfState,
-        mut state: State,
+        state: State,
         index: u64,
         term: u64,
     ) -> Result<(), StorageError> {
+        self.bootstrap_with(conf_state, state, index, term, None)
+    }
+
+    /// [`Store::bootstrap`] for a new cluster whose first state is not
+    /// derived from `initial_members` (a restored backup), recording the
+    /// node's `identity` in the same transaction.
+    pub fn bootstrap_as(
+        &mut self,
+        conf_state: ConfState,
+        state: State,
+        index: u64,
+        term: u64,
+        identity: NodeIdentity,
+    ) -> Result<(), StorageError> {
+        assert!(self.identity.is_none(), "a restore never rewrites a member's identity");
+        self.bootstrap_with(conf_state, state, index, term, Some(identity))
+    }
+
+    fn bootstrap_with(
+        &mut self,
+        conf_state: ConfState,
+        mut state: State,
+        index: u64,
+        term: u64,
+        identity: Option<NodeIdentity>,
+    ) -> Result<(), StorageError> {
         assert!(!self.is_initialized(), "bootstrap on an initialized store would wipe it");
         assert!(index > 0 && term > 0);
-        let mut snapshot = Snapshot::default();
-        snapshot.set_data(codec::encode_snapshot(&state).into());
-        let meta = snapshot.mut_metadata();
-        meta.index = index;
-        meta.term = term;
-        meta.set_conf_state(conf_state);
+        let snapshot = snapshot_of(&state, index, term, conf_state);
         state.take_dirty();
-        let batch = WriteBatch { snapshot: Some(snapshot), sync: true, ..WriteBatch::default() };
-        self.commit(batch)
+        self.commit(WriteBatch { snapshot: Some(snapshot), sync: true, identity, ..WriteBatch::default() })
+    }
+
+    /// `recover --force-new-cluster`: makes this store the whole of a new
+    /// cluster. `state` (this store's applied state with the other members
+    /// removed) becomes a snapshot at the applied index, under `conf_state`
+    /// and the new `identity`; every log entry is dropped, which discards
+    /// the entries after the commit index this node never saw committed.
+    /// The applied state must be written and caught up with the commit
+    /// index (`Core::apply_committed`). Returns the entries discarded.
+    pub fn force_new_cluster(
+        &mut self,
+        state: &State,
+        conf_state: ConfState,
+        identity: NodeIdentity,
+    ) -> Result<u64, StorageError> {
+        assert!(!self.state_unwritten(), "the applied state is written first");
+        assert_eq!(self.applied, self.commit_index(), "every committed entry is applied first");
+        let index = self.applied;
+        let term = self.term_of(index).expect("the applied entry is in the log or is the snapshot point");
+        let discarded = self.last_index() - index;
+        let snapshot = snapshot_of(state, index, term, conf_state);
+        let batch =
+            WriteBatch { snapshot: Some(snapshot), sync: true, identity: Some(identity), ..WriteBatch::default() };
+        self.commit(batch)?;
+        Ok(discarded)
     }
 
     /// The hard state as written.
@@ -636,12 +687,18 @@ impl Store {
             if hard_state != self.hard_state || installed.is_some() {
                 meta.insert(META_HARD_STATE, hard_state.write_to_bytes()?.as_slice())?;
             }
+            if let Some(identity) = &batch.identity {
+                meta.insert(META_IDENTITY, identity.encode().as_slice())?;
+            }
             self.hard_state = hard_state;
         }
         txn.commit()?;
 
         // The transaction is durable (or, unsynced, at least ordered before
         // any later synced one); mirror it in memory.
+        if let Some(identity) = batch.identity.take() {
+            self.identity = Some(identity);
+        }
         if let Some((snap_meta, new_state)) = installed {
             self.entries.clear();
             self.snapshot_index = snap_meta.index;
@@ -733,6 +790,17 @@ impl raft::Storage for Store {
     }
 }
 
+/// A snapshot of `state` at `index` and `term`, under `conf_state`.
+fn snapshot_of(state: &State, index: u64, term: u64, conf_state: ConfState) -> Snapshot {
+    let mut snapshot = Snapshot::default();
+    snapshot.set_data(codec::encode_snapshot(state).into());
+    let meta = snapshot.mut_metadata();
+    meta.index = index;
+    meta.term = term;
+    meta.set_conf_state(conf_state);
+    snapshot
+}
+
 fn encode_entry(entry: &Entry) -> Result<Vec<u8>, StorageError> {
     let mut out = entry.term.to_le_bytes().to_vec();
     entry.write_to_vec(&mut out)?;
@@ -753,4 +821,48 @@ fn decode_entry(bytes: &[u8]) -> Result<Entry, StorageError> {
 fn u64_le(bytes: &[u8]) -> Result<u64, StorageError> {
     let array: [u8; 8] = bytes.try_into().map_err(|_| StorageError::Corrupt("expected 8 bytes".into()))?;
     Ok(u64::from_le_bytes(array))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Member;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry { index, term, ..Default::default() }
+    }
+
+    /// `recover --force-new-cluster` rewrites a store in one transaction:
+    /// the applied state as a snapshot at the applied index, one voter, a
+    /// new cluster id, and no log (the entries never seen committed gone).
+    #[test]
+    fn a_forced_new_cluster_keeps_the_applied_state_and_drops_the_uncommitted_tail() {
+        let disk = CrashDisk::new();
+        let mut store = Store::open_backend(disk.backend()).unwrap();
+        let old = NodeIdentity { id: 1, name: "h1".into(), cluster_id: 7 };
+        store.set_identity(old.clone()).unwrap();
+        let hs = HardState { term: 2, commit: 3, ..Default::default() };
+        let entries = (1..=5).map(|i| entry(i, if i <= 3 { 1 } else { 2 })).collect();
+        let batch = WriteBatch {
+            entries,
+            hard_state: Some(hs),
+            applied: Some(3),
+            conf_state: Some(ConfState::from((vec![1, 2, 3], vec![]))),
+            sync: true,
+            ..WriteBatch::default()
+        };
+        store.commit(batch).unwrap();
+        let state = State::with_members([Member::new(1, "h1", "127.0.0.1:7000")]);
+        let new = NodeIdentity { cluster_id: 8, ..old };
+        let discarded = store.force_new_cluster(&state, ConfState::from((vec![1], vec![])), new.clone()).unwrap();
+        assert_eq!(discarded, 2);
+        for store in [store, Store::open_backend(disk.backend()).unwrap()] {
+            assert_eq!(store.identity(), Some(&new));
+            assert_eq!((store.snapshot_point(), store.applied(), store.last_index()), ((3, 1), 3, 3));
+            assert_eq!(store.conf_state().voters, vec![1]);
+            assert_eq!(store.hard_state().term, 2, "the term is kept");
+            assert_eq!(store.state().members().len(), 1);
+            store.validate().unwrap();
+        }
+    }
 }

@@ -57,6 +57,8 @@ pub fn run(args: &[&str]) -> Out {
     let output = Command::new(BIN)
         .args(args)
         .env_remove("RUST_LOG")
+        .env_remove("COMPLETE")
+        .env_remove("BLIXARD_ENDPOINT")
         .env("NO_COLOR", "1")
         .output()
         .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"));
@@ -175,6 +177,25 @@ impl Fake {
 
     pub fn vms(&self) -> BTreeMap<String, pb::VmInfo> {
         self.model.lock().unwrap().vms.clone()
+    }
+
+    /// Adds `count` running VMs named `{prefix}{i:06}` on h1.
+    pub fn insert_many(&self, prefix: &str, count: usize) {
+        let mut m = self.model.lock().unwrap();
+        for i in 0..count {
+            let name = format!("{prefix}{i:06}");
+            let vm = pb::VmInfo {
+                name: name.clone(),
+                node: "h1".into(),
+                desired: "running".into(),
+                state: "running".into(),
+                vcpu: 1,
+                memory_mib: 64,
+                generation: 1,
+                ..Default::default()
+            };
+            m.vms.insert(name, vm);
+        }
     }
 
     pub fn insert_vm(&self, name: &str, node: &str) {
@@ -404,8 +425,92 @@ impl Blixard for Service {
         .await
     }
 
-    async fn vm_list(&self, _: Request<pb::VmListRequest>) -> Result<Response<pb::VmListResponse>, Status> {
-        self.handle("VmList".into(), |m| Ok(pb::VmListResponse { vms: m.vms.values().cloned().collect() })).await
+    /// Pages as the agent does: names after the token, at most
+    /// `page_size` (0: all), filtered.
+    async fn vm_list(&self, r: Request<pb::VmListRequest>) -> Result<Response<pb::VmListResponse>, Status> {
+        let r = r.into_inner();
+        let call = format!(
+            "VmList(token={},size={},node={},state={},labels={},prefix={})",
+            r.page_token,
+            r.page_size,
+            r.node,
+            r.state,
+            r.labels.len(),
+            r.name_prefix
+        );
+        self.handle(call, |m| {
+            let size = if r.page_size == 0 { usize::MAX } else { r.page_size as usize };
+            let matching: Vec<&pb::VmInfo> = m
+                .vms
+                .values()
+                .filter(|v| r.page_token.is_empty() || v.name > r.page_token)
+                .filter(|v| v.name.starts_with(&r.name_prefix))
+                .filter(|v| r.node.is_empty() || v.node == r.node)
+                .filter(|v| r.state.is_empty() || v.state == r.state)
+                .filter(|v| r.labels.iter().all(|(k, value)| v.labels.get(k) == Some(value)))
+                .collect();
+            let vms: Vec<pb::VmInfo> = matching.iter().take(size).map(|v| (*v).clone()).collect();
+            let next_page_token = if matching.len() > size {
+                vms.last().map(|v| v.name.clone()).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            Ok(pb::VmListResponse { vms, next_page_token })
+        })
+        .await
+    }
+
+    async fn vm_update(&self, r: Request<pb::VmUpdateRequest>) -> Result<Response<pb::VmUpdateResponse>, Status> {
+        let r = r.into_inner();
+        self.handle(format!("VmUpdate({})", r.name), |m| {
+            m.vm(&r.name)?;
+            if let Some(node) = &r.node {
+                m.node(node)?;
+            }
+            let vm = m.vms.get_mut(&r.name).expect("checked");
+            let mut changed = Vec::new();
+            if let Some(vcpu) = r.vcpu.filter(|v| *v != vm.vcpu) {
+                vm.vcpu = vcpu;
+                changed.push("vcpu".to_string());
+            }
+            if let Some(memory) = r.memory_mib.filter(|v| *v != vm.memory_mib) {
+                vm.memory_mib = memory;
+                changed.push("memory_mib".to_string());
+            }
+            let labels_before = vm.labels.clone();
+            for key in &r.remove_labels {
+                vm.labels.remove(key);
+            }
+            vm.labels.extend(r.set_labels.clone());
+            if vm.labels != labels_before {
+                changed.push("labels".to_string());
+            }
+            let moved = r.node.as_ref().is_some_and(|n| *n != vm.node);
+            if let Some(node) = &r.node {
+                vm.pinned_node = node.clone();
+                vm.node = node.clone();
+                changed.push("node".to_string());
+            }
+            Ok(pb::VmUpdateResponse { vm: Some(vm.clone()), changed, moved })
+        })
+        .await
+    }
+
+    type ClusterBackupStream = blixard::api::service::BackupStream;
+
+    async fn cluster_backup(
+        &self,
+        _: Request<pb::ClusterBackupRequest>,
+    ) -> Result<Response<Self::ClusterBackupStream>, Status> {
+        self.handle("ClusterBackup".into(), |_| Ok(())).await?;
+        let state = blixard::state::State::with_members([blixard::state::Member::new(1, "h1", "127.0.0.1:7000")]);
+        let bytes = blixard::state::codec::encode_snapshot(&state);
+        let header = blixard::backup::Header::of(&state, &bytes, 7, 42, 3, "h1");
+        let chunks = vec![
+            Ok(pb::BackupChunk { header: header.encode(), data: Vec::new() }),
+            Ok(pb::BackupChunk { header: Vec::new(), data: bytes }),
+        ];
+        Ok(Response::new(Box::pin(futures_util::stream::iter(chunks))))
     }
 
     async fn vm_status(&self, r: Request<pb::VmRequest>) -> Result<Response<pb::VmInfo>, Status> {
