@@ -35,7 +35,7 @@
 //! | `host_memory_bytes`, `host_memory_used_bytes` `{host}` | gauge | the same for memory |
 //! | `host_vms{host}` | gauge | VMs placed on each host |
 //! | `guest_starts_total` | counter | guests this host started (started successfully) |
-//! | `guest_stops_total{reason}` | counter | guests this host stopped: `desired_stopped`, `moved`, `not_in_state`, `fenced`, `removed` |
+//! | `guest_stops_total{reason}` | counter | guests this host stopped: `desired_stopped`, `moved`, `not_in_state`, `fenced`, `removed`, `runner_changed` |
 //! | `guest_failures_total` | counter | guests that exited on their own or failed to start on this host |
 //! | `guest_restarts_total` | counter | starts of a guest after it failed here (after the back-off) |
 //! | `fenced` | gauge | 1 while this host is fenced (no quorum contact: its guests are stopped) |
@@ -110,7 +110,8 @@ pub struct LevelLabel {
 /// The files `disk_errors_total` counts failed writes to.
 pub const DISK_FILES: [&str; 3] = ["store", "fence-contact", "fence-exempt"];
 /// The reasons `guest_stops_total` counts stops by.
-pub const STOP_REASONS: [&str; 5] = ["desired_stopped", "moved", "not_in_state", "fenced", "removed"];
+pub const STOP_REASONS: [&str; 6] =
+    ["desired_stopped", "moved", "not_in_state", "fenced", "removed", "runner_changed"];
 
 /// The statuses `host_status` has a series for, per host.
 pub const HOST_STATUSES: [&str; 3] = ["up", "down", "draining"];

@@ -171,6 +171,7 @@ enum StopReason {
     NotInState,
     Fenced,
     Removed,
+    RunnerChanged,
 }
 
 impl StopReason {
@@ -182,6 +183,7 @@ impl StopReason {
             StopReason::NotInState => "not in the cluster state",
             StopReason::Fenced => "fenced",
             StopReason::Removed => "removed from the cluster",
+            StopReason::RunnerChanged => "its runner changed: restarting it on the new one",
         }
     }
 
@@ -192,6 +194,7 @@ impl StopReason {
             StopReason::NotInState => "not_in_state",
             StopReason::Fenced => "fenced",
             StopReason::Removed => "removed",
+            StopReason::RunnerChanged => "runner_changed",
         }
     }
 }
@@ -692,7 +695,7 @@ impl Reconciler {
             })
         {
             self.stale_runners.remove(&vm);
-            self.spawn_stop(&vm, None, "its runner changed: restarting it on the new one");
+            self.spawn_stop(&vm, None, StopReason::RunnerChanged);
         }
 
         // Start what should run here.

@@ -179,6 +179,7 @@ impl std::fmt::Display for CommandKind {
             CommandKind::Recover { vm, node, .. } => write!(f, "recover VM {vm} onto member {node}"),
             CommandKind::AddJoinToken { ttl_ms, .. } => write!(f, "add a join token for {} s", ttl_ms / 1000),
             CommandKind::UseJoinToken { node, .. } => write!(f, "admit member {node} with a join token"),
+            CommandKind::LeaderElected { node, term } => write!(f, "member {node} leads term {term}"),
         }
     }
 }
