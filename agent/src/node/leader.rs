@@ -47,8 +47,8 @@ pub struct Duties {
     /// VMs (name, generation) on fenced hosts that this leader has logged
     /// as unable to fail over, so each is logged once.
     stuck_logged: BTreeSet<(String, u64)>,
-    /// Whether this leader's `LeaderElected` entry is proposed for its term.
-    announced: bool,
+    /// The term this leader proposed its `LeaderElected` entry in.
+    announced: Option<u64>,
     metrics: Arc<Metrics>,
 }
 
@@ -65,7 +65,7 @@ impl Duties {
             memo: Memo::default(),
             plan_not_before_ms: 0,
             stuck_logged: BTreeSet::new(),
-            announced: false,
+            announced: None,
             metrics,
         }
     }
@@ -81,7 +81,6 @@ impl Duties {
         self.in_flight.clear();
         self.last_plan = None;
         self.memo = Memo::default();
-        self.announced = false;
     }
 
     pub fn lost_leadership(&mut self) {
@@ -129,13 +128,13 @@ impl Duties {
         }
         self.last_check_ms = now_ms;
         self.checks_as_leader += 1;
-        if !self.announced {
+        if self.announced != Some(core.term()) {
             // Once per term, first: the leader change as an entry, so that
             // every member tells it with the same time (`node::events`).
             let kind = CommandKind::LeaderElected { node: core.id(), term: core.term() };
             match core.propose(&Command { at_unix_ms, kind }) {
                 Ok(id) => {
-                    self.announced = true;
+                    self.announced = Some(core.term());
                     self.in_flight.insert(id);
                 }
                 Err(e) => tracing::debug!(error = %e, "could not propose this leader's LeaderElected"),

@@ -223,6 +223,9 @@ pub struct Reconciler {
     stale_runners: BTreeSet<String>,
     contact_in_flight: bool,
     fenced_logged: bool,
+    /// This fence was a real one (it had quorum contact before, unlike a
+    /// fresh start): its end is an event too.
+    fence_recorded: bool,
     /// This host was removed from the cluster: it stopped everything and
     /// revoked its contact, for good (until `cluster join`).
     removed: bool,
@@ -274,6 +277,7 @@ impl Reconciler {
             stale_runners: BTreeSet::new(),
             contact_in_flight: false,
             fenced_logged: false,
+            fence_recorded: false,
             removed: false,
             exempt,
             contact_settled: false,
@@ -582,13 +586,14 @@ impl Reconciler {
                         self.config.timing.fence_after_ms
                     ),
                 );
+                self.fence_recorded = true;
+                self.config.metrics.fencing_event("self");
             } else {
                 // A fresh start: nothing is wrong yet, this host just has
                 // not reached a quorum since it started.
                 tracing::info!("no quorum contact yet: this host runs no guests until it reaches a quorum");
             }
             self.fenced_logged = true;
-            self.config.metrics.fencing_event("self");
         }
         for vm in self.up_guests() {
             if self.exempt.contains(&vm) {
@@ -634,7 +639,7 @@ impl Reconciler {
             return;
         }
         if self.fenced_logged {
-            if self.fence.last_contact_ms().is_some() {
+            if std::mem::take(&mut self.fence_recorded) {
                 self.record_event(
                     EventKind::HostUnfenced,
                     format!("{} has quorum contact again and may run guests", self.node.status().name),
