@@ -108,6 +108,28 @@ pub struct VmView {
     pub failover: &'static str,
 }
 
+impl VmView {
+    /// What the page says of it in one line: a failed or lost VM's last
+    /// error first (its placement explains less), else why it is pending.
+    pub fn why(&self) -> &str {
+        let (first, second) = match self.state {
+            "failed" | "lost" => (&self.last_error, &self.reason),
+            _ => (&self.reason, &self.last_error),
+        };
+        first.as_deref().or(second.as_deref()).unwrap_or("")
+    }
+
+    /// Whether it needs an operator: failed, lost, or pending although it
+    /// should run (a VM created stopped is pending by design).
+    pub fn is_problem(&self) -> bool {
+        match self.state {
+            "failed" | "lost" => true,
+            "pending" => self.desired != "stopped",
+            _ => false,
+        }
+    }
+}
+
 /// The overview of an agent that is not a member of a cluster (yet).
 pub fn not_member(agent: &str) -> Overview {
     let head = Head { agent: agent.to_string(), role: "none", counts: zero_counts(), ..Head::default() };
@@ -325,5 +347,26 @@ mod tests {
         assert_eq!(json["members"][1]["role"], "leader");
         assert_eq!(json["vms"][0]["node"], serde_json::Value::Null);
         assert_eq!(json["vms"][0]["failover"], "auto");
+    }
+
+    #[test]
+    fn a_failed_vm_tells_its_error_and_a_vm_created_stopped_is_no_problem() {
+        let vm = |state: &'static str, desired: &str| VmView {
+            name: "web".into(),
+            node: None,
+            desired: desired.into(),
+            state,
+            vcpu: 1,
+            memory_mib: 64,
+            since_unix_ms: 0,
+            last_error: Some("exited with status 3".into()),
+            reason: Some("placed on h2".into()),
+            failover: "auto",
+        };
+        assert_eq!(vm("failed", "running").why(), "exited with status 3");
+        assert_eq!(vm("lost", "running").why(), "exited with status 3");
+        assert_eq!(vm("pending", "running").why(), "placed on h2");
+        assert!(vm("failed", "running").is_problem() && vm("pending", "running").is_problem());
+        assert!(!vm("pending", "stopped").is_problem() && !vm("running", "running").is_problem());
     }
 }

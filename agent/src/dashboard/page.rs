@@ -130,13 +130,13 @@ fn attention(out: &mut String, snapshot: &Snapshot) {
         ));
     }
     let mut problems: Vec<&VmView> =
-        o.vms.iter().filter(|v| matches!(v.state, "failed" | "lost" | "pending")).collect();
+        o.vms.iter().filter(|v| v.is_problem()).collect();
     let rank = |state: &str| STATES_BY_URGENCY.iter().position(|s| *s == state).unwrap_or(usize::MAX);
     problems.sort_by_key(|v| rank(v.state));
     let total = items.len() + problems.len();
     for vm in problems.iter().take(ATTENTION_MAX.saturating_sub(items.len())) {
         let name = escape(&vm.name);
-        let why = escape(vm.reason.as_deref().or(vm.last_error.as_deref()).unwrap_or(""));
+        let why = escape(vm.why());
         items.push(format!(
             "<li data-kind=\"vm\" data-name=\"{name}\" data-state=\"{s}\"><span class=\"badge state-{s}\">{s}</span> \
              <a href=\"?vm={name}\">VM {name}</a> <span class=\"reason\">{why}</span></li>",
@@ -202,7 +202,7 @@ pub const VM_COLUMNS: [(&str, &str, &str); 8] = [
 fn vm_row(out: &mut String, vm: &VmView) {
     let name = escape(&vm.name);
     let node = escape(vm.node.as_deref().unwrap_or(""));
-    let why = escape(vm.reason.as_deref().or(vm.last_error.as_deref()).unwrap_or(""));
+    let why = escape(vm.why());
     let _ = write!(
         out,
         "<tr data-name=\"{name}\" data-state=\"{state}\" data-node=\"{node}\">\
