@@ -110,8 +110,7 @@ pub struct LevelLabel {
 /// The files `disk_errors_total` counts failed writes to.
 pub const DISK_FILES: [&str; 3] = ["store", "fence-contact", "fence-exempt"];
 /// The reasons `guest_stops_total` counts stops by.
-pub const STOP_REASONS: [&str; 6] =
-    ["desired_stopped", "moved", "not_in_state", "fenced", "removed", "runner_changed"];
+pub const STOP_REASONS: [&str; 6] = ["desired_stopped", "moved", "not_in_state", "fenced", "removed", "runner_changed"];
 
 /// The statuses `host_status` has a series for, per host.
 pub const HOST_STATUSES: [&str; 3] = ["up", "down", "draining"];

@@ -177,7 +177,8 @@ fn make_pki(dir: &Path, hosts: &[&str]) {
     }
     run(&["certs", "client", "alice", "--dir", d]).assert_ok();
     let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key")).unwrap()).unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(dir.join("ca.pem")).unwrap(), ca_key).unwrap();
+    let issuer =
+        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(dir.join("ca.pem")).unwrap(), ca_key).unwrap();
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     params.distinguished_name.push(rcgen::DnType::CommonName, "carol");
     params.subject_alt_names = vec![
@@ -382,18 +383,28 @@ impl Browser {
             let (cert, key) = (pki.join(format!("{client}.pem")), pki.join(format!("{client}.key")));
             tool(
                 "/usr/bin/openssl",
-                &["pkcs12", "-export", "-in", cert.to_str().unwrap(), "-inkey", key.to_str().unwrap(), "-out",
-                    p12.to_str().unwrap(), "-passout", "pass:", "-name", client],
+                &[
+                    "pkcs12",
+                    "-export",
+                    "-in",
+                    cert.to_str().unwrap(),
+                    "-inkey",
+                    key.to_str().unwrap(),
+                    "-out",
+                    p12.to_str().unwrap(),
+                    "-passout",
+                    "pass:",
+                    "-name",
+                    client,
+                ],
             );
             tool("/usr/bin/pk12util", &["-i", p12.to_str().unwrap(), "-d", &db, "-W", ""]);
-            exceptions.insert(
-                format!("{origin},*"),
-                json!({"setting": {"filters": [{"SUBJECT": {"CN": client}}]}}),
-            );
+            exceptions.insert(format!("{origin},*"), json!({"setting": {"filters": [{"SUBJECT": {"CN": client}}]}}));
         }
         let profile = dir.join("browser-profile");
         std::fs::create_dir_all(profile.join("Default")).unwrap();
-        let preferences = json!({"profile": {"content_settings": {"exceptions": {"auto_select_certificate": exceptions}}}});
+        let preferences =
+            json!({"profile": {"content_settings": {"exceptions": {"auto_select_certificate": exceptions}}}});
         std::fs::write(profile.join("Default/Preferences"), preferences.to_string()).unwrap();
 
         let address = free_address();
@@ -455,7 +466,8 @@ impl Browser {
 
     /// Runs `script` (an async function body) and returns what it resolves to.
     fn eval_async(&self, script: &str) -> Value {
-        let wrapped = format!("const done = arguments[0]; (async () => {{ {script} }})().then(done, (e) => done(String(e)));");
+        let wrapped =
+            format!("const done = arguments[0]; (async () => {{ {script} }})().then(done, (e) => done(String(e)));");
         self.session_call("POST", "/execute/async", Some(&json!({ "script": wrapped, "args": [] })))
     }
 
@@ -721,12 +733,18 @@ fn the_dashboard_runs_the_cluster_in_a_browser() {
     );
     // Filters from a link: a state, then a search.
     live("the failed-VMs link", &format!("{h1}/dashboard?state=running&sort=name"));
-    wait_for("only the running VMs", || (names(&browser.page()) == ["db", "web"]).then_some(()), || {
-        format!("{:#}", browser.page())
-    });
+    wait_for(
+        "only the running VMs",
+        || (names(&browser.page()) == ["db", "web"]).then_some(()),
+        || format!("{:#}", browser.page()),
+    );
     assert_eq!(browser.eval("return document.getElementById('state-filter').value"), "running");
     live("a search link", &format!("{h1}/dashboard?q=cra"));
-    wait_for("only crashy", || (names(&browser.page()) == ["crashy"]).then_some(()), || format!("{:#}", browser.page()));
+    wait_for(
+        "only crashy",
+        || (names(&browser.page()) == ["crashy"]).then_some(()),
+        || format!("{:#}", browser.page()),
+    );
     assert_eq!(browser.eval("return document.getElementById('search').value"), "cra");
 
     // A VM's detail view: spec, placement history, events, guest log.
@@ -809,7 +827,9 @@ fn the_dashboard_runs_the_cluster_in_a_browser() {
 
     // Phone width: nothing reaches past the window, the detail view neither.
     browser.window(390, 844);
-    for (what, url) in [("the overview", format!("{h1}/dashboard")), ("a detail view", format!("{h1}/dashboard?vm=web"))] {
+    for (what, url) in
+        [("the overview", format!("{h1}/dashboard")), ("a detail view", format!("{h1}/dashboard?vm=web"))]
+    {
         live(&format!("{what} at phone width"), &url);
         let overflow = browser.overflow();
         assert_eq!(overflow["offenders"], json!([]), "{what} scrolls sideways at phone width: {overflow}");
@@ -852,7 +872,9 @@ fn the_dashboard_runs_the_cluster_in_a_browser() {
         || {
             let page = browser.page();
             let banner = page["banner"].as_str()?;
-            (banner.starts_with("No quorum: h1 has not reached a majority") && banner.contains("GMT+9") || banner.contains("JST")).then_some(page)
+            (banner.starts_with("No quorum: h1 has not reached a majority") && banner.contains("GMT+9")
+                || banner.contains("JST"))
+            .then_some(page)
         },
         || context(&browser, &cluster),
     );
@@ -910,7 +932,9 @@ fn bench_dashboard_page_load_and_live_updates() {
     let h1 = cluster.agents[0].origin.clone();
     let pid = cluster.agents[0].child.as_ref().unwrap().id();
     let browser = Browser::start(cluster.dir.path(), &cluster.pki(), &[(&h1, "alice")]);
-    println!("| VMs | first render ms (median of 3) | page bytes (HTML + JS + CSS) | stream bytes/s | agent CPU % idle | with 1 browser | per browser |");
+    println!(
+        "| VMs | first render ms (median of 3) | page bytes (HTML + JS + CSS) | stream bytes/s | agent CPU % idle | with 1 browser | per browser |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     let mut made = 0;
     for &n in &sizes {
@@ -951,7 +975,11 @@ fn bench_dashboard_page_load_and_live_updates() {
             let churner = churn(&cluster, stop.clone());
             std::thread::sleep(Duration::from_secs(2));
             let streamed = |b: &Browser| {
-                if with_page { b.eval("return Number(document.body.dataset.streamBytes || 0)").as_u64().unwrap() } else { 0 }
+                if with_page {
+                    b.eval("return Number(document.body.dataset.streamBytes || 0)").as_u64().unwrap()
+                } else {
+                    0
+                }
             };
             let (cpu0, bytes0, t0) = (cpu_time(pid), streamed(&browser), Instant::now());
             std::thread::sleep(Duration::from_secs(seconds));
@@ -963,10 +991,6 @@ fn bench_dashboard_page_load_and_live_updates() {
         };
         let (idle, _) = window(false);
         let (watched, rate) = window(true);
-        println!(
-            "| {n} | {} | {bytes} | {rate:.0} | {idle:.1} | {watched:.1} | {:.1} |",
-            renders[1],
-            watched - idle
-        );
+        println!("| {n} | {} | {bytes} | {rate:.0} | {idle:.1} | {watched:.1} | {:.1} |", renders[1], watched - idle);
     }
 }

@@ -129,8 +129,7 @@ fn attention(out: &mut String, snapshot: &Snapshot) {
             s = m.status
         ));
     }
-    let mut problems: Vec<&VmView> =
-        o.vms.iter().filter(|v| v.is_problem()).collect();
+    let mut problems: Vec<&VmView> = o.vms.iter().filter(|v| v.is_problem()).collect();
     let rank = |state: &str| STATES_BY_URGENCY.iter().position(|s| *s == state).unwrap_or(usize::MAX);
     problems.sort_by_key(|v| rank(v.state));
     let total = items.len() + problems.len();
