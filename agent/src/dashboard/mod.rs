@@ -627,14 +627,15 @@ struct VmDetail {
     events: Vec<EventView>,
 }
 
-fn check_name(what: &str, name: &str) -> Result<(), Response> {
-    crate::names::validate(name).map_err(|e| {
+/// The answer to a request for an invalid name (`None`: the name is valid).
+fn name_refusal(what: &str, name: &str) -> Option<Response> {
+    crate::names::validate(name).err().map(|e| {
         error_json(StatusCode::BAD_REQUEST, &format!("invalid {what} name {}: {e}", crate::api::service::quoted(name)))
     })
 }
 
 async fn vm_json(State(dashboard): State<Arc<Dashboard>>, Path(name): Path<String>) -> Response {
-    if let Err(refused) = check_name("VM", &name) {
+    if let Some(refused) = name_refusal("VM", &name) {
         return refused;
     }
     let Some(member) = dashboard.context.membership() else {
@@ -703,7 +704,7 @@ async fn vm_logs(
     Query(query): Query<LogsQuery>,
 ) -> Response {
     use crate::api::pb::blixard_server::Blixard as _;
-    if let Err(refused) = check_name("VM", &name) {
+    if let Some(refused) = name_refusal("VM", &name) {
         return refused;
     }
     let lines = query.lines.unwrap_or(LOG_LINES_DEFAULT).clamp(1, LOG_LINES_MAX);
@@ -749,7 +750,7 @@ struct HostDetail {
 const HOST_VMS_LISTED_MAX: usize = 1000;
 
 async fn host_json(State(dashboard): State<Arc<Dashboard>>, Path(name): Path<String>) -> Response {
-    if let Err(refused) = check_name("node", &name) {
+    if let Some(refused) = name_refusal("node", &name) {
         return refused;
     }
     let snapshot = dashboard.fresh().await;

@@ -48,7 +48,7 @@ pub fn count(n: u64, one: &str, many: &str) -> String {
     let digits = n.to_string();
     let mut grouped = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             grouped.push(',');
         }
         grouped.push(c);
@@ -344,11 +344,11 @@ pub fn render(snapshot: &Snapshot, context: &PageContext<'_>, now_unix_ms: u64) 
          <button id=\"detail-close\" type=\"button\" aria-label=\"Close\">×</button></div>\
          <div id=\"detail-body\"></div></aside><div id=\"toast\" role=\"status\" hidden></div>",
     );
-    let _ = write!(
+    let _ = writeln!(
         out,
         "<script type=\"application/json\" id=\"bootstrap\">{{\"snapshot\":{snapshot},\"history\":{history},\
          \"access\":\"{access}\",\"endpoint\":{endpoint}}}</script><script src=\"/dashboard/app.js\"></script>\
-         </body></html>\n",
+         </body></html>",
         snapshot = embeddable(json),
         history = embeddable(context.history_json),
         access = context.access.word(),
