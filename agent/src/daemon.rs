@@ -116,13 +116,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let (context, control) = Context::new(config.node_name.clone(), address.clone(), dialer);
     context.set_runtime(runtime.clone());
     let metrics = Arc::new(Metrics::new());
-    let events = Arc::new(EventLog::new());
+    let events = Arc::new(EventLog::with_metrics(metrics.clone()));
 
     let (stop_server, server_stopped) = watch::channel(false);
     if let Some(address) = config.metrics_listen {
         let http = crate::http::bind(address).await?;
-        let state =
-            crate::http::HttpState { context: context.clone(), metrics: metrics.clone(), events: events.clone() };
+        // With authentication on, the dashboard is HTTPS with this
+        // member's certificate (a bad one stops the agent here).
+        let http_tls = match &tls {
+            None => None,
+            Some(files) => {
+                Some(Arc::new(files.http_server_config().map_err(|e| anyhow!("invalid configuration: `tls`: {e}"))?))
+            }
+        };
+        let state = crate::http::HttpState {
+            context: context.clone(),
+            metrics: metrics.clone(),
+            events: events.clone(),
+            tls: http_tls,
+        };
         let stopped = server_stopped.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::http::serve(http, state, stopped).await {
