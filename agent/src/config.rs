@@ -689,6 +689,14 @@ pub fn reference() -> Vec<KeyDoc> {
             "Where microvm.nix lays out guests (NAME/current/bin/microvm-run).",
         ),
         k(
+            "runtime.start_timeout_ms",
+            "",
+            format!("{}", crate::runtime::systemd::START_TIMEOUT_DEFAULT.as_millis()),
+            format!("{START_TIMEOUT_MIN_MS}..={START_TIMEOUT_MAX_MS}"),
+            "How long a guest's start may take (the systemd start job); the NixOS module sets it a little above \
+             microvm.nix's startup timeout, so that the unit's own verdict is what is reported.",
+        ),
+        k(
             "capacity.vcpu",
             "--vcpu",
             "detected (CPUs)".into(),

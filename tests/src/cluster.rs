@@ -404,6 +404,22 @@ impl Cluster {
         self.index_of(&leader).with_context(|| format!("leader {leader} is not one of the agents"))
     }
 
+    /// Waits until the agent `at` sees every agent in `agents` with its capacity
+    /// reported (a VM pinned to a host that has not reported is refused: "try again
+    /// shortly").
+    pub fn wait_reported(&self, at: usize, agents: &[usize]) -> Result<()> {
+        let want: Vec<&str> = agents.iter().map(|&i| self.agents[i].name.as_str()).collect();
+        wait_for(&format!("{want:?} to report their capacity"), FORM_TIMEOUT, || {
+            let mut client = self.client(at);
+            let nodes = match self.block_on(client.node_list(pb::NodeListRequest::default())) {
+                Ok(nodes) => nodes.into_inner().nodes,
+                Err(e) => return Ok(Probe::NotYet(e.message().to_string())),
+            };
+            let reported = |name: &&str| nodes.iter().any(|n| n.name == *name && n.vcpu_total > 0);
+            Ok(if want.iter().all(reported) { Probe::Ready(()) } else { Probe::NotYet(format!("{nodes:?}")) })
+        })
+    }
+
     /// Prints every agent's log tail (on a failing test).
     fn dump_logs(&self) {
         for agent in &self.agents {

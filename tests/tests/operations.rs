@@ -213,6 +213,7 @@ fn a_dead_member_is_removed_and_a_host_with_a_new_disk_rejoins_under_its_name() 
         cluster.install_runner(i, "web")?;
     }
     // web pinned to h3, so that it is on the host that dies; then unpinned.
+    cluster.wait_reported(leader, &[0, 1, 2])?;
     cluster.cli(leader, &["vm", "create", "web", "--vcpu", "1", "--memory", "64", "--node", "h3", "--wait"])?.ok()?;
     cluster.cli(leader, &["vm", "update", "web", "--unpin"])?.ok()?;
     let old_h3 = cluster.cli_json(0, &["cluster", "status"])?["members"]

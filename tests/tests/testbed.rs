@@ -184,7 +184,9 @@ fn cut_link_partitions_a_host_and_heal_link_rejoins_it() {
 
     bed.heal_link(1).unwrap();
     wait_until("h0 to reach h1 again", SETTLE, || Ok(ping(h0, h1))).unwrap();
-    assert!(ping(h1, h2));
+    // Each pair learns again on its own (h1's neighbour entry for h2 may have
+    // failed while cut): one lost ping is no verdict.
+    wait_until("h1 to reach h2 again", SETTLE, || Ok(ping(h1, h2))).unwrap();
 }
 
 #[test]

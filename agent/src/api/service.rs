@@ -327,6 +327,7 @@ pub fn node_info(state: &State, member: &Member, leader: Option<NodeId>) -> pb::
         memory_mib_used: used.memory_mib,
         labels: member.labels.clone().into_iter().collect(),
         vms: state.vms_on(member.id).count() as u32,
+        stopping: state.handoffs_from(member.id).count() as u32,
     }
 }
 

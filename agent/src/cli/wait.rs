@@ -126,12 +126,37 @@ pub async fn drain(client: &Client, node: &str, limit: Duration, progress: &Prog
         }
         progress.say(&line);
         if left.is_empty() && done.len() == moving.len() {
-            progress.say(&format!("{} is drained", one_line(node)));
-            return Ok(());
+            break;
         }
         if Instant::now() >= deadline {
             return Err(timed_out(format!("{} is still draining: {}", one_line(node), unsettled.join(", ")), limit));
         }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+    // A VM that moved off a host that is down runs elsewhere before the
+    // leader judges the host fenced: until then its old copy counts as
+    // stopping, and the host may not leave.
+    loop {
+        let stopping = match client.node_list().await {
+            Ok(list) => list.nodes.iter().find(|n| n.name == node).map_or(0, |n| n.stopping),
+            Err(e) if retry(&e, deadline) => {
+                tokio::time::sleep(POLL_INTERVAL).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if stopping == 0 {
+            progress.say(&format!("{} is drained", one_line(node)));
+            return Ok(());
+        }
+        let what = format!(
+            "{} has not yet confirmed that it stopped its copies of {stopping} VM(s) that run elsewhere now",
+            one_line(node)
+        );
+        if Instant::now() >= deadline {
+            return Err(timed_out(what, limit));
+        }
+        progress.say(&format!("draining {}: {what}", one_line(node)));
         tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
