@@ -212,7 +212,7 @@ impl Drop for PeerTransport {
     }
 }
 
-fn peer_client(channel: Channel) -> PeerClient<Channel> {
+pub(crate) fn peer_client(channel: Channel) -> PeerClient<Channel> {
     PeerClient::new(channel)
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
@@ -686,8 +686,13 @@ impl pb::peer_server::Peer for PeerService {
     }
 
     async fn admit(&self, request: Request<pb::AdmitRequest>) -> Result<Response<pb::AdmitResponse>, Status> {
+        // A host joining with a token and no certificate yet: the gate
+        // (`tls::AuthGate`) lets such a connection reach this call alone.
+        let joiner = self.context.dialer.is_tls() && request.peer_certs().is_none_or(|certs| certs.is_empty());
+        let forwarded = is_forwarded(&request);
+        let mut issuer = None;
         {
-            let caller = self.context.caller(&request)?;
+            let caller = if joiner { Caller::Anonymous } else { self.context.caller(&request)? };
             let admit = request.get_ref();
             names::validate(&admit.name).map_err(|e| {
                 Status::invalid_argument(format!("invalid node name {}: {e}", super::service::quoted(&admit.name)))
@@ -697,7 +702,7 @@ impl pb::peer_server::Peer for PeerService {
             // A member that forwards an admission to the leader has checked
             // the joiner's certificate itself (only a member may forward).
             if let Some(cert_name) = caller.require_member("joining the cluster")?
-                && !is_forwarded(&request)
+                && !forwarded
                 && cert_name != admit.name
             {
                 return Err(Status::permission_denied(format!(
@@ -711,9 +716,9 @@ impl pb::peer_server::Peer for PeerService {
             if admit.token.len() > super::service::JOIN_TOKEN_LEN_MAX {
                 return Err(Status::invalid_argument("the join token is too long"));
             }
-            // Without TLS nobody is authenticated: a one-time join token is
-            // the admission. With TLS the member certificate is, and a
-            // token given anyway is checked too.
+            // Without a certificate nobody is authenticated: a one-time
+            // join token is the admission. With one the member certificate
+            // is, and a token given anyway is checked too.
             if matches!(caller, Caller::Anonymous) && admit.token.trim().is_empty() {
                 return Err(Status::permission_denied(
                     "joining this cluster needs a join token: issue one with `blixard-agent cluster join-token` \
@@ -723,12 +728,47 @@ impl pb::peer_server::Peer for PeerService {
             if admit.address.is_empty() || admit.address.len() > limits::ADDRESS_LEN_MAX {
                 return Err(Status::invalid_argument(format!("{:?} is not a HOST:PORT address", admit.address)));
             }
+            if joiner {
+                // Checked before anything is proposed: a refusal here uses
+                // no token.
+                let credentials = self.context.dialer.credentials().expect("TLS is on");
+                let ca = credentials.issuer.clone().ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "{} joined without the cluster secret and cannot issue certificates; join through a \
+                         member that has `cluster_secret_file`",
+                        self.context.name
+                    ))
+                })?;
+                crate::pki::parse_request(&admit.csr).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                issuer = Some((ca, credentials.ca_pem.clone()));
+            } else if !admit.csr.is_empty() && !forwarded {
+                return Err(Status::invalid_argument(
+                    "a certificate signing request is only for a host that joins without a certificate",
+                ));
+            }
         }
-        self.context
+        let (name, address, csr) =
+            (request.get_ref().name.clone(), request.get_ref().address.clone(), request.get_ref().csr.clone());
+        let mut response = self
+            .context
             .write(
                 request,
                 |member, admit| {
                     Box::pin(async move {
+                        // A name another member holds is refused before the
+                        // token is touched: a token is used up only by a
+                        // join that succeeds.
+                        let (id, name) = (admit.id, admit.name.clone());
+                        let other = member
+                            .node
+                            .read_local(move |state, _| {
+                                state.member_by_name(&name).filter(|m| m.id != id).map(|m| m.id)
+                            })
+                            .await?;
+                        if let Some(id) = other {
+                            let rejection = crate::state::Rejection::DuplicateMemberName { name: admit.name, id };
+                            return Err(ApiError::Status(super::status::from_rejection(&rejection)));
+                        }
                         // The token first: marked used by this host, so no
                         // other host can join with it.
                         if !admit.token.trim().is_empty() {
@@ -752,12 +792,29 @@ impl pb::peer_server::Peer for PeerService {
                                     .collect::<Vec<_>>()
                             })
                             .await?;
-                        Ok::<_, ApiError>(pb::AdmitResponse { cluster_id: member.cluster_id, members })
+                        Ok::<_, ApiError>(pb::AdmitResponse {
+                            cluster_id: member.cluster_id,
+                            members,
+                            ..Default::default()
+                        })
                     })
                 },
                 |channel, request| Box::pin(async move { peer_client(channel).admit(request).await }),
             )
-            .await
+            .await?;
+        if let Some((ca, trusted)) = issuer {
+            // Admitted: its certificate, for the key of its request.
+            let identity = super::tls::CertIdentity::member(&name);
+            let sans = crate::pki::member_sans(&address, &name);
+            let certificate = ca
+                .sign_request(&identity, &csr, &sans, crate::pki::LEAF_VALID_DAYS_DEFAULT)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            tracing::info!(name, address, "issued a member certificate to a host joining with a token");
+            let body = response.get_mut();
+            body.certificate_pem = certificate;
+            body.ca_pem = String::from_utf8_lossy(&trusted).into_owned();
+        }
+        Ok(response)
     }
 
     async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {

@@ -275,6 +275,17 @@ impl Blixard for Service {
         .await
     }
 
+    async fn cluster_issue_client(
+        &self,
+        r: Request<pb::ClusterIssueClientRequest>,
+    ) -> Result<Response<pb::ClusterIssueClientResponse>, Status> {
+        let r = r.into_inner();
+        self.handle(format!("ClusterIssueClient({},{})", r.name, r.role), |_| {
+            Err(Status::failed_precondition("the fake agent holds no cluster CA"))
+        })
+        .await
+    }
+
     async fn cluster_leave(
         &self,
         r: Request<pb::ClusterLeaveRequest>,
