@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use blixard::api::pb;
-use blixard_systests::cluster::{Cluster, FORM_TIMEOUT, Options};
+use blixard::api::tls::Role;
+use blixard_systests::cluster::{ClientCredentials, Cluster, FORM_TIMEOUT, Options};
 use blixard_systests::{Probe, agent_binary, wait_for, wait_until};
 use tonic::Code;
 
@@ -128,10 +129,46 @@ fn three_members_form_a_cluster_and_followers_serve_every_request() -> Result<()
     let no_runner = cluster.block_on(client.vm_migrate(migrate)).unwrap_err();
     assert_eq!(no_runner.code(), Code::FailedPrecondition, "{}", no_runner.message());
 
-    let deleted = cluster.block_on(client.vm_delete(pb::VmRequest { name: "web".into() }))?.into_inner();
+    // Every caller authenticates: a client without a certificate, or with one
+    // of another secret's CA, gets nothing; one the cluster issued read-only
+    // (`ClusterIssueClient`, for a key that never left this process) reads
+    // but is refused every write, which changes nothing.
+    let plain = cluster.block_on(cluster.client_with(other, None).vm_list(pb::VmListRequest {}));
+    assert!(plain.is_err(), "plain text reached the agent: {plain:?}");
+    let stranger_secret = cluster.dir().join("stranger.secret");
+    std::fs::write(&stranger_secret, blixard::pki::ClusterSecret::generate()?.to_text())?;
+    let mut stranger = Cluster::client_credentials(&stranger_secret, "tests", Role::Admin)?;
+    stranger.ca_pem = cluster.credentials().context("secret mode")?.ca_pem.clone();
+    let refused = cluster.block_on(cluster.client_with(other, Some(&stranger)).vm_list(pb::VmListRequest {}));
+    assert!(refused.is_err(), "another CA's client certificate was accepted: {refused:?}");
+    let reader = issue_client(&cluster, follower, "viewer", "read-only")?;
+    let mut read_only = cluster.client_with(other, Some(&reader));
+    assert_eq!(cluster.block_on(read_only.vm_list(pb::VmListRequest {}))?.into_inner().vms.len(), 1);
+    let write = cluster.block_on(read_only.vm_create(create_request("by-viewer"))).unwrap_err();
+    assert_eq!(write.code(), Code::PermissionDenied, "{write:?}");
+    assert!(write.message().contains("read-only"), "{}", write.message());
+    let write = cluster.block_on(read_only.vm_stop(pb::VmRequest { name: "web".into() })).unwrap_err();
+    assert_eq!(write.code(), Code::PermissionDenied, "{write:?}");
+    let issue = pb::ClusterIssueClientRequest { name: "escalated".into(), role: "admin".into(), ..Default::default() };
+    let escalate = cluster.block_on(read_only.cluster_issue_client(issue)).unwrap_err();
+    assert_eq!(escalate.code(), Code::PermissionDenied, "{escalate:?}");
+    assert_eq!(vm_names(&cluster, leader)?, ["web".to_string()].into());
+    let admin = issue_client(&cluster, leader, "operator", "admin")?;
+    let mut operator = cluster.client_with(follower, Some(&admin));
+
+    let deleted = cluster.block_on(operator.vm_delete(pb::VmRequest { name: "web".into() }))?.into_inner();
     assert_eq!(deleted.name, "web");
     assert!(vm_names(&cluster, follower)?.is_empty());
     Ok(())
+}
+
+/// A client certificate for `name` with `role`, issued by agent `index` from
+/// the cluster's CA for a key made here.
+fn issue_client(cluster: &Cluster, index: usize, name: &str, role: &str) -> Result<ClientCredentials> {
+    let (key, csr) = blixard::pki::new_key_and_request(name)?;
+    let request = pb::ClusterIssueClientRequest { name: name.into(), role: role.into(), csr, days: 1 };
+    let issued = cluster.block_on(cluster.client(index).cluster_issue_client(request))?.into_inner();
+    Ok(ClientCredentials { ca_pem: issued.ca_pem, cert_pem: issued.certificate_pem, key_pem: key.serialize_pem() })
 }
 
 #[test]
@@ -240,19 +277,16 @@ fn a_host_joins_keeps_its_membership_across_restarts_and_members_leave() -> Resu
     assert_eq!(refused.code(), Code::Unavailable);
     assert!(refused.message().contains("cluster join"), "{}", refused.message());
 
-    // Without TLS a join needs a one-time token, issued by any member.
+    // A host with the cluster secret holds a member certificate for its own
+    // name: that is its admission. A token given anyway is checked too.
     let mut client = cluster.client(joiner);
     let seed = cluster.agent(0).address.clone();
     let join = |seed: &str, token: &str| pb::ClusterJoinRequest { seed: seed.into(), token: token.into() };
-    let refused = cluster.block_on(client.cluster_join(join(&seed, ""))).unwrap_err();
-    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
-    assert!(refused.message().contains("join-token"), "{}", refused.message());
     let forged = cluster.block_on(client.cluster_join(join(&seed, "blxjt_forged"))).unwrap_err();
     assert_eq!(forged.code(), Code::PermissionDenied, "{forged:?}");
-    let token = issue_join_token(&cluster, 1)?;
-    let joined = cluster.block_on(client.cluster_join(join(&seed, &token)))?;
+    let joined = cluster.block_on(client.cluster_join(join(&seed, "")))?;
     assert_eq!(joined.get_ref().name, "h4");
-    let again = cluster.block_on(client.cluster_join(join(&cluster.agent(1).address, &token)));
+    let again = cluster.block_on(client.cluster_join(join(&cluster.agent(1).address, "")));
     assert_eq!(again.unwrap_err().code(), Code::FailedPrecondition);
     cluster.wait_formed(&[0, 1, 2, joiner])?;
 
@@ -264,38 +298,95 @@ fn a_host_joins_keeps_its_membership_across_restarts_and_members_leave() -> Resu
     let member = cluster.status(0)?.members.into_iter().find(|m| m.name == "h4").context("h4 is a member")?;
     assert_eq!(member.id, id);
 
-    // A host with `join` seeds and a token file in its config is admitted by
-    // itself. Given the token h4 used, it is refused and stops (a token admits
-    // one host); with a token of its own it joins.
+    // A host without the secret joins with a token (`join` seeds and a
+    // `join_token_file`): it checks the cluster's CA against the token, makes
+    // its own key and gets its certificate for a request. Killed (SIGKILL) at
+    // each step of the way and restarted, it keeps its id and key, and joins
+    // as one member. Its token then admits nobody else.
+    let token = issue_join_token(&cluster, 1)?;
     let token_file = cluster.dir().join("join-token");
     std::fs::write(&token_file, format!("{token}\n"))?;
-    let seeded = cluster.add_agent(&format!(
+    let seeded_config = format!(
         "join = [\"{}\"]\njoin_token_file = {:?}\n",
         cluster.agent(1).address,
         token_file.display().to_string()
-    ))?;
-    cluster.agent_mut(seeded).start()?;
-    wait_until("the host with a used token to stop", FORM_TIMEOUT, || Ok(!cluster.agent_mut(seeded).is_running()))?;
-    let log = cluster.agent(seeded).log();
-    assert!(log.contains("join token is not valid"), "{log}");
-    let second_token = issue_join_token(&cluster, 0)?;
-    std::fs::write(&token_file, &second_token)?;
-    cluster.agent_mut(seeded).kill(); // reaps the exited process
+    );
+    let seeded = cluster.add_agent_without_secret(&seeded_config)?;
+    let tls_dir = cluster.agent(seeded).data_dir().join("tls");
+    let mut key = None;
+    for point in ["join-before-admit", "join-after-admit", "join-after-certificate"] {
+        cluster.agent_mut(seeded).start_with_env(&[("BLIXARD_FAILPOINT", point)])?;
+        wait_until(&format!("the joiner to crash at {point}"), FORM_TIMEOUT, || {
+            Ok(!cluster.agent_mut(seeded).is_running())
+        })?;
+        cluster.agent_mut(seeded).kill(); // reaps it
+        let now = std::fs::read(tls_dir.join("member.key")).context("the key is kept from the first attempt")?;
+        assert_eq!(key.get_or_insert_with(|| now.clone()), &now, "the same key after crashing at {point}");
+        assert!(
+            cluster.agent(seeded).log().contains(&format!("failpoint reached; killing this process point=\"{point}\""))
+        );
+    }
+    let join_id: u64 = std::fs::read_to_string(cluster.agent(seeded).data_dir().join("join-id"))?.trim().parse()?;
     cluster.agent_mut(seeded).start()?;
     cluster.wait_formed(&[0, 1, 2, joiner, seeded])?;
+    let members = cluster.status(0)?.members;
+    let h5: Vec<_> = members.iter().filter(|m| m.name == "h5").collect();
+    assert_eq!(h5.len(), 1, "{members:?}");
+    assert_eq!(h5[0].id, join_id, "admitted under the id of its first attempt");
+    assert_eq!(std::fs::read(tls_dir.join("member.key"))?, key.context("a key")?);
+    // Serving and dialling with the certificate the cluster issued: a write
+    // through it is replicated, and the CLI on that host uses it too.
+    create(&cluster, seeded, create_request("via-joiner"))?;
+    let reused = cluster.add_agent_without_secret(&seeded_config)?;
+    cluster.agent_mut(reused).start()?;
+    wait_until("the host with a used token to stop", FORM_TIMEOUT, || Ok(!cluster.agent_mut(reused).is_running()))?;
+    let log = cluster.agent(reused).log();
+    assert!(log.contains("join token is not valid"), "{log}");
+
+    // A man in the middle: the seed is an agent of another cluster (another
+    // secret, so another CA). The joiner stops before it sends its token.
+    let impostor = Cluster::start("impostor", 1, Options::default())?;
+    impostor.wait_formed(&[0])?;
+    let second_token = issue_join_token(&cluster, 0)?;
+    let mitm_token = cluster.dir().join("mitm-token");
+    std::fs::write(&mitm_token, &second_token)?;
+    let impostor_address = impostor.agent(0).address.clone();
+    let fooled = cluster.add_agent_without_secret(&format!(
+        "join = [\"{impostor_address}\"]\njoin_token_file = {:?}\n",
+        mitm_token.display().to_string()
+    ))?;
+    cluster.agent_mut(fooled).start()?;
+    wait_until("the joiner to refuse the impostor", FORM_TIMEOUT, || Ok(!cluster.agent_mut(fooled).is_running()))?;
+    cluster.agent_mut(fooled).kill(); // reaps it
+    let log = cluster.agent(fooled).log();
+    assert!(log.contains("presented no certificate of the CA the join token names"), "{log}");
+    assert!(log.contains("nothing was sent to it"), "{log}");
+    assert!(!cluster.agent(fooled).data_dir().join("tls/member.pem").exists());
+    let impostors = impostor.status(0)?.members.into_iter().map(|m| m.name).collect::<Vec<_>>();
+    assert_eq!(impostors, ["h1"], "the impostor admitted nobody");
+    drop(impostor);
+    // The token it kept to itself still admits it, through the real cluster.
+    let config_path = cluster.agent(fooled).config_path.clone();
+    let config = std::fs::read_to_string(&config_path)?.replace(&impostor_address, &cluster.agent(2).address);
+    std::fs::write(&config_path, config)?;
+    cluster.agent_mut(fooled).start()?;
+    cluster.wait_formed(&[0, 1, 2, joiner, seeded, fooled])?;
+
     // The tokens are secrets: no agent logs them.
     for i in 0..cluster.len() {
         let log = cluster.agent(i).log();
         assert!(!log.contains(&token) && !log.contains(&second_token), "{} logged a join token", cluster.agent(i).name);
     }
+    cluster.agent_mut(reused).kill();
+    let everyone = [0, 1, 2, joiner, seeded, fooled];
 
     // A follower leaves (asked through the new member), then the leader itself.
-    let leader = cluster.wait_formed(&[0, 1, 2, joiner, seeded])?;
+    let leader = cluster.wait_formed(&everyone)?;
     let follower = follower_of(&[0, 1, 2], leader);
     let name = cluster.agent(follower).name.clone();
     let left = cluster.block_on(client.cluster_leave(pb::ClusterLeaveRequest { node: name.clone(), force: false }))?;
     assert_eq!(left.get_ref().name, name);
-    let mut remaining: Vec<usize> = [0, 1, 2, joiner, seeded].into_iter().filter(|&i| i != follower).collect();
+    let mut remaining: Vec<usize> = everyone.into_iter().filter(|&i| i != follower).collect();
     cluster.wait_formed(&remaining)?;
     let leader_name = cluster.agent(leader).name.clone();
     cluster.block_on(client.cluster_leave(pb::ClusterLeaveRequest { node: leader_name, force: false }))?;
@@ -382,6 +473,8 @@ fn bad_configs_a_taken_data_dir_and_a_taken_port_are_refused() -> Result<()> {
     let address = cluster.agent(0).address.clone();
     let data_dir = cluster.agent(0).data_dir();
     let other_address = cluster.address_of(5);
+    let secret =
+        format!("cluster_secret_file = {:?}\n", cluster.secret_path().context("secret mode")?.display().to_string());
 
     let malformed = refused_config(&dir, "malformed", "node_name = \"x\"\nlisten = \n")?;
     assert!(malformed.contains("invalid configuration"), "{malformed}");
@@ -397,20 +490,30 @@ fn bad_configs_a_taken_data_dir_and_a_taken_port_are_refused() -> Result<()> {
     assert!(contradictory.contains("`join`"), "{contradictory}");
 
     // The data dir of a running agent is locked.
-    let second = format!("node_name = \"h1\"\nlisten = \"{other_address}\"\ndata_dir = \"{}\"\n", data_dir.display());
+    let second =
+        format!("node_name = \"h1\"\nlisten = \"{other_address}\"\ndata_dir = \"{}\"\n{secret}", data_dir.display());
     let locked = refused_config(&dir, "locked", &second)?;
     assert!(locked.contains("in use by another blixard-agent"), "{locked}");
     // The port of a running agent is taken.
-    let port =
-        format!("node_name = \"h1\"\nlisten = \"{address}\"\ndata_dir = \"{}\"\n", dir.join("elsewhere").display());
+    let port = format!(
+        "node_name = \"h1\"\nlisten = \"{address}\"\ndata_dir = \"{}\"\n{secret}",
+        dir.join("elsewhere").display()
+    );
     let taken = refused_config(&dir, "port", &port)?;
     assert!(taken.contains("cannot listen"), "{taken}");
 
     // A data dir belongs to one member name.
     cluster.agent_mut(0).stop()?;
-    let renamed = format!("node_name = \"h7\"\nlisten = \"{other_address}\"\ndata_dir = \"{}\"\n", data_dir.display());
+    let renamed =
+        format!("node_name = \"h7\"\nlisten = \"{other_address}\"\ndata_dir = \"{}\"\n{secret}", data_dir.display());
     let wrong = refused_config(&dir, "renamed", &renamed)?;
     assert!(wrong.contains("belongs to member \"h1\""), "{wrong}");
+
+    // Secure by default: no credentials, or plain text off loopback, is refused.
+    let bare =
+        format!("node_name = \"h1\"\nlisten = \"{other_address}\"\ndata_dir = \"{}\"\n", dir.join("bare").display());
+    let none = refused_config(&dir, "none", &bare)?;
+    assert!(none.contains("this agent has no credentials"), "{none}");
 
     let started = std::time::Instant::now();
     assert!(started.elapsed() < Duration::from_secs(60));

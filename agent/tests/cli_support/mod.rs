@@ -21,6 +21,12 @@ use tonic::{Code, Request, Response, Status};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_blixard-agent");
 
+/// What the configs of agents on loopback in these tests say about
+/// authentication: plain text, which only a loopback `listen` accepts
+/// (`mtls.rs` covers TLS; the system tests in `tests/` run with the cluster
+/// secret).
+pub const LOOPBACK_INSECURE: &str = "insecure = true\n";
+
 /// What a run of the binary left behind.
 #[derive(Debug)]
 pub struct Out {
