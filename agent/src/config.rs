@@ -54,7 +54,7 @@ pub struct FileConfig {
     pub metrics_listen: Option<String>,
     pub join_token_file: Option<PathBuf>,
     pub cluster_secret_file: Option<PathBuf>,
-    pub cluster_secret_previous_file: Option<PathBuf>,
+    pub cluster_secret_accepted_file: Option<PathBuf>,
     pub insecure: Option<bool>,
     #[serde(default)]
     pub runtime: RuntimeSection,
@@ -149,7 +149,7 @@ pub struct Overrides {
     pub metrics_listen: Option<String>,
     pub join_token_file: Option<PathBuf>,
     pub cluster_secret_file: Option<PathBuf>,
-    pub cluster_secret_previous_file: Option<PathBuf>,
+    pub cluster_secret_accepted_file: Option<PathBuf>,
     /// `--insecure` (a flag can only turn it on).
     pub insecure: bool,
     pub runtime: Option<String>,
@@ -183,8 +183,9 @@ pub struct Tls {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Auth {
     /// `cluster_secret_file`: certificates derived from one shared secret;
-    /// `previous`'s CA is trusted as well (a rotation in progress).
-    Secret { file: PathBuf, previous: Option<PathBuf> },
+    /// `accepted`'s CA is trusted as well (a rotation in progress:
+    /// docs/security.md).
+    Secret { file: PathBuf, accepted: Option<PathBuf> },
     /// `[tls]`: an operator CA's files.
     Tls(Tls),
     /// `insecure = true` on a loopback `listen`: plain text.
@@ -499,7 +500,7 @@ impl Config {
             _ => return Err(err("tls", "give all of ca_file, cert_file and key_file, or none")),
         };
         let secret = overrides.cluster_secret_file.or(file.cluster_secret_file);
-        let previous = overrides.cluster_secret_previous_file.or(file.cluster_secret_previous_file);
+        let accepted = overrides.cluster_secret_accepted_file.or(file.cluster_secret_accepted_file);
         let insecure = overrides.insecure || file.insecure.unwrap_or(false);
         let auth = match (secret, tls, insecure) {
             (Some(_), Some(_), _) => {
@@ -508,7 +509,7 @@ impl Config {
             (Some(_), _, true) | (_, Some(_), true) => {
                 return Err(err("insecure", "cannot be combined with cluster_secret_file or [tls]"));
             }
-            (Some(file), None, false) => Auth::Secret { file, previous: previous.clone() },
+            (Some(file), None, false) => Auth::Secret { file, accepted: accepted.clone() },
             (None, Some(tls), false) => Auth::Tls(tls),
             (None, None, true) if !listen.ip().is_loopback() => {
                 return Err(err(
@@ -523,10 +524,10 @@ impl Config {
             (None, None, true) => Auth::Insecure,
             (None, None, false) => Auth::None,
         };
-        if previous.is_some() && !matches!(auth, Auth::Secret { .. }) {
+        if accepted.is_some() && !matches!(auth, Auth::Secret { .. }) {
             return Err(err(
-                "cluster_secret_previous_file",
-                "is the secret being rotated out, and needs the current one in cluster_secret_file",
+                "cluster_secret_accepted_file",
+                "is another secret accepted during a rotation, and needs this host's own in cluster_secret_file",
             ));
         }
 
@@ -728,7 +729,7 @@ initial_members = ["h1=10.0.0.1:7000", "h2=10.0.0.2:7000", "h3=10.0.0.3:7000"]
             (format!("{BASE}[tls]\nca_file = \"/a\"\n"), "tls"),
             (format!("{BASE}insecure = true\n"), "insecure"),
             (format!("{BASE}cluster_secret_file = \"/s\"\n[tls]\nca_file = \"/a\"\ncert_file = \"/b\"\nkey_file = \"/c\"\n"), "cluster_secret_file"),
-            (format!("{BASE}cluster_secret_previous_file = \"/p\"\n"), "cluster_secret_previous_file"),
+            (format!("{BASE}cluster_secret_accepted_file = \"/p\"\n"), "cluster_secret_accepted_file"),
             (format!("{BASE}cluster_secret_file = \"/s\"\ninsecure = true\n"), "insecure"),
             (format!("{BASE}join = [\"10.0.0.9:7000\"]\n"), "join"),
             (format!("{BASE}[timing]\nreschedule_after_ms = 1600\n"), "timing"),
@@ -749,8 +750,8 @@ initial_members = ["h1=10.0.0.1:7000", "h2=10.0.0.2:7000", "h3=10.0.0.3:7000"]
     #[test]
     fn authentication_modes() {
         let config =
-            resolve(&format!("{BASE}cluster_secret_file = \"/s\"\ncluster_secret_previous_file = \"/p\"\n")).unwrap();
-        assert_eq!(config.auth, Auth::Secret { file: "/s".into(), previous: Some("/p".into()) });
+            resolve(&format!("{BASE}cluster_secret_file = \"/s\"\ncluster_secret_accepted_file = \"/p\"\n")).unwrap();
+        assert_eq!(config.auth, Auth::Secret { file: "/s".into(), accepted: Some("/p".into()) });
         assert_eq!(resolve(BASE).unwrap().auth, Auth::None);
         let local = "node_name = \"h1\"\nlisten = \"127.0.0.1:7000\"\ninsecure = true\n";
         assert_eq!(resolve(local).unwrap().auth, Auth::Insecure);

@@ -113,7 +113,24 @@ pub async fn run(
             );
             None
         }
-        AgentAuth::Tls(credentials) => Some(Arc::new(credentials)),
+        AgentAuth::Tls(credentials) => {
+            // A host that joined with a token follows rotations of the
+            // cluster secret: a new certificate and trust at every start.
+            let renewed = match (&credentials.joined, store.identity()) {
+                (Some(files), Some(identity)) => {
+                    let addresses: Vec<String> = store
+                        .state()
+                        .members()
+                        .values()
+                        .filter(|m| m.id != identity.id)
+                        .map(|m| m.address.clone())
+                        .collect();
+                    peer::renew_joined(&credentials, files, identity.cluster_id, &addresses).await
+                }
+                _ => None,
+            };
+            Some(Arc::new(renewed.unwrap_or(credentials)))
+        }
         AgentAuth::TokenJoin { files, token_file, pin } => {
             let Some(admitted) = token_join(&config, &files, &token_file, pin, &mut shutdown).await? else {
                 tracing::info!("stopped before this host was admitted");

@@ -23,10 +23,11 @@
 //! discovery hash), so a joiner checks it reached this cluster before it
 //! sends anything.
 //!
-//! Rotation: a member given `cluster_secret_previous_file` as well trusts
-//! that secret's CA too (and still issues from the current one), so a
-//! cluster changes its secret with rolling restarts and never a moment in
-//! which two members refuse each other (docs/security.md).
+//! Rotation: a member given `cluster_secret_accepted_file` as well trusts
+//! that secret's CA too (and still issues from its `cluster_secret_file`),
+//! so a cluster changes its secret in three rolling restarts (accept the
+//! new one everywhere, issue from it, stop accepting the old one) and two
+//! members never refuse each other on the way (docs/security.md).
 //!
 //! The files a host that joined without the secret keeps in its data dir
 //! ([`JoinedFiles`]): its private key, made before its first admission
@@ -451,14 +452,19 @@ pub fn check_issued(cert_pem: &[u8], key: &KeyPair, identity: &CertIdentity, ca_
     if cert.tbs_certificate.subject_pki.raw != key.subject_public_key_info().as_slice() {
         return Err(PkiError::Invalid("the issued certificate is not for this host's key".into()));
     }
-    for ca in certs_of_pem(ca_pem)? {
-        let (_, ca) = x509_parser::parse_x509_certificate(&ca)
-            .map_err(|e| PkiError::Invalid(format!("a CA certificate does not parse: {e}")))?;
-        if cert.verify_signature(Some(ca.public_key())).is_ok() {
-            return Ok(());
-        }
-    }
-    Err(PkiError::Invalid("the issued certificate is not signed by the cluster's CA".into()))
+    issuer_in(&der, ca_pem)
+        .map(|_| ())
+        .ok_or_else(|| PkiError::Invalid("the issued certificate is not signed by the cluster's CA".into()))
+}
+
+/// The certificate (DER) among the CA certificates of `ca_pem` whose key
+/// signed the DER certificate `cert_der`, if any.
+pub fn issuer_in(cert_der: &[u8], ca_pem: &[u8]) -> Option<Vec<u8>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    certs_of_pem(ca_pem).ok()?.into_iter().find(|ca| {
+        x509_parser::parse_x509_certificate(ca)
+            .is_ok_and(|(_, ca)| cert.verify_signature(Some(ca.public_key())).is_ok())
+    })
 }
 
 /// Writes `bytes` to a new file with `mode`, never over an existing one.

@@ -393,7 +393,7 @@ fn run_config_errors_are_one_sentence_and_exit_2() {
         (&["--insecure", "--listen", "10.0.0.1:7000"], "`insecure`: is accepted only on a loopback `listen`"),
         (&["--cluster-secret-file", "/nonexistent/secret"], "`cluster_secret_file`: cannot read the cluster secret"),
         (&["--cluster-secret-file", "/dev/null"], "/dev/null is not a cluster secret"),
-        (&["--cluster-secret-previous-file", "/p", "--insecure"], "`cluster_secret_previous_file`"),
+        (&["--cluster-secret-accepted-file", "/p", "--insecure"], "`cluster_secret_accepted_file`"),
         (&["--cluster-secret-file", "/s", "--tls-ca", "/a", "--tls-cert", "/b", "--tls-key", "/c"], "not both"),
         (&["--label", "nolabel"], "`--label`"),
         (&["--log-level", "[[["], "`log_level`"),

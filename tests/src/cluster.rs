@@ -278,6 +278,12 @@ impl Cluster {
         self.credentials.as_ref()
     }
 
+    /// Makes the test's clients present `credentials` from now on (a
+    /// rotated secret).
+    pub fn set_credentials(&mut self, credentials: ClientCredentials) {
+        self.credentials = Some(credentials);
+    }
+
     /// Adds an agent (not started) whose config has `membership` (its
     /// `initial_members` or `join` line, or nothing) and the cluster's options.
     pub fn add_agent(&mut self, membership: &str) -> Result<usize> {

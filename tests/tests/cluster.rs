@@ -410,6 +410,81 @@ fn a_host_joins_keeps_its_membership_across_restarts_and_members_leave() -> Resu
     Ok(())
 }
 
+#[test]
+fn the_cluster_secret_rotates_in_three_rolling_restarts() -> Result<()> {
+    let mut cluster = Cluster::start("rotate", 3, Options::default())?;
+    cluster.wait_formed(&[0, 1, 2])?;
+    let old = cluster.secret_path().context("secret mode")?.to_path_buf();
+    // A fourth host without the secret, admitted with a token: it follows
+    // the rotation through the certificate it renews at every start.
+    let token_file = cluster.dir().join("join-token");
+    std::fs::write(&token_file, issue_join_token(&cluster, 0)?)?;
+    let joined = cluster.add_agent_without_secret(&format!(
+        "join = [\"{}\"]\njoin_token_file = {:?}\n",
+        cluster.agent(0).address,
+        token_file.display().to_string()
+    ))?;
+    cluster.agent_mut(joined).start()?;
+    let everyone = [0, 1, 2, joined];
+    cluster.wait_formed(&everyone)?;
+    create(&cluster, 1, create_request("before"))?;
+
+    let new = cluster.dir().join("new.secret");
+    let made = Command::new(agent_binary()?).args(["cluster", "new-secret"]).arg(&new).output()?;
+    assert!(made.status.success(), "{made:?}");
+    let both = |cert_from: &std::path::Path| -> Result<ClientCredentials> {
+        let mut credentials = Cluster::client_credentials(cert_from, "tests", Role::Admin)?;
+        let other = if cert_from == old { &new } else { &old };
+        credentials.ca_pem.push_str(&Cluster::client_credentials(other, "x", Role::Admin)?.ca_pem);
+        Ok(credentials)
+    };
+    cluster.set_credentials(both(&old)?);
+    let secret_line = |path: &std::path::Path| format!("cluster_secret_file = \"{}\"\n", path.display());
+    let accepted_line = |path: &std::path::Path| format!("cluster_secret_accepted_file = \"{}\"\n", path.display());
+    // One member at a time, each back in the cluster (every member a healthy
+    // voter with the same leader: none refuses another) before the next;
+    // then the host that joined with a token.
+    let rolling = |cluster: &mut Cluster, edit: &dyn Fn(String) -> String| -> Result<()> {
+        for i in [0, 1, 2] {
+            let path = cluster.agent(i).config_path.clone();
+            std::fs::write(&path, edit(std::fs::read_to_string(&path)?))?;
+            // SIGKILL: a restart, without the graceful stop's wait for
+            // open streams (which costs the test seconds, not the cluster).
+            cluster.agent_mut(i).kill();
+            cluster.agent_mut(i).start()?;
+            cluster.wait_formed(&everyone)?;
+        }
+        cluster.agent_mut(joined).kill();
+        cluster.agent_mut(joined).start()?;
+        cluster.wait_formed(&everyone)?;
+        Ok(())
+    };
+    // 1. Accept the new secret everywhere (still issuing from the old one).
+    rolling(&mut cluster, &|config| format!("{}{config}", accepted_line(&new)))?;
+    // 2. Issue from the new one, still accepting the old.
+    rolling(&mut cluster, &|config| {
+        config.replace(&secret_line(&old), &secret_line(&new)).replace(&accepted_line(&new), &accepted_line(&old))
+    })?;
+    cluster.set_credentials(both(&new)?);
+    // 3. Stop accepting the old one.
+    rolling(&mut cluster, &|config| config.replace(&accepted_line(&old), ""))?;
+
+    create(&cluster, joined, create_request("after"))?;
+    assert_eq!(vm_names(&cluster, 2)?, ["after".to_string(), "before".to_string()].into());
+    // The host that joined with a token holds a certificate of the new CA
+    // and trusts nothing else.
+    let new_ca = Cluster::client_credentials(&new, "x", Role::Admin)?.ca_pem;
+    let tls_dir = cluster.agent(joined).data_dir().join("tls");
+    assert_eq!(std::fs::read_to_string(tls_dir.join("ca.pem"))?, new_ca, "only the new CA");
+    let joined_cert = blixard::pki::certs_of_pem(&std::fs::read(tls_dir.join("member.pem"))?)?.remove(0);
+    assert!(blixard::pki::issuer_in(&joined_cert, new_ca.as_bytes()).is_some(), "issued from the new secret");
+    // A client certificate of the old secret is refused now.
+    let stale = Cluster::client_credentials(&old, "tests", Role::Admin)?;
+    let stale = ClientCredentials { ca_pem: new_ca, ..stale };
+    assert!(cluster.block_on(cluster.client_with(0, Some(&stale)).vm_list(pb::VmListRequest {})).is_err());
+    Ok(())
+}
+
 /// A join token issued through agent `index`.
 fn issue_join_token(cluster: &Cluster, index: usize) -> Result<String> {
     let mut client = cluster.client(index);

@@ -817,6 +817,38 @@ impl pb::peer_server::Peer for PeerService {
         Ok(response)
     }
 
+    async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+        let caller = self.context.caller(&request)?;
+        let name = caller
+            .require_member("renewing a member certificate")?
+            .ok_or_else(|| Status::failed_precondition("this agent runs with `insecure`: it has no certificates"))?
+            .to_string();
+        let member = self.member_for(request.get_ref().cluster_id)?;
+        let lookup = name.clone();
+        let address = member
+            .node
+            .read_local(move |state, _| state.member_by_name(&lookup).map(|m| m.address.clone()))
+            .await?
+            .ok_or_else(|| Status::permission_denied(format!("{name:?} is not a member of this cluster")))?;
+        let credentials = self.context.dialer.credentials().expect("TLS is on: the caller has a certificate");
+        let ca = credentials.issuer.as_ref().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "{} holds no cluster secret and cannot issue certificates",
+                self.context.name
+            ))
+        })?;
+        let identity = super::tls::CertIdentity::member(&name);
+        let sans = crate::pki::member_sans(&address, &name);
+        let certificate_pem = ca
+            .sign_request(&identity, &request.get_ref().csr, &sans, crate::pki::LEAF_VALID_DAYS_DEFAULT)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(name, "renewed the certificate of a member that joined with a token");
+        Ok(Response::new(pb::RenewResponse {
+            certificate_pem,
+            ca_pem: String::from_utf8_lossy(&credentials.ca_pem).into_owned(),
+        }))
+    }
+
     async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
         self.context.caller(&request)?.require_member("proposing to the cluster")?;
         let member = self.member_for(request.get_ref().cluster_id)?;
@@ -845,6 +877,69 @@ pub async fn admit(dialer: &Dialer, seed: &str, request: pb::AdmitRequest) -> Re
     let mut request = Request::new(request);
     request.set_timeout(super::context::LEADER_WAIT + Duration::from_secs(2));
     peer_client(channel).admit(request).await.map(Response::into_inner)
+}
+
+/// How long renewing a joined member's certificate at start may take, all
+/// members tried.
+const RENEW_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A member that joined with a token renews its certificate and learns the
+/// CAs the cluster trusts now from any member `addresses` names that holds
+/// the cluster secret (`Peer.Renew`), so that it follows a rotation. On
+/// success the new files are written (`pki::JoinedFiles`) and returned as
+/// credentials; `None` when no member could renew it (it runs on with the
+/// certificate it has).
+pub async fn renew_joined(
+    credentials: &super::tls::Credentials,
+    files: &crate::pki::JoinedFiles,
+    cluster_id: u64,
+    addresses: &[String],
+) -> Option<super::tls::Credentials> {
+    let name = credentials.identity.name.clone();
+    let key = files.key_or_create().ok()?;
+    let csr = crate::pki::request_for(&key, &name).ok()?;
+    let dialer = Dialer::tls(Arc::new(credentials.clone()));
+    let attempt = async {
+        for address in addresses {
+            let Ok(endpoint) = dialer.endpoint(address) else { continue };
+            let renewed = async {
+                let channel = endpoint.connect().await.map_err(|e| Status::unavailable(transport_cause(&e)))?;
+                let request = pb::RenewRequest { cluster_id, csr: csr.clone() };
+                peer_client(channel).renew(request).await.map(Response::into_inner)
+            };
+            match renewed.await {
+                Ok(renewed) => {
+                    let identity = super::tls::CertIdentity::member(&name);
+                    if let Err(e) = crate::pki::check_issued(
+                        renewed.certificate_pem.as_bytes(),
+                        &key,
+                        &identity,
+                        renewed.ca_pem.as_bytes(),
+                    ) {
+                        tracing::warn!(address, error = %e, "a member renewed this host's certificate badly");
+                        continue;
+                    }
+                    if let Err(e) = files.write_issued(renewed.certificate_pem.as_bytes(), renewed.ca_pem.as_bytes()) {
+                        tracing::warn!(error = %e, "cannot keep the renewed certificate");
+                        return None;
+                    }
+                    tracing::info!(address, "renewed this host's certificate and the cluster's CAs");
+                    return super::tls::Credentials::load_joined(files, &name).ok();
+                }
+                Err(status) => {
+                    tracing::debug!(address, error = %status.message(), "renewing through this member failed")
+                }
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(RENEW_TIMEOUT, attempt).await {
+        Ok(Some(renewed)) => Some(renewed),
+        _ => {
+            tracing::warn!("no member renewed this host's certificate; running on with the one it has");
+            None
+        }
+    }
 }
 
 /// The innermost cause of a transport error ("Connection refused"), which
@@ -965,6 +1060,9 @@ mod tests {
         async fn propose(&self, _: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
             Err(Status::unimplemented("test"))
         }
+        async fn renew(&self, _: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+            Err(Status::unimplemented("test"))
+        }
     }
 
     async fn flaky_server(damaged: usize) -> (Arc<Flaky>, String) {
@@ -1042,6 +1140,9 @@ mod transport_tests {
             Err(Status::unimplemented("test"))
         }
         async fn propose(&self, _: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
+            Err(Status::unimplemented("test"))
+        }
+        async fn renew(&self, _: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
             Err(Status::unimplemented("test"))
         }
     }

@@ -25,7 +25,7 @@
 //!
 //! | config                   | certificate                          | trusts                     |
 //! |--------------------------|--------------------------------------|----------------------------|
-//! | `cluster_secret_file`    | issued here at start, from the secret | the secret's CA (and the previous secret's) |
+//! | `cluster_secret_file`    | issued here at start, from the secret | the secret's CA (and `cluster_secret_accepted_file`'s) |
 //! | `[tls]`                  | `tls.cert_file` (an operator CA's)    | `tls.ca_file`              |
 //! | neither, joined before   | `DATA_DIR/tls/member.pem` (the cluster issued it) | `DATA_DIR/tls/ca.pem` |
 //! | neither, `join` + token  | none yet: obtained by joining (`api::join`) |                     |
@@ -220,6 +220,9 @@ pub struct Credentials {
     /// call `Peer.Admit` with a join token): the cluster can issue
     /// certificates, so a host without one may ask for one.
     pub accepts_joiners: bool,
+    /// Where the files are, for a host that joined with a token (it renews
+    /// them at start: `peer::renew_joined`).
+    pub joined: Option<JoinedFiles>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -238,15 +241,6 @@ fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
         return Err(TlsError::Read { what, path: path.display().to_string(), reason: "it is not PEM".into() });
     }
     Ok(text)
-}
-
-/// The certificate in `ca_pem` that signed `cert_der`, DER.
-fn issuer_of(cert_der: &[u8], ca_pem: &[u8]) -> Option<Vec<u8>> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
-    pki::certs_of_pem(ca_pem).ok()?.into_iter().find(|ca| {
-        x509_parser::parse_x509_certificate(ca)
-            .is_ok_and(|(_, ca)| cert.verify_signature(Some(ca.public_key())).is_ok())
-    })
 }
 
 impl Credentials {
@@ -272,13 +266,22 @@ impl Credentials {
             )));
         }
         let leaf = pki::certs_of_pem(&cert_pem).map_err(|e| TlsError::Invalid(format!("`{cert_key}`: {e}")))?.remove(0);
-        let ca = issuer_of(&leaf, &ca_pem).ok_or_else(|| {
+        let ca = pki::issuer_in(&leaf, &ca_pem).ok_or_else(|| {
             TlsError::Invalid(format!("`{cert_key}` is not signed by any CA certificate it is to be checked with"))
         })?;
         let pin = Fingerprint::of_cert_der(&ca).map_err(|e| TlsError::Invalid(e.to_string()))?;
         let mut chain = pki::pem_of_cert(&leaf).into_bytes();
         chain.extend_from_slice(pki::pem_of_cert(&ca).as_bytes());
-        Ok(Credentials { ca_pem, cert_pem: chain, key_pem, identity, pin, issuer: None, accepts_joiners: false })
+        Ok(Credentials {
+            ca_pem,
+            cert_pem: chain,
+            key_pem,
+            identity,
+            pin,
+            issuer: None,
+            accepts_joiners: false,
+            joined: None,
+        })
     }
 
     /// `[tls]`: the configured files.
@@ -304,15 +307,16 @@ impl Credentials {
             "this data dir belongs to another host",
         )?;
         credentials.accepts_joiners = true;
+        credentials.joined = Some(files.clone());
         Ok(credentials)
     }
 
     /// `cluster_secret_file`: a member certificate for this agent, with a
-    /// new key, issued here from the secret's CA; the previous secret's CA
-    /// is trusted too.
+    /// new key, issued here from the secret's CA; the CA of `accepted` (a
+    /// rotation in progress) is trusted too.
     pub fn from_secret(
         secret: &ClusterSecret,
-        previous: Option<&ClusterSecret>,
+        accepted: Option<&ClusterSecret>,
         node_name: &str,
         address: &str,
     ) -> Result<Credentials, TlsError> {
@@ -323,8 +327,8 @@ impl Credentials {
             .issue_with_new_key(&identity, &sans, pki::LEAF_VALID_DAYS_DEFAULT)
             .map_err(|e| TlsError::Invalid(e.to_string()))?;
         let mut ca_pem = ca.cert_pem().as_bytes().to_vec();
-        if let Some(previous) = previous {
-            ca_pem.extend_from_slice(ClusterCa::from_secret(previous).cert_pem().as_bytes());
+        if let Some(accepted) = accepted {
+            ca_pem.extend_from_slice(ClusterCa::from_secret(accepted).cert_pem().as_bytes());
         }
         let mut cert_pem = issued.cert.into_bytes();
         cert_pem.extend_from_slice(ca.cert_pem().as_bytes());
@@ -336,6 +340,7 @@ impl Credentials {
             pin: ca.fingerprint(),
             issuer: Some(Arc::new(ca)),
             accepts_joiners: true,
+            joined: None,
         })
     }
 
@@ -397,15 +402,15 @@ impl AgentAuth {
             Auth::Tls(tls) => Credentials::load_tls(tls, &config.node_name)
                 .map(AgentAuth::Tls)
                 .map_err(|e| config_error("tls", e.to_string())),
-            Auth::Secret { file, previous } => {
+            Auth::Secret { file, accepted } => {
                 let secret =
                     ClusterSecret::read(file).map_err(|e| config_error("cluster_secret_file", e.to_string()))?;
-                let previous = previous
+                let accepted = accepted
                     .as_ref()
                     .map(|path| ClusterSecret::read(path))
                     .transpose()
-                    .map_err(|e| config_error("cluster_secret_previous_file", e.to_string()))?;
-                Credentials::from_secret(&secret, previous.as_ref(), &config.node_name, &address)
+                    .map_err(|e| config_error("cluster_secret_accepted_file", e.to_string()))?;
+                Credentials::from_secret(&secret, accepted.as_ref(), &config.node_name, &address)
                     .map(AgentAuth::Tls)
                     .map_err(|e| config_error("cluster_secret_file", e.to_string()))
             }

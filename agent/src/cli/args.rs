@@ -201,9 +201,9 @@ pub struct RunArgs {
     /// The secret every member shares, from `cluster new-secret` (`cluster_secret_file`)
     #[arg(long, value_name = "FILE")]
     pub cluster_secret_file: Option<PathBuf>,
-    /// The secret being rotated out, still trusted (`cluster_secret_previous_file`)
+    /// Another secret whose certificates are accepted too, during a rotation (`cluster_secret_accepted_file`)
     #[arg(long, value_name = "FILE")]
-    pub cluster_secret_previous_file: Option<PathBuf>,
+    pub cluster_secret_accepted_file: Option<PathBuf>,
     /// Plain text without authentication, only on a loopback --listen (`insecure`)
     #[arg(long)]
     pub insecure: bool,
@@ -242,7 +242,7 @@ impl RunArgs {
             metrics_listen: self.metrics_listen.clone(),
             join_token_file: self.join_token_file.clone(),
             cluster_secret_file: self.cluster_secret_file.clone(),
-            cluster_secret_previous_file: self.cluster_secret_previous_file.clone(),
+            cluster_secret_accepted_file: self.cluster_secret_accepted_file.clone(),
             insecure: self.insecure,
             runtime: self.runtime.clone(),
             state_dir: self.state_dir.clone(),

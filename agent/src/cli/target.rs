@@ -139,8 +139,8 @@ fn secret_credentials(config: &FileConfig, path: &Path) -> Result<Defaults, CliE
     };
     let ca = ClusterCa::from_secret(&read(path)?);
     let mut ca_pem = ca.cert_pem().as_bytes().to_vec();
-    if let Some(previous) = &config.cluster_secret_previous_file {
-        ca_pem.extend_from_slice(ClusterCa::from_secret(&read(previous)?).cert_pem().as_bytes());
+    if let Some(accepted) = &config.cluster_secret_accepted_file {
+        ca_pem.extend_from_slice(ClusterCa::from_secret(&read(accepted)?).cert_pem().as_bytes());
     }
     let name =
         config.node_name.clone().filter(|n| crate::names::validate(n).is_ok()).unwrap_or_else(|| "local".to_string());
