@@ -531,6 +531,20 @@ in
       description = "`IP:port` (IPv6 in brackets) of the metrics, health and dashboard HTTP listener. null: no listener.";
     };
 
+    clusterSecretFile = mkOption {
+      type = types.nullOr types.externalPath;
+      default = null;
+      example = "/run/agenix/blixard-cluster-secret";
+      description = ''
+        The cluster secret (from `blixard-agent cluster new-secret FILE`),
+        the same file on every initial member: the members derive one
+        cluster CA from it and authenticate each other with no further
+        step. A runtime path outside the Nix store (agenix, sops-nix),
+        passed to the agent as a systemd credential. Set this or `tls`;
+        a host joining with `joinTokenFile` needs neither.
+      '';
+    };
+
     joinTokenFile = mkOption {
       type = types.nullOr types.externalPath;
       default = null;
@@ -642,6 +656,10 @@ in
         message = "services.blixard.tls: set all of caFile, certFile and keyFile, or none of them.";
       }
       {
+        assertion = cfg.clusterSecretFile != null -> !tlsEnabled;
+        message = "services.blixard.clusterSecretFile and services.blixard.tls are two sources of the members' certificates: set one of them.";
+      }
+      {
         assertion = cfg.metricsListenAddress != null -> validSocketAddress cfg.metricsListenAddress;
         message = ''services.blixard.metricsListenAddress "${toString cfg.metricsListenAddress}" must be "IP:port" (IPv6 in brackets), e.g. "127.0.0.1:9464": the agent binds to an address, not a host name.'';
       }
@@ -719,8 +737,9 @@ in
       lib.optional ((cfg.settings.runtime.kind or "systemd") != "systemd")
         ''services.blixard.settings.runtime.kind is "${cfg.settings.runtime.kind}": the unit's sandbox is made for the systemd runtime (no /dev/kvm, no capabilities), so guests started as the agent's children will most likely fail.''
       ++
-        lib.optional (cfg.join != [ ] && !tlsEnabled && cfg.joinTokenFile == null)
-          "services.blixard.join is set without tls or joinTokenFile: without TLS the cluster admits a host only with a one-time token (`blixard-agent cluster join-token` on a member), so set services.blixard.joinTokenFile to a file holding one.";
+        lib.optional
+          (cfg.join != [ ] && !tlsEnabled && cfg.clusterSecretFile == null && cfg.joinTokenFile == null)
+          "services.blixard.join is set without clusterSecretFile, tls or joinTokenFile: such a host has no credentials, and the agent refuses to start; set services.blixard.joinTokenFile to a file holding a token from `blixard-agent cluster join-token` on a member.";
 
     services.blixard.settings = {
       node_name = cfg.nodeName;
@@ -731,6 +750,7 @@ in
       log_level = cfg.logLevel;
       metrics_listen = lib.mkIf (cfg.metricsListenAddress != null) cfg.metricsListenAddress;
       join_token_file = lib.mkIf (cfg.joinTokenFile != null) "${credentialsDir}/join-token";
+      cluster_secret_file = lib.mkIf (cfg.clusterSecretFile != null) "${credentialsDir}/cluster-secret";
       runtime = {
         kind = lib.mkDefault "systemd";
         state_dir = cfg.stateDir;
@@ -938,7 +958,8 @@ in
               "cert.pem:${cfg.tls.certFile}"
               "key.pem:${cfg.tls.keyFile}"
             ]
-            ++ lib.optional (cfg.joinTokenFile != null) "join-token:${cfg.joinTokenFile}";
+            ++ lib.optional (cfg.joinTokenFile != null) "join-token:${cfg.joinTokenFile}"
+            ++ lib.optional (cfg.clusterSecretFile != null) "cluster-secret:${cfg.clusterSecretFile}";
           LimitNOFILE = 65536;
 
           # Hardening (the shared part is `hardening`, after nixpkgs' headscale unit).

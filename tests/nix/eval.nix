@@ -427,6 +427,10 @@ let
       base
       { services.blixard.tls.keyFile = storePath "h1-key.pem"; }
     ] (cfg: cfg.services.blixard.tls.keyFile);
+    testClusterSecretRejectsAStorePath = rejects [
+      base
+      { services.blixard.clusterSecretFile = storePath "cluster-secret"; }
+    ] (cfg: cfg.services.blixard.clusterSecretFile);
     testJoinTokenRejectsAStorePath = rejects [
       base
       { services.blixard.joinTokenFile = storePath "token"; }
@@ -867,6 +871,24 @@ let
       };
     };
 
+    testClusterSecretIsACredential = {
+      expr =
+        let
+          cfg = evalHost [
+            base
+            { services.blixard.clusterSecretFile = "/run/agenix/blixard-cluster-secret"; }
+          ];
+        in
+        {
+          inherit ((unit cfg)) LoadCredential;
+          inherit (agentConfig cfg) cluster_secret_file;
+        };
+      expected = {
+        LoadCredential = [ "cluster-secret:/run/agenix/blixard-cluster-secret" ];
+        cluster_secret_file = "/run/credentials/blixard.service/cluster-secret";
+      };
+    };
+
     testNoCredentialsWithoutSecrets = {
       expr = (unit (evalHost [ base ])).LoadCredential;
       expected = [ ];
@@ -1201,6 +1223,17 @@ let
     testInitialMembersAndJoinExclusive = failsWith "set either initialMembers" [
       base
       { services.blixard.join = [ "10.0.0.2:7000" ]; }
+    ];
+    testClusterSecretOrTls = failsWith "set one of them" [
+      base
+      {
+        services.blixard.clusterSecretFile = "/run/agenix/blixard-cluster-secret";
+        services.blixard.tls = {
+          caFile = ./fixtures/ca.pem;
+          certFile = ./fixtures/h1.pem;
+          keyFile = "/run/secrets/h1-key.pem";
+        };
+      }
     ];
     testTlsAllOrNone = failsWith "set all of caFile, certFile and keyFile, or none of them" [
       base
