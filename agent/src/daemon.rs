@@ -401,7 +401,7 @@ async fn token_join(
     tracing::info!(id, pin = %pin, "joining with a token; this host serves nothing until it is admitted");
     loop {
         for seed in &config.join {
-            let token = crate::join_token::read_file(token_file)
+            let token = crate::join_token::read_file("the join token", token_file)
                 .map_err(|e| anyhow!("invalid configuration: `join_token_file`: {e}"))?;
             let request = pb::AdmitRequest {
                 id,
@@ -601,9 +601,8 @@ impl Agent {
     fn join_token(&self) -> anyhow::Result<String> {
         match &self.config.join_token_file {
             None => Ok(String::new()),
-            Some(path) => std::fs::read_to_string(path)
-                .map(|t| t.trim().to_string())
-                .map_err(|e| anyhow!("invalid configuration: `join_token_file`: cannot read {}: {e}", path.display())),
+            Some(path) => crate::join_token::read_file("the join token", path)
+                .map_err(|e| anyhow!("invalid configuration: `join_token_file`: {e}")),
         }
     }
 

@@ -58,17 +58,18 @@ pub fn pin_of(token: &str) -> Option<Fingerprint> {
 /// Longest token file read: a token is a short secret.
 pub const TOKEN_FILE_BYTES_MAX: u64 = 4096;
 
-/// Reads a token file: one line, surrounding whitespace ignored. The
-/// error is one sentence naming the file (never the token).
-pub fn read_file(path: &std::path::Path) -> Result<String, String> {
+/// Reads a token file (`what` names it in errors: a flag or a key): one
+/// line, surrounding whitespace ignored. The error is one sentence naming
+/// the file, never the token.
+pub fn read_file(what: &str, path: &std::path::Path) -> Result<String, String> {
     if std::fs::metadata(path).is_ok_and(|m| m.len() > TOKEN_FILE_BYTES_MAX) {
-        return Err(format!("{} is longer than a join token can be", path.display()));
+        return Err(format!("{what} {} is longer than a join token can be", path.display()));
     }
     let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {}", path.display(), crate::pki::io_reason(&e)))?;
+        .map_err(|e| format!("cannot read {what} {}: {}", path.display(), crate::pki::io_reason(&e)))?;
     let token = text.trim();
     if token.is_empty() {
-        return Err(format!("{} is empty", path.display()));
+        return Err(format!("{what} {} is empty", path.display()));
     }
     Ok(token.to_string())
 }

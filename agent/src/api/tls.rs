@@ -423,8 +423,8 @@ impl AgentAuth {
                 }
                 match (&config.join_token_file, config.join.is_empty()) {
                     (Some(token_file), false) => {
-                        let token =
-                            crate::join_token::read_file(token_file).map_err(|e| config_error("join_token_file", e))?;
+                        let token = crate::join_token::read_file("the join token", token_file)
+                            .map_err(|e| config_error("join_token_file", e))?;
                         let pin = crate::join_token::pin_of(&token).ok_or_else(|| {
                             config_error(
                                 "join_token_file",

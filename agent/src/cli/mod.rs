@@ -278,20 +278,7 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
 
 /// A join token file: one line, surrounding whitespace ignored.
 fn read_token(path: &std::path::Path) -> Result<String, CliError> {
-    /// A token is a short secret; anything longer is the wrong file.
-    const TOKEN_LEN_MAX: u64 = 4096;
-    let too_long = std::fs::metadata(path).map(|m| m.len() > TOKEN_LEN_MAX).unwrap_or(false);
-    if too_long {
-        return Err(CliError::usage(format!("--token-file {} is longer than a token can be", path.display())));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        CliError::usage(format!("cannot read --token-file {}: {}", path.display(), target::io_reason(&e)))
-    })?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(CliError::usage(format!("--token-file {} is empty", path.display())));
-    }
-    Ok(token.to_string())
+    crate::join_token::read_file("--token-file", path).map_err(CliError::usage)
 }
 
 fn run_client(request: Request, client_args: &ClientArgs) -> Result<(), CliError> {

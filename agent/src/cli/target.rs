@@ -178,14 +178,7 @@ fn read_pem(flag: &str, path: &Path) -> Result<Vec<u8>, CliError> {
     Ok(pem)
 }
 
-/// "No such file or directory (os error 2)" -> "No such file or directory"
-pub fn io_reason(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    match text.rfind(" (os error ") {
-        Some(at) => text[..at].to_string(),
-        None => text,
-    }
-}
+pub use crate::pki::io_reason;
 
 #[cfg(test)]
 mod tests {
