@@ -685,10 +685,14 @@ impl pb::peer_server::Peer for PeerService {
         Ok(Response::new(pb::RaftAck {}))
     }
 
-    async fn admit(&self, request: Request<pb::AdmitRequest>) -> Result<Response<pb::AdmitResponse>, Status> {
+    async fn admit(&self, mut request: Request<pb::AdmitRequest>) -> Result<Response<pb::AdmitResponse>, Status> {
         // A host joining with a token and no certificate yet: the gate
         // (`tls::AuthGate`) lets such a connection reach this call alone.
         let joiner = self.context.dialer.is_tls() && request.peer_certs().is_none_or(|certs| certs.is_empty());
+        // Only a member forwards: a joiner's header is dropped.
+        if joiner {
+            request.metadata_mut().remove(super::context::FORWARDED_HEADER);
+        }
         let forwarded = is_forwarded(&request);
         let mut issuer = None;
         {
