@@ -1,11 +1,13 @@
 //! `blixard-load`: the load client and measurements behind issue 3's
 //! benchmarks (results in BENCHMARKS.md; `scripts/bench.sh` runs them all).
 //!
-//! - `throughput`: 64 concurrent clients doing `VmCreate` against a
-//!   3-member cluster of real `blixard-agent run` processes on loopback, then
-//!   the same concurrency doing `Put` against a 3-member etcd cluster
-//!   (Debian's etcd 3.4, over its gRPC KV API), in one run; prints
-//!   throughput, p50/p99 latency and the ratio.
+//! - `throughput`: 1, 16 and 64 concurrent clients (`--clients`) doing
+//!   `VmCreate` against a 3-member cluster of real `blixard-agent run`
+//!   processes on loopback, authenticated as in production (mutual TLS from
+//!   a cluster secret, each client with its certificate; `--auth insecure`
+//!   for plain text), then the same concurrency doing `Put` against a
+//!   3-member etcd cluster (Debian's etcd 3.4, over its gRPC KV API), in
+//!   one run; prints throughput, p50/p99 latency and the ratio per level.
 //! - `idle`: RSS and CPU per member of an idle 3-member cluster (and of an
 //!   idle 3-member etcd cluster, for scale), from `/proc/<pid>/status` and
 //!   `/proc/<pid>/stat`.
@@ -316,7 +318,9 @@ fn throughput(
 
     let mut etcd_stats = Vec::new();
     if !skip_etcd {
-        let etcd = EtcdCluster::start(3)?;
+        // With the same authentication as the agents: mutual TLS between
+        // members and with clients.
+        let etcd = EtcdCluster::start(3, auth == Auth::Secret)?;
         etcd.wait_ready(&rt)?;
         let leader = rt.block_on(etcd_leader(&etcd))?;
         for (level, &clients) in levels.iter().enumerate() {
@@ -348,8 +352,8 @@ fn throughput(
         Target::Leader => "every client at the leader",
     };
     let auth_name = match auth {
-        Auth::Secret => "mutual TLS between members and with clients (cluster secret)",
-        Auth::Insecure => "plain text (insecure)",
+        Auth::Secret => "mutual TLS between members and with clients (agents: cluster secret; etcd: one CA)",
+        Auth::Insecure => "plain text (agents: insecure; etcd: its default)",
     };
     println!("3 members on loopback, {auth_name}; {target_name}; {seconds} s measured per level");
     print_header();
@@ -441,7 +445,7 @@ fn idle(seconds: f64, settle_seconds: f64, skip_etcd: bool) -> Result<()> {
     drop(cluster);
     if !skip_etcd {
         let rt = runtime()?;
-        let etcd = EtcdCluster::start(3)?;
+        let etcd = EtcdCluster::start(3, true)?;
         etcd.wait_ready(&rt)?;
         std::thread::sleep(Duration::from_secs_f64(settle_seconds));
         let pids: Vec<(String, u32)> = etcd
