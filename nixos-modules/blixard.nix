@@ -91,6 +91,10 @@ let
   ];
   tlsEnabled = lib.all (file: file != null) tlsFiles;
   tlsPartial = !tlsEnabled && lib.any (file: file != null) tlsFiles;
+  # Where this host's certificate comes from (or `insecure`, which the
+  # agent accepts on a loopback address only); a host that joins with a
+  # token has none until it is admitted.
+  hasCredentials = cfg.clusterSecretFile != null || tlsEnabled || (cfg.settings.insecure or false);
 
   # The guest's evaluated NixOS configuration: the one microvm.nix evaluates
   # (and then builds), so reading its size here evaluates nothing twice.
@@ -656,6 +660,10 @@ in
         message = "services.blixard.tls: set all of caFile, certFile and keyFile, or none of them.";
       }
       {
+        assertion = cfg.initialMembers != { } -> hasCredentials;
+        message = "services.blixard.initialMembers is set but this host has no credentials, and the agent refuses to start without them (peers always authenticate each other): set services.blixard.clusterSecretFile (one secret every member shares, made with `blixard-agent cluster new-secret FILE`) or services.blixard.tls (certificates from an operator CA).";
+      }
+      {
         assertion = cfg.clusterSecretFile != null -> !tlsEnabled;
         message = "services.blixard.clusterSecretFile and services.blixard.tls are two sources of the members' certificates: set one of them.";
       }
@@ -738,8 +746,8 @@ in
         ''services.blixard.settings.runtime.kind is "${cfg.settings.runtime.kind}": the unit's sandbox is made for the systemd runtime (no /dev/kvm, no capabilities), so guests started as the agent's children will most likely fail.''
       ++
         lib.optional
-          (cfg.join != [ ] && !tlsEnabled && cfg.clusterSecretFile == null && cfg.joinTokenFile == null)
-          "services.blixard.join is set without clusterSecretFile, tls or joinTokenFile: such a host has no credentials, and the agent refuses to start; set services.blixard.joinTokenFile to a file holding a token from `blixard-agent cluster join-token` on a member.";
+          (cfg.initialMembers == { } && !hasCredentials && (cfg.join == [ ] || cfg.joinTokenFile == null))
+          "services.blixard has neither clusterSecretFile nor tls, nor join with a joinTokenFile: the agent refuses to start unless this host already joined with a token (its certificate is then in dataDir); set services.blixard.join and services.blixard.joinTokenFile to a file holding a token from `blixard-agent cluster join-token` on a member, or set clusterSecretFile.";
 
     services.blixard.settings = {
       node_name = cfg.nodeName;

@@ -58,8 +58,11 @@ let
       enable = true;
       listenAddress = "10.0.0.1";
       initialMembers = members;
+      clusterSecretFile = "/run/secrets/blixard/cluster-secret";
     };
   };
+  # h1 with certificates from an operator CA instead (the tests set `tls`).
+  baseTls = lib.recursiveUpdate base { services.blixard.clusterSecretFile = null; };
 
   guest = {
     microvm.hypervisor = "qemu";
@@ -370,7 +373,7 @@ let
         let
           credentials =
             (unit (evalHost [
-              base
+              baseTls
               {
                 services.blixard.tls = {
                   caFile = ./fixtures/ca.pem;
@@ -400,7 +403,7 @@ let
     testTlsRuntimePathsStayRuntimePaths = {
       expr =
         (unit (evalHost [
-          base
+          baseTls
           {
             services.blixard.joinTokenFile = "/run/secrets/join-token";
             services.blixard.tls = {
@@ -428,7 +431,7 @@ let
       { services.blixard.tls.keyFile = storePath "h1-key.pem"; }
     ] (cfg: cfg.services.blixard.tls.keyFile);
     testClusterSecretRejectsAStorePath = rejects [
-      base
+      baseTls
       { services.blixard.clusterSecretFile = storePath "cluster-secret"; }
     ] (cfg: cfg.services.blixard.clusterSecretFile);
     testJoinTokenRejectsAStorePath = rejects [
@@ -705,6 +708,7 @@ let
         ];
         join = [ ];
         log_level = "info";
+        cluster_secret_file = "/run/credentials/blixard.service/cluster-secret";
         runtime = {
           kind = "systemd";
           state_dir = "/var/lib/microvms";
@@ -725,7 +729,7 @@ let
 
     testFullConfigFile = {
       expr = agentConfig (evalHost [
-        base
+        baseTls
         {
           services.blixard = {
             port = 7100;
@@ -871,27 +875,20 @@ let
       };
     };
 
+    # The secret is the one credential: nothing else is passed.
     testClusterSecretIsACredential = {
       expr =
         let
-          cfg = evalHost [
-            base
-            { services.blixard.clusterSecretFile = "/run/agenix/blixard-cluster-secret"; }
-          ];
+          cfg = evalHost [ base ];
         in
         {
           inherit ((unit cfg)) LoadCredential;
           inherit (agentConfig cfg) cluster_secret_file;
         };
       expected = {
-        LoadCredential = [ "cluster-secret:/run/agenix/blixard-cluster-secret" ];
+        LoadCredential = [ "cluster-secret:/run/secrets/blixard/cluster-secret" ];
         cluster_secret_file = "/run/credentials/blixard.service/cluster-secret";
       };
-    };
-
-    testNoCredentialsWithoutSecrets = {
-      expr = (unit (evalHost [ base ])).LoadCredential;
-      expected = [ ];
     };
 
     testFirewallClosedByDefault = {
@@ -1227,7 +1224,6 @@ let
     testClusterSecretOrTls = failsWith "set one of them" [
       base
       {
-        services.blixard.clusterSecretFile = "/run/agenix/blixard-cluster-secret";
         services.blixard.tls = {
           caFile = ./fixtures/ca.pem;
           certFile = ./fixtures/h1.pem;
@@ -1235,6 +1231,24 @@ let
         };
       }
     ];
+    testFounderNeedsCredentials = failsWith "has no credentials" [ baseTls ];
+    testInsecureFounderHasNoCredentials = {
+      expr =
+        let
+          cfg = evalHost [
+            baseTls
+            { services.blixard.settings.insecure = true; }
+          ];
+        in
+        {
+          failed = failedMessages cfg;
+          inherit ((unit cfg)) LoadCredential;
+        };
+      expected = {
+        failed = [ ];
+        LoadCredential = [ ];
+      };
+    };
     testTlsAllOrNone = failsWith "set all of caFile, certFile and keyFile, or none of them" [
       base
       { services.blixard.tls.certFile = "/etc/blixard/h1.pem"; }
