@@ -153,6 +153,32 @@ fn three_members_form_a_cluster_and_followers_serve_every_request() -> Result<()
     let escalate = cluster.block_on(read_only.cluster_issue_client(issue)).unwrap_err();
     assert_eq!(escalate.code(), Code::PermissionDenied, "{escalate:?}");
     assert_eq!(vm_names(&cluster, leader)?, ["web".to_string()].into());
+
+    // The same through the CLI. `--config FILE` takes the address and the
+    // credentials of the agent configured there (from the secret, a client
+    // certificate the CLI issues itself); `cluster issue-client` writes a
+    // read-only certificate for a key made on the spot, which from anywhere
+    // (`--ca/--cert/--key`) reads and is refused a write (exit 1).
+    let config = cluster.agent(other).config_path.display().to_string();
+    let listed = cli(&["vm", "list", "--json", "--config", &config])?;
+    assert!(listed.status.success() && stdout(&listed).contains("\"web\""), "{listed:?}");
+    let certs = cluster.dir().join("cli-viewer");
+    let dir = certs.display().to_string();
+    let issued = cli(&["cluster", "issue-client", "cli-viewer", "--role", "read-only", "--dir", &dir, "--config", &config])?;
+    assert!(issued.status.success(), "{issued:?}");
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(certs.join("cli-viewer.key"))?.permissions());
+    assert_eq!(key_mode & 0o077, 0, "the key is private: {key_mode:o}");
+    let path = |file: &str| certs.join(file).display().to_string();
+    let (ca, cert, key) = (path("ca.pem"), path("cli-viewer.pem"), path("cli-viewer.key"));
+    let address = &cluster.agent(follower).address;
+    let flags = ["--endpoint", address, "--config", "/dev/null", "--ca", &ca, "--cert", &cert, "--key", &key];
+    let listed = cli(&[&["vm", "list", "--json"][..], &flags].concat())?;
+    assert!(listed.status.success() && stdout(&listed).contains("\"web\""), "{listed:?}");
+    let write = cli(&[&["vm", "create", "by-cli", "--vcpu", "1", "--memory", "16"][..], &flags].concat())?;
+    assert_eq!(write.status.code(), Some(1), "{write:?}");
+    assert!(String::from_utf8_lossy(&write.stderr).contains("read-only"), "{write:?}");
+    assert_eq!(vm_names(&cluster, leader)?, ["web".to_string()].into());
+
     let admin = issue_client(&cluster, leader, "operator", "admin")?;
     let mut operator = cluster.client_with(follower, Some(&admin));
 
@@ -160,6 +186,15 @@ fn three_members_form_a_cluster_and_followers_serve_every_request() -> Result<()
     assert_eq!(deleted.name, "web");
     assert!(vm_names(&cluster, follower)?.is_empty());
     Ok(())
+}
+
+/// Runs the CLI (`blixard-agent ARGS`) to completion.
+fn cli(args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(agent_binary()?).args(args).env_remove("RUST_LOG").output()?)
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// A client certificate for `name` with `role`, issued by agent `index` from
