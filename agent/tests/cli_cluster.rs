@@ -91,9 +91,10 @@ impl Cluster {
         let http = free_address();
         let config = format!(
             "node_name = \"{name}\"\nlisten = \"{address}\"\nmetrics_listen = \"{http}\"\n\
-             data_dir = \"{}\"\n{extra}\
+             data_dir = \"{}\"\n{}{extra}\
              [runtime]\nkind = \"process\"\nstate_dir = \"{}\"\n[capacity]\nvcpu = 8\nmemory_mib = 8192\n",
             home.join("data").display(),
+            cli_support::LOOPBACK_INSECURE,
             state_dir.display()
         );
         let path = home.join("agent.toml");

@@ -172,10 +172,11 @@ impl Cluster {
             let metrics = free_address();
             let config = format!(
                 "node_name = \"{name}\"\nlisten = \"{address}\"\nmetrics_listen = \"{metrics}\"\ndata_dir = \"{}\"\n\
-                 initial_members = [{}]\n[runtime]\nkind = \"process\"\nstate_dir = \"{}\"\n\
+                 initial_members = [{}]\n{}[runtime]\nkind = \"process\"\nstate_dir = \"{}\"\n\
                  [capacity]\nvcpu = 8\nmemory_mib = 8192\n",
                 home.join("data").display(),
                 initial.join(", "),
+                cli_support::LOOPBACK_INSECURE,
                 state_dir.display()
             );
             let path = home.join("agent.toml");

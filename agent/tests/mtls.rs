@@ -311,7 +311,7 @@ fn peer_traffic_is_bound_to_member_certificates() {
         let status = as_h2.snapshot(tokio_stream::iter(vec![chunk])).await.unwrap_err();
         assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
         // Nor join as another host.
-        let admit = pb::AdmitRequest { id: 77, name: "h9".into(), address: "127.0.0.1:1".into(), token: String::new() };
+        let admit = pb::AdmitRequest { id: 77, name: "h9".into(), address: "127.0.0.1:1".into(), ..Default::default() };
         let status = as_h2.admit(admit.clone()).await.unwrap_err();
         assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
 

@@ -30,7 +30,7 @@ use tonic::{Code, Request, Status};
 use super::pb;
 use super::pb::blixard_client::BlixardClient;
 use super::status::{from_node_error, not_member};
-use super::tls::{Caller, TlsFiles};
+use super::tls::{Caller, Credentials, Kind};
 use crate::consensus::Role;
 use crate::node::{LeaderInfo, NodeError, NodeHandle, NodeStatus};
 use crate::state::{CommandKind, NodeId};
@@ -162,9 +162,9 @@ impl ApiError {
 pub(crate) fn is_forwarded<T>(request: &Request<T>) -> bool {
     request.metadata().contains_key(FORWARDED_HEADER)
         && !request.peer_certs().is_some_and(|certs| {
-            certs.first().is_none_or(|leaf| {
-                !super::tls::identity_of_der(leaf.as_ref()).is_ok_and(|id| id.role == super::tls::Role::Member)
-            })
+            certs
+                .first()
+                .is_none_or(|leaf| !super::tls::identity_of_der(leaf.as_ref()).is_ok_and(|id| id.kind == Kind::Member))
         })
 }
 
@@ -454,19 +454,25 @@ impl Context {
 #[derive(Debug, Clone, Default)]
 pub struct Dialer {
     tls: Option<ClientTlsConfig>,
+    credentials: Option<Arc<Credentials>>,
 }
 
 impl Dialer {
     pub fn plain() -> Dialer {
-        Dialer { tls: None }
+        Dialer { tls: None, credentials: None }
     }
 
-    pub fn tls(files: &TlsFiles) -> Dialer {
-        Dialer { tls: Some(files.client()) }
+    pub fn tls(credentials: Arc<Credentials>) -> Dialer {
+        Dialer { tls: Some(credentials.client()), credentials: Some(credentials) }
     }
 
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
+    }
+
+    /// This agent's certificate and CAs (none without TLS).
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.credentials.as_deref()
     }
 
     /// An endpoint for `address` (`host:port`).

@@ -8,6 +8,7 @@
 //! - `tls`: mutual TLS settings, and the identity a certificate carries.
 
 pub mod context;
+pub mod join;
 pub mod peer;
 pub mod service;
 pub mod status;

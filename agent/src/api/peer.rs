@@ -212,7 +212,7 @@ impl Drop for PeerTransport {
     }
 }
 
-fn peer_client(channel: Channel) -> PeerClient<Channel> {
+pub(crate) fn peer_client(channel: Channel) -> PeerClient<Channel> {
     PeerClient::new(channel)
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
@@ -685,9 +685,18 @@ impl pb::peer_server::Peer for PeerService {
         Ok(Response::new(pb::RaftAck {}))
     }
 
-    async fn admit(&self, request: Request<pb::AdmitRequest>) -> Result<Response<pb::AdmitResponse>, Status> {
+    async fn admit(&self, mut request: Request<pb::AdmitRequest>) -> Result<Response<pb::AdmitResponse>, Status> {
+        // A host joining with a token and no certificate yet: the gate
+        // (`tls::AuthGate`) lets such a connection reach this call alone.
+        let joiner = self.context.dialer.is_tls() && request.peer_certs().is_none_or(|certs| certs.is_empty());
+        // Only a member forwards: a joiner's header is dropped.
+        if joiner {
+            request.metadata_mut().remove(super::context::FORWARDED_HEADER);
+        }
+        let forwarded = is_forwarded(&request);
+        let mut issuer = None;
         {
-            let caller = self.context.caller(&request)?;
+            let caller = if joiner { Caller::Anonymous } else { self.context.caller(&request)? };
             let admit = request.get_ref();
             names::validate(&admit.name).map_err(|e| {
                 Status::invalid_argument(format!("invalid node name {}: {e}", super::service::quoted(&admit.name)))
@@ -697,7 +706,7 @@ impl pb::peer_server::Peer for PeerService {
             // A member that forwards an admission to the leader has checked
             // the joiner's certificate itself (only a member may forward).
             if let Some(cert_name) = caller.require_member("joining the cluster")?
-                && !is_forwarded(&request)
+                && !forwarded
                 && cert_name != admit.name
             {
                 return Err(Status::permission_denied(format!(
@@ -711,9 +720,9 @@ impl pb::peer_server::Peer for PeerService {
             if admit.token.len() > super::service::JOIN_TOKEN_LEN_MAX {
                 return Err(Status::invalid_argument("the join token is too long"));
             }
-            // Without TLS nobody is authenticated: a one-time join token is
-            // the admission. With TLS the member certificate is, and a
-            // token given anyway is checked too.
+            // Without a certificate nobody is authenticated: a one-time
+            // join token is the admission. With one the member certificate
+            // is, and a token given anyway is checked too.
             if matches!(caller, Caller::Anonymous) && admit.token.trim().is_empty() {
                 return Err(Status::permission_denied(
                     "joining this cluster needs a join token: issue one with `blixard-agent cluster join-token` \
@@ -723,12 +732,47 @@ impl pb::peer_server::Peer for PeerService {
             if admit.address.is_empty() || admit.address.len() > limits::ADDRESS_LEN_MAX {
                 return Err(Status::invalid_argument(format!("{:?} is not a HOST:PORT address", admit.address)));
             }
+            if joiner {
+                // Checked before anything is proposed: a refusal here uses
+                // no token.
+                let credentials = self.context.dialer.credentials().expect("TLS is on");
+                let ca = credentials.issuer.clone().ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "{} joined without the cluster secret and cannot issue certificates; join through a \
+                         member that has `cluster_secret_file`",
+                        self.context.name
+                    ))
+                })?;
+                crate::pki::parse_request(&admit.csr).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                issuer = Some((ca, credentials.ca_pem.clone()));
+            } else if !admit.csr.is_empty() && !forwarded {
+                return Err(Status::invalid_argument(
+                    "a certificate signing request is only for a host that joins without a certificate",
+                ));
+            }
         }
-        self.context
+        let (name, address, csr) =
+            (request.get_ref().name.clone(), request.get_ref().address.clone(), request.get_ref().csr.clone());
+        let mut response = self
+            .context
             .write(
                 request,
                 |member, admit| {
                     Box::pin(async move {
+                        // A name another member holds is refused before the
+                        // token is touched: a token is used up only by a
+                        // join that succeeds.
+                        let (id, name) = (admit.id, admit.name.clone());
+                        let other = member
+                            .node
+                            .read_local(move |state, _| {
+                                state.member_by_name(&name).filter(|m| m.id != id).map(|m| m.id)
+                            })
+                            .await?;
+                        if let Some(id) = other {
+                            let rejection = crate::state::Rejection::DuplicateMemberName { name: admit.name, id };
+                            return Err(ApiError::Status(super::status::from_rejection(&rejection)));
+                        }
                         // The token first: marked used by this host, so no
                         // other host can join with it.
                         if !admit.token.trim().is_empty() {
@@ -752,12 +796,61 @@ impl pb::peer_server::Peer for PeerService {
                                     .collect::<Vec<_>>()
                             })
                             .await?;
-                        Ok::<_, ApiError>(pb::AdmitResponse { cluster_id: member.cluster_id, members })
+                        Ok::<_, ApiError>(pb::AdmitResponse {
+                            cluster_id: member.cluster_id,
+                            members,
+                            ..Default::default()
+                        })
                     })
                 },
                 |channel, request| Box::pin(async move { peer_client(channel).admit(request).await }),
             )
-            .await
+            .await?;
+        if let Some((ca, trusted)) = issuer {
+            // Admitted: its certificate, for the key of its request.
+            let identity = super::tls::CertIdentity::member(&name);
+            let sans = crate::pki::member_sans(&address, &name);
+            let certificate = ca
+                .sign_request(&identity, &csr, &sans, crate::pki::LEAF_VALID_DAYS_DEFAULT)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            tracing::info!(name, address, "issued a member certificate to a host joining with a token");
+            let body = response.get_mut();
+            body.certificate_pem = certificate;
+            body.ca_pem = String::from_utf8_lossy(&trusted).into_owned();
+        }
+        Ok(response)
+    }
+
+    async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+        let caller = self.context.caller(&request)?;
+        let name = caller
+            .require_member("renewing a member certificate")?
+            .ok_or_else(|| Status::failed_precondition("this agent runs with `insecure`: it has no certificates"))?
+            .to_string();
+        let member = self.member_for(request.get_ref().cluster_id)?;
+        let lookup = name.clone();
+        let address = member
+            .node
+            .read_local(move |state, _| state.member_by_name(&lookup).map(|m| m.address.clone()))
+            .await?
+            .ok_or_else(|| Status::permission_denied(format!("{name:?} is not a member of this cluster")))?;
+        let credentials = self.context.dialer.credentials().expect("TLS is on: the caller has a certificate");
+        let ca = credentials.issuer.as_ref().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "{} holds no cluster secret and cannot issue certificates",
+                self.context.name
+            ))
+        })?;
+        let identity = super::tls::CertIdentity::member(&name);
+        let sans = crate::pki::member_sans(&address, &name);
+        let certificate_pem = ca
+            .sign_request(&identity, &request.get_ref().csr, &sans, crate::pki::LEAF_VALID_DAYS_DEFAULT)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(name, "renewed the certificate of a member that joined with a token");
+        Ok(Response::new(pb::RenewResponse {
+            certificate_pem,
+            ca_pem: String::from_utf8_lossy(&credentials.ca_pem).into_owned(),
+        }))
     }
 
     async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
@@ -788,6 +881,69 @@ pub async fn admit(dialer: &Dialer, seed: &str, request: pb::AdmitRequest) -> Re
     let mut request = Request::new(request);
     request.set_timeout(super::context::LEADER_WAIT + Duration::from_secs(2));
     peer_client(channel).admit(request).await.map(Response::into_inner)
+}
+
+/// How long renewing a joined member's certificate at start may take, all
+/// members tried.
+const RENEW_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A member that joined with a token renews its certificate and learns the
+/// CAs the cluster trusts now from any member `addresses` names that holds
+/// the cluster secret (`Peer.Renew`), so that it follows a rotation. On
+/// success the new files are written (`pki::JoinedFiles`) and returned as
+/// credentials; `None` when no member could renew it (it runs on with the
+/// certificate it has).
+pub async fn renew_joined(
+    credentials: &super::tls::Credentials,
+    files: &crate::pki::JoinedFiles,
+    cluster_id: u64,
+    addresses: &[String],
+) -> Option<super::tls::Credentials> {
+    let name = credentials.identity.name.clone();
+    let key = files.key_or_create().ok()?;
+    let csr = crate::pki::request_for(&key, &name).ok()?;
+    let dialer = Dialer::tls(Arc::new(credentials.clone()));
+    let attempt = async {
+        for address in addresses {
+            let Ok(endpoint) = dialer.endpoint(address) else { continue };
+            let renewed = async {
+                let channel = endpoint.connect().await.map_err(|e| Status::unavailable(transport_cause(&e)))?;
+                let request = pb::RenewRequest { cluster_id, csr: csr.clone() };
+                peer_client(channel).renew(request).await.map(Response::into_inner)
+            };
+            match renewed.await {
+                Ok(renewed) => {
+                    let identity = super::tls::CertIdentity::member(&name);
+                    if let Err(e) = crate::pki::check_issued(
+                        renewed.certificate_pem.as_bytes(),
+                        &key,
+                        &identity,
+                        renewed.ca_pem.as_bytes(),
+                    ) {
+                        tracing::warn!(address, error = %e, "a member renewed this host's certificate badly");
+                        continue;
+                    }
+                    if let Err(e) = files.write_issued(renewed.certificate_pem.as_bytes(), renewed.ca_pem.as_bytes()) {
+                        tracing::warn!(error = %e, "cannot keep the renewed certificate");
+                        return None;
+                    }
+                    tracing::info!(address, "renewed this host's certificate and the cluster's CAs");
+                    return super::tls::Credentials::load_joined(files, &name).ok();
+                }
+                Err(status) => {
+                    tracing::debug!(address, error = %status.message(), "renewing through this member failed")
+                }
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(RENEW_TIMEOUT, attempt).await {
+        Ok(Some(renewed)) => Some(renewed),
+        _ => {
+            tracing::warn!("no member renewed this host's certificate; running on with the one it has");
+            None
+        }
+    }
 }
 
 /// The innermost cause of a transport error ("Connection refused"), which
@@ -908,6 +1064,9 @@ mod tests {
         async fn propose(&self, _: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
             Err(Status::unimplemented("test"))
         }
+        async fn renew(&self, _: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+            Err(Status::unimplemented("test"))
+        }
     }
 
     async fn flaky_server(damaged: usize) -> (Arc<Flaky>, String) {
@@ -985,6 +1144,9 @@ mod transport_tests {
             Err(Status::unimplemented("test"))
         }
         async fn propose(&self, _: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
+            Err(Status::unimplemented("test"))
+        }
+        async fn renew(&self, _: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
             Err(Status::unimplemented("test"))
         }
     }

@@ -19,6 +19,7 @@ use super::context::{ApiError, Context, FORWARDED_HEADER, Membership, is_forward
 use super::pb;
 use super::pb::blixard_server::Blixard;
 use super::status::from_rejection;
+use super::tls::{self, CertIdentity};
 use crate::consensus::{CoreStatus, Role};
 use crate::names;
 use crate::node::events::{EVENTS_MAX, Event};
@@ -511,11 +512,19 @@ impl BlixardService {
         BlixardService { context }
     }
 
+    /// Refuses a read-only client `what` (a write). The minimal check of
+    /// roles until one authorization table decides every RPC: reads are
+    /// open to every authenticated caller, writes need an admin.
+    fn require_admin<T>(&self, request: &Request<T>, what: &str) -> Result<(), Status> {
+        self.context.caller(request)?.require_admin(what)
+    }
+
     async fn set_desired(
         &self,
         request: Request<pb::VmRequest>,
         desired: Desired,
     ) -> Result<Response<pb::VmInfo>, Status> {
+        self.require_admin(&request, "setting a VM's desired state")?;
         check_name("VM", &request.get_ref().name)?;
         self.context
             .write_anywhere(request, move |member, request| {
@@ -532,6 +541,7 @@ impl BlixardService {
         request: Request<pb::NodeRequest>,
         drain: bool,
     ) -> Result<Response<pb::NodeInfo>, Status> {
+        self.require_admin(&request, "draining or undraining a node")?;
         check_name("node", &request.get_ref().name)?;
         self.context
             .write(
@@ -615,6 +625,7 @@ impl Blixard for BlixardService {
         &self,
         request: Request<pb::ClusterJoinRequest>,
     ) -> Result<Response<pb::ClusterJoinResponse>, Status> {
+        self.require_admin(&request, "joining a cluster")?;
         if let Some(member) = self.context.membership()
             && !member.node.status().removed
         {
@@ -638,6 +649,7 @@ impl Blixard for BlixardService {
         &self,
         request: Request<pb::ClusterJoinTokenRequest>,
     ) -> Result<Response<pb::ClusterJoinTokenResponse>, Status> {
+        self.require_admin(&request, "issuing a join token")?;
         let ttl_seconds = match request.get_ref().ttl_seconds {
             0 => crate::join_token::DEFAULT_TTL_SECS,
             seconds => seconds,
@@ -649,7 +661,8 @@ impl Blixard for BlixardService {
             )));
         }
         self.context.member()?;
-        let token = crate::join_token::generate()
+        let pin = self.context.dialer.credentials().map(|c| c.pin);
+        let token = crate::join_token::generate(pin)
             .map_err(|e| Status::internal(format!("cannot read random bytes for a join token: {e}")))?;
         let ttl_ms = ttl_seconds * 1000;
         let expires_unix_ms = crate::node::now_unix_ms() + ttl_ms;
@@ -659,10 +672,55 @@ impl Blixard for BlixardService {
         Ok(Response::new(pb::ClusterJoinTokenResponse { token, expires_unix_ms }))
     }
 
+    async fn cluster_issue_client(
+        &self,
+        request: Request<pb::ClusterIssueClientRequest>,
+    ) -> Result<Response<pb::ClusterIssueClientResponse>, Status> {
+        self.require_admin(&request, "issuing a client certificate")?;
+        let caller = self.context.caller(&request)?;
+        let request = request.into_inner();
+        check_name("client", &request.name)?;
+        let role = tls::Role::parse(&request.role).ok_or_else(|| {
+            Status::invalid_argument(format!("{} is not a role: use read-only or admin", quoted(&request.role)))
+        })?;
+        let days = match i64::from(request.days) {
+            0 => crate::pki::LEAF_VALID_DAYS_DEFAULT,
+            days if days > crate::pki::LEAF_VALID_DAYS_MAX => {
+                return Err(Status::invalid_argument(format!(
+                    "a client certificate is valid for at most {} days, not {days}",
+                    crate::pki::LEAF_VALID_DAYS_MAX
+                )));
+            }
+            days => days,
+        };
+        let credentials = self.context.dialer.credentials().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "{} runs with `insecure`: there is no cluster CA to issue certificates from",
+                self.context.name
+            ))
+        })?;
+        let ca = credentials.issuer.as_ref().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "{} holds no cluster secret, so it cannot issue certificates; ask a member with \
+                 `cluster_secret_file`, or with an operator CA use `blixard-agent certs client`",
+                self.context.name
+            ))
+        })?;
+        let identity = CertIdentity::client(&request.name, role);
+        let certificate_pem =
+            ca.sign_request(&identity, &request.csr, &[], days).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(client = %request.name, role = role.as_str(), days, by = ?caller, "issued a client certificate");
+        Ok(Response::new(pb::ClusterIssueClientResponse {
+            certificate_pem,
+            ca_pem: String::from_utf8_lossy(&credentials.ca_pem).into_owned(),
+        }))
+    }
+
     async fn cluster_leave(
         &self,
         request: Request<pb::ClusterLeaveRequest>,
     ) -> Result<Response<pb::ClusterLeaveResponse>, Status> {
+        self.require_admin(&request, "removing a member")?;
         let mut request = request;
         if request.get_ref().node.is_empty() {
             // Empty: the agent receiving the call (resolved before any
@@ -738,6 +796,7 @@ impl Blixard for BlixardService {
     }
 
     async fn vm_create(&self, request: Request<pb::VmCreateRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        self.require_admin(&request, "vm create")?;
         spec_of(request.get_ref())?;
         self.context.member()?;
         self.context
@@ -779,6 +838,7 @@ impl Blixard for BlixardService {
     }
 
     async fn vm_delete(&self, request: Request<pb::VmRequest>) -> Result<Response<pb::VmDeleteResponse>, Status> {
+        self.require_admin(&request, "vm delete")?;
         check_name("VM", &request.get_ref().name)?;
         self.context
             .write_anywhere(request, |member, request| {
@@ -791,6 +851,7 @@ impl Blixard for BlixardService {
     }
 
     async fn vm_migrate(&self, request: Request<pb::VmMigrateRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        self.require_admin(&request, "vm migrate")?;
         check_name("VM", &request.get_ref().name)?;
         check_name("node", &request.get_ref().to)?;
         self.context
@@ -830,6 +891,7 @@ impl Blixard for BlixardService {
     }
 
     async fn vm_recover(&self, request: Request<pb::VmRecoverRequest>) -> Result<Response<pb::VmInfo>, Status> {
+        self.require_admin(&request, "vm recover")?;
         check_name("VM", &request.get_ref().name)?;
         check_name("node", &request.get_ref().to)?;
         self.context

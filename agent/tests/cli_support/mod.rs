@@ -21,6 +21,12 @@ use tonic::{Code, Request, Response, Status};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_blixard-agent");
 
+/// What the configs of agents on loopback in these tests say about
+/// authentication: plain text, which only a loopback `listen` accepts
+/// (`mtls.rs` covers TLS; the system tests in `tests/` run with the cluster
+/// secret).
+pub const LOOPBACK_INSECURE: &str = "insecure = true\n";
+
 /// What a run of the binary left behind.
 #[derive(Debug)]
 pub struct Out {
@@ -292,6 +298,17 @@ impl Blixard for Service {
         let r = r.into_inner();
         self.handle(format!("ClusterJoinToken({})", r.ttl_seconds), |_| {
             Ok(pb::ClusterJoinTokenResponse { token: "blxjt_0123".into(), expires_unix_ms: 1_700_000_000_000 })
+        })
+        .await
+    }
+
+    async fn cluster_issue_client(
+        &self,
+        r: Request<pb::ClusterIssueClientRequest>,
+    ) -> Result<Response<pb::ClusterIssueClientResponse>, Status> {
+        let r = r.into_inner();
+        self.handle(format!("ClusterIssueClient({},{})", r.name, r.role), |_| {
+            Err(Status::failed_precondition("the fake agent holds no cluster CA"))
         })
         .await
     }
