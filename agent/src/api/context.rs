@@ -49,6 +49,9 @@ pub const STALE_FOR_HEADER: &str = "x-blixard-stale-for-ms";
 pub fn wants_stale<T>(request: &tonic::Request<T>) -> bool {
     request.metadata().contains_key(STALE_HEADER)
 }
+/// Carries the leader's address on a refusal from a member that does not
+/// lead, for a call only the leader serves and nobody forwards (`Admit`).
+pub const LEADER_HEADER: &str = "x-blixard-leader";
 /// How long a request waits for a leader (an election, a leadership
 /// transfer) before failing with `Unavailable`.
 pub const LEADER_WAIT: Duration = Duration::from_secs(8);
@@ -112,6 +115,34 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// How [`Context::write`] forwards a request to the leader.
 type RemoteWrite<'a, Req, Resp> =
     dyn Fn(Channel, Request<Req>) -> BoxFuture<Result<tonic::Response<Resp>, Status>> + Sync + 'a;
+
+/// What [`Context::write_routed`] does with a request the leader must
+/// serve, on a member that does not lead.
+enum Remote<'a, Req, Resp> {
+    /// Nothing: it runs anywhere.
+    Anywhere,
+    /// Forwards it once to the leader.
+    Forward(&'a RemoteWrite<'a, Req, Resp>),
+    /// Refuses it with the leader's address ([`LEADER_HEADER`]), for the
+    /// caller to ask the leader itself.
+    Redirect,
+}
+
+/// The refusal that sends a caller to `leader`.
+fn redirect(leader: &LeaderInfo) -> Status {
+    let mut status =
+        Status::unavailable(format!("this member does not lead; ask the leader {} at {}", leader.name, leader.address));
+    if let Ok(value) = leader.address.parse() {
+        status.metadata_mut().insert(LEADER_HEADER, value);
+    }
+    status
+}
+
+/// The leader's address a redirect names (see [`Remote::Redirect`]).
+pub fn leader_of_redirect(status: &Status) -> Option<String> {
+    let value = status.metadata().get(LEADER_HEADER)?.to_str().ok()?;
+    (!value.is_empty() && value.len() <= crate::state::limits::ADDRESS_LEN_MAX).then(|| value.to_string())
+}
 
 /// Where a request is handled.
 pub(crate) enum Route {
@@ -264,6 +295,24 @@ impl Context {
         }
     }
 
+    /// The id of the member named `name`, as the replicated state (or the
+    /// admission answer) binds them; `None` for a name it does not know.
+    pub(crate) async fn member_id_by_name(&self, member: &Membership, name: &str) -> Result<Option<NodeId>, Status> {
+        let cached = {
+            let names = self.member_names.lock().unwrap_or_else(|e| e.into_inner());
+            names.iter().find(|(_, n)| *n == name).map(|(id, _)| *id)
+        };
+        if cached.is_some() {
+            return Ok(cached);
+        }
+        let name = name.to_string();
+        member
+            .node
+            .read_local(move |state, _| state.member_by_name(&name).map(|m| m.id))
+            .await
+            .map_err(|e| from_node_error(&e))
+    }
+
     /// A (lazily connecting) channel to the agent at `address`.
     pub fn channel(&self, address: &str) -> Result<Channel, Status> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
@@ -319,7 +368,22 @@ impl Context {
     where
         Req: Clone,
     {
-        self.write_routed(request, local, Some(&remote)).await
+        self.write_routed(request, local, Remote::Forward(&remote)).await
+    }
+
+    /// Runs a write on the leader only: a member that does not lead
+    /// answers with the leader's address instead of forwarding it (a call
+    /// that speaks for its caller's certificate, which a forwarding member
+    /// cannot present).
+    pub(crate) async fn write_on_leader<Req, Resp>(
+        &self,
+        request: Request<Req>,
+        local: impl Fn(Membership, Req) -> BoxFuture<Result<Resp, ApiError>>,
+    ) -> Result<tonic::Response<Resp>, Status>
+    where
+        Req: Clone,
+    {
+        self.write_routed(request, local, Remote::Redirect).await
     }
 
     /// Runs a write that proposes plain commands (no membership change) on
@@ -337,7 +401,7 @@ impl Context {
     where
         Req: Clone,
     {
-        self.write_routed(request, local, None).await
+        self.write_routed(request, local, Remote::Anywhere).await
     }
 
     /// [`Context::write`] (with `remote`) and [`Context::write_anywhere`]
@@ -347,7 +411,7 @@ impl Context {
         &self,
         request: Request<Req>,
         local: impl Fn(Membership, Req) -> BoxFuture<Result<Resp, ApiError>>,
-        remote: Option<&RemoteWrite<'_, Req, Resp>>,
+        remote: Remote<'_, Req, Resp>,
     ) -> Result<tonic::Response<Resp>, Status>
     where
         Req: Clone,
@@ -359,7 +423,7 @@ impl Context {
         let deadline = Instant::now() + LEADER_WAIT;
         let request = request.into_inner();
         loop {
-            match self.route(forwarded, remote.is_none(), deadline).await? {
+            match self.route(forwarded, matches!(remote, Remote::Anywhere), deadline).await? {
                 Route::Local(member) => match local(member.clone(), request.clone()).await {
                     Ok(response) => return Ok(tonic::Response::new(response)),
                     Err(e) if e.is_retryable() && !forwarded && Instant::now() < deadline => {
@@ -368,7 +432,11 @@ impl Context {
                     Err(e) => return Err(e.into_status()),
                 },
                 Route::Leader(leader, channel) => {
-                    let remote = remote.expect("route() sends only a write with a remote path to the leader");
+                    let remote = match &remote {
+                        Remote::Forward(remote) => *remote,
+                        Remote::Redirect => return Err(redirect(&leader)),
+                        Remote::Anywhere => unreachable!("route() runs a write that runs anywhere locally"),
+                    };
                     let mut forward = Request::new(request.clone());
                     mark_forwarded(&mut forward, deadline);
                     match remote(channel, forward).await {

@@ -24,8 +24,8 @@ use crate::names;
 use crate::node::events::{EVENTS_MAX, Event};
 use crate::node::{NodeStatus, ProposalCheck};
 use crate::state::{
-    CommandKind, Desired, Failover, Labels, Member, MemberStatus, MembershipChange, NodeId, Rejection, State, Vm,
-    VmSpec, VmState, limits,
+    CommandKind, Desired, Effect, Failover, Labels, Member, MemberStatus, MembershipChange, NodeId, Rejection, State,
+    Vm, VmSpec, VmState, limits,
 };
 
 /// A VM as the API shows it. `explain` adds why a VM that is not running
@@ -414,14 +414,30 @@ impl Blixard for BlixardService {
             )));
         }
         self.context.member()?;
-        let token = crate::join_token::generate()
-            .map_err(|e| Status::internal(format!("cannot read random bytes for a join token: {e}")))?;
         let ttl_ms = ttl_seconds * 1000;
-        let expires_unix_ms = crate::node::now_unix_ms() + ttl_ms;
-        self.context.propose(CommandKind::AddJoinToken { hash: crate::join_token::hash(&token), ttl_ms }).await?;
-        // The token itself is never logged: only the operator sees it.
-        tracing::info!(ttl_seconds, "issued a join token");
-        Ok(Response::new(pb::ClusterJoinTokenResponse { token, expires_unix_ms }))
+        // Made and recorded by the leader, so that a token's life is
+        // judged on one clock: the leader's, at issue and at use (a
+        // member's fast clock cannot shorten or end anyone's token).
+        self.context
+            .write(
+                request,
+                move |member, _| {
+                    Box::pin(async move {
+                        let token = crate::join_token::generate()
+                            .map_err(|e| Status::internal(format!("cannot read random bytes for a join token: {e}")))?;
+                        let hash = crate::join_token::hash(&token);
+                        let effect = member.node.propose(CommandKind::AddJoinToken { hash, ttl_ms }).await?;
+                        let Effect::JoinTokenAdded { expires_unix_ms } = effect else {
+                            return Err(ApiError::Status(Status::internal("the join token was not recorded")));
+                        };
+                        // The token itself is never logged: only the operator sees it.
+                        tracing::info!(ttl_seconds, "issued a join token");
+                        Ok(pb::ClusterJoinTokenResponse { token, expires_unix_ms })
+                    })
+                },
+                |channel, request| Box::pin(async move { client(channel).cluster_join_token(request).await }),
+            )
+            .await
     }
 
     async fn cluster_leave(

@@ -20,7 +20,7 @@
 
 use std::path::Path;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, CertificateDer, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 use x509_parser::extensions::GeneralName;
 
@@ -201,12 +201,18 @@ impl Caller {
     /// certificate cannot reach us (the handshake requires one), so its
     /// absence is refused rather than treated as anonymous.
     pub fn of<T>(request: &Request<T>, tls_on: bool) -> Result<Caller, Status> {
+        Caller::of_certs(request.peer_certs().as_ref().map(|certs| certs.as_slice()), tls_on)
+    }
+
+    /// [`Caller::of`] from the connection's peer certificates (`None`: no
+    /// TLS, or none presented).
+    pub fn of_certs(certs: Option<&[CertificateDer<'static>]>, tls_on: bool) -> Result<Caller, Status> {
         if !tls_on {
             return Ok(Caller::Anonymous);
         }
-        let certs =
-            request.peer_certs().ok_or_else(|| Status::unauthenticated("this agent requires a client certificate"))?;
-        let leaf = certs.first().ok_or_else(|| Status::unauthenticated("this agent requires a client certificate"))?;
+        let leaf = certs
+            .and_then(|certs| certs.first())
+            .ok_or_else(|| Status::unauthenticated("this agent requires a client certificate"))?;
         identity_of_der(leaf.as_ref()).map(Caller::Authenticated).map_err(Status::permission_denied)
     }
 

@@ -329,7 +329,17 @@ impl Core {
     /// A leader drops a follower's proposal handed to the leader of an
     /// earlier term (see [`Core::propose`]): its proposer may already have
     /// seen that term end without it and reported it dropped.
+    ///
+    /// A member that does not lead drops a peer's proposal or read-index
+    /// request rather than relaying it to the leader as raft-rs would: the
+    /// relayed message would speak for its proposer, which the leader
+    /// refuses from anyone but the proposer itself (`crate::trust`). Its
+    /// proposer learns the leader and asks again (see [`Core::propose`]).
     pub fn step(&mut self, mut message: Message) -> Result<(), raft::Error> {
+        let for_the_leader = matches!(message.get_msg_type(), MessageType::MsgPropose | MessageType::MsgReadIndex);
+        if for_the_leader && !self.is_leader() {
+            return Ok(());
+        }
         if message.get_msg_type() == MessageType::MsgPropose && self.is_leader() {
             let term = self.term();
             message.entries.retain(|e| ProposalId::decode(e.get_context()).is_none_or(|(_, t)| t == 0 || t >= term));
@@ -355,6 +365,20 @@ impl Core {
 
     pub fn term(&self) -> u64 {
         self.raw.raft.term
+    }
+
+    /// What this member knows exactly, for the trust table
+    /// (`crate::trust::raft_message`): its term, the leader of that term,
+    /// its configuration's voters and learners, its last log index.
+    pub fn trust_view(&self) -> crate::trust::View {
+        let conf = self.raw.raft.prs().conf();
+        crate::trust::View {
+            me: self.config.id,
+            term: self.term(),
+            leader: self.leader(),
+            configuration: conf.voters().ids().iter().chain(conf.learners().iter().copied()).collect(),
+            exact: Some(crate::trust::Exact { last_index: self.raw.raft.raft_log.last_index() }),
+        }
     }
 
     fn next_proposal(&mut self) -> ProposalId {
@@ -881,13 +905,19 @@ mod tests {
         assert!(cores[&3].is_leader() && cores[&3].term() > term);
         assert_eq!(outcomes(&outputs, 2, id), vec![Outcome::Dropped]);
 
-        // The held message arrives late at node 1, which passes it on to
-        // the new leader, which drops it: it is never applied anywhere.
+        // The held message arrives late at node 1, which no longer leads
+        // and drops it (never relaying it: it speaks for node 2); had it
+        // reached the new leader, that would drop it for its old term. It
+        // is never applied anywhere.
+        let sent_before = sent.len();
         for message in held {
-            cores.get_mut(&1).unwrap().step(message).unwrap();
+            cores.get_mut(&1).unwrap().step(message.clone()).unwrap();
+            let mut to_the_leader = message;
+            to_the_leader.to = 3;
+            cores.get_mut(&3).unwrap().step(to_the_leader).unwrap();
         }
         outputs.extend(pump_outputs(&mut cores, &mut sent));
-        assert!(sent.iter().any(|m| m.get_msg_type() == MessageType::MsgPropose && m.to == 3), "{sent:?}");
+        assert!(!sent[sent_before..].iter().any(|m| m.get_msg_type() == MessageType::MsgPropose), "{sent:?}");
         for node in [1, 2, 3] {
             assert!(
                 outcomes(&outputs, node, id).iter().all(|o| !matches!(o, Outcome::Applied(_))),
