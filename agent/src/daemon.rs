@@ -249,7 +249,15 @@ async fn serve(
     };
     let reflection_v1 = reflection().build_v1().expect("our descriptor sets are valid");
     let reflection_v1alpha = reflection().build_v1alpha().expect("our descriptor sets are valid");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // A peer that vanished (power loss, a cut cable) leaves a half-open
+    // connection: TCP keepalive ends it (HTTP/2 keepalive pings, set in
+    // `server_builder`, end one whose peer stopped answering; the TLS
+    // handshake has a deadline of its own).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(crate::api::context::TCP_KEEPALIVE))
+        .with_keepalive_interval(Some(crate::api::context::TCP_KEEPALIVE_INTERVAL))
+        .with_keepalive_retries(Some(crate::api::context::TCP_KEEPALIVE_RETRIES));
     let mut builder = builder;
     let result = builder
         .add_service(peer)

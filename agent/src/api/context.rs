@@ -58,6 +58,13 @@ pub const LEADER_WAIT: Duration = Duration::from_secs(8);
 /// Upper bound on one gRPC message in either direction; a peer's or a
 /// client's claimed length is never trusted beyond it.
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// TCP keepalive on every connection, both ways: probes after this long
+/// idle, every [`TCP_KEEPALIVE_INTERVAL`], and the connection is closed
+/// after [`TCP_KEEPALIVE_RETRIES`] unanswered ones (a half-open connection
+/// to a vanished peer ends within about 25 s).
+pub const TCP_KEEPALIVE: Duration = Duration::from_secs(10);
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub const TCP_KEEPALIVE_RETRIES: u32 = 3;
 /// Connection attempts to another agent give up after this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Cached channels to other agents; the cache is cleared beyond this
@@ -545,6 +552,9 @@ impl Dialer {
             .map(|e| {
                 e.connect_timeout(CONNECT_TIMEOUT)
                     .tcp_nodelay(true)
+                    .tcp_keepalive(Some(TCP_KEEPALIVE))
+                    .tcp_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
+                    .tcp_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES))
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(5))
             })
