@@ -43,7 +43,7 @@
 //! | any                                                  | `to` is the receiver, `from` is the speaker and in the receiver's configuration (voters and learners; a joiner before its first snapshot: the members its admission named), never itself |
 //! | any                                                  | its term is at most [`TERM_JUMP_MAX`] beyond the receiver's and below [`TERM_MAX`]; its indexes below [`INDEX_MAX`] |
 //! | local types (`MsgHup`, `MsgBeat`, `MsgUnreachable`, `MsgSnapStatus`, `MsgCheckQuorum`), `MsgTransferLeader` | never from a peer                                       |
-//! | `MsgAppend`, `MsgHeartbeat`, `MsgSnapshot`, `MsgTimeoutNow`, `MsgReadIndexResp` | term set, and not the receiver's term unless `from` leads it (a later term: the receiver cannot know who won it, and Raft needs it to follow) |
+//! | `MsgAppend`, `MsgHeartbeat`, `MsgSnapshot`, `MsgTimeoutNow`, `MsgReadIndexResp` | term set; not the receiver's term unless `from` leads it; a later term only once the leader the receiver follows is out of its lease (raft thread: nobody can have won an election while it is live) |
 //! | `MsgHeartbeat`                                       | its commit at most the receiver's last index (raft thread)                     |
 //! | `MsgAppendResponse` (accepting)                      | its index at most the receiver's last index (raft thread)                     |
 //! | `MsgSnapshot`                                        | a configuration with a voter and no id both voter and learner                  |
@@ -381,6 +381,9 @@ pub struct View {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Exact {
     pub last_index: u64,
+    /// The leader of `term` is live as far as raft-rs's lease goes: it was
+    /// heard from within the election timeout (or this member leads).
+    pub leader_in_lease: bool,
 }
 
 impl View {
@@ -535,6 +538,20 @@ fn from_the_leader(view: &View, from: NodeId, m: &Message) -> Result<(), Refusal
     {
         return refuse(format!("member {from} sent {kind:?} for term {}, which member {leader} leads", m.term));
     }
+    // A later term: nobody can have won it while the leader this member
+    // follows is live (voters in its lease grant no vote, as raft-rs
+    // ignores their requests; a leadership transfer raises the term with
+    // its vote request first). Once the lease runs out, the new leader is
+    // followed.
+    if m.term > view.term
+        && let (Some(leader), Some(Exact { leader_in_lease: true, .. })) = (view.leader, view.exact)
+        && leader != from
+    {
+        return refuse(format!(
+            "member {from} claims to lead term {} while member {leader}, which leads term {}, is live",
+            m.term, view.term
+        ));
+    }
     Ok(())
 }
 
@@ -626,7 +643,7 @@ mod tests {
             term: 7,
             leader: Some(LEADER),
             configuration: [ME, LEADER, PEER, LEARNER].into(),
-            exact: exact.then_some(Exact { last_index: 100 }),
+            exact: exact.then_some(Exact { last_index: 100, leader_in_lease: false }),
         }
     }
 
@@ -870,6 +887,20 @@ mod tests {
         assert!(refused(raft_message(&exact, LEADER, &snapshot)));
         snapshot.mut_snapshot().mut_metadata().set_conf_state(ConfState::from((vec![1, 4], vec![4])));
         assert!(refused(raft_message(&exact, LEADER, &snapshot)));
+    }
+
+    #[test]
+    fn a_later_term_is_not_followed_while_the_leader_is_live() {
+        let mut live = view(true);
+        live.exact = Some(Exact { last_index: 100, leader_in_lease: true });
+        for kind in [MessageType::MsgAppend, MessageType::MsgHeartbeat, MessageType::MsgSnapshot] {
+            assert!(refused(raft_message(&live, PEER, &message(kind, PEER, 8))), "{kind:?}");
+            // The leader itself moving on, and anyone once the lease ran out.
+            assert_eq!(raft_message(&live, LEADER, &message(kind, LEADER, 8)), Verdict::Step);
+            assert_eq!(raft_message(&view(true), PEER, &message(kind, PEER, 8)), Verdict::Step);
+        }
+        // Elections are raft-rs's to judge (it ignores votes in its lease).
+        assert_eq!(raft_message(&live, PEER, &message(MessageType::MsgRequestVote, PEER, 8)), Verdict::Step);
     }
 
     #[test]
