@@ -567,13 +567,16 @@ fn forgeries_with_a_member_certificate_are_refused_and_change_nothing() {
         let mut append = raft_message(MsgAppend, a_id, v_id, term);
         let mut vm = raft::eraftpb::Entry::default();
         let create = CommandKind::CreateVm { name: "evil".into(), spec: Default::default() };
-        vm.set_data(blixard::state::codec::encode_command(&blixard::state::Command { at_unix_ms: 1, kind: create }).into());
+        vm.set_data(
+            blixard::state::codec::encode_command(&blixard::state::Command { at_unix_ms: 1, kind: create }).into(),
+        );
         let mut learner = raft::eraftpb::Entry::default();
         learner.set_entry_type(raft::eraftpb::EntryType::EntryConfChange);
         let mut cc = raft::eraftpb::ConfChange::default();
         cc.set_change_type(raft::eraftpb::ConfChangeType::AddLearnerNode);
         cc.node_id = 666;
-        let info = blixard::state::codec::MemberInfo { name: "evil".into(), address: "127.0.0.1:1".into(), at_unix_ms: 1 };
+        let info =
+            blixard::state::codec::MemberInfo { name: "evil".into(), address: "127.0.0.1:1".into(), at_unix_ms: 1 };
         cc.set_context(blixard::state::codec::encode_member_info(&info).into());
         learner.set_data(cc.write_to_bytes().unwrap().into());
         append.set_entries(vec![vm, learner].into());
@@ -601,9 +604,18 @@ fn forgeries_with_a_member_certificate_are_refused_and_change_nothing() {
         // Reports about other members, and the leader's own commands, as
         // Raft proposals and through Peer.Propose.
         let forged = [
-            CommandKind::Report { node: v_id, vm: "web".into(), generation: 0, state: VmState::Running, last_error: None },
+            CommandKind::Report {
+                node: v_id,
+                vm: "web".into(),
+                generation: 0,
+                state: VmState::Running,
+                last_error: None,
+            },
             CommandKind::Released { node: l_id, vm: "web".into(), generation: 0 },
-            CommandKind::SetCapacity { node: v_id, capacity: Capacity { vcpu: 1, memory_mib: 1, ..Capacity::default() } },
+            CommandKind::SetCapacity {
+                node: v_id,
+                capacity: Capacity { vcpu: 1, memory_mib: 1, ..Capacity::default() },
+            },
             CommandKind::SetAddress { node: l_id, address: "127.0.0.1:1".into() },
             CommandKind::SetRunners { node: v_id, runners: vec![] },
             CommandKind::SetLabels { node: v_id, labels: [("evil".to_string(), "1".to_string())].into() },
@@ -651,7 +663,10 @@ fn forgeries_with_a_member_certificate_are_refused_and_change_nothing() {
             ..Default::default()
         });
         create.metadata_mut().insert("x-blixard-forwarded", "1".parse().unwrap());
-        assert_denied(BlixardClient::new(c.channel_as(v, "ops").await).vm_create(create).await, "forwarded by a client");
+        assert_denied(
+            BlixardClient::new(c.channel_as(v, "ops").await).vm_create(create).await,
+            "forwarded by a client",
+        );
 
         // Snapshots: from a member that does not lead, eight at once, each
         // announcing 3 GiB, refused before anything is read.
@@ -725,10 +740,19 @@ fn forgeries_with_a_member_certificate_are_refused_and_change_nothing() {
     // Nothing changed: the same leader in the same term, the same members
     // at their addresses, hosts and VMs; nobody fenced; every agent alive.
     let after: Value = c.cli(&["cluster", "status", "--json"]).json();
-    assert_eq!((after["leader"].as_str().unwrap(), after["term"].as_u64().unwrap()), (leader.as_str(), term), "{after}");
+    assert_eq!(
+        (after["leader"].as_str().unwrap(), after["term"].as_u64().unwrap()),
+        (leader.as_str(), term),
+        "{after}"
+    );
     let members = |s: &Value| -> Vec<(String, String, String)> {
         let field = |m: &Value, k: &str| m[k].as_str().unwrap().to_string();
-        s["members"].as_array().unwrap().iter().map(|m| (field(m, "name"), field(m, "address"), field(m, "role"))).collect()
+        s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (field(m, "name"), field(m, "address"), field(m, "role")))
+            .collect()
     };
     assert_eq!(members(&after), members(&status), "{after}");
     assert_eq!(c.cli(&["node", "list", "--json"]).json(), nodes_before);
@@ -803,8 +827,19 @@ fn a_member_whose_store_is_lost_refuses_to_start() {
     c.wait_until("the member to be back with both VMs", |c| {
         let (ca, cert, key) = (c.file("ca.pem"), c.file("ops.pem"), c.file("ops.key"));
         let out = run(&[
-            "vm", "list", "--json", "--endpoint", &address, "--config", "/dev/null", "--ca", s(&ca), "--cert",
-            s(&cert), "--key", s(&key),
+            "vm",
+            "list",
+            "--json",
+            "--endpoint",
+            &address,
+            "--config",
+            "/dev/null",
+            "--ca",
+            s(&ca),
+            "--cert",
+            s(&cert),
+            "--key",
+            s(&key),
         ]);
         out.code == 0 && out.json().as_array().is_some_and(|vms| vms.len() == 2)
     });
