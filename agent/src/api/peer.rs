@@ -690,13 +690,14 @@ pub fn judge_proposal(proposer: Option<NodeId>, bytes: &[u8]) -> Result<CommandK
     Ok(command.kind)
 }
 
-/// Waits for the next chunk of a snapshot stream, until the chunk
-/// deadline or the stream's, whichever is first.
+/// Waits for the next chunk of a snapshot stream, at most `chunk_timeout`
+/// and never past the stream's `deadline`.
 async fn next_chunk(
     stream: &mut Streaming<pb::SnapshotChunk>,
     deadline: tokio::time::Instant,
+    chunk_timeout: Duration,
 ) -> Result<pb::SnapshotChunk, Status> {
-    let until = deadline.min(tokio::time::Instant::now() + SNAPSHOT_CHUNK_TIMEOUT);
+    let until = deadline.min(tokio::time::Instant::now() + chunk_timeout);
     match tokio::time::timeout_at(until, stream.message()).await {
         Ok(Ok(Some(chunk))) => Ok(chunk),
         Ok(Ok(None)) => Err(Status::invalid_argument("the snapshot stream ended early")),
@@ -741,7 +742,7 @@ impl pb::peer_server::Peer for PeerService {
         })?;
         let deadline = tokio::time::Instant::now() + SNAPSHOT_RECEIVE_TIMEOUT;
         let mut stream = request.into_inner();
-        let first = next_chunk(&mut stream, deadline).await?;
+        let first = next_chunk(&mut stream, deadline, SNAPSHOT_CHUNK_TIMEOUT).await?;
         let member = self.member_for(first.cluster_id)?;
         let (from, from_address) = (first.from, first.from_address.clone());
         self.bind_sender(&member, &speaker, from).await?;
@@ -760,7 +761,7 @@ impl pb::peer_server::Peer for PeerService {
             if let Some(message) = done {
                 break message;
             }
-            done = assembler.push(next_chunk(&mut stream, deadline).await?)?;
+            done = assembler.push(next_chunk(&mut stream, deadline, SNAPSHOT_CHUNK_TIMEOUT).await?)?;
         };
         self.learn_address(&member, from, &from_address);
         let metadata = message.get_snapshot().get_metadata();
@@ -1013,6 +1014,68 @@ mod tests {
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         (flaky, address)
+    }
+
+    /// A `Peer` server whose snapshot handler reads chunks as the real one
+    /// does, with short deadlines.
+    struct Stalled;
+
+    #[tonic::async_trait]
+    impl pb::peer_server::Peer for Stalled {
+        async fn raft(&self, _: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
+            Err(Status::unimplemented("test"))
+        }
+        async fn raft_stream(&self, _: Request<Streaming<pb::RaftBatch>>) -> Result<Response<pb::RaftAck>, Status> {
+            Err(Status::unimplemented("test"))
+        }
+        async fn snapshot(
+            &self,
+            request: Request<Streaming<pb::SnapshotChunk>>,
+        ) -> Result<Response<pb::RaftAck>, Status> {
+            let mut stream = request.into_inner();
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(600);
+            loop {
+                next_chunk(&mut stream, deadline, Duration::from_millis(200)).await?;
+            }
+        }
+        async fn admit(&self, _: Request<pb::AdmitRequest>) -> Result<Response<pb::AdmitResponse>, Status> {
+            Err(Status::unimplemented("test"))
+        }
+        async fn propose(&self, _: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
+            Err(Status::unimplemented("test"))
+        }
+    }
+
+    /// A sender that stalls, or trickles chunks past the stream's
+    /// deadline, is dropped: it cannot hold the one snapshot slot.
+    #[tokio::test]
+    async fn a_stalled_or_endless_snapshot_stream_is_dropped() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::peer_server::PeerServer::new(Stalled))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = Dialer::plain().endpoint(&address).unwrap().connect().await.unwrap();
+        // One chunk, then nothing.
+        let (chunks, stalled) = mpsc::channel(4);
+        chunks.send(pb::SnapshotChunk::default()).await.unwrap();
+        let started = Instant::now();
+        let status = peer_client(channel.clone())
+            .snapshot(tokio_stream::wrappers::ReceiverStream::new(stalled))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // A chunk every 100 ms, forever: the whole stream's deadline ends it.
+        let endless = futures_util::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Some((pb::SnapshotChunk::default(), ()))
+        });
+        let status = peer_client(channel).snapshot(endless).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        drop(chunks);
     }
 
     #[tokio::test]
