@@ -317,13 +317,7 @@ fn peer_traffic_is_bound_to_member_certificates() {
         let h1 = member_id_of("h1");
         let h2 = member_id_of("h2");
         let h3 = member_id_of("h3");
-        let batch = |from: u64, messages: Vec<Vec<u8>>| pb::RaftBatch {
-            cluster_id: c.cluster_id(),
-            from,
-            from_address: String::new(),
-            messages,
-            ..Default::default()
-        };
+        let batch = |from: u64, messages: Vec<Vec<u8>>| raft_batch(c.cluster_id(), from, messages);
         let heartbeat = |from: u64| {
             let mut m = raft::eraftpb::Message::default();
             m.set_msg_type(raft::eraftpb::MessageType::MsgHeartbeat);
@@ -490,6 +484,10 @@ fn raft_message(kind: raft::eraftpb::MessageType, from: u64, to: u64, term: u64)
     m
 }
 
+fn raft_batch(cluster_id: u64, from: u64, messages: Vec<Vec<u8>>) -> pb::RaftBatch {
+    pb::RaftBatch { cluster_id, from, from_address: String::new(), messages, ..Default::default() }
+}
+
 fn encoded(m: &raft::eraftpb::Message) -> Vec<u8> {
     m.write_to_bytes().unwrap()
 }
@@ -544,13 +542,7 @@ fn forgeries_with_a_member_certificate_are_refused_and_change_nothing() {
     let token = c.cli(&["cluster", "join-token", "--json"]).json()["token"].as_str().unwrap().to_string();
     let rt = runtime();
     rt.block_on(async {
-        let batch = |from: u64, messages: Vec<Vec<u8>>| pb::RaftBatch {
-            cluster_id: c.cluster_id(),
-            from,
-            from_address: String::new(),
-            messages,
-            ..Default::default()
-        };
+        let batch = |from: u64, messages: Vec<Vec<u8>>| raft_batch(c.cluster_id(), from, messages);
         let mut a_to_l = PeerClient::new(c.channel_as(l, &name(a)).await);
         let mut a_to_v = PeerClient::new(c.channel_as(v, &name(a)).await);
 

@@ -125,13 +125,14 @@ type RemoteWrite<'a, Req, Resp> =
 
 /// What [`Context::write_routed`] does with a request the leader must
 /// serve, on a member that does not lead.
-enum Remote<'a, Req, Resp> {
+pub(crate) enum Remote<'a, Req, Resp> {
     /// Nothing: it runs anywhere.
     Anywhere,
     /// Forwards it once to the leader.
     Forward(&'a RemoteWrite<'a, Req, Resp>),
     /// Refuses it with the leader's address ([`LEADER_HEADER`]), for the
-    /// caller to ask the leader itself.
+    /// caller to ask the leader itself: a call that speaks for its
+    /// caller's certificate, which a forwarding member cannot present.
     Redirect,
 }
 
@@ -378,21 +379,6 @@ impl Context {
         self.write_routed(request, local, Remote::Forward(&remote)).await
     }
 
-    /// Runs a write on the leader only: a member that does not lead
-    /// answers with the leader's address instead of forwarding it (a call
-    /// that speaks for its caller's certificate, which a forwarding member
-    /// cannot present).
-    pub(crate) async fn write_on_leader<Req, Resp>(
-        &self,
-        request: Request<Req>,
-        local: impl Fn(Membership, Req) -> BoxFuture<Result<Resp, ApiError>>,
-    ) -> Result<tonic::Response<Resp>, Status>
-    where
-        Req: Clone,
-    {
-        self.write_routed(request, local, Remote::Redirect).await
-    }
-
     /// Runs a write that proposes plain commands (no membership change) on
     /// this member, whatever its role: a follower hands its proposal to
     /// the leader in a Raft message and answers once it applied it itself
@@ -411,10 +397,11 @@ impl Context {
         self.write_routed(request, local, Remote::Anywhere).await
     }
 
-    /// [`Context::write`] (with `remote`) and [`Context::write_anywhere`]
-    /// (without): runs `local` where [`Context::route`] says, retrying a
-    /// retryable failure until [`LEADER_WAIT`] has passed.
-    async fn write_routed<Req, Resp>(
+    /// [`Context::write`] (forwarding), [`Context::write_anywhere`] and
+    /// the leader-only calls (redirecting): runs `local` where
+    /// [`Context::route`] says, retrying a retryable failure until
+    /// [`LEADER_WAIT`] has passed.
+    pub(crate) async fn write_routed<Req, Resp>(
         &self,
         request: Request<Req>,
         local: impl Fn(Membership, Req) -> BoxFuture<Result<Resp, ApiError>>,

@@ -40,7 +40,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::context::{ApiError, Context, Dialer, GRPC_MESSAGE_BYTES_MAX, Membership, is_forwarded};
+use super::context::{ApiError, Context, Dialer, GRPC_MESSAGE_BYTES_MAX, Membership, Remote, is_forwarded};
 use super::gate::speaker;
 use super::pb;
 use super::pb::peer_client::PeerClient;
@@ -748,10 +748,11 @@ impl pb::peer_server::Peer for PeerService {
         self.bind_sender(&member, &speaker, from).await?;
         let mut assembler = SnapshotAssembler::default();
         let mut done = assembler.push(first)?;
-        // The header is judged before any more of the data is read.
-        let header = assembler.header().expect("the first chunk sets the header");
+        // The header is judged before any more of the data is read (a
+        // snapshot of one chunk is complete already).
         let view = published_view(&member);
         trust::may_stream_snapshot(&view, from).map_err(|r| Status::permission_denied(r.0))?;
+        let header = done.as_ref().or(assembler.header()).ok_or_else(|| Status::internal("no snapshot header"))?;
         match trust::raft_message(&view, from, header) {
             Verdict::Step => {}
             Verdict::Drop(why) => return Err(Status::permission_denied(why)),
@@ -793,38 +794,48 @@ impl pb::peer_server::Peer for PeerService {
                 .map_err(|r| Status::permission_denied(r.0))?;
         }
         self.context
-            .write_on_leader(request, |member, admit| {
-                Box::pin(async move {
-                    // Never a member again: a valid token (or certificate)
-                    // cannot rewrite an existing member's address.
-                    let (id, name, address) = (admit.id, admit.name.clone(), admit.address.clone());
-                    let conflict =
-                        member.node.read_local(move |state, _| state.admission_conflict(id, &name, &address)).await?;
-                    if let Some(rejection) = conflict {
-                        return Err(ApiError::Status(from_rejection(&rejection)));
-                    }
-                    // The token first: marked used by this host, so no
-                    // other host can join with it.
-                    if !admit.token.trim().is_empty() {
-                        let hash = crate::join_token::hash(&admit.token);
-                        member.node.propose(CommandKind::UseJoinToken { hash, node: admit.id }).await?;
-                    }
-                    let change =
-                        MembershipChange::AddLearner { id: admit.id, name: admit.name, address: admit.address };
-                    member.node.propose_membership(change).await?;
-                    let members = member
-                        .node
-                        .read_local(|state, _| {
-                            state
-                                .members()
-                                .values()
-                                .map(|m| pb::PeerAddress { id: m.id, name: m.name.clone(), address: m.address.clone() })
-                                .collect::<Vec<_>>()
-                        })
-                        .await?;
-                    Ok::<_, ApiError>(pb::AdmitResponse { cluster_id: member.cluster_id, members })
-                })
-            })
+            .write_routed(
+                request,
+                |member, admit| {
+                    Box::pin(async move {
+                        // Never a member again: a valid token (or certificate)
+                        // cannot rewrite an existing member's address.
+                        let (id, name, address) = (admit.id, admit.name.clone(), admit.address.clone());
+                        let conflict = member
+                            .node
+                            .read_local(move |state, _| state.admission_conflict(id, &name, &address))
+                            .await?;
+                        if let Some(rejection) = conflict {
+                            return Err(ApiError::Status(from_rejection(&rejection)));
+                        }
+                        // The token first: marked used by this host, so no
+                        // other host can join with it.
+                        if !admit.token.trim().is_empty() {
+                            let hash = crate::join_token::hash(&admit.token);
+                            member.node.propose(CommandKind::UseJoinToken { hash, node: admit.id }).await?;
+                        }
+                        let change =
+                            MembershipChange::AddLearner { id: admit.id, name: admit.name, address: admit.address };
+                        member.node.propose_membership(change).await?;
+                        let members = member
+                            .node
+                            .read_local(|state, _| {
+                                state
+                                    .members()
+                                    .values()
+                                    .map(|m| pb::PeerAddress {
+                                        id: m.id,
+                                        name: m.name.clone(),
+                                        address: m.address.clone(),
+                                    })
+                                    .collect::<Vec<_>>()
+                            })
+                            .await?;
+                        Ok::<_, ApiError>(pb::AdmitResponse { cluster_id: member.cluster_id, members })
+                    })
+                },
+                Remote::Redirect,
+            )
             .await
     }
 
@@ -965,6 +976,9 @@ mod tests {
     struct Flaky {
         damaged: std::sync::atomic::AtomicUsize,
         received: Mutex<Vec<Message>>,
+        /// Reads chunks as the real handler does, with short deadlines,
+        /// and assembles nothing.
+        deadlines: bool,
     }
 
     #[tonic::async_trait]
@@ -981,6 +995,12 @@ mod tests {
         ) -> Result<Response<pb::RaftAck>, Status> {
             let damage = self.damaged.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
             let mut stream = request.into_inner();
+            if self.deadlines {
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(600);
+                loop {
+                    next_chunk(&mut stream, deadline, Duration::from_millis(200)).await?;
+                }
+            }
             let mut assembler = SnapshotAssembler::default();
             let mut first = true;
             while let Some(mut chunk) = stream.message().await? {
@@ -1004,7 +1024,11 @@ mod tests {
     }
 
     async fn flaky_server(damaged: usize) -> (Arc<Flaky>, String) {
-        let flaky = Arc::new(Flaky { damaged: damaged.into(), received: Mutex::new(Vec::new()) });
+        test_server(Flaky { damaged: damaged.into(), received: Mutex::new(Vec::new()), deadlines: false }).await
+    }
+
+    async fn test_server(flaky: Flaky) -> (Arc<Flaky>, String) {
+        let flaky = Arc::new(flaky);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let service = pb::peer_server::PeerServer::new(flaky.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
@@ -1016,47 +1040,12 @@ mod tests {
         (flaky, address)
     }
 
-    /// A `Peer` server whose snapshot handler reads chunks as the real one
-    /// does, with short deadlines.
-    struct Stalled;
-
-    #[tonic::async_trait]
-    impl pb::peer_server::Peer for Stalled {
-        async fn raft(&self, _: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
-            Err(Status::unimplemented("test"))
-        }
-        async fn raft_stream(&self, _: Request<Streaming<pb::RaftBatch>>) -> Result<Response<pb::RaftAck>, Status> {
-            Err(Status::unimplemented("test"))
-        }
-        async fn snapshot(
-            &self,
-            request: Request<Streaming<pb::SnapshotChunk>>,
-        ) -> Result<Response<pb::RaftAck>, Status> {
-            let mut stream = request.into_inner();
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(600);
-            loop {
-                next_chunk(&mut stream, deadline, Duration::from_millis(200)).await?;
-            }
-        }
-        async fn admit(&self, _: Request<pb::AdmitRequest>) -> Result<Response<pb::AdmitResponse>, Status> {
-            Err(Status::unimplemented("test"))
-        }
-        async fn propose(&self, _: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
-            Err(Status::unimplemented("test"))
-        }
-    }
-
     /// A sender that stalls, or trickles chunks past the stream's
     /// deadline, is dropped: it cannot hold the one snapshot slot.
     #[tokio::test]
     async fn a_stalled_or_endless_snapshot_stream_is_dropped() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(pb::peer_server::PeerServer::new(Stalled))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let flaky = Flaky { damaged: 0.into(), received: Mutex::new(Vec::new()), deadlines: true };
+        let (_, address) = test_server(flaky).await;
         let channel = Dialer::plain().endpoint(&address).unwrap().connect().await.unwrap();
         // One chunk, then nothing.
         let (chunks, stalled) = mpsc::channel(4);
