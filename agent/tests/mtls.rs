@@ -586,6 +586,25 @@ fn forgeries_with_a_member_certificate_are_refused_and_change_nothing() {
         append.to = l_id;
         append.term = term + 1;
         a_to_l.raft(batch(a_id, vec![encoded(&append)])).await.expect("the gRPC layer cannot tell a lease");
+        // A quorum-contact confirmation in the future, from a member that
+        // does not lead: it must never keep the receiver from fencing.
+        let contact = blixard::guard::record::ContactFile::new(c.home(v).join("data").join("fence-contact"));
+        let before = contact.read(blixard::clock::monotonic_ms()).expect("a contact recorded");
+        let mut forged = batch(a_id, vec![]);
+        forged.confirmation = Some(pb::ContactConfirmation { sent_at_ms: u64::MAX, commit: 1 << 40 });
+        a_to_v.raft(forged).await.expect("an empty batch is taken; its confirmation is judged by the node");
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            // Once the receiver recorded a newer contact: one in the past.
+            match contact.read(blixard::clock::monotonic_ms()) {
+                Ok(now) if now > before => break,
+                Ok(_) => {}
+                Err(e) => panic!("the forged confirmation counted: {e}"),
+            }
+            assert!(Instant::now() < deadline, "no newer contact recorded");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
         // Speaking as another member, or as none.
         for from in [v_id, 999] {
             let m = raft_message(MsgHeartbeatResponse, from, l_id, term);
