@@ -30,7 +30,7 @@ use tonic::{Code, Request, Status};
 use super::pb;
 use super::pb::blixard_client::BlixardClient;
 use super::status::{from_node_error, not_member};
-use super::tls::{Caller, TlsFiles};
+use super::tls::TlsFiles;
 use crate::consensus::Role;
 use crate::node::{LeaderInfo, NodeError, NodeHandle, NodeStatus};
 use crate::state::{CommandKind, NodeId};
@@ -255,11 +255,6 @@ impl Context {
             mpsc::error::TrySendError::Closed(_) => Status::unavailable("the agent is shutting down"),
         })?;
         rx.await.map_err(|_| Status::unavailable("the agent is shutting down"))?
-    }
-
-    /// Who sent `request` (see [`Caller::of`]).
-    pub fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        Caller::of(request, self.dialer.is_tls())
     }
 
     /// Records that member `id` is named `name` (from the admission

@@ -215,23 +215,6 @@ impl Caller {
             .ok_or_else(|| Status::unauthenticated("this agent requires a client certificate"))?;
         identity_of_der(leaf.as_ref()).map(Caller::Authenticated).map_err(Status::permission_denied)
     }
-
-    /// The member this caller is; `PermissionDenied` for a client.
-    pub fn require_member(&self, what: &str) -> Result<Option<&str>, Status> {
-        match self {
-            Caller::Anonymous => Ok(None),
-            Caller::Authenticated(CertIdentity { role: Role::Member, name }) => Ok(Some(name)),
-            Caller::Authenticated(id) => Err(Status::permission_denied(format!(
-                "{what} needs a member certificate; {} is a {} certificate",
-                id.uri(),
-                id.role.as_str()
-            ))),
-        }
-    }
-
-    pub fn is_client(&self) -> bool {
-        matches!(self, Caller::Authenticated(CertIdentity { role: Role::Client, .. }))
-    }
 }
 
 #[cfg(test)]
