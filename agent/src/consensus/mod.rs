@@ -371,21 +371,31 @@ impl Core {
     /// (`crate::trust::raft_message`): its term, the leader of that term,
     /// its configuration's voters and learners, its last log index.
     pub fn trust_view(&self) -> crate::trust::View {
-        let raft = &self.raw.raft;
-        let conf = raft.prs().conf();
-        crate::trust::View {
+        let conf = self.raw.raft.prs().conf();
+        let mut view = crate::trust::View {
             me: self.config.id,
-            term: self.term(),
-            leader: self.leader(),
+            term: 0,
+            leader: None,
             configuration: conf.voters().ids().iter().chain(conf.learners().iter().copied()).collect(),
-            exact: Some(crate::trust::Exact {
-                last_index: raft.raft_log.last_index(),
-                // raft-rs's own lease (`check_quorum` is on): the leader it
-                // knows was heard from within the election timeout, or this
-                // member leads.
-                leader_in_lease: raft.leader_id != raft::INVALID_ID && raft.election_elapsed < raft.election_timeout(),
-            }),
-        }
+            exact: None,
+        };
+        self.refresh_trust_view(&mut view);
+        view
+    }
+
+    /// Brings `view` up to date after a step (the configuration changes
+    /// only when entries are applied, in [`Core::handle_ready`]).
+    pub fn refresh_trust_view(&self, view: &mut crate::trust::View) {
+        let raft = &self.raw.raft;
+        view.term = raft.term;
+        view.leader = self.leader();
+        view.exact = Some(crate::trust::Exact {
+            last_index: raft.raft_log.last_index(),
+            // raft-rs's own lease (`check_quorum` is on): the leader it
+            // knows was heard from within the election timeout, or this
+            // member leads.
+            leader_in_lease: raft.leader_id != raft::INVALID_ID && raft.election_elapsed < raft.election_timeout(),
+        });
     }
 
     fn next_proposal(&mut self) -> ProposalId {

@@ -824,9 +824,11 @@ impl RaftThread {
                 if let Some(sent_at_ms) = sent_at_ms {
                     self.rounds.heard(from, sent_at_ms);
                 }
+                let mut view = self.trust_view();
                 for message in messages {
                     // Exact: each message is judged after the ones before it.
-                    match trust::raft_message(&self.trust_view(), from, &message) {
+                    self.core.refresh_trust_view(&mut view);
+                    match trust::raft_message(&view, from, &message) {
                         trust::Verdict::Step => {}
                         trust::Verdict::Drop(why) => {
                             tracing::debug!(from, why, "dropped a peer message");
