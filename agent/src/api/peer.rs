@@ -650,13 +650,17 @@ impl PeerService {
 /// status as published after the raft thread's last loop turn (the raft
 /// thread judges every message again with its exact view).
 pub fn published_view(member: &Membership) -> trust::View {
-    let status = member.node.status();
-    let mut configuration: BTreeSet<NodeId> = status.voters.iter().chain(&status.learners).copied().collect();
+    let watch = member.node.watch_status();
+    let (term, leader, mut configuration) = {
+        let status = watch.borrow();
+        let configuration: BTreeSet<NodeId> = status.voters.iter().chain(&status.learners).copied().collect();
+        (status.term, status.leader.as_ref().map(|l| l.id), configuration)
+    };
     if configuration.is_empty() {
         // A joiner before its first snapshot: the members its admission named.
         configuration.extend(member.node.addresses().read().unwrap_or_else(|e| e.into_inner()).keys());
     }
-    trust::View { me: member.id, term: status.term, leader: status.leader.map(|l| l.id), configuration, exact: None }
+    trust::View { me: member.id, term, leader, configuration, exact: None }
 }
 
 /// Decodes a batch's messages and judges each by the trust table: the
