@@ -43,7 +43,8 @@
 //! | any                                                  | `to` is the receiver, `from` is the speaker and in the receiver's configuration (voters and learners; a joiner before its first snapshot: the members its admission named), never itself |
 //! | any                                                  | its term is at most [`TERM_JUMP_MAX`] beyond the receiver's and below [`TERM_MAX`]; its indexes below [`INDEX_MAX`] |
 //! | local types (`MsgHup`, `MsgBeat`, `MsgUnreachable`, `MsgSnapStatus`, `MsgCheckQuorum`), `MsgTransferLeader` | never from a peer                                       |
-//! | `MsgAppend`, `MsgHeartbeat`, `MsgSnapshot`, `MsgTimeoutNow`, `MsgReadIndexResp` | term set; not the receiver's term unless `from` leads it; a later term only once the leader the receiver follows is out of its lease (raft thread: nobody can have won an election while it is live) |
+//! | any but a pre-vote request and a granted pre-vote answer | a later term than the receiver's (which raft-rs takes as the end of its term) only from the leader it follows, or once that leader is out of its lease, or from the member this leader hands over to at the next term (raft thread: nobody can have won an election while the leader is live) |
+//! | `MsgAppend`, `MsgHeartbeat`, `MsgSnapshot`, `MsgTimeoutNow`, `MsgReadIndexResp` | term set; not the receiver's term unless `from` leads it |
 //! | `MsgHeartbeat`                                       | its commit at most the receiver's last index (raft thread)                     |
 //! | `MsgAppendResponse` (accepting)                      | its index at most the receiver's last index (raft thread)                     |
 //! | `MsgSnapshot`                                        | a configuration with a voter and no id both voter and learner                  |
@@ -384,6 +385,10 @@ pub struct Exact {
     /// The leader of `term` is live as far as raft-rs's lease goes: it was
     /// heard from within the election timeout (or this member leads).
     pub leader_in_lease: bool,
+    /// The member this one, leading `term`, last asked to take over
+    /// leadership in it (`consensus::Core::transfer_leader`), whether or
+    /// not raft-rs still pursues the hand-over.
+    pub handover: Option<NodeId>,
 }
 
 impl View {
@@ -450,6 +455,7 @@ fn message_rows(view: &View, from: NodeId, m: &Message) -> Result<(), Refusal> {
             m.term, view.term
         ));
     }
+    later_term(view, from, m)?;
     let snapshot_index = m.get_snapshot().get_metadata().index;
     let entry_index = m.get_entries().iter().map(|e| e.index.max(e.term)).max().unwrap_or(0);
     if [m.index, m.log_term, m.commit, m.reject_hint, snapshot_index, entry_index].iter().any(|&i| i >= INDEX_MAX) {
@@ -538,21 +544,40 @@ fn from_the_leader(view: &View, from: NodeId, m: &Message) -> Result<(), Refusal
     {
         return refuse(format!("member {from} sent {kind:?} for term {}, which member {leader} leads", m.term));
     }
-    // A later term: nobody can have won it while the leader this member
-    // follows is live (voters in its lease grant no vote, as raft-rs
-    // ignores their requests; a leadership transfer raises the term with
-    // its vote request first). Once the lease runs out, the new leader is
-    // followed.
-    if m.term > view.term
-        && let (Some(leader), Some(Exact { leader_in_lease: true, .. })) = (view.leader, view.exact)
-        && leader != from
-    {
-        return refuse(format!(
-            "member {from} claims to lead term {} while member {leader}, which leads term {}, is live",
-            m.term, view.term
-        ));
-    }
     Ok(())
+}
+
+/// A later term than the receiver's, which raft-rs takes as the end of
+/// the receiver's term (every message but a pre-vote request and a
+/// granted pre-vote answer: the receiver follows the new term, a leader
+/// stepping down at once). While the leader the receiver follows (or the
+/// receiver itself, leading) is live, nobody can have won a later term:
+/// voters in its lease grant no vote (raft-rs ignores their requests), so
+/// a later term is refused then, whatever its kind (one member's rising
+/// terms kept a cluster leaderless). Two exceptions: the leader itself
+/// moving on, and the member a leader hands over to (a vote request with
+/// the transfer context at the next term, which raft-rs grants past its
+/// lease; or that member's answers at that term, should its campaign have
+/// failed: it can come back no other way). A follower cannot tell a
+/// hand-over, so it refuses the candidate's vote request and its appends
+/// until its lease runs out; the leader's own vote is enough in a cluster
+/// of up to three voters, and a larger one finishes the hand-over with an
+/// ordinary election once the leases run out.
+fn later_term(view: &View, from: NodeId, m: &Message) -> Result<(), Refusal> {
+    let kind = m.get_msg_type();
+    let keeps_the_term =
+        kind == MessageType::MsgRequestPreVote || (kind == MessageType::MsgRequestPreVoteResponse && !m.reject);
+    let (Some(leader), Some(exact)) = (view.leader, view.exact) else { return Ok(()) };
+    if m.term <= view.term || keeps_the_term || !exact.leader_in_lease || from == leader {
+        return Ok(());
+    }
+    if view.leading() && exact.handover == Some(from) && m.term == view.term + 1 {
+        return Ok(());
+    }
+    refuse(format!(
+        "member {from} sent {kind:?} of term {} while member {leader}, which leads term {}, is live",
+        m.term, view.term
+    ))
 }
 
 /// A follower's proposal to the leader: each entry a command `from` may
@@ -643,7 +668,7 @@ mod tests {
             term: 7,
             leader: Some(LEADER),
             configuration: [ME, LEADER, PEER, LEARNER].into(),
-            exact: exact.then_some(Exact { last_index: 100, leader_in_lease: false }),
+            exact: exact.then_some(Exact { last_index: 100, leader_in_lease: false, handover: None }),
         }
     }
 
@@ -891,16 +916,59 @@ mod tests {
 
     #[test]
     fn a_later_term_is_not_followed_while_the_leader_is_live() {
-        let mut live = view(true);
-        live.exact = Some(Exact { last_index: 100, leader_in_lease: true });
-        for kind in [MessageType::MsgAppend, MessageType::MsgHeartbeat, MessageType::MsgSnapshot] {
+        use MessageType::*;
+        let exact = |handover| Some(Exact { last_index: 100, leader_in_lease: true, handover });
+        let live = View { exact: exact(None), ..view(true) };
+        let forced = |from, term| {
+            let mut vote = message(MsgRequestVote, from, term);
+            vote.set_context(raft::CAMPAIGN_TRANSFER.to_vec().into());
+            vote
+        };
+        // Every kind raft-rs takes as the end of the receiver's term: a
+        // vote request (forced past raft-rs's lease or not), answers of a
+        // later term (a leader steps down at once), a leader's messages.
+        let ending = [
+            MsgAppend,
+            MsgHeartbeat,
+            MsgSnapshot,
+            MsgTimeoutNow,
+            MsgReadIndexResp,
+            MsgAppendResponse,
+            MsgHeartbeatResponse,
+            MsgRequestVote,
+            MsgRequestVoteResponse,
+        ];
+        for kind in ending {
             assert!(refused(raft_message(&live, PEER, &message(kind, PEER, 8))), "{kind:?}");
             // The leader itself moving on, and anyone once the lease ran out.
-            assert_eq!(raft_message(&live, LEADER, &message(kind, LEADER, 8)), Verdict::Step);
-            assert_eq!(raft_message(&view(true), PEER, &message(kind, PEER, 8)), Verdict::Step);
+            assert_eq!(raft_message(&live, LEADER, &message(kind, LEADER, 8)), Verdict::Step, "{kind:?}");
+            assert_eq!(raft_message(&view(true), PEER, &message(kind, PEER, 8)), Verdict::Step, "{kind:?}");
+            // Its own term and earlier ones are the other rows' to judge.
+            let mut earlier = message(kind, PEER, 6);
+            earlier.index = 1;
+            assert_eq!(raft_message(&live, PEER, &earlier), Verdict::Step, "{kind:?}");
         }
-        // Elections are raft-rs's to judge (it ignores votes in its lease).
-        assert_eq!(raft_message(&live, PEER, &message(MessageType::MsgRequestVote, PEER, 8)), Verdict::Step);
+        assert!(refused(raft_message(&live, PEER, &forced(PEER, 8))));
+        let mut rejected = message(MsgRequestPreVoteResponse, PEER, 8);
+        rejected.reject = true;
+        assert!(refused(raft_message(&live, PEER, &rejected)));
+        // Pre-votes never move a term (raft-rs's lease judges them).
+        assert_eq!(raft_message(&live, PEER, &message(MsgRequestPreVote, PEER, 8)), Verdict::Step);
+        assert_eq!(raft_message(&live, PEER, &message(MsgRequestPreVoteResponse, PEER, 8)), Verdict::Step);
+
+        // A leader handing over to PEER takes its forced vote request and
+        // its answers of the next term, and nothing else of a later term.
+        let handing = View { leader: Some(ME), exact: exact(Some(PEER)), ..view(true) };
+        assert_eq!(raft_message(&handing, PEER, &forced(PEER, 8)), Verdict::Step);
+        assert_eq!(raft_message(&handing, PEER, &message(MsgAppendResponse, PEER, 8)), Verdict::Step);
+        assert!(refused(raft_message(&handing, PEER, &forced(PEER, 9))));
+        assert!(refused(raft_message(&handing, LEADER, &forced(LEADER, 8))));
+        let leading = View { leader: Some(ME), exact: exact(None), ..view(true) };
+        assert!(refused(raft_message(&leading, PEER, &forced(PEER, 8))));
+        assert!(refused(raft_message(&leading, PEER, &message(MsgHeartbeatResponse, PEER, 8))));
+        // A follower cannot tell a hand-over.
+        let following = View { exact: exact(Some(PEER)), ..view(true) };
+        assert!(refused(raft_message(&following, PEER, &forced(PEER, 8))));
     }
 
     #[test]

@@ -586,6 +586,24 @@ fn forgeries_with_a_member_certificate_are_refused_and_change_nothing() {
         append.to = l_id;
         append.term = term + 1;
         a_to_l.raft(batch(a_id, vec![encoded(&append)])).await.expect("the gRPC layer cannot tell a lease");
+        // Rising terms (which kept the cluster leaderless): vote requests
+        // forced past raft-rs's lease with the hand-over context, and
+        // answers of a later term, which would make a leader step down at
+        // once. The gRPC layer takes them; the raft threads refuse them.
+        for round in 1..=5 {
+            let at = term + round;
+            let mut forced = raft_message(MsgRequestVote, a_id, l_id, at);
+            forced.set_context(raft::CAMPAIGN_TRANSFER.to_vec().into());
+            (forced.index, forced.log_term) = (1 << 40, at - 1);
+            let answers = [MsgHeartbeatResponse, MsgAppendResponse, MsgRequestVoteResponse]
+                .map(|kind| encoded(&raft_message(kind, a_id, l_id, at)));
+            let mut to_l = vec![encoded(&forced)];
+            to_l.extend(answers);
+            a_to_l.raft(batch(a_id, to_l)).await.expect("the gRPC layer cannot tell a lease");
+            forced.to = v_id;
+            a_to_v.raft(batch(a_id, vec![encoded(&forced)])).await.expect("the gRPC layer cannot tell a lease");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         // A quorum-contact confirmation in the future, from a member that
         // does not lead: it must never keep the receiver from fencing.
         let contact = blixard::guard::record::ContactFile::new(c.home(v).join("data").join("fence-contact"));
