@@ -164,8 +164,15 @@ fn raft_batch_to(batch: &pb::RaftBatch, mut core: Core) {
             }
         }
         // raft-rs must not panic on anything the table lets through.
+        let from = message.from;
         let _ = core.step(message);
         let _ = core.handle_ready(&mut Discard);
+        // Nobody but the live leader (or the member it hands over to)
+        // ends the term it leads.
+        let exact = view.exact.expect("the raft thread's view is exact");
+        if exact.leader_in_lease && view.leader.is_some_and(|l| l != from) && exact.handover != Some(from) {
+            assert_eq!(core.term(), view.term, "{kind:?} from {from} ended a live leader's term");
+        }
     }
 }
 
