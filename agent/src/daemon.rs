@@ -32,14 +32,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::Code;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
 use crate::api::context::{Context, ContextControl, Dialer, GRPC_MESSAGE_BYTES_MAX, JoinRequest, Membership};
+use crate::api::gate::Gate;
 use crate::api::pb;
 use crate::api::peer::{self, PeerService, PeerTransport, Sender};
 use crate::api::service::BlixardService;
-use crate::api::tls::{AgentAuth, AuthGateLayer, Caller, Credentials};
+use crate::api::tls::{AgentAuth, Credentials};
 use crate::config::{Config, RuntimeKind};
 use crate::consensus::CoreConfig;
 use crate::guard::GuardConfig;
@@ -258,6 +258,11 @@ async fn open_store(config: &Config) -> anyhow::Result<Store> {
             ),
             e => anyhow!("cannot open the store in {}: {e}", config.data_dir.display()),
         })?;
+    // A host that left its cluster set its old store aside on purpose
+    // (`Agent::set_removed_store_aside`): it is not a lost one.
+    if !config.data_dir.join(REJOIN_MARKER).exists() {
+        node::record::check(&config.data_dir, store.identity().is_some()).map_err(|e| anyhow!(e))?;
+    }
     if let Some(identity) = store.identity()
         && identity.name != config.node_name
     {
@@ -284,13 +289,11 @@ async fn serve(
     let blixard = pb::blixard_server::BlixardServer::new(BlixardService::new(context.clone()))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
-    // With TLS, the client API too needs a certificate that carries a
-    // blixard identity: one the CA signed for something else is refused.
+    // Every call passes the trust table first (`api::gate`): with TLS, a
+    // certificate the CA signed for something else reaches no handler.
     let tls_on = context_tls;
-    let blixard = InterceptedService::new(blixard, move |request: tonic::Request<()>| {
-        Caller::of(&request, tls_on)?;
-        Ok(request)
-    });
+    let peer = Gate::new(peer, tls_on);
+    let blixard = Gate::new(blixard, tls_on);
     // Standard gRPC tooling: health checking (grpc.health.v1) and server
     // reflection (v1, and v1alpha for older grpcurl).
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -302,16 +305,22 @@ async fn serve(
     };
     let reflection_v1 = reflection().build_v1().expect("our descriptor sets are valid");
     let reflection_v1alpha = reflection().build_v1alpha().expect("our descriptor sets are valid");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    // One gate in front of every service: without a client certificate,
-    // only `Peer.Admit` (a join with a token) is reachable.
-    let mut builder = builder.layer(AuthGateLayer { tls_on: context_tls });
+    // A peer that vanished (power loss, a cut cable) leaves a half-open
+    // connection: TCP keepalive ends it (HTTP/2 keepalive pings, set in
+    // `server_builder`, end one whose peer stopped answering; the TLS
+    // handshake has a deadline of its own).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(crate::api::context::TCP_KEEPALIVE))
+        .with_keepalive_interval(Some(crate::api::context::TCP_KEEPALIVE_INTERVAL))
+        .with_keepalive_retries(Some(crate::api::context::TCP_KEEPALIVE_RETRIES));
+    let mut builder = builder;
     let result = builder
         .add_service(peer)
         .add_service(blixard)
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(Gate::new(health, tls_on))
+        .add_service(Gate::new(reflection_v1, tls_on))
+        .add_service(Gate::new(reflection_v1alpha, tls_on))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|stop| *stop).await;
         })
@@ -478,6 +487,9 @@ impl Agent {
         } else if identity.is_some() || !self.config.initial_members.is_empty() {
             let mut store = store.take().expect("not taken yet");
             let mode = if identity.is_some() { "restarting as a member" } else { "bootstrapping" };
+            if identity.is_none() {
+                self.check_bootstrap().await?;
+            }
             node::prepare_store(
                 &mut store,
                 &self.config.node_name,
@@ -631,6 +643,8 @@ impl Agent {
             std::fs::rename(&join_id, &id_aside)
                 .with_context(|| format!("cannot set the old member id {} aside", join_id.display()))?;
         }
+        node::record::forget(&data_dir)
+            .with_context(|| format!("cannot remove {} from {}", node::record::MEMBER_FILE, data_dir.display()))?;
         tracing::warn!(
             old = %aside.display(),
             "left the cluster earlier: its old store is set aside, and this host joins as a new member"
@@ -678,9 +692,44 @@ impl Agent {
         Ok(pb::ClusterJoinResponse { name: self.config.node_name.clone(), id })
     }
 
+    /// Before bootstrapping a new cluster from `initial_members`: no other
+    /// initial member may hold a cluster that is past the bootstrap point
+    /// and has heard from this host (its capacity, which only this host
+    /// may report, `crate::trust`): then this host's store was lost, and
+    /// bootstrapping again would make it a voter with a forgotten vote and
+    /// log. A late first start (the others formed the cluster without it)
+    /// is fine, and so is a peer that cannot be reached (nothing to tell).
+    async fn check_bootstrap(&self) -> anyhow::Result<()> {
+        let me = self.config.node_name.clone();
+        let cluster_id = node::cluster_id_of(&self.config.initial_members);
+        let checks = self.config.initial_members.iter().filter(|m| m.name != me).map(|peer| {
+            let (dialer, me, peer) = (self.context.dialer.clone(), me.clone(), peer.clone());
+            async move {
+                let knows =
+                    tokio::time::timeout(BOOTSTRAP_CHECK_TIMEOUT, peer_knows(&dialer, &peer.address, cluster_id, &me));
+                (peer.name, knows.await.unwrap_or(None))
+            }
+        });
+        for (peer, knows) in futures_util::future::join_all(checks).await {
+            if let Some(applied) = knows {
+                bail!(
+                    "initial member {peer} holds this cluster at index {applied}, past its bootstrap, and this host \
+                     {me} has taken part in it, but this host's data dir {} is empty: its store is lost; remove the \
+                     old member (`blixard-agent cluster leave {me}` on another member) and join this host as a new \
+                     member (docs/replacing-a-disk.md)",
+                    self.config.data_dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Starts the node over a prepared store and publishes it to the API.
     fn start_member(&mut self, store: Store, known_peers: BTreeMap<NodeId, String>) -> anyhow::Result<()> {
         let identity = store.identity().cloned().ok_or_else(|| anyhow!("the store has no identity"))?;
+        node::record::write(&self.config.data_dir, &identity).map_err(|e| {
+            anyhow!("cannot write {} in {}: {e}", node::record::MEMBER_FILE, self.config.data_dir.display())
+        })?;
         let addresses = AddressBook::default();
         let me = Sender { id: identity.id, cluster_id: identity.cluster_id, address: self.context.address.clone() };
         let (transport, link) =
@@ -831,6 +880,25 @@ impl Proposer for ContextProposer {
     fn propose(&self, kind: CommandKind) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move { self.0.propose(kind).await.map_err(|status| status.message().to_string()) })
     }
+}
+
+/// How long the check before bootstrapping waits for each other initial
+/// member (one that does not answer in time tells nothing).
+const BOOTSTRAP_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Whether the initial member at `address` holds cluster `cluster_id` past
+/// its bootstrap point with a report from member `me` in it: the index it
+/// has applied, if so.
+async fn peer_knows(dialer: &Dialer, address: &str, cluster_id: u64, me: &str) -> Option<u64> {
+    let channel = dialer.endpoint(address).ok()?.connect().await.ok()?;
+    let mut client = Context::blixard_client(channel);
+    let status = client.cluster_status(pb::ClusterStatusRequest {}).await.ok()?.into_inner();
+    if !status.member || status.cluster_id != cluster_id || status.applied_index <= crate::consensus::BOOTSTRAP_INDEX {
+        return None;
+    }
+    let nodes = client.node_list(pb::NodeListRequest {}).await.ok()?.into_inner().nodes;
+    let mine = nodes.iter().find(|n| n.name == me)?;
+    (mine.vcpu_total > 0 || mine.memory_mib_total > 0).then_some(status.applied_index)
 }
 
 /// Errors after which retrying admission cannot help.

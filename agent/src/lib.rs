@@ -29,3 +29,4 @@ pub mod runtime;
 pub mod scheduler;
 pub mod state;
 pub mod storage;
+pub mod trust;

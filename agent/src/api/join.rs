@@ -138,10 +138,41 @@ pub async fn discover_ca(seed: &str, pin: Fingerprint) -> Result<Vec<u8>, Status
     })
 }
 
+/// How many leader redirections [`attempt`] follows.
+const REDIRECTS_MAX: usize = 3;
+
 /// One attempt at steps 1 to 3 (see the module doc) through `seed`.
 /// `request` carries this host's id, name, address and token; its
-/// certificate signing request is added here, for `key`.
+/// certificate signing request is added here, for `key`. Only the leader
+/// admits: a member that does not lead answers with the leader's address
+/// (`context::leader_of_redirect`), and the steps run again there, the
+/// leader checked against the pin like any seed.
 pub async fn attempt(
+    seed: &str,
+    request: pb::AdmitRequest,
+    key: &KeyPair,
+    pin: Fingerprint,
+    files: &JoinedFiles,
+) -> Result<Admitted, Status> {
+    let mut target = seed.to_string();
+    let mut redirects = 0;
+    loop {
+        match attempt_at(&target, request.clone(), key, pin, files).await {
+            Err(status) => match super::context::leader_of_redirect(&status) {
+                Some(leader) if redirects < REDIRECTS_MAX && leader != target => {
+                    tracing::debug!(from = target, to = leader, "admission redirected to the leader");
+                    target = leader;
+                    redirects += 1;
+                }
+                _ => return Err(status),
+            },
+            admitted => return admitted,
+        }
+    }
+}
+
+/// [`attempt`] at one member, without following a redirection.
+async fn attempt_at(
     seed: &str,
     mut request: pb::AdmitRequest,
     key: &KeyPair,

@@ -25,8 +25,8 @@ use crate::names;
 use crate::node::events::{EVENTS_MAX, Event};
 use crate::node::{NodeStatus, ProposalCheck};
 use crate::state::{
-    CommandKind, Desired, Failover, Labels, Member, MemberStatus, MembershipChange, NodeId, Rejection, State, Vm,
-    VmSpec, VmState, limits,
+    CommandKind, Desired, Effect, Failover, Labels, Member, MemberStatus, MembershipChange, NodeId, Rejection, State,
+    Vm, VmSpec, VmState, limits,
 };
 
 /// A VM as the API shows it. `explain` adds why a VM that is not running
@@ -512,19 +512,11 @@ impl BlixardService {
         BlixardService { context }
     }
 
-    /// Refuses a read-only client `what` (a write). The minimal check of
-    /// roles until one authorization table decides every RPC: reads are
-    /// open to every authenticated caller, writes need an admin.
-    fn require_admin<T>(&self, request: &Request<T>, what: &str) -> Result<(), Status> {
-        self.context.caller(request)?.require_admin(what)
-    }
-
     async fn set_desired(
         &self,
         request: Request<pb::VmRequest>,
         desired: Desired,
     ) -> Result<Response<pb::VmInfo>, Status> {
-        self.require_admin(&request, "setting a VM's desired state")?;
         check_name("VM", &request.get_ref().name)?;
         self.context
             .write_anywhere(request, move |member, request| {
@@ -541,7 +533,6 @@ impl BlixardService {
         request: Request<pb::NodeRequest>,
         drain: bool,
     ) -> Result<Response<pb::NodeInfo>, Status> {
-        self.require_admin(&request, "draining or undraining a node")?;
         check_name("node", &request.get_ref().name)?;
         self.context
             .write(
@@ -625,7 +616,6 @@ impl Blixard for BlixardService {
         &self,
         request: Request<pb::ClusterJoinRequest>,
     ) -> Result<Response<pb::ClusterJoinResponse>, Status> {
-        self.require_admin(&request, "joining a cluster")?;
         if let Some(member) = self.context.membership()
             && !member.node.status().removed
         {
@@ -649,7 +639,6 @@ impl Blixard for BlixardService {
         &self,
         request: Request<pb::ClusterJoinTokenRequest>,
     ) -> Result<Response<pb::ClusterJoinTokenResponse>, Status> {
-        self.require_admin(&request, "issuing a join token")?;
         let ttl_seconds = match request.get_ref().ttl_seconds {
             0 => crate::join_token::DEFAULT_TTL_SECS,
             seconds => seconds,
@@ -661,23 +650,40 @@ impl Blixard for BlixardService {
             )));
         }
         self.context.member()?;
+        // The CA a joiner is to pin: the one whose certificates the leader,
+        // which records the token, presents.
         let pin = self.context.dialer.credentials().map(|c| c.pin);
-        let token = crate::join_token::generate(pin)
-            .map_err(|e| Status::internal(format!("cannot read random bytes for a join token: {e}")))?;
         let ttl_ms = ttl_seconds * 1000;
-        let expires_unix_ms = crate::node::now_unix_ms() + ttl_ms;
-        self.context.propose(CommandKind::AddJoinToken { hash: crate::join_token::hash(&token), ttl_ms }).await?;
-        // The token itself is never logged: only the operator sees it.
-        tracing::info!(ttl_seconds, "issued a join token");
-        Ok(Response::new(pb::ClusterJoinTokenResponse { token, expires_unix_ms }))
+        // Made and recorded by the leader, so that a token's life is
+        // judged on one clock: the leader's, at issue and at use (a
+        // member's fast clock cannot shorten or end anyone's token).
+        self.context
+            .write(
+                request,
+                move |member, _| {
+                    Box::pin(async move {
+                        let token = crate::join_token::generate(pin)
+                            .map_err(|e| Status::internal(format!("cannot read random bytes for a join token: {e}")))?;
+                        let hash = crate::join_token::hash(&token);
+                        let effect = member.node.propose(CommandKind::AddJoinToken { hash, ttl_ms }).await?;
+                        let Effect::JoinTokenAdded { expires_unix_ms } = effect else {
+                            return Err(ApiError::Status(Status::internal("the join token was not recorded")));
+                        };
+                        // The token itself is never logged: only the operator sees it.
+                        tracing::info!(ttl_seconds, "issued a join token");
+                        Ok(pb::ClusterJoinTokenResponse { token, expires_unix_ms })
+                    })
+                },
+                |channel, request| Box::pin(async move { client(channel).cluster_join_token(request).await }),
+            )
+            .await
     }
 
     async fn cluster_issue_client(
         &self,
         request: Request<pb::ClusterIssueClientRequest>,
     ) -> Result<Response<pb::ClusterIssueClientResponse>, Status> {
-        self.require_admin(&request, "issuing a client certificate")?;
-        let caller = self.context.caller(&request)?;
+        let speaker = super::gate::speaker(&request);
         let request = request.into_inner();
         check_name("client", &request.name)?;
         let role = tls::Role::parse(&request.role).ok_or_else(|| {
@@ -709,7 +715,7 @@ impl Blixard for BlixardService {
         let identity = CertIdentity::client(&request.name, role);
         let certificate_pem =
             ca.sign_request(&identity, &request.csr, &[], days).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        tracing::info!(client = %request.name, role = role.as_str(), days, by = ?caller, "issued a client certificate");
+        tracing::info!(client = %request.name, role = role.as_str(), days, by = %speaker, "issued a client certificate");
         Ok(Response::new(pb::ClusterIssueClientResponse {
             certificate_pem,
             ca_pem: String::from_utf8_lossy(&credentials.ca_pem).into_owned(),
@@ -720,7 +726,6 @@ impl Blixard for BlixardService {
         &self,
         request: Request<pb::ClusterLeaveRequest>,
     ) -> Result<Response<pb::ClusterLeaveResponse>, Status> {
-        self.require_admin(&request, "removing a member")?;
         let mut request = request;
         if request.get_ref().node.is_empty() {
             // Empty: the agent receiving the call (resolved before any
@@ -796,7 +801,6 @@ impl Blixard for BlixardService {
     }
 
     async fn vm_create(&self, request: Request<pb::VmCreateRequest>) -> Result<Response<pb::VmInfo>, Status> {
-        self.require_admin(&request, "vm create")?;
         spec_of(request.get_ref())?;
         self.context.member()?;
         self.context
@@ -838,7 +842,6 @@ impl Blixard for BlixardService {
     }
 
     async fn vm_delete(&self, request: Request<pb::VmRequest>) -> Result<Response<pb::VmDeleteResponse>, Status> {
-        self.require_admin(&request, "vm delete")?;
         check_name("VM", &request.get_ref().name)?;
         self.context
             .write_anywhere(request, |member, request| {
@@ -851,7 +854,6 @@ impl Blixard for BlixardService {
     }
 
     async fn vm_migrate(&self, request: Request<pb::VmMigrateRequest>) -> Result<Response<pb::VmInfo>, Status> {
-        self.require_admin(&request, "vm migrate")?;
         check_name("VM", &request.get_ref().name)?;
         check_name("node", &request.get_ref().to)?;
         self.context
@@ -891,7 +893,6 @@ impl Blixard for BlixardService {
     }
 
     async fn vm_recover(&self, request: Request<pb::VmRecoverRequest>) -> Result<Response<pb::VmInfo>, Status> {
-        self.require_admin(&request, "vm recover")?;
         check_name("VM", &request.get_ref().name)?;
         check_name("node", &request.get_ref().to)?;
         self.context

@@ -34,17 +34,15 @@
 //! Anything else refuses to start. A member whose cluster can issue
 //! certificates (the secret's) accepts a TLS connection without a client
 //! certificate, so that a host with a join token can ask to be admitted;
-//! [`AuthGate`] lets such a connection call `Peer.Admit` and nothing else.
+//! `api::gate` lets such a connection call `Peer.Admit` and nothing else.
 //!
 //! Nothing here logs or formats a private key: [`Credentials`]' `Debug`
 //! leaves it out.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use tonic::codegen::http;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, CertificateDer, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 use x509_parser::extensions::GeneralName;
 
@@ -57,8 +55,6 @@ pub const IDENTITY_URI_PREFIX: &str = "urn:blixard:";
 pub const ROLE_URI_PREFIX: &str = "urn:blixard:role:";
 /// How long a TLS handshake may take.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// The one method a TLS connection without a client certificate may call.
-pub const ADMIT_PATH: &str = "/blixard.v1.Peer/Admit";
 
 /// What a certificate is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,7 +351,7 @@ impl Credentials {
 
     /// Serving: our certificate, and client certificates verified against
     /// the trusted CAs (required, unless joiners are accepted, whom
-    /// [`AuthGate`] then confines to `Peer.Admit`).
+    /// `api::gate` then confines to `Peer.Admit`).
     pub fn server(&self) -> ServerTlsConfig {
         ServerTlsConfig::new()
             .identity(self.identity_pem())
@@ -452,6 +448,9 @@ impl AgentAuth {
 pub enum Caller {
     /// `insecure = true`: nobody is authenticated (and nothing is checked).
     Anonymous,
+    /// TLS, without a client certificate: a host joining with a token
+    /// (`api::gate` lets it reach `Peer.Admit` alone).
+    Uncertified,
     /// An agent of the cluster, by its member certificate.
     Member { name: String },
     /// An operator or tool, by its client certificate.
@@ -460,116 +459,28 @@ pub enum Caller {
 
 impl Caller {
     /// The sender of `request`. With TLS on, a request without a
-    /// certificate is refused (only `Peer.Admit` serves one, see
-    /// [`AuthGate`]).
+    /// certificate is [`Caller::Uncertified`] (`api::gate` lets it reach
+    /// `Peer.Admit` alone).
     pub fn of<T>(request: &Request<T>, tls_on: bool) -> Result<Caller, Status> {
+        Caller::of_certs(request.peer_certs().as_ref().map(|certs| certs.as_slice()), tls_on)
+    }
+
+    /// [`Caller::of`] from the connection's peer certificates (`None`: no
+    /// TLS, or none presented).
+    pub fn of_certs(certs: Option<&[CertificateDer<'static>]>, tls_on: bool) -> Result<Caller, Status> {
         if !tls_on {
             return Ok(Caller::Anonymous);
         }
-        let certs =
-            request.peer_certs().ok_or_else(|| Status::unauthenticated("this agent requires a client certificate"))?;
-        let leaf = certs.first().ok_or_else(|| Status::unauthenticated("this agent requires a client certificate"))?;
+        let Some(leaf) = certs.and_then(|certs| certs.first()) else {
+            // The handshake let it in without one: only an agent that can
+            // issue certificates does (`Credentials::accepts_joiners`).
+            return Ok(Caller::Uncertified);
+        };
         let identity = identity_of_der(leaf.as_ref()).map_err(Status::permission_denied)?;
         Ok(match identity.kind {
             Kind::Member => Caller::Member { name: identity.name },
             Kind::Client => Caller::Client { name: identity.name, role: identity.role },
         })
-    }
-
-    /// The member this caller is (`None` without TLS); `PermissionDenied`
-    /// for a client.
-    pub fn require_member(&self, what: &str) -> Result<Option<&str>, Status> {
-        match self {
-            Caller::Anonymous => Ok(None),
-            Caller::Member { name } => Ok(Some(name)),
-            Caller::Client { name, .. } => Err(Status::permission_denied(format!(
-                "{what} needs a member certificate; urn:blixard:client:{name} is a client certificate"
-            ))),
-        }
-    }
-
-    pub fn is_client(&self) -> bool {
-        matches!(self, Caller::Client { .. })
-    }
-
-    /// What this caller may do with the client API: members (and everyone
-    /// without TLS) are admins.
-    pub fn role(&self) -> Role {
-        match self {
-            Caller::Anonymous | Caller::Member { .. } => Role::Admin,
-            Caller::Client { role, .. } => *role,
-        }
-    }
-
-    /// `PermissionDenied` unless this caller is an admin: `what` changes the cluster.
-    pub fn require_admin(&self, what: &str) -> Result<(), Status> {
-        match self {
-            Caller::Client { name, role: Role::ReadOnly } => Err(Status::permission_denied(format!(
-                "{what} changes the cluster, and the client certificate of {name:?} is read-only; \
-                 use an admin certificate (`cluster issue-client NAME --role admin`)"
-            ))),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// The gate at the server's door: with TLS on, a request on a connection
-/// without a verified client certificate reaches `Peer.Admit` and nothing
-/// else (everything else is `Unauthenticated`, before its body is read).
-/// Such connections exist only on an agent that accepts joiners
-/// ([`Credentials::accepts_joiners`]); elsewhere the handshake refuses
-/// them.
-#[derive(Debug, Clone, Copy)]
-pub struct AuthGateLayer {
-    pub tls_on: bool,
-}
-
-impl<S> tower_layer::Layer<S> for AuthGateLayer {
-    type Service = AuthGate<S>;
-
-    fn layer(&self, inner: S) -> AuthGate<S> {
-        AuthGate { inner, tls_on: self.tls_on }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct AuthGate<S> {
-    inner: S,
-    tls_on: bool,
-}
-
-type GateFuture<R, E> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<R, E>> + Send>>;
-
-impl<S, B, ResBody> tower_service::Service<http::Request<B>> for AuthGate<S>
-where
-    S: tower_service::Service<http::Request<B>, Response = http::Response<ResBody>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    ResBody: Default + Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = GateFuture<S::Response, S::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let certified = || {
-            request
-                .extensions()
-                .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
-                .and_then(|info| info.peer_certs())
-                .is_some_and(|certs| !certs.is_empty())
-        };
-        if self.tls_on && request.uri().path() != ADMIT_PATH && !certified() {
-            let refused = Status::unauthenticated(
-                "this agent requires a client certificate (only joining with a token works without one)",
-            );
-            return Box::pin(std::future::ready(Ok(refused.into_http())));
-        }
-        Box::pin(self.inner.call(request))
     }
 }
 
@@ -626,9 +537,5 @@ mod tests {
                 (expected, got) => panic!("{uris:?}: expected {expected:?}, got {got:?}"),
             }
         }
-        let reader = Caller::Client { name: "ro".into(), role: Role::ReadOnly };
-        assert_eq!(reader.require_admin("vm create").unwrap_err().code(), tonic::Code::PermissionDenied);
-        assert!(Caller::Member { name: "h1".into() }.require_admin("vm create").is_ok());
-        assert!(Caller::Anonymous.require_admin("vm create").is_ok());
     }
 }

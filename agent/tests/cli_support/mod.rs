@@ -58,6 +58,20 @@ impl Out {
     }
 }
 
+/// A plain HTTP/1.1 GET of `path` from the agent's HTTP listener at
+/// `address`: the status code and the body.
+pub fn http_get(address: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to the HTTP listener");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read the HTTP response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status code");
+    (code, body.to_string())
+}
+
 /// Runs the binary with `args`, in a clean environment.
 pub fn run(args: &[&str]) -> Out {
     let output = Command::new(BIN)
