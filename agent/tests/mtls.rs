@@ -674,12 +674,19 @@ fn forgeries_with_a_member_certificate_are_refused_and_change_nothing() {
                 name: "evil".into(),
                 address: "127.0.0.1:1".into(),
                 token: token.clone(),
+                ..Default::default()
             });
             admit.metadata_mut().insert("x-blixard-forwarded", "1".parse().unwrap());
             let mut peer = PeerClient::new(c.channel_as(target, &name(a)).await);
             assert_denied(peer.admit(admit).await, "admitting evil as forwarded");
         }
-        let rewrite = pb::AdmitRequest { id: v_id, name: name(v), address: "127.0.0.1:1".into(), token: token.clone() };
+        let rewrite = pb::AdmitRequest {
+            id: v_id,
+            name: name(v),
+            address: "127.0.0.1:1".into(),
+            token: token.clone(),
+            ..Default::default()
+        };
         let status = PeerClient::new(c.channel_as(l, &name(v)).await).admit(rewrite).await.unwrap_err();
         assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
 
