@@ -133,17 +133,17 @@ fn three_members_form_a_cluster_and_followers_serve_every_request() -> Result<()
     // of another secret's CA, gets nothing; one the cluster issued read-only
     // (`ClusterIssueClient`, for a key that never left this process) reads
     // but is refused every write, which changes nothing.
-    let plain = cluster.block_on(cluster.client_with(other, None).vm_list(pb::VmListRequest {}));
+    let plain = cluster.block_on(cluster.client_with(other, None).vm_list(pb::VmListRequest::default()));
     assert!(plain.is_err(), "plain text reached the agent: {plain:?}");
     let stranger_secret = cluster.dir().join("stranger.secret");
     std::fs::write(&stranger_secret, blixard::pki::ClusterSecret::generate()?.to_text())?;
     let mut stranger = Cluster::client_credentials(&stranger_secret, "tests", Role::Admin)?;
     stranger.ca_pem = cluster.credentials().context("secret mode")?.ca_pem.clone();
-    let refused = cluster.block_on(cluster.client_with(other, Some(&stranger)).vm_list(pb::VmListRequest {}));
+    let refused = cluster.block_on(cluster.client_with(other, Some(&stranger)).vm_list(pb::VmListRequest::default()));
     assert!(refused.is_err(), "another CA's client certificate was accepted: {refused:?}");
     let reader = issue_client(&cluster, follower, "viewer", "read-only")?;
     let mut read_only = cluster.client_with(other, Some(&reader));
-    assert_eq!(cluster.block_on(read_only.vm_list(pb::VmListRequest {}))?.into_inner().vms.len(), 1);
+    assert_eq!(cluster.block_on(read_only.vm_list(pb::VmListRequest::default()))?.into_inner().vms.len(), 1);
     let write = cluster.block_on(read_only.vm_create(create_request("by-viewer"))).unwrap_err();
     assert_eq!(write.code(), Code::PermissionDenied, "{write:?}");
     assert!(write.message().contains("read-only"), "{}", write.message());
@@ -516,7 +516,7 @@ fn the_cluster_secret_rotates_in_three_rolling_restarts() -> Result<()> {
     // A client certificate of the old secret is refused now.
     let stale = Cluster::client_credentials(&old, "tests", Role::Admin)?;
     let stale = ClientCredentials { ca_pem: new_ca, ..stale };
-    assert!(cluster.block_on(cluster.client_with(0, Some(&stale)).vm_list(pb::VmListRequest {})).is_err());
+    assert!(cluster.block_on(cluster.client_with(0, Some(&stale)).vm_list(pb::VmListRequest::default())).is_err());
     Ok(())
 }
 

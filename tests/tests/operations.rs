@@ -213,7 +213,15 @@ fn a_dead_member_is_removed_and_a_host_with_a_new_disk_rejoins_under_its_name() 
         cluster.install_runner(i, "web")?;
     }
     // web pinned to h3, so that it is on the host that dies; then unpinned.
-    cluster.cli(leader, &["vm", "create", "web", "--vcpu", "1", "--memory", "64", "--node", "h3", "--wait"])?.ok()?;
+    // (h3 may not have reported its capacity yet: a create pinned to it
+    // is refused, changing nothing, until it has.)
+    wait_for("web to be created on h3", FORM_TIMEOUT, || {
+        let out = cluster.cli(leader, &["vm", "create", "web", "--vcpu", "1", "--memory", "64", "--node", "h3", "--wait"])?;
+        Ok(match out.code {
+            1 if out.stderr.contains("has not reported its capacity yet") => Probe::NotYet(out.stderr),
+            _ => Probe::Ready(out.ok()?),
+        })
+    })?;
     cluster.cli(leader, &["vm", "update", "web", "--unpin"])?.ok()?;
     let old_h3 = cluster.cli_json(0, &["cluster", "status"])?["members"]
         .as_array()
@@ -345,13 +353,13 @@ fn vm_list_pages_and_filters_200000_vms() -> Result<()> {
     cluster.wait_formed(&[0])?;
     cluster.install_runner(0, "vm-000007")?;
     let started = Instant::now();
-    let address = format!("http://{}", cluster.agent(0).address);
+    // One connection (the test's admin certificate), shared by every task.
+    let client = cluster.client(0);
     let failures = cluster.block_on(async move {
-        let channel = tonic::transport::Endpoint::from_shared(address)?.connect().await?;
         let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..IN_FLIGHT {
-            let (mut client, next) = (pb::blixard_client::BlixardClient::new(channel.clone()), next.clone());
+            let (mut client, next) = (client.clone(), next.clone());
             tasks.spawn(async move {
                 let mut failures = Vec::new();
                 loop {

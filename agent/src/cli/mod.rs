@@ -678,10 +678,11 @@ async fn send(client: &Client, request: Request, json: bool) -> Result<String, C
             let node = if node.is_empty() { client.cluster_status().await?.name } else { node };
             let has_vms = client.node_list().await?.nodes.iter().any(|n| n.name == node && n.vms > 0);
             if has_vms {
+                let on_node = wait::vms_on(client, &node).await?;
                 client.node_drain(node.clone()).await?;
                 let progress = Progress::new(!json);
                 progress.say(&format!("draining {} before it leaves", error::one_line(&node)));
-                wait::drain(client, &node, Duration::from_secs(wait_secs), &progress).await?;
+                wait::drain(client, &node, on_node, Duration::from_secs(wait_secs), &progress).await?;
             }
             let r = client.cluster_leave(pb::ClusterLeaveRequest { node, ..Default::default() }).await?;
             if json {
@@ -782,10 +783,11 @@ async fn send(client: &Client, request: Request, json: bool) -> Result<String, C
         }
         Request::Events(_) | Request::VmLogs(_) => unreachable!("streams are handled by run_client"),
         Request::NodeDrainWait { node, wait_secs } => {
+            let on_node = wait::vms_on(client, &node).await?;
             let info = client.node_drain(node.clone()).await?;
             let progress = Progress::new(!json);
             progress.say(&format!("draining {}", error::one_line(&node)));
-            wait::drain(client, &node, Duration::from_secs(wait_secs), &progress).await?;
+            wait::drain(client, &node, on_node, Duration::from_secs(wait_secs), &progress).await?;
             let info = client.node_list().await?.nodes.into_iter().find(|n| n.name == node).unwrap_or(info);
             node_out("drained", info)
         }
