@@ -284,9 +284,9 @@ pub fn may_call(speaker: &Speaker, rpc: Rpc, forwarded: bool) -> Result<(), Refu
         Speaker::Client { role: ClientRole::ReadOnly, .. } if kind == CallKind::Write => {
             refuse(format!("{speaker} may only read; {rpc:?} changes the cluster and needs an admin certificate"))
         }
-        Speaker::Client { role: ClientRole::ReadOnly, .. } if kind == CallKind::Export => refuse(format!(
-            "{speaker} may not export the cluster's whole state; {rpc:?} needs an admin certificate"
-        )),
+        Speaker::Client { role: ClientRole::ReadOnly, .. } if kind == CallKind::Export => {
+            refuse(format!("{speaker} may not export the cluster's whole state; {rpc:?} needs an admin certificate"))
+        }
         Speaker::Client { .. } => Ok(()),
     }
 }

@@ -164,9 +164,11 @@ fn three_members_form_a_cluster_and_followers_serve_every_request() -> Result<()
     assert!(listed.status.success() && stdout(&listed).contains("\"web\""), "{listed:?}");
     let certs = cluster.dir().join("cli-viewer");
     let dir = certs.display().to_string();
-    let issued = cli(&["cluster", "issue-client", "cli-viewer", "--role", "read-only", "--dir", &dir, "--config", &config])?;
+    let issued =
+        cli(&["cluster", "issue-client", "cli-viewer", "--role", "read-only", "--dir", &dir, "--config", &config])?;
     assert!(issued.status.success(), "{issued:?}");
-    let key_mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(certs.join("cli-viewer.key"))?.permissions());
+    let key_mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(certs.join("cli-viewer.key"))?.permissions());
     assert_eq!(key_mode & 0o077, 0, "the key is private: {key_mode:o}");
     let path = |file: &str| certs.join(file).display().to_string();
     let (ca, cert, key) = (path("ca.pem"), path("cli-viewer.pem"), path("cli-viewer.key"));

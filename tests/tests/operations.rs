@@ -216,7 +216,8 @@ fn a_dead_member_is_removed_and_a_host_with_a_new_disk_rejoins_under_its_name() 
     // (h3 may not have reported its capacity yet: a create pinned to it
     // is refused, changing nothing, until it has.)
     wait_for("web to be created on h3", FORM_TIMEOUT, || {
-        let out = cluster.cli(leader, &["vm", "create", "web", "--vcpu", "1", "--memory", "64", "--node", "h3", "--wait"])?;
+        let out =
+            cluster.cli(leader, &["vm", "create", "web", "--vcpu", "1", "--memory", "64", "--node", "h3", "--wait"])?;
         Ok(match out.code {
             1 if out.stderr.contains("has not reported its capacity yet") => Probe::NotYet(out.stderr),
             _ => Probe::Ready(out.ok()?),
