@@ -152,6 +152,33 @@ pub fn leader_of_redirect(status: &Status) -> Option<String> {
     (!value.is_empty() && value.len() <= crate::state::limits::ADDRESS_LEN_MAX).then(|| value.to_string())
 }
 
+/// How many leader redirections [`following_redirects`] follows.
+const REDIRECTS_MAX: usize = 3;
+
+/// Runs `call` at `seed`, and again at the leader a refusal redirects it to
+/// (see [`Remote::Redirect`]), at most [`REDIRECTS_MAX`] times.
+pub async fn following_redirects<T, F, Fut>(seed: &str, mut call: F) -> Result<T, Status>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let mut target = seed.to_string();
+    let mut redirects = 0;
+    loop {
+        match call(target.clone()).await {
+            Err(status) => match leader_of_redirect(&status) {
+                Some(leader) if redirects < REDIRECTS_MAX && leader != target => {
+                    tracing::debug!(from = target, to = leader, "redirected to the leader");
+                    target = leader;
+                    redirects += 1;
+                }
+                _ => return Err(status),
+            },
+            done => return done,
+        }
+    }
+}
+
 /// Where a request is handled.
 pub(crate) enum Route {
     Local(Membership),

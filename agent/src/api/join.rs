@@ -138,9 +138,6 @@ pub async fn discover_ca(seed: &str, pin: Fingerprint) -> Result<Vec<u8>, Status
     })
 }
 
-/// How many leader redirections [`attempt`] follows.
-const REDIRECTS_MAX: usize = 3;
-
 /// One attempt at steps 1 to 3 (see the module doc) through `seed`.
 /// `request` carries this host's id, name, address and token; its
 /// certificate signing request is added here, for `key`. Only the leader
@@ -154,21 +151,11 @@ pub async fn attempt(
     pin: Fingerprint,
     files: &JoinedFiles,
 ) -> Result<Admitted, Status> {
-    let mut target = seed.to_string();
-    let mut redirects = 0;
-    loop {
-        match attempt_at(&target, request.clone(), key, pin, files).await {
-            Err(status) => match super::context::leader_of_redirect(&status) {
-                Some(leader) if redirects < REDIRECTS_MAX && leader != target => {
-                    tracing::debug!(from = target, to = leader, "admission redirected to the leader");
-                    target = leader;
-                    redirects += 1;
-                }
-                _ => return Err(status),
-            },
-            admitted => return admitted,
-        }
-    }
+    let request = &request;
+    super::context::following_redirects(seed, |target| async move {
+        attempt_at(&target, request.clone(), key, pin, files).await
+    })
+    .await
 }
 
 /// [`attempt`] at one member, without following a redirection.

@@ -950,16 +950,12 @@ impl pb::peer_server::Peer for PeerService {
     }
 }
 
-/// How many leader redirections [`admit`] follows.
-const ADMIT_REDIRECTS_MAX: usize = 3;
-
 /// Asks the member at `seed` to admit this host as a learner; returns the
 /// cluster id and the current members. A member that does not lead
 /// answers with the leader's address, which is asked next.
 pub async fn admit(dialer: &Dialer, seed: &str, request: pb::AdmitRequest) -> Result<pb::AdmitResponse, Status> {
-    let mut target = seed.to_string();
-    let mut redirects = 0;
-    loop {
+    let request = &request;
+    super::context::following_redirects(seed, |target| async move {
         let endpoint = dialer.endpoint(&target)?;
         let channel = endpoint
             .connect()
@@ -967,18 +963,9 @@ pub async fn admit(dialer: &Dialer, seed: &str, request: pb::AdmitRequest) -> Re
             .map_err(|e| Status::unavailable(format!("cannot reach {target}: {}", transport_cause(&e))))?;
         let mut call = Request::new(request.clone());
         call.set_timeout(super::context::LEADER_WAIT + Duration::from_secs(2));
-        match peer_client(channel).admit(call).await {
-            Ok(response) => return Ok(response.into_inner()),
-            Err(status) => match super::context::leader_of_redirect(&status) {
-                Some(leader) if redirects < ADMIT_REDIRECTS_MAX && leader != target => {
-                    tracing::debug!(from = target, to = leader, "admission redirected to the leader");
-                    target = leader;
-                    redirects += 1;
-                }
-                _ => return Err(status),
-            },
-        }
-    }
+        peer_client(channel).admit(call).await.map(Response::into_inner)
+    })
+    .await
 }
 
 /// How long renewing a joined member's certificate at start may take, all
