@@ -57,6 +57,8 @@ let
     && lib.length halves <= 2
     && hexOk
     && (if lib.length halves == 2 then width <= 7 else width == 8);
+  # The port of `metricsListenAddress` ("IP:port", IPv6 in brackets).
+  metricsPort = lib.toInt (lib.last (lib.splitString ":" cfg.metricsListenAddress));
   bare = address: lib.removeSuffix "]" (lib.removePrefix "[" address);
   validIp = address: validIpv4 address || validIpv6 (bare address);
   # "IP:PORT" with IPv6 in brackets.
@@ -365,6 +367,10 @@ let
     };
 in
 {
+  # The Prometheus side (scrape job, alert rules), for agent and monitoring
+  # hosts alike.
+  imports = [ ./prometheus.nix ];
+
   options.services.blixard = {
     enable = lib.mkEnableOption "the Blixard agent, which places and runs microvm.nix guests across a cluster of hosts";
 
@@ -397,7 +403,7 @@ in
     openFirewall = mkOption {
       type = types.bool;
       default = false;
-      description = "Open {option}`port` in the firewall (the metrics listener is never opened).";
+      description = "Open {option}`port` in the firewall (the metrics listener only with {option}`metrics.openFirewall`).";
     };
 
     dataDir = mkOption {
@@ -549,6 +555,18 @@ in
       '';
     };
 
+    metrics.openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Open the port of {option}`metricsListenAddress` in the firewall, for a
+        Prometheus on another host. With {option}`tls` or {option}`clusterSecretFile` set the listener speaks
+        HTTPS: `/metrics`, `/healthz` and `/readyz` need no client certificate;
+        the dashboard needs one of the cluster CA (read-only or admin). The
+        scrape job and the alert rules: {option}`services.blixard.prometheus`.
+      '';
+    };
+
     joinTokenFile = mkOption {
       type = types.nullOr types.externalPath;
       default = null;
@@ -612,6 +630,10 @@ in
 
   config = lib.mkIf cfg.enable {
     assertions = [
+      {
+        assertion = cfg.metrics.openFirewall -> cfg.metricsListenAddress != null;
+        message = ''services.blixard.metrics.openFirewall is set but services.blixard.metricsListenAddress is null: set the listener's address (e.g. "0.0.0.0:9464") or leave the firewall closed.'';
+      }
       {
         assertion = cfg.listenAddress != null;
         message = ''services.blixard.listenAddress is not set: set it to an address of this host that the other hosts can reach, e.g. "10.0.0.1".'';
@@ -800,7 +822,9 @@ in
     environment.etc."blixard/agent.toml".source = configFile;
     environment.systemPackages = [ cfg.package ];
 
-    networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ cfg.port ];
+    networking.firewall.allowedTCPPorts =
+      lib.optional cfg.openFirewall cfg.port
+      ++ lib.optional (cfg.metrics.openFirewall && cfg.metricsListenAddress != null) metricsPort;
 
     users.users.blixard = {
       isSystemUser = true;

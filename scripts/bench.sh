@@ -3,7 +3,7 @@
 # what each measures, its goal, and the numbers recorded so far).
 #
 #   scripts/bench.sh                   # all of them
-#   scripts/bench.sh throughput idle   # some: consensus scheduler throughput idle restart
+#   scripts/bench.sh throughput idle   # some: consensus scheduler throughput idle restart dashboard
 #
 # Run it on a quiet machine: other work on the cores skews every number.
 # It installs Debian's etcd-server (the throughput comparison's etcd 3.4)
@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all=(consensus scheduler throughput idle restart)
+all=(consensus scheduler throughput idle restart dashboard)
 if [ $# -gt 0 ]; then selected=("$@"); else selected=("${all[@]}"); fi
 for name in "${selected[@]}"; do
   case " ${all[*]} " in
@@ -44,6 +44,7 @@ if [ -n "${BLIXARD_BENCH_QUICK:-}" ]; then
   throughput_args=(--seconds 3 --warmup-seconds 1)
   idle_args=(--seconds 5 --settle-seconds 2)
   restart_args=(--vms 5000 --trials 1 --idle-seconds 3)
+  export BLIXARD_BENCH_DASHBOARD_VMS=${BLIXARD_BENCH_DASHBOARD_VMS:-1000}
 else
   throughput_args=()
   idle_args=()
@@ -91,6 +92,13 @@ fi
 if wants restart; then
   log "restart: a member whose snapshot and log hold 100,000 VMs, to serving requests (issue 3)"
   "$load" restart "${restart_args[@]}"
+fi
+if wants dashboard; then
+  log "dashboard: page load and live-update cost at 1,000 and 10,000 VMs, headless Chromium (issue 20)"
+  # A program in the browser test's file (it shares its WebDriver client and
+  # TLS cluster); it prints a table and asserts nothing.
+  cargo test --release --quiet -p blixard-agent --test dashboard_browser -- --ignored --nocapture \
+    bench_dashboard_page_load_and_live_updates
 fi
 # The failover benchmark (issue 4) runs in the container test bed; see
 # BENCHMARKS.md, "Failover (issue 4)".

@@ -53,6 +53,10 @@ log "installing Debian packages the tests need"
 # (ring). zsh, fish: the shell completion test runs in each shell.
 packages=(debootstrap systemd-container iproute2 nix-bin chromium chromium-driver fonts-liberation
   build-essential zsh fish)
+# Issue 20: prometheus for promtool (the shipped alert rules and Grafana
+# board, monitoring/check.sh); libnss3-tools (pk12util, certutil) and
+# openssl give the browser test's Chromium its client certificates.
+packages+=(prometheus libnss3-tools openssl jq)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -60,6 +64,11 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# Issue 20: only promtool is needed; the package's server is not.
+if command -v systemctl >/dev/null && systemctl is-enabled prometheus >/dev/null 2>&1; then
+  systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
 
 # ---- issue 19: check the Rust toolchain before anything builds ------------
@@ -106,6 +115,9 @@ if [ -z "${BLIXARD_TEST_QUICK:-}" ]; then
 else
   skipped+=("cargo fmt --check and cargo clippy (BLIXARD_TEST_QUICK is set)")
 fi
+
+log "monitoring: alert rules (promtool check/test rules) and the Grafana board"
+bash monitoring/check.sh
 
 export BLIXARD_SIM_SEEDS="${BLIXARD_SIM_SEEDS:-1000}"
 # The system tests run the agent binary this build makes; without this they

@@ -168,13 +168,25 @@ pub async fn run(
         context.remember_member_name(*id, name);
     }
     let metrics = Arc::new(Metrics::new());
-    let events = Arc::new(EventLog::new());
+    let events = Arc::new(EventLog::with_metrics(metrics.clone()));
 
     let (stop_server, server_stopped) = watch::channel(false);
     if let Some(address) = config.metrics_listen {
         let http = crate::http::bind(address).await?;
-        let state =
-            crate::http::HttpState { context: context.clone(), metrics: metrics.clone(), events: events.clone() };
+        // With authentication on, the dashboard is HTTPS with this
+        // member's certificate (a bad one stops the agent here).
+        let http_tls = match credentials.as_deref() {
+            None => None,
+            Some(credentials) => Some(Arc::new(
+                credentials.http_server_config().map_err(|e| anyhow!("cannot serve the dashboard over HTTPS: {e}"))?,
+            )),
+        };
+        let state = crate::http::HttpState {
+            context: context.clone(),
+            metrics: metrics.clone(),
+            events: events.clone(),
+            tls: http_tls,
+        };
         let stopped = server_stopped.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::http::serve(http, state, stopped).await {

@@ -1,7 +1,16 @@
 //! The agent's HTTP listener (`metrics_listen`): health and readiness for
 //! load balancers and systemd-style probes, Prometheus metrics and the
-//! read-only dashboard. It is separate from the gRPC port so that it can be
-//! bound to a management network (or loopback) and never exposes a write.
+//! dashboard. It is separate from the gRPC port so that it can be bound to
+//! a management network (or loopback).
+//!
+//! With authentication on (`[tls]`), it speaks HTTPS with this agent's
+//! member certificate and asks browsers for a client certificate of the
+//! cluster CA, verified when given but not required: probes and
+//! Prometheus need none, and the dashboard decides what each connection
+//! may see and do from it (`dashboard::access`). Without authentication it
+//! is plain HTTP and the dashboard is read-only. Nothing here writes to
+//! the cluster but the dashboard's actions, which go through the client
+//! API's handlers.
 //!
 //! Each concern contributes an `axum::Router`; this module only merges them
 //! and serves. Routes:
@@ -11,8 +20,7 @@
 //!   leader (it can answer linearizable reads and forward writes), else 503
 //!   with the reason.
 //! - `GET /metrics`: OpenMetrics text (see `metrics` for the names).
-//! - The dashboard (`/`, `/dashboard`, `/api/overview`, ...): see
-//!   `crate::dashboard`.
+//! - The dashboard (`/`, `/dashboard`, `/api/...`): see `crate::dashboard`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,13 +46,17 @@ const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; cha
 async fn metrics_text(State(state): State<HttpState>) -> impl IntoResponse {
     if let Some(member) = state.context.membership() {
         state.metrics.set_status(&member.node.status());
-        if let Ok(counts) = member.node.read_local(|s, _| metrics::vm_counts(s)).await {
+        state.metrics.set_contact(member.node.has_quorum_contact(), member.node.contact_age_ms());
+        if let Ok((counts, hosts)) = member.node.read_local(|s, _| (metrics::vm_counts(s), metrics::host_rows(s))).await
+        {
             state.metrics.set_vms(&counts);
+            state.metrics.set_hosts(&hosts);
         }
     }
     ([(header::CONTENT_TYPE, OPENMETRICS_TEXT)], state.metrics.encode())
 }
 use crate::dashboard::Dashboard;
+use crate::dashboard::access::{Access, Peer, access_of};
 
 /// What the HTTP handlers can see.
 #[derive(Clone)]
@@ -54,6 +66,9 @@ pub struct HttpState {
     /// The cluster events this agent derived: `events.recent(n)` for a
     /// page, `events.follow(n)` for a live view (see `node::events`).
     pub events: Arc<EventLog>,
+    /// HTTPS with the cluster's certificates (authentication on); `None`:
+    /// plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 async fn healthz() -> &'static str {
@@ -92,10 +107,104 @@ pub async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// Serves until `stop` turns true.
 pub async fn serve(listener: TcpListener, state: HttpState, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
-    let dashboard = Dashboard::start(state.context.clone(), stop.clone());
-    axum::serve(listener, router(state, dashboard))
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|stop| *stop).await;
-        })
-        .await
+    let dashboard = Dashboard::start(state.context.clone(), state.metrics.clone(), state.events.clone(), stop.clone());
+    let tls = state.tls.clone();
+    let app = router(state, dashboard).into_make_service_with_connect_info::<Peer>();
+    let stopped = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    match tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(stopped).await,
+        Some(config) => axum::serve(TlsListener::new(listener, config), app).with_graceful_shutdown(stopped).await,
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Peer {
+        Peer { address: *stream.remote_addr(), access: Access::Open }
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Peer {
+        stream.remote_addr().clone()
+    }
+}
+
+/// TLS handshakes in progress at once; more connections wait in the
+/// kernel's backlog.
+const HANDSHAKES_MAX: usize = 64;
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The listener over TLS: connections come out of it handshaken, with what
+/// their client certificate allows. Handshakes run concurrently (a slow
+/// client never holds up the others), at most [`HANDSHAKES_MAX`].
+pub struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Peer)>,
+    local: SocketAddr,
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+impl TlsListener {
+    pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> TlsListener {
+        let local = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let (tx, ready) = tokio::sync::mpsc::channel(HANDSHAKES_MAX);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+        let acceptor = tokio::spawn(async move {
+            loop {
+                let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
+                let (tcp, address) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of descriptors and the like: pause, not spin.
+                        tracing::debug!(error = %e, "the HTTP listener cannot accept");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%address, error = %e, "a TLS handshake on the HTTP listener failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let leaf = tls.get_ref().1.peer_certificates().and_then(|certs| certs.first()).map(|c| c.to_vec());
+                    let peer = Peer { address, access: access_of(leaf.as_deref()) };
+                    let _ = tx.send((tls, peer)).await;
+                });
+            }
+        });
+        TlsListener { ready, local, acceptor }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = Peer;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(connection) => connection,
+            // The acceptor ended (its listener failed for good): no more
+            // connections, as a closed listener.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(Peer { address: self.local, access: Access::Anonymous })
+    }
 }

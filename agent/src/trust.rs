@@ -38,7 +38,7 @@
 //! |-------------------------------------------------------------------------------------|-------------------------------------------|
 //! | `Report`, `Released`, `SetCapacity`, `SetLabels`, `SetRunners`, `SetAddress` about N | member N only (a host speaks for itself)  |
 //! | `CreateVm`, `UpdateVm`, `DeleteVm`, `SetDesired`                                     | any member (for an admin client, or its declared VMs) |
-//! | `Place`, `Unplace`, `Recover`, `ClearHandoff`, `SetStatus`, `SetDrain`, `AddJoinToken`, `UseJoinToken` | the leader only, on itself: no peer may propose them |
+//! | `Place`, `Unplace`, `Recover`, `ClearHandoff`, `SetStatus`, `SetDrain`, `AddJoinToken`, `UseJoinToken`, `LeaderElected` | the leader only, on itself: no peer may propose them |
 //! | membership changes (conf-change entries)                                             | the leader only, on itself                |
 //!
 //! Raft messages from member `from` ([`raft_message`]), as far as the
@@ -322,7 +322,8 @@ pub fn author(kind: &CommandKind) -> Author {
         | CommandKind::SetStatus { .. }
         | CommandKind::SetDrain { .. }
         | CommandKind::AddJoinToken { .. }
-        | CommandKind::UseJoinToken { .. } => Author::Leader,
+        | CommandKind::UseJoinToken { .. }
+        | CommandKind::LeaderElected { .. } => Author::Leader,
     }
 }
 
@@ -352,6 +353,7 @@ fn command_name(kind: &CommandKind) -> &'static str {
         CommandKind::ClearHandoff { .. } => "ClearHandoff",
         CommandKind::AddJoinToken { .. } => "AddJoinToken",
         CommandKind::UseJoinToken { .. } => "UseJoinToken",
+        CommandKind::LeaderElected { .. } => "LeaderElected",
     }
 }
 

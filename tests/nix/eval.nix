@@ -908,6 +908,109 @@ let
       expected = [ 7000 ];
     };
 
+    testMetricsOpenFirewallOpensTheMetricsPort = {
+      expr =
+        (evalHost [
+          base
+          {
+            services.blixard.metrics.openFirewall = true;
+            services.blixard.metricsListenAddress = "0.0.0.0:9464";
+          }
+        ]).networking.firewall.allowedTCPPorts;
+      expected = [ 9464 ];
+    };
+
+    testMetricsOpenFirewallNeedsAListener = {
+      expr = failedMessages (evalHost [
+        base
+        { services.blixard.metrics.openFirewall = true; }
+      ]);
+      expected = [
+        ''services.blixard.metrics.openFirewall is set but services.blixard.metricsListenAddress is null: set the listener's address (e.g. "0.0.0.0:9464") or leave the firewall closed.''
+      ];
+    };
+
+    # A monitoring host that runs no agent: the scrape job and the rules.
+    testPrometheusScrapesTheMembersOverHttpsAndInstallsTheRules =
+      let
+        cfg = evalHost [
+          {
+            services.blixard.prometheus = {
+              enable = true;
+              targets = [
+                "10.0.0.1:9464"
+                "10.0.0.2:9464"
+              ];
+              caFile = "/etc/blixard/ca.pem";
+            };
+          }
+        ];
+        job = lib.head cfg.services.prometheus.scrapeConfigs;
+      in
+      {
+        expr = {
+          inherit (cfg.services.prometheus) enable;
+          agent = cfg.systemd.services ? blixard;
+          inherit (job) job_name scheme;
+          targets = map (s: s.targets) job.static_configs;
+          ca = job.tls_config.ca_file;
+          rules = map (f: baseNameOf (toString f)) cfg.services.prometheus.ruleFiles;
+          rulesExist = lib.all builtins.pathExists cfg.services.prometheus.ruleFiles;
+          failed = failedMessages cfg;
+        };
+        expected = {
+          enable = true;
+          agent = false;
+          job_name = "blixard";
+          scheme = "https";
+          targets = [
+            [
+              "10.0.0.1:9464"
+              "10.0.0.2:9464"
+            ]
+          ];
+          ca = "/etc/blixard/ca.pem";
+          rules = [ "blixard.rules.yml" ];
+          rulesExist = true;
+          failed = [ ];
+        };
+      };
+
+    testPrometheusWithoutTlsOrRulesAndWithoutTargetsIsRefused = {
+      expr =
+        let
+          cfg = evalHost [
+            {
+              services.blixard.prometheus = {
+                enable = true;
+                alertRules = false;
+              };
+            }
+          ];
+        in
+        {
+          scheme = (lib.head cfg.services.prometheus.scrapeConfigs).scheme;
+          rules = cfg.services.prometheus.ruleFiles;
+          failed = failedMessages cfg;
+        };
+      expected = {
+        scheme = "http";
+        rules = [ ];
+        failed = [
+          "services.blixard.prometheus.enable is set but services.blixard.prometheus.targets is empty: list every member's metrics listener (host:port)."
+        ];
+      };
+    };
+
+    testPrometheusIsOffByDefault = {
+      expr = (evalHost [ base ]).services.prometheus;
+      expected = {
+        enable = false;
+        ruleFiles = [ ];
+        scrapeConfigs = [ ];
+      };
+    };
+
     # --- guests -----------------------------------------------------------------
     testVmsBecomeMicrovmsThatNeitherAutostartNorRestartOnSwitch = {
       expr =

@@ -504,11 +504,18 @@ impl BedCluster {
     /// Runs the agent's CLI inside `host` (it talks to that host's agent,
     /// as an operator on the host would).
     pub fn cli(&self, host: usize, args: &[&str]) -> Result<String> {
+        self.cli_within(host, args, crate::testbed::EXEC_TIMEOUT)
+    }
+
+    /// [`BedCluster::cli`] for a command that may take longer than the default
+    /// exec timeout (a drain that waits for every VM to move): killed after
+    /// `timeout`; a non-zero exit is an error carrying its stderr.
+    pub fn cli_within(&self, host: usize, args: &[&str], timeout: Duration) -> Result<String> {
         let mut argv = vec!["/usr/local/bin/blixard-agent"];
         argv.extend(args);
         let endpoint = format!("{}:{PORT}", self.addr(host));
         argv.extend(["--endpoint", endpoint.as_str()]);
-        self.bed.host(host).run(&argv)
+        self.bed.host(host).run_within(&argv, timeout)
     }
 
     /// Replaces `host`'s agent config (keeps the original as `.orig` once).

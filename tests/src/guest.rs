@@ -191,7 +191,12 @@ impl Host {
         )?;
         self.write_file(
             &format!("{store_path}/bin/microvm-shutdown"),
-            format!("#!/bin/sh\necho \"shutdown $(date +%s.%N)\" >> {log}\n"),
+            // Like a hypervisor asked to power off, the runner then exits (systemd runs
+            // this as ExecStop, with the runner's PID in $MAINPID; the stop waits for it).
+            format!(
+                "#!/bin/sh\necho \"shutdown $(date +%s.%N)\" >> {log}\n\
+                 if [ -n \"$MAINPID\" ]; then kill -TERM \"$MAINPID\"; fi\n"
+            ),
             0o755,
         )?;
         self.link_current(name, &store_path)

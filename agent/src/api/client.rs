@@ -407,6 +407,15 @@ pub enum Staleness {
     Unknown,
 }
 
+/// The sentence and class the CLI gives a status that an agent answered
+/// (the dashboard's actions show the same).
+pub fn server_error(status: &Status) -> ClientError {
+    let message = clip(status.message().trim());
+    let message =
+        if message.is_empty() { format!("the agent answered {:?} with no message", status.code()) } else { message };
+    ClientError { class: class_of(status.code()), message }
+}
+
 /// A status from the server keeps its message; one made by the client for
 /// a transport failure (it has a source) says the agent cannot be reached.
 fn from_status(authority: &str, timeout: Duration, tls: TlsUse, status: &Status) -> ClientError {

@@ -316,18 +316,11 @@ fn role_of(member: &Member, leader: Option<NodeId>) -> &'static str {
 pub fn node_info(state: &State, member: &Member, leader: Option<NodeId>) -> pb::NodeInfo {
     let limit = member.capacity.limit();
     let used = state.used_on(member.id, None);
-    let status = if member.status == MemberStatus::Down {
-        "down"
-    } else if member.drain {
-        "draining"
-    } else {
-        "up"
-    };
     pb::NodeInfo {
         name: member.name.clone(),
         id: member.id,
         address: member.address.clone(),
-        status: status.to_string(),
+        status: member.status_word().to_string(),
         role: role_of(member, leader).to_string(),
         vcpu_total: limit.vcpu,
         vcpu_used: used.vcpu,

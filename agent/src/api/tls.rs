@@ -361,6 +361,38 @@ impl Credentials {
             .timeout(TLS_HANDSHAKE_TIMEOUT)
     }
 
+    /// The HTTP listener over HTTPS (the dashboard): our certificate, and
+    /// client certificates of the cluster CA verified when presented but
+    /// not required (health probes and Prometheus need none; the
+    /// dashboard itself asks for one, `dashboard::access`). HTTP/1.1 only.
+    pub fn http_server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let invalid = |what: &str, e: &dyn std::fmt::Display| TlsError::Invalid(format!("{what}: {e}"));
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| invalid("`tls.cert_file`", &e))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| invalid("`tls.key_file`", &e))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&self.ca_pem) {
+            roots.add(ca.map_err(|e| invalid("`tls.ca_file`", &e))?).map_err(|e| invalid("`tls.ca_file`", &e))?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| invalid("`tls.ca_file`", &e))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid("TLS", &e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| invalid("`tls.cert_file` and `tls.key_file`", &e))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+
     /// Dialing peers: their certificate verified against the trusted CAs
     /// (and the address dialled), ours presented.
     pub fn client(&self) -> ClientTlsConfig {

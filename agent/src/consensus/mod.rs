@@ -152,6 +152,11 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
     pub index: u64,
+    /// The entry's own time: its command's `at_unix_ms` (or its membership
+    /// change's), set by the proposer, so every member gives what the
+    /// entry caused the same time. 0 for an entry without one and for a
+    /// proposal that was not applied.
+    pub at_unix_ms: u64,
     pub proposal: Option<ProposalId>,
     pub outcome: Outcome,
 }
@@ -653,10 +658,10 @@ impl Core {
             let skipped: Vec<u64> = self.pending.range(..=index).map(|(i, _)| *i).collect();
             for i in skipped {
                 let id = self.pending.remove(&i).expect("listed above");
-                out.applied.push(Applied { index: i, proposal: Some(id), outcome: Outcome::Unknown });
+                out.applied.push(Applied { index: i, at_unix_ms: 0, proposal: Some(id), outcome: Outcome::Unknown });
             }
             for id in std::mem::take(&mut self.forwarded).into_keys() {
-                out.applied.push(Applied { index, proposal: Some(id), outcome: Outcome::Unknown });
+                out.applied.push(Applied { index, at_unix_ms: 0, proposal: Some(id), outcome: Outcome::Unknown });
             }
             batch.snapshot = Some(snapshot);
         }
@@ -731,15 +736,19 @@ impl Core {
         for entry in entries {
             let index = entry.index;
             let context = ProposalId::decode(entry.get_context()).map(|(id, _)| id);
+            let mut at_unix_ms = 0;
             let outcome = match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.get_data().is_empty() => None,
                 EntryType::EntryNormal => {
                     let result = codec::decode_command(entry.get_data())
                         .map_err(|e| Rejection::Malformed(e.to_string()))
-                        .and_then(|command| self.raw.mut_store().state_mut().apply(&command));
+                        .and_then(|command| {
+                            at_unix_ms = command.at_unix_ms;
+                            self.raw.mut_store().state_mut().apply(&command)
+                        });
                     Some(result)
                 }
-                EntryType::EntryConfChange => Some(self.apply_conf_change(&entry, batch)),
+                EntryType::EntryConfChange => Some(self.apply_conf_change(&entry, batch, &mut at_unix_ms)),
                 // We only ever propose simple (v1) changes.
                 EntryType::EntryConfChangeV2 => {
                     Some(Err(Rejection::Malformed("joint configuration changes are not used".into())))
@@ -758,13 +767,13 @@ impl Core {
                     }
                     _ => Outcome::Dropped,
                 };
-                out.applied.push(Applied { index, proposal: Some(ours), outcome });
+                out.applied.push(Applied { index, at_unix_ms, proposal: Some(ours), outcome });
             }
             if !reported && let Some(result) = outcome {
                 if let Some(id) = context {
                     self.forwarded.remove(&id);
                 }
-                out.applied.push(Applied { index, proposal: context, outcome: Outcome::Applied(result) });
+                out.applied.push(Applied { index, at_unix_ms, proposal: context, outcome: Outcome::Applied(result) });
             }
             // Our proposals handed to the leader of an earlier term can no
             // longer be applied (see `propose`).
@@ -773,17 +782,23 @@ impl Core {
                     self.forwarded.iter().filter(|(_, term)| **term < entry.term).map(|(id, _)| *id).collect();
                 for id in overtaken {
                     self.forwarded.remove(&id);
-                    out.applied.push(Applied { index, proposal: Some(id), outcome: Outcome::Dropped });
+                    out.applied.push(Applied { index, at_unix_ms: 0, proposal: Some(id), outcome: Outcome::Dropped });
                 }
             }
         }
     }
 
-    fn apply_conf_change(&mut self, entry: &Entry, batch: &mut WriteBatch) -> Result<Effect, Rejection> {
+    fn apply_conf_change(
+        &mut self,
+        entry: &Entry,
+        batch: &mut WriteBatch,
+        at_unix_ms: &mut u64,
+    ) -> Result<Effect, Rejection> {
         let cc = ConfChange::parse_from_bytes(entry.get_data())
             .map_err(|e| Rejection::Malformed(format!("conf change: {e}")))?;
         let info = codec::decode_member_info(cc.get_context())
             .map_err(|e| Rejection::Malformed(format!("conf change context: {e}")))?;
+        *at_unix_ms = info.at_unix_ms;
         let change = match cc.get_change_type() {
             ConfChangeType::AddLearnerNode => {
                 MembershipChange::AddLearner { id: cc.node_id, name: info.name, address: info.address }

@@ -101,21 +101,22 @@ impl ContactFile {
 
     /// Records a contact time. Failing to record only means the guard
     /// fences when the last recorded contact expires, and a restarted agent
-    /// fences at once, which is safe; so it is logged, not fatal.
-    pub fn store(&self, monotonic_ms: u64) {
+    /// fences at once, which is safe; so it is logged, not fatal. Returns
+    /// whether the record was written.
+    pub fn store(&self, monotonic_ms: u64) -> bool {
         // 0 is the revoked marker; a real contact is never at 0 ms of a boot.
-        self.write_record(monotonic_ms.max(1));
+        self.write_record(monotonic_ms.max(1))
     }
 
     /// Revokes the contact: every reader fences from now on (a removed
     /// member must stop its guests, and must not leave the guard trusting a
     /// contact it no longer has).
-    pub fn revoke(&self) {
-        self.write_record(0);
+    pub fn revoke(&self) -> bool {
+        self.write_record(0)
     }
 
-    fn write_record(&self, monotonic_ms: u64) {
-        let Some(boot) = &self.boot else { return };
+    fn write_record(&self, monotonic_ms: u64) -> bool {
+        let Some(boot) = &self.boot else { return true };
         // Fixed width (u64::MAX has 20 digits): each record covers the last.
         let record = format!("{boot} {monotonic_ms:020}\n");
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
@@ -130,7 +131,9 @@ impl ContactFile {
         if let Err(e) = result {
             *open = None;
             tracing::warn!(path = %self.path.display(), error = %e, "cannot record the quorum contact time");
+            return false;
         }
+        true
     }
 }
 

@@ -1,13 +1,17 @@
 //! Cluster events: what happened, in words an operator reads (`blixard-agent
-//! events`, the dashboard).
+//! events`, the dashboard). This log is the one history of the cluster:
+//! every view of events reads it.
 //!
 //! Events are derived on every member from the entries it applies, by a
-//! pure function of the effect and the state ([`events_of`]); every member
-//! applies the same entries in the same order, so every member derives the
-//! same VM and host events with the same Raft `index`. Leader changes and a
-//! host's own fencing are the exception: each member records the leader
-//! changes it observes, and its own fencing (`host_fenced`,
-//! `host_unfenced`), which no other member can see.
+//! pure function of the effect and the state ([`events_of`]), and each
+//! carries the time of the entry that caused it (its command's
+//! `at_unix_ms`, set by the proposer): every member applies the same
+//! entries in the same order, so every member derives the same events,
+//! with the same Raft `index` and the same time, whether it applied the
+//! entry as it happened or caught up on it later. Leader changes are
+//! entries too (`LeaderElected`, proposed by each new leader). The one
+//! exception is a host's own fencing (`host_fenced`, `host_unfenced`),
+//! which only that host sees, in its own log, at its own clock.
 //!
 //! The log is a bounded ring ([`EVENTS_MAX`]) in memory, kept since this
 //! agent started: a restarted member has applied everything before its
@@ -57,6 +61,27 @@ pub enum EventKind {
     VmFenced,
     /// Its host went down while it was desired running.
     VmLost,
+    /// The guest exited (or failed to start) on its host, which restarts it
+    /// after a back-off; a guest that keeps exiting ends `failed`.
+    VmExited,
+}
+
+/// How much an event matters to an operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Info = 0,
+    Warning = 1,
+    Error = 2,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Info => "info",
+            Level::Warning => "warning",
+            Level::Error => "error",
+        }
+    }
 }
 
 impl EventKind {
@@ -84,6 +109,28 @@ impl EventKind {
             EventKind::VmFailed => "vm_failed",
             EventKind::VmFenced => "vm_fenced",
             EventKind::VmLost => "vm_lost",
+            EventKind::VmExited => "vm_exited",
+        }
+    }
+
+    pub fn level(self) -> Level {
+        use EventKind as K;
+        match self {
+            K::HostDown | K::HostFenced | K::VmFailed | K::VmLost => Level::Error,
+            K::HostRemoved | K::HostDraining | K::VmFenced | K::VmExited | K::VmUnplaced => Level::Warning,
+            K::LeaderChanged
+            | K::HostJoined
+            | K::HostPromoted
+            | K::HostUp
+            | K::HostUndrained
+            | K::HostUnfenced
+            | K::VmCreated
+            | K::VmDeleted
+            | K::VmDesired
+            | K::VmPlaced
+            | K::VmMoved
+            | K::VmStarted
+            | K::VmStopped => Level::Info,
         }
     }
 }
@@ -112,10 +159,11 @@ pub struct Derived {
 pub struct Event {
     /// Position in this agent's log, from 1, without gaps.
     pub seq: u64,
-    /// The Raft index of the entry that caused it; for a leader change, the
-    /// applied index when it was observed.
+    /// The Raft index of the entry that caused it; for this host's own
+    /// fencing, the applied index when it happened.
     pub index: u64,
-    /// This agent's wall clock when it derived the event.
+    /// The time of the entry that caused it (its proposer's clock), the
+    /// same on every member; for this host's own fencing, this host's clock.
     pub at_unix_ms: u64,
     pub kind: EventKind,
     pub vm: Option<String>,
@@ -128,11 +176,16 @@ pub struct Event {
 pub struct EventLog {
     inner: Mutex<Ring>,
     followers: broadcast::Sender<Event>,
+    /// Counts events by level (`events_total`), when given.
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 struct Ring {
     events: VecDeque<Event>,
     next_seq: u64,
+    /// Events recorded since this agent started, by level (info, warning,
+    /// error), dropped ones included.
+    by_level: [u64; 3],
 }
 
 impl Default for EventLog {
@@ -150,7 +203,16 @@ impl std::fmt::Debug for EventLog {
 impl EventLog {
     pub fn new() -> Self {
         let (followers, _) = broadcast::channel(FOLLOWERS_LAG_MAX);
-        EventLog { inner: Mutex::new(Ring { events: VecDeque::new(), next_seq: 1 }), followers }
+        EventLog {
+            inner: Mutex::new(Ring { events: VecDeque::new(), next_seq: 1, by_level: [0; 3] }),
+            followers,
+            metrics: None,
+        }
+    }
+
+    /// A log that counts what it records in `metrics` (`events_total`).
+    pub fn with_metrics(metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        EventLog { metrics: Some(metrics), ..Self::new() }
     }
 
     /// The last `n` events (at most [`EVENTS_MAX`]), oldest first.
@@ -171,12 +233,27 @@ impl EventLog {
         (events, rx)
     }
 
+    /// The `seq` of the newest event (0: none yet).
+    pub fn last_seq(&self) -> u64 {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).next_seq - 1
+    }
+
+    /// Events recorded since this agent started, by level.
+    pub fn counts_by_level(&self) -> [(Level, u64); 3] {
+        let ring = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        [Level::Info, Level::Warning, Level::Error].map(|level| (level, ring.by_level[level as usize]))
+    }
+
     /// Appends an event, dropping the oldest beyond [`EVENTS_MAX`].
     pub fn record(&self, index: u64, at_unix_ms: u64, derived: Derived) {
         let mut ring = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let Derived { kind, vm, node, from, message } = derived;
+        if let Some(metrics) = &self.metrics {
+            metrics.event(kind.level().as_str());
+        }
         let event = Event { seq: ring.next_seq, index, at_unix_ms, kind, vm, node, from, message };
         ring.next_seq += 1;
+        ring.by_level[kind.level() as usize] += 1;
         if ring.events.len() == EVENTS_MAX {
             ring.events.pop_front();
         }
@@ -207,6 +284,16 @@ pub fn events_of(effect: &Effect, state: &State) -> Vec<Derived> {
         | Effect::MemberChangedUnplaced { .. }
         | Effect::JoinTokenAdded { .. }
         | Effect::JoinTokenUsed { .. } => Vec::new(),
+        Effect::LeaderElected { node, term } => {
+            let host = name_of(state, *node);
+            one(derived(
+                K::LeaderChanged,
+                None,
+                Some(host.clone()),
+                None,
+                format!("{host} is the leader in term {term}"),
+            ))
+        }
         Effect::VmCreated { vm } => one(derived(K::VmCreated, Some(vm), None, None, format!("VM {vm} created"))),
         Effect::VmDeleted { vm, was_on } => {
             let on = was_on.map(|n| name_of(state, n));
@@ -271,16 +358,23 @@ pub fn events_of(effect: &Effect, state: &State) -> Vec<Derived> {
             };
             one(derived(kind, None, Some(host), None, message))
         }
-        Effect::Reported { vm, state: observed } => {
+        Effect::Reported { vm, state: observed, previous } => {
             let host = vm_host(vm);
             let on = host.as_deref().map(|h| format!(" on {h}")).unwrap_or_default();
-            let (kind, message) = match observed {
-                VmState::Running => (K::VmStarted, format!("VM {vm} is running{on}")),
-                VmState::Stopped => (K::VmStopped, format!("VM {vm} stopped{on}")),
-                VmState::Failed => {
-                    let error = state.vm(vm).and_then(|v| v.observed.last_error.clone());
-                    let why = error.map(|e| format!(": {e}")).unwrap_or_default();
-                    (K::VmFailed, format!("VM {vm} failed{on}{why}"))
+            let error = state.vm(vm).and_then(|v| v.observed.last_error.clone());
+            let why = error.as_ref().map(|e| format!(": {e}")).unwrap_or_default();
+            let (kind, message) = match (previous, observed) {
+                (_, VmState::Running) => (K::VmStarted, format!("VM {vm} is running{on}")),
+                (_, VmState::Stopped) => (K::VmStopped, format!("VM {vm} stopped{on}")),
+                (_, VmState::Failed) => (K::VmFailed, format!("VM {vm} failed{on}{why}")),
+                // A guest that was up (or starting) and is starting again
+                // or waiting to, with an error: it exited, and its host
+                // restarts it after a back-off (every crash of a crash
+                // loop, until the host gives up and reports it failed).
+                (VmState::Running, VmState::Starting | VmState::Pending) | (VmState::Starting, VmState::Pending)
+                    if error.is_some() =>
+                {
+                    (K::VmExited, format!("VM {vm} exited{on}{why}; it is restarted after a back-off"))
                 }
                 _ => return Vec::new(),
             };
@@ -315,12 +409,6 @@ pub fn events_of(effect: &Effect, state: &State) -> Vec<Derived> {
     }
 }
 
-/// The event of observing `leader` in `term`.
-pub fn leader_changed(state: &State, leader: NodeId, term: u64) -> Derived {
-    let host = name_of(state, leader);
-    derived(EventKind::LeaderChanged, None, Some(host.clone()), None, format!("{host} is the leader in term {term}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,6 +416,66 @@ mod tests {
 
     fn state() -> State {
         State::with_members([Member::new(1, "h1", "a:1"), Member::new(2, "h2", "a:2")])
+    }
+
+    fn leader(state: &State, node: NodeId, term: u64) -> Derived {
+        events_of(&Effect::LeaderElected { node, term }, state).remove(0)
+    }
+
+    #[test]
+    fn leader_changes_come_from_their_entry() {
+        let s = state();
+        let event = leader(&s, 2, 7);
+        assert_eq!((event.kind, event.message.as_str()), (EventKind::LeaderChanged, "h2 is the leader in term 7"));
+        assert_eq!(event.kind.level(), Level::Info);
+    }
+
+    #[test]
+    fn every_exit_of_a_crash_loop_is_an_event() {
+        use crate::state::{Capacity, Command, CommandKind, VmSpec};
+        let mut s = state();
+        let capacity = Capacity { vcpu: 4, memory_mib: 4096, ..Capacity::default() };
+        let runners = vec!["web".to_string()];
+        let spec = VmSpec { vcpu: 1, memory_mib: 64, desired: Desired::Running, ..VmSpec::default() };
+        for kind in [
+            CommandKind::SetCapacity { node: 1, capacity },
+            CommandKind::SetRunners { node: 1, runners },
+            CommandKind::CreateVm { name: "web".into(), spec },
+        ] {
+            s.apply(&Command { at_unix_ms: 1, kind }).unwrap();
+        }
+        let expected_generation = s.vm("web").unwrap().generation;
+        s.apply(&Command {
+            at_unix_ms: 2,
+            kind: CommandKind::Place { vm: "web".into(), node: 1, expected_generation },
+        })
+        .unwrap();
+        let generation = s.vm("web").unwrap().generation;
+        let mut kinds = Vec::new();
+        // running, exits, running, exits while starting, fails for good.
+        let reports = [
+            (VmState::Starting, None),
+            (VmState::Running, None),
+            (VmState::Starting, Some("exit status 1")),
+            (VmState::Running, None),
+            (VmState::Pending, Some("exit status 1")),
+            (VmState::Starting, Some("exit status 1")),
+            (VmState::Pending, Some("exit status 1")),
+            (VmState::Failed, Some("exit status 1")),
+        ];
+        for (i, (state, error)) in reports.into_iter().enumerate() {
+            let report = CommandKind::Report {
+                node: 1,
+                vm: "web".into(),
+                generation,
+                state,
+                last_error: error.map(str::to_string),
+            };
+            let effect = s.apply(&Command { at_unix_ms: 10 + i as u64, kind: report }).unwrap();
+            kinds.extend(events_of(&effect, &s).into_iter().map(|e| e.kind));
+        }
+        use EventKind as K;
+        assert_eq!(kinds, [K::VmStarted, K::VmExited, K::VmStarted, K::VmExited, K::VmExited, K::VmFailed]);
     }
 
     #[test]
@@ -350,14 +498,14 @@ mod tests {
         let log = EventLog::new();
         let s = state();
         for i in 0..(EVENTS_MAX as u64 + 5) {
-            log.record(i, 0, leader_changed(&s, 1, i));
+            log.record(i, 0, leader(&s, 1, i));
         }
         let recent = log.recent(usize::MAX);
         assert_eq!(recent.len(), EVENTS_MAX);
         assert_eq!(recent[0].seq, 6);
         let (last, mut rx) = log.follow(2);
         assert_eq!(last.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1004, 1005]);
-        log.record(9, 0, leader_changed(&s, 2, 9));
+        log.record(9, 0, leader(&s, 2, 9));
         assert_eq!(rx.try_recv().map(|e| e.seq), Ok(1006));
     }
 }

@@ -47,6 +47,8 @@ pub struct Duties {
     /// VMs (name, generation) on fenced hosts that this leader has logged
     /// as unable to fail over, so each is logged once.
     stuck_logged: BTreeSet<(String, u64)>,
+    /// The term this leader proposed its `LeaderElected` entry in.
+    announced: Option<u64>,
     metrics: Arc<Metrics>,
 }
 
@@ -63,6 +65,7 @@ impl Duties {
             memo: Memo::default(),
             plan_not_before_ms: 0,
             stuck_logged: BTreeSet::new(),
+            announced: None,
             metrics,
         }
     }
@@ -125,6 +128,18 @@ impl Duties {
         }
         self.last_check_ms = now_ms;
         self.checks_as_leader += 1;
+        if self.announced != Some(core.term()) {
+            // Once per term, first: the leader change as an entry, so that
+            // every member tells it with the same time (`node::events`).
+            let kind = CommandKind::LeaderElected { node: core.id(), term: core.term() };
+            match core.propose(&Command { at_unix_ms, kind }) {
+                Ok(id) => {
+                    self.announced = Some(core.term());
+                    self.in_flight.insert(id);
+                }
+                Err(e) => tracing::debug!(error = %e, "could not propose this leader's LeaderElected"),
+            }
+        }
         if !self.in_flight.is_empty() {
             return;
         }

@@ -852,6 +852,7 @@ impl RaftThread {
                 // behind the log (see `consensus`).
                 if let Err(e) = self.core.write_state() {
                     tracing::error!(error = %e, "storage failed; stopping this member (systemd restarts it)");
+                    self.options.metrics.disk_error("store");
                     return Err(e);
                 }
             }
@@ -1090,6 +1091,7 @@ impl RaftThread {
                 Ok(out) => out,
                 Err(e) => {
                     tracing::error!(error = %e, "storage failed; stopping this member (systemd restarts it)");
+                    self.options.metrics.disk_error("store");
                     return Err(e);
                 }
             };
@@ -1108,8 +1110,9 @@ impl RaftThread {
                 {
                     self.last_leader = role.leader;
                     self.options.metrics.leader_changes.inc();
-                    let event = events::leader_changed(self.core.state(), leader, role.term);
-                    self.events.record(self.core.store().applied(), now_unix_ms(), event);
+                    // The event comes from the new leader's `LeaderElected`
+                    // entry, the same on every member (`Duties::check`).
+                    tracing::debug!(leader, term = role.term, "observed a new leader");
                 }
                 if role.role == Role::Leader {
                     self.duties.became_leader(crate::clock::monotonic_ms());
@@ -1135,7 +1138,9 @@ impl RaftThread {
                             self.removed = true;
                         }
                     }
-                    let at_unix_ms = now_unix_ms();
+                    // The entry's own time, not this member's clock now: a
+                    // member catching up stamps what happened when it did.
+                    let at_unix_ms = applied.at_unix_ms;
                     for event in events::events_of(effect, self.core.state()) {
                         self.events.record(applied.index, at_unix_ms, event);
                     }

@@ -156,11 +156,52 @@ struct Guest {
     not_before_ms: u64,
     /// The last failure's detail, reported with the state.
     last_error: Option<String>,
+    /// It failed here since it was last started: its next start is a
+    /// restart (`guest_restarts_total`).
+    failed_since_start: bool,
+}
+
+/// Why this host stops a guest: the words for the log, and the label of
+/// `guest_stops_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    DesiredStopped,
+    MovedAway,
+    PlacedElsewhere,
+    NotInState,
+    Fenced,
+    Removed,
+    RunnerChanged,
+}
+
+impl StopReason {
+    fn words(self) -> &'static str {
+        match self {
+            StopReason::DesiredStopped => "desired stopped",
+            StopReason::MovedAway => "moved to another host",
+            StopReason::PlacedElsewhere => "placed on another host",
+            StopReason::NotInState => "not in the cluster state",
+            StopReason::Fenced => "fenced",
+            StopReason::Removed => "removed from the cluster",
+            StopReason::RunnerChanged => "its runner changed: restarting it on the new one",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            StopReason::DesiredStopped => "desired_stopped",
+            StopReason::MovedAway | StopReason::PlacedElsewhere => "moved",
+            StopReason::NotInState => "not_in_state",
+            StopReason::Fenced => "fenced",
+            StopReason::Removed => "removed",
+            StopReason::RunnerChanged => "runner_changed",
+        }
+    }
 }
 
 enum Done {
     Started { vm: String, result: Result<(), String> },
-    Stopped { vm: String, result: Result<(), String> },
+    Stopped { vm: String, reason: StopReason, result: Result<(), String> },
     Proposed { key: String },
     Contact { sent_at_ms: u64, commit: Option<u64> },
 }
@@ -182,6 +223,9 @@ pub struct Reconciler {
     stale_runners: BTreeSet<String>,
     contact_in_flight: bool,
     fenced_logged: bool,
+    /// This fence was a real one (it had quorum contact before, unlike a
+    /// fresh start): its end is an event too.
+    fence_recorded: bool,
     /// This host was removed from the cluster: it stopped everything and
     /// revoked its contact, for good (until `cluster join`).
     removed: bool,
@@ -233,6 +277,7 @@ impl Reconciler {
             stale_runners: BTreeSet::new(),
             contact_in_flight: false,
             fenced_logged: false,
+            fence_recorded: false,
             removed: false,
             exempt,
             contact_settled: false,
@@ -321,6 +366,8 @@ impl Reconciler {
         let entered_failure =
             state.phase == Phase::Failed && self.observed.get(&vm).is_none_or(|old| old.phase != Phase::Failed);
         if entered_failure && let Some(guest) = self.guests.get_mut(&vm) {
+            self.config.metrics.guest_failures.inc();
+            guest.failed_since_start = true;
             let now = monotonic_ms();
             guest.last_error = state.detail.clone().or_else(|| Some("the guest exited".into()));
             match guest.health.record_failure(now) {
@@ -345,10 +392,15 @@ impl Reconciler {
         match done {
             Done::Started { vm, result } => {
                 self.busy.remove(&format!("op:{vm}"));
+                if result.is_ok() {
+                    self.config.metrics.guest_starts.inc();
+                }
                 if let Err(error) = result
                     && let Some(guest) = self.guests.get_mut(&vm)
                 {
                     tracing::warn!(vm, error, "starting the guest failed");
+                    self.config.metrics.guest_failures.inc();
+                    guest.failed_since_start = true;
                     guest.last_error = Some(error);
                     let now = monotonic_ms();
                     if let Verdict::Restart { at_ms, .. } = guest.health.record_failure(now) {
@@ -356,10 +408,11 @@ impl Reconciler {
                     }
                 }
             }
-            Done::Stopped { vm, result } => {
+            Done::Stopped { vm, reason, result } => {
                 self.busy.remove(&format!("op:{vm}"));
-                if let Err(error) = result {
-                    tracing::error!(vm, error, "stopping the guest failed");
+                match result {
+                    Ok(()) => self.config.metrics.guest_stop(reason.label()),
+                    Err(error) => tracing::error!(vm, error, "stopping the guest failed"),
                 }
             }
             Done::Proposed { key } => {
@@ -389,8 +442,10 @@ impl Reconciler {
             return;
         }
         self.fence.quorum_contact(sent_at_ms, commit);
-        if let Some(file) = &self.config.contact_file {
-            file.store(sent_at_ms);
+        if let Some(file) = &self.config.contact_file
+            && !file.store(sent_at_ms)
+        {
+            self.config.metrics.disk_error("fence-contact");
         }
     }
 
@@ -433,6 +488,11 @@ impl Reconciler {
         if !self.busy.insert(format!("op:{vm}")) {
             return;
         }
+        if let Some(guest) = self.guests.get_mut(vm)
+            && std::mem::take(&mut guest.failed_since_start)
+        {
+            self.config.metrics.guest_restarts.inc();
+        }
         let runtime = self.runtime.clone();
         let done = self.done_tx.clone();
         let vm = vm.to_string();
@@ -443,20 +503,20 @@ impl Reconciler {
         });
     }
 
-    fn spawn_stop(&mut self, vm: &str, within: Option<Duration>, why: &str) {
+    fn spawn_stop(&mut self, vm: &str, within: Option<Duration>, reason: StopReason) {
         if !self.busy.insert(format!("op:{vm}")) {
             return;
         }
         let runtime = self.runtime.clone();
         let done = self.done_tx.clone();
         let vm = vm.to_string();
-        tracing::info!(vm, why, "stopping guest");
+        tracing::info!(vm, why = reason.words(), "stopping guest");
         tokio::spawn(async move {
             let result = match within {
                 Some(timeout) => runtime.stop_within(&vm, timeout).await,
                 None => runtime.stop(&vm).await,
             };
-            let _ = done.send(Done::Stopped { vm, result: result.map(|_| ()).map_err(|e| e.to_string()) });
+            let _ = done.send(Done::Stopped { vm, reason, result: result.map(|_| ()).map_err(|e| e.to_string()) });
         });
     }
 
@@ -478,13 +538,17 @@ impl Reconciler {
     fn on_removed(&mut self) {
         if !self.removed {
             self.removed = true;
-            if let Some(file) = &self.config.contact_file {
-                file.revoke();
+            self.config.metrics.set_fenced(true);
+            if let Some(file) = &self.config.contact_file
+                && !file.revoke()
+            {
+                self.config.metrics.disk_error("fence-contact");
             }
             self.exempt.clear();
             if let Some(file) = &self.config.exempt_file
                 && let Err(e) = file.store(&self.exempt)
             {
+                self.config.metrics.disk_error("fence-exempt");
                 tracing::warn!(error = %e, "cannot clear the fence's exempt list");
             }
             tracing::warn!(
@@ -497,11 +561,7 @@ impl Reconciler {
             );
         }
         for vm in self.up_guests() {
-            self.spawn_stop(
-                &vm,
-                Some(Duration::from_millis(self.config.timing.stop_max_ms)),
-                "removed from the cluster",
-            );
+            self.spawn_stop(&vm, Some(Duration::from_millis(self.config.timing.stop_max_ms)), StopReason::Removed);
         }
     }
 
@@ -509,6 +569,7 @@ impl Reconciler {
     /// `stop_max`. Needs nothing from the state (a member that cannot read
     /// it must fence all the same).
     fn fence_now(&mut self) {
+        self.config.metrics.set_fenced(true);
         if !self.fenced_logged {
             if let Some(contact) = self.fence.last_contact_ms() {
                 let age_ms = monotonic_ms().saturating_sub(contact);
@@ -525,19 +586,20 @@ impl Reconciler {
                         self.config.timing.fence_after_ms
                     ),
                 );
+                self.fence_recorded = true;
+                self.config.metrics.fencing_event("self");
             } else {
                 // A fresh start: nothing is wrong yet, this host just has
                 // not reached a quorum since it started.
                 tracing::info!("no quorum contact yet: this host runs no guests until it reaches a quorum");
             }
             self.fenced_logged = true;
-            self.config.metrics.fencing_event("self");
         }
         for vm in self.up_guests() {
             if self.exempt.contains(&vm) {
                 continue;
             }
-            self.spawn_stop(&vm, Some(Duration::from_millis(self.config.timing.stop_max_ms)), "fenced");
+            self.spawn_stop(&vm, Some(Duration::from_millis(self.config.timing.stop_max_ms)), StopReason::Fenced);
         }
     }
 
@@ -577,7 +639,7 @@ impl Reconciler {
             return;
         }
         if self.fenced_logged {
-            if self.fence.last_contact_ms().is_some() {
+            if std::mem::take(&mut self.fence_recorded) {
                 self.record_event(
                     EventKind::HostUnfenced,
                     format!("{} has quorum contact again and may run guests", self.node.status().name),
@@ -586,10 +648,12 @@ impl Reconciler {
             tracing::info!("quorum contact is back; this host may run guests again");
             self.fenced_logged = false;
         }
+        self.config.metrics.set_fenced(false);
         // The guard learns of a new manual VM before it may start here.
         if view.exempt != self.exempt {
             match self.config.exempt_file.as_ref().map(|file| file.store(&view.exempt)) {
                 Some(Err(e)) => {
+                    self.config.metrics.disk_error("fence-exempt");
                     tracing::warn!(error = %e, "cannot write the fence's exempt list; the guard fences every guest")
                 }
                 _ => self.exempt = view.exempt.clone(),
@@ -606,6 +670,7 @@ impl Reconciler {
                 health: Health::new(self.config.health),
                 not_before_ms: 0,
                 last_error: None,
+                failed_since_start: false,
             });
         }
 
@@ -614,10 +679,10 @@ impl Reconciler {
         for vm in up {
             let why = match view.mine.get(&vm) {
                 Some(m) if m.desired == Desired::Running => continue,
-                Some(_) => "desired stopped",
-                None if view.handoffs.contains_key(&vm) => "moved to another host",
-                None if view.known.contains(&vm) => "placed on another host",
-                None => "not in the cluster state",
+                Some(_) => StopReason::DesiredStopped,
+                None if view.handoffs.contains_key(&vm) => StopReason::MovedAway,
+                None if view.known.contains(&vm) => StopReason::PlacedElsewhere,
+                None => StopReason::NotInState,
             };
             self.spawn_stop(&vm, None, why);
         }
@@ -635,7 +700,7 @@ impl Reconciler {
             })
         {
             self.stale_runners.remove(&vm);
-            self.spawn_stop(&vm, None, "its runner changed: restarting it on the new one");
+            self.spawn_stop(&vm, None, StopReason::RunnerChanged);
         }
 
         // Start what should run here.

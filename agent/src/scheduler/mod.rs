@@ -156,49 +156,70 @@ pub fn plan_with(
 /// VM, what each host lacks ("no host fits: h1 lacks its runner, h2 has 1 of
 /// 2 vcpu free, h3 is draining").
 pub fn why_pending(state: &State, policy: &Policy, vm: &str) -> String {
-    let mut model = Model::new(state);
-    let Some(vm) = state.vm(vm) else {
-        return format!("no VM named {vm:?}");
-    };
-    let v = model.slot(vm);
-    let view = model.views[v];
-    let vm = model.vms[v];
-    if let Some(handoff) = view.handoff {
-        return format!("waiting for {} to stop its copy (handoff)", model.node_name(handoff.from));
+    Explainer::new(state, policy).explain(vm)
+}
+
+/// [`why_pending`] for many VMs of one state (the dashboard's reasons
+/// column): the hosts' model is built once, so each VM costs one pass over
+/// the hosts.
+pub struct Explainer<'s> {
+    state: &'s State,
+    policy: &'s Policy,
+    model: Model<'s>,
+}
+
+impl<'s> Explainer<'s> {
+    pub fn new(state: &'s State, policy: &'s Policy) -> Self {
+        Explainer { state, policy, model: Model::new(state) }
     }
-    if let Some(node) = view.placement {
-        let name = model.node_name(node);
-        return match state.member(node) {
-            Some(m) if m.status == MemberStatus::Down && vm.spec.desired == Desired::Running => {
-                if vm.spec.failover == Failover::Manual {
-                    format!(
-                        "{name} is down and failover is manual: once {name} is known to be dead, move it with \
-                         `blixard-agent vm recover {} --to NODE`",
-                        vm.name
-                    )
-                } else if let Some((i, _)) = model.best_host(v, policy.strategy) {
-                    format!(
-                        "{name} is down; it moves to {} once {name} has certainly fenced itself (reschedule_after)",
-                        model.hosts[i].member.name
-                    )
-                } else {
-                    format!("{name} is down; cannot fail over: {}", no_host(&model, v, vm, Some(node)))
-                }
-            }
-            Some(m) if m.status == MemberStatus::Down => format!("placed on {name}, which is down"),
-            _ if vm.spec.desired == Desired::Stopped => {
-                format!("placed on {name}, desired stopped")
-            }
-            _ => format!("placed on {name}"),
+
+    /// Why `vm` is not running (see [`why_pending`]).
+    pub fn explain(&mut self, vm: &str) -> String {
+        let (state, policy) = (self.state, self.policy);
+        let model = &mut self.model;
+        let Some(vm) = state.vm(vm) else {
+            return format!("no VM named {vm:?}");
         };
+        let v = model.slot(vm);
+        let view = model.views[v];
+        let vm = model.vms[v];
+        if let Some(handoff) = view.handoff {
+            return format!("waiting for {} to stop its copy (handoff)", model.node_name(handoff.from));
+        }
+        if let Some(node) = view.placement {
+            let name = model.node_name(node);
+            return match state.member(node) {
+                Some(m) if m.status == MemberStatus::Down && vm.spec.desired == Desired::Running => {
+                    if vm.spec.failover == Failover::Manual {
+                        format!(
+                            "{name} is down and failover is manual: once {name} is known to be dead, move it with \
+                             `blixard-agent vm recover {} --to NODE`",
+                            vm.name
+                        )
+                    } else if let Some((i, _)) = model.best_host(v, policy.strategy) {
+                        format!(
+                            "{name} is down; it moves to {} once {name} has certainly fenced itself (reschedule_after)",
+                            model.hosts[i].member.name
+                        )
+                    } else {
+                        format!("{name} is down; cannot fail over: {}", no_host(model, v, vm, Some(node)))
+                    }
+                }
+                Some(m) if m.status == MemberStatus::Down => format!("placed on {name}, which is down"),
+                _ if vm.spec.desired == Desired::Stopped => {
+                    format!("placed on {name}, desired stopped")
+                }
+                _ => format!("placed on {name}"),
+            };
+        }
+        if vm.spec.desired == Desired::Stopped {
+            return "not placed: desired stopped".into();
+        }
+        if let Some((i, _)) = model.best_host(v, policy.strategy) {
+            return format!("{} fits ({}); waiting for the scheduler", model.hosts[i].member.name, policy.strategy);
+        }
+        format!("no host fits: {}", no_host(model, v, vm, None))
     }
-    if vm.spec.desired == Desired::Stopped {
-        return "not placed: desired stopped".into();
-    }
-    if let Some((i, _)) = model.best_host(v, policy.strategy) {
-        return format!("{} fits ({}); waiting for the scheduler", model.hosts[i].member.name, policy.strategy);
-    }
-    format!("no host fits: {}", no_host(&model, v, vm, None))
 }
 
 /// Why no host fits VM `v` (after "no host fits: "), leaving out `except`

@@ -118,6 +118,14 @@ pub enum CommandKind {
         hash: [u8; 32],
         node: NodeId,
     },
+    /// `node` became the leader of `term`: proposed once by that leader at
+    /// the start of its term. It changes nothing; applied, it gives every
+    /// member the same event with the same time. Refused for a node that
+    /// is not a member.
+    LeaderElected {
+        node: NodeId,
+        term: u64,
+    },
 }
 
 /// Short, human forms for logs: what the command does, without dumping
@@ -171,6 +179,7 @@ impl std::fmt::Display for CommandKind {
             CommandKind::Recover { vm, node, .. } => write!(f, "recover VM {vm} onto member {node}"),
             CommandKind::AddJoinToken { ttl_ms, .. } => write!(f, "add a join token for {} s", ttl_ms / 1000),
             CommandKind::UseJoinToken { node, .. } => write!(f, "admit member {node} with a join token"),
+            CommandKind::LeaderElected { node, term } => write!(f, "member {node} leads term {term}"),
         }
     }
 }
@@ -264,6 +273,8 @@ pub enum Effect {
     Reported {
         vm: String,
         state: VmState,
+        /// The observed state before this report.
+        previous: VmState,
     },
     MemberAdded {
         node: NodeId,
@@ -280,6 +291,10 @@ pub enum Effect {
     },
     JoinTokenUsed {
         node: NodeId,
+    },
+    LeaderElected {
+        node: NodeId,
+        term: u64,
     },
     /// A handoff ended: `from` confirmed its copy stopped, or (`fenced`)
     /// the leader vouched that it fenced itself.
@@ -574,7 +589,8 @@ impl State {
                 if vm.placement != Some(Placement { node: *node, generation: *generation }) {
                     return Err(Rejection::NotPlacedThere { vm: name.clone(), node: *node, generation: *generation });
                 }
-                if vm.observed.state != *state {
+                let previous = vm.observed.state;
+                if previous != *state {
                     vm.observed.since_unix_ms = at;
                 }
                 vm.observed.state = *state;
@@ -587,7 +603,7 @@ impl State {
                     vm.observed.last_error = last_error.clone();
                 }
                 self.dirty.vm(name.clone());
-                Ok(Effect::Reported { vm: name.clone(), state: *state })
+                Ok(Effect::Reported { vm: name.clone(), state: *state, previous })
             }
             CommandKind::Released { node, vm: name, generation } => {
                 check_name("VM", name)?;
@@ -655,6 +671,10 @@ impl State {
                 let token = self.join_tokens.get_mut(hash).expect("checked above, and unexpired");
                 token.used_by = Some(*node);
                 Ok(Effect::JoinTokenUsed { node: *node })
+            }
+            CommandKind::LeaderElected { node, term } => {
+                self.members.get(node).ok_or(Rejection::UnknownNode(*node))?;
+                Ok(Effect::LeaderElected { node: *node, term: *term })
             }
         }
     }

@@ -282,6 +282,9 @@ pub fn encode_command(c: &Command) -> Vec<u8> {
         CommandKind::Recover { vm, node, expected_generation } => {
             Kind::Recover(pb::Recover { vm: vm.clone(), node: *node, expected_generation: *expected_generation })
         }
+        CommandKind::LeaderElected { node, term } => {
+            Kind::LeaderElected(pb::LeaderElected { node: *node, term: *term })
+        }
     };
     pb::Command { kind: Some(kind), at_unix_ms: c.at_unix_ms }.encode_to_vec()
 }
@@ -326,6 +329,7 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command, DecodeError> {
         Kind::AddJoinToken(m) => CommandKind::AddJoinToken { hash: token_hash(&m.hash)?, ttl_ms: m.ttl_ms },
         Kind::UseJoinToken(m) => CommandKind::UseJoinToken { hash: token_hash(&m.hash)?, node: m.node },
         Kind::Recover(m) => CommandKind::Recover { vm: m.vm, node: m.node, expected_generation: m.expected_generation },
+        Kind::LeaderElected(m) => CommandKind::LeaderElected { node: m.node, term: m.term },
     };
     Ok(Command { at_unix_ms: c.at_unix_ms, kind })
 }
@@ -438,6 +442,7 @@ mod tests {
             CommandKind::Recover { vm: "web".into(), node: 2, expected_generation: 7 },
             CommandKind::AddJoinToken { hash: [7; 32], ttl_ms: 3_600_000 },
             CommandKind::UseJoinToken { hash: [7; 32], node: 4 },
+            CommandKind::LeaderElected { node: 2, term: 9 },
         ];
         for kind in kinds {
             let command = Command { at_unix_ms: 42, kind };

@@ -145,6 +145,18 @@ impl Member {
     pub fn accepts_placements(&self) -> bool {
         self.status == MemberStatus::Up && !self.drain
     }
+
+    /// `down`, `draining` or `up`: the status operators see (`node list`,
+    /// the dashboard, the `host_status` metric).
+    pub fn status_word(&self) -> &'static str {
+        if self.status == MemberStatus::Down {
+            "down"
+        } else if self.drain {
+            "draining"
+        } else {
+            "up"
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -296,6 +296,57 @@ let
           type = types.listOf types.port;
           default = [ ];
         };
+        # nixos/modules/services/monitoring/prometheus: the options
+        # services.blixard.prometheus sets, typed as there (a scrape config's
+        # unset fields are null).
+        services.prometheus.enable = mkOption {
+          type = types.bool;
+          default = false;
+        };
+        services.prometheus.ruleFiles = mkOption {
+          type = types.listOf types.path;
+          default = [ ];
+        };
+        services.prometheus.scrapeConfigs = mkOption {
+          type = types.listOf (
+            types.submodule {
+              options = {
+                job_name = mkOption { type = types.str; };
+                scheme = mkOption {
+                  type = types.nullOr (
+                    types.enum [
+                      "http"
+                      "https"
+                    ]
+                  );
+                  default = null;
+                };
+                static_configs = mkOption {
+                  type = types.nullOr (
+                    types.listOf (
+                      types.submodule {
+                        options.targets = mkOption { type = types.listOf types.str; };
+                      }
+                    )
+                  );
+                  default = null;
+                };
+                tls_config = mkOption {
+                  type = types.nullOr (
+                    types.submodule {
+                      options.ca_file = mkOption {
+                        type = types.nullOr types.str;
+                        default = null;
+                      };
+                    }
+                  );
+                  default = null;
+                };
+              };
+            }
+          );
+          default = [ ];
+        };
         boot.kernelModules = mkOption {
           type = types.listOf types.str;
           default = [ ];

@@ -210,7 +210,12 @@ impl Host {
     /// Runs `argv` inside the host; a non-zero exit is an error carrying its stderr.
     /// Returns stdout.
     pub fn run(&self, argv: &[&str]) -> Result<String> {
-        let output = self.exec(argv)?;
+        self.run_within(argv, EXEC_TIMEOUT)
+    }
+
+    /// [`Host::run`] for a command that may take longer than the default timeout.
+    pub fn run_within(&self, argv: &[&str], timeout: Duration) -> Result<String> {
+        let output = self.exec_timeout(argv, timeout)?;
         cmd::check_success(&format!("{argv:?} on {}", self.name), &output)?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
