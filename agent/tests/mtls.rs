@@ -459,7 +459,8 @@ fn create_vm(c: &Cluster, name: &str) {
 /// The value of the unlabelled (or `kind="self"`) sample `name` on agent
 /// `i`'s `/metrics`; 0 when absent.
 fn metric(c: &Cluster, i: usize, name: &str) -> f64 {
-    let (code, body) = cli_support::http_get(&c.agents[i].http, "/metrics");
+    // HTTPS: the listener of an agent with TLS speaks it (issue 20).
+    let (code, body) = cli_support::https_get(&c.agents[i].http, "/metrics", &c.file("ca.pem"));
     assert_eq!(code, 200, "{body}");
     body.lines()
         .find_map(|line| {
