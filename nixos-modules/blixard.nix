@@ -93,6 +93,10 @@ let
   ];
   tlsEnabled = lib.all (file: file != null) tlsFiles;
   tlsPartial = !tlsEnabled && lib.any (file: file != null) tlsFiles;
+  # Where this host's certificate comes from (or `insecure`, which the
+  # agent accepts on a loopback address only); a host that joins with a
+  # token has none until it is admitted.
+  hasCredentials = cfg.clusterSecretFile != null || tlsEnabled || (cfg.settings.insecure or false);
 
   # The guest's evaluated NixOS configuration: the one microvm.nix evaluates
   # (and then builds), so reading its size here evaluates nothing twice.
@@ -537,12 +541,26 @@ in
       description = "`IP:port` (IPv6 in brackets) of the metrics, health and dashboard HTTP listener. null: no listener.";
     };
 
+    clusterSecretFile = mkOption {
+      type = types.nullOr types.externalPath;
+      default = null;
+      example = "/run/agenix/blixard-cluster-secret";
+      description = ''
+        The cluster secret (from `blixard-agent cluster new-secret FILE`),
+        the same file on every initial member: the members derive one
+        cluster CA from it and authenticate each other with no further
+        step. A runtime path outside the Nix store (agenix, sops-nix),
+        passed to the agent as a systemd credential. Set this or `tls`;
+        a host joining with `joinTokenFile` needs neither.
+      '';
+    };
+
     metrics.openFirewall = mkOption {
       type = types.bool;
       default = false;
       description = ''
         Open the port of {option}`metricsListenAddress` in the firewall, for a
-        Prometheus on another host. With {option}`tls` set the listener speaks
+        Prometheus on another host. With {option}`tls` or {option}`clusterSecretFile` set the listener speaks
         HTTPS: `/metrics`, `/healthz` and `/readyz` need no client certificate;
         the dashboard needs one of the cluster CA (read-only or admin). The
         scrape job and the alert rules: {option}`services.blixard.prometheus`.
@@ -664,6 +682,14 @@ in
         message = "services.blixard.tls: set all of caFile, certFile and keyFile, or none of them.";
       }
       {
+        assertion = cfg.initialMembers != { } -> hasCredentials;
+        message = "services.blixard.initialMembers is set but this host has no credentials, and the agent refuses to start without them (peers always authenticate each other): set services.blixard.clusterSecretFile (one secret every member shares, made with `blixard-agent cluster new-secret FILE`) or services.blixard.tls (certificates from an operator CA).";
+      }
+      {
+        assertion = cfg.clusterSecretFile != null -> !tlsEnabled;
+        message = "services.blixard.clusterSecretFile and services.blixard.tls are two sources of the members' certificates: set one of them.";
+      }
+      {
         assertion = cfg.metricsListenAddress != null -> validSocketAddress cfg.metricsListenAddress;
         message = ''services.blixard.metricsListenAddress "${toString cfg.metricsListenAddress}" must be "IP:port" (IPv6 in brackets), e.g. "127.0.0.1:9464": the agent binds to an address, not a host name.'';
       }
@@ -741,8 +767,9 @@ in
       lib.optional ((cfg.settings.runtime.kind or "systemd") != "systemd")
         ''services.blixard.settings.runtime.kind is "${cfg.settings.runtime.kind}": the unit's sandbox is made for the systemd runtime (no /dev/kvm, no capabilities), so guests started as the agent's children will most likely fail.''
       ++
-        lib.optional (cfg.join != [ ] && !tlsEnabled && cfg.joinTokenFile == null)
-          "services.blixard.join is set without tls or joinTokenFile: without TLS the cluster admits a host only with a one-time token (`blixard-agent cluster join-token` on a member), so set services.blixard.joinTokenFile to a file holding one.";
+        lib.optional
+          (cfg.initialMembers == { } && !hasCredentials && (cfg.join == [ ] || cfg.joinTokenFile == null))
+          "services.blixard has neither clusterSecretFile nor tls, nor join with a joinTokenFile: the agent refuses to start unless this host already joined with a token (its certificate is then in dataDir); set services.blixard.join and services.blixard.joinTokenFile to a file holding a token from `blixard-agent cluster join-token` on a member, or set clusterSecretFile.";
 
     services.blixard.settings = {
       node_name = cfg.nodeName;
@@ -753,6 +780,7 @@ in
       log_level = cfg.logLevel;
       metrics_listen = lib.mkIf (cfg.metricsListenAddress != null) cfg.metricsListenAddress;
       join_token_file = lib.mkIf (cfg.joinTokenFile != null) "${credentialsDir}/join-token";
+      cluster_secret_file = lib.mkIf (cfg.clusterSecretFile != null) "${credentialsDir}/cluster-secret";
       runtime = {
         kind = lib.mkDefault "systemd";
         state_dir = cfg.stateDir;
@@ -962,7 +990,8 @@ in
               "cert.pem:${cfg.tls.certFile}"
               "key.pem:${cfg.tls.keyFile}"
             ]
-            ++ lib.optional (cfg.joinTokenFile != null) "join-token:${cfg.joinTokenFile}";
+            ++ lib.optional (cfg.joinTokenFile != null) "join-token:${cfg.joinTokenFile}"
+            ++ lib.optional (cfg.clusterSecretFile != null) "cluster-secret:${cfg.clusterSecretFile}";
           LimitNOFILE = 65536;
 
           # Hardening (the shared part is `hardening`, after nixpkgs' headscale unit).

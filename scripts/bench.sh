@@ -79,9 +79,11 @@ if wants scheduler; then
   cargo bench --quiet -p blixard-agent --bench scheduler
 fi
 if wants throughput; then
-  log "throughput: vm create vs etcd put, 64 clients, 3 members on loopback (issue 3)"
+  log "throughput: vm create vs etcd put, 1, 16 and 64 clients, 3 members on loopback, mutual TLS (issues 3, 17)"
   "$load" throughput "${throughput_args[@]}"
-  "$load" throughput --target leader "${throughput_args[@]}"
+  "$load" throughput --target leader --clients 64 "${throughput_args[@]}"
+  log "throughput in plain text (insecure), to compare with the cost of authentication (issue 17)"
+  "$load" throughput --auth insecure --skip-etcd "${throughput_args[@]}"
 fi
 if wants idle; then
   log "idle: RSS and CPU per member of a 3-member cluster (issue 3)"

@@ -9,6 +9,9 @@
 # Environment: BLIXARD_AGENT_BIN uses that binary instead of building one;
 # BLIXARD_DEMO_DIR keeps the agents' files there instead of a temp dir;
 # BLIXARD_DEMO_HOST is the loopback address the agents listen on (127.0.0.1).
+# The agents run with `insecure = true` (plain text, no authentication), which
+# they accept only on a loopback address; a real cluster uses
+# `cluster_secret_file` (see README.md, "Security").
 # Needs only cargo (and a C compiler for the build); no root, no systemd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,6 +67,8 @@ node_name = "$name"
 listen = "$host:${ports[$i]}"
 data_dir = "$home/data"
 initial_members = [${members%, }]
+# A demo on one machine: plain text, accepted on loopback only.
+insecure = true
 log_level = "warn"
 [runtime]
 kind = "process"

@@ -62,7 +62,15 @@ rec {
     memory = 384;
   };
 
-  # A host of the cluster, configured by the module alone.
+  # The VM tests' cluster secret: a fixed test value, public in this
+  # repository, written to a runtime path at boot. A real cluster's secret
+  # comes from `blixard-agent cluster new-secret` through agenix or sops-nix
+  # and never enters the Nix store.
+  testSecret = "blxsec_3cb4d585ef2b1b5923bfe591061c997ff204e5df8c22947527eaeec43862e9c0";
+  secretPath = "/run/blixard-test/cluster-secret";
+
+  # A host of the cluster, configured by the module alone, holding the
+  # cluster secret (members authenticate each other with it).
   host = { config, pkgs, ... }: {
     imports = [ self.nixosModules.default ];
     virtualisation = {
@@ -74,8 +82,14 @@ rec {
       cores = 3;
     };
     environment.systemPackages = [ pkgs.jq ];
+    # Before any service starts (systemd-tmpfiles-setup is part of sysinit).
+    systemd.tmpfiles.rules = [
+      "d /run/blixard-test 0700 root root -"
+      "f ${secretPath} 0600 root root - ${testSecret}"
+    ];
     services.blixard = {
       enable = true;
+      clusterSecretFile = secretPath;
       listenAddress = config.networking.primaryIPAddress;
       inherit port;
       openFirewall = true;
@@ -115,6 +129,7 @@ rec {
     services.blixard = {
       enable = true;
       listenAddress = "10.0.0.1";
+      clusterSecretFile = "/run/agenix/blixard-cluster-secret";
       openFirewall = true;
       initialMembers = {
         h1 = "10.0.0.1:7000";

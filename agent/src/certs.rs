@@ -2,8 +2,8 @@
 //! and clients, for small clusters that have no PKI of their own.
 //!
 //! Every leaf certificate carries its blixard identity as a URI name
-//! (`urn:blixard:member:NAME` or `urn:blixard:client:NAME`, see
-//! `api::tls`). A host's certificate also names the addresses its peers
+//! (`urn:blixard:member:NAME` or `urn:blixard:client:NAME` with
+//! `urn:blixard:role:ROLE`, see `api::tls`). A host's certificate also names the addresses its peers
 //! dial (IP addresses or DNS names) and is good for both ends of a TLS
 //! connection, since an agent dials its peers with it; a client's is good
 //! for the client end only.
@@ -16,12 +16,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    SanType,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
 
-use crate::api::tls::{CertIdentity, Role};
+use crate::api::tls::CertIdentity;
 
 /// The CA's files in a certificate directory.
 pub const CA_CERT_FILE: &str = "ca.pem";
@@ -102,20 +99,7 @@ pub fn make_leaf(ca: &Pem, identity: &CertIdentity, addresses: &[SanType], days:
     let ca_key = KeyPair::from_pem(&ca.key).map_err(|e| CertsError::Usage(format!("the CA key does not load: {e}")))?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key)
         .map_err(|e| CertsError::Usage(format!("the CA certificate does not load: {e}")))?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(DnType::CommonName, identity.name.as_str());
-    params.distinguished_name.push(DnType::OrganizationalUnitName, identity.role.as_str());
-    params.subject_alt_names.push(SanType::URI(identity.uri().try_into()?));
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    match identity.role {
-        Role::Member => {
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-            params.subject_alt_names.extend(addresses.iter().cloned());
-        }
-        Role::Client => params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth],
-    }
-    params.use_authority_key_identifier_extension = true;
-    validity(&mut params, days);
+    let params = crate::pki::leaf_params(identity, addresses, days, None).map_err(|e| CertsError::Io(e.to_string()))?;
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
     Ok(Pem { cert: cert.pem(), key: key.serialize_pem() })
@@ -169,11 +153,11 @@ mod tests {
     #[test]
     fn leaves_carry_their_identity_and_addresses_parse() {
         let ca = make_ca("test CA").unwrap();
-        let member = CertIdentity { role: Role::Member, name: "h1".into() };
+        let member = CertIdentity::member("h1");
         let addresses = [parse_address("10.0.0.1:7000").unwrap(), parse_address("h1.example").unwrap()];
         let leaf = make_leaf(&ca, &member, &addresses, 30).unwrap();
         assert_eq!(identity_of_pem(leaf.cert.as_bytes()).unwrap(), member);
-        let client = CertIdentity { role: Role::Client, name: "ops".into() };
+        let client = CertIdentity::client("ops", crate::api::tls::Role::ReadOnly);
         assert_eq!(identity_of_pem(make_leaf(&ca, &client, &[], 30).unwrap().cert.as_bytes()).unwrap(), client);
         assert!(matches!(parse_address("[::1]:7000").unwrap(), SanType::IpAddress(_)));
         assert!(matches!(parse_address("::1").unwrap(), SanType::IpAddress(_)));

@@ -53,6 +53,9 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     pub metrics_listen: Option<String>,
     pub join_token_file: Option<PathBuf>,
+    pub cluster_secret_file: Option<PathBuf>,
+    pub cluster_secret_accepted_file: Option<PathBuf>,
+    pub insecure: Option<bool>,
     #[serde(default)]
     pub runtime: RuntimeSection,
     pub capacity: Option<CapacitySection>,
@@ -145,6 +148,10 @@ pub struct Overrides {
     pub log_level: Option<String>,
     pub metrics_listen: Option<String>,
     pub join_token_file: Option<PathBuf>,
+    pub cluster_secret_file: Option<PathBuf>,
+    pub cluster_secret_accepted_file: Option<PathBuf>,
+    /// `--insecure` (a flag can only turn it on).
+    pub insecure: bool,
     pub runtime: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub vcpu: Option<i64>,
@@ -169,6 +176,23 @@ pub struct Tls {
     pub ca_file: PathBuf,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+}
+
+/// How the agent authenticates its peers and clients (`api::tls` turns
+/// this into certificates at start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// `cluster_secret_file`: certificates derived from one shared secret;
+    /// `accepted`'s CA is trusted as well (a rotation in progress:
+    /// docs/security.md).
+    Secret { file: PathBuf, accepted: Option<PathBuf> },
+    /// `[tls]`: an operator CA's files.
+    Tls(Tls),
+    /// `insecure = true` on a loopback `listen`: plain text.
+    Insecure,
+    /// Nothing configured: the certificate the cluster issued to this host
+    /// when it joined (in the data dir), or one to obtain with a join token.
+    None,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,7 +247,7 @@ pub struct Config {
     /// `None`: detect from the host at start.
     pub capacity: Option<Capacity>,
     pub labels: Labels,
-    pub tls: Option<Tls>,
+    pub auth: Auth,
     pub timing: Timing,
     pub strategy: Strategy,
     pub raft: RaftTiming,
@@ -475,6 +499,37 @@ impl Config {
             (Some(ca_file), Some(cert_file), Some(key_file)) => Some(Tls { ca_file, cert_file, key_file }),
             _ => return Err(err("tls", "give all of ca_file, cert_file and key_file, or none")),
         };
+        let secret = overrides.cluster_secret_file.or(file.cluster_secret_file);
+        let accepted = overrides.cluster_secret_accepted_file.or(file.cluster_secret_accepted_file);
+        let insecure = overrides.insecure || file.insecure.unwrap_or(false);
+        let auth = match (secret, tls, insecure) {
+            (Some(_), Some(_), _) => {
+                return Err(err("cluster_secret_file", "give either cluster_secret_file or [tls], not both"));
+            }
+            (Some(_), _, true) | (_, Some(_), true) => {
+                return Err(err("insecure", "cannot be combined with cluster_secret_file or [tls]"));
+            }
+            (Some(file), None, false) => Auth::Secret { file, accepted: accepted.clone() },
+            (None, Some(tls), false) => Auth::Tls(tls),
+            (None, None, true) if !listen.ip().is_loopback() => {
+                return Err(err(
+                    "insecure",
+                    format!(
+                        "is accepted only on a loopback `listen`, and {listen} is not one: anyone on the network \
+                         could join and command the cluster; give `cluster_secret_file` (one secret every member \
+                         shares) or a `[tls]` section (an operator CA)"
+                    ),
+                ));
+            }
+            (None, None, true) => Auth::Insecure,
+            (None, None, false) => Auth::None,
+        };
+        if accepted.is_some() && !matches!(auth, Auth::Secret { .. }) {
+            return Err(err(
+                "cluster_secret_accepted_file",
+                "is another secret accepted during a rotation, and needs this host's own in cluster_secret_file",
+            ));
+        }
 
         let strategy = match overrides.strategy.or(file.scheduler.strategy).as_deref() {
             None | Some("spread") => Strategy::Spread,
@@ -574,7 +629,7 @@ impl Config {
             start_timeout,
             capacity,
             labels,
-            tls,
+            auth,
             timing,
             strategy,
             raft,
@@ -671,7 +726,28 @@ pub fn reference() -> Vec<KeyDoc> {
             "--join-token-file",
             "none".into(),
             "a readable file".into(),
-            "The join token to present with `join` when the cluster runs without TLS.",
+            "A one-time join token (`cluster join-token`), presented with `join`; without other credentials, it pins the cluster's CA and obtains this host's certificate.",
+        ),
+        k(
+            "cluster_secret_file",
+            "--cluster-secret-file",
+            "none".into(),
+            "a file from `cluster new-secret`, readable by the agent only; not with [tls] or insecure".into(),
+            "The secret every member shares: each derives the cluster CA from it and issues its own certificate (docs/security.md).",
+        ),
+        k(
+            "cluster_secret_accepted_file",
+            "--cluster-secret-accepted-file",
+            "none".into(),
+            "a file from `cluster new-secret`; needs cluster_secret_file".into(),
+            "Another secret whose certificates are accepted too, during a rotation.",
+        ),
+        k(
+            "insecure",
+            "--insecure",
+            "false".into(),
+            "`true` only with a loopback `listen`; not with cluster_secret_file or [tls]".into(),
+            "Plain text, nobody authenticated: for local tests and demos.",
         ),
         k("labels", "--label", "{}".into(), labels.clone(), "This host's labels, which VMs' labels must match."),
         k(
@@ -691,10 +767,9 @@ pub fn reference() -> Vec<KeyDoc> {
         k(
             "runtime.start_timeout_ms",
             "",
-            format!("{}", crate::runtime::systemd::START_TIMEOUT_DEFAULT.as_millis()),
-            format!("{START_TIMEOUT_MIN_MS}..={START_TIMEOUT_MAX_MS}"),
-            "How long a guest's start may take (the systemd start job); the NixOS module sets it a little above \
-             microvm.nix's startup timeout, so that the unit's own verdict is what is reported.",
+            ms(crate::runtime::systemd::START_TIMEOUT_DEFAULT.as_millis() as u64),
+            format!("{START_TIMEOUT_MIN_MS}..={START_TIMEOUT_MAX_MS} ms"),
+            "How long the systemd runtime waits for a guest's start job (the NixOS module sets it from microvm.nix's startupTimeout).",
         ),
         k(
             "capacity.vcpu",
@@ -717,7 +792,7 @@ pub fn reference() -> Vec<KeyDoc> {
             "--tls-ca",
             "none".into(),
             "a PEM file".into(),
-            "The cluster CA (with [tls], mutual TLS only).",
+            "An operator CA (with [tls]: certificates from `blixard-agent certs`, not from a cluster secret).",
         ),
         k(
             "tls.cert_file",
@@ -894,7 +969,7 @@ initial_members = ["h1=10.0.0.1:7000", "h2=10.0.0.2:7000", "h3=10.0.0.3:7000"]
         let config = resolve(&text).unwrap();
         assert_eq!(config.capacity.unwrap().vcpu_overcommit_pct, 150);
         assert_eq!(config.labels["rack"], "r1");
-        assert!(config.tls.is_some());
+        assert!(matches!(config.auth, Auth::Tls(_)));
         assert_eq!(config.vms[0].spec.desired, Desired::Stopped);
     }
 
@@ -911,6 +986,10 @@ initial_members = ["h1=10.0.0.1:7000", "h2=10.0.0.2:7000", "h3=10.0.0.3:7000"]
             (format!("{BASE}[[vm]]\nname = \"../x\"\nvcpu = 1\nmemory_mib = 64\n"), "vm[0].name"),
             (format!("{BASE}[[vm]]\nname = \"a\"\nvcpu = 0\nmemory_mib = 64\n"), "vm[0].vcpu"),
             (format!("{BASE}[tls]\nca_file = \"/a\"\n"), "tls"),
+            (format!("{BASE}insecure = true\n"), "insecure"),
+            (format!("{BASE}cluster_secret_file = \"/s\"\n[tls]\nca_file = \"/a\"\ncert_file = \"/b\"\nkey_file = \"/c\"\n"), "cluster_secret_file"),
+            (format!("{BASE}cluster_secret_accepted_file = \"/p\"\n"), "cluster_secret_accepted_file"),
+            (format!("{BASE}cluster_secret_file = \"/s\"\ninsecure = true\n"), "insecure"),
             (format!("{BASE}join = [\"10.0.0.9:7000\"]\n"), "join"),
             (format!("{BASE}[timing]\nreschedule_after_ms = 1600\n"), "timing"),
             (format!("{BASE}[raft]\ntick_ms = 500\n"), "timing"),
@@ -989,6 +1068,21 @@ initial_members = ["h1=10.0.0.1:7000", "h2=10.0.0.2:7000", "h3=10.0.0.3:7000"]
                  BLIXARD_UPDATE_DOCS=1 to regenerate it. Expected:\n{generated}"
             );
         }
+    }
+
+    #[test]
+    fn authentication_modes() {
+        let config =
+            resolve(&format!("{BASE}cluster_secret_file = \"/s\"\ncluster_secret_accepted_file = \"/p\"\n")).unwrap();
+        assert_eq!(config.auth, Auth::Secret { file: "/s".into(), accepted: Some("/p".into()) });
+        assert_eq!(resolve(BASE).unwrap().auth, Auth::None);
+        let local = "node_name = \"h1\"\nlisten = \"127.0.0.1:7000\"\ninsecure = true\n";
+        assert_eq!(resolve(local).unwrap().auth, Auth::Insecure);
+        let v6 = "node_name = \"h1\"\nlisten = \"[::1]:7000\"\n";
+        let overrides = Overrides { insecure: true, ..Overrides::default() };
+        assert_eq!(Config::resolve(FileConfig::parse(v6).unwrap(), overrides).unwrap().auth, Auth::Insecure);
+        let e = resolve(&format!("{BASE}insecure = true\n")).unwrap_err();
+        assert!(e.message.contains("10.0.0.1:7000 is not one"), "{e}");
     }
 
     #[test]

@@ -23,6 +23,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,14 +32,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::Code;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
 use crate::api::context::{Context, ContextControl, Dialer, GRPC_MESSAGE_BYTES_MAX, JoinRequest, Membership};
+use crate::api::gate::Gate;
 use crate::api::pb;
 use crate::api::peer::{self, PeerService, PeerTransport, Sender};
 use crate::api::service::BlixardService;
-use crate::api::tls::{Caller, TlsFiles};
+use crate::api::tls::{AgentAuth, Credentials};
 use crate::config::{Config, RuntimeKind};
 use crate::consensus::CoreConfig;
 use crate::guard::GuardConfig;
@@ -90,19 +91,65 @@ fn notify(state: sd_notify::NotifyState<'_>) {
 /// Runs the agent until `shutdown` resolves. Returns `Err` with one
 /// sentence on a fatal error: the store cannot be opened or fails, the
 /// port is taken, the configuration cannot be served.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    auth: AgentAuth,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     init_tracing(&config.log_level);
-    // Read the TLS files before anything else: a bad certificate must stop
-    // the agent before it serves, never downgrade it to plaintext.
-    let tls = match &config.tls {
-        None => None,
-        Some(tls) => Some(TlsFiles::load(tls, &config.node_name).map_err(|e| anyhow!("invalid configuration: {e}"))?),
-    };
-    let dialer = tls.as_ref().map_or_else(Dialer::plain, Dialer::tls);
+    let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown);
     let config = Arc::new(config);
-    let store = open_store(&config).await?;
+    let mut store = open_store(&config).await?;
     let listener =
         TcpListener::bind(config.listen).await.map_err(|e| anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let mut known_peers = BTreeMap::new();
+    let mut known_names = Vec::new();
+    let credentials = match auth {
+        AgentAuth::Insecure => {
+            tracing::warn!(
+                listen = %config.listen,
+                "insecure = true: peers and clients are not authenticated and nothing is encrypted; \
+                 for a cluster on this machine only"
+            );
+            None
+        }
+        AgentAuth::Tls(credentials) => {
+            // A host that joined with a token follows rotations of the
+            // cluster secret: a new certificate and trust at every start.
+            let renewed = match (&credentials.joined, store.identity()) {
+                (Some(files), Some(identity)) => {
+                    let addresses: Vec<String> = store
+                        .state()
+                        .members()
+                        .values()
+                        .filter(|m| m.id != identity.id)
+                        .map(|m| m.address.clone())
+                        .collect();
+                    peer::renew_joined(&credentials, files, identity.cluster_id, &addresses).await
+                }
+                _ => None,
+            };
+            Some(Arc::new(renewed.unwrap_or(credentials)))
+        }
+        AgentAuth::TokenJoin { files, token_file, pin } => {
+            let Some(admitted) = token_join(&config, &files, &token_file, pin, &mut shutdown).await? else {
+                tracing::info!("stopped before this host was admitted");
+                return Ok(());
+            };
+            let id = admitted.id;
+            let response = admitted.admitted.response;
+            let peers: BTreeMap<NodeId, String> =
+                response.members.iter().filter(|m| m.id != id).map(|m| (m.id, m.address.clone())).collect();
+            let start = Start::Joined { id, cluster_id: response.cluster_id, peers: peers.clone() };
+            node::prepare_store(&mut store, &config.node_name, &start)
+                .map_err(|e| anyhow!("cannot record the new identity: {e}"))?;
+            tracing::info!(id, cluster_id = format!("{:016x}", response.cluster_id), "admitted as a learner");
+            known_peers = peers;
+            known_names = response.members.iter().map(|m| (m.id, m.name.clone())).collect();
+            Some(Arc::new(admitted.admitted.credentials))
+        }
+    };
+    let dialer = credentials.clone().map_or_else(Dialer::plain, Dialer::tls);
     let runtime = crate::runtime::open(config.runtime, &config.state_dir, config.start_timeout).await.map_err(|e| {
         anyhow!(
             "cannot start the {} runtime: {e}",
@@ -115,6 +162,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let address = advertised(config.listen);
     let (context, control) = Context::new(config.node_name.clone(), address.clone(), dialer);
     context.set_runtime(runtime.clone());
+    // Before it has the member list, a new member knows its peers' names
+    // from the admission answer (their certificates are checked by them).
+    for (id, name) in &known_names {
+        context.remember_member_name(*id, name);
+    }
     let metrics = Arc::new(Metrics::new());
     let events = Arc::new(EventLog::with_metrics(metrics.clone()));
 
@@ -123,11 +175,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         let http = crate::http::bind(address).await?;
         // With authentication on, the dashboard is HTTPS with this
         // member's certificate (a bad one stops the agent here).
-        let http_tls = match &tls {
+        let http_tls = match credentials.as_deref() {
             None => None,
-            Some(files) => {
-                Some(Arc::new(files.http_server_config().map_err(|e| anyhow!("invalid configuration: `tls`: {e}"))?))
-            }
+            Some(credentials) => Some(Arc::new(
+                credentials.http_server_config().map_err(|e| anyhow!("cannot serve the dashboard over HTTPS: {e}"))?,
+            )),
         };
         let state = crate::http::HttpState {
             context: context.clone(),
@@ -143,19 +195,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         });
         tracing::info!(%address, "serving health, metrics and the dashboard over HTTP");
     }
-    let builder = server_builder(tls.as_ref())?;
+    let builder = server_builder(credentials.as_deref())?;
     let mut server = tokio::spawn(serve(builder, listener, context.clone(), server_stopped));
     tracing::info!(
         name = %config.node_name,
         listen = %config.listen,
         data_dir = %config.data_dir.display(),
-        tls = if tls.is_some() { "mutual" } else { "off" },
+        tls = match &credentials {
+            None => "off",
+            Some(c) if c.issuer.is_some() => "mutual, certificates from the cluster secret",
+            Some(_) => "mutual",
+        },
         "serving"
     );
 
     let mut agent =
         Agent { config: config.clone(), context, control, member: None, reporter: None, runtime, metrics, events };
-    let outcome = agent.run(store, &mut server, shutdown).await;
+    let outcome = agent.run(store, known_peers, &mut server, shutdown).await;
 
     notify(sd_notify::NotifyState::Stopping);
     tracing::info!("stopping");
@@ -214,6 +270,11 @@ async fn open_store(config: &Config) -> anyhow::Result<Store> {
             ),
             e => anyhow!("cannot open the store in {}: {e}", config.data_dir.display()),
         })?;
+    // A host that left its cluster set its old store aside on purpose
+    // (`Agent::set_removed_store_aside`): it is not a lost one.
+    if !config.data_dir.join(REJOIN_MARKER).exists() {
+        node::record::check(&config.data_dir, store.identity().is_some()).map_err(|e| anyhow!(e))?;
+    }
     if let Some(identity) = store.identity()
         && identity.name != config.node_name
     {
@@ -240,13 +301,11 @@ async fn serve(
     let blixard = pb::blixard_server::BlixardServer::new(BlixardService::new(context.clone()))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
-    // With TLS, the client API too needs a certificate that carries a
-    // blixard identity: one the CA signed for something else is refused.
+    // Every call passes the trust table first (`api::gate`): with TLS, a
+    // certificate the CA signed for something else reaches no handler.
     let tls_on = context_tls;
-    let blixard = InterceptedService::new(blixard, move |request: tonic::Request<()>| {
-        Caller::of(&request, tls_on)?;
-        Ok(request)
-    });
+    let peer = Gate::new(peer, tls_on);
+    let blixard = Gate::new(blixard, tls_on);
     // Standard gRPC tooling: health checking (grpc.health.v1) and server
     // reflection (v1, and v1alpha for older grpcurl).
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -258,14 +317,22 @@ async fn serve(
     };
     let reflection_v1 = reflection().build_v1().expect("our descriptor sets are valid");
     let reflection_v1alpha = reflection().build_v1alpha().expect("our descriptor sets are valid");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // A peer that vanished (power loss, a cut cable) leaves a half-open
+    // connection: TCP keepalive ends it (HTTP/2 keepalive pings, set in
+    // `server_builder`, end one whose peer stopped answering; the TLS
+    // handshake has a deadline of its own).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(crate::api::context::TCP_KEEPALIVE))
+        .with_keepalive_interval(Some(crate::api::context::TCP_KEEPALIVE_INTERVAL))
+        .with_keepalive_retries(Some(crate::api::context::TCP_KEEPALIVE_RETRIES));
     let mut builder = builder;
     let result = builder
         .add_service(peer)
         .add_service(blixard)
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(Gate::new(health, tls_on))
+        .add_service(Gate::new(reflection_v1, tls_on))
+        .add_service(Gate::new(reflection_v1alpha, tls_on))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|stop| *stop).await;
         })
@@ -305,9 +372,10 @@ async fn report_health(
     }
 }
 
-/// The server's transport settings: with `tls`, mutual TLS only (a
-/// plaintext or certificate-less connection fails its handshake).
-fn server_builder(tls: Option<&TlsFiles>) -> anyhow::Result<Server> {
+/// The server's transport settings: with credentials, TLS only (a
+/// plaintext connection fails its handshake, and so does one without a
+/// client certificate unless the cluster accepts joiners).
+fn server_builder(tls: Option<&Credentials>) -> anyhow::Result<Server> {
     let builder = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -319,7 +387,75 @@ fn server_builder(tls: Option<&TlsFiles>) -> anyhow::Result<Server> {
         None => Ok(builder),
         Some(tls) => builder
             .tls_config(tls.server())
-            .map_err(|e| anyhow!("invalid configuration: `tls`: the certificate or key cannot be used: {e}")),
+            .map_err(|e| anyhow!("invalid configuration: the certificate or key cannot be used: {e}")),
+    }
+}
+
+/// What a join with a token left.
+struct TokenJoined {
+    id: NodeId,
+    admitted: crate::api::join::Admitted,
+}
+
+/// A host with neither the cluster secret nor a certificate: asks the
+/// `join` seeds in turn to admit it with the token (which pins the
+/// cluster's CA, `api::join`) until one does, backing off between rounds.
+/// `None` if `shutdown` came first. A refusal that retrying cannot change
+/// (the wrong cluster, a used token) is fatal.
+async fn token_join(
+    config: &Config,
+    files: &crate::pki::JoinedFiles,
+    token_file: &std::path::Path,
+    pin: crate::pki::Fingerprint,
+    shutdown: &mut Pin<Box<dyn Future<Output = ()> + Send>>,
+) -> anyhow::Result<Option<TokenJoined>> {
+    // systemd waits for READY=1 (`Type=notify`): admission may take long,
+    // and this agent serves nothing until it is over.
+    notify(sd_notify::NotifyState::Ready);
+    let mut watchdog = watchdog_interval();
+    let id = crate::pki::join_id_or_create(&config.data_dir, node::random_member_id)
+        .map_err(|e| anyhow!("cannot keep this host's member id: {e}"))?;
+    let key = files.key_or_create().map_err(|e| anyhow!("cannot keep this host's key: {e}"))?;
+    crate::failpoint::hit("join-before-admit");
+    let address = advertised(config.listen);
+    let mut backoff = ADMIT_BACKOFF_MIN;
+    tracing::info!(id, pin = %pin, "joining with a token; this host serves nothing until it is admitted");
+    loop {
+        for seed in &config.join {
+            let token = crate::join_token::read_file("the join token", token_file)
+                .map_err(|e| anyhow!("invalid configuration: `join_token_file`: {e}"))?;
+            let request = pb::AdmitRequest {
+                id,
+                name: config.node_name.clone(),
+                address: address.clone(),
+                token,
+                ..Default::default()
+            };
+            tracing::info!(seed, id, "asking to be admitted to the cluster");
+            let attempt = crate::api::join::attempt(seed, request, &key, pin, files);
+            tokio::select! {
+                () = &mut *shutdown => return Ok(None),
+                outcome = attempt => match outcome {
+                    Ok(admitted) => return Ok(Some(TokenJoined { id, admitted })),
+                    Err(status) if is_final(&status) => {
+                        return Err(anyhow!("{seed} refused to admit this host: {}", status.message()));
+                    }
+                    Err(status) => tracing::warn!(seed, error = %status.message(), "admission failed; retrying"),
+                },
+            }
+        }
+        let pause = tokio::time::sleep(backoff);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                () = &mut *shutdown => return Ok(None),
+                () = &mut pause => break,
+                _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                    notify(sd_notify::NotifyState::Watchdog);
+                }
+            }
+        }
+        backoff = (backoff * 2).min(ADMIT_BACKOFF_MAX);
     }
 }
 
@@ -344,6 +480,7 @@ impl Agent {
     async fn run(
         &mut self,
         store: Store,
+        known_peers: BTreeMap<NodeId, String>,
         server: &mut JoinHandle<Result<(), tonic::transport::Error>>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
@@ -362,6 +499,9 @@ impl Agent {
         } else if identity.is_some() || !self.config.initial_members.is_empty() {
             let mut store = store.take().expect("not taken yet");
             let mode = if identity.is_some() { "restarting as a member" } else { "bootstrapping" };
+            if identity.is_none() {
+                self.check_bootstrap().await?;
+            }
             node::prepare_store(
                 &mut store,
                 &self.config.node_name,
@@ -369,7 +509,7 @@ impl Agent {
             )
             .map_err(|e| anyhow!("cannot prepare the store: {e}"))?;
             tracing::info!(mode, "starting the node");
-            self.start_member(store, BTreeMap::new())?;
+            self.start_member(store, known_peers)?;
         } else if self.config.join.is_empty() {
             tracing::info!("not a member of any cluster; waiting for `blixard-agent cluster join ADDRESS`");
         }
@@ -377,9 +517,10 @@ impl Agent {
         notify(sd_notify::NotifyState::Ready);
         let mut watchdog = watchdog_interval();
 
-        // A joiner keeps one id across its admission attempts, so an
-        // attempt that landed but whose answer was lost is recognised.
-        let join_id = node::random_member_id();
+        // A joiner keeps one id across its admission attempts and its
+        // restarts (`DATA_DIR/join-id`), so an attempt that landed but
+        // whose answer was lost is recognised.
+        let mut join_id = None;
         let mut admit_backoff = ADMIT_BACKOFF_MIN;
         let mut next_admit = tokio::time::Instant::now();
         let mut node_status = self.member.as_ref().map(|m| m.node.handle().watch_status());
@@ -422,6 +563,8 @@ impl Agent {
                             Ok(fresh) => {
                                 store = Some(fresh);
                                 node_status = None;
+                                // A new member: a new id too.
+                                join_id = None;
                             }
                             Err(e) => {
                                 let _ = reply.send(Err(tonic::Status::internal(format!("{e:#}"))));
@@ -429,7 +572,10 @@ impl Agent {
                             }
                         }
                     }
-                    let outcome = self.join(&mut store, join_id, &seed, token).await;
+                    let outcome = match self.join_id(&mut join_id) {
+                        Ok(id) => self.join(&mut store, id, &seed, token).await,
+                        Err(e) => Err(tonic::Status::internal(e.to_string())),
+                    };
                     if outcome.is_ok() {
                         node_status = self.member.as_ref().map(|m| m.node.handle().watch_status());
                     }
@@ -438,9 +584,10 @@ impl Agent {
                 () = tokio::time::sleep_until(next_admit), if admitting => {
                     let seeds = self.config.join.clone();
                     let token = self.join_token()?;
+                    let id = self.join_id(&mut join_id)?;
                     let mut joined = false;
                     for seed in &seeds {
-                        match self.join(&mut store, join_id, seed, token.clone()).await {
+                        match self.join(&mut store, id, seed, token.clone()).await {
                             Ok(_) => { joined = true; break; }
                             Err(status) if is_final(&status) => {
                                 return Err(anyhow!("{seed} refused to admit this host: {}", status.message()));
@@ -464,12 +611,22 @@ impl Agent {
         }
     }
 
+    /// The member id this host asks to be admitted as (see `pki::join_id_or_create`).
+    fn join_id(&self, cached: &mut Option<NodeId>) -> anyhow::Result<NodeId> {
+        if let Some(id) = cached {
+            return Ok(*id);
+        }
+        let id = crate::pki::join_id_or_create(&self.config.data_dir, node::random_member_id)
+            .map_err(|e| anyhow!("cannot keep this host's member id: {e}"))?;
+        *cached = Some(id);
+        Ok(id)
+    }
+
     fn join_token(&self) -> anyhow::Result<String> {
         match &self.config.join_token_file {
             None => Ok(String::new()),
-            Some(path) => std::fs::read_to_string(path)
-                .map(|t| t.trim().to_string())
-                .map_err(|e| anyhow!("invalid configuration: `join_token_file`: cannot read {}: {e}", path.display())),
+            Some(path) => crate::join_token::read_file("the join token", path)
+                .map_err(|e| anyhow!("invalid configuration: `join_token_file`: {e}")),
         }
     }
 
@@ -491,6 +648,15 @@ impl Agent {
             .with_context(|| format!("cannot mark {} as rejoining", data_dir.display()))?;
         std::fs::rename(&old, &aside)
             .with_context(|| format!("cannot set the old store {} aside as {}", old.display(), aside.display()))?;
+        // The id it joined with goes too: it joins as a new member.
+        let join_id = data_dir.join(crate::pki::JOIN_ID_FILE);
+        if join_id.exists() {
+            let id_aside = data_dir.join(format!("{}.removed-{}", crate::pki::JOIN_ID_FILE, node::now_unix_ms()));
+            std::fs::rename(&join_id, &id_aside)
+                .with_context(|| format!("cannot set the old member id {} aside", join_id.display()))?;
+        }
+        node::record::forget(&data_dir)
+            .with_context(|| format!("cannot remove {} from {}", node::record::MEMBER_FILE, data_dir.display()))?;
         tracing::warn!(
             old = %aside.display(),
             "left the cluster earlier: its old store is set aside, and this host joins as a new member"
@@ -511,8 +677,13 @@ impl Agent {
             return Err(tonic::Status::failed_precondition("this agent is already a member"));
         }
         tracing::info!(seed, id, "asking to be admitted to the cluster");
-        let request =
-            pb::AdmitRequest { id, name: self.config.node_name.clone(), address: self.context.address.clone(), token };
+        let request = pb::AdmitRequest {
+            id,
+            name: self.config.node_name.clone(),
+            address: self.context.address.clone(),
+            token,
+            ..Default::default()
+        };
         let admitted = peer::admit(&self.context.dialer, seed, request).await?;
         for m in &admitted.members {
             self.context.remember_member_name(m.id, &m.name);
@@ -533,9 +704,44 @@ impl Agent {
         Ok(pb::ClusterJoinResponse { name: self.config.node_name.clone(), id })
     }
 
+    /// Before bootstrapping a new cluster from `initial_members`: no other
+    /// initial member may hold a cluster that is past the bootstrap point
+    /// and has heard from this host (its capacity, which only this host
+    /// may report, `crate::trust`): then this host's store was lost, and
+    /// bootstrapping again would make it a voter with a forgotten vote and
+    /// log. A late first start (the others formed the cluster without it)
+    /// is fine, and so is a peer that cannot be reached (nothing to tell).
+    async fn check_bootstrap(&self) -> anyhow::Result<()> {
+        let me = self.config.node_name.clone();
+        let cluster_id = node::cluster_id_of(&self.config.initial_members);
+        let checks = self.config.initial_members.iter().filter(|m| m.name != me).map(|peer| {
+            let (dialer, me, peer) = (self.context.dialer.clone(), me.clone(), peer.clone());
+            async move {
+                let knows =
+                    tokio::time::timeout(BOOTSTRAP_CHECK_TIMEOUT, peer_knows(&dialer, &peer.address, cluster_id, &me));
+                (peer.name, knows.await.unwrap_or(None))
+            }
+        });
+        for (peer, knows) in futures_util::future::join_all(checks).await {
+            if let Some(applied) = knows {
+                bail!(
+                    "initial member {peer} holds this cluster at index {applied}, past its bootstrap, and this host \
+                     {me} has taken part in it, but this host's data dir {} is empty: its store is lost; remove the \
+                     old member (`blixard-agent cluster leave {me}` on another member) and join this host as a new \
+                     member (docs/replacing-a-disk.md)",
+                    self.config.data_dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Starts the node over a prepared store and publishes it to the API.
     fn start_member(&mut self, store: Store, known_peers: BTreeMap<NodeId, String>) -> anyhow::Result<()> {
         let identity = store.identity().cloned().ok_or_else(|| anyhow!("the store has no identity"))?;
+        node::record::write(&self.config.data_dir, &identity).map_err(|e| {
+            anyhow!("cannot write {} in {}: {e}", node::record::MEMBER_FILE, self.config.data_dir.display())
+        })?;
         let addresses = AddressBook::default();
         let me = Sender { id: identity.id, cluster_id: identity.cluster_id, address: self.context.address.clone() };
         let (transport, link) =
@@ -686,6 +892,25 @@ impl Proposer for ContextProposer {
     fn propose(&self, kind: CommandKind) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move { self.0.propose(kind).await.map_err(|status| status.message().to_string()) })
     }
+}
+
+/// How long the check before bootstrapping waits for each other initial
+/// member (one that does not answer in time tells nothing).
+const BOOTSTRAP_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Whether the initial member at `address` holds cluster `cluster_id` past
+/// its bootstrap point with a report from member `me` in it: the index it
+/// has applied, if so.
+async fn peer_knows(dialer: &Dialer, address: &str, cluster_id: u64, me: &str) -> Option<u64> {
+    let channel = dialer.endpoint(address).ok()?.connect().await.ok()?;
+    let mut client = Context::blixard_client(channel);
+    let status = client.cluster_status(pb::ClusterStatusRequest {}).await.ok()?.into_inner();
+    if !status.member || status.cluster_id != cluster_id || status.applied_index <= crate::consensus::BOOTSTRAP_INDEX {
+        return None;
+    }
+    let nodes = client.node_list(pb::NodeListRequest {}).await.ok()?.into_inner().nodes;
+    let mine = nodes.iter().find(|n| n.name == me)?;
+    (mine.vcpu_total > 0 || mine.memory_mib_total > 0).then_some(status.applied_index)
 }
 
 /// Errors after which retrying admission cannot help.

@@ -7,6 +7,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use blixard::api::tls::AgentAuth;
 use blixard::cli::{self, Command, args::GuardArgs, args::RunArgs};
 use blixard::config::Config;
 
@@ -34,7 +35,12 @@ fn run(args: &RunArgs) -> ExitCode {
         Ok(config) => config,
         Err(e) => return cli::CliError::usage(e.to_string()).report(),
     };
-    match daemon(config) {
+    // Credentials are configuration too: a bad or missing one is bad usage.
+    let auth = match AgentAuth::load(&config) {
+        Ok(auth) => auth,
+        Err(e) => return cli::CliError::usage(e.to_string()).report(),
+    };
+    match daemon(config, auth) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => cli::CliError::failed(format!("{e:#}")).report(),
     }
@@ -68,7 +74,7 @@ fn guard(args: &GuardArgs) -> ExitCode {
     }
 }
 
-fn daemon(config: Config) -> anyhow::Result<()> {
+fn daemon(config: Config, auth: AgentAuth) -> anyhow::Result<()> {
     // RUST_LOG, when set, overrides `log_level` (as the NixOS module documents).
     let filter = match std::env::var("RUST_LOG") {
         Ok(env) if !env.is_empty() => tracing_subscriber::EnvFilter::try_new(&env).context("RUST_LOG")?,
@@ -79,7 +85,7 @@ fn daemon(config: Config) -> anyhow::Result<()> {
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
     runtime.block_on(async {
         let shutdown = shutdown_signal()?;
-        blixard::daemon::run(config, shutdown).await
+        blixard::daemon::run(config, auth, shutdown).await
     })
 }
 

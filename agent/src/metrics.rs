@@ -23,6 +23,7 @@
 //! | `vms{host,state}` | gauge | VMs placed on each host, by observed state (`host=""`: unplaced) |
 //! | `reconcile_duration_seconds` | histogram | one reconciler pass on this host |
 //! | `contact_reads_total` | counter | quorum-contact reads this host sent itself because the leader's confirmations stopped (none at rest) |
+//! | `peer_messages_refused_total` | counter | Raft messages from peers the raft thread refused by the trust table (`crate::trust`; none at rest) |
 //! | `failovers_total` | counter | VMs this leader moved off a fenced (down) host |
 //! | `fencing_events_total{kind}` | counter | `self`: this host fenced itself (lost quorum); `vouched`: this leader cleared a fenced host's handoff |
 //! | `scheduler_decisions_total{kind}` | counter | decisions this leader proposed: `place`, `move`, `unplace`, `host_down`, `host_up`, `clear_handoff` |
@@ -146,6 +147,7 @@ pub struct Metrics {
     pub blocked_vms: Gauge,
     pub failovers: Counter,
     pub contact_reads: Counter,
+    pub peer_messages_refused: Counter,
     fencing: Family<KindLabel, Counter>,
     decisions: Family<KindLabel, Counter>,
     start_time_seconds: FloatGauge,
@@ -202,6 +204,7 @@ impl Metrics {
             blocked_vms: Gauge::default(),
             failovers: Counter::default(),
             contact_reads: Counter::default(),
+            peer_messages_refused: Counter::default(),
             fencing: Family::default(),
             decisions: Family::default(),
             start_time_seconds: FloatGauge::default(),
@@ -296,6 +299,11 @@ impl Metrics {
             "contact_reads",
             "Quorum-contact reads this host sent itself because the leader's confirmations stopped",
             m.contact_reads.clone(),
+        );
+        registry.register(
+            "peer_messages_refused",
+            "Raft messages from peers the raft thread refused by the trust table",
+            m.peer_messages_refused.clone(),
         );
         registry.register(
             "fencing_events",

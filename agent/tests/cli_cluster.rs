@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cli_support::{BIN, Out, run};
+use cli_support::{BIN, Out, http_get, run};
 use serde_json::Value;
 
 /// Guests every host has a runner for.
@@ -91,9 +91,10 @@ impl Cluster {
         let http = free_address();
         let config = format!(
             "node_name = \"{name}\"\nlisten = \"{address}\"\nmetrics_listen = \"{http}\"\n\
-             data_dir = \"{}\"\n{extra}\
+             data_dir = \"{}\"\n{}{extra}\
              [runtime]\nkind = \"process\"\nstate_dir = \"{}\"\n[capacity]\nvcpu = 8\nmemory_mib = 8192\n",
             home.join("data").display(),
+            cli_support::LOOPBACK_INSECURE,
             state_dir.display()
         );
         let path = home.join("agent.toml");
@@ -313,18 +314,6 @@ fn a_stopped_cluster_is_unreachable_with_exit_1() {
 }
 
 /// `GET path` on `address` over plain HTTP/1.1: (status code, body).
-fn http_get(address: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).expect("connect to the HTTP listener");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read the HTTP response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status code");
-    (code, body.to_string())
-}
-
 /// The value of the sample `name` with exactly `labels` in a parsed scrape.
 fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     scrape.samples.iter().find_map(|s| {

@@ -85,7 +85,10 @@ fn missing_subcommands_are_one_sentence() {
         2,
         "`vm` needs a subcommand (create, start, stop, delete, update, migrate, recover, list, status, logs); see `blixard-agent vm --help`",
     );
-    run(&["cluster"]).assert_error(2, "`cluster` needs a subcommand (status, join, backup, join-token, leave)");
+    run(&["cluster"]).assert_error(
+        2,
+        "`cluster` needs a subcommand (status, join, backup, join-token, new-secret, issue-client, leave)",
+    );
     run(&["node"]).assert_error(2, "`node` needs a subcommand (list, drain, undrain)");
     run(&["completions"]).assert_error(2, "`completions` needs SHELL");
     run(&["completions", "powershell"]).assert_error(2, "\"powershell\" is not a valid SHELL: use bash, zsh or fish");
@@ -578,6 +581,8 @@ fn help_shows_examples_for_every_command() {
         &["cluster", "backup"],
         &["restore"],
         &["recover"],
+        &["cluster", "new-secret"],
+        &["cluster", "issue-client"],
         &["node"],
         &["node", "list"],
         &["node", "drain"],
@@ -628,6 +633,13 @@ fn run_config_errors_are_one_sentence_and_exit_2() {
         (&["--initial-member", "h2=127.0.0.2:7000"], "`initial_members`: does not list this host"),
         (&["--initial-member", "h1=127.0.0.1:7000", "--join", "127.0.0.2:7000"], "`join`"),
         (&["--tls-ca", "/ca.pem"], "`tls`"),
+        // Secure by default: no credentials, or insecure off loopback, is refused.
+        (&[], "`cluster_secret_file`: this agent has no credentials: give `cluster_secret_file`"),
+        (&["--insecure", "--listen", "10.0.0.1:7000"], "`insecure`: is accepted only on a loopback `listen`"),
+        (&["--cluster-secret-file", "/nonexistent/secret"], "`cluster_secret_file`: cannot read the cluster secret"),
+        (&["--cluster-secret-file", "/dev/null"], "/dev/null is not a cluster secret"),
+        (&["--cluster-secret-accepted-file", "/p", "--insecure"], "`cluster_secret_accepted_file`"),
+        (&["--cluster-secret-file", "/s", "--tls-ca", "/a", "--tls-cert", "/b", "--tls-key", "/c"], "not both"),
         (&["--label", "nolabel"], "`--label`"),
         (&["--log-level", "[[["], "`log_level`"),
     ];
@@ -639,10 +651,29 @@ fn run_config_errors_are_one_sentence_and_exit_2() {
         args.extend_from_slice(extra);
         run(&args).assert_error(2, needle);
     }
+    assert!(!std::path::Path::new(data).exists(), "a refused start creates nothing");
     run(&["run", "--runtime", "docker"])
         .assert_error(2, "\"docker\" is not a valid --runtime KIND: use systemd or process");
     run(&["run", "--strategy", "random"]).assert_error(2, "use spread or binpack");
     let bad_file = dir.path().join("agent.toml");
     std::fs::write(&bad_file, "node_name = \"h1\"\nbogus = 1\n").unwrap();
     run(&["run", "--config", bad_file.to_str().unwrap()]).assert_error(2, "bogus");
+}
+
+#[test]
+fn new_secret_writes_a_private_file_once() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cluster.secret");
+    let out = run(&["cluster", "new-secret", path.to_str().unwrap()]);
+    out.assert_ok();
+    assert_eq!(out.stdout.trim(), path.to_str().unwrap());
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.starts_with("blxsec_") && text.trim().len() == 7 + 64, "{text}");
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    run(&["cluster", "new-secret", path.to_str().unwrap()]).assert_error(2, "already exists");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "never overwritten");
+    let other = dir.path().join("other.secret");
+    run(&["cluster", "new-secret", other.to_str().unwrap()]).assert_ok();
+    assert_ne!(std::fs::read_to_string(&other).unwrap(), text);
 }

@@ -29,7 +29,7 @@ impl PeerSender for LocalSender {
         let peers = self.peers.lock().unwrap();
         let Some(peer) = peers.get(&to) else { return };
         let snapshot = messages.iter().any(|m| m.get_msg_type() == MessageType::MsgSnapshot);
-        peer.step(messages);
+        peer.step(self.from, messages);
         if snapshot && let Some(me) = peers.get(&self.from) {
             me.report_snapshot(to, true);
         }

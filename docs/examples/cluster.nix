@@ -13,6 +13,7 @@ rec {
   cluster = {
     services.blixard = {
       enable = true;
+      clusterSecretFile = "/run/agenix/blixard-cluster-secret"; # `cluster new-secret`, deployed by agenix
       openFirewall = true; # TCP 7000: peers and clients
       vms.web = {
         config = ./guests/web.nix; # a NixOS module, as microvm.vms.<name>.config

@@ -58,8 +58,11 @@ let
       enable = true;
       listenAddress = "10.0.0.1";
       initialMembers = members;
+      clusterSecretFile = "/run/secrets/blixard/cluster-secret";
     };
   };
+  # h1 with certificates from an operator CA instead (the tests set `tls`).
+  baseTls = lib.recursiveUpdate base { services.blixard.clusterSecretFile = null; };
 
   guest = {
     microvm.hypervisor = "qemu";
@@ -370,7 +373,7 @@ let
         let
           credentials =
             (unit (evalHost [
-              base
+              baseTls
               {
                 services.blixard.tls = {
                   caFile = ./fixtures/ca.pem;
@@ -400,7 +403,7 @@ let
     testTlsRuntimePathsStayRuntimePaths = {
       expr =
         (unit (evalHost [
-          base
+          baseTls
           {
             services.blixard.joinTokenFile = "/run/secrets/join-token";
             services.blixard.tls = {
@@ -427,6 +430,10 @@ let
       base
       { services.blixard.tls.keyFile = storePath "h1-key.pem"; }
     ] (cfg: cfg.services.blixard.tls.keyFile);
+    testClusterSecretRejectsAStorePath = rejects [
+      baseTls
+      { services.blixard.clusterSecretFile = storePath "cluster-secret"; }
+    ] (cfg: cfg.services.blixard.clusterSecretFile);
     testJoinTokenRejectsAStorePath = rejects [
       base
       { services.blixard.joinTokenFile = storePath "token"; }
@@ -701,6 +708,7 @@ let
         ];
         join = [ ];
         log_level = "info";
+        cluster_secret_file = "/run/credentials/blixard.service/cluster-secret";
         runtime = {
           kind = "systemd";
           state_dir = "/var/lib/microvms";
@@ -721,7 +729,7 @@ let
 
     testFullConfigFile = {
       expr = agentConfig (evalHost [
-        base
+        baseTls
         {
           services.blixard = {
             port = 7100;
@@ -867,9 +875,20 @@ let
       };
     };
 
-    testNoCredentialsWithoutSecrets = {
-      expr = (unit (evalHost [ base ])).LoadCredential;
-      expected = [ ];
+    # The secret is the one credential: nothing else is passed.
+    testClusterSecretIsACredential = {
+      expr =
+        let
+          cfg = evalHost [ base ];
+        in
+        {
+          inherit ((unit cfg)) LoadCredential;
+          inherit (agentConfig cfg) cluster_secret_file;
+        };
+      expected = {
+        LoadCredential = [ "cluster-secret:/run/secrets/blixard/cluster-secret" ];
+        cluster_secret_file = "/run/credentials/blixard.service/cluster-secret";
+      };
     };
 
     testFirewallClosedByDefault = {
@@ -1305,6 +1324,34 @@ let
       base
       { services.blixard.join = [ "10.0.0.2:7000" ]; }
     ];
+    testClusterSecretOrTls = failsWith "set one of them" [
+      base
+      {
+        services.blixard.tls = {
+          caFile = ./fixtures/ca.pem;
+          certFile = ./fixtures/h1.pem;
+          keyFile = "/run/secrets/h1-key.pem";
+        };
+      }
+    ];
+    testFounderNeedsCredentials = failsWith "has no credentials" [ baseTls ];
+    testInsecureFounderHasNoCredentials = {
+      expr =
+        let
+          cfg = evalHost [
+            baseTls
+            { services.blixard.settings.insecure = true; }
+          ];
+        in
+        {
+          failed = failedMessages cfg;
+          inherit ((unit cfg)) LoadCredential;
+        };
+      expected = {
+        failed = [ ];
+        LoadCredential = [ ];
+      };
+    };
     testTlsAllOrNone = failsWith "set all of caFile, certFile and keyFile, or none of them" [
       base
       { services.blixard.tls.certFile = "/etc/blixard/h1.pem"; }

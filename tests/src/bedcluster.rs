@@ -19,6 +19,12 @@
 //! (systemd's exact transition times) and a [`CgroupSampler`] in the test process (whether
 //! each guest's unit cgroup has a process, about 50 times a second).
 //!
+//! Authentication is on, as on a real network (the hosts talk over a bridge, not
+//! loopback): one cluster secret, made with `blixard-agent cluster new-secret`, is
+//! installed on every host as `/etc/blixard/cluster.secret` (mode 0600) and named by
+//! `cluster_secret_file`; the test process presents an admin client certificate issued
+//! from it.
+//!
 //! Each host's agent is `blixard-agent.service`, enabled (it starts again when its host
 //! boots again) with the unit settings of the NixOS module that matter here:
 //! `Type=notify`, `Restart=always`. Guests are `microvm@NAME.service` units of the
@@ -32,8 +38,10 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use blixard::api::pb;
 use blixard::api::pb::blixard_client::BlixardClient;
-use tonic::transport::{Channel, Endpoint};
+use blixard::api::tls::Role;
+use tonic::transport::Channel;
 
+use crate::cluster::ClientCredentials;
 use crate::guest::RealGuestImage;
 use crate::timeline::{
     CgroupSampler, CgroupSamples, CopySpan, Sampler, SeenCopy, Timeline, Unit, monotonic_us, parse_journal, query_units,
@@ -45,6 +53,8 @@ pub const PORT: u16 = 7000;
 /// Where the agents keep their data (and `fence-contact`), inside each host.
 pub const DATA_DIR: &str = "/var/lib/blixard";
 pub const CONFIG_PATH: &str = "/etc/blixard/agent.toml";
+/// The cluster secret, inside each host.
+pub const SECRET_PATH: &str = "/etc/blixard/cluster.secret";
 pub const AGENT_UNIT: &str = "blixard-agent.service";
 /// Each host's capacity: room for every scenario's guests on one survivor.
 pub const HOST_VCPU: u32 = 16;
@@ -101,6 +111,8 @@ pub struct BedCluster {
     guests: Vec<String>,
     /// The real guests' image, when there are real guests.
     image: Option<RealGuestImage>,
+    /// The admin client certificate the test presents.
+    credentials: ClientCredentials,
 }
 
 impl BedCluster {
@@ -135,7 +147,15 @@ impl BedCluster {
         let sampler = Sampler::start(&bed, guests.clone())?;
         let cgroups = CgroupSampler::start(&bed, guests.clone())?;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        let cluster = BedCluster { cgroups, sampler, bed, runtime, guests, image };
+        let secret_dir = tempfile::tempdir()?;
+        let secret_path = secret_dir.path().join("cluster.secret");
+        let made = std::process::Command::new(&binary).args(["cluster", "new-secret"]).arg(&secret_path).output()?;
+        if !made.status.success() {
+            bail!("cluster new-secret failed: {}", String::from_utf8_lossy(&made.stderr));
+        }
+        let secret = std::fs::read(&secret_path)?;
+        let credentials = crate::cluster::Cluster::client_credentials(&secret_path, "tests", Role::Admin)?;
+        let cluster = BedCluster { cgroups, sampler, bed, runtime, guests, image, credentials };
         let members: Vec<String> =
             cluster.bed.hosts().iter().map(|h| format!("\"{}={}:{PORT}\"", h.name(), h.addr())).collect();
         for host in cluster.bed.hosts() {
@@ -146,9 +166,10 @@ impl BedCluster {
             for guest in real {
                 host.install_real_guest(guest, cluster.image.as_ref().expect("loaded above"), 1)?;
             }
+            host.write_file(SECRET_PATH, &secret, 0o600)?;
             let config = format!(
                 "node_name = \"{name}\"\nlisten = \"{addr}:{PORT}\"\ndata_dir = \"{DATA_DIR}\"\n\
-                 initial_members = [{members}]\n\n[runtime]\nkind = \"systemd\"\nstate_dir = \"{state}\"\n\n\
+                 initial_members = [{members}]\ncluster_secret_file = \"{SECRET_PATH}\"\n\n[runtime]\nkind = \"systemd\"\nstate_dir = \"{state}\"\n\n\
                  [capacity]\nvcpu = {HOST_VCPU}\nmemory_mib = {HOST_MEMORY_MIB}\n",
                 name = host.name(),
                 addr = host.addr(),
@@ -192,12 +213,13 @@ impl BedCluster {
     /// A client of `host`'s agent (connecting lazily).
     pub fn client(&self, host: usize) -> BlixardClient<Channel> {
         let _guard = self.runtime.enter();
-        let channel = Endpoint::from_shared(format!("http://{}:{PORT}", self.addr(host)))
-            .expect("a valid URI")
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
-            .connect_lazy();
-        BlixardClient::new(channel)
+        let address = format!("{}:{PORT}", self.addr(host));
+        BlixardClient::new(crate::cluster::channel_with(
+            &address,
+            Some(&self.credentials),
+            CONNECT_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
     }
 
     pub fn status(&self, host: usize) -> Result<pb::ClusterStatusResponse, tonic::Status> {

@@ -9,6 +9,13 @@
 //! cluster.agent_mut(leader).kill(); // SIGKILL
 //! ```
 //!
+//! Authentication is on, as in production: [`Cluster::start`] writes a cluster secret
+//! with `blixard-agent cluster new-secret` and every agent's config names it
+//! (`cluster_secret_file`); the test's clients present an admin client certificate
+//! issued from that secret and verify the agents against its CA. (A host added with
+//! [`Cluster::add_agent_without_secret`] joins with a token and gets its certificate
+//! from the cluster; [`Auth::Insecure`] is for comparing with plain text only.)
+//!
 //! Each cluster takes its own `127.A.B.0/24` (A and B drawn at random, the port fixed),
 //! so tests run in parallel without sharing ports. Agents' data dirs, configs and logs
 //! live in a temporary directory; when a test panics the logs are printed before it is
@@ -25,7 +32,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use blixard::api::pb;
 use blixard::api::pb::blixard_client::BlixardClient;
-use tonic::transport::{Channel, Endpoint};
+use blixard::api::tls::{CertIdentity, Role};
+use blixard::pki::{ClusterCa, ClusterSecret};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::{Probe, agent_binary, wait_for};
 
@@ -42,6 +51,15 @@ pub const KEEP_ENV: &str = "BLIXARD_CLUSTER_KEEP";
 /// Lines of each agent's log printed when a test fails.
 const LOG_TAIL_LINES: usize = 60;
 
+/// How the agents authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    /// `cluster_secret_file`: mutual TLS between members and with clients.
+    Secret,
+    /// `insecure = true`: plain text (loopback), to compare against.
+    Insecure,
+}
+
 /// Knobs for the agents' config files.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -51,11 +69,32 @@ pub struct Options {
     pub log_compact_entries_max: Option<u64>,
     /// Appended to every agent's config verbatim.
     pub extra: String,
+    pub auth: Auth,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { tick_ms: 50, log_compact_entries_max: None, extra: String::new() }
+        Options { tick_ms: 50, log_compact_entries_max: None, extra: String::new(), auth: Auth::Secret }
+    }
+}
+
+/// What a test client presents and verifies agents with.
+#[derive(Clone)]
+pub struct ClientCredentials {
+    /// Every CA the cluster trusts (PEM).
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl ClientCredentials {
+    /// TLS settings for an agent listening at `address` (`ip:port`).
+    pub fn tls_for(&self, address: &str) -> ClientTlsConfig {
+        let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .domain_name(host)
     }
 }
 
@@ -207,6 +246,10 @@ pub struct Cluster {
     /// `127.A.B`; agent i listens on `127.A.B.(i+1)`.
     prefix: [u8; 3],
     options: Options,
+    /// The cluster secret file (`Auth::Secret`).
+    secret: Option<PathBuf>,
+    /// The admin client certificate test clients present (`Auth::Secret`).
+    credentials: Option<ClientCredentials>,
     agents: Vec<Agent>,
     // Last: removed after the agents are killed.
     dir: tempfile::TempDir,
@@ -246,7 +289,19 @@ impl Cluster {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         // Room for agents added later.
         let prefix = free_prefix(initial + 4)?;
-        let mut cluster = Cluster { runtime, prefix, options, agents: Vec::new(), dir };
+        let (secret, credentials) = match options.auth {
+            Auth::Insecure => (None, None),
+            Auth::Secret => {
+                let path = dir.path().join("cluster.secret");
+                let output = Command::new(agent_binary()?).args(["cluster", "new-secret"]).arg(&path).output()?;
+                if !output.status.success() {
+                    bail!("cluster new-secret failed: {}", String::from_utf8_lossy(&output.stderr));
+                }
+                let credentials = Self::client_credentials(&path, "tests", Role::Admin)?;
+                (Some(path), Some(credentials))
+            }
+        };
+        let mut cluster = Cluster { runtime, prefix, options, secret, credentials, agents: Vec::new(), dir };
         let members: Vec<String> =
             (0..initial).map(|i| format!("{}={}", Self::name_of(i), cluster.address_of(i))).collect();
         for _ in 0..initial {
@@ -268,10 +323,21 @@ impl Cluster {
         Ok(())
     }
 
-    /// Runs the `blixard-agent` CLI with `args` against agent `index`.
+    /// Runs the `blixard-agent` CLI with `args` against agent `index`, as an
+    /// operator who can read the cluster secret would: `--config` names a
+    /// client config that gives only `cluster_secret_file` (the CLI issues
+    /// itself an admin certificate from it), or `insecure = true`.
     pub fn cli(&self, index: usize, args: &[&str]) -> Result<CliOut> {
         let address = self.agents[index].address.clone();
-        run_cli(args, &["--endpoint", &address, "--config", "/dev/null"])
+        let config = self.dir.path().join("client.toml");
+        if !config.exists() {
+            let auth = match &self.secret {
+                Some(secret) => format!("cluster_secret_file = \"{}\"\n", secret.display()),
+                None => "insecure = true\n".to_string(),
+            };
+            fs::write(&config, auth)?;
+        }
+        run_cli(args, &["--endpoint", &address, "--config", &config.display().to_string()])
     }
 
     /// [`Cluster::cli`] with `--json`, which must succeed: its output.
@@ -301,9 +367,49 @@ impl Cluster {
         format!("{a}.{b}.{c}.{}:{PORT}", index + 1)
     }
 
+    /// A client certificate for `name` with `role`, issued from the secret in
+    /// `secret_path` (as `cluster issue-client` does), and the secret's CA.
+    pub fn client_credentials(secret_path: &Path, name: &str, role: Role) -> Result<ClientCredentials> {
+        let secret = ClusterSecret::read(secret_path)?;
+        let ca = ClusterCa::from_secret(&secret);
+        let issued = ca.issue_with_new_key(&CertIdentity::client(name, role), &[], 1)?;
+        Ok(ClientCredentials { ca_pem: ca.cert_pem().to_string(), cert_pem: issued.cert, key_pem: issued.key })
+    }
+
+    /// The cluster secret file, unless the cluster runs insecure.
+    pub fn secret_path(&self) -> Option<&Path> {
+        self.secret.as_deref()
+    }
+
+    /// What the test's clients present (`None`: plain text).
+    pub fn credentials(&self) -> Option<&ClientCredentials> {
+        self.credentials.as_ref()
+    }
+
+    /// Makes the test's clients present `credentials` from now on (a
+    /// rotated secret).
+    pub fn set_credentials(&mut self, credentials: ClientCredentials) {
+        self.credentials = Some(credentials);
+    }
+
     /// Adds an agent (not started) whose config has `membership` (its
     /// `initial_members` or `join` line, or nothing) and the cluster's options.
     pub fn add_agent(&mut self, membership: &str) -> Result<usize> {
+        let auth = match &self.secret {
+            Some(secret) => format!("cluster_secret_file = \"{}\"\n", secret.display()),
+            None => "insecure = true\n".to_string(),
+        };
+        self.add_agent_with(&format!("{membership}{auth}"))
+    }
+
+    /// Adds an agent (not started) without the cluster secret: with `join`
+    /// seeds and a `join_token_file` in `membership`, it joins with a token and
+    /// obtains its certificate from the cluster.
+    pub fn add_agent_without_secret(&mut self, membership: &str) -> Result<usize> {
+        self.add_agent_with(membership)
+    }
+
+    fn add_agent_with(&mut self, membership: &str) -> Result<usize> {
         let index = self.agents.len();
         let name = Self::name_of(index);
         let address = self.address_of(index);
@@ -355,15 +461,16 @@ impl Cluster {
         self.runtime.block_on(future)
     }
 
-    /// A client of agent `index` (connecting lazily).
+    /// A client of agent `index` (connecting lazily), with the cluster's
+    /// admin client certificate.
     pub fn client(&self, index: usize) -> BlixardClient<Channel> {
+        self.client_with(index, self.credentials.as_ref())
+    }
+
+    /// A client of agent `index` presenting `credentials` (`None`: plain text).
+    pub fn client_with(&self, index: usize, credentials: Option<&ClientCredentials>) -> BlixardClient<Channel> {
         let _guard = self.runtime.enter();
-        let channel = Endpoint::from_shared(format!("http://{}", self.agents[index].address))
-            .expect("a valid URI")
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(REQUEST_TIMEOUT)
-            .connect_lazy();
-        BlixardClient::new(channel)
+        BlixardClient::new(channel(&self.agents[index].address, credentials, REQUEST_TIMEOUT))
     }
 
     /// `ClusterStatus` from agent `index`.
@@ -448,6 +555,30 @@ impl Drop for Cluster {
             eprintln!("kept {}", dir.keep().display());
         }
     }
+}
+
+/// A lazily connecting channel to the agent at `address`: mutual TLS with
+/// `credentials`, plain text without.
+pub fn channel(address: &str, credentials: Option<&ClientCredentials>, timeout: Duration) -> Channel {
+    channel_with(address, credentials, Duration::from_secs(2), timeout)
+}
+
+/// [`channel`] with a connect timeout of its own.
+pub fn channel_with(
+    address: &str,
+    credentials: Option<&ClientCredentials>,
+    connect_timeout: Duration,
+    timeout: Duration,
+) -> Channel {
+    let scheme = if credentials.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+        .expect("a valid URI")
+        .connect_timeout(connect_timeout)
+        .timeout(timeout);
+    if let Some(credentials) = credentials {
+        endpoint = endpoint.tls_config(credentials.tls_for(address)).expect("valid TLS settings");
+    }
+    endpoint.connect_lazy()
 }
 
 fn toml_list(items: &[String]) -> String {

@@ -5,7 +5,10 @@
 //! overrides the binary) with its defaults apart from addresses and logging,
 //! so fsync is on, as it is for the agent. Members listen only on
 //! `127.A.B.{1,2,3}`; their data lives in a temporary directory and they are
-//! killed when the [`EtcdCluster`] is dropped.
+//! killed when the [`EtcdCluster`] is dropped. With `tls` (what the agents'
+//! benchmark runs against), members and clients authenticate as the agents
+//! do: mutual TLS between members and with clients, every certificate
+//! issued by one CA (`--client-cert-auth`, `--peer-client-cert-auth`).
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
@@ -14,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::{Probe, wait_for};
 
@@ -55,6 +58,8 @@ impl Drop for EtcdMember {
 
 pub struct EtcdCluster {
     pub members: Vec<EtcdMember>,
+    /// The client certificate and CA, with TLS.
+    tls: Option<crate::cluster::ClientCredentials>,
     // Last: removed after the members are killed.
     dir: tempfile::TempDir,
 }
@@ -81,11 +86,26 @@ fn free_prefix(members: usize) -> Result<[u8; 3]> {
 impl EtcdCluster {
     /// Starts `size` members `e1..eN` forming one new cluster (not waiting
     /// for it; see [`EtcdCluster::wait_ready`]).
-    pub fn start(size: usize) -> Result<EtcdCluster> {
+    pub fn start(size: usize, tls: bool) -> Result<EtcdCluster> {
         let dir = tempfile::Builder::new().prefix("blixard-etcd-").tempdir()?;
         let [a, b, c] = free_prefix(size)?;
         let ip = |i: usize| format!("{a}.{b}.{c}.{}", i + 1);
-        let initial: Vec<String> = (0..size).map(|i| format!("e{}=http://{}:{PEER_PORT}", i + 1, ip(i))).collect();
+        let scheme = if tls { "https" } else { "http" };
+        let ca = tls.then(|| blixard::pki::ClusterSecret::generate().map(|s| blixard::pki::ClusterCa::from_secret(&s)));
+        let ca = ca.transpose()?;
+        let client_tls = match &ca {
+            None => None,
+            Some(ca) => {
+                let identity = blixard::api::tls::CertIdentity::client("bench", blixard::api::tls::Role::Admin);
+                let issued = ca.issue_with_new_key(&identity, &[], 1)?;
+                Some(crate::cluster::ClientCredentials {
+                    ca_pem: ca.cert_pem().to_string(),
+                    cert_pem: issued.cert,
+                    key_pem: issued.key,
+                })
+            }
+        };
+        let initial: Vec<String> = (0..size).map(|i| format!("e{}={scheme}://{}:{PEER_PORT}", i + 1, ip(i))).collect();
         let initial = initial.join(",");
         let token = format!("blixard-bench-{a}-{b}-{c}");
         let mut members = Vec::new();
@@ -95,8 +115,39 @@ impl EtcdCluster {
             fs::create_dir_all(&data)?;
             let log_path = dir.path().join(format!("{name}.log"));
             let log = fs::File::create(&log_path)?;
-            let client = format!("http://{}:{CLIENT_PORT}", ip(i));
-            let peer = format!("http://{}:{PEER_PORT}", ip(i));
+            let client = format!("{scheme}://{}:{CLIENT_PORT}", ip(i));
+            let peer = format!("{scheme}://{}:{PEER_PORT}", ip(i));
+            let mut tls_args = Vec::new();
+            if let Some(ca) = &ca {
+                let identity = blixard::api::tls::CertIdentity::member(&name);
+                // The member's own address, and 127.0.0.1: the source
+                // address of its connections to the other members, which
+                // etcd checks against a peer's certificate.
+                let mut sans = blixard::pki::member_sans(&format!("{}:{CLIENT_PORT}", ip(i)), &name);
+                for san in blixard::pki::member_sans("127.0.0.1:0", &name) {
+                    if !sans.contains(&san) {
+                        sans.push(san);
+                    }
+                }
+                let issued = ca.issue_with_new_key(&identity, &sans, 1)?;
+                let (ca_file, cert_file, key_file) =
+                    (dir.path().join("ca.pem"), data.with_extension("pem"), data.with_extension("key"));
+                fs::write(&ca_file, ca.cert_pem())?;
+                fs::write(&cert_file, issued.cert)?;
+                fs::write(&key_file, issued.key)?;
+                for (flag, path) in [
+                    ("--cert-file", &cert_file),
+                    ("--key-file", &key_file),
+                    ("--trusted-ca-file", &ca_file),
+                    ("--peer-cert-file", &cert_file),
+                    ("--peer-key-file", &key_file),
+                    ("--peer-trusted-ca-file", &ca_file),
+                ] {
+                    tls_args.push(flag.to_string());
+                    tls_args.push(path.display().to_string());
+                }
+                tls_args.extend(["--client-cert-auth".to_string(), "--peer-client-cert-auth".to_string()]);
+            }
             let child = Command::new(etcd_binary())
                 .arg("--name")
                 .arg(&name)
@@ -107,6 +158,7 @@ impl EtcdCluster {
                 .args(["--initial-cluster", &initial, "--initial-cluster-state", "new"])
                 .args(["--initial-cluster-token", &token])
                 .args(["--logger", "zap", "--log-level", "warn", "--log-outputs", "stderr"])
+                .args(&tls_args)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -121,16 +173,18 @@ impl EtcdCluster {
                 child: Some(child),
             });
         }
-        Ok(EtcdCluster { members, dir })
+        Ok(EtcdCluster { members, tls: client_tls, dir })
     }
 
-    /// A gRPC channel to member `index` (connecting lazily; call within a runtime).
+    /// A gRPC channel to member `index` (connecting lazily; call within a
+    /// runtime), with the client certificate when the cluster runs TLS.
     pub fn channel(&self, index: usize) -> Channel {
-        Endpoint::from_shared(format!("http://{}", self.members[index].client_address))
-            .expect("a valid URI")
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(15))
-            .connect_lazy()
+        crate::cluster::channel_with(
+            &self.members[index].client_address,
+            self.tls.as_ref(),
+            Duration::from_secs(2),
+            Duration::from_secs(15),
+        )
     }
 
     /// Waits until every member reports the same leader.

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use blixard::api::pb;
-use blixard_systests::cluster::{Cluster, FORM_TIMEOUT, Options};
+use blixard::api::tls::Role;
+use blixard_systests::cluster::{ClientCredentials, Cluster, FORM_TIMEOUT, Options};
 use blixard_systests::{Probe, agent_binary, wait_for, wait_until};
 use tonic::Code;
 
@@ -128,10 +129,83 @@ fn three_members_form_a_cluster_and_followers_serve_every_request() -> Result<()
     let no_runner = cluster.block_on(client.vm_migrate(migrate)).unwrap_err();
     assert_eq!(no_runner.code(), Code::FailedPrecondition, "{}", no_runner.message());
 
-    let deleted = cluster.block_on(client.vm_delete(pb::VmRequest { name: "web".into() }))?.into_inner();
+    // Every caller authenticates: a client without a certificate, or with one
+    // of another secret's CA, gets nothing; one the cluster issued read-only
+    // (`ClusterIssueClient`, for a key that never left this process) reads
+    // but is refused every write, which changes nothing.
+    let plain = cluster.block_on(cluster.client_with(other, None).vm_list(pb::VmListRequest::default()));
+    assert!(plain.is_err(), "plain text reached the agent: {plain:?}");
+    let stranger_secret = cluster.dir().join("stranger.secret");
+    std::fs::write(&stranger_secret, blixard::pki::ClusterSecret::generate()?.to_text())?;
+    let mut stranger = Cluster::client_credentials(&stranger_secret, "tests", Role::Admin)?;
+    stranger.ca_pem = cluster.credentials().context("secret mode")?.ca_pem.clone();
+    let refused = cluster.block_on(cluster.client_with(other, Some(&stranger)).vm_list(pb::VmListRequest::default()));
+    assert!(refused.is_err(), "another CA's client certificate was accepted: {refused:?}");
+    let reader = issue_client(&cluster, follower, "viewer", "read-only")?;
+    let mut read_only = cluster.client_with(other, Some(&reader));
+    assert_eq!(cluster.block_on(read_only.vm_list(pb::VmListRequest::default()))?.into_inner().vms.len(), 1);
+    let write = cluster.block_on(read_only.vm_create(create_request("by-viewer"))).unwrap_err();
+    assert_eq!(write.code(), Code::PermissionDenied, "{write:?}");
+    assert!(write.message().contains("read-only"), "{}", write.message());
+    let write = cluster.block_on(read_only.vm_stop(pb::VmRequest { name: "web".into() })).unwrap_err();
+    assert_eq!(write.code(), Code::PermissionDenied, "{write:?}");
+    let issue = pb::ClusterIssueClientRequest { name: "escalated".into(), role: "admin".into(), ..Default::default() };
+    let escalate = cluster.block_on(read_only.cluster_issue_client(issue)).unwrap_err();
+    assert_eq!(escalate.code(), Code::PermissionDenied, "{escalate:?}");
+    assert_eq!(vm_names(&cluster, leader)?, ["web".to_string()].into());
+
+    // The same through the CLI. `--config FILE` takes the address and the
+    // credentials of the agent configured there (from the secret, a client
+    // certificate the CLI issues itself); `cluster issue-client` writes a
+    // read-only certificate for a key made on the spot, which from anywhere
+    // (`--ca/--cert/--key`) reads and is refused a write (exit 1).
+    let config = cluster.agent(other).config_path.display().to_string();
+    let listed = cli(&["vm", "list", "--json", "--config", &config])?;
+    assert!(listed.status.success() && stdout(&listed).contains("\"web\""), "{listed:?}");
+    let certs = cluster.dir().join("cli-viewer");
+    let dir = certs.display().to_string();
+    let issued =
+        cli(&["cluster", "issue-client", "cli-viewer", "--role", "read-only", "--dir", &dir, "--config", &config])?;
+    assert!(issued.status.success(), "{issued:?}");
+    let key_mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(certs.join("cli-viewer.key"))?.permissions());
+    assert_eq!(key_mode & 0o077, 0, "the key is private: {key_mode:o}");
+    let path = |file: &str| certs.join(file).display().to_string();
+    let (ca, cert, key) = (path("ca.pem"), path("cli-viewer.pem"), path("cli-viewer.key"));
+    let address = &cluster.agent(follower).address;
+    let flags = ["--endpoint", address, "--config", "/dev/null", "--ca", &ca, "--cert", &cert, "--key", &key];
+    let listed = cli(&[&["vm", "list", "--json"][..], &flags].concat())?;
+    assert!(listed.status.success() && stdout(&listed).contains("\"web\""), "{listed:?}");
+    let write = cli(&[&["vm", "create", "by-cli", "--vcpu", "1", "--memory", "16"][..], &flags].concat())?;
+    assert_eq!(write.status.code(), Some(1), "{write:?}");
+    assert!(String::from_utf8_lossy(&write.stderr).contains("read-only"), "{write:?}");
+    assert_eq!(vm_names(&cluster, leader)?, ["web".to_string()].into());
+
+    let admin = issue_client(&cluster, leader, "operator", "admin")?;
+    let mut operator = cluster.client_with(follower, Some(&admin));
+
+    let deleted = cluster.block_on(operator.vm_delete(pb::VmRequest { name: "web".into() }))?.into_inner();
     assert_eq!(deleted.name, "web");
     assert!(vm_names(&cluster, follower)?.is_empty());
     Ok(())
+}
+
+/// Runs the CLI (`blixard-agent ARGS`) to completion.
+fn cli(args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(agent_binary()?).args(args).env_remove("RUST_LOG").output()?)
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A client certificate for `name` with `role`, issued by agent `index` from
+/// the cluster's CA for a key made here.
+fn issue_client(cluster: &Cluster, index: usize, name: &str, role: &str) -> Result<ClientCredentials> {
+    let (key, csr) = blixard::pki::new_key_and_request(name)?;
+    let request = pb::ClusterIssueClientRequest { name: name.into(), role: role.into(), csr, days: 1 };
+    let issued = cluster.block_on(cluster.client(index).cluster_issue_client(request))?.into_inner();
+    Ok(ClientCredentials { ca_pem: issued.ca_pem, cert_pem: issued.certificate_pem, key_pem: key.serialize_pem() })
 }
 
 #[test]
@@ -240,19 +314,16 @@ fn a_host_joins_keeps_its_membership_across_restarts_and_members_leave() -> Resu
     assert_eq!(refused.code(), Code::Unavailable);
     assert!(refused.message().contains("cluster join"), "{}", refused.message());
 
-    // Without TLS a join needs a one-time token, issued by any member.
+    // A host with the cluster secret holds a member certificate for its own
+    // name: that is its admission. A token given anyway is checked too.
     let mut client = cluster.client(joiner);
     let seed = cluster.agent(0).address.clone();
     let join = |seed: &str, token: &str| pb::ClusterJoinRequest { seed: seed.into(), token: token.into() };
-    let refused = cluster.block_on(client.cluster_join(join(&seed, ""))).unwrap_err();
-    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
-    assert!(refused.message().contains("join-token"), "{}", refused.message());
     let forged = cluster.block_on(client.cluster_join(join(&seed, "blxjt_forged"))).unwrap_err();
     assert_eq!(forged.code(), Code::PermissionDenied, "{forged:?}");
-    let token = issue_join_token(&cluster, 1)?;
-    let joined = cluster.block_on(client.cluster_join(join(&seed, &token)))?;
+    let joined = cluster.block_on(client.cluster_join(join(&seed, "")))?;
     assert_eq!(joined.get_ref().name, "h4");
-    let again = cluster.block_on(client.cluster_join(join(&cluster.agent(1).address, &token)));
+    let again = cluster.block_on(client.cluster_join(join(&cluster.agent(1).address, "")));
     assert_eq!(again.unwrap_err().code(), Code::FailedPrecondition);
     cluster.wait_formed(&[0, 1, 2, joiner])?;
 
@@ -264,38 +335,95 @@ fn a_host_joins_keeps_its_membership_across_restarts_and_members_leave() -> Resu
     let member = cluster.status(0)?.members.into_iter().find(|m| m.name == "h4").context("h4 is a member")?;
     assert_eq!(member.id, id);
 
-    // A host with `join` seeds and a token file in its config is admitted by
-    // itself. Given the token h4 used, it is refused and stops (a token admits
-    // one host); with a token of its own it joins.
+    // A host without the secret joins with a token (`join` seeds and a
+    // `join_token_file`): it checks the cluster's CA against the token, makes
+    // its own key and gets its certificate for a request. Killed (SIGKILL) at
+    // each step of the way and restarted, it keeps its id and key, and joins
+    // as one member. Its token then admits nobody else.
+    let token = issue_join_token(&cluster, 1)?;
     let token_file = cluster.dir().join("join-token");
     std::fs::write(&token_file, format!("{token}\n"))?;
-    let seeded = cluster.add_agent(&format!(
+    let seeded_config = format!(
         "join = [\"{}\"]\njoin_token_file = {:?}\n",
         cluster.agent(1).address,
         token_file.display().to_string()
-    ))?;
-    cluster.agent_mut(seeded).start()?;
-    wait_until("the host with a used token to stop", FORM_TIMEOUT, || Ok(!cluster.agent_mut(seeded).is_running()))?;
-    let log = cluster.agent(seeded).log();
-    assert!(log.contains("join token is not valid"), "{log}");
-    let second_token = issue_join_token(&cluster, 0)?;
-    std::fs::write(&token_file, &second_token)?;
-    cluster.agent_mut(seeded).kill(); // reaps the exited process
+    );
+    let seeded = cluster.add_agent_without_secret(&seeded_config)?;
+    let tls_dir = cluster.agent(seeded).data_dir().join("tls");
+    let mut key = None;
+    for point in ["join-before-admit", "join-after-admit", "join-after-certificate"] {
+        cluster.agent_mut(seeded).start_with_env(&[("BLIXARD_FAILPOINT", point)])?;
+        wait_until(&format!("the joiner to crash at {point}"), FORM_TIMEOUT, || {
+            Ok(!cluster.agent_mut(seeded).is_running())
+        })?;
+        cluster.agent_mut(seeded).kill(); // reaps it
+        let now = std::fs::read(tls_dir.join("member.key")).context("the key is kept from the first attempt")?;
+        assert_eq!(key.get_or_insert_with(|| now.clone()), &now, "the same key after crashing at {point}");
+        assert!(
+            cluster.agent(seeded).log().contains(&format!("failpoint reached; killing this process point=\"{point}\""))
+        );
+    }
+    let join_id: u64 = std::fs::read_to_string(cluster.agent(seeded).data_dir().join("join-id"))?.trim().parse()?;
     cluster.agent_mut(seeded).start()?;
     cluster.wait_formed(&[0, 1, 2, joiner, seeded])?;
+    let members = cluster.status(0)?.members;
+    let h5: Vec<_> = members.iter().filter(|m| m.name == "h5").collect();
+    assert_eq!(h5.len(), 1, "{members:?}");
+    assert_eq!(h5[0].id, join_id, "admitted under the id of its first attempt");
+    assert_eq!(std::fs::read(tls_dir.join("member.key"))?, key.context("a key")?);
+    // Serving and dialling with the certificate the cluster issued: a write
+    // through it is replicated, and the CLI on that host uses it too.
+    create(&cluster, seeded, create_request("via-joiner"))?;
+    let reused = cluster.add_agent_without_secret(&seeded_config)?;
+    cluster.agent_mut(reused).start()?;
+    wait_until("the host with a used token to stop", FORM_TIMEOUT, || Ok(!cluster.agent_mut(reused).is_running()))?;
+    let log = cluster.agent(reused).log();
+    assert!(log.contains("join token is not valid"), "{log}");
+
+    // A man in the middle: the seed is an agent of another cluster (another
+    // secret, so another CA). The joiner stops before it sends its token.
+    let impostor = Cluster::start("impostor", 1, Options::default())?;
+    impostor.wait_formed(&[0])?;
+    let second_token = issue_join_token(&cluster, 0)?;
+    let mitm_token = cluster.dir().join("mitm-token");
+    std::fs::write(&mitm_token, &second_token)?;
+    let impostor_address = impostor.agent(0).address.clone();
+    let fooled = cluster.add_agent_without_secret(&format!(
+        "join = [\"{impostor_address}\"]\njoin_token_file = {:?}\n",
+        mitm_token.display().to_string()
+    ))?;
+    cluster.agent_mut(fooled).start()?;
+    wait_until("the joiner to refuse the impostor", FORM_TIMEOUT, || Ok(!cluster.agent_mut(fooled).is_running()))?;
+    cluster.agent_mut(fooled).kill(); // reaps it
+    let log = cluster.agent(fooled).log();
+    assert!(log.contains("presented no certificate of the CA the join token names"), "{log}");
+    assert!(log.contains("nothing was sent to it"), "{log}");
+    assert!(!cluster.agent(fooled).data_dir().join("tls/member.pem").exists());
+    let impostors = impostor.status(0)?.members.into_iter().map(|m| m.name).collect::<Vec<_>>();
+    assert_eq!(impostors, ["h1"], "the impostor admitted nobody");
+    drop(impostor);
+    // The token it kept to itself still admits it, through the real cluster.
+    let config_path = cluster.agent(fooled).config_path.clone();
+    let config = std::fs::read_to_string(&config_path)?.replace(&impostor_address, &cluster.agent(2).address);
+    std::fs::write(&config_path, config)?;
+    cluster.agent_mut(fooled).start()?;
+    cluster.wait_formed(&[0, 1, 2, joiner, seeded, fooled])?;
+
     // The tokens are secrets: no agent logs them.
     for i in 0..cluster.len() {
         let log = cluster.agent(i).log();
         assert!(!log.contains(&token) && !log.contains(&second_token), "{} logged a join token", cluster.agent(i).name);
     }
+    cluster.agent_mut(reused).kill();
+    let everyone = [0, 1, 2, joiner, seeded, fooled];
 
     // A follower leaves (asked through the new member), then the leader itself.
-    let leader = cluster.wait_formed(&[0, 1, 2, joiner, seeded])?;
+    let leader = cluster.wait_formed(&everyone)?;
     let follower = follower_of(&[0, 1, 2], leader);
     let name = cluster.agent(follower).name.clone();
     let left = cluster.block_on(client.cluster_leave(pb::ClusterLeaveRequest { node: name.clone(), force: false }))?;
     assert_eq!(left.get_ref().name, name);
-    let mut remaining: Vec<usize> = [0, 1, 2, joiner, seeded].into_iter().filter(|&i| i != follower).collect();
+    let mut remaining: Vec<usize> = everyone.into_iter().filter(|&i| i != follower).collect();
     cluster.wait_formed(&remaining)?;
     let leader_name = cluster.agent(leader).name.clone();
     cluster.block_on(client.cluster_leave(pb::ClusterLeaveRequest { node: leader_name, force: false }))?;
@@ -316,6 +444,81 @@ fn a_host_joins_keeps_its_membership_across_restarts_and_members_leave() -> Resu
         Ok(cluster.status(follower).is_ok_and(|s| !s.member))
     })?;
     cluster.wait_formed(&remaining)?;
+    Ok(())
+}
+
+#[test]
+fn the_cluster_secret_rotates_in_three_rolling_restarts() -> Result<()> {
+    let mut cluster = Cluster::start("rotate", 3, Options::default())?;
+    cluster.wait_formed(&[0, 1, 2])?;
+    let old = cluster.secret_path().context("secret mode")?.to_path_buf();
+    // A fourth host without the secret, admitted with a token: it follows
+    // the rotation through the certificate it renews at every start.
+    let token_file = cluster.dir().join("join-token");
+    std::fs::write(&token_file, issue_join_token(&cluster, 0)?)?;
+    let joined = cluster.add_agent_without_secret(&format!(
+        "join = [\"{}\"]\njoin_token_file = {:?}\n",
+        cluster.agent(0).address,
+        token_file.display().to_string()
+    ))?;
+    cluster.agent_mut(joined).start()?;
+    let everyone = [0, 1, 2, joined];
+    cluster.wait_formed(&everyone)?;
+    create(&cluster, 1, create_request("before"))?;
+
+    let new = cluster.dir().join("new.secret");
+    let made = Command::new(agent_binary()?).args(["cluster", "new-secret"]).arg(&new).output()?;
+    assert!(made.status.success(), "{made:?}");
+    let both = |cert_from: &std::path::Path| -> Result<ClientCredentials> {
+        let mut credentials = Cluster::client_credentials(cert_from, "tests", Role::Admin)?;
+        let other = if cert_from == old { &new } else { &old };
+        credentials.ca_pem.push_str(&Cluster::client_credentials(other, "x", Role::Admin)?.ca_pem);
+        Ok(credentials)
+    };
+    cluster.set_credentials(both(&old)?);
+    let secret_line = |path: &std::path::Path| format!("cluster_secret_file = \"{}\"\n", path.display());
+    let accepted_line = |path: &std::path::Path| format!("cluster_secret_accepted_file = \"{}\"\n", path.display());
+    // One member at a time, each back in the cluster (every member a healthy
+    // voter with the same leader: none refuses another) before the next;
+    // then the host that joined with a token.
+    let rolling = |cluster: &mut Cluster, edit: &dyn Fn(String) -> String| -> Result<()> {
+        for i in [0, 1, 2] {
+            let path = cluster.agent(i).config_path.clone();
+            std::fs::write(&path, edit(std::fs::read_to_string(&path)?))?;
+            // SIGKILL: a restart, without the graceful stop's wait for
+            // open streams (which costs the test seconds, not the cluster).
+            cluster.agent_mut(i).kill();
+            cluster.agent_mut(i).start()?;
+            cluster.wait_formed(&everyone)?;
+        }
+        cluster.agent_mut(joined).kill();
+        cluster.agent_mut(joined).start()?;
+        cluster.wait_formed(&everyone)?;
+        Ok(())
+    };
+    // 1. Accept the new secret everywhere (still issuing from the old one).
+    rolling(&mut cluster, &|config| format!("{}{config}", accepted_line(&new)))?;
+    // 2. Issue from the new one, still accepting the old.
+    rolling(&mut cluster, &|config| {
+        config.replace(&secret_line(&old), &secret_line(&new)).replace(&accepted_line(&new), &accepted_line(&old))
+    })?;
+    cluster.set_credentials(both(&new)?);
+    // 3. Stop accepting the old one.
+    rolling(&mut cluster, &|config| config.replace(&accepted_line(&old), ""))?;
+
+    create(&cluster, joined, create_request("after"))?;
+    assert_eq!(vm_names(&cluster, 2)?, ["after".to_string(), "before".to_string()].into());
+    // The host that joined with a token holds a certificate of the new CA
+    // and trusts nothing else.
+    let new_ca = Cluster::client_credentials(&new, "x", Role::Admin)?.ca_pem;
+    let tls_dir = cluster.agent(joined).data_dir().join("tls");
+    assert_eq!(std::fs::read_to_string(tls_dir.join("ca.pem"))?, new_ca, "only the new CA");
+    let joined_cert = blixard::pki::certs_of_pem(&std::fs::read(tls_dir.join("member.pem"))?)?.remove(0);
+    assert!(blixard::pki::issuer_in(&joined_cert, new_ca.as_bytes()).is_some(), "issued from the new secret");
+    // A client certificate of the old secret is refused now.
+    let stale = Cluster::client_credentials(&old, "tests", Role::Admin)?;
+    let stale = ClientCredentials { ca_pem: new_ca, ..stale };
+    assert!(cluster.block_on(cluster.client_with(0, Some(&stale)).vm_list(pb::VmListRequest::default())).is_err());
     Ok(())
 }
 
@@ -382,6 +585,8 @@ fn bad_configs_a_taken_data_dir_and_a_taken_port_are_refused() -> Result<()> {
     let address = cluster.agent(0).address.clone();
     let data_dir = cluster.agent(0).data_dir();
     let other_address = cluster.address_of(5);
+    let secret =
+        format!("cluster_secret_file = {:?}\n", cluster.secret_path().context("secret mode")?.display().to_string());
 
     let malformed = refused_config(&dir, "malformed", "node_name = \"x\"\nlisten = \n")?;
     assert!(malformed.contains("invalid configuration"), "{malformed}");
@@ -397,20 +602,30 @@ fn bad_configs_a_taken_data_dir_and_a_taken_port_are_refused() -> Result<()> {
     assert!(contradictory.contains("`join`"), "{contradictory}");
 
     // The data dir of a running agent is locked.
-    let second = format!("node_name = \"h1\"\nlisten = \"{other_address}\"\ndata_dir = \"{}\"\n", data_dir.display());
+    let second =
+        format!("node_name = \"h1\"\nlisten = \"{other_address}\"\ndata_dir = \"{}\"\n{secret}", data_dir.display());
     let locked = refused_config(&dir, "locked", &second)?;
     assert!(locked.contains("in use by another blixard-agent"), "{locked}");
     // The port of a running agent is taken.
-    let port =
-        format!("node_name = \"h1\"\nlisten = \"{address}\"\ndata_dir = \"{}\"\n", dir.join("elsewhere").display());
+    let port = format!(
+        "node_name = \"h1\"\nlisten = \"{address}\"\ndata_dir = \"{}\"\n{secret}",
+        dir.join("elsewhere").display()
+    );
     let taken = refused_config(&dir, "port", &port)?;
     assert!(taken.contains("cannot listen"), "{taken}");
 
     // A data dir belongs to one member name.
     cluster.agent_mut(0).stop()?;
-    let renamed = format!("node_name = \"h7\"\nlisten = \"{other_address}\"\ndata_dir = \"{}\"\n", data_dir.display());
+    let renamed =
+        format!("node_name = \"h7\"\nlisten = \"{other_address}\"\ndata_dir = \"{}\"\n{secret}", data_dir.display());
     let wrong = refused_config(&dir, "renamed", &renamed)?;
     assert!(wrong.contains("belongs to member \"h1\""), "{wrong}");
+
+    // Secure by default: no credentials, or plain text off loopback, is refused.
+    let bare =
+        format!("node_name = \"h1\"\nlisten = \"{other_address}\"\ndata_dir = \"{}\"\n", dir.join("bare").display());
+    let none = refused_config(&dir, "none", &bare)?;
+    assert!(none.contains("this agent has no credentials"), "{none}");
 
     let started = std::time::Instant::now();
     assert!(started.elapsed() < Duration::from_secs(60));

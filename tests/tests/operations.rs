@@ -346,13 +346,13 @@ fn vm_list_pages_and_filters_200000_vms() -> Result<()> {
     cluster.wait_formed(&[0])?;
     cluster.install_runner(0, "vm-000007")?;
     let started = Instant::now();
-    let address = format!("http://{}", cluster.agent(0).address);
+    // One connection (the test's admin certificate), shared by every task.
+    let client = cluster.client(0);
     let failures = cluster.block_on(async move {
-        let channel = tonic::transport::Endpoint::from_shared(address)?.connect().await?;
         let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..IN_FLIGHT {
-            let (mut client, next) = (pb::blixard_client::BlixardClient::new(channel.clone()), next.clone());
+            let (mut client, next) = (client.clone(), next.clone());
             tasks.spawn(async move {
                 let mut failures = Vec::new();
                 loop {

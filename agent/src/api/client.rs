@@ -158,6 +158,13 @@ impl Client {
         self.call(req, |mut c, r| async move { c.cluster_join_token(r).await }).await
     }
 
+    pub async fn cluster_issue_client(
+        &self,
+        req: pb::ClusterIssueClientRequest,
+    ) -> Result<pb::ClusterIssueClientResponse, ClientError> {
+        self.call(req, |mut c, r| async move { c.cluster_issue_client(r).await }).await
+    }
+
     pub async fn cluster_leave(&self, req: pb::ClusterLeaveRequest) -> Result<pb::ClusterLeaveResponse, ClientError> {
         self.call(req, |mut c, r| async move { c.cluster_leave(r).await }).await
     }

@@ -30,7 +30,7 @@ use tonic::{Code, Request, Status};
 use super::pb;
 use super::pb::blixard_client::BlixardClient;
 use super::status::{from_node_error, not_member};
-use super::tls::{Caller, TlsFiles};
+use super::tls::{Credentials, Kind};
 use crate::consensus::Role;
 use crate::node::{LeaderInfo, NodeError, NodeHandle, NodeStatus};
 use crate::state::{CommandKind, NodeId};
@@ -49,12 +49,22 @@ pub const STALE_FOR_HEADER: &str = "x-blixard-stale-for-ms";
 pub fn wants_stale<T>(request: &tonic::Request<T>) -> bool {
     request.metadata().contains_key(STALE_HEADER)
 }
+/// Carries the leader's address on a refusal from a member that does not
+/// lead, for a call only the leader serves and nobody forwards (`Admit`).
+pub const LEADER_HEADER: &str = "x-blixard-leader";
 /// How long a request waits for a leader (an election, a leadership
 /// transfer) before failing with `Unavailable`.
 pub const LEADER_WAIT: Duration = Duration::from_secs(8);
 /// Upper bound on one gRPC message in either direction; a peer's or a
 /// client's claimed length is never trusted beyond it.
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// TCP keepalive on every connection, both ways: probes after this long
+/// idle, every [`TCP_KEEPALIVE_INTERVAL`], and the connection is closed
+/// after [`TCP_KEEPALIVE_RETRIES`] unanswered ones (a half-open connection
+/// to a vanished peer ends within about 25 s).
+pub const TCP_KEEPALIVE: Duration = Duration::from_secs(10);
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub const TCP_KEEPALIVE_RETRIES: u32 = 3;
 /// Connection attempts to another agent give up after this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Cached channels to other agents; the cache is cleared beyond this
@@ -113,6 +123,62 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type RemoteWrite<'a, Req, Resp> =
     dyn Fn(Channel, Request<Req>) -> BoxFuture<Result<tonic::Response<Resp>, Status>> + Sync + 'a;
 
+/// What [`Context::write_routed`] does with a request the leader must
+/// serve, on a member that does not lead.
+pub(crate) enum Remote<'a, Req, Resp> {
+    /// Nothing: it runs anywhere.
+    Anywhere,
+    /// Forwards it once to the leader.
+    Forward(&'a RemoteWrite<'a, Req, Resp>),
+    /// Refuses it with the leader's address ([`LEADER_HEADER`]), for the
+    /// caller to ask the leader itself: a call that speaks for its
+    /// caller's certificate, which a forwarding member cannot present.
+    Redirect,
+}
+
+/// The refusal that sends a caller to `leader`.
+fn redirect(leader: &LeaderInfo) -> Status {
+    let mut status =
+        Status::unavailable(format!("this member does not lead; ask the leader {} at {}", leader.name, leader.address));
+    if let Ok(value) = leader.address.parse() {
+        status.metadata_mut().insert(LEADER_HEADER, value);
+    }
+    status
+}
+
+/// The leader's address a redirect names (see [`Remote::Redirect`]).
+pub fn leader_of_redirect(status: &Status) -> Option<String> {
+    let value = status.metadata().get(LEADER_HEADER)?.to_str().ok()?;
+    (!value.is_empty() && value.len() <= crate::state::limits::ADDRESS_LEN_MAX).then(|| value.to_string())
+}
+
+/// How many leader redirections [`following_redirects`] follows.
+const REDIRECTS_MAX: usize = 3;
+
+/// Runs `call` at `seed`, and again at the leader a refusal redirects it to
+/// (see [`Remote::Redirect`]), at most [`REDIRECTS_MAX`] times.
+pub async fn following_redirects<T, F, Fut>(seed: &str, mut call: F) -> Result<T, Status>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let mut target = seed.to_string();
+    let mut redirects = 0;
+    loop {
+        match call(target.clone()).await {
+            Err(status) => match leader_of_redirect(&status) {
+                Some(leader) if redirects < REDIRECTS_MAX && leader != target => {
+                    tracing::debug!(from = target, to = leader, "redirected to the leader");
+                    target = leader;
+                    redirects += 1;
+                }
+                _ => return Err(status),
+            },
+            done => return done,
+        }
+    }
+}
+
 /// Where a request is handled.
 pub(crate) enum Route {
     Local(Membership),
@@ -162,9 +228,9 @@ impl ApiError {
 pub(crate) fn is_forwarded<T>(request: &Request<T>) -> bool {
     request.metadata().contains_key(FORWARDED_HEADER)
         && !request.peer_certs().is_some_and(|certs| {
-            certs.first().is_none_or(|leaf| {
-                !super::tls::identity_of_der(leaf.as_ref()).is_ok_and(|id| id.role == super::tls::Role::Member)
-            })
+            certs
+                .first()
+                .is_none_or(|leaf| !super::tls::identity_of_der(leaf.as_ref()).is_ok_and(|id| id.kind == Kind::Member))
         })
 }
 
@@ -218,11 +284,6 @@ impl Context {
         rx.await.map_err(|_| Status::unavailable("the agent is shutting down"))?
     }
 
-    /// Who sent `request` (see [`Caller::of`]).
-    pub fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        Caller::of(request, self.dialer.is_tls())
-    }
-
     /// Records that member `id` is named `name` (from the admission
     /// answer, before this agent has the replicated member list).
     pub fn remember_member_name(&self, id: NodeId, name: &str) {
@@ -262,6 +323,24 @@ impl Context {
                 "member {from} is unknown here; the certificate of {cert_name:?} cannot speak for it"
             ))),
         }
+    }
+
+    /// The id of the member named `name`, as the replicated state (or the
+    /// admission answer) binds them; `None` for a name it does not know.
+    pub(crate) async fn member_id_by_name(&self, member: &Membership, name: &str) -> Result<Option<NodeId>, Status> {
+        let cached = {
+            let names = self.member_names.lock().unwrap_or_else(|e| e.into_inner());
+            names.iter().find(|(_, n)| *n == name).map(|(id, _)| *id)
+        };
+        if cached.is_some() {
+            return Ok(cached);
+        }
+        let name = name.to_string();
+        member
+            .node
+            .read_local(move |state, _| state.member_by_name(&name).map(|m| m.id))
+            .await
+            .map_err(|e| from_node_error(&e))
     }
 
     /// A (lazily connecting) channel to the agent at `address`.
@@ -319,7 +398,7 @@ impl Context {
     where
         Req: Clone,
     {
-        self.write_routed(request, local, Some(&remote)).await
+        self.write_routed(request, local, Remote::Forward(&remote)).await
     }
 
     /// Runs a write that proposes plain commands (no membership change) on
@@ -337,17 +416,18 @@ impl Context {
     where
         Req: Clone,
     {
-        self.write_routed(request, local, None).await
+        self.write_routed(request, local, Remote::Anywhere).await
     }
 
-    /// [`Context::write`] (with `remote`) and [`Context::write_anywhere`]
-    /// (without): runs `local` where [`Context::route`] says, retrying a
-    /// retryable failure until [`LEADER_WAIT`] has passed.
-    async fn write_routed<Req, Resp>(
+    /// [`Context::write`] (forwarding), [`Context::write_anywhere`] and
+    /// the leader-only calls (redirecting): runs `local` where
+    /// [`Context::route`] says, retrying a retryable failure until
+    /// [`LEADER_WAIT`] has passed.
+    pub(crate) async fn write_routed<Req, Resp>(
         &self,
         request: Request<Req>,
         local: impl Fn(Membership, Req) -> BoxFuture<Result<Resp, ApiError>>,
-        remote: Option<&RemoteWrite<'_, Req, Resp>>,
+        remote: Remote<'_, Req, Resp>,
     ) -> Result<tonic::Response<Resp>, Status>
     where
         Req: Clone,
@@ -359,7 +439,7 @@ impl Context {
         let deadline = Instant::now() + LEADER_WAIT;
         let request = request.into_inner();
         loop {
-            match self.route(forwarded, remote.is_none(), deadline).await? {
+            match self.route(forwarded, matches!(remote, Remote::Anywhere), deadline).await? {
                 Route::Local(member) => match local(member.clone(), request.clone()).await {
                     Ok(response) => return Ok(tonic::Response::new(response)),
                     Err(e) if e.is_retryable() && !forwarded && Instant::now() < deadline => {
@@ -368,7 +448,11 @@ impl Context {
                     Err(e) => return Err(e.into_status()),
                 },
                 Route::Leader(leader, channel) => {
-                    let remote = remote.expect("route() sends only a write with a remote path to the leader");
+                    let remote = match &remote {
+                        Remote::Forward(remote) => *remote,
+                        Remote::Redirect => return Err(redirect(&leader)),
+                        Remote::Anywhere => unreachable!("route() runs a write that runs anywhere locally"),
+                    };
                     let mut forward = Request::new(request.clone());
                     mark_forwarded(&mut forward, deadline);
                     match remote(channel, forward).await {
@@ -454,19 +538,25 @@ impl Context {
 #[derive(Debug, Clone, Default)]
 pub struct Dialer {
     tls: Option<ClientTlsConfig>,
+    credentials: Option<Arc<Credentials>>,
 }
 
 impl Dialer {
     pub fn plain() -> Dialer {
-        Dialer { tls: None }
+        Dialer { tls: None, credentials: None }
     }
 
-    pub fn tls(files: &TlsFiles) -> Dialer {
-        Dialer { tls: Some(files.client()) }
+    pub fn tls(credentials: Arc<Credentials>) -> Dialer {
+        Dialer { tls: Some(credentials.client()), credentials: Some(credentials) }
     }
 
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
+    }
+
+    /// This agent's certificate and CAs (none without TLS).
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.credentials.as_deref()
     }
 
     /// An endpoint for `address` (`host:port`).
@@ -477,6 +567,9 @@ impl Dialer {
             .map(|e| {
                 e.connect_timeout(CONNECT_TIMEOUT)
                     .tcp_nodelay(true)
+                    .tcp_keepalive(Some(TCP_KEEPALIVE))
+                    .tcp_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
+                    .tcp_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES))
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(5))
             })

@@ -2,12 +2,15 @@
 //! API service. Only this module knows tonic and protobuf wire types.
 //!
 //! - `context`: what both services share; routing of requests to the leader.
+//! - `gate`: every request's speaker and call, judged by `trust` before any handler runs.
 //! - `peer`: the raft transport (client and `Peer` service), admission.
 //! - `service`: the client API (`Blixard` service).
 //! - `status`: agent errors -> gRPC status codes.
 //! - `tls`: mutual TLS settings, and the identity a certificate carries.
 
 pub mod context;
+pub mod gate;
+pub mod join;
 pub mod peer;
 pub mod service;
 pub mod status;

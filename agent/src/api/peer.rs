@@ -19,12 +19,15 @@
 //! `report_snapshot`: a leader that never hears back keeps the follower in
 //! snapshot state forever and never replicates to it again.
 //!
-//! The receiving side trusts nothing it is sent: cluster id and recipient
-//! are checked, batch sizes and the snapshot's total size are bounded, each
-//! chunk's CRC-32C is checked before it is assembled and the whole
-//! snapshot's SHA-256 before it is handed to Raft.
+//! The receiving side trusts nothing it is sent: the sender is bound to
+//! its certificate, every message is judged by the trust table
+//! (`crate::trust`) before anything is stepped, cluster id and batch
+//! sizes are checked, and a snapshot is received only from the leader, one
+//! at a time, within deadlines, its total size bounded, each chunk's
+//! CRC-32C checked before it is assembled and the whole snapshot's SHA-256
+//! before it is handed to Raft.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,18 +35,20 @@ use std::time::{Duration, Instant};
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::context::{ApiError, Context, Dialer, GRPC_MESSAGE_BYTES_MAX, Membership, is_forwarded};
+use super::context::{ApiError, Context, Dialer, GRPC_MESSAGE_BYTES_MAX, Membership, Remote, is_forwarded};
+use super::gate::speaker;
 use super::pb;
 use super::pb::peer_client::PeerClient;
-use super::tls::Caller;
+use super::status::from_rejection;
 use crate::names;
 use crate::node::{AddressBook, Contact, NodeHandle, PeerSender};
 use crate::state::{CommandKind, MembershipChange, NodeId, codec, limits};
+use crate::trust::{self, Speaker, Verdict};
 
 /// Messages queued for one peer before the oldest are dropped.
 pub const PEER_QUEUE_MAX: usize = 4096;
@@ -70,6 +75,12 @@ const STREAM_BATCHES_QUEUED: usize = 4;
 const RAFT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// One snapshot transfer, all chunks.
 const SNAPSHOT_CALL_TIMEOUT: Duration = Duration::from_secs(300);
+/// A snapshot being received is dropped when the whole takes longer than
+/// the sender would wait ...
+const SNAPSHOT_RECEIVE_TIMEOUT: Duration = SNAPSHOT_CALL_TIMEOUT;
+/// ... or when its next chunk takes longer than this (a stalled sender
+/// must not hold the one slot for snapshots).
+const SNAPSHOT_CHUNK_TIMEOUT: Duration = Duration::from_secs(15);
 /// Pause after a failed send, doubled up to the max while failures go on.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Short: a restarted peer hears nothing from us until the pause ends (at
@@ -212,7 +223,7 @@ impl Drop for PeerTransport {
     }
 }
 
-fn peer_client(channel: Channel) -> PeerClient<Channel> {
+pub(crate) fn peer_client(channel: Channel) -> PeerClient<Channel> {
     PeerClient::new(channel)
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
@@ -432,15 +443,25 @@ async fn send_snapshot(shared: Arc<Shared>, peer: NodeId, message: Message) {
 
 /// The chunks of one snapshot message: the header (the message without
 /// its data) and total size on the first, the SHA-256 on the last.
-pub fn snapshot_chunks(me: &Sender, mut message: Message) -> Result<Vec<pb::SnapshotChunk>, String> {
+pub fn snapshot_chunks(me: &Sender, message: Message) -> Result<Vec<pb::SnapshotChunk>, String> {
+    snapshot_chunks_sized(me, message, SNAPSHOT_CHUNK_BYTES)
+}
+
+/// [`snapshot_chunks`] of `chunk_bytes` each (at least 1).
+pub fn snapshot_chunks_sized(
+    me: &Sender,
+    mut message: Message,
+    chunk_bytes: usize,
+) -> Result<Vec<pb::SnapshotChunk>, String> {
+    let chunk_bytes = chunk_bytes.max(1);
     let data = message.mut_snapshot().take_data();
     let header = message.write_to_bytes().map_err(|e| format!("cannot encode the snapshot header: {e}"))?;
     let sha256 = Sha256::digest(&data).to_vec();
-    let count = data.len().div_ceil(SNAPSHOT_CHUNK_BYTES).max(1);
+    let count = data.len().div_ceil(chunk_bytes).max(1);
     let mut chunks = Vec::with_capacity(count);
     for i in 0..count {
-        let start = i * SNAPSHOT_CHUNK_BYTES;
-        let end = (start + SNAPSHOT_CHUNK_BYTES).min(data.len());
+        let start = i * chunk_bytes;
+        let end = (start + chunk_bytes).min(data.len());
         let bytes = data.slice(start..end).to_vec();
         let first = i == 0;
         let last = i + 1 == count;
@@ -504,6 +525,16 @@ pub struct SnapshotAssembler {
 }
 
 impl SnapshotAssembler {
+    /// The snapshot's message without its data, once the first chunk came.
+    pub fn header(&self) -> Option<&Message> {
+        self.header.as_ref()
+    }
+
+    /// The bytes of snapshot data held so far.
+    pub fn buffered(&self) -> usize {
+        self.data.len()
+    }
+
     /// Adds one chunk; returns the complete message after the last one.
     pub fn push(&mut self, chunk: pb::SnapshotChunk) -> Result<Option<Message>, Status> {
         if self.header.is_none() {
@@ -555,11 +586,13 @@ impl SnapshotAssembler {
 /// The `Peer` service.
 pub struct PeerService {
     context: Arc<Context>,
+    /// The one snapshot being received at a time (see [`PeerService::snapshot`]).
+    snapshot_slot: Arc<Semaphore>,
 }
 
 impl PeerService {
     pub fn new(context: Arc<Context>) -> Self {
-        PeerService { context }
+        PeerService { context, snapshot_slot: Arc::new(Semaphore::new(1)) }
     }
 
     /// The running member, after checking the sender's cluster id.
@@ -574,6 +607,17 @@ impl PeerService {
         Ok(member)
     }
 
+    /// Binds the sender a request names (`from`) to its certificate: with
+    /// TLS, the replicated state must name `from` as the certificate's
+    /// member; without, a peer is whoever it claims to be (`insecure`).
+    async fn bind_sender(&self, member: &Membership, speaker: &Speaker, from: NodeId) -> Result<(), Status> {
+        match speaker {
+            Speaker::Member(cert_name) => self.context.check_sender(member, cert_name, from).await,
+            Speaker::Unauthenticated => Ok(()),
+            other => Err(Status::permission_denied(format!("{other} cannot send peer traffic"))),
+        }
+    }
+
     /// Remembers where a peer listens, so that a new member can answer the
     /// leader before it has the member list.
     fn learn_address(&self, member: &Membership, from: NodeId, address: &str) {
@@ -586,29 +630,13 @@ impl PeerService {
             book.write().unwrap_or_else(|e| e.into_inner()).insert(from, address.to_string());
         }
     }
-}
 
-impl PeerService {
-    /// Checks one batch of raft messages (sender, cluster, size, each
-    /// message's recipient) and steps them all, or none.
-    async fn accept_batch(&self, cert_name: Option<&str>, batch: pb::RaftBatch) -> Result<(), Status> {
+    /// Checks one batch of raft messages (sender, cluster, size, and each
+    /// message by the trust table) and steps them all, or none.
+    async fn accept_batch(&self, speaker: &Speaker, batch: pb::RaftBatch) -> Result<(), Status> {
         let member = self.member_for(batch.cluster_id)?;
-        if let Some(cert_name) = cert_name {
-            self.context.check_sender(&member, cert_name, batch.from).await?;
-        }
-        if batch.messages.len() > RAFT_BATCH_MESSAGES_MAX {
-            return Err(Status::invalid_argument(format!(
-                "{} raft messages in one batch; the limit is {RAFT_BATCH_MESSAGES_MAX}",
-                batch.messages.len()
-            )));
-        }
-        let mut messages = Vec::with_capacity(batch.messages.len());
-        for bytes in &batch.messages {
-            let message = Message::parse_from_bytes(bytes)
-                .map_err(|e| Status::invalid_argument(format!("a raft message does not decode: {e}")))?;
-            check_message(&message, member.id, batch.from)?;
-            messages.push(message);
-        }
+        self.bind_sender(&member, speaker, batch.from).await?;
+        let messages = judge_batch(&published_view(&member), &batch)?;
         self.learn_address(&member, batch.from, &batch.from_address);
         let confirmation = batch.confirmation.map(|c| Contact { sent_at_ms: c.sent_at_ms, commit: c.commit });
         // The node judges the confirmation (only the current leader's, never
@@ -618,117 +646,202 @@ impl PeerService {
     }
 }
 
-/// Checks that a decoded raft message is for this member from the sender.
-fn check_message(message: &Message, me: NodeId, from: NodeId) -> Result<(), Status> {
-    if message.to != me {
-        return Err(Status::failed_precondition(format!(
-            "a raft message for member {} reached member {me}",
-            message.to
+/// What the gRPC layer knows of the receiver for the trust table: its
+/// status as published after the raft thread's last loop turn (the raft
+/// thread judges every message again with its exact view).
+pub fn published_view(member: &Membership) -> trust::View {
+    let watch = member.node.watch_status();
+    let (term, leader, mut configuration) = {
+        let status = watch.borrow();
+        let configuration: BTreeSet<NodeId> = status.voters.iter().chain(&status.learners).copied().collect();
+        (status.term, status.leader.as_ref().map(|l| l.id), configuration)
+    };
+    if configuration.is_empty() {
+        // A joiner before its first snapshot: the members its admission named.
+        configuration.extend(member.node.addresses().read().unwrap_or_else(|e| e.into_inner()).keys());
+    }
+    trust::View { me: member.id, term, leader, configuration, exact: None }
+}
+
+/// Decodes a batch's messages and judges each by the trust table: the
+/// messages to step, or the refusal of the whole batch.
+pub fn judge_batch(view: &trust::View, batch: &pb::RaftBatch) -> Result<Vec<Message>, Status> {
+    if batch.messages.len() > RAFT_BATCH_MESSAGES_MAX {
+        return Err(Status::invalid_argument(format!(
+            "{} raft messages in one batch; the limit is {RAFT_BATCH_MESSAGES_MAX}",
+            batch.messages.len()
         )));
     }
-    if message.from != from {
-        return Err(Status::invalid_argument("a raft message's sender differs from its batch's"));
+    let mut messages = Vec::with_capacity(batch.messages.len());
+    for bytes in &batch.messages {
+        let message = Message::parse_from_bytes(bytes)
+            .map_err(|e| Status::invalid_argument(format!("a raft message does not decode: {e}")))?;
+        match trust::raft_message(view, batch.from, &message) {
+            Verdict::Step => messages.push(message),
+            Verdict::Drop(why) => tracing::debug!(from = batch.from, why, "dropped a raft message"),
+            Verdict::Refuse(refusal) => return Err(Status::permission_denied(refusal.0)),
+        }
     }
-    Ok(())
+    Ok(messages)
+}
+
+/// Decodes a proposed command and judges it by the trust table
+/// (`proposer`: the member the caller is, if known).
+pub fn judge_proposal(proposer: Option<NodeId>, bytes: &[u8]) -> Result<CommandKind, Status> {
+    let command = codec::decode_command(bytes)
+        .map_err(|e| Status::invalid_argument(format!("the command does not decode: {e}")))?;
+    trust::may_propose(proposer, &command.kind).map_err(|r| Status::permission_denied(r.0))?;
+    Ok(command.kind)
+}
+
+/// Waits for the next chunk of a snapshot stream, at most `chunk_timeout`
+/// and never past the stream's `deadline`.
+async fn next_chunk(
+    stream: &mut Streaming<pb::SnapshotChunk>,
+    deadline: tokio::time::Instant,
+    chunk_timeout: Duration,
+) -> Result<pb::SnapshotChunk, Status> {
+    let until = deadline.min(tokio::time::Instant::now() + chunk_timeout);
+    match tokio::time::timeout_at(until, stream.message()).await {
+        Ok(Ok(Some(chunk))) => Ok(chunk),
+        Ok(Ok(None)) => Err(Status::invalid_argument("the snapshot stream ended early")),
+        Ok(Err(status)) => Err(status),
+        Err(_) => Err(Status::deadline_exceeded("the snapshot stream stalled or took too long; dropped it")),
+    }
 }
 
 #[tonic::async_trait]
 impl pb::peer_server::Peer for PeerService {
     async fn raft(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
-        let caller = self.context.caller(&request)?;
-        let cert_name = caller.require_member("Raft traffic")?.map(str::to_string);
-        self.accept_batch(cert_name.as_deref(), request.into_inner()).await?;
+        let speaker = speaker(&request);
+        self.accept_batch(&speaker, request.into_inner()).await?;
         Ok(Response::new(pb::RaftAck {}))
     }
 
     async fn raft_stream(&self, request: Request<Streaming<pb::RaftBatch>>) -> Result<Response<pb::RaftAck>, Status> {
-        let caller = self.context.caller(&request)?;
-        let cert_name = caller.require_member("Raft traffic")?.map(str::to_string);
+        let speaker = speaker(&request);
         let mut stream = request.into_inner();
         while let Some(batch) = stream.message().await? {
-            self.accept_batch(cert_name.as_deref(), batch).await?;
+            self.accept_batch(&speaker, batch).await?;
         }
         Ok(Response::new(pb::RaftAck {}))
     }
 
+    /// One snapshot at a time, only from the leader this member knows,
+    /// each chunk within [`SNAPSHOT_CHUNK_TIMEOUT`] and the whole within
+    /// [`SNAPSHOT_RECEIVE_TIMEOUT`]; the bytes buffered never exceed the
+    /// total the first chunk announced, at most [`SNAPSHOT_BYTES_MAX`].
     async fn snapshot(&self, request: Request<Streaming<pb::SnapshotChunk>>) -> Result<Response<pb::RaftAck>, Status> {
-        let caller = self.context.caller(&request)?;
-        let cert_name = caller.require_member("a snapshot")?.map(str::to_string);
+        let speaker = speaker(&request);
+        let member = self.context.member()?;
+        // Before reading (or holding the slot): a member certificate that
+        // is not the known leader's is refused at once.
+        if let Speaker::Member(cert_name) = &speaker
+            && let Some(from) = self.context.member_id_by_name(&member, cert_name).await?
+        {
+            trust::may_stream_snapshot(&published_view(&member), from).map_err(|r| Status::permission_denied(r.0))?;
+        }
+        let _slot = self.snapshot_slot.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted("this member is receiving another snapshot; one is received at a time")
+        })?;
+        let deadline = tokio::time::Instant::now() + SNAPSHOT_RECEIVE_TIMEOUT;
         let mut stream = request.into_inner();
+        let first = next_chunk(&mut stream, deadline, SNAPSHOT_CHUNK_TIMEOUT).await?;
+        let member = self.member_for(first.cluster_id)?;
+        let (from, from_address) = (first.from, first.from_address.clone());
+        self.bind_sender(&member, &speaker, from).await?;
         let mut assembler = SnapshotAssembler::default();
-        let mut sender = None;
+        let mut done = assembler.push(first)?;
+        // The header is judged before any more of the data is read (a
+        // snapshot of one chunk is complete already).
+        let view = published_view(&member);
+        trust::may_stream_snapshot(&view, from).map_err(|r| Status::permission_denied(r.0))?;
+        let header = done.as_ref().or(assembler.header()).ok_or_else(|| Status::internal("no snapshot header"))?;
+        match trust::raft_message(&view, from, header) {
+            Verdict::Step => {}
+            Verdict::Drop(why) => return Err(Status::permission_denied(why)),
+            Verdict::Refuse(refusal) => return Err(Status::permission_denied(refusal.0)),
+        }
         let message = loop {
-            let chunk =
-                stream.message().await?.ok_or_else(|| Status::invalid_argument("the snapshot stream ended early"))?;
-            let member = match &sender {
-                Some((member, _, _)) => member,
-                None => {
-                    let member = self.member_for(chunk.cluster_id)?;
-                    if let Some(cert_name) = &cert_name {
-                        self.context.check_sender(&member, cert_name, chunk.from).await?;
-                    }
-                    sender = Some((member, chunk.from, chunk.from_address.clone()));
-                    &sender.as_ref().expect("just set").0
-                }
-            };
-            let _ = member;
-            if let Some(message) = assembler.push(chunk)? {
+            if let Some(message) = done {
                 break message;
             }
+            done = assembler.push(next_chunk(&mut stream, deadline, SNAPSHOT_CHUNK_TIMEOUT).await?)?;
         };
-        let (member, from, from_address) = sender.expect("at least one chunk arrived");
-        check_message(&message, member.id, from)?;
         self.learn_address(&member, from, &from_address);
         let metadata = message.get_snapshot().get_metadata();
         tracing::info!(from, index = metadata.index, term = metadata.term, "received a snapshot");
-        member.node.step(vec![message]);
+        member.node.step(from, vec![message]);
         Ok(Response::new(pb::RaftAck {}))
     }
 
     async fn admit(&self, request: Request<pb::AdmitRequest>) -> Result<Response<pb::AdmitResponse>, Status> {
+        // A host joining with a token and no certificate yet: the gate lets
+        // such a connection reach this call alone (`trust::may_call`), and
+        // refuses it the forwarded header.
+        let speaker = speaker(&request);
+        let joiner = speaker == Speaker::Joiner;
+        let mut issuer = None;
         {
-            let caller = self.context.caller(&request)?;
             let admit = request.get_ref();
             names::validate(&admit.name).map_err(|e| {
                 Status::invalid_argument(format!("invalid node name {}: {e}", super::service::quoted(&admit.name)))
             })?;
-            // With TLS, the certificate is the admission: only the holder of
-            // a member certificate for NAME may join as NAME.
-            // A member that forwards an admission to the leader has checked
-            // the joiner's certificate itself (only a member may forward).
-            if let Some(cert_name) = caller.require_member("joining the cluster")?
-                && !is_forwarded(&request)
-                && cert_name != admit.name
-            {
-                return Err(Status::permission_denied(format!(
-                    "the certificate of member {cert_name:?} cannot join as {:?}",
-                    admit.name
-                )));
-            }
             if admit.id == 0 {
                 return Err(Status::invalid_argument("member id 0 is reserved"));
             }
             if admit.token.len() > super::service::JOIN_TOKEN_LEN_MAX {
                 return Err(Status::invalid_argument("the join token is too long"));
             }
-            // Without TLS nobody is authenticated: a one-time join token is
-            // the admission. With TLS the member certificate is, and a
-            // token given anyway is checked too.
-            if matches!(caller, Caller::Anonymous) && admit.token.trim().is_empty() {
-                return Err(Status::permission_denied(
-                    "joining this cluster needs a join token: issue one with `blixard-agent cluster join-token` \
-                     on a member and pass it with `cluster join --token-file` (or `join_token_file`)",
-                ));
-            }
             if admit.address.is_empty() || admit.address.len() > limits::ADDRESS_LEN_MAX {
                 return Err(Status::invalid_argument(format!("{:?} is not a HOST:PORT address", admit.address)));
             }
+            // With a member certificate the certificate is the admission (a
+            // token given anyway is checked too); without one, a one-time
+            // join token. Forwarded or not: a member never forwards an
+            // admission (the joiner is sent to the leader), so no header can
+            // vouch for it.
+            trust::may_admit(&speaker, &admit.name, !admit.token.trim().is_empty())
+                .map_err(|r| Status::permission_denied(r.0))?;
+            if joiner {
+                // Checked before anything is proposed: a refusal here uses
+                // no token.
+                let credentials = self.context.dialer.credentials().expect("TLS is on");
+                let ca = credentials.issuer.clone().ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "{} joined without the cluster secret and cannot issue certificates; join through a \
+                         member that has `cluster_secret_file`",
+                        self.context.name
+                    ))
+                })?;
+                crate::pki::parse_request(&admit.csr).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                issuer = Some((ca, credentials.ca_pem.clone()));
+            } else if !admit.csr.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a certificate signing request is only for a host that joins without a certificate",
+                ));
+            }
         }
-        self.context
-            .write(
+        let (name, address, csr) =
+            (request.get_ref().name.clone(), request.get_ref().address.clone(), request.get_ref().csr.clone());
+        let mut response = self
+            .context
+            .write_routed(
                 request,
                 |member, admit| {
                     Box::pin(async move {
+                        // Never a member again: a valid token (or certificate)
+                        // cannot rewrite an existing member's address. Checked
+                        // before the token is touched: a token is used up
+                        // only by a join that succeeds.
+                        let (id, name, address) = (admit.id, admit.name.clone(), admit.address.clone());
+                        let conflict = member
+                            .node
+                            .read_local(move |state, _| state.admission_conflict(id, &name, &address))
+                            .await?;
+                        if let Some(rejection) = conflict {
+                            return Err(ApiError::Status(from_rejection(&rejection)));
+                        }
                         // The token first: marked used by this host, so no
                         // other host can join with it.
                         if !admit.token.trim().is_empty() {
@@ -752,42 +865,170 @@ impl pb::peer_server::Peer for PeerService {
                                     .collect::<Vec<_>>()
                             })
                             .await?;
-                        Ok::<_, ApiError>(pb::AdmitResponse { cluster_id: member.cluster_id, members })
+                        Ok::<_, ApiError>(pb::AdmitResponse {
+                            cluster_id: member.cluster_id,
+                            members,
+                            ..Default::default()
+                        })
                     })
                 },
-                |channel, request| Box::pin(async move { peer_client(channel).admit(request).await }),
+                Remote::Redirect,
             )
-            .await
+            .await?;
+        if let Some((ca, trusted)) = issuer {
+            // Admitted: its certificate, for the key of its request.
+            let identity = super::tls::CertIdentity::member(&name);
+            let sans = crate::pki::member_sans(&address, &name);
+            let certificate = ca
+                .sign_request(&identity, &csr, &sans, crate::pki::LEAF_VALID_DAYS_DEFAULT)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            tracing::info!(name, address, "issued a member certificate to a host joining with a token");
+            let body = response.get_mut();
+            body.certificate_pem = certificate;
+            body.ca_pem = String::from_utf8_lossy(&trusted).into_owned();
+        }
+        Ok(response)
     }
 
-    async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
-        self.context.caller(&request)?.require_member("proposing to the cluster")?;
+    async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+        // The gate admits only members here (`trust::may_call`): a member
+        // renews its own certificate, never another's.
+        let name = match speaker(&request) {
+            Speaker::Member(name) => name,
+            Speaker::Unauthenticated => {
+                return Err(Status::failed_precondition("this agent runs with `insecure`: it has no certificates"));
+            }
+            other => return Err(Status::permission_denied(format!("{other} cannot renew a member certificate"))),
+        };
         let member = self.member_for(request.get_ref().cluster_id)?;
-        let command = codec::decode_command(&request.get_ref().command)
-            .map_err(|e| Status::invalid_argument(format!("the command does not decode: {e}")))?;
+        let lookup = name.clone();
+        let address = member
+            .node
+            .read_local(move |state, _| state.member_by_name(&lookup).map(|m| m.address.clone()))
+            .await?
+            .ok_or_else(|| Status::permission_denied(format!("{name:?} is not a member of this cluster")))?;
+        let credentials = self.context.dialer.credentials().expect("TLS is on: the caller has a certificate");
+        let ca = credentials.issuer.as_ref().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "{} holds no cluster secret and cannot issue certificates",
+                self.context.name
+            ))
+        })?;
+        let identity = super::tls::CertIdentity::member(&name);
+        let sans = crate::pki::member_sans(&address, &name);
+        let certificate_pem = ca
+            .sign_request(&identity, &request.get_ref().csr, &sans, crate::pki::LEAF_VALID_DAYS_DEFAULT)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(name, "renewed the certificate of a member that joined with a token");
+        Ok(Response::new(pb::RenewResponse {
+            certificate_pem,
+            ca_pem: String::from_utf8_lossy(&credentials.ca_pem).into_owned(),
+        }))
+    }
+
+    /// The legacy path of a member's proposal (this version hands them to
+    /// the leader in a Raft message): judged by the same table.
+    async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
+        let speaker = speaker(&request);
+        let member = self.member_for(request.get_ref().cluster_id)?;
+        let proposer = match &speaker {
+            Speaker::Member(name) => Some(self.context.member_id_by_name(&member, name).await?.ok_or_else(|| {
+                Status::permission_denied(format!("member {name:?} is not in this member's member list"))
+            })?),
+            _ => None,
+        };
+        let kind = judge_proposal(proposer, &request.get_ref().command)?;
         if is_forwarded(&request) {
             // Forwarded to us because we lead: propose here, never again
             // elsewhere.
-            return match member.node.propose(command.kind).await {
+            return match member.node.propose(kind).await {
                 Ok(_) => Ok(Response::new(pb::ProposeResponse {})),
                 Err(e) => Err(e.into()),
             };
         }
-        self.context.propose(command.kind).await.map(|()| Response::new(pb::ProposeResponse {}))
+        self.context.propose(kind).await.map(|()| Response::new(pb::ProposeResponse {}))
     }
 }
 
 /// Asks the member at `seed` to admit this host as a learner; returns the
-/// cluster id and the current members.
+/// cluster id and the current members. A member that does not lead
+/// answers with the leader's address, which is asked next.
 pub async fn admit(dialer: &Dialer, seed: &str, request: pb::AdmitRequest) -> Result<pb::AdmitResponse, Status> {
-    let endpoint = dialer.endpoint(seed)?;
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| Status::unavailable(format!("cannot reach {seed}: {}", transport_cause(&e))))?;
-    let mut request = Request::new(request);
-    request.set_timeout(super::context::LEADER_WAIT + Duration::from_secs(2));
-    peer_client(channel).admit(request).await.map(Response::into_inner)
+    let request = &request;
+    super::context::following_redirects(seed, |target| async move {
+        let endpoint = dialer.endpoint(&target)?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot reach {target}: {}", transport_cause(&e))))?;
+        let mut call = Request::new(request.clone());
+        call.set_timeout(super::context::LEADER_WAIT + Duration::from_secs(2));
+        peer_client(channel).admit(call).await.map(Response::into_inner)
+    })
+    .await
+}
+
+/// How long renewing a joined member's certificate at start may take, all
+/// members tried.
+const RENEW_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A member that joined with a token renews its certificate and learns the
+/// CAs the cluster trusts now from any member `addresses` names that holds
+/// the cluster secret (`Peer.Renew`), so that it follows a rotation. On
+/// success the new files are written (`pki::JoinedFiles`) and returned as
+/// credentials; `None` when no member could renew it (it runs on with the
+/// certificate it has).
+pub async fn renew_joined(
+    credentials: &super::tls::Credentials,
+    files: &crate::pki::JoinedFiles,
+    cluster_id: u64,
+    addresses: &[String],
+) -> Option<super::tls::Credentials> {
+    let name = credentials.identity.name.clone();
+    let key = files.key_or_create().ok()?;
+    let csr = crate::pki::request_for(&key, &name).ok()?;
+    let dialer = Dialer::tls(Arc::new(credentials.clone()));
+    let attempt = async {
+        for address in addresses {
+            let Ok(endpoint) = dialer.endpoint(address) else { continue };
+            let renewed = async {
+                let channel = endpoint.connect().await.map_err(|e| Status::unavailable(transport_cause(&e)))?;
+                let request = pb::RenewRequest { cluster_id, csr: csr.clone() };
+                peer_client(channel).renew(request).await.map(Response::into_inner)
+            };
+            match renewed.await {
+                Ok(renewed) => {
+                    let identity = super::tls::CertIdentity::member(&name);
+                    if let Err(e) = crate::pki::check_issued(
+                        renewed.certificate_pem.as_bytes(),
+                        &key,
+                        &identity,
+                        renewed.ca_pem.as_bytes(),
+                    ) {
+                        tracing::warn!(address, error = %e, "a member renewed this host's certificate badly");
+                        continue;
+                    }
+                    if let Err(e) = files.write_issued(renewed.certificate_pem.as_bytes(), renewed.ca_pem.as_bytes()) {
+                        tracing::warn!(error = %e, "cannot keep the renewed certificate");
+                        return None;
+                    }
+                    tracing::info!(address, "renewed this host's certificate and the cluster's CAs");
+                    return super::tls::Credentials::load_joined(files, &name).ok();
+                }
+                Err(status) => {
+                    tracing::debug!(address, error = %status.message(), "renewing through this member failed")
+                }
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(RENEW_TIMEOUT, attempt).await {
+        Ok(Some(renewed)) => Some(renewed),
+        _ => {
+            tracing::warn!("no member renewed this host's certificate; running on with the one it has");
+            None
+        }
+    }
 }
 
 /// The innermost cause of a transport error ("Connection refused"), which
@@ -872,6 +1113,9 @@ mod tests {
     struct Flaky {
         damaged: std::sync::atomic::AtomicUsize,
         received: Mutex<Vec<Message>>,
+        /// Reads chunks as the real handler does, with short deadlines,
+        /// and assembles nothing.
+        deadlines: bool,
     }
 
     #[tonic::async_trait]
@@ -888,6 +1132,12 @@ mod tests {
         ) -> Result<Response<pb::RaftAck>, Status> {
             let damage = self.damaged.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
             let mut stream = request.into_inner();
+            if self.deadlines {
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(600);
+                loop {
+                    next_chunk(&mut stream, deadline, Duration::from_millis(200)).await?;
+                }
+            }
             let mut assembler = SnapshotAssembler::default();
             let mut first = true;
             while let Some(mut chunk) = stream.message().await? {
@@ -908,10 +1158,17 @@ mod tests {
         async fn propose(&self, _: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
             Err(Status::unimplemented("test"))
         }
+        async fn renew(&self, _: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+            Err(Status::unimplemented("test"))
+        }
     }
 
     async fn flaky_server(damaged: usize) -> (Arc<Flaky>, String) {
-        let flaky = Arc::new(Flaky { damaged: damaged.into(), received: Mutex::new(Vec::new()) });
+        test_server(Flaky { damaged: damaged.into(), received: Mutex::new(Vec::new()), deadlines: false }).await
+    }
+
+    async fn test_server(flaky: Flaky) -> (Arc<Flaky>, String) {
+        let flaky = Arc::new(flaky);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let service = pb::peer_server::PeerServer::new(flaky.clone()).max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
@@ -921,6 +1178,33 @@ mod tests {
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         (flaky, address)
+    }
+
+    /// A sender that stalls, or trickles chunks past the stream's
+    /// deadline, is dropped: it cannot hold the one snapshot slot.
+    #[tokio::test]
+    async fn a_stalled_or_endless_snapshot_stream_is_dropped() {
+        let flaky = Flaky { damaged: 0.into(), received: Mutex::new(Vec::new()), deadlines: true };
+        let (_, address) = test_server(flaky).await;
+        let channel = Dialer::plain().endpoint(&address).unwrap().connect().await.unwrap();
+        // One chunk, then nothing.
+        let (chunks, stalled) = mpsc::channel(4);
+        chunks.send(pb::SnapshotChunk::default()).await.unwrap();
+        let started = Instant::now();
+        let status = peer_client(channel.clone())
+            .snapshot(tokio_stream::wrappers::ReceiverStream::new(stalled))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // A chunk every 100 ms, forever: the whole stream's deadline ends it.
+        let endless = futures_util::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Some((pb::SnapshotChunk::default(), ()))
+        });
+        let status = peer_client(channel).snapshot(endless).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        drop(chunks);
     }
 
     #[tokio::test]
@@ -985,6 +1269,9 @@ mod transport_tests {
             Err(Status::unimplemented("test"))
         }
         async fn propose(&self, _: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeResponse>, Status> {
+            Err(Status::unimplemented("test"))
+        }
+        async fn renew(&self, _: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
             Err(Status::unimplemented("test"))
         }
     }

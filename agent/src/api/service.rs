@@ -19,13 +19,14 @@ use super::context::{ApiError, Context, FORWARDED_HEADER, Membership, is_forward
 use super::pb;
 use super::pb::blixard_server::Blixard;
 use super::status::from_rejection;
+use super::tls::{self, CertIdentity};
 use crate::consensus::{CoreStatus, Role};
 use crate::names;
 use crate::node::events::{EVENTS_MAX, Event};
 use crate::node::{NodeStatus, ProposalCheck};
 use crate::state::{
-    CommandKind, Desired, Failover, Labels, Member, MemberStatus, MembershipChange, NodeId, Rejection, State, Vm,
-    VmSpec, VmState, limits,
+    CommandKind, Desired, Effect, Failover, Labels, Member, MemberStatus, MembershipChange, NodeId, Rejection, State,
+    Vm, VmSpec, VmState, limits,
 };
 
 /// A VM as the API shows it. `explain` adds why a VM that is not running
@@ -643,14 +644,76 @@ impl Blixard for BlixardService {
             )));
         }
         self.context.member()?;
-        let token = crate::join_token::generate()
-            .map_err(|e| Status::internal(format!("cannot read random bytes for a join token: {e}")))?;
+        // The CA a joiner is to pin: the one whose certificates the leader,
+        // which records the token, presents.
+        let pin = self.context.dialer.credentials().map(|c| c.pin);
         let ttl_ms = ttl_seconds * 1000;
-        let expires_unix_ms = crate::node::now_unix_ms() + ttl_ms;
-        self.context.propose(CommandKind::AddJoinToken { hash: crate::join_token::hash(&token), ttl_ms }).await?;
-        // The token itself is never logged: only the operator sees it.
-        tracing::info!(ttl_seconds, "issued a join token");
-        Ok(Response::new(pb::ClusterJoinTokenResponse { token, expires_unix_ms }))
+        // Made and recorded by the leader, so that a token's life is
+        // judged on one clock: the leader's, at issue and at use (a
+        // member's fast clock cannot shorten or end anyone's token).
+        self.context
+            .write(
+                request,
+                move |member, _| {
+                    Box::pin(async move {
+                        let token = crate::join_token::generate(pin)
+                            .map_err(|e| Status::internal(format!("cannot read random bytes for a join token: {e}")))?;
+                        let hash = crate::join_token::hash(&token);
+                        let effect = member.node.propose(CommandKind::AddJoinToken { hash, ttl_ms }).await?;
+                        let Effect::JoinTokenAdded { expires_unix_ms } = effect else {
+                            return Err(ApiError::Status(Status::internal("the join token was not recorded")));
+                        };
+                        // The token itself is never logged: only the operator sees it.
+                        tracing::info!(ttl_seconds, "issued a join token");
+                        Ok(pb::ClusterJoinTokenResponse { token, expires_unix_ms })
+                    })
+                },
+                |channel, request| Box::pin(async move { client(channel).cluster_join_token(request).await }),
+            )
+            .await
+    }
+
+    async fn cluster_issue_client(
+        &self,
+        request: Request<pb::ClusterIssueClientRequest>,
+    ) -> Result<Response<pb::ClusterIssueClientResponse>, Status> {
+        let speaker = super::gate::speaker(&request);
+        let request = request.into_inner();
+        check_name("client", &request.name)?;
+        let role = tls::Role::parse(&request.role).ok_or_else(|| {
+            Status::invalid_argument(format!("{} is not a role: use read-only or admin", quoted(&request.role)))
+        })?;
+        let days = match i64::from(request.days) {
+            0 => crate::pki::LEAF_VALID_DAYS_DEFAULT,
+            days if days > crate::pki::LEAF_VALID_DAYS_MAX => {
+                return Err(Status::invalid_argument(format!(
+                    "a client certificate is valid for at most {} days, not {days}",
+                    crate::pki::LEAF_VALID_DAYS_MAX
+                )));
+            }
+            days => days,
+        };
+        let credentials = self.context.dialer.credentials().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "{} runs with `insecure`: there is no cluster CA to issue certificates from",
+                self.context.name
+            ))
+        })?;
+        let ca = credentials.issuer.as_ref().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "{} holds no cluster secret, so it cannot issue certificates; ask a member with \
+                 `cluster_secret_file`, or with an operator CA use `blixard-agent certs client`",
+                self.context.name
+            ))
+        })?;
+        let identity = CertIdentity::client(&request.name, role);
+        let certificate_pem =
+            ca.sign_request(&identity, &request.csr, &[], days).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(client = %request.name, role = role.as_str(), days, by = %speaker, "issued a client certificate");
+        Ok(Response::new(pb::ClusterIssueClientResponse {
+            certificate_pem,
+            ca_pem: String::from_utf8_lossy(&credentials.ca_pem).into_owned(),
+        }))
     }
 
     async fn cluster_leave(

@@ -126,6 +126,9 @@ pub enum CertsCommand {
         /// The client's name (for the agents' records)
         #[arg(value_name = "NAME")]
         name: Name,
+        /// What the certificate may do: read-only (status, lists, events, logs) or admin (everything)
+        #[arg(long, value_enum, value_name = "ROLE", default_value = "admin")]
+        role: RoleArg,
         /// Directory holding ca.pem and ca.key, and for the new files
         #[arg(long, value_name = "DIR", default_value = ".")]
         dir: PathBuf,
@@ -155,6 +158,22 @@ pub struct RecoverArgs {
     pub force_new_cluster: bool,
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+/// `--role` of a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    ReadOnly,
+    Admin,
+}
+
+impl From<RoleArg> for crate::api::tls::Role {
+    fn from(role: RoleArg) -> Self {
+        match role {
+            RoleArg::ReadOnly => crate::api::tls::Role::ReadOnly,
+            RoleArg::Admin => crate::api::tls::Role::Admin,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -210,6 +229,15 @@ pub struct RunArgs {
     /// A label of this host (`labels`), matched by VMs' --label; repeatable, replaces the file's labels
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
+    /// The secret every member shares, from `cluster new-secret` (`cluster_secret_file`)
+    #[arg(long, value_name = "FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Another secret whose certificates are accepted too, during a rotation (`cluster_secret_accepted_file`)
+    #[arg(long, value_name = "FILE")]
+    pub cluster_secret_accepted_file: Option<PathBuf>,
+    /// Plain text without authentication, only on a loopback --listen (`insecure`)
+    #[arg(long)]
+    pub insecure: bool,
     /// CA certificate for mTLS (`tls.ca_file`)
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
@@ -244,6 +272,9 @@ impl RunArgs {
             log_level: self.log_level.clone(),
             metrics_listen: self.metrics_listen.clone(),
             join_token_file: self.join_token_file.clone(),
+            cluster_secret_file: self.cluster_secret_file.clone(),
+            cluster_secret_accepted_file: self.cluster_secret_accepted_file.clone(),
+            insecure: self.insecure,
             runtime: self.runtime.clone(),
             state_dir: self.state_dir.clone(),
             vcpu: self.vcpu,
@@ -380,6 +411,31 @@ pub enum ClusterCommand {
         /// How long the token admits a host: SECONDS, or a number with s, m, h or d (at most 7d)
         #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_ttl_secs)]
         ttl: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Write a new cluster secret to FILE (mode 0600): what every member's `cluster_secret_file` names.
+    #[command(name = "new-secret", after_help = examples::CLUSTER_NEW_SECRET)]
+    NewSecret {
+        /// The file to create (never overwritten)
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Issue a client certificate for NAME from the cluster's CA: DIR/NAME.pem, DIR/NAME.key, DIR/ca.pem.
+    #[command(name = "issue-client", after_help = examples::CLUSTER_ISSUE_CLIENT)]
+    IssueClient {
+        /// The client's name (for the agents' records)
+        #[arg(value_name = "NAME")]
+        name: Name,
+        /// What the certificate may do: read-only (status, lists, events, logs) or admin (everything)
+        #[arg(long, value_enum, value_name = "ROLE")]
+        role: RoleArg,
+        /// Directory for the new files (created if missing; existing files are never overwritten)
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+        /// Days the certificate is valid
+        #[arg(long, value_name = "DAYS", default_value_t = 825, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
         #[command(flatten)]
         client: ClientArgs,
     },

@@ -62,6 +62,22 @@ Examples:
   # on the new host (its agent runs with neither initial_members nor join):
   blixard-agent cluster join 10.0.0.1:7000 --token-file join-token";
 
+pub const CLUSTER_NEW_SECRET: &str = "\
+Examples:
+  # once, for a new cluster; give the same file to every initial member
+  # (services.blixard.clusterSecretFile, e.g. from agenix or sops-nix):
+  blixard-agent cluster new-secret /root/blixard-cluster.secret
+  # in each agent's config:
+  #   cluster_secret_file = \"/run/keys/blixard-cluster.secret\"";
+
+pub const CLUSTER_ISSUE_CLIENT: &str = "\
+Examples:
+  # on a member (its config names cluster_secret_file), as root:
+  blixard-agent cluster issue-client alice --role admin --dir /root/alice
+  blixard-agent cluster issue-client grafana --role read-only --days 90 --dir /root/grafana
+  # then, from anywhere:
+  blixard-agent vm list --endpoint 10.0.0.1:7000 --ca alice/ca.pem --cert alice/alice.pem --key alice/alice.key";
+
 pub const CLUSTER_LEAVE: &str = "\
 A member that runs VMs is drained first: each VM runs on another host before
 the member is removed. A removed agent stops every guest it still has at once.
@@ -226,4 +242,5 @@ Examples:
   blixard-agent certs ca --dir /root/blixard-pki
   blixard-agent certs host h1 --address 10.0.0.1 --dir /root/blixard-pki
   blixard-agent certs client alice --dir /root/blixard-pki
+  blixard-agent certs client grafana --role read-only --dir /root/blixard-pki
   blixard-agent vm list --endpoint 10.0.0.1:7000 --ca ca.pem --cert alice.pem --key alice.key";

@@ -71,6 +71,7 @@ pub fn execute(command: Command) -> ExitCode {
         Command::Restore(args) => offline::restore(*args),
         Command::Recover(args) => offline::recover(*args),
         Command::Certs(certs) => make_certs(certs),
+        Command::Cluster(ClusterCommand::NewSecret { file }) => new_secret(&file),
         Command::Man { outdir } => docs::man_pages(&outdir),
         client => match plan(client) {
             Ok((request, client_args)) => run_client(request, &client_args),
@@ -85,7 +86,7 @@ pub fn execute(command: Command) -> ExitCode {
 
 /// `certs ca|host|client`: writes the files and prints their paths.
 fn make_certs(command: CertsCommand) -> Result<(), CliError> {
-    use crate::api::tls::{CertIdentity, Role};
+    use crate::api::tls::CertIdentity;
     use crate::certs::{self, CertsError};
     let error = |e: CertsError| match e {
         CertsError::Usage(m) => CliError::usage(m),
@@ -106,19 +107,34 @@ fn make_certs(command: CertsCommand) -> Result<(), CliError> {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| CliError::usage(format!("invalid --address for `certs host`: {e}")))?;
             let ca = certs::read_ca(&dir).map_err(error)?;
-            let identity = CertIdentity { role: Role::Member, name: name.to_string() };
+            let identity = CertIdentity::member(name.as_str());
             let pem = certs::make_leaf(&ca, &identity, &sans, days).map_err(error)?;
             certs::write_pair(&dir, &format!("{name}.pem"), &format!("{name}.key"), &pem).map_err(error)?
         }
-        CertsCommand::Client { name, dir, days } => {
+        CertsCommand::Client { name, role, dir, days } => {
             let ca = certs::read_ca(&dir).map_err(error)?;
-            let identity = CertIdentity { role: Role::Client, name: name.to_string() };
+            let identity = CertIdentity::client(name.as_str(), role.into());
             let pem = certs::make_leaf(&ca, &identity, &[], days).map_err(error)?;
             certs::write_pair(&dir, &format!("{name}.pem"), &format!("{name}.key"), &pem).map_err(error)?
         }
     };
     let text: String = written.iter().map(|path| format!("{}\n", path.display())).collect();
     output::write_stdout(&text);
+    Ok(())
+}
+
+/// `cluster new-secret FILE`: a new secret, mode 0600, never over a file.
+fn new_secret(path: &std::path::Path) -> Result<(), CliError> {
+    let secret = crate::pki::ClusterSecret::generate().map_err(|e| CliError::failed(e.to_string()))?;
+    if path.exists() {
+        return Err(CliError::usage(format!(
+            "{} already exists; a cluster secret is never overwritten (rotating one is a procedure: \
+             docs/security.md)",
+            path.display()
+        )));
+    }
+    secret.write_new(path).map_err(|e| CliError::failed(e.to_string()))?;
+    println!("{}", path.display());
     Ok(())
 }
 
@@ -137,6 +153,14 @@ pub enum Request {
         wait_secs: u64,
     },
     ClusterBackup(std::path::PathBuf),
+    /// `cluster issue-client`: the key and request are made just before
+    /// the call, the files written after it.
+    ClusterIssueClient {
+        name: String,
+        role: crate::api::tls::Role,
+        days: u32,
+        dir: std::path::PathBuf,
+    },
     NodeList {
         stale: bool,
     },
@@ -218,6 +242,18 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
                 (Request::ClusterLeaveDrained { node, wait_secs: wait_timeout }, client)
             }
         }
+        Command::Cluster(ClusterCommand::IssueClient { name, role, dir, days, client }) => {
+            for file in [format!("{name}.pem"), format!("{name}.key")] {
+                if dir.join(&file).exists() {
+                    return Err(CliError::usage(format!(
+                        "{} already exists; remove it or choose another --dir",
+                        dir.join(file).display()
+                    )));
+                }
+            }
+            (Request::ClusterIssueClient { name: name.to_string(), role: role.into(), days, dir }, client)
+        }
+        Command::Cluster(ClusterCommand::NewSecret { .. }) => return Err(CliError::usage("not a client command")),
         Command::Node(NodeCommand::List { stale, client }) => (Request::NodeList { stale: stale.stale }, client),
         Command::Node(NodeCommand::Drain { node, wait, client }) => match wait.wait {
             true => (Request::NodeDrainWait { node: node.to_string(), wait_secs: wait.wait_timeout }, client),
@@ -334,20 +370,7 @@ pub fn plan(command: Command) -> Result<(Request, ClientArgs), CliError> {
 
 /// A join token file: one line, surrounding whitespace ignored.
 fn read_token(path: &std::path::Path) -> Result<String, CliError> {
-    /// A token is a short secret; anything longer is the wrong file.
-    const TOKEN_LEN_MAX: u64 = 4096;
-    let too_long = std::fs::metadata(path).map(|m| m.len() > TOKEN_LEN_MAX).unwrap_or(false);
-    if too_long {
-        return Err(CliError::usage(format!("--token-file {} is longer than a token can be", path.display())));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        CliError::usage(format!("cannot read --token-file {}: {}", path.display(), target::io_reason(&e)))
-    })?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(CliError::usage(format!("--token-file {} is empty", path.display())));
-    }
-    Ok(token.to_string())
+    crate::join_token::read_file("--token-file", path).map_err(CliError::usage)
 }
 
 /// VMs per `VmList` page the CLI asks for.
@@ -530,6 +553,50 @@ async fn events(client: &Client, request: pb::EventsRequest, json: bool) -> Resu
     Ok(())
 }
 
+/// `cluster issue-client`: a new key made here, a request for it signed by
+/// the agent; writes DIR/NAME.key (0600), DIR/NAME.pem and DIR/ca.pem
+/// (kept if it already holds the same CAs). Returns the paths written.
+async fn issue_client(
+    client: &Client,
+    name: &str,
+    role: crate::api::tls::Role,
+    days: u32,
+    dir: &std::path::Path,
+) -> Result<Vec<std::path::PathBuf>, ClientError> {
+    let usage = |message: String| ClientError { class: ErrorClass::Rejected, message };
+    let failed = |message: String| ClientError { class: ErrorClass::Failed, message };
+    let (key, csr) = crate::pki::new_key_and_request(name).map_err(|e| failed(e.to_string()))?;
+    let request = pb::ClusterIssueClientRequest { name: name.to_string(), role: role.as_str().to_string(), csr, days };
+    let issued = client.cluster_issue_client(request).await?;
+    let identity = crate::api::tls::CertIdentity::client(name, role);
+    crate::pki::check_issued(issued.certificate_pem.as_bytes(), &key, &identity, issued.ca_pem.as_bytes())
+        .map_err(|e| failed(format!("the agent issued a certificate that cannot be used: {e}")))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| usage(format!("cannot create {}: {}", dir.display(), target::io_reason(&e))))?;
+    let ca_path = dir.join("ca.pem");
+    let write_ca = match std::fs::read(&ca_path) {
+        Ok(existing) if existing == issued.ca_pem.as_bytes() => false,
+        Ok(_) => {
+            return Err(usage(format!(
+                "{} already exists and holds other CA certificates; choose another --dir",
+                ca_path.display()
+            )));
+        }
+        Err(_) => true,
+    };
+    let mut written = Vec::new();
+    let key_path = dir.join(format!("{name}.key"));
+    crate::pki::write_new(&key_path, key.serialize_pem().as_bytes(), 0o600).map_err(|e| usage(e.to_string()))?;
+    let cert_path = dir.join(format!("{name}.pem"));
+    crate::pki::write_new(&cert_path, issued.certificate_pem.as_bytes(), 0o644).map_err(|e| usage(e.to_string()))?;
+    written.extend([cert_path, key_path]);
+    if write_ca {
+        crate::pki::write_new(&ca_path, issued.ca_pem.as_bytes(), 0o644).map_err(|e| usage(e.to_string()))?;
+        written.push(ca_path);
+    }
+    Ok(written)
+}
+
 fn client_error(e: ClientError) -> CliError {
     match e.class {
         ErrorClass::Rejected => CliError::usage(e.message),
@@ -590,6 +657,14 @@ async fn send(client: &Client, request: Request, json: bool) -> Result<String, C
                 format!("{}\n", error::one_line(&r.token))
             }
         }
+        Request::ClusterIssueClient { name, role, days, dir } => {
+            let written = issue_client(client, &name, role, days, &dir).await?;
+            if json {
+                to_json(&written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>())
+            } else {
+                written.iter().map(|p| format!("{}\n", p.display())).collect()
+            }
+        }
         Request::ClusterLeave(req) => {
             let r = client.cluster_leave(req).await?;
             if json {
@@ -601,12 +676,16 @@ async fn send(client: &Client, request: Request, json: bool) -> Result<String, C
         Request::ClusterLeaveDrained { node, wait_secs } => {
             // The member at --endpoint when no NODE is named.
             let node = if node.is_empty() { client.cluster_status().await?.name } else { node };
-            let has_vms = client.node_list().await?.nodes.iter().any(|n| n.name == node && n.vms > 0);
+            // (A VM moved off it whose copy there is not yet known stopped
+            // keeps it busy too.)
+            let has_vms =
+                client.node_list().await?.nodes.iter().any(|n| n.name == node && (n.vms > 0 || n.stopping > 0));
             if has_vms {
+                let on_node = wait::vms_on(client, &node).await?;
                 client.node_drain(node.clone()).await?;
                 let progress = Progress::new(!json);
                 progress.say(&format!("draining {} before it leaves", error::one_line(&node)));
-                wait::drain(client, &node, Duration::from_secs(wait_secs), &progress).await?;
+                wait::drain(client, &node, on_node, Duration::from_secs(wait_secs), &progress).await?;
             }
             let r = client.cluster_leave(pb::ClusterLeaveRequest { node, ..Default::default() }).await?;
             if json {
@@ -707,10 +786,11 @@ async fn send(client: &Client, request: Request, json: bool) -> Result<String, C
         }
         Request::Events(_) | Request::VmLogs(_) => unreachable!("streams are handled by run_client"),
         Request::NodeDrainWait { node, wait_secs } => {
+            let on_node = wait::vms_on(client, &node).await?;
             let info = client.node_drain(node.clone()).await?;
             let progress = Progress::new(!json);
             progress.say(&format!("draining {}", error::one_line(&node)));
-            wait::drain(client, &node, Duration::from_secs(wait_secs), &progress).await?;
+            wait::drain(client, &node, on_node, Duration::from_secs(wait_secs), &progress).await?;
             let info = client.node_list().await?.nodes.into_iter().find(|n| n.name == node).unwrap_or(info);
             node_out("drained", info)
         }

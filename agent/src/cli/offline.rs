@@ -114,7 +114,7 @@ enum Probe {
 }
 
 async fn probe(address: &str, cluster_id: u64, config: &Config) -> Probe {
-    let options = match super::target::for_member(address, config.tls.as_ref(), PROBE_TIMEOUT) {
+    let options = match super::target::for_member(address, config, PROBE_TIMEOUT) {
         Ok(options) => options,
         Err(e) => return Probe::Unknown(e.message),
     };

@@ -89,13 +89,28 @@ async fn status_of(client: &Client, vm: &str, deadline: Instant) -> Result<Optio
     }
 }
 
-/// Waits until no VM is placed on `node` and the VMs that were there have
-/// settled on their new hosts.
-pub async fn drain(client: &Client, node: &str, limit: Duration, progress: &Progress) -> Result<(), ClientError> {
+/// The names of the VMs placed on `node`, taken before it is drained: the
+/// leader may move one before [`drain`] first looks, and the wait must
+/// still wait for it to settle elsewhere.
+pub async fn vms_on(client: &Client, node: &str) -> Result<BTreeSet<String>, ClientError> {
+    let on_node = pb::VmListRequest { node: node.to_string(), ..Default::default() };
+    Ok(client.vm_list_all(on_node).await?.into_iter().map(|v| v.name).collect())
+}
+
+/// Waits until no VM is placed on `node` and the VMs that were there
+/// (`before`, from [`vms_on`], and any seen since) have settled on their
+/// new hosts.
+pub async fn drain(
+    client: &Client,
+    node: &str,
+    before: BTreeSet<String>,
+    limit: Duration,
+    progress: &Progress,
+) -> Result<(), ClientError> {
     let deadline = Instant::now() + limit;
     let on_node = pb::VmListRequest { node: node.to_string(), ..Default::default() };
     // Every VM seen on the node, and those of them settled elsewhere (or gone).
-    let (mut moving, mut done): (BTreeSet<String>, BTreeSet<String>) = Default::default();
+    let (mut moving, mut done): (BTreeSet<String>, BTreeSet<String>) = (before, BTreeSet::new());
     loop {
         let left = match client.vm_list_all(on_node.clone()).await {
             Ok(vms) => vms,

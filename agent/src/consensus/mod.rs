@@ -262,6 +262,9 @@ pub struct Core {
     /// A tick came since the last [`Core::handle_ready`]: only that `Ready`
     /// may carry a leader's heartbeats (see [`Core::read_index`]).
     ticked: bool,
+    /// The member this node, leading the term given, last asked to take
+    /// over (see [`Core::transfer_leader`]).
+    handed_over: Option<(u64, NodeId)>,
 }
 
 impl std::fmt::Debug for Core {
@@ -293,7 +296,15 @@ impl Core {
         let logger = slog::Logger::root(slog_tracing::TracingDrain, slog::o!());
         let raw = RawNode::new(&raft_config, store, &logger)?;
         let next_seq = u64::from(config.incarnation) << 32;
-        Ok(Core { raw, config, next_seq, pending: BTreeMap::new(), forwarded: BTreeMap::new(), ticked: false })
+        Ok(Core {
+            raw,
+            config,
+            next_seq,
+            pending: BTreeMap::new(),
+            forwarded: BTreeMap::new(),
+            ticked: false,
+            handed_over: None,
+        })
     }
 
     pub fn id(&self) -> NodeId {
@@ -372,7 +383,17 @@ impl Core {
     /// A leader drops a follower's proposal handed to the leader of an
     /// earlier term (see [`Core::propose`]): its proposer may already have
     /// seen that term end without it and reported it dropped.
+    ///
+    /// A member that does not lead drops a peer's proposal or read-index
+    /// request rather than relaying it to the leader as raft-rs would: the
+    /// relayed message would speak for its proposer, which the leader
+    /// refuses from anyone but the proposer itself (`crate::trust`). Its
+    /// proposer learns the leader and asks again (see [`Core::propose`]).
     pub fn step(&mut self, mut message: Message) -> Result<(), raft::Error> {
+        let for_the_leader = matches!(message.get_msg_type(), MessageType::MsgPropose | MessageType::MsgReadIndex);
+        if for_the_leader && !self.is_leader() {
+            return Ok(());
+        }
         if message.get_msg_type() == MessageType::MsgPropose && self.is_leader() {
             let term = self.term();
             message.entries.retain(|e| ProposalId::decode(e.get_context()).is_none_or(|(_, t)| t == 0 || t >= term));
@@ -398,6 +419,38 @@ impl Core {
 
     pub fn term(&self) -> u64 {
         self.raw.raft.term
+    }
+
+    /// What this member knows exactly, for the trust table
+    /// (`crate::trust::raft_message`): its term, the leader of that term,
+    /// its configuration's voters and learners, its last log index.
+    pub fn trust_view(&self) -> crate::trust::View {
+        let conf = self.raw.raft.prs().conf();
+        let mut view = crate::trust::View {
+            me: self.config.id,
+            term: 0,
+            leader: None,
+            configuration: conf.voters().ids().iter().chain(conf.learners().iter().copied()).collect(),
+            exact: None,
+        };
+        self.refresh_trust_view(&mut view);
+        view
+    }
+
+    /// Brings `view` up to date after a step (the configuration changes
+    /// only when entries are applied, in [`Core::handle_ready`]).
+    pub fn refresh_trust_view(&self, view: &mut crate::trust::View) {
+        let raft = &self.raw.raft;
+        view.term = raft.term;
+        view.leader = self.leader();
+        view.exact = Some(crate::trust::Exact {
+            last_index: raft.raft_log.last_index(),
+            // raft-rs's own lease (`check_quorum` is on): the leader it
+            // knows was heard from within the election timeout, or this
+            // member leads.
+            leader_in_lease: raft.leader_id != raft::INVALID_ID && raft.election_elapsed < raft.election_timeout(),
+            handover: self.handed_over.filter(|(term, _)| *term == raft.term).map(|(_, to)| to),
+        });
     }
 
     fn next_proposal(&mut self) -> ProposalId {
@@ -506,7 +559,14 @@ impl Core {
         self.raw.report_snapshot(peer, status);
     }
 
+    /// Asks `to` to take over leadership. The trust table lets `to`'s
+    /// vote request (and, should its campaign fail, its answers) of the
+    /// next term end this leader's term, which it refuses from anyone else
+    /// while this leader is live (`crate::trust`).
     pub fn transfer_leader(&mut self, to: NodeId) {
+        if self.is_leader() {
+            self.handed_over = Some((self.term(), to));
+        }
         self.raw.transfer_leader(to);
     }
 
@@ -807,7 +867,12 @@ mod tests {
 
     /// Three cores over in-memory disks, with node 1 elected.
     fn cluster() -> (BTreeMap<NodeId, Core>, Vec<CrashDisk>) {
-        let ids = vec![1, 2, 3];
+        cluster_of(3)
+    }
+
+    /// `n` cores over in-memory disks, with node 1 elected.
+    fn cluster_of(n: u64) -> (BTreeMap<NodeId, Core>, Vec<CrashDisk>) {
+        let ids: Vec<NodeId> = (1..=n).collect();
         let members: Vec<Member> =
             ids.iter().map(|id| Member::new(*id, format!("n{id}"), format!("n{id}:7000"))).collect();
         let mut cores = BTreeMap::new();
@@ -854,6 +919,56 @@ mod tests {
         }
     }
 
+    /// [`pump`] with every message judged by the receiver's trust table
+    /// first, as the node does (`crate::trust::raft_message`); `lost`
+    /// drops the messages it matches. Returns the messages refused.
+    fn pump_judged(cores: &mut BTreeMap<NodeId, Core>, lost: impl Fn(&Message) -> bool) -> Vec<Message> {
+        let mut refused = Vec::new();
+        loop {
+            let mut outbox = Outbox::default();
+            for core in cores.values_mut() {
+                core.handle_ready(&mut outbox).unwrap();
+            }
+            if outbox.0.is_empty() {
+                return refused;
+            }
+            for message in outbox.0.into_iter().filter(|m| !lost(m)) {
+                let core = cores.get_mut(&message.to).unwrap();
+                match crate::trust::raft_message(&core.trust_view(), message.from, &message) {
+                    crate::trust::Verdict::Step => {
+                        let _ = core.step(message);
+                    }
+                    crate::trust::Verdict::Drop(_) => {}
+                    crate::trust::Verdict::Refuse(_) => refused.push(message),
+                }
+            }
+        }
+    }
+
+    /// Ticks every core and delivers (judged) until `done`, at most `ticks` times.
+    fn tick_until(cores: &mut BTreeMap<NodeId, Core>, ticks: usize, done: impl Fn(&BTreeMap<NodeId, Core>) -> bool) {
+        for _ in 0..ticks {
+            if done(cores) {
+                return;
+            }
+            for core in cores.values_mut() {
+                core.tick();
+            }
+            pump_judged(cores, |_| false);
+        }
+        assert!(
+            done(cores),
+            "not done after {ticks} ticks: {:?}",
+            cores.values().map(Core::status).collect::<Vec<_>>()
+        );
+    }
+
+    /// Every core follows (or is) `leader` in one term.
+    fn all_follow(cores: &BTreeMap<NodeId, Core>, leader: NodeId) -> bool {
+        let term = cores[&leader].term();
+        cores[&leader].is_leader() && cores.values().all(|c| c.leader() == Some(leader) && c.term() == term)
+    }
+
     /// What `node` reported about `proposal` in `outputs`.
     fn outcomes(outputs: &[(NodeId, ReadyOutput)], node: NodeId, proposal: ProposalId) -> Vec<Outcome> {
         outputs
@@ -867,6 +982,81 @@ mod tests {
 
     fn drain(node: NodeId) -> Command {
         Command { at_unix_ms: 1, kind: CommandKind::SetDrain { node, drain: true } }
+    }
+
+    /// A member's later terms (which raft-rs takes as the end of the
+    /// receiver's term, a leader stepping down at once) are refused while
+    /// the leader is live: one member sending rising terms kept a cluster
+    /// leaderless.
+    #[test]
+    fn a_member_cannot_end_a_live_leaders_term() {
+        let (mut cores, _disks) = cluster();
+        let term = cores[&1].term();
+        let forged = |kind, to, term| {
+            let mut m = Message::default();
+            m.set_msg_type(kind);
+            m.from = 3;
+            m.to = to;
+            m.term = term;
+            m.index = 1 << 40;
+            m.log_term = term;
+            m
+        };
+        for round in 1..=20 {
+            let mut vote = forged(MessageType::MsgRequestVote, 1, term + round);
+            vote.set_context(raft::CAMPAIGN_TRANSFER.to_vec().into());
+            let mut vote_2 = vote.clone();
+            vote_2.to = 2;
+            let answers = [
+                forged(MessageType::MsgHeartbeatResponse, 1, term + round),
+                forged(MessageType::MsgAppendResponse, 1, term + round),
+                forged(MessageType::MsgRequestVoteResponse, 1, term + round),
+            ];
+            for m in [vote, vote_2].into_iter().chain(answers) {
+                let core = cores.get_mut(&m.to).unwrap();
+                let verdict = crate::trust::raft_message(&core.trust_view(), 3, &m);
+                assert!(matches!(verdict, crate::trust::Verdict::Refuse(_)), "{:?}: {verdict:?}", m.get_msg_type());
+            }
+            for core in cores.values_mut() {
+                core.tick();
+            }
+            pump_judged(&mut cores, |_| false);
+            assert!(all_follow(&cores, 1) && cores[&1].term() == term, "round {round}");
+        }
+    }
+
+    /// A hand-over still works through the trust table: the leader's own
+    /// vote elects its successor in a cluster of three; in one of five the
+    /// followers refuse the candidate's forced vote while the old leader's
+    /// lease lasts and the hand-over ends in an ordinary election; and a
+    /// successor whose campaign was lost is not shut out by its later term.
+    #[test]
+    fn a_hand_over_passes_the_trust_table() {
+        let (mut cores, _disks) = cluster();
+        let term = cores[&1].term();
+        cores.get_mut(&1).unwrap().transfer_leader(2);
+        let refused = pump_judged(&mut cores, |_| false);
+        assert!(cores[&2].is_leader() && cores[&2].term() == term + 1, "{refused:?}");
+        // Node 3 refused the forced vote and the new leader's appends while
+        // it still heard node 1 within its lease; then it follows.
+        assert!(refused.iter().all(|m| m.to == 3), "{refused:?}");
+        tick_until(&mut cores, 100, |c| all_follow(c, 2));
+
+        let (mut cores, _disks) = cluster_of(5);
+        cores.get_mut(&1).unwrap().transfer_leader(2);
+        pump_judged(&mut cores, |_| false);
+        tick_until(&mut cores, 200, |c| (1..=5).any(|l| all_follow(c, l)));
+        assert!(cores.values().all(|c| c.term() > term));
+
+        // The successor's vote requests are lost: node 1 still leads, in
+        // its lease, and node 2 is a term ahead; its answers of that term
+        // end node 1's, and the cluster comes together again.
+        let (mut cores, _disks) = cluster();
+        cores.get_mut(&1).unwrap().transfer_leader(2);
+        pump_judged(&mut cores, |m| m.get_msg_type() == MessageType::MsgRequestVote);
+        assert!(cores[&1].is_leader() && cores[&2].term() == term + 1);
+        tick_until(&mut cores, 200, |c| (1..=3).any(|l| all_follow(c, l)));
+        assert!(cores.values().all(|c| c.term() > term));
     }
 
     #[test]
@@ -940,13 +1130,19 @@ mod tests {
         assert!(cores[&3].is_leader() && cores[&3].term() > term);
         assert_eq!(outcomes(&outputs, 2, id), vec![Outcome::Dropped]);
 
-        // The held message arrives late at node 1, which passes it on to
-        // the new leader, which drops it: it is never applied anywhere.
+        // The held message arrives late at node 1, which no longer leads
+        // and drops it (never relaying it: it speaks for node 2); had it
+        // reached the new leader, that would drop it for its old term. It
+        // is never applied anywhere.
+        let sent_before = sent.len();
         for message in held {
-            cores.get_mut(&1).unwrap().step(message).unwrap();
+            cores.get_mut(&1).unwrap().step(message.clone()).unwrap();
+            let mut to_the_leader = message;
+            to_the_leader.to = 3;
+            cores.get_mut(&3).unwrap().step(to_the_leader).unwrap();
         }
         outputs.extend(pump_outputs(&mut cores, &mut sent));
-        assert!(sent.iter().any(|m| m.get_msg_type() == MessageType::MsgPropose && m.to == 3), "{sent:?}");
+        assert!(!sent[sent_before..].iter().any(|m| m.get_msg_type() == MessageType::MsgPropose), "{sent:?}");
         for node in [1, 2, 3] {
             assert!(
                 outcomes(&outputs, node, id).iter().all(|o| !matches!(o, Outcome::Applied(_))),

@@ -21,6 +21,7 @@ mod contact;
 pub mod events;
 mod identity;
 mod leader;
+pub mod record;
 
 pub use contact::Contact;
 
@@ -42,6 +43,7 @@ use crate::consensus::{
 use crate::metrics::Metrics;
 use crate::state::{Command, CommandKind, Effect, Member, MembershipChange, NodeId, Rejection, State};
 use crate::storage::{NodeIdentity, StorageError, Store};
+use crate::trust;
 use events::EventLog;
 
 /// Inputs queued for the raft thread; beyond this, requests are refused as
@@ -159,15 +161,18 @@ enum Input {
         f: ReadFn,
     },
     Raft {
-        /// The sender and its send time (boot-wide monotonic clock), when
-        /// the transport carries one.
-        sent: Option<(NodeId, u64)>,
+        /// The member that sent them (bound to its certificate by the
+        /// transport).
+        from: NodeId,
+        /// Its send time (boot-wide monotonic clock), when the transport
+        /// carries one.
+        sent_at_ms: Option<u64>,
         messages: Vec<Message>,
         /// The sender's confirmation of this host's quorum contact: counts
         /// only if the sender is the leader of this node's term once the
         /// frame's messages are stepped, and only for a time not later than
         /// this host's clock.
-        confirmation: Option<(NodeId, Contact)>,
+        confirmation: Option<Contact>,
     },
     SnapshotReport {
         peer: NodeId,
@@ -575,10 +580,12 @@ impl NodeHandle {
         self.wait(rx).await
     }
 
-    /// Feeds messages received from a peer. Dropped when the queue is full:
-    /// Raft retransmits.
-    pub fn step(&self, messages: Vec<Message>) {
-        let _ = self.submit(Input::Raft { sent: None, messages, confirmation: None });
+    /// Feeds messages received from peer `from` (bound to its certificate
+    /// by the transport). The raft thread judges each message by the trust
+    /// table (`crate::trust`) before raft-rs sees it. Dropped when the
+    /// queue is full: Raft retransmits.
+    pub fn step(&self, from: NodeId, messages: Vec<Message>) {
+        let _ = self.submit(Input::Raft { from, sent_at_ms: None, messages, confirmation: None });
     }
 
     /// Feeds a frame from peer `from`, which it sent at `sent_at_ms` on its
@@ -588,9 +595,8 @@ impl NodeHandle {
     /// host's quorum contact, if the frame carries one; it counts only from
     /// the current leader (see `Input::Raft`).
     pub fn step_frame(&self, from: NodeId, sent_at_ms: u64, messages: Vec<Message>, confirmation: Option<Contact>) {
-        let sent = (sent_at_ms != 0).then_some((from, sent_at_ms));
-        let confirmation = confirmation.map(|c| (from, c));
-        let _ = self.submit(Input::Raft { sent, messages, confirmation });
+        let sent_at_ms = (sent_at_ms != 0).then_some(sent_at_ms);
+        let _ = self.submit(Input::Raft { from, sent_at_ms, messages, confirmation });
     }
 
     /// How old this host's newest quorum contact (confirmed by the leader,
@@ -866,6 +872,14 @@ impl RaftThread {
         }
         match input {
             Input::Propose { kind, check, reply } => {
+                // A follower would hand it to the leader, which takes
+                // these from nobody but itself (`crate::trust`).
+                if trust::leader_only(&kind) && !self.core.is_leader() {
+                    let leader = self.status.borrow().leader.clone();
+                    let error = if leader.is_some() { NodeError::NotLeader { leader } } else { NodeError::NoLeader };
+                    reply(Err(error), self.core.state());
+                    return;
+                }
                 if let Some(rejection) = check.and_then(|check| check(self.core.state())) {
                     reply(Err(NodeError::Rejected(rejection)), self.core.state());
                     return;
@@ -894,18 +908,33 @@ impl RaftThread {
                 let now = Instant::now();
                 self.reads.insert(ctx, PendingRead { f, deadline: now + self.options.request_timeout, asked: now });
             }
-            Input::Raft { sent, messages, confirmation } => {
+            Input::Raft { from, sent_at_ms, messages, confirmation } => {
                 let now_ms = crate::clock::monotonic_ms();
-                if let Some((from, sent_at_ms)) = sent {
+                if let Some(sent_at_ms) = sent_at_ms {
                     self.rounds.heard(from, sent_at_ms);
                 }
+                let mut view = self.trust_view();
                 for message in messages {
+                    // Exact: each message is judged after the ones before it.
+                    self.core.refresh_trust_view(&mut view);
+                    match trust::raft_message(&view, from, &message) {
+                        trust::Verdict::Step => {}
+                        trust::Verdict::Drop(why) => {
+                            tracing::debug!(from, why, "dropped a peer message");
+                            continue;
+                        }
+                        trust::Verdict::Refuse(refusal) => {
+                            self.options.metrics.peer_messages_refused.inc();
+                            tracing::warn!(from, kind = ?message.get_msg_type(), %refusal, "refused a peer message");
+                            continue;
+                        }
+                    }
                     self.duties.heard_from(message.from, now_ms);
                     if let Err(e) = self.core.step(message) {
                         tracing::debug!(error = %e, "dropped a peer message");
                     }
                 }
-                if let Some((from, contact)) = confirmation {
+                if let Some(contact) = confirmation {
                     self.on_confirmation(from, contact, now_ms);
                 }
             }
@@ -1033,6 +1062,17 @@ impl RaftThread {
                 }
             }
         }
+    }
+
+    /// What this member knows for the trust table: its configuration (a
+    /// joiner before its first snapshot: the members its admission named,
+    /// in the address book) and, exactly, its term, leader and log.
+    fn trust_view(&self) -> trust::View {
+        let mut view = self.core.trust_view();
+        if view.configuration.is_empty() {
+            view.configuration.extend(self.addresses.read().unwrap_or_else(|e| e.into_inner()).keys());
+        }
+        view
     }
 
     fn leader_duties(&mut self) {

@@ -704,17 +704,12 @@ impl State {
                 }
                 check_name("node", name)?;
                 check_address(address)?;
-                if let Some(existing) = self.members.get(id) {
-                    if existing.name == *name {
-                        // A retried join whose first attempt already landed.
-                        let member = self.member_mut(*id);
-                        member.address = address.clone();
-                        return Ok(Effect::MemberChanged { node: *id });
-                    }
-                    return Err(Rejection::DuplicateMember(*id));
+                if let Some(rejection) = self.admission_conflict(*id, name, address) {
+                    return Err(rejection);
                 }
-                if let Some(other) = self.member_by_name(name) {
-                    return Err(Rejection::DuplicateMemberName { name: name.clone(), id: other.id });
+                if self.members.contains_key(id) {
+                    // A retried join whose first attempt already landed.
+                    return Ok(Effect::MemberChanged { node: *id });
                 }
                 let mut member = Member::new(*id, name.clone(), address.clone());
                 member.learner = true;
@@ -752,6 +747,19 @@ impl State {
                 Ok(Effect::MemberRemoved { node: *id, unplaced: names })
             }
         }
+    }
+
+    /// Why host `id` named `name` at `address` cannot be admitted, if it
+    /// cannot: a member is never admitted again, so neither a join token
+    /// nor a certificate can rewrite its address or take its name. Only a
+    /// retried join whose first attempt landed passes: the same learner,
+    /// name and address (and is then a no-op).
+    pub fn admission_conflict(&self, id: NodeId, name: &str, address: &str) -> Option<Rejection> {
+        if let Some(existing) = self.members.get(&id) {
+            let retry = existing.learner && existing.name == name && existing.address == address;
+            return (!retry).then_some(Rejection::DuplicateMember(id));
+        }
+        self.member_by_name(name).map(|other| Rejection::DuplicateMemberName { name: name.to_string(), id: other.id })
     }
 
     fn member_mut(&mut self, id: NodeId) -> &mut Member {
@@ -1257,7 +1265,15 @@ mod tests {
         state.apply_membership(&add(3, "h3"), 0).unwrap();
         assert_eq!(state.apply_membership(&add(3, "h3"), 0), Ok(Effect::MemberChanged { node: 3 }));
         assert!(state.member(3).unwrap().learner);
+        // A join cannot rewrite a member's address, nor re-admit a voter.
+        let moved = MembershipChange::AddLearner { id: 3, name: "h3".into(), address: "10.6.6.6:7000".into() };
+        assert_eq!(state.apply_membership(&moved, 0), Err(Rejection::DuplicateMember(3)));
+        assert_eq!(state.member(3).unwrap().address, "10.0.0.9:7000");
+        let h1 = state.member(1).unwrap().clone();
+        let rejoin = MembershipChange::AddLearner { id: 1, name: h1.name.clone(), address: h1.address.clone() };
+        assert_eq!(state.apply_membership(&rejoin, 0), Err(Rejection::DuplicateMember(1)));
         state.apply_membership(&MembershipChange::Promote { id: 3 }, 0).unwrap();
+        assert_eq!(state.apply_membership(&add(3, "h3"), 0), Err(Rejection::DuplicateMember(3)));
         assert_eq!(state.apply_membership(&MembershipChange::Promote { id: 3 }, 0), Err(Rejection::NotLearner(3)));
         let bad_address = MembershipChange::AddLearner { id: 4, name: "h4".into(), address: "nope".into() };
         assert!(matches!(state.apply_membership(&bad_address, 0), Err(Rejection::InvalidValue(_))));

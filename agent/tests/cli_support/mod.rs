@@ -21,6 +21,12 @@ use tonic::{Code, Request, Response, Status};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_blixard-agent");
 
+/// What the configs of agents on loopback in these tests say about
+/// authentication: plain text, which only a loopback `listen` accepts
+/// (`mtls.rs` covers TLS; the system tests in `tests/` run with the cluster
+/// secret).
+pub const LOOPBACK_INSECURE: &str = "insecure = true\n";
+
 /// What a run of the binary left behind.
 #[derive(Debug)]
 pub struct Out {
@@ -50,6 +56,52 @@ impl Out {
         assert_eq!(self.code, 0, "{self:?}");
         assert_eq!(self.stderr, "", "{self:?}");
     }
+}
+
+/// A plain HTTP/1.1 GET of `path` from the agent's HTTP listener at
+/// `address`: the status code and the body.
+pub fn http_get(address: &str, path: &str) -> (u16, String) {
+    get(connect(address), address, path)
+}
+
+/// [`http_get`] over HTTPS (the listener of an agent with TLS), verifying
+/// the agent's certificate against the CA certificates in `ca_pem`.
+pub fn https_get(address: &str, path: &str, ca_pem: &std::path::Path) -> (u16, String) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(ca_pem).expect("the CA file") {
+        roots.add(ca.expect("a CA certificate")).expect("a usable CA certificate");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let host = address.rsplit_once(':').expect("HOST:PORT").0.trim_start_matches('[').trim_end_matches(']');
+    let name = ServerName::try_from(host.to_string()).expect("a server name");
+    let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("a TLS client");
+    get(rustls::StreamOwned::new(connection, connect(address)), address, path)
+}
+
+fn connect(address: &str) -> std::net::TcpStream {
+    let stream = std::net::TcpStream::connect(address).expect("connect to the HTTP listener");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+}
+
+fn get(mut stream: impl std::io::Read + std::io::Write, address: &str, path: &str) -> (u16, String) {
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut bytes = Vec::new();
+    if let Err(e) = stream.read_to_end(&mut bytes) {
+        // A TLS peer that closes without close_notify, after the response.
+        assert!(e.kind() == std::io::ErrorKind::UnexpectedEof && !bytes.is_empty(), "read the HTTP response: {e}");
+    }
+    let response = String::from_utf8_lossy(&bytes);
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status code");
+    (code, body.to_string())
 }
 
 /// Runs the binary with `args`, in a clean environment.
@@ -292,6 +344,17 @@ impl Blixard for Service {
         let r = r.into_inner();
         self.handle(format!("ClusterJoinToken({})", r.ttl_seconds), |_| {
             Ok(pb::ClusterJoinTokenResponse { token: "blxjt_0123".into(), expires_unix_ms: 1_700_000_000_000 })
+        })
+        .await
+    }
+
+    async fn cluster_issue_client(
+        &self,
+        r: Request<pb::ClusterIssueClientRequest>,
+    ) -> Result<Response<pb::ClusterIssueClientResponse>, Status> {
+        let r = r.into_inner();
+        self.handle(format!("ClusterIssueClient({},{})", r.name, r.role), |_| {
+            Err(Status::failed_precondition("the fake agent holds no cluster CA"))
         })
         .await
     }

@@ -1,11 +1,13 @@
 //! `blixard-load`: the load client and measurements behind issue 3's
 //! benchmarks (results in BENCHMARKS.md; `scripts/bench.sh` runs them all).
 //!
-//! - `throughput`: 64 concurrent clients doing `VmCreate` against a
-//!   3-member cluster of real `blixard-agent run` processes on loopback, then
-//!   the same concurrency doing `Put` against a 3-member etcd cluster
-//!   (Debian's etcd 3.4, over its gRPC KV API), in one run; prints
-//!   throughput, p50/p99 latency and the ratio.
+//! - `throughput`: 1, 16 and 64 concurrent clients (`--clients`) doing
+//!   `VmCreate` against a 3-member cluster of real `blixard-agent run`
+//!   processes on loopback, authenticated as in production (mutual TLS from
+//!   a cluster secret, each client with its certificate; `--auth insecure`
+//!   for plain text), then the same concurrency doing `Put` against a
+//!   3-member etcd cluster (Debian's etcd 3.4, over its gRPC KV API), in
+//!   one run; prints throughput, p50/p99 latency and the ratio per level.
 //! - `idle`: RSS and CPU per member of an idle 3-member cluster (and of an
 //!   idle 3-member etcd cluster, for scale), from `/proc/<pid>/status` and
 //!   `/proc/<pid>/stat`.
@@ -29,11 +31,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use blixard::api::pb;
 use blixard::api::pb::blixard_client::BlixardClient;
-use blixard_systests::cluster::{Cluster, Options};
+use blixard_systests::cluster::{Auth, Cluster, Options};
 use blixard_systests::etcd::{self, EtcdCluster};
 use blixard_systests::{Probe, wait_for};
 use clap::{Parser, Subcommand, ValueEnum};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(about = "Load client and measurements for Blixard's benchmarks (see BENCHMARKS.md)")]
@@ -46,8 +48,13 @@ struct Cli {
 enum Cmd {
     /// `vm create` against 3 agents and `put` against 3 etcd members, same concurrency.
     Throughput {
-        #[arg(long, default_value_t = 64)]
-        clients: usize,
+        /// Concurrent clients; a list runs each level in turn on the same clusters.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        clients: Vec<usize>,
+        /// How the agents authenticate: mutual TLS from one cluster secret (clients
+        /// with certificates), or plain text (`insecure`) to compare with.
+        #[arg(long, value_enum, default_value_t = AuthArg::Secret)]
+        auth: AuthArg,
         /// Measured seconds per system.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
@@ -85,6 +92,12 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         idle_seconds: f64,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AuthArg {
+    Secret,
+    Insecure,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -211,21 +224,20 @@ where
     gather(started, tasks).await
 }
 
-fn channel_to(address: &str) -> Channel {
-    Endpoint::from_shared(format!("http://{address}"))
-        .expect("a valid URI")
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(30))
-        .connect_lazy()
+/// A channel to agent `address` of `cluster`, with its client certificate
+/// unless it runs insecure.
+fn channel_to(cluster: &Cluster, address: &str) -> Channel {
+    blixard_systests::cluster::channel(address, cluster.credentials(), Duration::from_secs(30))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
-/// A formed 3-member agent cluster with the harness's default options.
-fn agents(test: &str) -> Result<(Cluster, usize)> {
-    let cluster = Cluster::start(test, 3, Options::default())?;
+/// A formed 3-member agent cluster with the harness's default options
+/// (mutual TLS from a cluster secret, unless `auth` says otherwise).
+fn agents(test: &str, auth: Auth) -> Result<(Cluster, usize)> {
+    let cluster = Cluster::start(test, 3, Options { auth, ..Options::default() })?;
     let leader = cluster.wait_formed(&[0, 1, 2])?;
     Ok((cluster, leader))
 }
@@ -263,72 +275,99 @@ fn print_row(system: &str, clients: usize, stats: &Stats) {
     }
 }
 
-fn throughput(clients: usize, seconds: f64, warmup_seconds: f64, target: Target, skip_etcd: bool) -> Result<()> {
+fn throughput(
+    levels: &[usize],
+    auth: AuthArg,
+    seconds: f64,
+    warmup_seconds: f64,
+    target: Target,
+    skip_etcd: bool,
+) -> Result<()> {
     let rt = runtime()?;
     let measured = Duration::from_secs_f64(seconds);
     let warmup = Duration::from_secs_f64(warmup_seconds);
+    let auth = match auth {
+        AuthArg::Secret => Auth::Secret,
+        AuthArg::Insecure => Auth::Insecure,
+    };
 
-    let (cluster, leader) = agents("load")?;
+    // Each level on the same cluster, one after the other: its own clients
+    // (each on its own connection), warm-up, then the measured run.
+    let (cluster, leader) = agents("load", auth)?;
     let addresses: Vec<String> = (0..cluster.len()).map(|i| cluster.agent(i).address.clone()).collect();
-    let to = targets(clients, target, addresses.len(), leader);
-    let blixard = rt.block_on(async {
-        let clients: Vec<BlixardClient<Channel>> =
-            to.iter().map(|&i| BlixardClient::new(channel_to(&addresses[i]))).collect();
-        let op = move |phase: &'static str| {
-            let clients = clients.clone();
-            move |c: usize, seq: u64| {
-                let mut client = clients[c].clone();
-                async move { client.vm_create(create_request(format!("{phase}{c}-{seq}"))).await.map(|_| ()) }
-            }
-        };
-        drive(to.len(), warmup, op("w")).await;
-        drive(to.len(), measured, op("m")).await
-    });
-    drop(cluster);
-
-    let etcd_stats = if skip_etcd {
-        None
-    } else {
-        let etcd = EtcdCluster::start(3)?;
-        etcd.wait_ready(&rt)?;
-        let leader = rt.block_on(etcd_leader(&etcd))?;
-        let to = targets(clients, target, etcd.members.len(), leader);
+    let mut blixard = Vec::new();
+    for (level, &clients) in levels.iter().enumerate() {
+        let to = targets(clients, target, addresses.len(), leader);
         let stats = rt.block_on(async {
-            let clients: Vec<_> = to.iter().map(|&i| etcd::pb::kv_client::KvClient::new(etcd.channel(i))).collect();
+            let clients: Vec<BlixardClient<Channel>> =
+                to.iter().map(|&i| BlixardClient::new(channel_to(&cluster, &addresses[i]))).collect();
             let op = move |phase: &'static str| {
                 let clients = clients.clone();
                 move |c: usize, seq: u64| {
                     let mut client = clients[c].clone();
-                    // Key and value about the size of a VM's name and record.
-                    let request = etcd::pb::PutRequest {
-                        key: format!("/vms/{phase}{c}-{seq}").into_bytes(),
-                        value: vec![b'x'; 64],
-                        ..Default::default()
-                    };
-                    async move { client.put(request).await.map(|_| ()) }
+                    let name = format!("{phase}{level}x{c}-{seq}");
+                    async move { client.vm_create(create_request(name)).await.map(|_| ()) }
                 }
             };
             drive(to.len(), warmup, op("w")).await;
             drive(to.len(), measured, op("m")).await
         });
-        Some(stats)
-    };
+        blixard.push(stats);
+    }
+    drop(cluster);
+
+    let mut etcd_stats = Vec::new();
+    if !skip_etcd {
+        // With the same authentication as the agents: mutual TLS between
+        // members and with clients.
+        let etcd = EtcdCluster::start(3, auth == Auth::Secret)?;
+        etcd.wait_ready(&rt)?;
+        let leader = rt.block_on(etcd_leader(&etcd))?;
+        for (level, &clients) in levels.iter().enumerate() {
+            let to = targets(clients, target, etcd.members.len(), leader);
+            let stats = rt.block_on(async {
+                let clients: Vec<_> = to.iter().map(|&i| etcd::pb::kv_client::KvClient::new(etcd.channel(i))).collect();
+                let op = move |phase: &'static str| {
+                    let clients = clients.clone();
+                    move |c: usize, seq: u64| {
+                        let mut client = clients[c].clone();
+                        // Key and value about the size of a VM's name and record.
+                        let request = etcd::pb::PutRequest {
+                            key: format!("/vms/{phase}{level}x{c}-{seq}").into_bytes(),
+                            value: vec![b'x'; 64],
+                            ..Default::default()
+                        };
+                        async move { client.put(request).await.map(|_| ()) }
+                    }
+                };
+                drive(to.len(), warmup, op("w")).await;
+                drive(to.len(), measured, op("m")).await
+            });
+            etcd_stats.push(stats);
+        }
+    }
 
     let target_name = match target {
         Target::All => "clients spread over the 3 members",
         Target::Leader => "every client at the leader",
     };
-    println!("3 members on loopback, {clients} concurrent clients ({target_name}), {seconds} s measured each");
+    let auth_name = match auth {
+        Auth::Secret => "mutual TLS between members and with clients (agents: cluster secret; etcd: one CA)",
+        Auth::Insecure => "plain text (agents: insecure; etcd: its default)",
+    };
+    println!("3 members on loopback, {auth_name}; {target_name}; {seconds} s measured per level");
     print_header();
-    print_row("blixard-agent vm create", clients, &blixard);
-    if let Some(etcd_stats) = &etcd_stats {
-        print_row("etcd 3.4 put", clients, etcd_stats);
-        println!(
-            "ratio blixard/etcd: throughput {:.2}x, p50 {:.2}x, p99 {:.2}x",
-            blixard.rate() / etcd_stats.rate(),
-            blixard.percentile_ms(50.0) / etcd_stats.percentile_ms(50.0),
-            blixard.percentile_ms(99.0) / etcd_stats.percentile_ms(99.0)
-        );
+    for (i, &clients) in levels.iter().enumerate() {
+        print_row("blixard-agent vm create", clients, &blixard[i]);
+        if let Some(etcd) = etcd_stats.get(i) {
+            print_row("etcd 3.4 put", clients, etcd);
+            println!(
+                "  ratio blixard/etcd at {clients}: throughput {:.2}x, p50 {:.2}x, p99 {:.2}x",
+                blixard[i].rate() / etcd.rate(),
+                blixard[i].percentile_ms(50.0) / etcd.percentile_ms(50.0),
+                blixard[i].percentile_ms(99.0) / etcd.percentile_ms(99.0)
+            );
+        }
     }
     Ok(())
 }
@@ -400,13 +439,13 @@ fn agent_pids(cluster: &Cluster) -> Result<Vec<(String, u32)>> {
 
 fn idle(seconds: f64, settle_seconds: f64, skip_etcd: bool) -> Result<()> {
     let duration = Duration::from_secs_f64(seconds);
-    let (cluster, _) = agents("idle")?;
+    let (cluster, _) = agents("idle", Auth::Secret)?;
     std::thread::sleep(Duration::from_secs_f64(settle_seconds));
     idle_sample("blixard-agent, 3-member cluster, no VMs", &agent_pids(&cluster)?, duration)?;
     drop(cluster);
     if !skip_etcd {
         let rt = runtime()?;
-        let etcd = EtcdCluster::start(3)?;
+        let etcd = EtcdCluster::start(3, true)?;
         etcd.wait_ready(&rt)?;
         std::thread::sleep(Duration::from_secs_f64(settle_seconds));
         let pids: Vec<(String, u32)> = etcd
@@ -433,7 +472,7 @@ fn time_restart(cluster: &mut Cluster, index: usize, probe_vm: &str) -> Result<(
     let deadline = started + Duration::from_secs(120);
     let member = rt.block_on(async {
         loop {
-            let mut client = BlixardClient::new(channel_to(&address));
+            let mut client = BlixardClient::new(channel_to(cluster, &address));
             if let Ok(status) = client.cluster_status(pb::ClusterStatusRequest {}).await
                 && status.get_ref().member
                 && !status.get_ref().leader.is_empty()
@@ -447,7 +486,7 @@ fn time_restart(cluster: &mut Cluster, index: usize, probe_vm: &str) -> Result<(
         }
     })?;
     let read = rt.block_on(async {
-        let mut client = BlixardClient::new(channel_to(&address));
+        let mut client = BlixardClient::new(channel_to(cluster, &address));
         loop {
             if client.vm_status(pb::VmRequest { name: probe_vm.to_string() }).await.is_ok() {
                 return Ok(started.elapsed());
@@ -463,12 +502,12 @@ fn time_restart(cluster: &mut Cluster, index: usize, probe_vm: &str) -> Result<(
 
 fn restart(vms: usize, trials: usize, clients: usize, idle_seconds: f64) -> Result<()> {
     let rt = runtime()?;
-    let (mut cluster, leader) = agents("restart")?;
+    let (mut cluster, leader) = agents("restart", Auth::Secret)?;
     let addresses: Vec<String> = (0..cluster.len()).map(|i| cluster.agent(i).address.clone()).collect();
     let leader_address = addresses[leader].clone();
     println!("filling a 3-member cluster with {vms} VMs from {clients} clients at the leader");
     let fill = rt.block_on(async {
-        let client = BlixardClient::new(channel_to(&leader_address));
+        let client = BlixardClient::new(channel_to(&cluster, &leader_address));
         drive_count(clients, vms, move |i| {
             let mut client = client.clone();
             async move { client.vm_create(create_request(vm_name(i))).await.map(|_| ()) }
@@ -538,8 +577,11 @@ fn restart(vms: usize, trials: usize, clients: usize, idle_seconds: f64) -> Resu
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Throughput { clients, seconds, warmup_seconds, target, skip_etcd } => {
-            throughput(clients, seconds, warmup_seconds, target, skip_etcd)
+        Cmd::Throughput { clients, auth, seconds, warmup_seconds, target, skip_etcd } => {
+            if clients.is_empty() || clients.contains(&0) {
+                bail!("--clients needs one or more counts above 0, such as 1,16,64");
+            }
+            throughput(&clients, auth, seconds, warmup_seconds, target, skip_etcd)
         }
         Cmd::Idle { seconds, settle_seconds, skip_etcd } => idle(seconds, settle_seconds, skip_etcd),
         Cmd::Restart { vms, trials, clients, idle_seconds } => restart(vms, trials, clients, idle_seconds),
