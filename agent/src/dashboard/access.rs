@@ -22,12 +22,7 @@
 
 use std::net::SocketAddr;
 
-use x509_parser::extensions::GeneralName;
-
-use crate::api::tls::IDENTITY_URI_PREFIX;
-
-/// The namespace of a client's role URI (`urn:blixard:role:read-only`).
-pub const ROLE_URI_PREFIX: &str = "urn:blixard:role:";
+use crate::api::tls::Role;
 
 /// What one connection may do with the dashboard.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,58 +96,15 @@ impl Access {
 /// DER) is `leaf`: `None` when the browser presented none.
 pub fn access_of(leaf: Option<&[u8]>) -> Access {
     let Some(der) = leaf else { return Access::Anonymous };
-    match identity_and_role(der) {
-        Ok((kind, name, role)) => match (kind, role) {
-            ("member", None) | ("client", None | Some(Role::Admin)) => Access::Admin { name },
-            ("client", Some(Role::ReadOnly)) => Access::ReadOnly { name },
-            _ => Access::Refused { why: "a member certificate must not name a role".into() },
+    // The same reading of a certificate as the gRPC API's (members and
+    // clients without a role are admins; a member naming a role is refused).
+    match crate::api::tls::identity_of_der(der) {
+        Ok(identity) => match identity.role {
+            Role::Admin => Access::Admin { name: identity.name },
+            Role::ReadOnly => Access::ReadOnly { name: identity.name },
         },
         Err(why) => Access::Refused { why },
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    ReadOnly,
-    Admin,
-}
-
-/// The identity (`member` or `client`, and the name) and the role a
-/// certificate's URI names carry, by the rules of the module doc.
-fn identity_and_role(der: &[u8]) -> Result<(&'static str, String, Option<Role>), String> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| format!("the certificate does not parse: {e}"))?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| format!("the certificate's subject alternative names do not parse: {e}"))?;
-    let mut identity = None;
-    let mut role = None;
-    for name in san.iter().flat_map(|san| san.value.general_names.iter()) {
-        let GeneralName::URI(uri) = name else { continue };
-        if let Some(word) = uri.strip_prefix(ROLE_URI_PREFIX) {
-            let parsed = match word {
-                "read-only" => Role::ReadOnly,
-                "admin" => Role::Admin,
-                other => return Err(format!("it names an unknown role {other:?}")),
-            };
-            if role.replace(parsed).is_some() {
-                return Err("it names more than one role".into());
-            }
-            continue;
-        }
-        let Some(rest) = uri.strip_prefix(IDENTITY_URI_PREFIX) else { continue };
-        let (kind, name) = match rest.split_once(':') {
-            Some(("member", name)) => ("member", name),
-            Some(("client", name)) => ("client", name),
-            _ => return Err(format!("{uri:?} is no blixard identity")),
-        };
-        crate::names::validate(name).map_err(|e| format!("{uri:?} names no valid name: {e}"))?;
-        if identity.replace((kind, name.to_string())).is_some() {
-            return Err("it carries more than one blixard identity".into());
-        }
-    }
-    let (kind, name) = identity.ok_or_else(|| format!("it carries no blixard identity ({IDENTITY_URI_PREFIX}...)"))?;
-    Ok((kind, name, role))
 }
 
 /// What the HTTP listener knows of a connection: where it comes from and
