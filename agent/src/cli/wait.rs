@@ -89,6 +89,18 @@ async fn status_of(client: &Client, vm: &str, deadline: Instant) -> Result<Optio
     }
 }
 
+/// How many VMs moved off `node` still have a copy there not known stopped
+/// (`NodeInfo.stopping`); a passing failure is retried while there is time.
+async fn stopping_on(client: &Client, node: &str, deadline: Instant) -> Result<u32, ClientError> {
+    loop {
+        match client.node_list().await {
+            Ok(list) => return Ok(list.nodes.iter().find(|n| n.name == node).map_or(0, |n| n.stopping)),
+            Err(e) if retry(&e, deadline) => tokio::time::sleep(POLL_INTERVAL).await,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The names of the VMs placed on `node`, taken before it is drained: the
 /// leader may move one before [`drain`] first looks, and the wait must
 /// still wait for it to settle elsewhere.
@@ -152,14 +164,7 @@ pub async fn drain(
     // leader judges the host fenced: until then its old copy counts as
     // stopping, and the host may not leave.
     loop {
-        let stopping = match client.node_list().await {
-            Ok(list) => list.nodes.iter().find(|n| n.name == node).map_or(0, |n| n.stopping),
-            Err(e) if retry(&e, deadline) => {
-                tokio::time::sleep(POLL_INTERVAL).await;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+        let stopping = stopping_on(client, node, deadline).await?;
         if stopping == 0 {
             progress.say(&format!("{} is drained", one_line(node)));
             return Ok(());
