@@ -30,7 +30,10 @@
 //! the log on restart: a deferred applied index only ever lags, and the log
 //! is compacted only in a batch that writes the state, so the entries to
 //! re-apply are always there. The node writes its state every tick; a batch
-//! per `Ready` then holds only the log and hard state, as etcd's WAL does.
+//! per `Ready` then holds only the log and hard state, as etcd's WAL does,
+//! and the hard state only when its term or vote changed: a change of the
+//! commit index alone is deferred with the applied state (see
+//! [`Store::commit`]), so an append syncs the log's pages and no others.
 //!
 //! The whole log since the snapshot point is also kept in memory
 //! (`entries`): it is bounded by the compaction threshold, and raft-rs reads
