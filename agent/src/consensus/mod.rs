@@ -26,6 +26,13 @@
 //!    deferred to a later transaction (`WriteBatch::defer_state`, written at
 //!    the latest by the next tick's [`Core::write_state`]): they still go
 //!    together, and a crash before then re-applies from the log instead.
+//!    A hard state that changes only the commit index is deferred with
+//!    them (see 5: the commit index is written with or before the applied
+//!    index it allows; a node that restarts with an older one learns the
+//!    newer from the leader, as Raft lets it forget the commit index). Its
+//!    term and vote are never deferred: they are what step 3 makes
+//!    durable. So a follower's append is one synced transaction of log
+//!    entries, and learning that they are committed costs none.
 //! 3. That transaction is durable (fsync) before `persisted_messages()` are
 //!    sent. They hold votes and append acknowledgements: a vote sent before
 //!    its hard state is durable can be forgotten by a crash, after which the

@@ -30,7 +30,10 @@
 //! the log on restart: a deferred applied index only ever lags, and the log
 //! is compacted only in a batch that writes the state, so the entries to
 //! re-apply are always there. The node writes its state every tick; a batch
-//! per `Ready` then holds only the log and hard state, as etcd's WAL does.
+//! per `Ready` then holds only the log and hard state, as etcd's WAL does,
+//! and the hard state only when its term or vote changed: a change of the
+//! commit index alone is deferred with the applied state (see
+//! [`Store::commit`]), so an append syncs the log's pages and no others.
 //!
 //! The whole log since the snapshot point is also kept in memory
 //! (`entries`): it is bounded by the compaction threshold, and raft-rs reads
@@ -169,8 +172,10 @@ pub struct WriteBatch {
     /// Must the batch be on disk before `commit` returns? Set whenever the
     /// batch holds entries, a snapshot, or a changed term or vote.
     pub sync: bool,
-    /// Keep the applied state (changed rows, `applied`) and `commit` in
-    /// memory for a later batch to write (module documentation). Ignored,
+    /// Keep the applied state (changed rows, `applied`) and `commit` (a
+    /// light ready's, or a hard state's that changes nothing but the
+    /// commit index) in memory for a later batch to write (module
+    /// documentation). Ignored,
     /// and everything written, when the batch installs a snapshot, changes
     /// the conf state or compacts.
     pub defer_state: bool,
@@ -528,6 +533,21 @@ impl Store {
     /// An error here is fatal for the node: the caller must not continue
     /// (in memory the state machine may already be ahead of the disk).
     pub fn commit(&mut self, mut batch: WriteBatch) -> Result<(), StorageError> {
+        // A hard state whose term and vote are those on disk changes only
+        // the commit index, which Raft may forget (a restarted node learns
+        // it again from the leader): deferred, it goes with the applied
+        // state, as a light ready's does. An append's transaction then holds
+        // only the log, and a commit costs no transaction of its own: fewer
+        // redb pages to fsync, and no transaction between a quorum's ack
+        // and the reply.
+        if batch.defer_state
+            && let Some(hs) = &batch.hard_state
+            && hs.term == self.hard_state.term
+            && hs.vote == self.hard_state.vote
+        {
+            batch.commit = Some(batch.commit.unwrap_or(0).max(hs.commit));
+            batch.hard_state = None;
+        }
         let installed = batch.snapshot.as_ref().map(|s| {
             let state = codec::decode_snapshot(s.get_data());
             (s.get_metadata().clone(), state)
@@ -864,5 +884,59 @@ mod tests {
             assert_eq!(store.state().members().len(), 1);
             store.validate().unwrap();
         }
+    }
+
+    /// A hard state that moves only the commit index waits for the applied
+    /// state (one synced write a tick later) instead of a transaction of
+    /// its own; a new term or vote is written, synced, at once.
+    #[test]
+    fn a_commit_only_hard_state_is_deferred_and_a_new_vote_is_not() {
+        let disk = CrashDisk::new();
+        let mut store = Store::open_backend(disk.backend()).unwrap();
+        let hs = HardState { term: 2, vote: 1, ..Default::default() };
+        let batch = WriteBatch {
+            entries: vec![entry(1, 2), entry(2, 2)],
+            hard_state: Some(hs.clone()),
+            sync: true,
+            defer_state: true,
+            ..WriteBatch::default()
+        };
+        store.commit(batch).unwrap();
+        assert_eq!(store.hard_state(), &hs, "a new term and vote are written with the entries");
+        let committed = HardState { commit: 2, ..hs.clone() };
+        store
+            .commit(WriteBatch {
+                hard_state: Some(committed),
+                applied: Some(2),
+                defer_state: true,
+                ..WriteBatch::default()
+            })
+            .unwrap();
+        assert_eq!(store.hard_state(), &hs, "no transaction for the commit index alone");
+        assert_eq!((store.commit_index(), store.applied()), (2, 2));
+        store.validate().unwrap();
+        // A crash now loses the commit index with the applied index: both
+        // come back from the log and the leader.
+        disk.kill();
+        drop(store);
+        disk.crash(|_| false);
+        let mut store = Store::open_backend(disk.backend()).unwrap();
+        assert_eq!((store.hard_state(), store.commit_index(), store.applied(), store.last_index()), (&hs, 0, 0, 2));
+        store.validate().unwrap();
+        store
+            .commit(WriteBatch {
+                hard_state: Some(HardState { commit: 2, ..hs.clone() }),
+                applied: Some(2),
+                defer_state: true,
+                ..WriteBatch::default()
+            })
+            .unwrap();
+        store.write_state().unwrap();
+        disk.kill();
+        drop(store);
+        disk.crash(|_| false);
+        let store = Store::open_backend(disk.backend()).unwrap();
+        assert_eq!((store.commit_index(), store.applied()), (2, 2), "written together by write_state");
+        store.validate().unwrap();
     }
 }
