@@ -341,6 +341,16 @@ impl Vm {
             && self.handoff.is_none()
     }
 
+    /// Unplaced and desired running: for the scheduler to place.
+    pub fn is_waiting(&self) -> bool {
+        self.placement.is_none() && self.spec.desired == Desired::Running
+    }
+
+    /// Placed and observed failed: for the scheduler to look at moving.
+    pub fn is_failed(&self) -> bool {
+        self.placement.is_some() && self.observed.state == VmState::Failed
+    }
+
     /// The resources this VM takes on a host it is placed on.
     pub fn size(&self) -> Resources {
         Resources { vcpu: u64::from(self.spec.vcpu), memory_mib: self.spec.memory_mib }
