@@ -71,7 +71,9 @@
 //! creates, not the thousands of VMs waiting for a runner. Its decisions
 //! are exactly [`plan`]'s (a property test holds it to that).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::cell::RefCell;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::fmt;
 
 use crate::state::{
@@ -388,6 +390,8 @@ struct Model<'s> {
     vms: Vec<&'s Vm>,
     views: Vec<View>,
     slot_of: HashMap<&'s str, usize>,
+    /// `best_host`'s scratch space, kept to spare an allocation per VM.
+    ranked: RefCell<Vec<Reverse<(u64, usize)>>>,
 }
 
 /// Fixed-point scale of a load fraction.
@@ -415,7 +419,16 @@ impl<'s> Model<'s> {
             .collect();
         let host_by_id = hosts.iter().enumerate().map(|(i, h)| (h.member.id, i)).collect();
         let host_index = hosts.iter().enumerate().map(|(i, h)| (h.member.name.as_str(), i)).collect();
-        Model { state, hosts, host_by_id, host_index, vms: Vec::new(), views: Vec::new(), slot_of: HashMap::new() }
+        Model {
+            state,
+            hosts,
+            host_by_id,
+            host_index,
+            vms: Vec::new(),
+            views: Vec::new(),
+            slot_of: HashMap::new(),
+            ranked: RefCell::default(),
+        }
     }
 
     /// VM `vm`'s slot, entering it into the model as the state has it (the
@@ -578,7 +591,12 @@ impl<'s> Model<'s> {
             }
             return self.used_after(v, i).ok().map(|used| (i, used));
         }
-        let mut best: Option<(u64, usize, Resources)> = None;
+        // The winner is the passing host with the best (load, name order):
+        // rank every host that passes the cheap checks, then check the
+        // costlier constraints in rank order, stopping at the first host
+        // that passes them, usually one of the first few.
+        let mut ranked = std::mem::take(&mut *self.ranked.borrow_mut());
+        ranked.clear();
         for i in 0..self.hosts.len() {
             if !self.hosts[i].accepts || self.vms[v].failed_on.contains(&self.hosts[i].member.id) {
                 continue;
@@ -587,16 +605,22 @@ impl<'s> Model<'s> {
                 continue;
             };
             let load = self.load(i, used);
-            let better = match (best, strategy) {
-                (None, _) => true,
-                (Some((b, ..)), Strategy::Spread) => load < b,
-                (Some((b, ..)), Strategy::Binpack) => load > b,
+            let rank = match strategy {
+                Strategy::Spread => load,
+                Strategy::Binpack => u64::MAX - load,
             };
-            if better && self.fits_constraints(v, i) {
-                best = Some((load, i, used));
+            ranked.push(Reverse((rank, i)));
+        }
+        let mut heap = BinaryHeap::from(ranked);
+        let mut best = None;
+        while let Some(Reverse((_, i))) = heap.pop() {
+            if self.fits_constraints(v, i) {
+                best = self.used_after(v, i).ok().map(|used| (i, used));
+                break;
             }
         }
-        best.map(|(_, i, used)| (i, used))
+        *self.ranked.borrow_mut() = heap.into_vec();
+        best
     }
 }
 
