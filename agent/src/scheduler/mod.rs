@@ -57,19 +57,26 @@
 //! # Cost
 //!
 //! A plan reads each host's usage from the state's host index (kept up to
-//! date at apply) and looks only at the VMs its rules concern: handoffs
-//! from and VMs on fenced hosts (from the same index), failed VMs and
-//! waiting (unplaced desired-running) VMs (from the [`Memo`]'s queues), and
-//! every VM only while some host drains. Placing one VM scans the hosts
-//! once with two integer comparisons per host, and checks the costlier
-//! constraints (runner set, labels, anti-affinity) only on a host that
-//! would beat the best so far.
+//! date at apply, on every member) and looks only at the VMs its rules
+//! concern: handoffs from and VMs on fenced hosts (from the same index),
+//! failed VMs and waiting (unplaced desired-running) VMs (the state's
+//! queues, `State::failed_vms` and `State::waiting_vms`, kept at apply
+//! too), and every VM only while some host drains. So a plan from scratch,
+//! a new leader's first, costs the VMs that need something, not every VM.
+//! A VM whose runner no host has fits nowhere without a look at any host
+//! (the state counts each runner's hosts at apply). Placing one VM ranks
+//! the hosts that pass the cheap checks (status, capacity: two integer
+//! comparisons per host) by load and checks the costlier constraints
+//! (labels, anti-affinity, the runner set) in rank order, stopping at the
+//! first host that passes them: the same host a scan in name order would
+//! pick (a property test holds it to that).
 //!
 //! The leader plans with [`plan_with`] and a [`Memo`]: waiting VMs that fit
 //! on no host are skipped by later plans until they change or some host
 //! could take more than it could, so a plan after a few creates costs those
 //! creates, not the thousands of VMs waiting for a runner. Its decisions
-//! are exactly [`plan`]'s (a property test holds it to that).
+//! are exactly [`plan`]'s (a property test holds it to that, and another
+//! holds a first plan to the full scan over every VM it replaced).
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
@@ -853,9 +860,17 @@ impl<'s> Planner<'s, '_> {
         if draining.is_empty() {
             return;
         }
+        // Only the VMs with a handoff, the settling ones, those on draining
+        // hosts and those this plan changed can count (the state indexes
+        // the first three at apply): not every VM.
+        let state = self.state;
+        let mut looked: BTreeSet<&'s str> = self.model.vms.iter().map(|vm| vm.name.as_str()).collect();
+        looked.extend(state.handoff_hosts().flat_map(|node| state.handoffs_from(node)).map(|(vm, _)| vm.name.as_str()));
+        looked.extend(state.settling_vms().iter().map(String::as_str));
+        looked.extend(draining.iter().flat_map(|&node| state.vms_on(node)).map(|vm| vm.name.as_str()));
         let mut busy = BTreeSet::new();
         let mut candidates: BTreeMap<NodeId, Vec<&'s Vm>> = BTreeMap::new();
-        for vm in self.state.vms().values() {
+        for vm in looked.into_iter().filter_map(|name| state.vm(name)) {
             let view = self.model.view_of(vm);
             if let Some(h) = view.handoff {
                 busy.insert(h.from);

@@ -971,8 +971,67 @@ fn plan_by_full_scan(state: &State, policy: &Policy, fenced: &BTreeSet<NodeId>) 
         .filter(|vm| vm.placement.is_some() && vm.observed.state == VmState::Failed)
         .map(|vm| vm.name.clone())
         .collect();
-    let queues = Queues { waiting: &waiting, failed: &failed };
-    plan_queued(state, policy, fenced, None, &mut Memo::default(), queues)
+    let mut memo = Memo { planned: true, ..Memo::default() };
+    let mut planner = Planner { state, model: Model::new(state), policy, fenced, out: Vec::new() };
+    planner.clear_fenced_handoffs();
+    planner.reschedule_fenced();
+    planner.reschedule_failed(&failed);
+    planner.place_unplaced(&mut memo, None, &waiting);
+    planner.drain_by_full_scan();
+    planner.out
+}
+
+impl<'s> Planner<'s, '_> {
+    /// `Planner::drain` as it was: a look at every VM while a host drains.
+    fn drain_by_full_scan(&mut self) {
+        let draining: BTreeSet<NodeId> = self
+            .model
+            .hosts
+            .iter()
+            .filter(|h| h.member.drain && h.member.status == MemberStatus::Up)
+            .map(|h| h.member.id)
+            .collect();
+        if draining.is_empty() {
+            return;
+        }
+        let mut busy = BTreeSet::new();
+        let mut candidates: BTreeMap<NodeId, Vec<&'s Vm>> = BTreeMap::new();
+        for vm in self.state.vms().values() {
+            let view = self.model.view_of(vm);
+            if let Some(h) = view.handoff {
+                busy.insert(h.from);
+            }
+            if let Some(from) = vm.moved_from
+                && view.placement.is_some_and(|node| Some(node) == vm.placement.map(|p| p.node))
+                && vm.spec.desired == Desired::Running
+                && matches!(vm.observed.state, VmState::Pending | VmState::Starting)
+            {
+                busy.insert(from);
+            }
+            if let Some(node) = view.placement
+                && view.handoff.is_none()
+                && draining.contains(&node)
+            {
+                candidates.entry(node).or_default().push(vm);
+            }
+        }
+        for (node, vms) in candidates {
+            if busy.contains(&node) {
+                continue;
+            }
+            let why = format!("{} is draining", self.model.node_name(node));
+            for vm in vms {
+                if !self.room(1) {
+                    return;
+                }
+                let v = self.model.slot(vm);
+                if let Some((i, used)) = self.model.best_host(v, self.policy.strategy) {
+                    self.place(v, i, used, Some(why));
+                    break;
+                }
+            }
+        }
+    }
 }
 
 proptest! {

@@ -118,8 +118,11 @@ struct HostIndex {
     /// first) visits the VMs waiting to be placed and the failed ones, not
     /// every VM: unplaced desired-running VMs ([`Vm::is_waiting`]) ...
     waiting: BTreeSet<String>,
-    /// ... and placed VMs observed failed ([`Vm::is_failed`]).
+    /// ... and placed VMs observed failed ([`Vm::is_failed`]), and VMs
+    /// moved and not yet started ([`Vm::is_settling`]), which a drain
+    /// waits for.
     failed: BTreeSet<String>,
+    settling: BTreeSet<String>,
     /// For each runner some member has, how many members have it: a VM
     /// whose runner no host has fits nowhere, found without a look at any
     /// host.
@@ -185,7 +188,12 @@ impl HostIndex {
         if let Some(old) = self.of_vm.remove(name) {
             self.file(name, &old, false);
         }
-        for (queue, member) in [(&mut self.waiting, vm.is_some_and(Vm::is_waiting)), (&mut self.failed, vm.is_some_and(Vm::is_failed))] {
+        let queues = [
+            (&mut self.waiting, vm.is_some_and(Vm::is_waiting)),
+            (&mut self.failed, vm.is_some_and(Vm::is_failed)),
+            (&mut self.settling, vm.is_some_and(Vm::is_settling)),
+        ];
+        for (queue, member) in queues {
             if member {
                 if !queue.contains(name) {
                     queue.insert(name.to_string());
@@ -384,6 +392,12 @@ impl State {
     /// look at moving, from the index kept at apply.
     pub fn failed_vms(&self) -> &BTreeSet<String> {
         &self.index.failed
+    }
+
+    /// VMs moved from another host that have not started yet
+    /// ([`Vm::is_settling`]), by name, from the index kept at apply.
+    pub fn settling_vms(&self) -> &BTreeSet<String> {
+        &self.index.settling
     }
 
     /// What the VMs placed on `node` and the copies reserved there use.

@@ -351,6 +351,15 @@ impl Vm {
         self.placement.is_some() && self.observed.state == VmState::Failed
     }
 
+    /// Moved here from another host and not yet past `starting` there: a
+    /// drain waits for it before it moves the next VM off that host.
+    pub fn is_settling(&self) -> bool {
+        self.moved_from.is_some()
+            && self.placement.is_some()
+            && self.spec.desired == Desired::Running
+            && matches!(self.observed.state, VmState::Pending | VmState::Starting)
+    }
+
     /// The resources this VM takes on a host it is placed on.
     pub fn size(&self) -> Resources {
         Resources { vcpu: u64::from(self.spec.vcpu), memory_mib: self.spec.memory_mib }
