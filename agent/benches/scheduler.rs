@@ -111,11 +111,8 @@ fn fleet(scenario: &Scenario) -> State {
         state.apply(&cmd(decision.command.clone())).expect("place");
     }
     // Every placed VM runs, but a few failed.
-    let placed: Vec<(String, u64, u64)> = state
-        .vms()
-        .values()
-        .filter_map(|vm| vm.placement.map(|p| (vm.name.clone(), p.node, p.generation)))
-        .collect();
+    let placed: Vec<(String, u64, u64)> =
+        state.vms().values().filter_map(|vm| vm.placement.map(|p| (vm.name.clone(), p.node, p.generation))).collect();
     assert_eq!(placed.len(), VMS - waiting, "the fleet's placeable VMs are placed");
     for (i, (vm, node, generation)) in placed.iter().enumerate() {
         let state_now = if i % (placed.len() / FLEET_FAILED) == 7 { VmState::Failed } else { VmState::Running };

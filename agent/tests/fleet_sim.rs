@@ -38,8 +38,8 @@
 //! prints the leader's cost per check interval (the detector's check and
 //! the plan), the numbers BENCHMARKS.md records.
 
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
 use blixard::failure::{CLOCK_RATE_ERROR_PPM, Detector, Fence, Timing};
@@ -209,18 +209,29 @@ impl Sim {
         let mut state = State::default();
         let names: Vec<String> = (0..VMS).map(vm_name).collect();
         for id in 1..=HOSTS {
-            let add = MembershipChange::AddLearner { id, name: format!("h{id:04}"), address: format!("10.0.{}.{}:7000", id / 256, id % 256) };
+            let add = MembershipChange::AddLearner {
+                id,
+                name: format!("h{id:04}"),
+                address: format!("10.0.{}.{}:7000", id / 256, id % 256),
+            };
             state.apply_membership(&add, 0).expect("add");
             state.apply_membership(&MembershipChange::Promote { id }, 0).expect("promote");
-            let capacity = Capacity { vcpu: 32, memory_mib: 128 * 1024, vcpu_overcommit_pct: 150, memory_overcommit_pct: 100 };
+            let capacity =
+                Capacity { vcpu: 32, memory_mib: 128 * 1024, vcpu_overcommit_pct: 150, memory_overcommit_pct: 100 };
             state.apply(&cmd(CommandKind::SetCapacity { node: id, capacity })).expect("capacity");
-            let runners = names.iter().enumerate().filter(|(v, _)| *v as u64 % RUNNER_GROUPS == id % RUNNER_GROUPS).map(|(_, n)| n.clone()).collect();
+            let runners = names
+                .iter()
+                .enumerate()
+                .filter(|(v, _)| *v as u64 % RUNNER_GROUPS == id % RUNNER_GROUPS)
+                .map(|(_, n)| n.clone())
+                .collect();
             state.apply(&cmd(CommandKind::SetRunners { node: id, runners })).expect("runners");
             let labels: Labels = [("rack".to_string(), format!("r{}", id % 10))].into();
             state.apply(&cmd(CommandKind::SetLabels { node: id, labels })).expect("labels");
         }
         for (v, name) in names.iter().enumerate() {
-            let mut spec = VmSpec { vcpu: 1 + (v % 4) as u32, memory_mib: 512 * (1 + (v % 8) as u64), ..VmSpec::default() };
+            let mut spec =
+                VmSpec { vcpu: 1 + (v % 4) as u32, memory_mib: 512 * (1 + (v % 8) as u64), ..VmSpec::default() };
             if v % 10 == 3 {
                 // Ten VMs per group, on the twenty hosts with their runner.
                 spec.anti_affinity = Some(format!("g{}", v % 1_000));
@@ -237,7 +248,10 @@ impl Sim {
         }
         let mut hosts: Vec<Host> = (1..=HOSTS)
             .map(|id| {
-                let clock = Clock { offset_ms: rng.random_range(0..1_000_000), rate_ppm: if id == LEADER { 0 } else { rng.random_range(-e..=e) } };
+                let clock = Clock {
+                    offset_ms: rng.random_range(0..1_000_000),
+                    rate_ppm: if id == LEADER { 0 } else { rng.random_range(-e..=e) },
+                };
                 Host {
                     id,
                     clock,
@@ -256,7 +270,11 @@ impl Sim {
             })
             .collect();
         let mut copies: HashMap<String, BTreeSet<NodeId>> = HashMap::new();
-        let placed: Vec<(String, NodeId, u64)> = state.vms().values().filter_map(|vm| vm.placement.map(|p| (vm.name.clone(), p.node, p.generation))).collect();
+        let placed: Vec<(String, NodeId, u64)> = state
+            .vms()
+            .values()
+            .filter_map(|vm| vm.placement.map(|p| (vm.name.clone(), p.node, p.generation)))
+            .collect();
         for (vm, node, generation) in placed {
             let desired = state.vm(&vm).expect("placed").spec.desired;
             let host = &mut hosts[node as usize - 1];
@@ -273,11 +291,14 @@ impl Sim {
         for i in (1..ids.len()).rev() {
             ids.swap(i, rng.random_range(0..=i));
         }
-        let kinds = std::iter::repeat_n(Fault::Crash, CRASHES).chain(std::iter::repeat_n(Fault::Partition, PARTITIONS)).chain(std::iter::repeat_n(Fault::OneWay, ONE_WAY));
+        let kinds = std::iter::repeat_n(Fault::Crash, CRASHES)
+            .chain(std::iter::repeat_n(Fault::Partition, PARTITIONS))
+            .chain(std::iter::repeat_n(Fault::OneWay, ONE_WAY));
         for (kind, id) in kinds.zip(ids) {
             let from = rng.random_range(SETTLE_MS..RUN_MS - 2 * SETTLE_MS);
             // Half come back before they would be rescheduled, half after.
-            let length = if rng.random_bool(0.5) { rng.random_range(200..2_500) } else { rng.random_range(4_000..8_000) };
+            let length =
+                if rng.random_bool(0.5) { rng.random_range(200..2_500) } else { rng.random_range(4_000..8_000) };
             hosts[id as usize - 1].fault = Some((kind, from, from + length));
         }
         state.take_dirty();
@@ -416,7 +437,8 @@ impl Sim {
             let id = self.hosts[i].id;
             let view: BTreeMap<String, (u64, bool)> =
                 self.state.vms_on(id).map(|vm| (vm.name.clone(), (vm.generation, vm.may_start_on(id)))).collect();
-            let heartbeat = Message::Heartbeat { to: id, confirm: confirmed.get(&id).copied(), index: self.index, view };
+            let heartbeat =
+                Message::Heartbeat { to: id, confirm: confirmed.get(&id).copied(), index: self.index, view };
             self.send(i, 1, true, heartbeat);
         }
     }
@@ -504,7 +526,9 @@ impl Sim {
         let start: Vec<(String, u64)> = host
             .view
             .iter()
-            .filter(|(vm, (_, may))| *may && !host.running.contains_key(*vm) && !host.stopping.iter().any(|(s, ..)| s == *vm))
+            .filter(|(vm, (_, may))| {
+                *may && !host.running.contains_key(*vm) && !host.stopping.iter().any(|(s, ..)| s == *vm)
+            })
             .map(|(vm, (g, _))| (vm.clone(), *g))
             .collect();
         for (vm, generation) in start {
@@ -516,7 +540,13 @@ impl Sim {
             others.insert(id);
             let host = &mut self.hosts[i];
             host.running.insert(vm.clone(), generation);
-            host.outbox.push(CommandKind::Report { node: id, vm, generation, state: VmState::Running, last_error: None });
+            host.outbox.push(CommandKind::Report {
+                node: id,
+                vm,
+                generation,
+                state: VmState::Running,
+                last_error: None,
+            });
         }
         if self.hosts[i].heard_at(t) {
             for kind in std::mem::take(&mut self.hosts[i].outbox) {
@@ -548,7 +578,9 @@ impl Sim {
         }
         for decision in decisions {
             match &decision.command {
-                CommandKind::SetStatus { node, status: MemberStatus::Down } if self.hosts[*node as usize - 1].healthy() => {
+                CommandKind::SetStatus { node, status: MemberStatus::Down }
+                    if self.hosts[*node as usize - 1].healthy() =>
+                {
                     self.fail(format!("healthy host {node} marked down: {}", decision.reason));
                 }
                 CommandKind::Place { .. } => self.moves += 1,

@@ -1009,7 +1009,8 @@ impl Memo {
     }
 
     fn mark(&mut self, state: &State, hosts: &[Host], peak: Peak) {
-        let marks = hosts.iter().zip(peak.0).map(|(h, (used, groups))| HostMark { id: h.member.id, used, groups }).collect();
+        let marks =
+            hosts.iter().zip(peak.0).map(|(h, (used, groups))| HostMark { id: h.member.id, used, groups }).collect();
         self.hosts = Some(marks);
         self.member_epoch = state.member_epoch();
     }
