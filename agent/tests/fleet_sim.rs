@@ -382,7 +382,7 @@ impl Sim {
                 self.duties();
                 self.next_duties_ms = self.t + self.timing.check_interval_ms;
             }
-            if self.t % 1_000 == 0 {
+            if self.t.is_multiple_of(1_000) {
                 self.state.validate().unwrap_or_else(|e| self.fail(format!("state invariants: {e}")));
             }
             self.t += STEP_MS;

@@ -871,24 +871,43 @@ impl<'s> Planner<'s, '_> {
         let mut busy = BTreeSet::new();
         let mut candidates: BTreeMap<NodeId, Vec<&'s Vm>> = BTreeMap::new();
         for vm in looked.into_iter().filter_map(|name| state.vm(name)) {
-            let view = self.model.view_of(vm);
-            if let Some(h) = view.handoff {
-                busy.insert(h.from);
-            }
-            if let Some(from) = vm.moved_from
-                && view.placement.is_some_and(|node| Some(node) == vm.placement.map(|p| p.node))
-                && vm.spec.desired == Desired::Running
-                && matches!(vm.observed.state, VmState::Pending | VmState::Starting)
-            {
-                busy.insert(from);
-            }
-            if let Some(node) = view.placement
-                && view.handoff.is_none()
-                && draining.contains(&node)
-            {
-                candidates.entry(node).or_default().push(vm);
-            }
+            self.file_for_drain(vm, &draining, &mut busy, &mut candidates);
         }
+        self.move_off_draining(&busy, candidates);
+    }
+
+    /// Files VM `vm` for the drain: the hosts its handoff or its settling
+    /// move keep `busy`, and the drain's `candidates` if it is on a
+    /// draining host.
+    fn file_for_drain(
+        &self,
+        vm: &'s Vm,
+        draining: &BTreeSet<NodeId>,
+        busy: &mut BTreeSet<NodeId>,
+        candidates: &mut BTreeMap<NodeId, Vec<&'s Vm>>,
+    ) {
+        let view = self.model.view_of(vm);
+        if let Some(h) = view.handoff {
+            busy.insert(h.from);
+        }
+        if let Some(from) = vm.moved_from
+            && view.placement.is_some_and(|node| Some(node) == vm.placement.map(|p| p.node))
+            && vm.spec.desired == Desired::Running
+            && matches!(vm.observed.state, VmState::Pending | VmState::Starting)
+        {
+            busy.insert(from);
+        }
+        if let Some(node) = view.placement
+            && view.handoff.is_none()
+            && draining.contains(&node)
+        {
+            candidates.entry(node).or_default().push(vm);
+        }
+    }
+
+    /// Moves one VM (the first in `candidates`' order that fits elsewhere)
+    /// off each draining host not `busy` with an earlier move.
+    fn move_off_draining(&mut self, busy: &BTreeSet<NodeId>, candidates: BTreeMap<NodeId, Vec<&'s Vm>>) {
         for (node, vms) in candidates {
             if busy.contains(&node) {
                 continue;

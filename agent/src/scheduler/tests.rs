@@ -997,40 +997,9 @@ impl<'s> Planner<'s, '_> {
         let mut busy = BTreeSet::new();
         let mut candidates: BTreeMap<NodeId, Vec<&'s Vm>> = BTreeMap::new();
         for vm in self.state.vms().values() {
-            let view = self.model.view_of(vm);
-            if let Some(h) = view.handoff {
-                busy.insert(h.from);
-            }
-            if let Some(from) = vm.moved_from
-                && view.placement.is_some_and(|node| Some(node) == vm.placement.map(|p| p.node))
-                && vm.spec.desired == Desired::Running
-                && matches!(vm.observed.state, VmState::Pending | VmState::Starting)
-            {
-                busy.insert(from);
-            }
-            if let Some(node) = view.placement
-                && view.handoff.is_none()
-                && draining.contains(&node)
-            {
-                candidates.entry(node).or_default().push(vm);
-            }
+            self.file_for_drain(vm, &draining, &mut busy, &mut candidates);
         }
-        for (node, vms) in candidates {
-            if busy.contains(&node) {
-                continue;
-            }
-            let why = format!("{} is draining", self.model.node_name(node));
-            for vm in vms {
-                if !self.room(1) {
-                    return;
-                }
-                let v = self.model.slot(vm);
-                if let Some((i, used)) = self.model.best_host(v, self.policy.strategy) {
-                    self.place(v, i, used, Some(why));
-                    break;
-                }
-            }
-        }
+        self.move_off_draining(&busy, candidates);
     }
 }
 
