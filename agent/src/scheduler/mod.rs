@@ -850,13 +850,7 @@ impl<'s> Planner<'s, '_> {
 
     /// Moves one VM off each draining host whose previous move has settled.
     fn drain(&mut self) {
-        let draining: BTreeSet<NodeId> = self
-            .model
-            .hosts
-            .iter()
-            .filter(|h| h.member.drain && h.member.status == MemberStatus::Up)
-            .map(|h| h.member.id)
-            .collect();
+        let draining = self.draining_hosts();
         if draining.is_empty() {
             return;
         }
@@ -874,6 +868,12 @@ impl<'s> Planner<'s, '_> {
             self.file_for_drain(vm, &draining, &mut busy, &mut candidates);
         }
         self.move_off_draining(&busy, candidates);
+    }
+
+    /// The up hosts that drain.
+    fn draining_hosts(&self) -> BTreeSet<NodeId> {
+        let hosts = self.model.hosts.iter();
+        hosts.filter(|h| h.member.drain && h.member.status == MemberStatus::Up).map(|h| h.member.id).collect()
     }
 
     /// Files VM `vm` for the drain: the hosts its handoff or its settling

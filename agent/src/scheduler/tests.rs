@@ -984,13 +984,7 @@ fn plan_by_full_scan(state: &State, policy: &Policy, fenced: &BTreeSet<NodeId>) 
 impl<'s> Planner<'s, '_> {
     /// `Planner::drain` as it was: a look at every VM while a host drains.
     fn drain_by_full_scan(&mut self) {
-        let draining: BTreeSet<NodeId> = self
-            .model
-            .hosts
-            .iter()
-            .filter(|h| h.member.drain && h.member.status == MemberStatus::Up)
-            .map(|h| h.member.id)
-            .collect();
+        let draining = self.draining_hosts();
         if draining.is_empty() {
             return;
         }
