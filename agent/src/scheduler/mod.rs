@@ -57,21 +57,30 @@
 //! # Cost
 //!
 //! A plan reads each host's usage from the state's host index (kept up to
-//! date at apply) and looks only at the VMs its rules concern: handoffs
-//! from and VMs on fenced hosts (from the same index), failed VMs and
-//! waiting (unplaced desired-running) VMs (from the [`Memo`]'s queues), and
-//! every VM only while some host drains. Placing one VM scans the hosts
-//! once with two integer comparisons per host, and checks the costlier
-//! constraints (runner set, labels, anti-affinity) only on a host that
-//! would beat the best so far.
+//! date at apply, on every member) and looks only at the VMs its rules
+//! concern: handoffs from and VMs on fenced hosts (from the same index),
+//! failed VMs and waiting (unplaced desired-running) VMs (the state's
+//! queues, `State::failed_vms` and `State::waiting_vms`, kept at apply
+//! too), and every VM only while some host drains. So a plan from scratch,
+//! a new leader's first, costs the VMs that need something, not every VM.
+//! A VM whose runner no host has fits nowhere without a look at any host
+//! (the state counts each runner's hosts at apply). Placing one VM ranks
+//! the hosts that pass the cheap checks (status, capacity: two integer
+//! comparisons per host) by load and checks the costlier constraints
+//! (labels, anti-affinity, the runner set) in rank order, stopping at the
+//! first host that passes them: the same host a scan in name order would
+//! pick (a property test holds it to that).
 //!
 //! The leader plans with [`plan_with`] and a [`Memo`]: waiting VMs that fit
 //! on no host are skipped by later plans until they change or some host
 //! could take more than it could, so a plan after a few creates costs those
 //! creates, not the thousands of VMs waiting for a runner. Its decisions
-//! are exactly [`plan`]'s (a property test holds it to that).
+//! are exactly [`plan`]'s (a property test holds it to that, and another
+//! holds a first plan to the full scan over every VM it replaced).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::cell::RefCell;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::fmt;
 
 use crate::state::{
@@ -139,15 +148,36 @@ pub fn plan_with(
     changed: Option<&BTreeSet<String>>,
     memo: &mut Memo,
 ) -> Vec<Decision> {
-    let changed = changed.filter(|changed| memo.follow(state, changed));
+    let queues = Queues { waiting: state.waiting_vms(), failed: state.failed_vms() };
+    plan_queued(state, policy, fenced, changed, memo, queues)
+}
+
+/// The VMs a plan visits besides those of fenced and draining hosts.
+#[derive(Clone, Copy)]
+struct Queues<'q> {
+    /// Unplaced desired-running VMs ([`Vm::is_waiting`]).
+    waiting: &'q BTreeSet<String>,
+    /// Placed VMs observed failed ([`Vm::is_failed`]).
+    failed: &'q BTreeSet<String>,
+}
+
+fn plan_queued(
+    state: &State,
+    policy: &Policy,
+    fenced: &BTreeSet<NodeId>,
+    changed: Option<&BTreeSet<String>>,
+    memo: &mut Memo,
+    queues: Queues<'_>,
+) -> Vec<Decision> {
+    let changed = changed.filter(|changed| memo.follow(changed));
     if changed.is_none() {
-        memo.rebuild(state);
+        *memo = Memo { planned: true, ..Memo::default() };
     }
     let mut planner = Planner { state, model: Model::new(state), policy, fenced, out: Vec::new() };
     planner.clear_fenced_handoffs();
     planner.reschedule_fenced();
-    planner.reschedule_failed(&memo.failed);
-    planner.place_unplaced(memo, changed);
+    planner.reschedule_failed(queues.failed);
+    planner.place_unplaced(memo, changed, queues.waiting);
     planner.drain();
     planner.out
 }
@@ -358,6 +388,7 @@ struct Host<'s> {
 /// only when the plan looks at them (a slot each), so a plan costs the VMs
 /// it considers, not every VM.
 struct Model<'s> {
+    state: &'s State,
     hosts: Vec<Host<'s>>,
     /// Host index by node id and by name; hosts are in name order.
     host_by_id: BTreeMap<NodeId, usize>,
@@ -366,6 +397,8 @@ struct Model<'s> {
     vms: Vec<&'s Vm>,
     views: Vec<View>,
     slot_of: HashMap<&'s str, usize>,
+    /// `best_host`'s scratch space, kept to spare an allocation per VM.
+    ranked: RefCell<Vec<Reverse<(u64, usize)>>>,
 }
 
 /// Fixed-point scale of a load fraction.
@@ -393,7 +426,16 @@ impl<'s> Model<'s> {
             .collect();
         let host_by_id = hosts.iter().enumerate().map(|(i, h)| (h.member.id, i)).collect();
         let host_index = hosts.iter().enumerate().map(|(i, h)| (h.member.name.as_str(), i)).collect();
-        Model { hosts, host_by_id, host_index, vms: Vec::new(), views: Vec::new(), slot_of: HashMap::new() }
+        Model {
+            state,
+            hosts,
+            host_by_id,
+            host_index,
+            vms: Vec::new(),
+            views: Vec::new(),
+            slot_of: HashMap::new(),
+            ranked: RefCell::default(),
+        }
     }
 
     /// VM `vm`'s slot, entering it into the model as the state has it (the
@@ -528,8 +570,27 @@ impl<'s> Model<'s> {
         fraction(used.vcpu, limit.vcpu) + fraction(used.memory_mib, limit.memory_mib)
     }
 
+    /// Whether host `i` satisfies VM `v`'s constraints other than status
+    /// and capacity: [`Model::constraint_misfit`] is `None`, checked with
+    /// the runner (a lookup among maybe thousands of names) last.
+    fn fits_constraints(&self, v: usize, i: usize) -> bool {
+        let vm = self.vms[v];
+        let h = &self.hosts[i];
+        vm.spec.node.as_ref().is_none_or(|pinned| *pinned == h.member.name)
+            && vm.spec.labels.iter().all(|(key, value)| h.member.labels.get(key) == Some(value))
+            && vm.spec.anti_affinity.as_ref().is_none_or(|group| {
+                let own = u32::from(self.views[v].placement == Some(h.member.id));
+                h.groups.get(group.as_str()).copied().unwrap_or(0) <= own
+            })
+            && h.member.runners.contains(&vm.name)
+    }
+
     /// The host the strategy picks for VM `v`, with its usage after placing.
     fn best_host(&self, v: usize, strategy: Strategy) -> Option<(usize, Resources)> {
+        if self.state.runner_hosts(&self.vms[v].name) == 0 {
+            // No host has its runner (the state counts them at apply).
+            return None;
+        }
         if let Some(pinned) = &self.vms[v].spec.node {
             let i = *self.host_index.get(pinned.as_str())?;
             if self.misfit(v, i).is_some() {
@@ -537,7 +598,12 @@ impl<'s> Model<'s> {
             }
             return self.used_after(v, i).ok().map(|used| (i, used));
         }
-        let mut best: Option<(u64, usize, Resources)> = None;
+        // The winner is the passing host with the best (load, name order):
+        // rank every host that passes the cheap checks, then check the
+        // costlier constraints in rank order, stopping at the first host
+        // that passes them, usually one of the first few.
+        let mut ranked = std::mem::take(&mut *self.ranked.borrow_mut());
+        ranked.clear();
         for i in 0..self.hosts.len() {
             if !self.hosts[i].accepts || self.vms[v].failed_on.contains(&self.hosts[i].member.id) {
                 continue;
@@ -546,16 +612,22 @@ impl<'s> Model<'s> {
                 continue;
             };
             let load = self.load(i, used);
-            let better = match (best, strategy) {
-                (None, _) => true,
-                (Some((b, ..)), Strategy::Spread) => load < b,
-                (Some((b, ..)), Strategy::Binpack) => load > b,
+            let rank = match strategy {
+                Strategy::Spread => load,
+                Strategy::Binpack => u64::MAX - load,
             };
-            if better && self.constraint_misfit(v, i).is_none() {
-                best = Some((load, i, used));
+            ranked.push(Reverse((rank, i)));
+        }
+        let mut heap = BinaryHeap::from(ranked);
+        let mut best = None;
+        while let Some(Reverse((_, i))) = heap.pop() {
+            if self.fits_constraints(v, i) {
+                best = self.used_after(v, i).ok().map(|used| (i, used));
+                break;
             }
         }
-        best.map(|(_, i, used)| (i, used))
+        *self.ranked.borrow_mut() = heap.into_vec();
+        best
     }
 }
 
@@ -727,16 +799,14 @@ impl<'s> Planner<'s, '_> {
 
     /// Places unplaced desired-running VMs, largest first, skipping those
     /// `memo` knows fit nowhere (see [`Memo`]).
-    fn place_unplaced(&mut self, memo: &mut Memo, changed: Option<&BTreeSet<String>>) {
+    fn place_unplaced(&mut self, memo: &mut Memo, changed: Option<&BTreeSet<String>>, waiting: &BTreeSet<String>) {
         let state = self.state;
-        let mut skipping = changed.is_some() && memo.holds_for(&self.model.hosts);
+        let mut skipping = changed.is_some() && memo.holds_for(state, &self.model.hosts);
         let mut vms: Vec<&'s Vm> = match changed.filter(|_| skipping) {
-            Some(changed) => {
-                memo_queue(state, memo.open.iter().chain(changed).filter(|name| memo.waiting.contains(*name)))
-            }
+            Some(changed) => memo_queue(state, memo.open.iter().chain(changed).filter(|name| waiting.contains(*name))),
             None => {
                 memo.blocked.clear();
-                memo_queue(state, memo.waiting.iter())
+                memo_queue(state, waiting.iter())
             }
         };
         memo.open.clear();
@@ -765,7 +835,7 @@ impl<'s> Planner<'s, '_> {
             memo.open.insert(vm.name.clone());
             if frees && skipping {
                 // The rest of the queue is considered in full.
-                vms = memo_queue(state, memo.waiting.iter());
+                vms = memo_queue(state, waiting.iter());
                 vms.retain(|w| wait_order(w) > wait_order(vm));
                 for w in &vms {
                     memo.blocked.remove(&w.name);
@@ -775,42 +845,69 @@ impl<'s> Planner<'s, '_> {
             }
         }
         peak.fold(&self.model.hosts);
-        memo.mark(&self.model.hosts, peak);
+        memo.mark(state, &self.model.hosts, peak);
     }
 
     /// Moves one VM off each draining host whose previous move has settled.
     fn drain(&mut self) {
-        let draining: BTreeSet<NodeId> = self
-            .model
-            .hosts
-            .iter()
-            .filter(|h| h.member.drain && h.member.status == MemberStatus::Up)
-            .map(|h| h.member.id)
-            .collect();
+        let draining = self.draining_hosts();
         if draining.is_empty() {
             return;
         }
+        // Only the VMs with a handoff, the settling ones, those on draining
+        // hosts and those this plan changed can count (the state indexes
+        // the first three at apply): not every VM.
+        let state = self.state;
+        let mut looked: BTreeSet<&'s str> = self.model.vms.iter().map(|vm| vm.name.as_str()).collect();
+        looked.extend(state.handoff_hosts().flat_map(|node| state.handoffs_from(node)).map(|(vm, _)| vm.name.as_str()));
+        looked.extend(state.settling_vms().iter().map(String::as_str));
+        looked.extend(draining.iter().flat_map(|&node| state.vms_on(node)).map(|vm| vm.name.as_str()));
         let mut busy = BTreeSet::new();
         let mut candidates: BTreeMap<NodeId, Vec<&'s Vm>> = BTreeMap::new();
-        for vm in self.state.vms().values() {
-            let view = self.model.view_of(vm);
-            if let Some(h) = view.handoff {
-                busy.insert(h.from);
-            }
-            if let Some(from) = vm.moved_from
-                && view.placement.is_some_and(|node| Some(node) == vm.placement.map(|p| p.node))
-                && vm.spec.desired == Desired::Running
-                && matches!(vm.observed.state, VmState::Pending | VmState::Starting)
-            {
-                busy.insert(from);
-            }
-            if let Some(node) = view.placement
-                && view.handoff.is_none()
-                && draining.contains(&node)
-            {
-                candidates.entry(node).or_default().push(vm);
-            }
+        for vm in looked.into_iter().filter_map(|name| state.vm(name)) {
+            self.file_for_drain(vm, &draining, &mut busy, &mut candidates);
         }
+        self.move_off_draining(&busy, candidates);
+    }
+
+    /// The up hosts that drain.
+    fn draining_hosts(&self) -> BTreeSet<NodeId> {
+        let hosts = self.model.hosts.iter();
+        hosts.filter(|h| h.member.drain && h.member.status == MemberStatus::Up).map(|h| h.member.id).collect()
+    }
+
+    /// Files VM `vm` for the drain: the hosts its handoff or its settling
+    /// move keep `busy`, and the drain's `candidates` if it is on a
+    /// draining host.
+    fn file_for_drain(
+        &self,
+        vm: &'s Vm,
+        draining: &BTreeSet<NodeId>,
+        busy: &mut BTreeSet<NodeId>,
+        candidates: &mut BTreeMap<NodeId, Vec<&'s Vm>>,
+    ) {
+        let view = self.model.view_of(vm);
+        if let Some(h) = view.handoff {
+            busy.insert(h.from);
+        }
+        if let Some(from) = vm.moved_from
+            && view.placement.is_some_and(|node| Some(node) == vm.placement.map(|p| p.node))
+            && vm.spec.desired == Desired::Running
+            && matches!(vm.observed.state, VmState::Pending | VmState::Starting)
+        {
+            busy.insert(from);
+        }
+        if let Some(node) = view.placement
+            && view.handoff.is_none()
+            && draining.contains(&node)
+        {
+            candidates.entry(node).or_default().push(vm);
+        }
+    }
+
+    /// Moves one VM (the first in `candidates`' order that fits elsewhere)
+    /// off each draining host not `busy` with an earlier move.
+    fn move_off_draining(&mut self, busy: &BTreeSet<NodeId>, candidates: BTreeMap<NodeId, Vec<&'s Vm>>) {
         for (node, vms) in candidates {
             if busy.contains(&node) {
                 continue;
@@ -844,16 +941,6 @@ fn memo_queue<'s, 'n>(state: &'s State, names: impl Iterator<Item = &'n String>)
     vms
 }
 
-/// A VM for the scheduler to place: unplaced and desired running.
-fn is_waiting(vm: &Vm) -> bool {
-    vm.placement.is_none() && vm.spec.desired == Desired::Running
-}
-
-/// A VM for the scheduler to look at moving: placed and observed failed.
-fn is_failed(vm: &Vm) -> bool {
-    vm.placement.is_some() && vm.observed.state == VmState::Failed
-}
-
 /// What one plan learned that the next can reuse: which waiting VMs fit on
 /// no host. Such a VM still fits nowhere as long as it is unchanged and no
 /// host has become any more able to take it: the same members with the same
@@ -865,18 +952,14 @@ fn is_failed(vm: &Vm) -> bool {
 /// released, a member changed, a decision lost) makes the next plan
 /// consider every waiting VM again.
 ///
-/// The memo also keeps the plan's queues (the waiting VMs and the failed
-/// ones), built by one pass over every VM when it starts and then kept up
-/// to date from the names of the VMs changed, so only the leader pays for
-/// them.
+/// The plan's queues (the waiting VMs and the failed ones) are not the
+/// memo's: the state keeps them at apply on every member
+/// (`State::waiting_vms`, `State::failed_vms`), so a new leader's first
+/// plan, with a fresh memo, visits those VMs and not every VM.
 #[derive(Debug, Default)]
 pub struct Memo {
-    /// Unplaced desired-running VMs, by name.
-    waiting: BTreeSet<String>,
-    /// Placed VMs observed failed, by name.
-    failed: BTreeSet<String>,
-    /// Whether `waiting` and `failed` were built.
-    built: bool,
+    /// Whether a plan ran with this memo (else `changed` means nothing).
+    planned: bool,
     /// Waiting VMs that fit on no host at the last plan.
     blocked: HashSet<String>,
     /// Waiting VMs the last plan placed or did not reach: considered again.
@@ -884,11 +967,14 @@ pub struct Memo {
     /// The hosts as they were when the last plan found VMs blocked; `None`:
     /// no plan yet.
     hosts: Option<Vec<HostMark>>,
+    /// The state's `member_epoch` then: the members are the same, in every
+    /// field, while it is.
+    member_epoch: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 struct HostMark {
-    member: Member,
+    id: NodeId,
     used: Resources,
     groups: BTreeMap<String, u32>,
 }
@@ -912,46 +998,26 @@ impl Peak {
 }
 
 impl Memo {
-    /// Brings the queues up to date with the VMs `changed` since the last
-    /// plan; false when they were never built (then call `rebuild`).
-    fn follow(&mut self, state: &State, changed: &BTreeSet<String>) -> bool {
-        if !self.built {
+    /// Forgets what it learned about the VMs `changed` since the last
+    /// plan; false when no plan ran with this memo (then it knows nothing).
+    fn follow(&mut self, changed: &BTreeSet<String>) -> bool {
+        if !self.planned {
             return false;
         }
         for name in changed {
             self.blocked.remove(name);
-            let vm = state.vm(name);
-            for (set, member) in
-                [(&mut self.waiting, vm.is_some_and(is_waiting)), (&mut self.failed, vm.is_some_and(is_failed))]
-            {
-                if member {
-                    set.insert(name.clone());
-                } else {
-                    set.remove(name);
-                }
-            }
         }
         true
     }
 
-    /// Builds the queues from every VM and forgets what earlier plans
-    /// learned.
-    fn rebuild(&mut self, state: &State) {
-        *self = Memo {
-            waiting: state.vms().values().filter(|vm| is_waiting(vm)).map(|vm| vm.name.clone()).collect(),
-            failed: state.vms().values().filter(|vm| is_failed(vm)).map(|vm| vm.name.clone()).collect(),
-            built: true,
-            ..Memo::default()
-        };
-    }
-
     /// Whether the VMs found blocked still fit nowhere on `hosts` (unless
     /// they changed).
-    fn holds_for(&self, hosts: &[Host]) -> bool {
+    fn holds_for(&self, state: &State, hosts: &[Host]) -> bool {
         let Some(marks) = &self.hosts else { return false };
-        marks.len() == hosts.len()
+        self.member_epoch == state.member_epoch()
+            && marks.len() == hosts.len()
             && marks.iter().zip(hosts).all(|(mark, host)| {
-                mark.member == *host.member
+                mark.id == host.member.id
                     && host.used.vcpu >= mark.used.vcpu
                     && host.used.memory_mib >= mark.used.memory_mib
                     && mark
@@ -961,13 +1027,11 @@ impl Memo {
             })
     }
 
-    fn mark(&mut self, hosts: &[Host], peak: Peak) {
-        let marks = hosts
-            .iter()
-            .zip(peak.0)
-            .map(|(h, (used, groups))| HostMark { member: h.member.clone(), used, groups })
-            .collect();
+    fn mark(&mut self, state: &State, hosts: &[Host], peak: Peak) {
+        let marks =
+            hosts.iter().zip(peak.0).map(|(h, (used, groups))| HostMark { id: h.member.id, used, groups }).collect();
         self.hosts = Some(marks);
+        self.member_epoch = state.member_epoch();
     }
 
     /// How many waiting VMs the last plan found fit nowhere.

@@ -551,7 +551,10 @@ impl State {
                     check_name("runner", runner)?;
                 }
                 self.members.get(node).ok_or(Rejection::UnknownNode(*node))?;
-                self.member_mut(*node).runners = runners.iter().cloned().collect();
+                let runners: BTreeSet<String> = runners.iter().cloned().collect();
+                self.index.count_runners(&runners, true);
+                let old = std::mem::replace(&mut self.member_mut(*node).runners, runners);
+                self.index.count_runners(&old, false);
                 let vms = self.unplace_violations(*node, at);
                 Ok(Effect::MemberChangedUnplaced { node: *node, vms })
             }
@@ -713,7 +716,7 @@ impl State {
                 }
                 let mut member = Member::new(*id, name.clone(), address.clone());
                 member.learner = true;
-                self.dirty.members.insert(*id);
+                self.member_changed(*id);
                 self.members.insert(*id, member);
                 Ok(Effect::MemberAdded { node: *id })
             }
@@ -742,8 +745,10 @@ impl State {
                     unplace(vm, at_unix_ms);
                     self.dirty.vm(name.clone());
                 }
-                self.members.remove(id);
-                self.dirty.members.insert(*id);
+                if let Some(member) = self.members.remove(id) {
+                    self.index.count_runners(&member.runners, false);
+                }
+                self.member_changed(*id);
                 Ok(Effect::MemberRemoved { node: *id, unplaced: names })
             }
         }
@@ -763,7 +768,7 @@ impl State {
     }
 
     fn member_mut(&mut self, id: NodeId) -> &mut Member {
-        self.dirty.members.insert(id);
+        self.member_changed(id);
         self.members.get_mut(&id).expect("caller checked the member exists")
     }
 

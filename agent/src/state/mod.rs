@@ -67,7 +67,23 @@ pub struct State {
     /// VMs changed since the last [`State::take_vm_changes`], for the
     /// leader's scheduler.
     vm_changes: ChangeFeed,
+    /// Counts member changes (see [`State::member_epoch`]).
+    member_epoch: Epoch,
 }
+
+/// How many member changes a state has applied since it was made (loaded,
+/// decoded or built): bookkeeping for the scheduler's memo, not part of the
+/// state's value (two states compare equal whatever their counts).
+#[derive(Debug, Clone, Copy, Default)]
+struct Epoch(u64);
+
+impl PartialEq for Epoch {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Epoch {}
 
 /// Names of the VMs changed by applied commands, collected only while
 /// someone reads them (the leader's scheduler), so followers keep nothing.
@@ -98,6 +114,19 @@ struct HostIndex {
     /// What the maps above hold for each placed or reserved VM, to undo it
     /// when the VM changes.
     of_vm: BTreeMap<String, Filed>,
+    /// The scheduler's queues, so that a plan from scratch (a new leader's
+    /// first) visits the VMs waiting to be placed and the failed ones, not
+    /// every VM: unplaced desired-running VMs ([`Vm::is_waiting`]) ...
+    waiting: BTreeSet<String>,
+    /// ... and placed VMs observed failed ([`Vm::is_failed`]), and VMs
+    /// moved and not yet started ([`Vm::is_settling`]), which a drain
+    /// waits for.
+    failed: BTreeSet<String>,
+    settling: BTreeSet<String>,
+    /// For each runner some member has, how many members have it: a VM
+    /// whose runner no host has fits nowhere, found without a look at any
+    /// host.
+    runner_hosts: BTreeMap<String, u32>,
 }
 
 /// What the VMs placed on a host, and the copies reserved there by pending
@@ -126,18 +155,52 @@ impl Filed {
 }
 
 impl HostIndex {
-    fn build(vms: &BTreeMap<String, Vm>) -> HostIndex {
+    fn build(members: &BTreeMap<NodeId, Member>, vms: &BTreeMap<String, Vm>) -> HostIndex {
         let mut index = HostIndex::default();
         for vm in vms.values() {
             index.update(&vm.name, Some(vm));
         }
+        for member in members.values() {
+            index.count_runners(&member.runners, true);
+        }
         index
+    }
+
+    /// Counts (or uncounts) one member's runners.
+    fn count_runners(&mut self, runners: &BTreeSet<String>, add: bool) {
+        for runner in runners {
+            match self.runner_hosts.get_mut(runner) {
+                Some(count) if add => *count += 1,
+                Some(count) if *count > 1 => *count -= 1,
+                Some(_) => {
+                    self.runner_hosts.remove(runner);
+                }
+                None if add => {
+                    self.runner_hosts.insert(runner.clone(), 1);
+                }
+                None => {}
+            }
+        }
     }
 
     /// Re-files VM `name` as it now is (`None`: deleted).
     fn update(&mut self, name: &str, vm: Option<&Vm>) {
         if let Some(old) = self.of_vm.remove(name) {
             self.file(name, &old, false);
+        }
+        let queues = [
+            (&mut self.waiting, vm.is_some_and(Vm::is_waiting)),
+            (&mut self.failed, vm.is_some_and(Vm::is_failed)),
+            (&mut self.settling, vm.is_some_and(Vm::is_settling)),
+        ];
+        for (queue, member) in queues {
+            if member {
+                if !queue.contains(name) {
+                    queue.insert(name.to_string());
+                }
+            } else {
+                queue.remove(name);
+            }
         }
         let Some(vm) = vm else { return };
         let new = Filed::of(vm);
@@ -215,9 +278,29 @@ impl State {
         let mut state = State::default();
         for member in members {
             state.dirty.members.insert(member.id);
+            state.index.count_runners(&member.runners, true);
             state.members.insert(member.id, member);
         }
         state
+    }
+
+    /// Records that member `id` changed (or was added or removed).
+    fn member_changed(&mut self, id: NodeId) {
+        self.dirty.members.insert(id);
+        self.member_epoch.0 += 1;
+    }
+
+    /// A number that grows with every member change applied to this state
+    /// (a member added, removed, or any of its fields changed) and only
+    /// then: equal numbers of one state mean the same members. Not
+    /// replicated: it counts from wherever this state was made.
+    pub fn member_epoch(&self) -> u64 {
+        self.member_epoch.0
+    }
+
+    /// How many members report the runner of VM `vm` installed.
+    pub fn runner_hosts(&self, vm: &str) -> u32 {
+        self.index.runner_hosts.get(vm).copied().unwrap_or(0)
     }
 
     pub fn members(&self) -> &BTreeMap<NodeId, Member> {
@@ -299,6 +382,24 @@ impl State {
         used
     }
 
+    /// Unplaced desired-running VMs, by name: the scheduler's queue of VMs
+    /// to place, from the index kept at apply.
+    pub fn waiting_vms(&self) -> &BTreeSet<String> {
+        &self.index.waiting
+    }
+
+    /// Placed VMs observed failed, by name: the scheduler's queue of VMs to
+    /// look at moving, from the index kept at apply.
+    pub fn failed_vms(&self) -> &BTreeSet<String> {
+        &self.index.failed
+    }
+
+    /// VMs moved from another host that have not started yet
+    /// ([`Vm::is_settling`]), by name, from the index kept at apply.
+    pub fn settling_vms(&self) -> &BTreeSet<String> {
+        &self.index.settling
+    }
+
     /// What the VMs placed on `node` and the copies reserved there use.
     pub fn usage_on(&self, node: NodeId) -> Option<&HostUsage> {
         self.index.usage.get(&node)
@@ -375,20 +476,24 @@ impl State {
     /// node opens its store; applied commands go through [`State::apply`].
     pub fn load(members: Vec<Member>, vms: Vec<Vm>, join_tokens: Vec<JoinToken>) -> Self {
         let vms: BTreeMap<String, Vm> = vms.into_iter().map(|v| (v.name.clone(), v)).collect();
+        let members = members.into_iter().map(|m| (m.id, m)).collect();
         State {
-            members: members.into_iter().map(|m| (m.id, m)).collect(),
-            index: HostIndex::build(&vms),
+            index: HostIndex::build(&members, &vms),
+            members,
             vms,
             join_tokens: join_tokens.into_iter().map(|t| (t.hash, t)).collect(),
             dirty: Dirty::default(),
             vm_changes: ChangeFeed::default(),
+            member_epoch: Epoch::default(),
         }
     }
 
     /// Checks the invariants listed in the module documentation.
     pub fn validate(&self) -> Result<(), String> {
-        if self.index != HostIndex::build(&self.vms) {
-            return Err("the host index does not match the VMs' placements and handoffs".into());
+        if self.index != HostIndex::build(&self.members, &self.vms) {
+            return Err("the host index does not match the members' runners and the VMs' placements, handoffs and \
+                        states"
+                .into());
         }
         if self.join_tokens.len() > types::limits::JOIN_TOKENS_MAX {
             return Err(format!("{} join tokens kept, over the limit", self.join_tokens.len()));

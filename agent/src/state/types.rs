@@ -341,6 +341,25 @@ impl Vm {
             && self.handoff.is_none()
     }
 
+    /// Unplaced and desired running: for the scheduler to place.
+    pub fn is_waiting(&self) -> bool {
+        self.placement.is_none() && self.spec.desired == Desired::Running
+    }
+
+    /// Placed and observed failed: for the scheduler to look at moving.
+    pub fn is_failed(&self) -> bool {
+        self.placement.is_some() && self.observed.state == VmState::Failed
+    }
+
+    /// Moved here from another host and not yet past `starting` there: a
+    /// drain waits for it before it moves the next VM off that host.
+    pub fn is_settling(&self) -> bool {
+        self.moved_from.is_some()
+            && self.placement.is_some()
+            && self.spec.desired == Desired::Running
+            && matches!(self.observed.state, VmState::Pending | VmState::Starting)
+    }
+
     /// The resources this VM takes on a host it is placed on.
     pub fn size(&self) -> Resources {
         Resources { vcpu: u64::from(self.spec.vcpu), memory_mib: self.spec.memory_mib }
