@@ -10,7 +10,8 @@
 //! - every other guest that is up stops: VMs placed elsewhere (and once
 //!   stopped, the move's handoff is released with `Released`), VMs desired
 //!   stopped, and guests the state does not know;
-//! - a fenced host (no quorum contact for `fence_after`) stops every guest
+//! - a fenced host (no quorum contact for `fence_after`) kills every guest
+//!   at once (`Runtime::kill`: no graceful stop for an abandoned guest),
 //!   within `stop_max`;
 //! - a running guest whose runner changed (`current` no longer what it
 //!   booted from) is restarted on the new one, one guest at a time (see
@@ -503,7 +504,9 @@ impl Reconciler {
         });
     }
 
-    fn spawn_stop(&mut self, vm: &str, within: Option<Duration>, reason: StopReason) {
+    /// Stops `vm` gracefully (`kill`: false), or kills it at once (`kill`:
+    /// true; a fenced or removed host's guests, see `Runtime::kill`).
+    fn spawn_stop(&mut self, vm: &str, kill: bool, reason: StopReason) {
         if !self.busy.insert(format!("op:{vm}")) {
             return;
         }
@@ -512,10 +515,7 @@ impl Reconciler {
         let vm = vm.to_string();
         tracing::info!(vm, why = reason.words(), "stopping guest");
         tokio::spawn(async move {
-            let result = match within {
-                Some(timeout) => runtime.stop_within(&vm, timeout).await,
-                None => runtime.stop(&vm).await,
-            };
+            let result = if kill { runtime.kill(&vm).await } else { runtime.stop(&vm).await };
             let _ = done.send(Done::Stopped { vm, reason, result: result.map(|_| ()).map_err(|e| e.to_string()) });
         });
     }
@@ -561,12 +561,12 @@ impl Reconciler {
             );
         }
         for vm in self.up_guests() {
-            self.spawn_stop(&vm, Some(Duration::from_millis(self.config.timing.stop_max_ms)), StopReason::Removed);
+            self.spawn_stop(&vm, true, StopReason::Removed);
         }
     }
 
-    /// No quorum contact: stop every guest but the exempt ones, within
-    /// `stop_max`. Needs nothing from the state (a member that cannot read
+    /// No quorum contact: kill every guest but the exempt ones at once,
+    /// within `stop_max`. Needs nothing from the state (a member that cannot read
     /// it must fence all the same).
     fn fence_now(&mut self) {
         self.config.metrics.set_fenced(true);
@@ -599,7 +599,7 @@ impl Reconciler {
             if self.exempt.contains(&vm) {
                 continue;
             }
-            self.spawn_stop(&vm, Some(Duration::from_millis(self.config.timing.stop_max_ms)), StopReason::Fenced);
+            self.spawn_stop(&vm, true, StopReason::Fenced);
         }
     }
 
@@ -684,7 +684,7 @@ impl Reconciler {
                 None if view.known.contains(&vm) => StopReason::PlacedElsewhere,
                 None => StopReason::NotInState,
             };
-            self.spawn_stop(&vm, None, why);
+            self.spawn_stop(&vm, false, why);
         }
 
         // Roll one guest to its new runner: stopped here, the start below (in a
@@ -700,7 +700,7 @@ impl Reconciler {
             })
         {
             self.stale_runners.remove(&vm);
-            self.spawn_stop(&vm, None, StopReason::RunnerChanged);
+            self.spawn_stop(&vm, false, StopReason::RunnerChanged);
         }
 
         // Start what should run here.

@@ -256,6 +256,25 @@ impl Runtime for ProcessRuntime {
         }
     }
 
+    async fn kill(&self, vm: &str) -> Result<Stopped, RuntimeError> {
+        names::validate(vm)?;
+        let (signals, mut exited) = {
+            let mut guests = self.guests();
+            let Some(Guest { running: Some(running), .. }) = guests.get_mut(vm) else {
+                return Ok(Stopped::Gracefully);
+            };
+            running.stop_requested = true;
+            let handles = (running.signals.clone(), running.exited.clone());
+            self.set_state(&mut guests, vm, GuestState::new(Phase::Deactivating, "SIGKILL sent"));
+            handles
+        };
+        let _ = signals.send(Signal::SIGKILL).await;
+        match tokio::time::timeout(KILL_WAIT, exited.wait_for(|done| *done)).await {
+            Ok(_) => Ok(Stopped::Killed),
+            Err(_) => Err(RuntimeError::Unkillable { vm: vm.to_owned() }),
+        }
+    }
+
     async fn state(&self, vm: &str) -> Result<GuestState, RuntimeError> {
         names::validate(vm)?;
         Ok(self.guests().get(vm).map_or_else(GuestState::inactive, |g| g.state.clone()))
