@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod etcd;
 pub mod guest;
 pub mod testbed;
+pub mod soak;
 pub mod timeline;
 pub mod wait;
 
