@@ -148,9 +148,9 @@ fn run_soak(duration: Duration) -> Result<()> {
     }
     eprintln!("cluster up in {:.1} s, guests on {placed:?}; soaking for {duration:?}", started.elapsed().as_secs_f64());
     let report = blixard_systests::soak::soak(&cluster, blixard_systests::testbed::Impairment::LOSSY, duration)?;
+    println!("soak (10% loss, 0-100 ms delay between hosts): {}", report.describe());
     let after = cluster.wait_settled(&SOAK_VMS, &all)?;
     let observed = cluster.assert_never_two_copies()?;
-    println!("soak (10% loss, 0-100 ms delay between hosts): {}", report.describe());
     println!(
         "guests on {after:?} (before: {placed:?}); never two copies over {} unit samples and {} cgroup rounds; \
          load average {load_before} before, {} after",
