@@ -14,8 +14,8 @@ pub mod bedcluster;
 pub mod cluster;
 pub mod etcd;
 pub mod guest;
-pub mod testbed;
 pub mod soak;
+pub mod testbed;
 pub mod timeline;
 pub mod wait;
 

@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-pub use impair::{Impaired, Impairment};
 pub use host::{AGENT_PATH, BOOT_TIMEOUT, EXEC_TIMEOUT, Host, unit_object_path};
+pub use impair::{Impaired, Impairment};
 use resources::{BED_ID_MAX, BedLock, HOSTS_MAX};
 
 /// The prefix length of every bed's subnet.

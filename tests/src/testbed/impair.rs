@@ -120,7 +120,12 @@ impl Drop for Impaired {
 
 fn iptables(pid: u32, action: &str, rule: &[String]) -> Result<()> {
     let mut command = Command::new(cmd::tool("nsenter")?);
-    command.arg(format!("--target={pid}")).args(["--net", "--"]).arg(cmd::tool("iptables")?).args(["-w", action]).args(rule);
+    command
+        .arg(format!("--target={pid}"))
+        .args(["--net", "--"])
+        .arg(cmd::tool("iptables")?)
+        .args(["-w", action])
+        .args(rule);
     let output = cmd::output_within(&mut command, Duration::from_secs(30))
         .with_context(|| format!("iptables {action} {rule:?} in pid {pid}'s network namespace"))?;
     cmd::check_success(&format!("iptables {action} {rule:?}"), &output)
@@ -136,11 +141,12 @@ impl Testbed {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let counts = Arc::new(Counts::default());
-        let mut impaired = Impaired { stop: stop.clone(), threads: Vec::new(), rules: Vec::new(), counts: counts.clone() };
+        let mut impaired =
+            Impaired { stop: stop.clone(), threads: Vec::new(), rules: Vec::new(), counts: counts.clone() };
         for host in self.hosts() {
             let pid = host.leader_pid().with_context(|| format!("{} is not running", host.name()))?;
-            let netns =
-                File::open(format!("/proc/{pid}/ns/net")).with_context(|| format!("{}'s network namespace", host.name()))?;
+            let netns = File::open(format!("/proc/{pid}/ns/net"))
+                .with_context(|| format!("{}'s network namespace", host.name()))?;
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let (stop, counts) = (stop.clone(), counts.clone());
             let thread = std::thread::Builder::new()
