@@ -142,10 +142,9 @@ pub struct Timing {
 }
 
 impl Default for Timing {
-    /// Chosen to put a lost host's VMs back into `running` within 2.5 s, and
-    /// to keep a healthy cluster unfenced on a network that loses 10% of its
-    /// packets and delays them by up to 100 ms (BENCHMARKS.md, "Failover
-    /// under loss and jitter"):
+    /// Chosen to put a lost host's VMs back into `running` within 2.5 s
+    /// (BENCHMARKS.md, "Faster safe failover"; on a network that loses 10%
+    /// of its packets, hosts still fence: see docs/fencing.md):
     ///
     /// - `check_interval` 100 ms: the agent's tick.
     /// - `election_timeout_max` 600 ms: Raft ticks of 25 ms, election after
