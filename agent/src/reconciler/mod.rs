@@ -219,6 +219,9 @@ pub struct Reconciler {
     /// Runtime operations and proposals in flight, so a pass never repeats
     /// one that has not finished.
     busy: BTreeSet<String>,
+    /// Guests this agent stopped or killed since it last started them: their
+    /// exit is not a failure.
+    stopped_by_us: BTreeSet<String>,
     /// Running guests booted from a runner that is no longer `current`, as of
     /// the last runner scan.
     stale_runners: BTreeSet<String>,
@@ -275,6 +278,7 @@ impl Reconciler {
             observed: BTreeMap::new(),
             guests: BTreeMap::new(),
             busy: BTreeSet::new(),
+            stopped_by_us: BTreeSet::new(),
             stale_runners: BTreeSet::new(),
             contact_in_flight: false,
             fenced_logged: false,
@@ -364,8 +368,13 @@ impl Reconciler {
     }
 
     fn on_guest(&mut self, vm: String, state: GuestState) {
-        let entered_failure =
-            state.phase == Phase::Failed && self.observed.get(&vm).is_none_or(|old| old.phase != Phase::Failed);
+        // A guest this agent is stopping or killing did not fail: a fence's
+        // kill leaves a systemd unit `failed` (SIGKILL), and counting that
+        // would put a guest that was fenced a few times into back-off, then
+        // `failed`, for good.
+        let entered_failure = !self.stopped_by_us.contains(&vm)
+            && state.phase == Phase::Failed
+            && self.observed.get(&vm).is_none_or(|old| old.phase != Phase::Failed);
         if entered_failure && let Some(guest) = self.guests.get_mut(&vm) {
             self.config.metrics.guest_failures.inc();
             guest.failed_since_start = true;
@@ -489,6 +498,7 @@ impl Reconciler {
         if !self.busy.insert(format!("op:{vm}")) {
             return;
         }
+        self.stopped_by_us.remove(vm);
         if let Some(guest) = self.guests.get_mut(vm)
             && std::mem::take(&mut guest.failed_since_start)
         {
@@ -510,6 +520,7 @@ impl Reconciler {
         if !self.busy.insert(format!("op:{vm}")) {
             return;
         }
+        self.stopped_by_us.insert(vm.to_owned());
         let runtime = self.runtime.clone();
         let done = self.done_tx.clone();
         let vm = vm.to_string();
@@ -664,6 +675,8 @@ impl Reconciler {
 
         // Forget bookkeeping of VMs no longer here; reset it for new placements.
         self.guests.retain(|name, g| view.mine.get(name).is_some_and(|m| m.generation == g.generation));
+        let observed = &self.observed;
+        self.stopped_by_us.retain(|vm| observed.contains_key(vm));
         for (name, mine) in &view.mine {
             self.guests.entry(name.clone()).or_insert_with(|| Guest {
                 generation: mine.generation,
