@@ -496,6 +496,18 @@ impl SystemdRuntime {
     }
 }
 
+impl SystemdRuntime {
+    /// Queues the stop job of `unit`; `None` if the unit is not loaded
+    /// (nothing runs).
+    async fn stop_job(&self, unit: &str) -> Result<Option<OwnedObjectPath>, RuntimeError> {
+        match self.manager.stop_unit(unit, "replace").await {
+            Ok(job) => Ok(Some(job)),
+            Err(e) if is_no_such_unit(&e) => Ok(None),
+            Err(e) => Err(backend(format!("stopping {unit}"))(e)),
+        }
+    }
+}
+
 /// The guard unit's description, which names its settings: a guard of
 /// other settings is told apart by it.
 fn guard_description(spec: &GuardSpec) -> String {
@@ -555,11 +567,8 @@ impl Runtime for SystemdRuntime {
     async fn stop_within(&self, vm: &str, timeout: Duration) -> Result<Stopped, RuntimeError> {
         let unit = unit_name(vm)?;
         let mut jobs = self.subscribe_jobs()?;
-        let job = match self.manager.stop_unit(&unit, "replace").await {
-            Ok(job) => job,
-            // Not loaded: nothing runs.
-            Err(e) if is_no_such_unit(&e) => return Ok(Stopped::Gracefully),
-            Err(e) => return Err(backend(format!("stopping {unit}"))(e)),
+        let Some(job) = self.stop_job(&unit).await? else {
+            return Ok(Stopped::Gracefully);
         };
         let result = match self.wait_job(&mut jobs, &job, timeout).await? {
             Some(result) => result,
@@ -594,10 +603,8 @@ impl Runtime for SystemdRuntime {
         let mut jobs = self.subscribe_jobs()?;
         // The stop job first: a kill alone would have systemd start the
         // guest again (`Restart=always`).
-        let job = match self.manager.stop_unit(&unit, "replace").await {
-            Ok(job) => job,
-            Err(e) if is_no_such_unit(&e) => return Ok(Stopped::Gracefully),
-            Err(e) => return Err(backend(format!("stopping {unit}"))(e)),
+        let Some(job) = self.stop_job(&unit).await? else {
+            return Ok(Stopped::Gracefully);
         };
         match self.manager.kill_unit(&unit, "all", nix::sys::signal::Signal::SIGKILL as i32).await {
             Ok(()) => {}
