@@ -154,7 +154,7 @@ let
     check_interval_ms = "--check-interval-ms";
   };
   # As the agent computes it for the guard it starts on a host set up by hand.
-  guardWatchdogMs = (timing.fence_after_ms or 1750) + (timing.check_interval_ms or 150);
+  guardWatchdogMs = (timing.fence_after_ms or 1500) + (timing.check_interval_ms or 100);
   guardCommand =
     extra:
     lib.escapeShellArgs (
@@ -917,7 +917,7 @@ in
         # frozen guard is killed then, and ExecStopPost fences.
         WatchdogSec = "${toString guardWatchdogMs}ms";
         WatchdogSignal = "SIGKILL";
-        # The stop-post waits for the guests' stops (stop_max, then a kill).
+        # The stop-post waits for the guests' kills (SIGKILL at once, gone within seconds).
         TimeoutStopSec = "30s";
 
         # Root, so that stopping guests never depends on polkitd, but little

@@ -230,7 +230,7 @@ let
         ExecStopPost = "${storePath "blixard-agent"}/bin/blixard-agent guard --fence-if-stale --data-dir /var/lib/blixard --state-dir /var/lib/microvms --runtime systemd";
         Restart = "always";
         RestartSec = "100ms";
-        WatchdogSec = "1900ms";
+        WatchdogSec = "1600ms";
         WatchdogSignal = "SIGKILL";
         PrivateNetwork = true;
         RestrictAddressFamilies = [ "AF_UNIX" ];

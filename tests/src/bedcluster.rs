@@ -53,6 +53,8 @@ pub const PORT: u16 = 7000;
 /// Where the agents keep their data (and `fence-contact`), inside each host.
 pub const DATA_DIR: &str = "/var/lib/blixard";
 pub const CONFIG_PATH: &str = "/etc/blixard/agent.toml";
+/// TOML appended to every host's config (benchmarks of other timings).
+pub const CONFIG_EXTRA_ENV: &str = "BLIXARD_BED_CONFIG_EXTRA";
 /// The cluster secret, inside each host.
 pub const SECRET_PATH: &str = "/etc/blixard/cluster.secret";
 pub const AGENT_UNIT: &str = "blixard-agent.service";
@@ -176,6 +178,8 @@ impl BedCluster {
                 members = members.join(", "),
                 state = crate::guest::STATE_DIR,
             );
+            // For benchmarks of other settings (`[timing]`, `[raft]`): appended as it is.
+            let config = config + &std::env::var(CONFIG_EXTRA_ENV).unwrap_or_default();
             host.write_file(CONFIG_PATH, config, 0o644)?;
             host.write_file(&format!("/etc/systemd/system/{AGENT_UNIT}"), AGENT_SERVICE, 0o644)?;
             host.write_file(GUEST_STOP_WAIT_PATH, GUEST_STOP_WAIT, 0o644)?;

@@ -74,7 +74,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { tick_ms: 50, log_compact_entries_max: None, extra: String::new(), auth: Auth::Secret }
+        Options { tick_ms: 25, log_compact_entries_max: None, extra: String::new(), auth: Auth::Secret }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod bedcluster;
 pub mod cluster;
 pub mod etcd;
 pub mod guest;
+pub mod soak;
 pub mod testbed;
 pub mod timeline;
 pub mod wait;

@@ -27,6 +27,7 @@
 mod cgroup;
 mod cmd;
 mod host;
+pub mod impair;
 mod resources;
 
 use std::fmt::Write as _;
@@ -41,6 +42,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub use host::{AGENT_PATH, BOOT_TIMEOUT, EXEC_TIMEOUT, Host, unit_object_path};
+pub use impair::{Impaired, Impairment};
 use resources::{BED_ID_MAX, BedLock, HOSTS_MAX};
 
 /// The prefix length of every bed's subnet.

@@ -28,6 +28,7 @@ HOST_TOOLS=(
     flock:util-linux
     umount:mount
     sha256sum:coreutils
+    iptables:iptables
 )
 
 # Inside each host. systemd/systemd-sysv/dbus: a real init and system bus for the agent's

@@ -304,7 +304,7 @@ pub struct GuardArgs {
     /// Stop the guests once the last quorum contact is this old (`timing.fence_after_ms`)
     #[arg(long, value_name = "MS", value_parser = timing_ms, default_value_t = crate::failure::Timing::default().fence_after_ms)]
     pub fence_after_ms: u64,
-    /// How long a guest may take to stop before it is killed (`timing.stop_max_ms`)
+    /// The bound on the fence's kill of every guest (`timing.stop_max_ms`)
     #[arg(long, value_name = "MS", value_parser = timing_ms, default_value_t = crate::failure::Timing::default().stop_max_ms)]
     pub stop_max_ms: u64,
     /// The agent's check interval (`timing.check_interval_ms`): how late past the deadline a frozen guard may be killed

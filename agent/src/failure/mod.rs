@@ -65,8 +65,9 @@
 //! leader of the receiver's term, never later than the receiver's clock) or
 //! from a read index of the host's own; `heard_from` for every received
 //! message as in (2); the fence checked at least every `check_interval_ms`;
-//! a fence stops every guest within `stop_max_ms` (StopUnit with a timeout,
-//! then KillUnit); and a restarted agent restores its last contact time
+//! a fence ends every guest within `stop_max_ms` (it kills them at once:
+//! StopUnit, so systemd does not restart them, and KillUnit with SIGKILL
+//! right after; `runtime::Runtime::kill`); and a restarted agent restores its last contact time
 //! (`<data_dir>/fence-contact`, with the boot id: a record from another boot,
 //! or later than the clock, counts as none) or fences at once.
 //!
@@ -123,7 +124,9 @@ pub struct Timing {
     pub reschedule_after_ms: u64,
     /// A host stops its guests after this long without quorum contact.
     pub fence_after_ms: u64,
-    /// The longest a fence takes to stop every guest (stop timeout, kill).
+    /// The longest a fence takes to end every guest: it kills them at once
+    /// (`Runtime::kill`), so this bounds the kill's round trips, not a
+    /// graceful stop.
     pub stop_max_ms: u64,
     /// How often the leader runs the detector and each host checks its
     /// fence (the agent's tick).
@@ -139,34 +142,43 @@ pub struct Timing {
 }
 
 impl Default for Timing {
-    /// Chosen to put a lost host's VMs back into `running` within 5 s:
+    /// Chosen to put a lost host's VMs back into `running` within 2.5 s
+    /// (BENCHMARKS.md, "Faster safe failover"; on a network that loses 10%
+    /// of its packets, hosts still fence: see docs/fencing.md):
     ///
-    /// - `check_interval` 150 ms: the agent's tick.
-    /// - `election_timeout_max` 1000 ms: Raft ticks of 50 ms, election after
-    ///   10..20 of them.
-    /// - `heartbeat_interval` 150 ms: Raft heartbeats every 3 ticks.
-    /// - `fence_after` 1750 ms: long enough that a leader election never
-    ///   fences a healthy cluster (see [`Timing::validate`]: 1000 + 5 * 150);
-    ///   any longer only delays failover.
-    /// - `node_down_after` 1750 ms: as soon as the fence could fire, the host
+    /// - `check_interval` 100 ms: the agent's tick.
+    /// - `election_timeout_max` 600 ms: Raft ticks of 25 ms, election after
+    ///   12..24 of them.
+    /// - `heartbeat_interval` 100 ms: Raft heartbeats every 4 ticks (3 to the
+    ///   shortest election timeout, as before).
+    /// - `fence_after` 1500 ms: a leader election never fences a healthy
+    ///   cluster (see [`Timing::validate`]: 600 + 5 * 100 = 1100), with 400 ms
+    ///   to spare for a slow network: a confirmation crosses it three times
+    ///   (the host's frame, the leader's round, the confirmation), and a lost
+    ///   segment costs TCP a retransmission.
+    /// - `node_down_after` 1500 ms: as soon as the fence could fire, the host
     ///   stops receiving new placements.
-    /// - `stop_max` 1000 ms: the runtime's stop timeout before it kills.
-    /// - `reschedule_after` 3000 ms: the smallest round number that clears
-    ///   the safety bound, (1750 + 150 + 1000) * 1.01 / 0.99 = 2959 ms.
+    /// - `stop_max` 250 ms: a fence does not stop its guests gracefully, it
+    ///   kills them at once (SIGKILL to every process of the guest, with the
+    ///   stop that keeps it down, see [`crate::runtime::Runtime::kill`]): a
+    ///   fenced guest is abandoned anyway. 250 ms bounds the kill's round
+    ///   trips to systemd; normal stops stay graceful.
+    /// - `reschedule_after` 1900 ms: the smallest round number that clears
+    ///   the safety bound, (1500 + 100 + 250) * 1.01 / 0.99 = 1888 ms.
     ///
     /// Failover then takes at most `reschedule_after` + one tick + a Raft
-    /// commit + the guest's start, about 3.2 s plus the start; when the
-    /// leader's own host is lost, add up to one election: 4.2 s plus the
+    /// commit + the guest's start, about 2.0 s plus the start; when the
+    /// leader's own host is lost, add up to one election: 2.6 s plus the
     /// start.
     fn default() -> Self {
         Timing {
-            node_down_after_ms: 1750,
-            reschedule_after_ms: 3000,
-            fence_after_ms: 1750,
-            stop_max_ms: 1000,
-            check_interval_ms: 150,
-            election_timeout_max_ms: 1000,
-            heartbeat_interval_ms: 150,
+            node_down_after_ms: 1500,
+            reschedule_after_ms: 1900,
+            fence_after_ms: 1500,
+            stop_max_ms: 250,
+            check_interval_ms: 100,
+            election_timeout_max_ms: 600,
+            heartbeat_interval_ms: 100,
         }
     }
 }

@@ -11,7 +11,8 @@
 //! newest quorum contact the current leader confirmed, on the boot-wide
 //! monotonic clock. Once that is `fence_after` old, the guard stops every
 //! guest (except those with `failover = "manual"`, listed in
-//! `<data_dir>/fence-exempt`), within `stop_max`, and keeps them stopped
+//! `<data_dir>/fence-exempt`) at once (SIGKILL: a fenced guest is
+//! abandoned, see `runtime::Runtime::kill`), within `stop_max`, and keeps them stopped
 //! until the contact is fresh again.
 //!
 //! # The layers (systemd runtime)
@@ -246,8 +247,10 @@ impl Guard {
 pub trait Guests: Send + Sync {
     /// Every guest that may be running now.
     async fn up(&self) -> Result<Vec<String>, RuntimeError>;
-    /// Stops `vm` within `within` (then kills it).
-    async fn stop(&self, vm: &str, within: Duration) -> Result<(), RuntimeError>;
+    /// Kills `vm` at once (SIGKILL to all its processes, and kept down) and
+    /// waits until it is gone: a fenced guest is abandoned, so it is not
+    /// given a graceful stop (see `Runtime::kill`).
+    async fn kill(&self, vm: &str) -> Result<(), RuntimeError>;
 }
 
 /// The systemd runtime's guests, as the agent sees them.
@@ -259,8 +262,8 @@ impl Guests for RuntimeGuests {
         Ok(self.0.list().await?.into_iter().filter(|(_, s)| s.is_up()).map(|(vm, _)| vm).collect())
     }
 
-    async fn stop(&self, vm: &str, within: Duration) -> Result<(), RuntimeError> {
-        self.0.stop_within(vm, within).await.map(|_| ())
+    async fn kill(&self, vm: &str) -> Result<(), RuntimeError> {
+        self.0.kill(vm).await.map(|_| ())
     }
 }
 
@@ -288,8 +291,8 @@ fn watchdog_usec(ms: u64) -> u32 {
     u32::try_from(ms.saturating_mul(1000)).unwrap_or(u32::MAX)
 }
 
-/// Stops every guest that is up and not exempt, each within `stop_max`,
-/// all at once. Looks at the record again just before each stop: contact
+/// Kills every guest that is up and not exempt, all at once (each kill is
+/// sent within `stop_max`). Looks at the record again just before each stop: contact
 /// that came back in the meantime (the agent got it and may be starting
 /// guests) cancels the stop.
 async fn fence_pass(config: &GuardConfig, contact: &ContactFile, guests: &dyn Guests) {
@@ -301,14 +304,13 @@ async fn fence_pass(config: &GuardConfig, contact: &ContactFile, guests: &dyn Gu
         }
     };
     let exempt: BTreeSet<String> = ExemptFile::in_dir(&config.data_dir).load();
-    let within = Duration::from_millis(config.stop_max_ms);
     let stops = up.into_iter().filter(|vm| !exempt.contains(vm)).map(|vm| async move {
         if matches!(judge(contact.read(monotonic_ms()), monotonic_ms(), config.fence_after_ms), Verdict::Fresh { .. }) {
             return;
         }
-        tracing::warn!(vm, "fencing: stopping guest");
-        if let Err(e) = guests.stop(&vm, within).await {
-            tracing::error!(vm, error = %e, "fencing: stopping the guest failed");
+        tracing::warn!(vm, "fencing: killing guest");
+        if let Err(e) = guests.kill(&vm).await {
+            tracing::error!(vm, error = %e, "fencing: killing the guest failed");
         }
     });
     futures_util::future::join_all(stops).await;

@@ -116,15 +116,9 @@ impl Guests for ProcessGuests {
         Ok(vms)
     }
 
-    async fn stop(&self, vm: &str, within: Duration) -> Result<(), RuntimeError> {
+    async fn kill(&self, vm: &str) -> Result<(), RuntimeError> {
         for (_, pid) in self.scan().into_iter().filter(|(name, _)| name == vm) {
-            // Checked just before each signal: the pid is still this guest.
-            if self.alive(vm, pid) {
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
-            }
-            if self.wait_gone(vm, pid, within).await {
-                continue;
-            }
+            // Checked just before the signal: the pid is still this guest.
             if self.alive(vm, pid) {
                 let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
             }

@@ -10,7 +10,8 @@
 //! - every other guest that is up stops: VMs placed elsewhere (and once
 //!   stopped, the move's handoff is released with `Released`), VMs desired
 //!   stopped, and guests the state does not know;
-//! - a fenced host (no quorum contact for `fence_after`) stops every guest
+//! - a fenced host (no quorum contact for `fence_after`) kills every guest
+//!   at once (`Runtime::kill`: no graceful stop for an abandoned guest),
 //!   within `stop_max`;
 //! - a running guest whose runner changed (`current` no longer what it
 //!   booted from) is restarted on the new one, one guest at a time (see
@@ -218,6 +219,9 @@ pub struct Reconciler {
     /// Runtime operations and proposals in flight, so a pass never repeats
     /// one that has not finished.
     busy: BTreeSet<String>,
+    /// Guests this agent stopped or killed since it last started them: their
+    /// exit is not a failure.
+    stopped_by_us: BTreeSet<String>,
     /// Running guests booted from a runner that is no longer `current`, as of
     /// the last runner scan.
     stale_runners: BTreeSet<String>,
@@ -274,6 +278,7 @@ impl Reconciler {
             observed: BTreeMap::new(),
             guests: BTreeMap::new(),
             busy: BTreeSet::new(),
+            stopped_by_us: BTreeSet::new(),
             stale_runners: BTreeSet::new(),
             contact_in_flight: false,
             fenced_logged: false,
@@ -363,8 +368,13 @@ impl Reconciler {
     }
 
     fn on_guest(&mut self, vm: String, state: GuestState) {
-        let entered_failure =
-            state.phase == Phase::Failed && self.observed.get(&vm).is_none_or(|old| old.phase != Phase::Failed);
+        // A guest this agent is stopping or killing did not fail: a fence's
+        // kill leaves a systemd unit `failed` (SIGKILL), and counting that
+        // would put a guest that was fenced a few times into back-off, then
+        // `failed`, for good.
+        let entered_failure = !self.stopped_by_us.contains(&vm)
+            && state.phase == Phase::Failed
+            && self.observed.get(&vm).is_none_or(|old| old.phase != Phase::Failed);
         if entered_failure && let Some(guest) = self.guests.get_mut(&vm) {
             self.config.metrics.guest_failures.inc();
             guest.failed_since_start = true;
@@ -488,6 +498,7 @@ impl Reconciler {
         if !self.busy.insert(format!("op:{vm}")) {
             return;
         }
+        self.stopped_by_us.remove(vm);
         if let Some(guest) = self.guests.get_mut(vm)
             && std::mem::take(&mut guest.failed_since_start)
         {
@@ -503,19 +514,19 @@ impl Reconciler {
         });
     }
 
-    fn spawn_stop(&mut self, vm: &str, within: Option<Duration>, reason: StopReason) {
+    /// Stops `vm` gracefully (`kill`: false), or kills it at once (`kill`:
+    /// true; a fenced or removed host's guests, see `Runtime::kill`).
+    fn spawn_stop(&mut self, vm: &str, kill: bool, reason: StopReason) {
         if !self.busy.insert(format!("op:{vm}")) {
             return;
         }
+        self.stopped_by_us.insert(vm.to_owned());
         let runtime = self.runtime.clone();
         let done = self.done_tx.clone();
         let vm = vm.to_string();
         tracing::info!(vm, why = reason.words(), "stopping guest");
         tokio::spawn(async move {
-            let result = match within {
-                Some(timeout) => runtime.stop_within(&vm, timeout).await,
-                None => runtime.stop(&vm).await,
-            };
+            let result = if kill { runtime.kill(&vm).await } else { runtime.stop(&vm).await };
             let _ = done.send(Done::Stopped { vm, reason, result: result.map(|_| ()).map_err(|e| e.to_string()) });
         });
     }
@@ -561,12 +572,12 @@ impl Reconciler {
             );
         }
         for vm in self.up_guests() {
-            self.spawn_stop(&vm, Some(Duration::from_millis(self.config.timing.stop_max_ms)), StopReason::Removed);
+            self.spawn_stop(&vm, true, StopReason::Removed);
         }
     }
 
-    /// No quorum contact: stop every guest but the exempt ones, within
-    /// `stop_max`. Needs nothing from the state (a member that cannot read
+    /// No quorum contact: kill every guest but the exempt ones at once,
+    /// within `stop_max`. Needs nothing from the state (a member that cannot read
     /// it must fence all the same).
     fn fence_now(&mut self) {
         self.config.metrics.set_fenced(true);
@@ -599,7 +610,7 @@ impl Reconciler {
             if self.exempt.contains(&vm) {
                 continue;
             }
-            self.spawn_stop(&vm, Some(Duration::from_millis(self.config.timing.stop_max_ms)), StopReason::Fenced);
+            self.spawn_stop(&vm, true, StopReason::Fenced);
         }
     }
 
@@ -664,6 +675,8 @@ impl Reconciler {
 
         // Forget bookkeeping of VMs no longer here; reset it for new placements.
         self.guests.retain(|name, g| view.mine.get(name).is_some_and(|m| m.generation == g.generation));
+        let observed = &self.observed;
+        self.stopped_by_us.retain(|vm| observed.contains_key(vm));
         for (name, mine) in &view.mine {
             self.guests.entry(name.clone()).or_insert_with(|| Guest {
                 generation: mine.generation,
@@ -684,7 +697,7 @@ impl Reconciler {
                 None if view.known.contains(&vm) => StopReason::PlacedElsewhere,
                 None => StopReason::NotInState,
             };
-            self.spawn_stop(&vm, None, why);
+            self.spawn_stop(&vm, false, why);
         }
 
         // Roll one guest to its new runner: stopped here, the start below (in a
@@ -700,7 +713,7 @@ impl Reconciler {
             })
         {
             self.stale_runners.remove(&vm);
-            self.spawn_stop(&vm, None, StopReason::RunnerChanged);
+            self.spawn_stop(&vm, false, StopReason::RunnerChanged);
         }
 
         // Start what should run here.

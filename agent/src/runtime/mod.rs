@@ -252,6 +252,17 @@ pub trait Runtime: Send + Sync {
     /// graceful shutdown may take.
     async fn stop_within(&self, vm: &str, timeout: Duration) -> Result<Stopped, RuntimeError>;
 
+    /// Ends guest `vm` at once, without a graceful shutdown: the fence's
+    /// and a removed host's stop. Such a guest is abandoned (another host
+    /// starts it once the leader's `reschedule_after` has passed), so
+    /// nothing is worth waiting for, and the sooner it is gone the shorter
+    /// `failure::Timing::stop_max_ms` and with it a failover. SIGKILL goes
+    /// to every process of the guest right after the stop that keeps it
+    /// down (systemd: a stop job, which cancels `Restart=always`). Returns
+    /// [`Stopped::Killed`] once it is gone (within [`KILL_WAIT`]), or
+    /// [`Stopped::Gracefully`] if it was not running.
+    async fn kill(&self, vm: &str) -> Result<Stopped, RuntimeError>;
+
     /// The current state of guest `vm`, asked afresh (not from a cache).
     async fn state(&self, vm: &str) -> Result<GuestState, RuntimeError>;
 

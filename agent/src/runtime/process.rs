@@ -150,9 +150,43 @@ fn set_state(guests: &mut HashMap<String, Guest>, events: &broadcast::Sender<Gue
     let _ = events.send(GuestEvent { vm: vm.to_owned(), state });
 }
 
+/// Sends SIGKILL and waits (at most [`KILL_WAIT`]) until the guest is gone.
+async fn kill_and_wait(
+    vm: &str,
+    signals: &mpsc::Sender<Signal>,
+    mut exited: watch::Receiver<bool>,
+) -> Result<Stopped, RuntimeError> {
+    let _ = signals.send(Signal::SIGKILL).await;
+    match tokio::time::timeout(KILL_WAIT, exited.wait_for(|done| *done)).await {
+        Ok(_) => Ok(Stopped::Killed),
+        Err(_) => Err(RuntimeError::Unkillable { vm: vm.to_owned() }),
+    }
+}
+
 fn lock(guests: &Mutex<HashMap<String, Guest>>) -> MutexGuard<'_, HashMap<String, Guest>> {
     // Every update under this lock is a few assignments that cannot panic halfway.
     guests.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl ProcessRuntime {
+    /// Marks running guest `vm` as being stopped, with `signal` about to be sent
+    /// (for its state's detail); `None` if it does not run.
+    #[allow(clippy::type_complexity)]
+    fn begin_stop(
+        &self,
+        vm: &str,
+        signal: Signal,
+    ) -> Result<Option<(mpsc::Sender<Signal>, watch::Receiver<bool>)>, RuntimeError> {
+        names::validate(vm)?;
+        let mut guests = self.guests();
+        let Some(Guest { running: Some(running), .. }) = guests.get_mut(vm) else {
+            return Ok(None);
+        };
+        running.stop_requested = true;
+        let handles = (running.signals.clone(), running.exited.clone());
+        self.set_state(&mut guests, vm, GuestState::new(Phase::Deactivating, format!("{signal} sent")));
+        Ok(Some(handles))
+    }
 }
 
 impl Drop for ProcessRuntime {
@@ -225,16 +259,8 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn stop_within(&self, vm: &str, timeout: Duration) -> Result<Stopped, RuntimeError> {
-        names::validate(vm)?;
-        let (signals, mut exited) = {
-            let mut guests = self.guests();
-            let Some(Guest { running: Some(running), .. }) = guests.get_mut(vm) else {
-                return Ok(Stopped::Gracefully);
-            };
-            running.stop_requested = true;
-            let handles = (running.signals.clone(), running.exited.clone());
-            self.set_state(&mut guests, vm, GuestState::new(Phase::Deactivating, "SIGTERM sent"));
-            handles
+        let Some((signals, mut exited)) = self.begin_stop(vm, Signal::SIGTERM)? else {
+            return Ok(Stopped::Gracefully);
         };
         // A closed channel means the supervisor is done: the child is gone already.
         let _ = signals.send(Signal::SIGTERM).await;
@@ -249,11 +275,14 @@ impl Runtime for ProcessRuntime {
                 self.set_state(&mut guests, vm, GuestState::new(Phase::Deactivating, detail));
             }
         }
-        let _ = signals.send(Signal::SIGKILL).await;
-        match tokio::time::timeout(KILL_WAIT, exited.wait_for(|done| *done)).await {
-            Ok(_) => Ok(Stopped::Killed),
-            Err(_) => Err(RuntimeError::Unkillable { vm: vm.to_owned() }),
-        }
+        kill_and_wait(vm, &signals, exited).await
+    }
+
+    async fn kill(&self, vm: &str) -> Result<Stopped, RuntimeError> {
+        let Some((signals, exited)) = self.begin_stop(vm, Signal::SIGKILL)? else {
+            return Ok(Stopped::Gracefully);
+        };
+        kill_and_wait(vm, &signals, exited).await
     }
 
     async fn state(&self, vm: &str) -> Result<GuestState, RuntimeError> {

@@ -3,7 +3,8 @@
 //!
 //! - Start and stop are `Manager.StartUnit` / `StopUnit` (mode `replace`), each waiting
 //!   for its job's `JobRemoved` signal. A stop that has not finished within the stop
-//!   timeout is followed by `KillUnit(name, "all", SIGKILL)`. The unit has
+//!   timeout is followed by `KillUnit(name, "all", SIGKILL)`; a fence's
+//!   [`Runtime::kill`] sends that kill right after the stop job, without waiting. The unit has
 //!   `Restart=always`: stopping a guest is always a stop job (which cancels a pending
 //!   restart), never just killing its process, which systemd would start again.
 //! - States come from the unit's properties: `ActiveState`, `SubState` and `LoadState`
@@ -63,6 +64,7 @@ const UNIT_PATH_PREFIX: &str = "/org/freedesktop/systemd1/unit/";
 const GUEST_UNIT_PATH_PREFIX: &str = "/org/freedesktop/systemd1/unit/microvm_40";
 const GUEST_UNIT_PATTERN: &str = "microvm@*.service";
 const NO_SUCH_UNIT: &str = "org.freedesktop.systemd1.NoSuchUnit";
+const NO_SUCH_PROCESS: &str = "org.freedesktop.systemd1.NoSuchProcess";
 
 /// The fence guard's unit (see `guard`).
 pub const GUARD_UNIT: &str = "blixard-guard.service";
@@ -402,7 +404,7 @@ impl SystemdRuntime {
             ("StartLimitIntervalUSec", Value::U64(0)),
             ("WatchdogUSec", micros(Duration::from_millis(spec.watchdog_ms))),
             ("WatchdogSignal", Value::I32(nix::sys::signal::Signal::SIGKILL as i32)),
-            // The stop-post waits for the guests' stops (stop_max, then a kill).
+            // The stop-post waits for the guests' kills (SIGKILL at once).
             ("TimeoutStopUSec", micros(Duration::from_secs(30))),
             // It needs no network and writes nothing.
             ("PrivateNetwork", Value::Bool(true)),
@@ -494,6 +496,18 @@ impl SystemdRuntime {
     }
 }
 
+impl SystemdRuntime {
+    /// Queues the stop job of `unit`; `None` if the unit is not loaded
+    /// (nothing runs).
+    async fn stop_job(&self, unit: &str) -> Result<Option<OwnedObjectPath>, RuntimeError> {
+        match self.manager.stop_unit(unit, "replace").await {
+            Ok(job) => Ok(Some(job)),
+            Err(e) if is_no_such_unit(&e) => Ok(None),
+            Err(e) => Err(backend(format!("stopping {unit}"))(e)),
+        }
+    }
+}
+
 /// The guard unit's description, which names its settings: a guard of
 /// other settings is told apart by it.
 fn guard_description(spec: &GuardSpec) -> String {
@@ -553,11 +567,8 @@ impl Runtime for SystemdRuntime {
     async fn stop_within(&self, vm: &str, timeout: Duration) -> Result<Stopped, RuntimeError> {
         let unit = unit_name(vm)?;
         let mut jobs = self.subscribe_jobs()?;
-        let job = match self.manager.stop_unit(&unit, "replace").await {
-            Ok(job) => job,
-            // Not loaded: nothing runs.
-            Err(e) if is_no_such_unit(&e) => return Ok(Stopped::Gracefully),
-            Err(e) => return Err(backend(format!("stopping {unit}"))(e)),
+        let Some(job) = self.stop_job(&unit).await? else {
+            return Ok(Stopped::Gracefully);
         };
         let result = match self.wait_job(&mut jobs, &job, timeout).await? {
             Some(result) => result,
@@ -585,6 +596,30 @@ impl Runtime for SystemdRuntime {
         tracing::info!(vm, result, "guest stopped ({unit})");
         // systemd's own stop timeout (TimeoutStopSec) ran out first and it killed them.
         Ok(if result == "timeout" { Stopped::Killed } else { Stopped::Gracefully })
+    }
+
+    async fn kill(&self, vm: &str) -> Result<Stopped, RuntimeError> {
+        let unit = unit_name(vm)?;
+        let mut jobs = self.subscribe_jobs()?;
+        // The stop job first: a kill alone would have systemd start the
+        // guest again (`Restart=always`).
+        let Some(job) = self.stop_job(&unit).await? else {
+            return Ok(Stopped::Gracefully);
+        };
+        match self.manager.kill_unit(&unit, "all", nix::sys::signal::Signal::SIGKILL as i32).await {
+            Ok(()) => {}
+            // Nothing left to kill: it was not running, or the stop job
+            // ended it already.
+            Err(e) if is_no_such_unit(&e) || is_no_such_process(&e) => {}
+            Err(e) => return Err(backend(format!("killing {unit}"))(e)),
+        }
+        match self.wait_job(&mut jobs, &job, KILL_WAIT).await? {
+            Some(result) => {
+                tracing::warn!(vm, result, "guest killed ({unit})");
+                Ok(Stopped::Killed)
+            }
+            None => Err(RuntimeError::Unkillable { vm: vm.to_owned() }),
+        }
     }
 
     async fn state(&self, vm: &str) -> Result<GuestState, RuntimeError> {
@@ -898,6 +933,11 @@ fn vm_from_object_path(path: &str) -> Option<String> {
 
 fn is_no_such_unit(e: &zbus::Error) -> bool {
     matches!(e, zbus::Error::MethodError(name, _, _) if name.as_str() == NO_SUCH_UNIT)
+}
+
+/// `KillUnit` of a unit without processes.
+fn is_no_such_process(e: &zbus::Error) -> bool {
+    matches!(e, zbus::Error::MethodError(name, _, _) if name.as_str() == NO_SUCH_PROCESS)
 }
 
 fn backend<E: std::error::Error + Send + Sync + 'static>(context: impl Into<String>) -> impl FnOnce(E) -> RuntimeError {

@@ -3,7 +3,18 @@
 //! runtime, default failure timing).
 //!
 //!     cargo build --release --bin blixard-agent --bin failover-bench
-//!     sudo target/release/failover-bench [--trials N] [--fault power|freeze]   # 12, power
+//!     sudo target/release/failover-bench [--trials N] [--fault power|partition|freeze]   # 12, power
+//!     sudo target/release/failover-bench --soak SECS    # no trials: a healthy cluster on a bad network
+//!
+//! `--fault partition` takes the host's link down instead (it stays up, fences itself,
+//! and rejoins when the link is back).
+//!
+//! `--soak SECS` runs no trials: the three hosts, with a guest each, lose 10% of the
+//! packets between them and see the rest delayed by up to 100 ms for SECS seconds
+//! (`Testbed::impair`, netem's `loss 10% delay 50ms 50ms` by other means), and it counts
+//! what a healthy cluster must not do: fences, guest restarts, hosts marked down, VMs
+//! moved (and elections, which it may do). It fails if any of the former happened, or if
+//! a guest ever ran twice.
 //!
 //! `--fault freeze` freezes the host's agent (SIGSTOP) instead of cutting its power: the
 //! host stays up and only its fence guard can stop the guest. It also measures `guest
@@ -49,18 +60,28 @@ struct Trial {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     Power,
+    Partition,
     Freeze,
 }
 
+/// The soak's guests: one per host under the spread strategy.
+const SOAK_VMS: [&str; 3] = ["soak-a", "soak-b", "soak-c"];
+
 fn main() -> ExitCode {
-    let (trials, fault) = match parse_args() {
+    let (trials, fault, soak) = match parse_args() {
         Ok(args) => args,
         Err(e) => {
-            eprintln!("failover-bench: {e}\nusage: failover-bench [--trials N] [--fault power|freeze]");
+            eprintln!(
+                "failover-bench: {e}\nusage: failover-bench [--trials N] [--fault power|partition|freeze] | --soak SECS"
+            );
             return ExitCode::from(2);
         }
     };
-    match run(trials, fault) {
+    let result = match soak {
+        Some(secs) => run_soak(Duration::from_secs(secs)),
+        None => run(trials, fault),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("failover-bench: {e:#}");
@@ -69,9 +90,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn parse_args() -> Result<(usize, Fault)> {
+fn parse_args() -> Result<(usize, Fault, Option<u64>)> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (mut trials, mut fault) = (TRIALS_DEFAULT, Fault::Power);
+    let (mut trials, mut fault, mut soak) = (TRIALS_DEFAULT, Fault::Power, None);
     let mut rest = args.iter();
     while let Some(flag) = rest.next() {
         let value = rest.next().with_context(|| format!("{flag} takes a value"))?;
@@ -82,16 +103,21 @@ fn parse_args() -> Result<(usize, Fault)> {
             },
             "--fault" => match value.as_str() {
                 "power" => fault = Fault::Power,
+                "partition" => fault = Fault::Partition,
                 "freeze" => fault = Fault::Freeze,
-                _ => bail!("--fault takes power or freeze, not {value:?}"),
+                _ => bail!("--fault takes power, partition or freeze, not {value:?}"),
+            },
+            "--soak" => match value.parse() {
+                Ok(n) if n > 0 => soak = Some(n),
+                _ => bail!("--soak takes a positive number of seconds, not {value:?}"),
             },
             _ => bail!("unexpected argument {flag:?}"),
         }
     }
-    Ok((trials, fault))
+    Ok((trials, fault, soak))
 }
 
-fn run(trials: usize, fault: Fault) -> Result<()> {
+fn use_sibling_agent() -> Result<()> {
     if std::env::var_os("BLIXARD_AGENT_BIN").is_none() {
         let sibling = std::env::current_exe()?.with_file_name("blixard-agent");
         if !sibling.is_file() {
@@ -100,6 +126,46 @@ fn run(trials: usize, fault: Fault) -> Result<()> {
         // SAFETY: still single-threaded; nothing reads the environment concurrently.
         unsafe { std::env::set_var("BLIXARD_AGENT_BIN", &sibling) };
     }
+    Ok(())
+}
+
+fn run_soak(duration: Duration) -> Result<()> {
+    use_sibling_agent()?;
+    let load_before = loadavg();
+    let started = Instant::now();
+    let cluster = BedCluster::start(3, &SOAK_VMS)?;
+    let all = [0, 1, 2];
+    let leader = cluster.wait_formed(&all)?;
+    for host in all {
+        cluster.wait_capacity_reported(host)?;
+    }
+    for vm in SOAK_VMS {
+        cluster.create_vm(leader, vm).map_err(|s| anyhow::anyhow!("creating {vm}: {}", s.message()))?;
+    }
+    let placed = cluster.wait_settled(&SOAK_VMS, &all)?;
+    for host in all {
+        cluster.wait_reconciled(host)?;
+    }
+    eprintln!("cluster up in {:.1} s, guests on {placed:?}; soaking for {duration:?}", started.elapsed().as_secs_f64());
+    let report = blixard_systests::soak::soak(&cluster, blixard_systests::testbed::Impairment::LOSSY, duration)?;
+    println!("soak (10% loss, 0-100 ms delay between hosts): {}", report.describe());
+    let after = cluster.wait_settled(&SOAK_VMS, &all)?;
+    let observed = cluster.assert_never_two_copies()?;
+    println!(
+        "guests on {after:?} (before: {placed:?}); never two copies over {} unit samples and {} cgroup rounds; \
+         load average {load_before} before, {} after",
+        observed.timeline.samples.len(),
+        observed.cgroups.rounds.len(),
+        loadavg()
+    );
+    if !report.healthy() || after != placed {
+        bail!("a healthy cluster fenced, restarted or moved a guest: {}", report.describe());
+    }
+    Ok(())
+}
+
+fn run(trials: usize, fault: Fault) -> Result<()> {
+    use_sibling_agent()?;
     let load_before = loadavg();
     let started = Instant::now();
     let cluster = BedCluster::start(3, &[VM])?;
@@ -199,6 +265,7 @@ fn run_trial(cluster: &BedCluster, lose_leader: bool, fault: Fault) -> Result<Tr
     let cut_us = monotonic_us();
     match fault {
         Fault::Power => cluster.power_off(target)?,
+        Fault::Partition => cluster.cut_link(target)?,
         Fault::Freeze => cluster.signal(target, blixard_systests::bedcluster::AGENT_UNIT, "SIGSTOP")?,
     }
     let deadline = Instant::now() + SETTLE_TIMEOUT;
@@ -229,6 +296,10 @@ fn run_trial(cluster: &BedCluster, lose_leader: bool, fault: Fault) -> Result<Tr
     let stopped_ms = match fault {
         Fault::Power => {
             cluster.boot(target)?;
+            None
+        }
+        Fault::Partition => {
+            cluster.heal_link(target)?;
             None
         }
         Fault::Freeze => {
