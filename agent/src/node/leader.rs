@@ -42,6 +42,8 @@ pub struct Duties {
     /// This leader's own proposals not yet resolved; no new plan runs while
     /// any is in flight, so the same decision is never proposed twice.
     in_flight: BTreeSet<ProposalId>,
+    /// The autopilot's change in flight, if any (also in `in_flight`).
+    voters_change: Option<ProposalId>,
     last_plan: Option<(u64, BTreeSet<NodeId>, u64)>,
     /// What the last plan learned (which waiting VMs fit nowhere), reused
     /// with the VMs changed since; see `scheduler::Memo`.
@@ -67,6 +69,7 @@ impl Duties {
             check_interval_ms: timing.check_interval_ms,
             last_check_ms: 0,
             in_flight: BTreeSet::new(),
+            voters_change: None,
             last_plan: None,
             memo: Memo::default(),
             plan_not_before_ms: 0,
@@ -113,6 +116,13 @@ impl Duties {
         if !self.in_flight.remove(&id) {
             return false;
         }
+        if self.voters_change == Some(id) {
+            // The next change of voters (say, the second half of a
+            // replacement, or the next of many extra initial voters) need
+            // not wait a whole check interval: the duties run at the next tick.
+            self.voters_change = None;
+            self.last_check_ms = 0;
+        }
         if let Outcome::Applied(Err(rejection)) = outcome {
             tracing::debug!(%rejection, "a leader decision lost to a newer state; the next plan decides again");
         }
@@ -158,6 +168,7 @@ impl Duties {
                 Ok(id) => {
                     tracing::info!(target: "blixard::decision", kind = "voters", change = %choice.change, "{}", choice.reason);
                     self.in_flight.insert(id);
+                    self.voters_change = Some(id);
                 }
                 Err(e) => tracing::debug!(error = %e, "could not propose a change of voters"),
             }
