@@ -120,6 +120,10 @@ pub struct RaftSection {
     pub election_ticks: Option<u64>,
     pub heartbeat_ticks: Option<u64>,
     pub log_compact_entries_max: Option<u64>,
+    /// How many members vote (3, 5 or 7); every other member is a learner.
+    pub voters: Option<u64>,
+    /// How long a voter may be silent before a learner takes its vote.
+    pub replace_voter_after_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -253,6 +257,8 @@ pub struct Config {
     pub timing: Timing,
     pub strategy: Strategy,
     pub raft: RaftTiming,
+    /// How many voters the leader keeps, and when it replaces a silent one.
+    pub voters: crate::node::autopilot::Voters,
     pub vms: Vec<DeclaredVm>,
 }
 
@@ -557,6 +563,7 @@ impl Config {
         if raft.log_compact_entries_max < 10 {
             return Err(err("raft.log_compact_entries_max", "must be at least 10"));
         }
+        let voters = voters_of(&file.raft)?;
         let defaults = Timing::default();
         let timing = Timing {
             node_down_after_ms: file.timing.node_down_after_ms.unwrap_or(defaults.node_down_after_ms),
@@ -635,6 +642,7 @@ impl Config {
             timing,
             strategy,
             raft,
+            voters,
             vms,
         })
     }
@@ -648,6 +656,25 @@ impl Config {
             memory_overcommit_pct: 100,
         })
     }
+}
+
+/// `raft.voters` and `raft.replace_voter_after_ms`, checked.
+fn voters_of(raft: &RaftSection) -> Result<crate::node::autopilot::Voters, ConfigError> {
+    use crate::node::autopilot::{REPLACE_AFTER_MS_MIN, VOTERS_ACCEPTED, Voters};
+    let defaults = Voters::default();
+    let target = match raft.voters {
+        None => defaults.target,
+        Some(n) if VOTERS_ACCEPTED.iter().any(|&v| v as u64 == n) => n as usize,
+        Some(n) => return Err(err("raft.voters", format!("{n} is not 3, 5 or 7"))),
+    };
+    let replace_after_ms = raft.replace_voter_after_ms.unwrap_or(defaults.replace_after_ms);
+    if !(REPLACE_AFTER_MS_MIN..=crate::failure::TIMING_MS_MAX).contains(&replace_after_ms) {
+        return Err(err(
+            "raft.replace_voter_after_ms",
+            format!("{replace_after_ms} is outside {REPLACE_AFTER_MS_MIN}..={}", crate::failure::TIMING_MS_MAX),
+        ));
+    }
+    Ok(Voters { target, replace_after_ms })
 }
 
 /// One config key as the reference (docs/config.md) lists it.
@@ -670,6 +697,7 @@ pub struct KeyDoc {
 pub fn reference() -> Vec<KeyDoc> {
     let timing = Timing::default();
     let raft = RaftTiming::default();
+    let voters = crate::node::autopilot::Voters::default();
     let ms = |v: u64| format!("{v}");
     let k = |key, flag, default: String, range: String, meaning| KeyDoc { key, flag, default, range, meaning };
     let name_rule = "a name: `^[a-z0-9][a-z0-9-]{0,62}$`".to_string();
@@ -863,6 +891,20 @@ pub fn reference() -> Vec<KeyDoc> {
             "at least 10".into(),
             "Applied entries kept in the log before it is compacted into a snapshot.",
         ),
+        k(
+            "raft.voters",
+            "",
+            voters.target.to_string(),
+            "3, 5 or 7".into(),
+            "How many members vote in Raft; the leader promotes and demotes the others (learners, which run VMs all the same) to keep this many, spread over `zone` and `rack` labels.",
+        ),
+        k(
+            "raft.replace_voter_after_ms",
+            "",
+            ms(voters.replace_after_ms),
+            format!("{}..={} ms", crate::node::autopilot::REPLACE_AFTER_MS_MIN, crate::failure::TIMING_MS_MAX),
+            "A voter silent this long is replaced by a caught-up learner (then demoted; it stays a member).",
+        ),
         k("vm[].name", "", "required".into(), name_rule.clone(), "A guest declared by this host, kept in the cluster."),
         k("vm[].vcpu", "", "required".into(), format!("1..={}", limits::VM_VCPU_MAX), "Its vcpus."),
         k(
@@ -996,6 +1038,9 @@ initial_members = ["h1=10.0.0.1:7000", "h2=10.0.0.2:7000", "h3=10.0.0.3:7000"]
             (format!("{BASE}[timing]\nreschedule_after_ms = 1600\n"), "timing"),
             (format!("{BASE}[raft]\ntick_ms = 500\n"), "timing"),
             (format!("{BASE}[runtime]\nkind = \"docker\"\n"), "runtime.kind"),
+            (format!("{BASE}[raft]\nvoters = 4\n"), "raft.voters"),
+            (format!("{BASE}[raft]\nvoters = 1\n"), "raft.voters"),
+            (format!("{BASE}[raft]\nreplace_voter_after_ms = 10\n"), "raft.replace_voter_after_ms"),
             (format!("{BASE}[runtime]\nstart_timeout_ms = 0\n"), "runtime.start_timeout_ms"),
             ("node_name = \"h9\"\nlisten = \"10.0.0.9:7000\"\ninitial_members = [\"h1=10.0.0.1:7000\"]\n".to_string(), "initial_members"),
             ("node_name = \"h1\"\nlisten = \"10.0.0.2:7000\"\ninitial_members = [\"h1=10.0.0.1:7000\"]\n".to_string(), "initial_members"),

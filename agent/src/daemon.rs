@@ -760,6 +760,7 @@ impl Agent {
             policy: crate::scheduler::Policy { strategy: self.config.strategy, ..crate::scheduler::Policy::default() },
             metrics: self.metrics.clone(),
             events: self.events.clone(),
+            voters: self.config.voters,
         };
         let node = Node::start(store, options, Box::new(transport), addresses, known_peers)
             .map_err(|e| anyhow!("cannot start the node: {e}"))?;

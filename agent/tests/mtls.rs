@@ -568,8 +568,12 @@ fn forgeries_with_a_member_certificate_are_refused_and_change_nothing() {
         let mut cc = raft::eraftpb::ConfChange::default();
         cc.set_change_type(raft::eraftpb::ConfChangeType::AddLearnerNode);
         cc.node_id = 666;
-        let info =
-            blixard::state::codec::MemberInfo { name: "evil".into(), address: "127.0.0.1:1".into(), at_unix_ms: 1 };
+        let info = blixard::state::codec::MemberInfo {
+            name: "evil".into(),
+            address: "127.0.0.1:1".into(),
+            at_unix_ms: 1,
+            demote: false,
+        };
         cc.set_context(blixard::state::codec::encode_member_info(&info).into());
         learner.set_data(cc.write_to_bytes().unwrap().into());
         append.set_entries(vec![vm, learner].into());

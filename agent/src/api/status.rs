@@ -35,6 +35,7 @@ pub fn rejection_code(rejection: &Rejection) -> Code {
         // worth retrying, not a refusal.
         Rejection::StaleGeneration { .. } => Code::Aborted,
         Rejection::NotLearner(_)
+        | Rejection::NotVoter(_)
         | Rejection::LastVoter(_)
         | Rejection::OverCapacity { .. }
         | Rejection::CapacityBelowUse { .. }

@@ -518,10 +518,15 @@ impl Core {
         let (change_type, info) = match change {
             MembershipChange::AddLearner { name, address, .. } => (
                 ConfChangeType::AddLearnerNode,
-                MemberInfo { name: name.clone(), address: address.clone(), at_unix_ms },
+                MemberInfo { name: name.clone(), address: address.clone(), at_unix_ms, demote: false },
             ),
             MembershipChange::Promote { .. } => {
                 (ConfChangeType::AddNode, MemberInfo { at_unix_ms, ..MemberInfo::default() })
+            }
+            // raft-rs makes a voter a learner with `AddLearnerNode`; the
+            // context tells it from a join.
+            MembershipChange::Demote { .. } => {
+                (ConfChangeType::AddLearnerNode, MemberInfo { at_unix_ms, demote: true, ..MemberInfo::default() })
             }
             MembershipChange::Remove { .. } => {
                 (ConfChangeType::RemoveNode, MemberInfo { at_unix_ms, ..MemberInfo::default() })
@@ -807,6 +812,7 @@ impl Core {
             .map_err(|e| Rejection::Malformed(format!("conf change context: {e}")))?;
         *at_unix_ms = info.at_unix_ms;
         let change = match cc.get_change_type() {
+            ConfChangeType::AddLearnerNode if info.demote => MembershipChange::Demote { id: cc.node_id },
             ConfChangeType::AddLearnerNode => {
                 MembershipChange::AddLearner { id: cc.node_id, name: info.name, address: info.address }
             }

@@ -346,8 +346,10 @@ impl Detector {
         self.heard_ms.iter().filter(move |(_, t)| now_ms.saturating_sub(**t) <= window_ms).map(|(&node, _)| node)
     }
 
-    /// How long `node` has been silent, as far as this leader can vouch.
-    fn silent_ms(&self, node: NodeId, now_ms: u64) -> Option<u64> {
+    /// How long `node` has been silent, as far as this leader can vouch
+    /// (`None` unless leader; a new leader counts everyone heard when it
+    /// became leader).
+    pub fn silent_ms(&self, node: NodeId, now_ms: u64) -> Option<u64> {
         let since = self.leader_since_ms?;
         if node == self.me {
             return Some(0);

@@ -40,6 +40,8 @@ pub enum EventKind {
     LeaderChanged,
     HostJoined,
     HostPromoted,
+    /// A voter became a learner (the voter autopilot); it stays a member.
+    HostDemoted,
     HostRemoved,
     HostUp,
     HostDown,
@@ -91,6 +93,7 @@ impl EventKind {
             EventKind::LeaderChanged => "leader_changed",
             EventKind::HostJoined => "host_joined",
             EventKind::HostPromoted => "host_promoted",
+            EventKind::HostDemoted => "host_demoted",
             EventKind::HostRemoved => "host_removed",
             EventKind::HostUp => "host_up",
             EventKind::HostDown => "host_down",
@@ -121,6 +124,7 @@ impl EventKind {
             K::LeaderChanged
             | K::HostJoined
             | K::HostPromoted
+            | K::HostDemoted
             | K::HostUp
             | K::HostUndrained
             | K::HostUnfenced
@@ -387,6 +391,11 @@ pub fn events_of(effect: &Effect, state: &State) -> Vec<Derived> {
         Effect::MemberPromoted { node } => {
             let host = name_of(state, *node);
             one(derived(K::HostPromoted, None, Some(host.clone()), None, format!("host {host} became a voter")))
+        }
+        Effect::MemberDemoted { node } => {
+            let host = name_of(state, *node);
+            let message = format!("host {host} became a learner (it no longer votes, and still runs VMs)");
+            one(derived(K::HostDemoted, None, Some(host.clone()), None, message))
         }
         Effect::MemberRemoved { node, unplaced } => {
             let host = name_of(state, *node);

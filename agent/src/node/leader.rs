@@ -7,11 +7,12 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use super::autopilot::{self, Voters};
 use crate::consensus::{Core, Outcome, ProposalId};
 use crate::failure::{Detector, Timing};
 use crate::metrics::Metrics;
 use crate::scheduler::{self, Decision, Memo, Policy};
-use crate::state::{Command, CommandKind, MemberStatus, MembershipChange, NodeId, State};
+use crate::state::{Command, CommandKind, MemberStatus, NodeId, State};
 
 /// Ticks a new leader waits before promoting anyone, so that progress
 /// reflects real replication rather than the optimistic start.
@@ -31,13 +32,18 @@ const PLAN_BACKOFF_FACTOR: u32 = 9;
 
 pub struct Duties {
     checks_as_leader: u64,
+    /// When this node last became leader (monotonic ms).
+    leader_since_ms: u64,
     detector: Detector,
     policy: Policy,
+    voters: Voters,
     check_interval_ms: u64,
     last_check_ms: u64,
     /// This leader's own proposals not yet resolved; no new plan runs while
     /// any is in flight, so the same decision is never proposed twice.
     in_flight: BTreeSet<ProposalId>,
+    /// The autopilot's change in flight, if any (also in `in_flight`).
+    voters_change: Option<ProposalId>,
     last_plan: Option<(u64, BTreeSet<NodeId>, u64)>,
     /// What the last plan learned (which waiting VMs fit nowhere), reused
     /// with the VMs changed since; see `scheduler::Memo`.
@@ -53,14 +59,17 @@ pub struct Duties {
 }
 
 impl Duties {
-    pub fn new(me: NodeId, timing: Timing, policy: Policy, metrics: Arc<Metrics>) -> Self {
+    pub fn new(me: NodeId, timing: Timing, policy: Policy, voters: Voters, metrics: Arc<Metrics>) -> Self {
         Duties {
             checks_as_leader: 0,
+            leader_since_ms: 0,
             detector: Detector::new(me, timing),
             policy,
+            voters,
             check_interval_ms: timing.check_interval_ms,
             last_check_ms: 0,
             in_flight: BTreeSet::new(),
+            voters_change: None,
             last_plan: None,
             memo: Memo::default(),
             plan_not_before_ms: 0,
@@ -77,6 +86,7 @@ impl Duties {
 
     pub fn became_leader(&mut self, now_ms: u64) {
         self.checks_as_leader = 0;
+        self.leader_since_ms = now_ms;
         self.detector.on_became_leader(now_ms);
         self.in_flight.clear();
         self.last_plan = None;
@@ -105,6 +115,13 @@ impl Duties {
     pub fn resolved(&mut self, id: ProposalId, outcome: &Outcome) -> bool {
         if !self.in_flight.remove(&id) {
             return false;
+        }
+        if self.voters_change == Some(id) {
+            // The next change of voters (say, the second half of a
+            // replacement, or the next of many extra initial voters) need
+            // not wait a whole check interval: the duties run at the next tick.
+            self.voters_change = None;
+            self.last_check_ms = 0;
         }
         if let Outcome::Applied(Err(rejection)) = outcome {
             tracing::debug!(%rejection, "a leader decision lost to a newer state; the next plan decides again");
@@ -145,14 +162,15 @@ impl Duties {
         }
 
         if self.checks_as_leader >= PROMOTION_GRACE_CHECKS
-            && let Some(change) = promotion(core)
+            && let Some(choice) = self.autopilot(core, now_ms)
         {
-            tracing::info!(change = %change, "promoting a caught-up learner to voter");
-            match core.propose_membership(&change, at_unix_ms) {
+            match core.propose_membership(&choice.change, at_unix_ms) {
                 Ok(id) => {
+                    tracing::info!(target: "blixard::decision", kind = "voters", change = %choice.change, "{}", choice.reason);
                     self.in_flight.insert(id);
+                    self.voters_change = Some(id);
                 }
-                Err(e) => tracing::debug!(error = %e, "could not propose a promotion"),
+                Err(e) => tracing::debug!(error = %e, "could not propose a change of voters"),
             }
         }
 
@@ -213,6 +231,30 @@ impl Duties {
 }
 
 impl Duties {
+    /// The autopilot's next change of voters (`node::autopilot`).
+    fn autopilot(&self, core: &Core, now_ms: u64) -> Option<autopilot::Choice> {
+        let live_within_ms = self.detector.timing().election_timeout_max_ms;
+        // A new leader counts everyone as heard when it became leader
+        // (`Detector::silent_ms`): only once that is `live_within_ms` old
+        // does "live" mean heard from.
+        if now_ms < self.leader_since_ms + live_within_ms {
+            return None;
+        }
+        let status = core.status();
+        let state = core.state();
+        let silent_ms =
+            state.members().keys().filter_map(|&id| self.detector.silent_ms(id, now_ms).map(|s| (id, s))).collect();
+        let view = autopilot::View {
+            leader: core.id(),
+            commit: status.commit,
+            progress: &status.progress,
+            members: state.members(),
+            silent_ms: &silent_ms,
+            live_within_ms,
+        };
+        autopilot::next_change(&self.voters, &view)
+    }
+
     /// Logs, once per VM and placement, each VM left on a fenced host by a
     /// plan: it cannot fail over (it fits nowhere, or its failover is
     /// manual), and says why.
@@ -240,19 +282,6 @@ impl Duties {
         }
         self.stuck_logged = stuck;
     }
-}
-
-/// A learner that has caught up (it holds everything committed and was
-/// heard from recently) becomes a voter. One change at a time: raft-rs
-/// refuses a second while one is unapplied.
-fn promotion(core: &Core) -> Option<MembershipChange> {
-    let status = core.status();
-    status
-        .progress
-        .iter()
-        .filter(|p| p.learner && p.recent_active && p.matched >= status.commit)
-        .find(|p| core.state().member(p.id).is_some_and(|m| m.learner))
-        .map(|p| MembershipChange::Promote { id: p.id })
 }
 
 /// What a decision does, for metrics and logs.

@@ -17,6 +17,7 @@
 //! index round confirms leadership, and the read runs on the local state
 //! once the local applied index has caught up with it.
 
+pub mod autopilot;
 mod contact;
 pub mod events;
 mod identity;
@@ -202,6 +203,8 @@ pub struct NodeOptions {
     /// Where the cluster events this member derives go; the daemon shares
     /// it with the HTTP listener (dashboard).
     pub events: Arc<EventLog>,
+    /// How many voters the leader keeps (`node::autopilot`).
+    pub voters: autopilot::Voters,
 }
 
 impl NodeOptions {
@@ -215,6 +218,7 @@ impl NodeOptions {
             policy: crate::scheduler::Policy::default(),
             metrics: Arc::new(Metrics::new()),
             events: Arc::new(EventLog::new()),
+            voters: autopilot::Voters::default(),
         }
     }
 }
@@ -425,7 +429,13 @@ impl Node {
             contact: Arc::new(watch::Sender::new(None)),
             fence_after_ms: options.timing.fence_after_ms,
         };
-        let duties = leader::Duties::new(identity.id, options.timing, options.policy.clone(), options.metrics.clone());
+        let duties = leader::Duties::new(
+            identity.id,
+            options.timing,
+            options.policy.clone(),
+            options.voters,
+            options.metrics.clone(),
+        );
         let mut raft = RaftThread {
             core,
             identity,

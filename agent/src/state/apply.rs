@@ -191,6 +191,7 @@ impl std::fmt::Display for MembershipChange {
                 write!(f, "add {name} (member {id}, {address}) as a learner")
             }
             MembershipChange::Promote { id } => write!(f, "promote member {id} to voter"),
+            MembershipChange::Demote { id } => write!(f, "demote member {id} to learner"),
             MembershipChange::Remove { id } => write!(f, "remove member {id}"),
         }
     }
@@ -209,6 +210,12 @@ pub enum MembershipChange {
     Promote {
         id: NodeId,
     },
+    /// A voter becomes a learner (the voter autopilot, `node::autopilot`):
+    /// it stays a member, keeps its VMs and its fence, and no longer votes.
+    /// (raft-rs's `AddLearnerNode` on a voter.)
+    Demote {
+        id: NodeId,
+    },
     Remove {
         id: NodeId,
     },
@@ -219,6 +226,7 @@ impl MembershipChange {
         match self {
             MembershipChange::AddLearner { id, .. }
             | MembershipChange::Promote { id }
+            | MembershipChange::Demote { id }
             | MembershipChange::Remove { id } => *id,
         }
     }
@@ -282,6 +290,9 @@ pub enum Effect {
     MemberPromoted {
         node: NodeId,
     },
+    MemberDemoted {
+        node: NodeId,
+    },
     MemberRemoved {
         node: NodeId,
         unplaced: Vec<String>,
@@ -331,6 +342,8 @@ pub enum Rejection {
     NotLearner(NodeId),
     #[error("member {0} is the last voter and cannot be removed")]
     LastVoter(NodeId),
+    #[error("member {0} is not a voter")]
+    NotVoter(NodeId),
     #[error("VM {vm:?} does not fit on {node}: it needs {needed} {resource}, {available} of {limit} are free")]
     OverCapacity { vm: String, node: String, resource: &'static str, needed: u64, available: u64, limit: u64 },
     #[error("member {node} would have {used} {resource} placed but offers only {limit}; drain it first")]
@@ -727,6 +740,18 @@ impl State {
                 }
                 self.member_mut(*id).learner = false;
                 Ok(Effect::MemberPromoted { node: *id })
+            }
+            MembershipChange::Demote { id } => {
+                let member = self.members.get(id).ok_or(Rejection::UnknownNode(*id))?;
+                if member.learner {
+                    return Err(Rejection::NotVoter(*id));
+                }
+                let voters = self.members.values().filter(|m| !m.learner).count();
+                if voters <= 1 {
+                    return Err(Rejection::LastVoter(*id));
+                }
+                self.member_mut(*id).learner = true;
+                Ok(Effect::MemberDemoted { node: *id })
             }
             MembershipChange::Remove { id } => {
                 let member = self.members.get(id).ok_or(Rejection::UnknownNode(*id))?;

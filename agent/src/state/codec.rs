@@ -367,16 +367,23 @@ pub struct MemberInfo {
     pub name: String,
     pub address: String,
     pub at_unix_ms: u64,
+    /// An `AddLearnerNode` that demotes a voter (no name, no address).
+    pub demote: bool,
 }
 
 pub fn encode_member_info(info: &MemberInfo) -> Vec<u8> {
-    pb::MemberInfo { name: info.name.clone(), address: info.address.clone(), at_unix_ms: info.at_unix_ms }
-        .encode_to_vec()
+    pb::MemberInfo {
+        name: info.name.clone(),
+        address: info.address.clone(),
+        at_unix_ms: info.at_unix_ms,
+        demote: info.demote,
+    }
+    .encode_to_vec()
 }
 
 pub fn decode_member_info(bytes: &[u8]) -> Result<MemberInfo, DecodeError> {
     let info = pb::MemberInfo::decode(bytes)?;
-    Ok(MemberInfo { name: info.name, address: info.address, at_unix_ms: info.at_unix_ms })
+    Ok(MemberInfo { name: info.name, address: info.address, at_unix_ms: info.at_unix_ms, demote: info.demote })
 }
 
 // ---- snapshots ----

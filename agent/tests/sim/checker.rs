@@ -115,6 +115,21 @@ impl Checker {
                 }
             }
         }
+        // Raft's configuration and the state's members agree: a conf
+        // change reaches both at apply, or neither (voters and learners,
+        // which a demotion or promotion moves between).
+        if store.is_initialized() {
+            let state_voters: Vec<NodeId> =
+                core.state().members().values().filter(|m| !m.learner).map(|m| m.id).collect();
+            let state_learners: Vec<NodeId> =
+                core.state().members().values().filter(|m| m.learner).map(|m| m.id).collect();
+            if status.voters != state_voters || status.learners != state_learners {
+                return Err(format!(
+                    "node {id}: Raft's voters {:?} and learners {:?} differ from the state's {state_voters:?} and {state_learners:?}",
+                    status.voters, status.learners
+                ));
+            }
+        }
         if applied > commit {
             return Err(format!("node {id}: applied {applied} is ahead of commit {commit}"));
         }

@@ -124,6 +124,7 @@ pub struct Stats {
     pub reads: u64,
     pub joins: u64,
     pub removals: u64,
+    pub demotions: u64,
     pub max_commit: u64,
 }
 
@@ -350,6 +351,11 @@ impl Sim {
                         let node = *node;
                         self.log(|| format!("member {node} removed"));
                     }
+                    if let blixard::state::Effect::MemberDemoted { node } = effect {
+                        self.stats.demotions += 1;
+                        let node = *node;
+                        self.log(|| format!("member {node} demoted"));
+                    }
                 }
                 Outcome::Applied(Err(_)) => self.stats.rejected += 1,
                 Outcome::Dropped => {
@@ -515,7 +521,7 @@ impl Sim {
         };
         let learners: Vec<NodeId> = state_members.values().filter(|m| m.learner).map(|m| m.id).collect();
         let voters: Vec<NodeId> = state_members.values().filter(|m| !m.learner).map(|m| m.id).collect();
-        let change = match self.rng.random_range(0..3) {
+        let change = match self.rng.random_range(0..4) {
             0 if state_members.len() < 7 => {
                 let id = self.next_node_id;
                 self.next_node_id += 1;
@@ -539,6 +545,13 @@ impl Sim {
                 let candidates: Vec<NodeId> = voters.iter().copied().filter(|id| *id != leader).collect();
                 let id = *candidates.choose(&mut self.rng).expect("more than two voters");
                 MembershipChange::Remove { id }
+            }
+            // A voter becomes a learner (the voter autopilot's demotion);
+            // it stays a member and may be promoted again.
+            3 if voters.len() > 2 => {
+                let candidates: Vec<NodeId> = voters.iter().copied().filter(|id| *id != leader).collect();
+                let id = *candidates.choose(&mut self.rng).expect("more than two voters");
+                MembershipChange::Demote { id }
             }
             _ => return,
         };

@@ -77,6 +77,7 @@ fn run_range(shard: u64, shards: u64) {
         total.reads += stats.reads;
         total.joins += stats.joins;
         total.removals += stats.removals;
+        total.demotions += stats.demotions;
     }
     eprintln!("shard {shard}/{shards}: {ran} seeds, totals {total:?}");
 }
