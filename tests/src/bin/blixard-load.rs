@@ -653,6 +653,8 @@ fn commit_latency(
     seconds: f64,
     tag: &'static str,
 ) -> Stats {
+    // Lazy channels are made inside a runtime.
+    let _entered = rt.enter();
     let channels: Vec<BlixardClient<Channel>> =
         (0..clients).map(|c| BlixardClient::new(channel_to(cluster, &cluster.agent(c % targets).address))).collect();
     rt.block_on(async move {
