@@ -3,7 +3,7 @@
 # what each measures, its goal, and the numbers recorded so far).
 #
 #   scripts/bench.sh                   # all of them
-#   scripts/bench.sh throughput idle   # some: consensus scheduler throughput idle restart dashboard
+#   scripts/bench.sh throughput idle   # some: consensus scheduler throughput idle restart dashboard scale
 #
 # Run it on a quiet machine: other work on the cores skews every number.
 # It installs Debian's etcd-server (the throughput comparison's etcd 3.4)
@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all=(consensus scheduler throughput idle restart dashboard)
+all=(consensus scheduler throughput idle restart dashboard scale)
 if [ $# -gt 0 ]; then selected=("$@"); else selected=("${all[@]}"); fi
 for name in "${selected[@]}"; do
   case " ${all[*]} " in
@@ -44,11 +44,13 @@ if [ -n "${BLIXARD_BENCH_QUICK:-}" ]; then
   throughput_args=(--seconds 3 --warmup-seconds 1)
   idle_args=(--seconds 5 --settle-seconds 2)
   restart_args=(--vms 5000 --trials 1 --idle-seconds 3)
+  scale_args=(--agents 20 --vms 200 --seconds 3 --idle-seconds 5)
   export BLIXARD_BENCH_DASHBOARD_VMS=${BLIXARD_BENCH_DASHBOARD_VMS:-1000}
 else
   throughput_args=()
   idle_args=()
   restart_args=()
+  scale_args=()
 fi
 
 log "building (release)"
@@ -92,6 +94,10 @@ fi
 if wants restart; then
   log "restart: a member whose snapshot and log hold 100,000 VMs, to serving requests (issue 3)"
   "$load" restart "${restart_args[@]}"
+fi
+if wants scale; then
+  log "scale: 100 agents on one machine: formation, idle CPU, commit latency vs 3 members, a learner's failover (issue 21)"
+  "$load" scale "${scale_args[@]}"
 fi
 if wants dashboard; then
   log "dashboard: page load and live-update cost at 1,000 and 10,000 VMs, headless Chromium (issue 20)"

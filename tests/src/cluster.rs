@@ -21,6 +21,7 @@
 //! live in a temporary directory; when a test panics the logs are printed before it is
 //! removed (set `BLIXARD_CLUSTER_KEEP=1` to keep it).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::future::Future;
@@ -70,11 +71,13 @@ pub struct Options {
     /// Appended to every agent's config verbatim.
     pub extra: String,
     pub auth: Auth,
+    /// `[capacity] vcpu` of every agent.
+    pub vcpu: u32,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { tick_ms: 25, log_compact_entries_max: None, extra: String::new(), auth: Auth::Secret }
+        Options { tick_ms: 25, log_compact_entries_max: None, extra: String::new(), auth: Auth::Secret, vcpu: 16 }
     }
 }
 
@@ -281,14 +284,49 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// `total` agents: the first `initial` form the cluster from one
+    /// `initial_members` list, the other `total - initial` join it through
+    /// `join` seeds (the initial members); [`Cluster::start_all`] starts
+    /// them all at once, as a fleet of hosts booting with one config does.
+    /// Raises this process's open-file limit first ([`raise_fd_limit`]):
+    /// each agent holds connections to its peers, the test's clients one to
+    /// each agent.
+    pub fn configure_joined(test: &str, total: usize, initial: usize, options: Options) -> Result<Cluster> {
+        if initial == 0 || initial > total || total > AGENTS_MAX {
+            bail!("configure_joined needs 1 <= initial ({initial}) <= total ({total}) <= {AGENTS_MAX}");
+        }
+        raise_fd_limit()?;
+        let mut cluster = Cluster::configure_with_room(test, initial, total, options)?;
+        let seeds: Vec<String> = (0..initial).map(|i| cluster.address_of(i)).collect();
+        for _ in initial..total {
+            cluster.add_agent(&format!("join = {}\n", toml_list(&seeds)))?;
+        }
+        Ok(cluster)
+    }
+
+    /// Starts every agent that is not running.
+    pub fn start_all(&mut self) -> Result<()> {
+        for agent in &mut self.agents {
+            if agent.child.is_none() {
+                agent.start()?;
+            }
+        }
+        Ok(())
+    }
+
     /// [`Cluster::start`] without starting anyone: the configs are written,
     /// so a test can change them ([`Agent::add_config`]) or prepare data dirs
     /// (`blixard-agent restore`) first.
     pub fn configure(test: &str, initial: usize, options: Options) -> Result<Cluster> {
+        Self::configure_with_room(test, initial, initial + 4, options)
+    }
+
+    /// [`Cluster::configure`] with addresses free for `room` agents in all
+    /// (those added later included).
+    fn configure_with_room(test: &str, initial: usize, room: usize, options: Options) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix(&format!("blixard-{test}-")).tempdir()?;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        // Room for agents added later.
-        let prefix = free_prefix(initial + 4)?;
+        let prefix = free_prefix(room)?;
         let (secret, credentials) = match options.auth {
             Auth::Insecure => (None, None),
             Auth::Secret => {
@@ -321,6 +359,43 @@ impl Cluster {
         fs::write(&runner, format!("#!/bin/sh\necho \"{vm} booted\"\nexec sleep 100000\n"))?;
         fs::set_permissions(&runner, fs::Permissions::from_mode(0o755))?;
         Ok(())
+    }
+
+    /// Installs runners for `vms` on agent `index` as links to one shared
+    /// runner (`<state_dir>/<vm>/current` -> `<cluster dir>/runner`, as
+    /// microvm.nix links `current` into the Nix store): for thousands of
+    /// guests, one script instead of one copy each.
+    pub fn install_shared_runners(&self, index: usize, vms: &[String]) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let shared = self.dir.path().join("runner");
+        let runner = shared.join("bin/microvm-run");
+        if !runner.exists() {
+            fs::create_dir_all(shared.join("bin"))?;
+            // `exec`: the guest is one process (sleep), whose working
+            // directory (`<state_dir>/<vm>`, set by the runtime) names it.
+            fs::write(&runner, "#!/bin/sh\nexec sleep 100000\n")?;
+            fs::set_permissions(&runner, fs::Permissions::from_mode(0o755))?;
+        }
+        let state_dir = self.agents[index].dir.join("microvms");
+        for vm in vms {
+            let dir = state_dir.join(vm);
+            fs::create_dir_all(&dir)?;
+            std::os::unix::fs::symlink(&shared, dir.join("current"))
+                .with_context(|| format!("linking the runner of {vm} on {}", self.agents[index].name))?;
+        }
+        Ok(())
+    }
+
+    /// What finds the process runtime's guests that run now
+    /// ([`GuestScanner::scan`]); it can move to another thread.
+    pub fn guest_scanner(&self) -> Result<GuestScanner> {
+        let root = fs::canonicalize(self.dir.path())?;
+        Ok(GuestScanner { root, names: self.agents.iter().map(|a| a.name.clone()).collect() })
+    }
+
+    /// [`GuestScanner::scan`] now.
+    pub fn running_guests(&self) -> Result<BTreeMap<String, Vec<usize>>> {
+        self.guest_scanner()?.scan()
     }
 
     /// Runs the `blixard-agent` CLI with `args` against agent `index`, as an
@@ -422,8 +497,9 @@ impl Cluster {
         config.push_str(&self.options.extra);
         write!(
             config,
-            "\n[runtime]\nkind = \"process\"\nstate_dir = \"{}\"\n[capacity]\nvcpu = 16\nmemory_mib = 65536\n[raft]\ntick_ms = {}\n",
+            "\n[runtime]\nkind = \"process\"\nstate_dir = \"{}\"\n[capacity]\nvcpu = {}\nmemory_mib = 65536\n[raft]\ntick_ms = {}\n",
             dir.join("microvms").display(),
+            self.options.vcpu,
             self.options.tick_ms
         )?;
         if let Some(max) = self.options.log_compact_entries_max {
@@ -511,6 +587,52 @@ impl Cluster {
         self.index_of(&leader).with_context(|| format!("leader {leader} is not one of the agents"))
     }
 
+    /// Waits until every agent in `agents` is a member that sees exactly
+    /// those agents as healthy members (voters or learners) and the same
+    /// leader; returns the leader's index. Asks one agent at a time and
+    /// starts again from the first that is not there yet, so a wait on 100
+    /// agents costs one status call per agent per round.
+    pub fn wait_members(&self, agents: &[usize], timeout: Duration) -> Result<usize> {
+        let mut want: Vec<String> = agents.iter().map(|&i| self.agents[i].name.clone()).collect();
+        want.sort();
+        let mut from = 0;
+        let leader = wait_for(&format!("a cluster of {} agents", want.len()), timeout, || {
+            let mut leader: Option<String> = None;
+            for (k, &i) in agents.iter().enumerate().cycle().skip(from).take(agents.len()) {
+                let status = match self.status(i) {
+                    Ok(status) => status,
+                    Err(e) => {
+                        from = k;
+                        return Ok(Probe::NotYet(format!("{}: {}", self.agents[i].name, e.message())));
+                    }
+                };
+                let mut names: Vec<&str> = status.members.iter().map(|m| m.name.as_str()).collect();
+                names.sort_unstable();
+                let healthy = status.members.iter().filter(|m| m.healthy).count();
+                let same_leader = leader.as_ref().is_none_or(|l| *l == status.leader);
+                if !(status.member
+                    && !status.leader.is_empty()
+                    && names == want
+                    && healthy == want.len()
+                    && same_leader)
+                {
+                    from = k;
+                    let seen = format!(
+                        "{}: member {}, leader {:?}, {} members, {healthy} healthy",
+                        self.agents[i].name,
+                        status.member,
+                        status.leader,
+                        names.len()
+                    );
+                    return Ok(Probe::NotYet(seen));
+                }
+                leader = Some(status.leader);
+            }
+            Ok(Probe::Ready(leader.expect("at least one agent")))
+        })?;
+        self.index_of(&leader).with_context(|| format!("leader {leader} is not one of the agents"))
+    }
+
     /// Waits until the agent `at` sees every agent in `agents` with its capacity
     /// reported (a VM pinned to a host that has not reported is refused: "try again
     /// shortly").
@@ -555,6 +677,67 @@ impl Drop for Cluster {
             eprintln!("kept {}", dir.keep().display());
         }
     }
+}
+
+/// Finds the process runtime's guests of a [`Cluster`] in `/proc`,
+/// independently of the agents.
+#[derive(Debug, Clone)]
+pub struct GuestScanner {
+    /// The cluster's directory, canonical (as `/proc/<pid>/cwd` shows it).
+    root: PathBuf,
+    /// Agent names by index.
+    names: Vec<String>,
+}
+
+impl GuestScanner {
+    /// The guests that run now, by VM, with the indexes of the agents in
+    /// whose state dir each runs (two entries: two copies), in one pass over
+    /// `/proc`. A guest is a live process (not a zombie) whose working
+    /// directory is `<agent dir>/microvms/<vm>` (the process runtime starts
+    /// it there), whichever process is its parent: a guest that outlived
+    /// its agent is found too.
+    pub fn scan(&self) -> Result<BTreeMap<String, Vec<usize>>> {
+        let mut found: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for entry in fs::read_dir("/proc")?.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            // Gone between the listing and the read: not running.
+            let Ok(cwd) = fs::read_link(format!("/proc/{pid}/cwd")) else { continue };
+            let Ok(inside) = cwd.strip_prefix(&self.root) else { continue };
+            let parts: Vec<&str> = inside.iter().filter_map(|p| p.to_str()).collect();
+            let [host, "microvms", vm] = parts.as_slice() else { continue };
+            let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+            if blixard::guard::procfs::parse_stat(&stat).is_none_or(|s| s.state == 'Z') {
+                continue;
+            }
+            if let Some(index) = self.names.iter().position(|n| n == host) {
+                found.entry((*vm).to_string()).or_default().push(index);
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// The most agents one cluster can hold: one `127.A.B.0/24`, `.1` to `.254`.
+pub const AGENTS_MAX: usize = 254;
+
+/// Raises this process's soft open-file limit to its hard limit (inherited
+/// by the agents it starts): 100 agents on one machine hold thousands of
+/// connections, more than the usual soft limit of 1024 allows one process.
+pub fn raise_fd_limit() -> Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit write and read only `limit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            bail!("getrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                bail!("setrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(limit.rlim_cur)
 }
 
 /// A lazily connecting channel to the agent at `address`: mutual TLS with

@@ -16,6 +16,16 @@
 //!   (SIGTERM and SIGKILL) and times from spawning it to its first
 //!   `ClusterStatus` as a member with a leader, and to its first
 //!   linearizable read (`VmStatus`) served through it.
+//! - `scale`: `--agents` (100) agents on one machine, 3 from
+//!   `initial_members` and the others joining through `join` seeds at once
+//!   (`blixard_systests::cluster::Cluster::configure_joined`): formation
+//!   time, `--vms` VMs placed and running as real guest processes, the
+//!   leader's idle CPU and its raft thread's (from
+//!   `/proc/<pid>/task/<tid>/stat`, the thread named `raft`) against a
+//!   voter's and a learner's, `vm create` p50/p99 at `--clients` (16)
+//!   against the big cluster and a 3-member one in the same run, and the
+//!   failover of a SIGKILLed non-voter's VMs (until each runs once
+//!   elsewhere, seen in `/proc`).
 //!
 //! Agents are the workspace's `blixard-agent` (`$BLIXARD_AGENT_BIN`
 //! overrides it) with the harness config of `blixard_systests::cluster`
@@ -90,6 +100,24 @@ enum Cmd {
         clients: usize,
         /// Seconds of idle sampling of the full cluster afterwards.
         #[arg(long, default_value_t = 10.0)]
+        idle_seconds: f64,
+    },
+    /// Many agents on one machine: formation, idle CPU, commit latency
+    /// against a 3-member cluster, a non-voter's failover.
+    Scale {
+        #[arg(long, default_value_t = 100)]
+        agents: usize,
+        /// VMs placed and running (real guest processes) before measuring.
+        #[arg(long, default_value_t = 1000)]
+        vms: usize,
+        /// Concurrent `vm create` clients for the commit latency.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Measured seconds of `vm create` per cluster.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Seconds of idle sampling.
+        #[arg(long, default_value_t = 20.0)]
         idle_seconds: f64,
     },
 }
@@ -575,6 +603,200 @@ fn restart(vms: usize, trials: usize, clients: usize, idle_seconds: f64) -> Resu
     Ok(())
 }
 
+/// CPU time of the thread named `name` of process `pid` (the first one),
+/// from `/proc/<pid>/task/<tid>/stat`.
+fn thread_cpu_time(pid: u32, name: &str) -> Result<Duration> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            let stat = std::fs::read_to_string(task.path().join("stat"))?;
+            return ticks_of(&stat);
+        }
+    }
+    bail!("process {pid} has no thread named {name}")
+}
+
+/// utime + stime of a `/proc/.../stat` line.
+fn ticks_of(stat: &str) -> Result<Duration> {
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
+/// Process and raft-thread CPU of `pids` over `duration`, in % of a core.
+fn cpu_over(pids: &[u32], duration: Duration) -> Result<Vec<(f64, f64)>> {
+    let before: Vec<(Duration, Duration)> =
+        pids.iter().map(|&p| Ok((cpu_time(p)?, thread_cpu_time(p, "raft")?))).collect::<Result<_>>()?;
+    let started = Instant::now();
+    std::thread::sleep(duration);
+    let elapsed = started.elapsed().as_secs_f64();
+    pids.iter()
+        .zip(before)
+        .map(|(&p, (process, raft))| {
+            let process = cpu_time(p)?.saturating_sub(process).as_secs_f64();
+            let raft = thread_cpu_time(p, "raft")?.saturating_sub(raft).as_secs_f64();
+            Ok((100.0 * process / elapsed, 100.0 * raft / elapsed))
+        })
+        .collect()
+}
+
+/// `vm create` from `clients` loops for `seconds`, client `c` at agent
+/// `c % targets`.
+fn commit_latency(
+    rt: &tokio::runtime::Runtime,
+    cluster: &Cluster,
+    targets: usize,
+    clients: usize,
+    seconds: f64,
+    tag: &'static str,
+) -> Stats {
+    // Lazy channels are made inside a runtime.
+    let _entered = rt.enter();
+    let channels: Vec<BlixardClient<Channel>> =
+        (0..clients).map(|c| BlixardClient::new(channel_to(cluster, &cluster.agent(c % targets).address))).collect();
+    rt.block_on(async move {
+        let op = move |phase: &'static str| {
+            let channels = channels.clone();
+            move |c: usize, seq: u64| {
+                let mut client = channels[c].clone();
+                let name = format!("{tag}{phase}{c}-{seq}");
+                async move { client.vm_create(create_request(name)).await.map(|_| ()) }
+            }
+        };
+        drive(clients, Duration::from_secs(2), op("w")).await;
+        drive(clients, Duration::from_secs_f64(seconds), op("m")).await
+    })
+}
+
+/// Waits until each of `vms` runs as exactly one guest on a host other
+/// than `lost` (seen in `/proc`); the time since `since`.
+fn wait_moved(cluster: &Cluster, vms: &[String], lost: usize, since: Instant) -> Result<Duration> {
+    wait_for(&format!("{} VMs to run once elsewhere", vms.len()), Duration::from_secs(120), || {
+        let guests = cluster.running_guests()?;
+        let moved = vms.iter().filter(|vm| guests.get(*vm).is_some_and(|on| on.len() == 1 && on[0] != lost)).count();
+        Ok(if moved == vms.len() { Probe::Ready(since.elapsed()) } else { Probe::NotYet(format!("{moved} moved")) })
+    })
+}
+
+fn scale(agents: usize, vms: usize, clients: usize, seconds: f64, idle_seconds: f64) -> Result<()> {
+    let rt = runtime()?;
+    let options = Options { vcpu: 4096, ..Options::default() };
+    let mut cluster = Cluster::configure_joined("scale", agents, 3, options)?;
+    // VM i's runner on hosts i, i + 1 and i + 2 (mod agents).
+    let names: Vec<String> = (0..vms).map(vm_name).collect();
+    for host in 0..agents {
+        let here: Vec<String> = names
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| (0..3).any(|k| (i + k) % agents == host))
+            .map(|(_, n)| n.clone())
+            .collect();
+        cluster.install_shared_runners(host, &here)?;
+    }
+    let all: Vec<usize> = (0..agents).collect();
+    let started = Instant::now();
+    cluster.start_all()?;
+    let leader = cluster.wait_members(&all, Duration::from_secs(600))?;
+    let formed = started.elapsed();
+    cluster.wait_reported(leader, &all)?;
+    let status = cluster.status(leader)?;
+    let role = |i: usize| {
+        status.members.iter().find(|m| m.name == cluster.agent(i).name).map_or("?".to_string(), |m| m.role.clone())
+    };
+    let voters: Vec<usize> = all.iter().copied().filter(|&i| role(i) == "follower").collect();
+    let learners: Vec<usize> = all.iter().copied().filter(|&i| role(i) == "learner").collect();
+    println!(
+        "{agents} agents formed in {:.2} s (spawn to every agent a member seeing all {agents} healthy and one leader); leader {}, {} other voters, {} learners",
+        formed.as_secs_f64(),
+        cluster.agent(leader).name,
+        voters.len(),
+        learners.len()
+    );
+
+    let placing = Instant::now();
+    let leader_address = cluster.agent(leader).address.clone();
+    let fill = rt.block_on(async {
+        let client = BlixardClient::new(channel_to(&cluster, &leader_address));
+        let names = names.clone();
+        drive_count(64, vms, move |i| {
+            let mut client = client.clone();
+            let name = names[i].clone();
+            async move { client.vm_create(create_request(name)).await.map(|_| ()) }
+        })
+        .await
+    });
+    if fill.errors > 0 {
+        bail!("{} creates failed: {:?}", fill.errors, fill.first_error);
+    }
+    wait_for(&format!("{vms} guests running once each"), Duration::from_secs(600), || {
+        let guests = cluster.running_guests()?;
+        let once = guests.values().filter(|on| on.len() == 1).count();
+        Ok(if once == vms { Probe::Ready(()) } else { Probe::NotYet(format!("{once} run")) })
+    })?;
+    println!(
+        "{vms} VMs created (64 clients) and running as guest processes in {:.1} s",
+        placing.elapsed().as_secs_f64()
+    );
+
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = |i: usize| cluster.agent(i).pid().with_context(|| format!("{} is not running", cluster.agent(i).name));
+    let mut sampled = vec![(format!("leader {}", cluster.agent(leader).name), pid(leader)?)];
+    if let Some(&v) = voters.first() {
+        sampled.push((format!("voter {}", cluster.agent(v).name), pid(v)?));
+    }
+    if let Some(&l) = learners.first() {
+        sampled.push((format!("learner {}", cluster.agent(l).name), pid(l)?));
+    }
+    let pids: Vec<u32> = sampled.iter().map(|(_, p)| *p).collect();
+    let cpu = cpu_over(&pids, Duration::from_secs_f64(idle_seconds))?;
+    println!("idle {idle_seconds:.0} s, {agents} agents, {vms} VMs running:");
+    println!("{:<14} {:>10} {:>16} {:>9}", "agent", "CPU %core", "raft thread %core", "RSS MiB");
+    for ((what, pid), (process, raft)) in sampled.iter().zip(&cpu) {
+        println!("{what:<14} {process:>10.2} {raft:>16.2} {:>9.1}", status_field(*pid, "VmRSS")?);
+    }
+    let rss: f64 = all.iter().map(|&i| status_field(pid(i)?, "VmRSS")).sum::<Result<f64>>()?;
+    println!("all {agents} agents: {rss:.0} MiB RSS");
+
+    // Clients at the 3 initial members (voters or the leader), as in the
+    // 3-member run below.
+    let big = commit_latency(&rt, &cluster, 3, clients, seconds, "b");
+
+    // A learner's VMs (a voter's when there is no learner), after SIGKILL.
+    let victim = learners.first().or(voters.first()).copied().context("a member besides the leader")?;
+    let its: Vec<String> =
+        cluster.running_guests()?.into_iter().filter(|(_, on)| on.contains(&victim)).map(|(vm, _)| vm).collect();
+    let victim_role = role(victim);
+    let lost_at = Instant::now();
+    cluster.agent_mut(victim).kill();
+    let moved = wait_moved(&cluster, &its, victim, lost_at)?;
+    println!(
+        "failover: {} ({}) SIGKILLed with {} VMs; all ran once elsewhere after {:.2} s",
+        cluster.agent(victim).name,
+        victim_role,
+        its.len(),
+        moved.as_secs_f64()
+    );
+    drop(cluster);
+
+    let (small, _) = crate::agents("scale3", Auth::Secret)?;
+    let three = commit_latency(&rt, &small, 3, clients, seconds, "s");
+    drop(small);
+    println!("vm create, {clients} clients spread over 3 voters, {seconds} s measured:");
+    print_header();
+    print_row(&format!("{agents} agents"), clients, &big);
+    print_row("3 agents", clients, &three);
+    println!(
+        "  ratio {agents}/3: p50 {:.2}x, p99 {:.2}x, throughput {:.2}x",
+        big.percentile_ms(50.0) / three.percentile_ms(50.0),
+        big.percentile_ms(99.0) / three.percentile_ms(99.0),
+        big.rate() / three.rate()
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Throughput { clients, auth, seconds, warmup_seconds, target, skip_etcd } => {
@@ -585,5 +807,14 @@ fn main() -> Result<()> {
         }
         Cmd::Idle { seconds, settle_seconds, skip_etcd } => idle(seconds, settle_seconds, skip_etcd),
         Cmd::Restart { vms, trials, clients, idle_seconds } => restart(vms, trials, clients, idle_seconds),
+        Cmd::Scale { agents, vms, clients, seconds, idle_seconds } => {
+            if !(4..=blixard_systests::cluster::AGENTS_MAX).contains(&agents) || clients == 0 || vms < agents {
+                bail!(
+                    "--agents must be 4 to {}, --clients above 0 and --vms at least --agents",
+                    blixard_systests::cluster::AGENTS_MAX
+                );
+            }
+            scale(agents, vms, clients, seconds, idle_seconds)
+        }
     }
 }
