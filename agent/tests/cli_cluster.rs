@@ -43,6 +43,8 @@ impl Drop for Agent {
 struct Cluster {
     dir: tempfile::TempDir,
     agents: Vec<Agent>,
+    /// Appended to every agent's config (sections after `[capacity]`).
+    tail: String,
 }
 
 fn free_address() -> String {
@@ -63,10 +65,15 @@ fn write_runners(state_dir: &Path) {
 impl Cluster {
     /// `n` agents forming one cluster through `initial_members`.
     fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, "")
+    }
+
+    /// `n` agents whose configs end with `tail`.
+    fn start_with(n: usize, tail: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<(String, String)> = (1..=n).map(|i| (format!("h{i}"), free_address())).collect();
         let initial: Vec<String> = members.iter().map(|(name, addr)| format!("\"{name}={addr}\"")).collect();
-        let mut cluster = Cluster { dir, agents: Vec::new() };
+        let mut cluster = Cluster { dir, agents: Vec::new(), tail: tail.to_string() };
         for (name, address) in &members {
             let extra = format!("initial_members = [{}]\n", initial.join(", "));
             cluster.spawn(name, address, &extra);
@@ -92,10 +99,11 @@ impl Cluster {
         let config = format!(
             "node_name = \"{name}\"\nlisten = \"{address}\"\nmetrics_listen = \"{http}\"\n\
              data_dir = \"{}\"\n{}{extra}\
-             [runtime]\nkind = \"process\"\nstate_dir = \"{}\"\n[capacity]\nvcpu = 8\nmemory_mib = 8192\n",
+             [runtime]\nkind = \"process\"\nstate_dir = \"{}\"\n[capacity]\nvcpu = 8\nmemory_mib = 8192\n{}",
             home.join("data").display(),
             cli_support::LOOPBACK_INSECURE,
-            state_dir.display()
+            state_dir.display(),
+            self.tail
         );
         let path = home.join("agent.toml");
         std::fs::write(&path, config).unwrap();
@@ -302,6 +310,51 @@ fn join_and_leave_through_the_cli() {
     c.cli(0, &["cluster", "leave", "h9"]).assert_error(2, "h9");
     assert_eq!(c.json(0, &["cluster", "leave", "h4"]), serde_json::json!({"name": "h4"}));
     c.wait_for_members(3);
+}
+
+/// The names of the members `cluster status` at agent `i` shows voting
+/// (`role` leader or follower), or `None` while it cannot answer.
+fn voters_at(c: &Cluster, i: usize) -> Option<Vec<String>> {
+    let out = c.cli(i, &["cluster", "status", "--json"]);
+    if out.code != 0 {
+        return None;
+    }
+    let status = out.json();
+    let members = status["members"].as_array()?;
+    Some(
+        members
+            .iter()
+            .filter(|m| m["role"] != "learner")
+            .filter_map(|m| m["name"].as_str().map(String::from))
+            .collect(),
+    )
+}
+
+/// Bounded voters (`raft.voters`): of five initial members the leader
+/// demotes two to learners; a voter that dies is replaced by a learner
+/// (promoted, then the dead one demoted) once it has been silent for
+/// `raft.replace_voter_after_ms`, and writes keep committing.
+#[test]
+fn bounded_voters_demote_extras_and_replace_a_dead_voter() {
+    let mut c = Cluster::start_with(5, "[raft]\nvoters = 3\nreplace_voter_after_ms = 2000\n");
+    c.wait_until("three voters and two learners", |c| voters_at(c, 0).is_some_and(|v| v.len() == 3));
+    let status = c.json(0, &["cluster", "status"]);
+    let leader = status["leader"].as_str().expect("a leader").to_string();
+    let before = voters_at(&c, 0).expect("status");
+    let victim = before.iter().find(|name| **name != leader).expect("a voter that does not lead").clone();
+    let dead = c.agents.iter().position(|a| a.name == victim).expect("the victim's agent");
+    c.agents[dead].child.kill().unwrap();
+    c.agents[dead].child.wait().unwrap();
+    let alive = (0..c.agents.len()).find(|&i| i != dead).unwrap();
+    c.wait_until("a learner to replace the dead voter", |c| {
+        voters_at(c, alive).is_some_and(|v| v.len() == 3 && !v.contains(&victim))
+    });
+    let status = c.json(alive, &["cluster", "status"]);
+    let member = status["members"].as_array().unwrap().iter().find(|m| m["name"] == victim.as_str()).cloned();
+    let member = member.expect("the dead voter stays a member");
+    assert_eq!(member["role"], "learner", "{status}");
+    assert_eq!(member["healthy"], false, "{status}");
+    c.cli(alive, &["vm", "create", "after-replacement", "--vcpu", "1", "--memory", "64"]).assert_ok();
 }
 
 #[test]
