@@ -497,6 +497,26 @@ impl SystemdRuntime {
 }
 
 impl SystemdRuntime {
+    /// Waits (at most `timeout`) until microvm.nix's `microvm-set-booted@`
+    /// unit of guest `unit` has stopped too. It is `PartOf` the guest's unit
+    /// and ordered before it, so its stop job runs only after the guest's
+    /// has ended: a start queued at once would replace that pending stop,
+    /// leave the unit active and `booted` pointing at the runner the guest
+    /// no longer runs (the next runner scan then rolls the guest again).
+    /// A host without the unit (no microvm.nix) has nothing to wait for.
+    async fn wait_set_booted_stopped(&self, jobs: &mut broadcast::Receiver<JobDone>, unit: &str, timeout: Duration) {
+        let set_booted = unit.replacen("microvm@", "microvm-set-booted@", 1);
+        match self.stop_job(&set_booted).await {
+            Ok(Some(job)) => match self.wait_job(jobs, &job, timeout).await {
+                Ok(Some(_)) => {}
+                Ok(None) => tracing::warn!(unit = set_booted, "did not stop within {timeout:?}"),
+                Err(e) => tracing::warn!(unit = set_booted, error = %e, "waiting for its stop"),
+            },
+            Ok(None) => {}
+            Err(e) => tracing::debug!(unit = set_booted, error = %e, "not stopped"),
+        }
+    }
+
     /// Queues the stop job of `unit`; `None` if the unit is not loaded
     /// (nothing runs).
     async fn stop_job(&self, unit: &str) -> Result<Option<OwnedObjectPath>, RuntimeError> {
@@ -593,6 +613,7 @@ impl Runtime for SystemdRuntime {
                 source: format!("the stop job was canceled by another job; the unit is {state}").into(),
             });
         }
+        self.wait_set_booted_stopped(&mut jobs, &unit, timeout).await;
         tracing::info!(vm, result, "guest stopped ({unit})");
         // systemd's own stop timeout (TimeoutStopSec) ran out first and it killed them.
         Ok(if result == "timeout" { Stopped::Killed } else { Stopped::Gracefully })
