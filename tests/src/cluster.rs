@@ -46,6 +46,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Forming a cluster, electing a leader, catching up: generous for a loaded CI machine.
 pub const FORM_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a SIGTERM'd agent may take to exit.
+/// `raft.voters` by default: a cluster of more hosts keeps the rest as learners.
+const DEFAULT_VOTERS: usize = 5;
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Set to keep the agents' directories (configs, data, logs) after a test.
 pub const KEEP_ENV: &str = "BLIXARD_CLUSTER_KEEP";
@@ -555,8 +557,10 @@ impl Cluster {
         self.block_on(async move { client.cluster_status(pb::ClusterStatusRequest {}).await.map(|r| r.into_inner()) })
     }
 
-    /// Waits until every agent in `agents` sees exactly those agents as healthy voters
-    /// (no learners) and the same leader; returns the leader's index.
+    /// Waits until every agent in `agents` sees exactly those agents as healthy
+    /// members, as many of them voters as there can be (all, up to the default
+    /// `raft.voters`; the rest learners), and the same leader; returns the
+    /// leader's index.
     pub fn wait_formed(&self, agents: &[usize]) -> Result<usize> {
         let mut want: Vec<String> = agents.iter().map(|&i| self.agents[i].name.clone()).collect();
         want.sort();
@@ -572,7 +576,8 @@ impl Cluster {
                 let ready = status.member
                     && !status.leader.is_empty()
                     && names == want
-                    && status.members.iter().all(|m| m.healthy && m.role != "learner");
+                    && status.members.iter().all(|m| m.healthy)
+                    && status.members.iter().filter(|m| m.role != "learner").count() == want.len().min(DEFAULT_VOTERS);
                 if !ready {
                     return Ok(Probe::NotYet(format!("{}: {status:?}", self.agents[i].name)));
                 }
