@@ -140,7 +140,8 @@ fn a_host_the_leader_cannot_hear_gets_no_contact_even_though_it_hears_the_leader
     });
     let contact = c.contact(cut).unwrap();
     assert!(
-        contact.sent_at_ms < muted_at,
+        // A frame sent in the millisecond of the cut, before it, may count.
+        contact.sent_at_ms <= muted_at,
         "the cut host got contact for {} ms after it was cut at {muted_at}",
         contact.sent_at_ms
     );

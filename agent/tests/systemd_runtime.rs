@@ -211,8 +211,14 @@ async fn a_crash_is_reported_failed_and_stop_cancels_the_restart() {
 
     // systemd restarts it by itself after RestartSec (5 s): seen as events too.
     event(&mut events, "rt-crash", Phase::Active).await;
-    let starts = runner_log(&dir).iter().filter(|l| l.starts_with("start")).count();
-    assert_eq!(starts, 2, "{:?}", runner_log(&dir));
+    // Active as soon as systemd has forked it: the runner logs its start a
+    // moment later.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let starts = |dir: &std::path::Path| runner_log(dir).iter().filter(|l| l.starts_with("start")).count();
+    while starts(&dir) < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(starts(&dir), 2, "{:?}", runner_log(&dir));
     event(&mut events, "rt-crash", Phase::Failed).await;
 
     // Stopping ends the auto-restart: the unit is inactive, not waiting to restart.

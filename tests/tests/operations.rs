@@ -284,7 +284,15 @@ fn vm_update_changes_every_field_in_place_and_wait_waits() -> Result<()> {
     ensure!(cluster.cli_json(at, &["vm", "status", "web"])?["vcpu"] == 2);
 
     // Labels: a rack only h1 has moves it there.
-    let up = cluster.cli_json(at, &["vm", "update", "web", "--label", "rack=r1", "--wait"])?;
+    // Refused (and nothing changed) while h1 does not accept placements,
+    // e.g. judged down for a moment on a loaded machine: asked again.
+    let up = wait_for("the label update to be accepted", FORM_TIMEOUT, || {
+        let out = cluster.cli(at, &["vm", "update", "web", "--label", "rack=r1", "--wait", "--json"])?;
+        if out.code == 2 && out.stderr.contains("does not have") {
+            return Ok(Probe::NotYet(out.stderr));
+        }
+        Ok(Probe::Ready(serde_json::from_str::<Value>(&out.ok()?.stdout)?))
+    })?;
     ensure!(up["labels"]["rack"] == "r1" && up["node"] == "h1" && up["state"] == "running", "{up}");
     let expected = if host == "h1" { "next_start" } else { "moving" };
     ensure!(up["takes_effect"] == expected, "{up}");
