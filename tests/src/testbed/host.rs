@@ -2,7 +2,7 @@
 //! systemd, system bus and address on the bed's bridge.
 
 use std::fs::{self, OpenOptions};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -137,7 +137,13 @@ impl Host {
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
-        fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+        // Durable before it returns, as a package manager leaves a file: a test that
+        // writes a 300 MiB agent binary and then restarts the agent must not have
+        // the kernel's write-back of it stall every agent's fsync in the restart
+        // window (their quorum contact then ages past fence_after).
+        let mut file = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        file.write_all(contents.as_ref()).with_context(|| format!("writing {}", path.display()))?;
+        file.sync_all().with_context(|| format!("syncing {}", path.display()))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(mode))
             .with_context(|| format!("setting the mode of {}", path.display()))
     }
