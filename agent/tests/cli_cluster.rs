@@ -70,12 +70,18 @@ impl Cluster {
 
     /// `n` agents whose configs end with `tail`.
     fn start_with(n: usize, tail: &str) -> Cluster {
+        Cluster::start_labelled(n, tail, |_| String::new())
+    }
+
+    /// As [`Cluster::start_with`], with agent `i`'s top-level config lines
+    /// (its `labels`, say) from `own(i)`.
+    fn start_labelled(n: usize, tail: &str, own: impl Fn(usize) -> String) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<(String, String)> = (1..=n).map(|i| (format!("h{i}"), free_address())).collect();
         let initial: Vec<String> = members.iter().map(|(name, addr)| format!("\"{name}={addr}\"")).collect();
         let mut cluster = Cluster { dir, agents: Vec::new(), tail: tail.to_string() };
-        for (name, address) in &members {
-            let extra = format!("initial_members = [{}]\n", initial.join(", "));
+        for (i, (name, address)) in members.iter().enumerate() {
+            let extra = format!("initial_members = [{}]\n{}", initial.join(", "), own(i));
             cluster.spawn(name, address, &extra);
         }
         cluster.wait_for_members(n);
@@ -313,7 +319,7 @@ fn join_and_leave_through_the_cli() {
 }
 
 /// The names of the members `cluster status` at agent `i` shows voting
-/// (`role` leader or follower), or `None` while it cannot answer.
+/// (`voter`), or `None` while it cannot answer.
 fn voters_at(c: &Cluster, i: usize) -> Option<Vec<String>> {
     let out = c.cli(i, &["cluster", "status", "--json"]);
     if out.code != 0 {
@@ -321,13 +327,7 @@ fn voters_at(c: &Cluster, i: usize) -> Option<Vec<String>> {
     }
     let status = out.json();
     let members = status["members"].as_array()?;
-    Some(
-        members
-            .iter()
-            .filter(|m| m["role"] != "learner")
-            .filter_map(|m| m["name"].as_str().map(String::from))
-            .collect(),
-    )
+    Some(members.iter().filter(|m| m["voter"] == true).filter_map(|m| m["name"].as_str().map(String::from)).collect())
 }
 
 /// Bounded voters (`raft.voters`): of five initial members the leader
@@ -336,9 +336,44 @@ fn voters_at(c: &Cluster, i: usize) -> Option<Vec<String>> {
 /// `raft.replace_voter_after_ms`, and writes keep committing.
 #[test]
 fn bounded_voters_demote_extras_and_replace_a_dead_voter() {
-    let mut c = Cluster::start_with(5, "[raft]\nvoters = 3\nreplace_voter_after_ms = 2000\n");
-    c.wait_until("three voters and two learners", |c| voters_at(c, 0).is_some_and(|v| v.len() == 3));
+    // Zones a, a, b, b, c; h1 and h3 also name a rack.
+    const ZONES: [&str; 5] = ["a", "a", "b", "b", "c"];
+    let labels = |i: usize| match i {
+        0 | 2 => format!("labels = {{ zone = \"{}\", rack = \"r{i}\" }}\n", ZONES[i]),
+        _ => format!("labels = {{ zone = \"{}\" }}\n", ZONES[i]),
+    };
+    let mut c = Cluster::start_labelled(5, "[raft]\nvoters = 3\nreplace_voter_after_ms = 2000\n", labels);
+    // Three voters, one in each zone (the demotions keep the spread widest),
+    // and every host's labels shown.
+    c.wait_until("three voters in three zones, and two learners", |c| {
+        let out = c.cli(0, &["cluster", "status", "--json"]);
+        let status = if out.code == 0 { out.json() } else { return false };
+        let members = status["members"].as_array().cloned().unwrap_or_default();
+        let zones: std::collections::BTreeSet<String> = members
+            .iter()
+            .filter(|m| m["voter"] == true)
+            .filter_map(|m| m["zone"].as_str().map(String::from))
+            .collect();
+        // (A host's labels arrive with its first report.)
+        status["voters"] == 3 && zones.len() == 3 && members.iter().all(|m| m["zone"].is_string())
+    });
     let status = c.json(0, &["cluster", "status"]);
+    assert_eq!((status["voters"].clone(), status["voters_wanted"].clone()), (3.into(), 3.into()), "{status}");
+    for m in status["members"].as_array().unwrap() {
+        let i: usize = m["name"].as_str().unwrap()[1..].parse::<usize>().unwrap() - 1;
+        assert_eq!(m["voter"], m["role"] != "learner", "{status}");
+        assert_eq!(m["zone"], ZONES[i], "{status}");
+        let rack = if i == 0 || i == 2 { Value::from(format!("r{i}")) } else { Value::Null };
+        assert_eq!(m["rack"], rack, "{status}");
+    }
+    let table = c.cli(0, &["cluster", "status"]);
+    table.assert_ok();
+    assert!(table.stdout.contains("\nvoters: 3 of 3 wanted\n"), "{}", table.stdout);
+    let header = table.stdout.lines().find(|l| l.starts_with("NAME")).unwrap_or_default().to_string();
+    let columns: Vec<&str> = header.split_whitespace().collect();
+    assert_eq!(columns, ["NAME", "ID", "ADDRESS", "ROLE", "VOTER", "HEALTHY", "ZONE", "RACK"], "{}", table.stdout);
+    let votes = table.stdout.lines().filter(|l| l.split_whitespace().nth(4) == Some("yes")).count();
+    assert_eq!(votes, 3, "{}", table.stdout);
     let leader = status["leader"].as_str().expect("a leader").to_string();
     let before = voters_at(&c, 0).expect("status");
     let victim = before.iter().find(|name| **name != leader).expect("a voter that does not lead").clone();
@@ -353,7 +388,9 @@ fn bounded_voters_demote_extras_and_replace_a_dead_voter() {
     let member = status["members"].as_array().unwrap().iter().find(|m| m["name"] == victim.as_str()).cloned();
     let member = member.expect("the dead voter stays a member");
     assert_eq!(member["role"], "learner", "{status}");
+    assert_eq!(member["voter"], false, "{status}");
     assert_eq!(member["healthy"], false, "{status}");
+    assert_eq!(status["voters"], 3, "{status}");
     c.cli(alive, &["vm", "create", "after-replacement", "--vcpu", "1", "--memory", "64"]).assert_ok();
 }
 

@@ -680,6 +680,7 @@ fn the_dashboard_runs_the_cluster_in_a_browser() {
     assert!(vm(&page, "huge").unwrap()["reason"].as_str().unwrap().contains("vcpu"), "why pending: {page}");
     assert!(!page["attention"].as_array().unwrap().iter().any(|a| a["name"] == "cache"), "{page}");
     assert!(page["summary"].as_str().unwrap().starts_with("3 hosts · 5 VMs · leader h"), "{page}");
+    assert!(page["summary"].as_str().unwrap().ends_with(") · 3 voting"), "{page}");
     // Times say their zone (the browser's, not the agents' UTC).
     let time = page["events"][0]["time"].as_str().unwrap();
     assert!(time.ends_with("GMT+9") || time.ends_with("JST"), "a time with its zone: {time:?}");

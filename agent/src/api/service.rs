@@ -23,7 +23,7 @@ use super::tls::{self, CertIdentity};
 use crate::consensus::{CoreStatus, Role};
 use crate::names;
 use crate::node::events::{EVENTS_MAX, Event};
-use crate::node::{NodeStatus, ProposalCheck};
+use crate::node::{NodeStatus, ProposalCheck, autopilot};
 use crate::state::{
     CommandKind, Desired, Effect, Failover, Labels, Member, MemberStatus, MembershipChange, NodeId, Rejection, State,
     Vm, VmSpec, VmState, limits,
@@ -349,9 +349,13 @@ fn cluster_status(state: &State, core: &CoreStatus, node: &NodeStatus, me: &Memb
                 address: m.address.clone(),
                 role: role_of(m, leader).to_string(),
                 healthy: m.status == MemberStatus::Up && active,
+                voter: !m.learner,
+                zone: m.labels.get(autopilot::ZONE_LABEL).cloned().unwrap_or_default(),
+                rack: m.labels.get(autopilot::RACK_LABEL).cloned().unwrap_or_default(),
             }
         })
         .collect();
+    let voters = members.iter().filter(|m| m.voter).count() as u32;
     // Operators deal in names: list members by name, not by generated id.
     members.sort_by(|a, b| a.name.cmp(&b.name));
     pb::ClusterStatusResponse {
@@ -366,6 +370,8 @@ fn cluster_status(state: &State, core: &CoreStatus, node: &NodeStatus, me: &Memb
         cluster_id: me.cluster_id,
         contact_age_ms: me.node.contact_age_ms(),
         quorum: me.node.has_quorum_contact(),
+        voters,
+        voters_wanted: me.node.voters_wanted() as u32,
     }
 }
 

@@ -42,6 +42,11 @@ pub struct ClusterStatusJson<'a> {
     pub contact_age_ms: Option<u64>,
     /// `null` when the agent asked is not a member.
     pub cluster_id: Option<String>,
+    /// How many members vote.
+    pub voters: u32,
+    /// How many voters the leader keeps (`raft.voters`); `null` from an
+    /// agent that predates the field.
+    pub voters_wanted: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -51,6 +56,11 @@ pub struct MemberJson<'a> {
     pub address: &'a str,
     pub role: &'a str,
     pub healthy: bool,
+    /// Whether it votes in Raft (a learner does not).
+    pub voter: bool,
+    /// Its `zone` and `rack` labels, `null` when unset.
+    pub zone: Option<&'a str>,
+    pub rack: Option<&'a str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -263,6 +273,16 @@ fn sorted(labels: &std::collections::HashMap<String, String>) -> BTreeMap<&str, 
     labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
+/// Whether a member votes. An agent that predates the `voter` field
+/// (`voters_wanted` is 0) still says so by its role.
+fn votes(s: &pb::ClusterStatusResponse, m: &pb::MemberStatus) -> bool {
+    if s.voters_wanted == 0 { m.role != "learner" } else { m.voter }
+}
+
+fn voter_count(s: &pb::ClusterStatusResponse) -> u32 {
+    if s.voters_wanted == 0 { s.members.iter().filter(|m| votes(s, m)).count() as u32 } else { s.voters }
+}
+
 pub fn cluster_status_json(s: &pb::ClusterStatusResponse) -> ClusterStatusJson<'_> {
     ClusterStatusJson {
         leader: non_empty(&s.leader),
@@ -276,6 +296,9 @@ pub fn cluster_status_json(s: &pb::ClusterStatusResponse) -> ClusterStatusJson<'
                 address: &m.address,
                 role: &m.role,
                 healthy: m.healthy,
+                voter: votes(s, m),
+                zone: non_empty(&m.zone),
+                rack: non_empty(&m.rack),
             })
             .collect(),
         commit_index: s.commit_index,
@@ -283,6 +306,8 @@ pub fn cluster_status_json(s: &pb::ClusterStatusResponse) -> ClusterStatusJson<'
         quorum: s.quorum,
         contact_age_ms: s.contact_age_ms,
         cluster_id: (s.cluster_id != 0).then(|| format!("{:016x}", s.cluster_id)),
+        voters: voter_count(s),
+        voters_wanted: (s.voters_wanted != 0).then_some(s.voters_wanted),
     }
 }
 
@@ -403,22 +428,61 @@ pub fn cluster_status_table(s: &pb::ClusterStatusResponse) -> String {
             cell(&s.name)
         ));
     }
+    if !s.members.is_empty() {
+        out.push_str(&voters_line(s));
+    }
     out.push('\n');
+    // Zone and rack columns only when some member carries the label.
+    let zones = s.members.iter().any(|m| !m.zone.is_empty());
+    let racks = s.members.iter().any(|m| !m.rack.is_empty());
     let rows: Vec<Vec<String>> = s
         .members
         .iter()
         .map(|m| {
-            vec![
+            let mut row = vec![
                 m.name.clone(),
                 m.id.to_string(),
                 m.address.clone(),
                 m.role.clone(),
+                if votes(s, m) { "yes" } else { "no" }.to_string(),
                 if m.healthy { "yes" } else { "no" }.to_string(),
-            ]
+            ];
+            if zones {
+                row.push(m.zone.clone());
+            }
+            if racks {
+                row.push(m.rack.clone());
+            }
+            row
         })
         .collect();
-    out.push_str(&table(&["NAME", "ID", "ADDRESS", "ROLE", "HEALTHY"], &rows));
+    let mut headers = vec!["NAME", "ID", "ADDRESS", "ROLE", "VOTER", "HEALTHY"];
+    if zones {
+        headers.push("ZONE");
+    }
+    if racks {
+        headers.push("RACK");
+    }
+    out.push_str(&table(&headers, &rows));
     out
+}
+
+/// `voters: 3 of 5 wanted`, and why when short: too few members, or the
+/// leader is replacing one.
+fn voters_line(s: &pb::ClusterStatusResponse) -> String {
+    let n = voter_count(s);
+    let wanted = s.voters_wanted;
+    if wanted == 0 {
+        return format!("voters: {n}\n");
+    }
+    let note = if n < wanted && s.members.iter().all(|m| votes(s, m)) {
+        " (every member votes)"
+    } else if n != wanted {
+        " (the leader promotes or demotes to keep raft.voters)"
+    } else {
+        ""
+    };
+    format!("voters: {n} of {wanted} wanted{note}\n")
 }
 
 pub fn node_list_table(nodes: &[pb::NodeInfo]) -> String {
@@ -634,19 +698,23 @@ mod tests {
                     address: "10.0.0.1:7000".into(),
                     role: "leader".into(),
                     healthy: true,
+                    voter: true,
+                    zone: "a".into(),
                     ..Default::default()
                 },
                 pb::MemberStatus {
                     id: 22,
                     name: "h2".into(),
                     address: "10.0.0.2:7000".into(),
-                    role: "follower".into(),
+                    role: "learner".into(),
                     healthy: false,
                     ..Default::default()
                 },
             ],
             commit_index: 10,
             applied_index: 9,
+            voters: 1,
+            voters_wanted: 3,
             ..Default::default()
         }
     }
@@ -677,12 +745,20 @@ mod tests {
             value(cluster_status_json(&status())),
             json!({"leader": "h1", "term": 3, "commit_index": 10, "applied_index": 9, "quorum": false,
                    "contact_age_ms": null, "members": [
-                {"id": "1", "name": "h1", "address": "10.0.0.1:7000", "role": "leader", "healthy": true},
-                {"id": "22", "name": "h2", "address": "10.0.0.2:7000", "role": "follower", "healthy": false}],
-                "cluster_id": null})
+                {"id": "1", "name": "h1", "address": "10.0.0.1:7000", "role": "leader", "healthy": true,
+                 "voter": true, "zone": "a", "rack": null},
+                {"id": "22", "name": "h2", "address": "10.0.0.2:7000", "role": "learner", "healthy": false,
+                 "voter": false, "zone": null, "rack": null}],
+                "cluster_id": null, "voters": 1, "voters_wanted": 3})
         );
         let none = pb::ClusterStatusResponse { leader: String::new(), ..status() };
         assert_eq!(value(cluster_status_json(&none))["leader"], serde_json::Value::Null);
+        // An agent from before `voter`: who votes follows from the role.
+        let mut old = pb::ClusterStatusResponse { voters: 0, voters_wanted: 0, ..status() };
+        old.members[0].voter = false;
+        let j = value(cluster_status_json(&old));
+        assert_eq!((j["voters"].clone(), j["voters_wanted"].clone()), (json!(1), serde_json::Value::Null));
+        assert_eq!((j["members"][0]["voter"].clone(), j["members"][1]["voter"].clone()), (json!(true), json!(false)));
     }
 
     #[test]
@@ -724,11 +800,16 @@ mod tests {
     fn tables_are_aligned() {
         assert_eq!(
             cluster_status_table(&status()),
-            "leader: h1\nterm:   3\n\n\
-             NAME  ID  ADDRESS        ROLE      HEALTHY\n\
-             h1    1   10.0.0.1:7000  leader    yes\n\
-             h2    22  10.0.0.2:7000  follower  no\n"
+            "leader: h1\nterm:   3\nvoters: 1 of 3 wanted (the leader promotes or demotes to keep raft.voters)\n\n\
+             NAME  ID  ADDRESS        ROLE     VOTER  HEALTHY  ZONE\n\
+             h1    1   10.0.0.1:7000  leader   yes    yes      a\n\
+             h2    22  10.0.0.2:7000  learner  no     no       -\n"
         );
+        let mut all_vote = status();
+        all_vote.members.truncate(1);
+        assert!(cluster_status_table(&all_vote).contains("\nvoters: 1 of 3 wanted (every member votes)\n"));
+        all_vote.voters_wanted = 1;
+        assert!(cluster_status_table(&all_vote).contains("\nvoters: 1 of 1 wanted\n"));
         let no_leader = pb::ClusterStatusResponse { leader: String::new(), members: vec![], ..status() };
         assert!(cluster_status_table(&no_leader).starts_with("leader: none\n"));
         assert_eq!(

@@ -56,6 +56,8 @@ pub struct Head {
     pub counts: BTreeMap<&'static str, u64>,
     /// Hosts by status (`up`, `down`, `draining`).
     pub host_counts: BTreeMap<&'static str, u64>,
+    /// How many members vote in Raft (the rest are learners).
+    pub voters: u64,
     pub members: Vec<MemberView>,
 }
 
@@ -75,6 +77,8 @@ pub struct MemberView {
     pub address: String,
     /// `leader`, `follower` or `learner`.
     pub role: &'static str,
+    /// Whether it votes in Raft (a learner does not).
+    pub voter: bool,
     /// `up`, `down` or `draining`.
     pub status: &'static str,
     pub healthy: bool,
@@ -219,6 +223,7 @@ pub fn build(state: &State, core: &CoreStatus, node: &NodeStatus, policy: &Polic
                 name: m.name.clone(),
                 address: m.address.clone(),
                 role: role_of(m, leader),
+                voter: !m.learner,
                 status: m.status_word(),
                 healthy: m.status == MemberStatus::Up && active,
                 vcpu_total: limit.vcpu,
@@ -253,6 +258,7 @@ pub fn build(state: &State, core: &CoreStatus, node: &NodeStatus, policy: &Polic
         fenced: false,
         counts,
         host_counts,
+        voters: members.iter().filter(|m| m.voter).count() as u64,
         members,
     };
     Overview { head, vms }
@@ -321,6 +327,13 @@ mod tests {
         assert_eq!(overview.head.role, "leader");
         let roles: Vec<_> = overview.head.members.iter().map(|m| (m.name.as_str(), m.role, m.healthy)).collect();
         assert_eq!(roles, [("h1", "leader", true), ("h2", "follower", false)]);
+        assert!(overview.head.members.iter().all(|m| m.voter) && overview.head.voters == 2);
+        // A demoted member is a learner, and does not vote.
+        let mut demoted = state();
+        demoted.apply_membership(&MembershipChange::Demote { id: 2 }, 0).unwrap();
+        let o = build(&demoted, &core(Role::Leader, Some(1)), &node(vec![2]), &Policy::default());
+        let h2 = &o.head.members[1];
+        assert_eq!((h2.role, h2.voter, o.head.voters), ("learner", false, 1));
         let healthy = self::overview(Role::Leader, Some(1), vec![2]);
         assert!(healthy.head.members.iter().all(|m| m.healthy));
         // A follower trusts the replicated status.

@@ -79,11 +79,12 @@ fn summary(snapshot: &Snapshot) -> String {
         return format!("{} is not a member of a cluster yet", o.agent);
     }
     format!(
-        "{} · {} · leader {} (term {})",
+        "{} · {} · leader {} (term {}) · {} voting",
         count(o.members.len() as u64, "host", "hosts"),
         count(snapshot.overview.vms.len() as u64, "VM", "VMs"),
         o.leader.as_deref().unwrap_or("unknown"),
-        o.term
+        o.term,
+        o.voters
     )
 }
 
@@ -375,6 +376,7 @@ mod tests {
                 name: "h1".into(),
                 address: "<img src=x onerror=alert(1)>".into(),
                 role: "leader",
+                voter: true,
                 status: "down",
                 healthy: false,
                 vcpu_total: 8,
@@ -384,6 +386,7 @@ mod tests {
                 vms: 1,
                 labels: Default::default(),
             }],
+            voters: 1,
             ..Head::default()
         };
         let vms = vec![VmView {
@@ -440,7 +443,7 @@ mod tests {
         assert!(html.contains("data-access=\"read-only\""));
         assert!(html.contains("<li data-kind=\"host\" data-name=\"h1\" data-state=\"down\">"));
         assert!(html.contains("<li data-kind=\"vm\" data-name=\"web\" data-state=\"failed\">"));
-        assert!(html.contains("1 host · 1 VM · leader unknown"), "no \"1 VMs\"");
+        assert!(html.contains("1 host · 1 VM · leader unknown (term 0) · 1 voting"), "no \"1 VMs\"");
     }
 
     #[test]

@@ -235,6 +235,7 @@ pub struct NodeHandle {
     events: Arc<EventLog>,
     contact: Arc<watch::Sender<Option<Contact>>>,
     fence_after_ms: u64,
+    voters_wanted: usize,
 }
 
 /// The running node: its handle plus the raft thread.
@@ -428,6 +429,7 @@ impl Node {
             events: events_log.clone(),
             contact: Arc::new(watch::Sender::new(None)),
             fence_after_ms: options.timing.fence_after_ms,
+            voters_wanted: options.voters.target,
         };
         let duties = leader::Duties::new(
             identity.id,
@@ -622,6 +624,11 @@ impl NodeHandle {
     /// `fence_after`. Without it, what it serves may be stale.
     pub fn has_quorum_contact(&self) -> bool {
         self.contact_age_ms().is_some_and(|age| age <= self.fence_after_ms)
+    }
+
+    /// How many voters this member keeps when it leads (`raft.voters`).
+    pub fn voters_wanted(&self) -> usize {
+        self.voters_wanted
     }
 
     /// Records a quorum contact found by this host itself (its own

@@ -188,7 +188,7 @@
     const o = head;
     $("summary").textContent = o.member
       ? plural(o.members.length, "host", "hosts") + " · " + plural(vms.size, "VM", "VMs") + " · leader " +
-        (o.leader || "unknown") + " (term " + o.term + ")"
+        (o.leader || "unknown") + " (term " + o.term + ") · " + o.voters + " voting"
       : o.agent + " is not a member of a cluster yet";
     $("served").textContent = "served by " + o.agent + " (" + o.role + ")";
     $("health-note").textContent = o.health_from_leader
@@ -325,6 +325,7 @@
       tr.dataset.name = m.name;
       tr.dataset.status = m.status;
       tr.dataset.role = m.role;
+      tr.dataset.voter = String(m.voter);
       tr.dataset.healthy = String(m.healthy);
       const health = m.healthy ? "healthy" : "unhealthy";
       const name = el("td", "name");
