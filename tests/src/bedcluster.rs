@@ -129,6 +129,13 @@ impl BedCluster {
         BedCluster::start_with(n_hosts, guests, &[])
     }
 
+    /// [`BedCluster::start_or_skip`] with `config` (TOML sections, `[raft]` say)
+    /// appended to every host's config.
+    pub fn start_configured_or_skip(n_hosts: usize, guests: &[&str], config: &str) -> Option<BedCluster> {
+        Testbed::can_run()
+            .then(|| BedCluster::start_configured(n_hosts, guests, &[], config).unwrap_or_else(|e| panic!("{e:#}")))
+    }
+
     /// [`BedCluster::start_or_skip`] with `real` guests: qemu VMs (see
     /// [`crate::guest`]) instead of fake runners. The real guest's image must be
     /// prepared (`tests/testbed/prepare-guest.sh`); where the bed can run, a missing
@@ -140,6 +147,10 @@ impl BedCluster {
     /// Boots `n_hosts` hosts with `fake` and `real` guests installed on each (real
     /// ones at runner generation 1) and the agents running.
     pub fn start_with(n_hosts: usize, fake: &[&str], real: &[&str]) -> Result<BedCluster> {
+        BedCluster::start_configured(n_hosts, fake, real, "")
+    }
+
+    fn start_configured(n_hosts: usize, fake: &[&str], real: &[&str], extra: &str) -> Result<BedCluster> {
         let binary = agent_binary()?;
         let image = if real.is_empty() { None } else { Some(RealGuestImage::prepared()?) };
         let layers: Vec<_> = image.iter().map(|i| i.layer.clone()).collect();
@@ -178,8 +189,9 @@ impl BedCluster {
                 members = members.join(", "),
                 state = crate::guest::STATE_DIR,
             );
-            // For benchmarks of other settings (`[timing]`, `[raft]`): appended as it is.
-            let config = config + &std::env::var(CONFIG_EXTRA_ENV).unwrap_or_default();
+            // The test's own settings, then for benchmarks of other settings (`[timing]`,
+            // `[raft]`) the environment's: appended as they are.
+            let config = config + extra + &std::env::var(CONFIG_EXTRA_ENV).unwrap_or_default();
             host.write_file(CONFIG_PATH, config, 0o644)?;
             host.write_file(&format!("/etc/systemd/system/{AGENT_UNIT}"), AGENT_SERVICE, 0o644)?;
             host.write_file(GUEST_STOP_WAIT_PATH, GUEST_STOP_WAIT, 0o644)?;
@@ -328,7 +340,8 @@ impl BedCluster {
     }
 
     /// Waits until every host in `hosts` sees exactly the bed's hosts as members, all
-    /// healthy voters, and the same leader among `hosts`; returns the leader's index.
+    /// healthy, as many of them voters as `raft.voters` allows (the rest learners), and
+    /// the same leader among `hosts`; returns the leader's index.
     pub fn wait_formed(&self, hosts: &[usize]) -> Result<usize> {
         let mut want: Vec<String> = self.bed.hosts().iter().map(|h| h.name().to_owned()).collect();
         want.sort();
@@ -341,10 +354,12 @@ impl BedCluster {
                 };
                 let mut names: Vec<String> = status.members.iter().map(|m| m.name.clone()).collect();
                 names.sort();
+                let voters = status.members.iter().filter(|m| m.voter).count();
                 let ready = status.member
                     && !status.leader.is_empty()
                     && names == want
-                    && status.members.iter().all(|m| m.healthy && m.role != "learner");
+                    && status.members.iter().all(|m| m.healthy)
+                    && voters == want.len().min(status.voters_wanted as usize);
                 if !ready {
                     return Ok(Probe::NotYet(format!("{}: {status:?}", self.name(i))));
                 }

@@ -1,6 +1,7 @@
-//! The cluster on three hosts with real systemd: each host is a container of the test bed
+//! The cluster on four hosts with real systemd: each host is a container of the test bed
 //! running `blixard-agent.service` with the systemd runtime, and guests are microvm.nix's
-//! `microvm@NAME.service` units (fake runners, see `blixard_systests::guest`).
+//! `microvm@NAME.service` units (fake runners, see `blixard_systests::guest`). With
+//! `raft.voters = 3`, one host is a learner: it runs VMs and fences like the voters.
 //!
 //! One bed serves every scenario, in order, because booting and forming is most of the
 //! cost; each scenario starts from the placements the previous one left. Two observers
@@ -23,7 +24,10 @@ use blixard_systests::timeline::cgroups::REQUIRED_RATE;
 use blixard_systests::{Probe, wait_for};
 
 const VMS: [&str; 5] = ["a", "b", "c", "d", "e"];
-const ALL: [usize; 3] = [0, 1, 2];
+const ALL: [usize; 4] = [0, 1, 2, 3];
+/// Three voters of four hosts: the fourth is a learner. No voter is replaced within the
+/// run (a host is cut off or powered off for seconds), so the learner stays the one.
+const CONFIG: &str = "[raft]\nvoters = 3\nreplace_voter_after_ms = 60000\n";
 
 fn others(host: usize) -> Vec<usize> {
     ALL.into_iter().filter(|&h| h != host).collect()
@@ -43,9 +47,21 @@ fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The one learner, as `host` sees the cluster.
+fn learner_of(c: &BedCluster, host: usize) -> usize {
+    let status = c.status(host).unwrap();
+    let learners: Vec<&str> = status.members.iter().filter(|m| !m.voter).map(|m| m.name.as_str()).collect();
+    assert_eq!(learners.len(), 1, "one learner of four hosts with raft.voters = 3: {status:?}");
+    c.index_of(learners[0]).expect("a host of the bed")
+}
+
 #[test]
 fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
-    let Some(cluster) = BedCluster::start_or_skip(3, &VMS) else { return };
+    let Some(cluster) = BedCluster::start_configured_or_skip(ALL.len(), &VMS, CONFIG) else { return };
     let started = std::time::Instant::now();
     let c = &cluster;
 
@@ -183,6 +199,63 @@ fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
     for (vm, before) in VMS.iter().zip(&starts_on_cut) {
         assert_eq!(c.guest_starts(cut, vm).unwrap(), *before, "{} restarted {vm} after healing", c.name(cut));
     }
+    let placed = moved;
+
+    // A learner cut off fences by the same quorum contact as a voter: its guests stop
+    // before they start elsewhere, and it takes nothing back when it returns. Healthy
+    // until then (through the leader's loss above), it never fenced.
+    let learner = learner_of(c, survivors[0]);
+    let fenced = |host: usize| -> Vec<u64> {
+        let events = c.events(host).unwrap();
+        events.iter().filter(|e| e.kind == "host_fenced").map(|e| e.at_unix_ms).collect()
+    };
+    assert_eq!(fenced(learner), Vec::<u64>::new(), "{}, a healthy learner, fenced", c.name(learner));
+    let placed = if placed.values().any(|&h| h == learner) {
+        placed
+    } else {
+        let vm = placed.keys().next().expect("placed VMs").clone();
+        c.migrate(others(learner)[0], &vm, c.name(learner)).unwrap();
+        c.wait_settled_where(&VMS, &ALL, |v, h| v != vm || h == learner).unwrap()
+    };
+    let learner_vms: Vec<String> = placed.iter().filter(|(_, h)| **h == learner).map(|(vm, _)| vm.clone()).collect();
+    let starts_on_learner: Vec<usize> = VMS.iter().map(|vm| c.guest_starts(learner, vm).unwrap()).collect();
+    let cut_at = blixard_systests::timeline::monotonic_us();
+    let cut_at_unix_ms = unix_ms();
+    c.cut_link(learner).unwrap();
+    let moved = c.wait_settled_where(&VMS, &others(learner), |_, h| h != learner).unwrap();
+    let timeline = c.timeline().unwrap();
+    for vm in &learner_vms {
+        let (old, new) = (timeline.copy_at(vm, learner, cut_at), timeline.copy_at(vm, moved[vm], cut_at));
+        let stopped = old.until_us.expect("the cut-off learner's copy ended");
+        assert!(
+            stopped < new.from_us,
+            "{vm} started elsewhere before the learner {} stopped it:\n{}",
+            c.name(learner),
+            timeline.describe(vm)
+        );
+        eprintln!(
+            "{vm}: the learner {} fenced it {:.0} ms after the cut; {} started it {:.0} ms after that",
+            c.name(learner),
+            ms(stopped.saturating_sub(cut_at)),
+            c.name(moved[vm]),
+            ms(new.from_us.saturating_sub(stopped))
+        );
+    }
+    c.heal_link(learner).unwrap();
+    c.wait_formed(&ALL).unwrap();
+    c.wait_reconciled(learner).unwrap();
+    assert_eq!(
+        c.wait_settled(&VMS, &ALL).unwrap(),
+        moved,
+        "after healing the learner, one copy each, where they moved"
+    );
+    for (vm, before) in VMS.iter().zip(&starts_on_learner) {
+        assert_eq!(c.guest_starts(learner, vm).unwrap(), *before, "{} restarted {vm} after healing", c.name(learner));
+    }
+    // It fenced itself (its own event, at its own clock), while cut off, and only then.
+    let fences = fenced(learner);
+    assert!(!fences.is_empty() && fences.iter().all(|&at| at + 1000 >= cut_at_unix_ms), "{fences:?}");
+    eprintln!("the learner {} fenced while cut off: {} time(s)", c.name(learner), fences.len());
     let placed = moved;
 
     // A host that loses power has its VMs run on the survivors; booted again, it rejoins
