@@ -599,7 +599,10 @@ in
         unknown keys, so set only keys the installed agent knows. The fence
         guard takes `timing.fence_after_ms` and `timing.stop_max_ms` (and
         `timing.check_interval_ms`, where the agent has it) from here too, so
-        that the two always agree.
+        that the two always agree. `raft.voters` (3, 5 or 7; default 5) is how
+        many members vote in Raft, the others being learners that run VMs
+        and fence all the same; evaluation refuses any other value. Give
+        every host the same value: the leader's is the one that counts.
       '';
     };
 
@@ -630,6 +633,16 @@ in
 
   config = lib.mkIf cfg.enable {
     assertions = [
+      {
+        assertion =
+          (cfg.settings.raft.voters or null) != null
+          -> lib.elem cfg.settings.raft.voters [
+            3
+            5
+            7
+          ];
+        message = "services.blixard.settings.raft.voters is ${builtins.toJSON cfg.settings.raft.voters}, but the cluster keeps 3, 5 or 7 voters: set one of those (5, the default, tolerates two failed voters) or leave it unset.";
+      }
       {
         assertion = cfg.metrics.openFirewall -> cfg.metricsListenAddress != null;
         message = ''services.blixard.metrics.openFirewall is set but services.blixard.metricsListenAddress is null: set the listener's address (e.g. "0.0.0.0:9464") or leave the firewall closed.'';

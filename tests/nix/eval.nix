@@ -841,6 +841,30 @@ let
       expected = "process";
     };
 
+    testRaftVotersOutsideThreeFiveSevenIsRefused =
+      failsWith "services.blixard.settings.raft.voters is 4"
+        [
+          base
+          { services.blixard.settings.raft.voters = 4; }
+        ];
+    testRaftVotersOfFiveIsAccepted = {
+      expr =
+        let
+          cfg = evalHost [
+            base
+            { services.blixard.settings.raft.voters = 5; }
+          ];
+        in
+        {
+          failed = failedMessages cfg;
+          inherit ((agentConfig cfg).raft) voters;
+        };
+      expected = {
+        failed = [ ];
+        voters = 5;
+      };
+    };
+
     testNonSystemdRuntimeWarns = {
       expr =
         lib.length
