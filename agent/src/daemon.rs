@@ -48,7 +48,7 @@ use crate::node::events::EventLog;
 use crate::node::{self, AddressBook, Node, NodeOptions, Start};
 use crate::reconciler::{BoxFuture, ContactFile, ExemptFile, Proposer, Reconciler, ReconcilerConfig, RunnerWatch};
 use crate::runtime::health::HealthPolicy;
-use crate::state::{Capacity, CommandKind, NodeId, VmSpec};
+use crate::state::{Capacity, CommandKind, NodeId, PROTOCOL, VmSpec};
 use crate::storage::{StorageError, Store};
 
 /// How long a proposal or read may wait inside the node.
@@ -997,8 +997,11 @@ fn differences(
     if me.labels != desired.labels {
         out.commands.push(CommandKind::SetLabels { node: id, labels: desired.labels.clone() });
     }
-    if me.address != desired.address {
-        out.commands.push(CommandKind::SetAddress { node: id, address: desired.address.clone() });
+    // With its address, which entries this agent applies: the leader waits
+    // for every member's before it proposes one an older agent cannot apply
+    // (a demotion).
+    if me.address != desired.address || me.protocol != PROTOCOL {
+        out.commands.push(CommandKind::SetAddress { node: id, address: desired.address.clone(), protocol: PROTOCOL });
     }
     for vm in declared {
         match state.vm(&vm.name) {
@@ -1056,11 +1059,18 @@ mod tests {
         };
         let web = DeclaredVm { name: "web".into(), spec: VmSpec { vcpu: 1, memory_mib: 128, ..VmSpec::default() } };
         let diff = differences(&state, 1, &desired, std::slice::from_ref(&web)).unwrap();
-        assert_eq!(diff.commands.len(), 3, "{diff:?}");
+        // Capacity, labels, the declared VM, and (same address) the protocol.
+        assert_eq!(diff.commands.len(), 4, "{diff:?}");
+        assert!(diff.commands.contains(&CommandKind::SetAddress {
+            node: 1,
+            address: "127.0.0.1:7000".into(),
+            protocol: PROTOCOL
+        }));
         for kind in diff.commands {
             state.apply(&Command { at_unix_ms: 1, kind }).unwrap();
         }
         assert!(differences(&state, 1, &desired, std::slice::from_ref(&web)).unwrap().commands.is_empty());
+        assert_eq!(state.member(1).unwrap().protocol, PROTOCOL);
         let stop = CommandKind::SetDesired { name: "web".into(), desired: VmDesired::Stopped };
         state.apply(&Command { at_unix_ms: 2, kind: stop }).unwrap();
         assert!(differences(&state, 1, &desired, std::slice::from_ref(&web)).unwrap().commands.is_empty());

@@ -671,7 +671,7 @@ pub(crate) mod tests_support {
             CommandKind::SetRunners { node, runners: vec![] },
             CommandKind::SetDrain { node, drain: true },
             CommandKind::SetStatus { node, status: MemberStatus::Down },
-            CommandKind::SetAddress { node, address: "127.0.0.1:1".into() },
+            CommandKind::SetAddress { node, address: "127.0.0.1:1".into(), protocol: 1 },
             CommandKind::Report { node, vm: vm.clone(), generation: 1, state: VmState::Running, last_error: None },
             CommandKind::Released { node, vm: vm.clone(), generation: 1 },
             CommandKind::ClearHandoff { vm, from: node, expected_generation: 0 },

@@ -650,7 +650,7 @@ fn forgeries_with_a_member_certificate_are_refused_and_change_nothing() {
                 node: v_id,
                 capacity: Capacity { vcpu: 1, memory_mib: 1, ..Capacity::default() },
             },
-            CommandKind::SetAddress { node: l_id, address: "127.0.0.1:1".into() },
+            CommandKind::SetAddress { node: l_id, address: "127.0.0.1:1".into(), protocol: 1 },
             CommandKind::SetRunners { node: v_id, runners: vec![] },
             CommandKind::SetLabels { node: v_id, labels: [("evil".to_string(), "1".to_string())].into() },
             CommandKind::SetStatus { node: v_id, status: MemberStatus::Down },

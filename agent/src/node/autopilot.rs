@@ -38,6 +38,13 @@
 //! committed. A demoted member stays a member: it keeps its VMs and its
 //! fence, and is promoted again when a voter is needed.
 //!
+//! **Demotions wait for every member** to report that its agent applies
+//! them ([`PROTOCOL_DEMOTE`], reported with `SetAddress`): an agent of the
+//! release before reads a demotion as a join it refuses and never applies
+//! it to its Raft configuration, so its voters would differ from the
+//! others' from then on. Until then only rule 1 runs (a promotion any
+//! agent applies); rules 2 to 4 end in a demotion and wait.
+//!
 //! Failure domains are the host labels `zone` and `rack` (a rack is named
 //! within its zone). A set of voters spreads wider than another when it
 //! covers more zones, then more racks.
@@ -45,7 +52,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::consensus::PeerProgress;
-use crate::state::{Member, MembershipChange, NodeId};
+use crate::state::{Member, MembershipChange, NodeId, PROTOCOL_DEMOTE};
 
 /// The accepted values of `raft.voters`: odd (an even count tolerates no
 /// more failures than the odd one below it) and at most 7 (each voter
@@ -101,6 +108,11 @@ pub struct Choice {
     pub reason: String,
 }
 
+/// Whether every member's agent applies `MembershipChange::Demote`.
+pub fn demotions_applied_by_all(members: &BTreeMap<NodeId, Member>) -> bool {
+    members.values().all(|m| m.protocol >= PROTOCOL_DEMOTE)
+}
+
 /// The one membership change the leader makes next, if any (see the
 /// module documentation for the rules).
 pub fn next_change(voters: &Voters, view: &View<'_>) -> Option<Choice> {
@@ -110,6 +122,10 @@ pub fn next_change(voters: &Voters, view: &View<'_>) -> Option<Choice> {
     if n < target {
         let l = c.best_learner(&c.voters)?;
         return c.promote(l, format!("{n} voters, fewer than raft.voters = {target}"));
+    }
+    // Everything below ends in a demotion (see the module documentation).
+    if !demotions_applied_by_all(view.members) {
+        return None;
     }
     if n > target {
         let v = c.demotion()?;
@@ -286,6 +302,7 @@ mod tests {
                 f.progress.push(PeerProgress { id, matched: 100, learner, recent_active: true });
                 let mut m = Member::new(id, format!("h{id}"), format!("10.0.0.{id}:7000"));
                 m.learner = learner;
+                m.protocol = crate::state::PROTOCOL;
                 f.members.insert(id, m);
                 f.silent_ms.insert(id, 0);
             }
@@ -512,6 +529,7 @@ mod tests {
         for id in 2..=7 {
             let mut m = Member::new(id, format!("h{id}"), format!("10.0.0.{id}:7000"));
             m.learner = true;
+            m.protocol = crate::state::PROTOCOL;
             f.members.insert(id, m);
             f.progress.push(PeerProgress { id, matched: 100, learner: true, recent_active: true });
             f.silent_ms.insert(id, 0);
@@ -522,5 +540,25 @@ mod tests {
         f.progress.retain(|p| p.id != 3);
         f.members.remove(&3);
         assert_eq!(settle(&mut f, 5, 1), vec![Promote { id: 6 }]);
+    }
+
+    #[test]
+    fn demotions_wait_until_every_member_applies_them() {
+        // Five initial voters with raft.voters = 3, one of them an agent of
+        // the release before (protocol 0): no demotion, though one is due.
+        let mut f = Fixture::new(&[1, 2, 3, 4, 5], &[]);
+        f.members.get_mut(&4).unwrap().protocol = 0;
+        assert_eq!(f.next(3), None);
+        // Nor a replacement (it would end in a demotion), nor a swap; a
+        // promotion while short still happens (every agent applies it).
+        let mut f = Fixture::new(&[1, 2, 3], &[4]).silent(3, 60_000);
+        f.members.get_mut(&4).unwrap().protocol = 0;
+        assert_eq!(f.next(3), None);
+        let mut short = Fixture::new(&[1, 2], &[4]);
+        short.members.get_mut(&4).unwrap().protocol = 0;
+        assert_eq!(short.next(3), Some(Promote { id: 4 }));
+        // Once it reports the protocol (upgraded), the replacement goes on.
+        f.members.get_mut(&4).unwrap().protocol = PROTOCOL_DEMOTE;
+        assert_eq!(f.next(3), Some(Promote { id: 4 }));
     }
 }

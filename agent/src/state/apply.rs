@@ -66,9 +66,14 @@ pub enum CommandKind {
         node: NodeId,
         status: MemberStatus,
     },
+    /// A member's own address, and the state-machine protocol its agent
+    /// applies ([`crate::state::PROTOCOL`]; 0 from an agent before it). The
+    /// protocol rides an existing command so that an older leader accepts
+    /// the report: it would refuse a new kind of command from a member.
     SetAddress {
         node: NodeId,
         address: String,
+        protocol: u32,
     },
     /// A host's report of what it observes of a VM placed on it.
     Report {
@@ -172,7 +177,9 @@ impl std::fmt::Display for CommandKind {
                 write!(f, "{} member {node}", if *drain { "drain" } else { "undrain" })
             }
             CommandKind::SetStatus { node, status } => write!(f, "mark member {node} {status}"),
-            CommandKind::SetAddress { node, address } => write!(f, "set member {node}'s address to {address}"),
+            CommandKind::SetAddress { node, address, protocol } => {
+                write!(f, "set member {node}'s address to {address} (protocol {protocol})")
+            }
             CommandKind::Report { node, vm, state, .. } => write!(f, "member {node} reports VM {vm} {state}"),
             CommandKind::Released { node, vm, .. } => write!(f, "member {node} released VM {vm}"),
             CommandKind::ClearHandoff { vm, from, .. } => write!(f, "end VM {vm}'s handoff from member {from}"),
@@ -581,10 +588,12 @@ impl State {
                 self.member_mut(*node).status = *status;
                 Ok(Effect::StatusSet { node: *node, status: *status })
             }
-            CommandKind::SetAddress { node, address } => {
+            CommandKind::SetAddress { node, address, protocol } => {
                 check_address(address)?;
                 self.members.get(node).ok_or(Rejection::UnknownNode(*node))?;
-                self.member_mut(*node).address = address.clone();
+                let member = self.member_mut(*node);
+                member.address = address.clone();
+                member.protocol = *protocol;
                 Ok(Effect::MemberChanged { node: *node })
             }
             CommandKind::Report { node, vm: name, generation, state, last_error } => {

@@ -80,6 +80,7 @@ pub fn member_to_pb(m: &Member) -> pb::Member {
         runners: m.runners.iter().cloned().collect(),
         status: status_to_pb(m.status) as i32,
         learner: m.learner,
+        protocol: m.protocol,
     }
 }
 
@@ -94,6 +95,7 @@ pub fn member_from_pb(m: pb::Member) -> Result<Member, DecodeError> {
         runners: m.runners.into_iter().collect(),
         status: status_from_pb(m.status)?,
         learner: m.learner,
+        protocol: m.protocol,
     })
 }
 
@@ -254,8 +256,8 @@ pub fn encode_command(c: &Command) -> Vec<u8> {
         CommandKind::SetStatus { node, status } => {
             Kind::SetStatus(pb::SetStatus { node: *node, status: status_to_pb(*status) as i32 })
         }
-        CommandKind::SetAddress { node, address } => {
-            Kind::SetAddress(pb::SetAddress { node: *node, address: address.clone() })
+        CommandKind::SetAddress { node, address, protocol } => {
+            Kind::SetAddress(pb::SetAddress { node: *node, address: address.clone(), protocol: *protocol })
         }
         CommandKind::Report { node, vm, generation, state, last_error } => Kind::Report(pb::Report {
             node: *node,
@@ -314,7 +316,7 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command, DecodeError> {
         Kind::SetRunners(m) => CommandKind::SetRunners { node: m.node, runners: m.runners },
         Kind::SetDrain(m) => CommandKind::SetDrain { node: m.node, drain: m.drain },
         Kind::SetStatus(m) => CommandKind::SetStatus { node: m.node, status: status_from_pb(m.status)? },
-        Kind::SetAddress(m) => CommandKind::SetAddress { node: m.node, address: m.address },
+        Kind::SetAddress(m) => CommandKind::SetAddress { node: m.node, address: m.address, protocol: m.protocol },
         Kind::Report(m) => CommandKind::Report {
             node: m.node,
             vm: m.vm,
@@ -436,7 +438,7 @@ mod tests {
             CommandKind::SetRunners { node: 1, runners: vec!["a".into(), "b".into()] },
             CommandKind::SetDrain { node: 1, drain: true },
             CommandKind::SetStatus { node: 1, status: MemberStatus::Down },
-            CommandKind::SetAddress { node: 1, address: "h:1".into() },
+            CommandKind::SetAddress { node: 1, address: "h:1".into(), protocol: 1 },
             CommandKind::Report {
                 node: 1,
                 vm: "web".into(),

@@ -124,7 +124,24 @@ pub struct Member {
     pub runners: BTreeSet<String>,
     pub status: MemberStatus,
     pub learner: bool,
+    /// The state-machine protocol its agent reported ([`PROTOCOL`]); 0:
+    /// not reported (an agent from before the report).
+    pub protocol: u32,
 }
+
+/// The state-machine protocol of this agent: which entries it applies,
+/// reported by every member about itself (with `SetAddress`) so that the leader
+/// uses an entry older members cannot apply only once every member can.
+///
+/// - 0: an agent that predates the report.
+/// - 1 ([`PROTOCOL_DEMOTE`]): `MembershipChange::Demote` (a conf change
+///   `AddLearnerNode` on a voter, `MemberInfo.demote`). An agent of 0 reads
+///   such an entry as a join without a name, refuses it, and so never
+///   applies the change to its Raft configuration: its voters would differ
+///   from everyone else's from then on.
+pub const PROTOCOL: u32 = 1;
+/// The first protocol that applies `MembershipChange::Demote`.
+pub const PROTOCOL_DEMOTE: u32 = 1;
 
 impl Member {
     pub fn new(id: NodeId, name: impl Into<String>, address: impl Into<String>) -> Self {
@@ -138,6 +155,7 @@ impl Member {
             runners: BTreeSet::new(),
             status: MemberStatus::Up,
             learner: false,
+            protocol: 0,
         }
     }
 
