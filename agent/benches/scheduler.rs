@@ -17,9 +17,7 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use blixard::scheduler::{self, Memo, Policy, Strategy};
-use blixard::state::{
-    Capacity, Command, CommandKind, Desired, Labels, MemberStatus, MembershipChange, State, VmSpec, VmState,
-};
+use blixard::state::{CommandKind, Desired, MemberStatus, State, VmSpec, VmState};
 
 const HOSTS: u64 = 1_000;
 const VMS: usize = 10_000;
@@ -34,13 +32,9 @@ struct Scenario {
     constrained: bool,
 }
 
-fn cmd(kind: CommandKind) -> Command {
-    Command { at_unix_ms: 1, kind }
-}
-
-fn vm_name(v: usize) -> String {
-    format!("vm-{v:05}")
-}
+#[path = "../tests/support/fleet.rs"]
+mod fleet;
+use fleet::{cmd, vm_name};
 
 fn build(scenario: &Scenario) -> State {
     build_with(scenario, VMS, |v| v)
@@ -48,32 +42,9 @@ fn build(scenario: &Scenario) -> State {
 
 /// `vms` VMs; VM `v` has the runner (and size, labels) of VM `runner_of(v)`.
 fn build_with(scenario: &Scenario, vms: usize, runner_of: fn(usize) -> usize) -> State {
-    let mut state = State::default();
-    let names: Vec<String> = (0..vms).map(vm_name).collect();
-    for id in 1..=HOSTS {
-        let add = MembershipChange::AddLearner {
-            id,
-            name: format!("h{id:04}"),
-            address: format!("10.0.{}.{}:7000", id / 256, id % 256),
-        };
-        state.apply_membership(&add, 0).expect("add");
-        state.apply_membership(&MembershipChange::Promote { id }, 0).expect("promote");
-        let capacity =
-            Capacity { vcpu: 32, memory_mib: 128 * 1024, vcpu_overcommit_pct: 150, memory_overcommit_pct: 100 };
-        state.apply(&cmd(CommandKind::SetCapacity { node: id, capacity })).expect("capacity");
-        let runners = names
-            .iter()
-            .enumerate()
-            .filter(|(v, _)| runner_of(*v) < vms && (scenario.runner)(id, runner_of(*v)))
-            .map(|(_, n)| n.clone())
-            .collect();
-        state.apply(&cmd(CommandKind::SetRunners { node: id, runners })).expect("runners");
-        let rack = format!("r{}", id % 20);
-        let labels: Labels = [("rack".to_string(), rack)].into();
-        state.apply(&cmd(CommandKind::SetLabels { node: id, labels })).expect("labels");
-    }
-    for (v, name) in names.iter().enumerate() {
-        let mut spec = VmSpec { vcpu: 1 + (v % 4) as u32, memory_mib: 512 * (1 + (v % 8) as u64), ..VmSpec::default() };
+    let has_runner = |id, v| runner_of(v) < vms && (scenario.runner)(id, runner_of(v));
+    let spec_of = |v: usize| {
+        let mut spec = fleet::vm_spec(v);
         if scenario.constrained {
             if v % 4 == 0 {
                 spec.labels.insert("rack".into(), format!("r{}", v % 20));
@@ -82,8 +53,9 @@ fn build_with(scenario: &Scenario, vms: usize, runner_of: fn(usize) -> usize) ->
                 spec.anti_affinity = Some(format!("g{}", v % 100));
             }
         }
-        state.apply(&cmd(CommandKind::CreateVm { name: name.clone(), spec })).expect("create");
-    }
+        spec
+    };
+    let mut state = fleet::build(HOSTS, vms, 20, has_runner, spec_of);
     state.take_dirty();
     state
 }

@@ -44,9 +44,7 @@ use std::time::{Duration, Instant};
 
 use blixard::failure::{CLOCK_RATE_ERROR_PPM, Detector, Fence, Timing};
 use blixard::scheduler::{self, Memo, Policy};
-use blixard::state::{
-    Capacity, Command, CommandKind, Desired, Labels, MemberStatus, MembershipChange, NodeId, State, VmSpec, VmState,
-};
+use blixard::state::{CommandKind, Desired, MemberStatus, NodeId, State, VmState};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -75,13 +73,9 @@ const LOSS_RUN_MAX: u32 = 2;
 /// notice, clock rate error, and the plan's bound per check.
 const MOVE_SLACK_MS: u64 = 1_000;
 
-fn cmd(kind: CommandKind) -> Command {
-    Command { at_unix_ms: 1, kind }
-}
-
-fn vm_name(v: usize) -> String {
-    format!("vm-{v:05}")
-}
+#[path = "support/fleet.rs"]
+mod fleet;
+use fleet::cmd;
 
 /// A host's monotonic clock: `offset + t * (1 + rate)`.
 #[derive(Debug, Clone, Copy)]
@@ -206,32 +200,9 @@ impl Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let timing = Timing::default();
         let e = CLOCK_RATE_ERROR_PPM as i64;
-        let mut state = State::default();
-        let names: Vec<String> = (0..VMS).map(vm_name).collect();
-        for id in 1..=HOSTS {
-            let add = MembershipChange::AddLearner {
-                id,
-                name: format!("h{id:04}"),
-                address: format!("10.0.{}.{}:7000", id / 256, id % 256),
-            };
-            state.apply_membership(&add, 0).expect("add");
-            state.apply_membership(&MembershipChange::Promote { id }, 0).expect("promote");
-            let capacity =
-                Capacity { vcpu: 32, memory_mib: 128 * 1024, vcpu_overcommit_pct: 150, memory_overcommit_pct: 100 };
-            state.apply(&cmd(CommandKind::SetCapacity { node: id, capacity })).expect("capacity");
-            let runners = names
-                .iter()
-                .enumerate()
-                .filter(|(v, _)| *v as u64 % RUNNER_GROUPS == id % RUNNER_GROUPS)
-                .map(|(_, n)| n.clone())
-                .collect();
-            state.apply(&cmd(CommandKind::SetRunners { node: id, runners })).expect("runners");
-            let labels: Labels = [("rack".to_string(), format!("r{}", id % 10))].into();
-            state.apply(&cmd(CommandKind::SetLabels { node: id, labels })).expect("labels");
-        }
-        for (v, name) in names.iter().enumerate() {
-            let mut spec =
-                VmSpec { vcpu: 1 + (v % 4) as u32, memory_mib: 512 * (1 + (v % 8) as u64), ..VmSpec::default() };
+        let has_runner = |id, v: usize| v as u64 % RUNNER_GROUPS == id % RUNNER_GROUPS;
+        let spec_of = |v: usize| {
+            let mut spec = fleet::vm_spec(v);
             if v % 10 == 3 {
                 // Ten VMs per group, on the twenty hosts with their runner.
                 spec.anti_affinity = Some(format!("g{}", v % 1_000));
@@ -239,8 +210,9 @@ impl Sim {
             if v % 97 == 0 {
                 spec.desired = Desired::Stopped;
             }
-            state.apply(&cmd(CommandKind::CreateVm { name: name.clone(), spec })).expect("create");
-        }
+            spec
+        };
+        let mut state = fleet::build(HOSTS, VMS, 10, has_runner, spec_of);
         // The fleet before the run: placed, every copy running.
         let policy = Policy { decisions_max: usize::MAX, ..Policy::default() };
         for decision in scheduler::plan(&state, &policy, &BTreeSet::new()) {
