@@ -51,6 +51,47 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Cuts `cut` (running `cut_vms`, `who` says what it is in messages) off the others:
+/// its guests stop before they start elsewhere; healed, it rejoins and starts none of
+/// them again. Returns where the VMs run.
+fn cut_off_and_heal(c: &BedCluster, cut: usize, cut_vms: &[String], who: &str) -> BTreeMap<String, usize> {
+    let starts_on_cut: Vec<usize> = VMS.iter().map(|vm| c.guest_starts(cut, vm).unwrap()).collect();
+    let cut_at = blixard_systests::timeline::monotonic_us();
+    c.cut_link(cut).unwrap();
+    let moved = c.wait_settled_where(&VMS, &others(cut), |_, h| h != cut).unwrap();
+    let timeline = c.timeline().unwrap();
+    for vm in cut_vms {
+        let (old, new) = (timeline.copy_at(vm, cut, cut_at), timeline.copy_at(vm, moved[vm], cut_at));
+        let stopped = old.until_us.expect("the cut-off copy ended");
+        assert!(
+            stopped < new.from_us,
+            "{vm} started elsewhere before {who}{} stopped it:\n{}",
+            c.name(cut),
+            timeline.describe(vm)
+        );
+        eprintln!(
+            "{vm}: {who}{} fenced it {:.0} ms after the cut; {} started it {:.0} ms after that",
+            c.name(cut),
+            ms(stopped.saturating_sub(cut_at)),
+            c.name(moved[vm]),
+            ms(new.from_us.saturating_sub(stopped))
+        );
+    }
+    c.heal_link(cut).unwrap();
+    c.wait_formed(&ALL).unwrap();
+    c.wait_reconciled(cut).unwrap();
+    assert_eq!(
+        c.wait_settled(&VMS, &ALL).unwrap(),
+        moved,
+        "after healing {who}{}, one copy each, where they moved",
+        c.name(cut)
+    );
+    for (vm, before) in VMS.iter().zip(&starts_on_cut) {
+        assert_eq!(c.guest_starts(cut, vm).unwrap(), *before, "{who}{} restarted {vm} after healing", c.name(cut));
+    }
+    moved
+}
+
 /// The one learner, as `host` sees the cluster.
 fn learner_of(c: &BedCluster, host: usize) -> usize {
     let status = c.status(host).unwrap();
@@ -170,36 +211,7 @@ fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
     let leader = c.leader_seen_by(api).unwrap_or(leader);
     let (cut, cut_vms) = loads.iter().find(|(h, vms)| *h == leader && !vms.is_empty()).unwrap_or(&loads[0]).clone();
     let survivors = others(cut);
-    let starts_on_cut: Vec<usize> = VMS.iter().map(|vm| c.guest_starts(cut, vm).unwrap()).collect();
-    let cut_at = blixard_systests::timeline::monotonic_us();
-    c.cut_link(cut).unwrap();
-    let moved = c.wait_settled_where(&VMS, &survivors, |_, h| h != cut).unwrap();
-    let timeline = c.timeline().unwrap();
-    for vm in &cut_vms {
-        let (old, new) = (timeline.copy_at(vm, cut, cut_at), timeline.copy_at(vm, moved[vm], cut_at));
-        let stopped = old.until_us.expect("the cut-off copy ended");
-        assert!(
-            stopped < new.from_us,
-            "{vm} started elsewhere before {} stopped it:\n{}",
-            c.name(cut),
-            timeline.describe(vm)
-        );
-        eprintln!(
-            "{vm}: {} fenced it {:.0} ms after the cut; {} started it {:.0} ms after that",
-            c.name(cut),
-            ms(stopped.saturating_sub(cut_at)),
-            c.name(moved[vm]),
-            ms(new.from_us.saturating_sub(stopped))
-        );
-    }
-    c.heal_link(cut).unwrap();
-    c.wait_formed(&ALL).unwrap();
-    c.wait_reconciled(cut).unwrap();
-    assert_eq!(c.wait_settled(&VMS, &ALL).unwrap(), moved, "after healing, still one copy each, where they moved");
-    for (vm, before) in VMS.iter().zip(&starts_on_cut) {
-        assert_eq!(c.guest_starts(cut, vm).unwrap(), *before, "{} restarted {vm} after healing", c.name(cut));
-    }
-    let placed = moved;
+    let placed = cut_off_and_heal(c, cut, &cut_vms, "");
 
     // A learner cut off fences by the same quorum contact as a voter: its guests stop
     // before they start elsewhere, and it takes nothing back when it returns. Healthy
@@ -218,41 +230,10 @@ fn placement_restart_drain_migrate_partition_and_power_loss_on_systemd_hosts() {
         c.wait_settled_where(&VMS, &ALL, |v, h| v != vm || h == learner).unwrap()
     };
     let learner_vms: Vec<String> = placed.iter().filter(|(_, h)| **h == learner).map(|(vm, _)| vm.clone()).collect();
-    let starts_on_learner: Vec<usize> = VMS.iter().map(|vm| c.guest_starts(learner, vm).unwrap()).collect();
-    let cut_at = blixard_systests::timeline::monotonic_us();
     let cut_at_unix_ms = unix_ms();
-    c.cut_link(learner).unwrap();
-    let moved = c.wait_settled_where(&VMS, &others(learner), |_, h| h != learner).unwrap();
-    let timeline = c.timeline().unwrap();
-    for vm in &learner_vms {
-        let (old, new) = (timeline.copy_at(vm, learner, cut_at), timeline.copy_at(vm, moved[vm], cut_at));
-        let stopped = old.until_us.expect("the cut-off learner's copy ended");
-        assert!(
-            stopped < new.from_us,
-            "{vm} started elsewhere before the learner {} stopped it:\n{}",
-            c.name(learner),
-            timeline.describe(vm)
-        );
-        eprintln!(
-            "{vm}: the learner {} fenced it {:.0} ms after the cut; {} started it {:.0} ms after that",
-            c.name(learner),
-            ms(stopped.saturating_sub(cut_at)),
-            c.name(moved[vm]),
-            ms(new.from_us.saturating_sub(stopped))
-        );
-    }
-    c.heal_link(learner).unwrap();
-    c.wait_formed(&ALL).unwrap();
-    c.wait_reconciled(learner).unwrap();
-    assert_eq!(
-        c.wait_settled(&VMS, &ALL).unwrap(),
-        moved,
-        "after healing the learner, one copy each, where they moved"
-    );
-    for (vm, before) in VMS.iter().zip(&starts_on_learner) {
-        assert_eq!(c.guest_starts(learner, vm).unwrap(), *before, "{} restarted {vm} after healing", c.name(learner));
-    }
-    // It fenced itself (its own event, at its own clock), while cut off, and only then.
+    let moved = cut_off_and_heal(c, learner, &learner_vms, "the learner ");
+    // It fenced itself (its own event, at its own wall clock: a second's slack), while
+    // cut off, and only then.
     let fences = fenced(learner);
     assert!(!fences.is_empty() && fences.iter().all(|&at| at + 1000 >= cut_at_unix_ms), "{fences:?}");
     eprintln!("the learner {} fenced while cut off: {} time(s)", c.name(learner), fences.len());
