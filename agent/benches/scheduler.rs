@@ -46,7 +46,7 @@ fn build_with(scenario: &Scenario, vms: usize, runner_of: fn(usize) -> usize) ->
     let spec_of = |v: usize| {
         let mut spec = fleet::vm_spec(v);
         if scenario.constrained {
-            if v % 4 == 0 {
+            if v.is_multiple_of(4) {
                 spec.labels.insert("rack".into(), format!("r{}", v % 20));
             }
             if v % 10 == 1 {

@@ -207,7 +207,7 @@ impl Sim {
                 // Ten VMs per group, on the twenty hosts with their runner.
                 spec.anti_affinity = Some(format!("g{}", v % 1_000));
             }
-            if v % 97 == 0 {
+            if v.is_multiple_of(97) {
                 spec.desired = Desired::Stopped;
             }
             spec
