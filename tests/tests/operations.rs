@@ -269,6 +269,15 @@ fn vm_update_changes_every_field_in_place_and_wait_waits() -> Result<()> {
     }
     cluster.wait_formed(&[0, 1, 2])?;
     let at = 1;
+    // Each host reports its capacity and labels once it is a member; the steps below
+    // place by them (a pin to a host that has not reported is refused, a label no
+    // host has reported yet too).
+    cluster.wait_reported(at, &[0, 1, 2])?;
+    wait_for("every host's rack label", FORM_TIMEOUT, || {
+        let nodes = cluster.cli_json(at, &["node", "list"])?;
+        let racks = nodes.as_array().map_or(0, |n| n.iter().filter(|n| n["labels"]["rack"].is_string()).count());
+        Ok(if racks == 3 { Probe::Ready(()) } else { Probe::NotYet(nodes.to_string()) })
+    })?;
     let created = cluster.cli(at, &["vm", "create", "web", "--vcpu", "1", "--memory", "64", "--wait"])?.ok()?;
     ensure!(created.stdout.starts_with("vm web is running on h"), "{created:?}");
     let first = cluster.cli_json(at, &["vm", "status", "web"])?;
