@@ -271,12 +271,18 @@ fn cluster_and_node_commands() {
     assert_eq!(status["term"], 3);
     assert_eq!(
         status["members"][0],
-        json!({"id": "1", "name": "h1", "address": "127.0.0.1:7000", "role": "leader", "healthy": true})
+        json!({"id": "1", "name": "h1", "address": "127.0.0.1:7000", "role": "leader", "healthy": true,
+               "voter": true, "zone": null, "rack": null})
     );
+    // The fake answers as an agent from before `voters_wanted`: who votes
+    // follows from the roles.
+    assert_eq!(status["voters_wanted"], serde_json::Value::Null, "{status}");
+    assert_eq!(status["voters"], 3, "{status}");
     let out = fake.cli(&["cluster", "status"]);
     out.assert_ok();
     assert!(
-        out.stdout.starts_with("leader: h1\nterm:   3\n\nNAME  ID  ADDRESS         ROLE      HEALTHY\n"),
+        out.stdout
+            .starts_with("leader: h1\nterm:   3\nvoters: 3\n\nNAME  ID  ADDRESS         ROLE      VOTER  HEALTHY\n"),
         "{}",
         out.stdout
     );
