@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
+use blixard::api::context::leader_hint;
 use blixard::api::pb;
 use blixard::api::tls::Role;
 use blixard_systests::cluster::{ClientCredentials, Cluster, FORM_TIMEOUT, Options};
@@ -76,8 +77,13 @@ fn three_members_form_a_cluster_and_followers_serve_every_request() -> Result<()
     );
     assert_eq!(vm_names(&cluster, other)?, ["web".to_string()].into());
 
+    // A follower's answer to a write names the leader, for the client's
+    // next writes (two trips between members instead of four).
+    let leader_address = cluster.agent(leader).address.clone();
     let mut client = cluster.client(other);
-    let stopped = cluster.block_on(client.vm_stop(pb::VmRequest { name: "web".into() }))?.into_inner();
+    let stopped = cluster.block_on(client.vm_stop(pb::VmRequest { name: "web".into() }))?;
+    assert_eq!(leader_hint(&stopped).as_deref(), Some(leader_address.as_str()));
+    let stopped = stopped.into_inner();
     assert_eq!(stopped.desired, "stopped");
     let status = cluster.block_on(client.vm_status(pb::VmRequest { name: "web".into() }))?.into_inner();
     assert_eq!(status.desired, "stopped");
@@ -94,10 +100,14 @@ fn three_members_form_a_cluster_and_followers_serve_every_request() -> Result<()
     })?;
     assert_eq!(nodes.len(), 3);
     assert!(nodes.iter().all(|n| n.status == "up" && n.memory_mib_total == 65536), "{nodes:?}");
-    let drained = cluster.block_on(client.node_drain(pb::NodeRequest { name: "h2".into() }))?.into_inner();
-    assert_eq!(drained.status, "draining");
-    let undrained = cluster.block_on(client.node_undrain(pb::NodeRequest { name: "h2".into() }))?.into_inner();
-    assert_eq!(undrained.status, "up");
+    // Forwarded to the leader, and named as it; the leader's own answer
+    // names no one.
+    let drained = cluster.block_on(client.node_drain(pb::NodeRequest { name: "h2".into() }))?;
+    assert_eq!(leader_hint(&drained).as_deref(), Some(leader_address.as_str()));
+    assert_eq!(drained.into_inner().status, "draining");
+    let undrained = cluster.block_on(cluster.client(leader).node_undrain(pb::NodeRequest { name: "h2".into() }))?;
+    assert_eq!(leader_hint(&undrained), None);
+    assert_eq!(undrained.into_inner().status, "up");
 
     // Refusals carry the agreed codes, and change nothing.
     let refused = [

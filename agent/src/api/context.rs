@@ -50,7 +50,10 @@ pub fn wants_stale<T>(request: &tonic::Request<T>) -> bool {
     request.metadata().contains_key(STALE_HEADER)
 }
 /// Carries the leader's address on a refusal from a member that does not
-/// lead, for a call only the leader serves and nobody forwards (`Admit`).
+/// lead, for a call only the leader serves and nobody forwards (`Admit`),
+/// and on a write's answer from a member that does not lead: a client that
+/// sends it its next writes spares each two trips between members (see
+/// [`hint_leader`]).
 pub const LEADER_HEADER: &str = "x-blixard-leader";
 /// How long a request waits for a leader (an election, a leadership
 /// transfer) before failing with `Unavailable`.
@@ -146,9 +149,37 @@ fn redirect(leader: &LeaderInfo) -> Status {
     status
 }
 
+/// Names the leader ([`LEADER_HEADER`]) on a write's answer from a member
+/// that does not lead. A write taken by a follower crosses four trips
+/// between members (its proposal to the leader, the append, the ack, the
+/// commit back to it) where the leader's takes two; a client that sends
+/// many writes may send the next ones to the leader. Nothing else changes:
+/// the answer is the same, and a stale hint costs one write the four trips.
+fn hint_leader<T>(mut response: tonic::Response<T>, member: &Membership) -> tonic::Response<T> {
+    let status = member.node.watch_status();
+    let status = status.borrow();
+    if status.role != Role::Leader
+        && let Some(leader) = status.leader.as_ref().filter(|l| l.id != member.id && !l.address.is_empty())
+        && let Ok(value) = leader.address.parse()
+    {
+        response.metadata_mut().insert(LEADER_HEADER, value);
+    }
+    response
+}
+
+/// The leader a write's answer names (see [`hint_leader`]), or the
+/// leader's address a redirect names (see [`Remote::Redirect`]).
+pub fn leader_hint<T>(response: &tonic::Response<T>) -> Option<String> {
+    leader_of_metadata(response.metadata())
+}
+
 /// The leader's address a redirect names (see [`Remote::Redirect`]).
 pub fn leader_of_redirect(status: &Status) -> Option<String> {
-    let value = status.metadata().get(LEADER_HEADER)?.to_str().ok()?;
+    leader_of_metadata(status.metadata())
+}
+
+fn leader_of_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    let value = metadata.get(LEADER_HEADER)?.to_str().ok()?;
     (!value.is_empty() && value.len() <= crate::state::limits::ADDRESS_LEN_MAX).then(|| value.to_string())
 }
 
@@ -441,7 +472,8 @@ impl Context {
         loop {
             match self.route(forwarded, matches!(remote, Remote::Anywhere), deadline).await? {
                 Route::Local(member) => match local(member.clone(), request.clone()).await {
-                    Ok(response) => return Ok(tonic::Response::new(response)),
+                    Ok(response) if forwarded => return Ok(tonic::Response::new(response)),
+                    Ok(response) => return Ok(hint_leader(tonic::Response::new(response), &member)),
                     Err(e) if e.is_retryable() && !forwarded && Instant::now() < deadline => {
                         pause_for_change(&member.node, deadline).await;
                     }
@@ -456,7 +488,14 @@ impl Context {
                     let mut forward = Request::new(request.clone());
                     mark_forwarded(&mut forward, deadline);
                     match remote(channel, forward).await {
-                        Ok(response) => return Ok(response),
+                        Ok(mut response) => {
+                            // The leader's answer names no leader: this
+                            // member names the one it forwarded to.
+                            if let Ok(value) = leader.address.parse() {
+                                response.metadata_mut().insert(LEADER_HEADER, value);
+                            }
+                            return Ok(response);
+                        }
                         // `Unavailable` from an agent means "not applied";
                         // from the transport, the leader could not be
                         // reached. Either way: wait for news, try again.

@@ -36,9 +36,12 @@
 
 use std::fmt::Write as _;
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
+use blixard::api::context::leader_hint;
 use blixard::api::pb;
 use blixard::api::pb::blixard_client::BlixardClient;
 use blixard_systests::cluster::{Auth, Cluster, Options};
@@ -134,6 +137,11 @@ enum Target {
     All,
     /// Every client talks to the leader.
     Leader,
+    /// Client i starts at member i mod 3 and sends its next requests to
+    /// the leader a reply names (`x-blixard-leader`, on a write answered
+    /// by a follower). etcd's answers name no leader: its clients talk to
+    /// the leader (`leader`).
+    Follow,
 }
 
 /// One request of the load; its outcome.
@@ -323,18 +331,40 @@ fn throughput(
     // (each on its own connection), warm-up, then the measured run.
     let (cluster, leader) = agents("load", auth)?;
     let addresses: Vec<String> = (0..cluster.len()).map(|i| cluster.agent(i).address.clone()).collect();
+    let follow = target == Target::Follow;
+    // Clients that followed a leader hint to another member.
+    let moved = Arc::new(AtomicUsize::new(0));
     let mut blixard = Vec::new();
     for (level, &clients) in levels.iter().enumerate() {
         let to = targets(clients, target, addresses.len(), leader);
         let stats = rt.block_on(async {
-            let clients: Vec<BlixardClient<Channel>> =
-                to.iter().map(|&i| BlixardClient::new(channel_to(&cluster, &addresses[i]))).collect();
+            // Each client its own connection to each member it talks to
+            // (lazy: only those it uses connect).
+            let clients: Arc<Vec<Vec<BlixardClient<Channel>>>> = Arc::new(
+                to.iter()
+                    .map(|_| addresses.iter().map(|a| BlixardClient::new(channel_to(&cluster, a))).collect())
+                    .collect(),
+            );
+            let at: Arc<Vec<AtomicUsize>> = Arc::new(to.iter().map(|&i| AtomicUsize::new(i)).collect());
+            let addresses = Arc::new(addresses.clone());
+            let moved = moved.clone();
             let op = move |phase: &'static str| {
-                let clients = clients.clone();
+                let (clients, at, addresses, moved) = (clients.clone(), at.clone(), addresses.clone(), moved.clone());
                 move |c: usize, seq: u64| {
-                    let mut client = clients[c].clone();
+                    let (at, addresses, moved) = (at.clone(), addresses.clone(), moved.clone());
+                    let mut client = clients[c][at[c].load(Ordering::Relaxed)].clone();
                     let name = format!("{phase}{level}x{c}-{seq}");
-                    async move { client.vm_create(create_request(name)).await.map(|_| ()) }
+                    async move {
+                        let response = client.vm_create(create_request(name)).await?;
+                        if follow
+                            && let Some(leader) = leader_hint(&response)
+                            && let Some(i) = addresses.iter().position(|a| *a == leader)
+                        {
+                            at[c].store(i, Ordering::Relaxed);
+                            moved.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(())
+                    }
                 }
             };
             drive(to.len(), warmup, op("w")).await;
@@ -351,6 +381,7 @@ fn throughput(
         let etcd = EtcdCluster::start(3, auth == Auth::Secret)?;
         etcd.wait_ready(&rt)?;
         let leader = rt.block_on(etcd_leader(&etcd))?;
+        let target = if target == Target::Follow { Target::Leader } else { target };
         for (level, &clients) in levels.iter().enumerate() {
             let to = targets(clients, target, etcd.members.len(), leader);
             let stats = rt.block_on(async {
@@ -378,12 +409,18 @@ fn throughput(
     let target_name = match target {
         Target::All => "clients spread over the 3 members",
         Target::Leader => "every client at the leader",
+        Target::Follow => {
+            "blixard's clients start spread over the 3 members and follow the leader hint, etcd's at the leader"
+        }
     };
     let auth_name = match auth {
         Auth::Secret => "mutual TLS between members and with clients (agents: cluster secret; etcd: one CA)",
         Auth::Insecure => "plain text (agents: insecure; etcd: its default)",
     };
     println!("3 members on loopback, {auth_name}; {target_name}; {seconds} s measured per level");
+    // At 1 client the one client talks to member 0: whether that is the
+    // leader decides whether a write takes two trips between members or four.
+    println!("blixard's leader: member {leader}; clients moved by a leader hint: {}", moved.load(Ordering::Relaxed));
     print_header();
     for (i, &clients) in levels.iter().enumerate() {
         print_row("blixard-agent vm create", clients, &blixard[i]);
