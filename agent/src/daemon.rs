@@ -523,7 +523,8 @@ impl Agent {
         let mut join_id = None;
         let mut admit_backoff = ADMIT_BACKOFF_MIN;
         let mut next_admit = tokio::time::Instant::now();
-        let mut node_status = self.member.as_ref().map(|m| m.node.handle().watch_status());
+        // The running node, to notice its raft thread ending.
+        let mut node = self.member.as_ref().map(|m| m.node.handle());
         loop {
             let admitting = store.is_some() && !self.config.join.is_empty();
             tokio::select! {
@@ -542,16 +543,14 @@ impl Agent {
                         Err(e) => Err(anyhow!("the gRPC server task failed: {e}")),
                     };
                 }
-                changed = async { node_status.as_mut().expect("guarded").changed().await }, if node_status.is_some() => {
-                    if changed.is_err() {
-                        // The raft thread ended on its own: a storage failure.
-                        let running = self.member.take().expect("a status implies a node");
-                        let result = tokio::task::spawn_blocking(move || running.node.shutdown()).await;
-                        return match result {
-                            Ok(Err(e)) => Err(anyhow!("the store failed: {e}")),
-                            _ => Err(anyhow!("the raft thread stopped unexpectedly")),
-                        };
-                    }
+                () = async { node.as_ref().expect("guarded").stopped().await }, if node.is_some() => {
+                    // The raft thread ended on its own: a storage failure.
+                    let running = self.member.take().expect("a handle implies a node");
+                    let result = tokio::task::spawn_blocking(move || running.node.shutdown()).await;
+                    return match result {
+                        Ok(Err(e)) => Err(anyhow!("the store failed: {e}")),
+                        _ => Err(anyhow!("the raft thread stopped unexpectedly")),
+                    };
                 }
                 request = self.control.joins.recv(), if store.is_some() || self.removed() => {
                     let Some(request) = request else { continue };
@@ -562,7 +561,7 @@ impl Agent {
                         match self.set_removed_store_aside().await {
                             Ok(fresh) => {
                                 store = Some(fresh);
-                                node_status = None;
+                                node = None;
                                 // A new member: a new id too.
                                 join_id = None;
                             }
@@ -577,7 +576,7 @@ impl Agent {
                         Err(e) => Err(tonic::Status::internal(e.to_string())),
                     };
                     if outcome.is_ok() {
-                        node_status = self.member.as_ref().map(|m| m.node.handle().watch_status());
+                        node = self.member.as_ref().map(|m| m.node.handle());
                     }
                     let _ = reply.send(outcome);
                 }
@@ -596,7 +595,7 @@ impl Agent {
                         }
                     }
                     if joined {
-                        node_status = self.member.as_ref().map(|m| m.node.handle().watch_status());
+                        node = self.member.as_ref().map(|m| m.node.handle());
                     } else {
                         next_admit = tokio::time::Instant::now() + admit_backoff;
                         admit_backoff = (admit_backoff * 2).min(ADMIT_BACKOFF_MAX);

@@ -1105,24 +1105,23 @@ impl Blixard for BlixardService {
         }
         let (events, rx) = log.follow(limit);
         let kept = futures_util::stream::iter(events.iter().map(|e| Ok(event_pb(e))).collect::<Vec<_>>());
-        let stopped = member.node.watch_status();
-        let live = futures_util::stream::unfold((rx, stopped, false), |(mut rx, mut stopped, done)| async move {
+        let live = futures_util::stream::unfold((rx, member.node, false), |(mut rx, node, done)| async move {
             if done {
                 return None;
             }
             tokio::select! {
                 event = rx.recv() => match event {
-                    Ok(event) => Some((Ok(event_pb(&event)), (rx, stopped, false))),
+                    Ok(event) => Some((Ok(event_pb(&event)), (rx, node, false))),
                     Err(broadcast::error::RecvError::Lagged(n)) => Some((
                         Err(Status::resource_exhausted(format!(
                             "this follower fell {n} events behind and missed them; follow again"
                         ))),
-                        (rx, stopped, true),
+                        (rx, node, true),
                     )),
                     Err(broadcast::error::RecvError::Closed) => None,
                 },
                 // The node stopped (the agent is shutting down).
-                _ = async { while stopped.changed().await.is_ok() {} } => None,
+                () = node.stopped() => None,
             }
         });
         Ok(Response::new(Box::pin(kept.chain(live))))

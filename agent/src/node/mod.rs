@@ -236,6 +236,8 @@ pub struct NodeHandle {
     contact: Arc<watch::Sender<Option<Contact>>>,
     fence_after_ms: u64,
     voters_wanted: usize,
+    /// Closed when the raft thread ends (see [`NodeHandle::stopped`]).
+    alive: watch::Receiver<()>,
 }
 
 /// The running node: its handle plus the raft thread.
@@ -418,6 +420,7 @@ impl Node {
         let status = status_of(&core, &identity, &addresses, removed, []);
         let (status_tx, status_rx) = watch::channel(status);
         let (effects, _) = broadcast::channel(EFFECTS_CHANNEL_MAX);
+        let (alive, alive_rx) = watch::channel(());
         let events_log = options.events.clone();
         let handle = NodeHandle {
             inputs,
@@ -430,6 +433,7 @@ impl Node {
             contact: Arc::new(watch::Sender::new(None)),
             fence_after_ms: options.timing.fence_after_ms,
             voters_wanted: options.voters.target,
+            alive: alive_rx,
         };
         let duties = leader::Duties::new(
             identity.id,
@@ -456,6 +460,7 @@ impl Node {
             events: events_log,
             rounds: contact::ContactRounds::default(),
             contact: handle.contact.clone(),
+            _alive: alive,
         };
         let thread = std::thread::Builder::new()
             .name("raft".into())
@@ -681,6 +686,17 @@ impl NodeHandle {
         self.status.clone()
     }
 
+    /// Waits until the raft thread ends (a storage failure, or the node
+    /// shutting down). A status watch would say so too, but it wakes its
+    /// task at every commit (the status carries the commit index), on
+    /// every member: work on the path of every write's answer.
+    pub async fn stopped(&self) {
+        let mut alive = self.alive.clone();
+        // Nothing is ever sent: `changed` ends only when the sender, held
+        // by the raft thread, is dropped.
+        while alive.changed().await.is_ok() {}
+    }
+
     pub fn subscribe_effects(&self) -> broadcast::Receiver<AppliedEffect> {
         self.effects.subscribe()
     }
@@ -791,6 +807,8 @@ struct RaftThread {
     rounds: contact::ContactRounds,
     /// This host's newest quorum contact (shared with the handle).
     contact: Arc<watch::Sender<Option<Contact>>>,
+    /// Dropped with the thread's state when it ends ([`NodeHandle::stopped`]).
+    _alive: watch::Sender<()>,
 }
 
 /// Raises the contact in `watch` to `contact` (each field only grows).
