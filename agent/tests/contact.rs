@@ -181,3 +181,34 @@ fn only_the_current_leaders_confirmations_count_and_never_for_the_future() {
     let contact = c.contact(follower).unwrap();
     assert_eq!(contact.sent_at_ms, genuine, "a forged confirmation counted: {contact:?}");
 }
+
+/// `NodeHandle::stopped` ends when the raft thread ends, and not at the
+/// commits that change the node's status on the way (which is why the
+/// daemon waits on it rather than on the status: it woke at every commit).
+#[test]
+fn stopped_ends_with_the_raft_thread_and_not_at_a_commit() {
+    use blixard::state::{Capacity, CommandKind};
+    use futures_util::FutureExt as _;
+
+    let mut c = Cluster::start(1);
+    c.wait_until("a leader", |c| c.leader().is_some());
+    let handle = c.nodes[0].handle();
+    let id = handle.status().id;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let stopped = handle.stopped();
+        tokio::pin!(stopped);
+        let mut status = handle.watch_status();
+        status.borrow_and_update();
+        for vcpu in 1..=3 {
+            let capacity = Capacity { vcpu, memory_mib: 4096, ..Capacity::default() };
+            handle.propose(CommandKind::SetCapacity { node: id, capacity }).await.unwrap();
+        }
+        assert!(status.has_changed().unwrap(), "the commits changed the status");
+        assert!(stopped.as_mut().now_or_never().is_none(), "stopped() ended while the raft thread runs");
+        let node = c.nodes.pop().unwrap();
+        let shutdown = std::thread::spawn(move || node.shutdown());
+        tokio::time::timeout(Duration::from_secs(20), stopped).await.expect("stopped() never ended");
+        shutdown.join().unwrap().unwrap();
+    });
+}
