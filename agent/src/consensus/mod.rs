@@ -379,6 +379,14 @@ impl Core {
         due.max(1)
     }
 
+    /// Not leading: how many ticks until this member's election timeout
+    /// starts an election (at least 1). `None` for the leader.
+    pub fn ticks_until_election(&self) -> Option<usize> {
+        let raft = &self.raw.raft;
+        (raft.state != StateRole::Leader)
+            .then(|| raft.randomized_election_timeout().saturating_sub(raft.election_elapsed).max(1))
+    }
+
     /// As leader: how many ticks until the next heartbeat round (at least 1).
     pub fn ticks_until_heartbeat(&self) -> usize {
         self.config.heartbeat_tick.saturating_sub(self.raw.raft.heartbeat_elapsed()).max(1)
@@ -540,6 +548,12 @@ impl Core {
         self.raw.propose_conf_change(id.encode(self.term()), cc).map_err(|_| ProposeError::Dropped)?;
         self.track(id);
         Ok(id)
+    }
+
+    /// A membership change is proposed and not yet applied: raft-rs takes
+    /// one at a time, and turns another into an empty entry (dropped).
+    pub fn has_pending_conf(&self) -> bool {
+        self.raw.raft.has_pending_conf()
     }
 
     fn track(&mut self, id: ProposalId) {

@@ -180,3 +180,18 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn only_the_process_runtime_spaces_out_fence_passes_that_find_nothing_after_the_first_second() {
+    let (p, s) = (RuntimeKind::Process, RuntimeKind::Systemd);
+    // The fence's first second: every check passes, found or not.
+    assert_eq!(next_pass_ms(p, 10_000, 10_000, Some(0)), 0);
+    assert_eq!(next_pass_ms(p, 10_000, 10_999, Some(0)), 0);
+    // Then a pass that found nothing waits a second; one that found a
+    // guest, or could not list them, does not.
+    assert_eq!(next_pass_ms(p, 10_000, 11_000, Some(0)), 11_000 + PROCESS_IDLE_PASS_MS);
+    assert_eq!(next_pass_ms(p, 10_000, 11_000, Some(1)), 0);
+    assert_eq!(next_pass_ms(p, 10_000, 11_000, None), 0);
+    // systemd's guard passes at every check.
+    assert_eq!(next_pass_ms(s, 10_000, 60_000, Some(0)), 0);
+}

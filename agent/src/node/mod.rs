@@ -174,6 +174,8 @@ enum Input {
         /// frame's messages are stepped, and only for a time not later than
         /// this host's clock.
         confirmation: Option<Contact>,
+        /// When it was queued for the raft thread.
+        queued: Instant,
     },
     SnapshotReport {
         peer: NodeId,
@@ -184,6 +186,16 @@ enum Input {
     /// Hand leadership to another voter before a clean stop.
     StepDown,
     Shutdown,
+}
+
+impl Input {
+    /// When a peer's frame was queued for the raft thread.
+    fn queued(&self) -> Option<Instant> {
+        match self {
+            Input::Raft { queued, .. } => Some(*queued),
+            _ => None,
+        }
+    }
 }
 
 /// Tunables of the node shell.
@@ -451,6 +463,7 @@ impl Node {
             status: status_tx,
             effects,
             proposals: BTreeMap::new(),
+            waiting_changes: VecDeque::new(),
             reads: BTreeMap::new(),
             waiting_reads: VecDeque::new(),
             next_read: 0,
@@ -602,7 +615,8 @@ impl NodeHandle {
     /// table (`crate::trust`) before raft-rs sees it. Dropped when the
     /// queue is full: Raft retransmits.
     pub fn step(&self, from: NodeId, messages: Vec<Message>) {
-        let _ = self.submit(Input::Raft { from, sent_at_ms: None, messages, confirmation: None });
+        let _ =
+            self.submit(Input::Raft { from, sent_at_ms: None, messages, confirmation: None, queued: Instant::now() });
     }
 
     /// Feeds a frame from peer `from`, which it sent at `sent_at_ms` on its
@@ -613,7 +627,7 @@ impl NodeHandle {
     /// the current leader (see `Input::Raft`).
     pub fn step_frame(&self, from: NodeId, sent_at_ms: u64, messages: Vec<Message>, confirmation: Option<Contact>) {
         let sent_at_ms = (sent_at_ms != 0).then_some(sent_at_ms);
-        let _ = self.submit(Input::Raft { from, sent_at_ms, messages, confirmation });
+        let _ = self.submit(Input::Raft { from, sent_at_ms, messages, confirmation, queued: Instant::now() });
     }
 
     /// How old this host's newest quorum contact (confirmed by the leader,
@@ -767,8 +781,61 @@ impl Transport for SenderTransport<'_> {
 
 /// Ticks a removed member sleeps between looking at its inputs.
 const IDLE_TICKS: usize = 20;
+/// The most membership changes a leader keeps waiting for the one in flight.
+const WAITING_CHANGES_MAX: usize = 256;
 /// The most ticks delivered at once after the raft thread was held up.
 const CATCH_UP_TICKS_MAX: usize = 100;
+
+/// The raft thread's clock: the ticks of `tick` that passed since `last`,
+/// the end of the last tick delivered.
+struct TickClock {
+    tick: Duration,
+    last: Instant,
+}
+
+impl TickClock {
+    /// Takes the whole ticks that passed by `until` (none when `until` is
+    /// earlier); after a stall of more than [`CATCH_UP_TICKS_MAX`] ticks,
+    /// that many, and the rest of the time is dropped.
+    fn take(&mut self, until: Instant) -> usize {
+        let passed = (until.saturating_duration_since(self.last).as_nanos() / self.tick.as_nanos().max(1)) as usize;
+        if passed > CATCH_UP_TICKS_MAX {
+            self.last = until;
+            CATCH_UP_TICKS_MAX
+        } else {
+            self.last += self.tick * passed as u32;
+            passed
+        }
+    }
+
+    /// Drops the time that passed by `until`: the next tick ends a whole
+    /// tick after it.
+    fn skip_to(&mut self, until: Instant) {
+        self.last = self.last.max(until);
+    }
+}
+
+/// One turn of the raft thread's loop.
+#[derive(Default)]
+struct Turn {
+    /// The thread runs a tick or more later than it should have (an
+    /// overloaded host, a suspended process), and the turn before did not
+    /// hold: the leader's heartbeats that came meanwhile may still be on
+    /// their way through this agent (its transport's threads were held up
+    /// too), so the tick that would start an election waits for the next
+    /// turn, a tick later. Once: the next turn delivers it whatever
+    /// happens, so an election is delayed by at most a turn after the
+    /// thread catches up. The leader holds nothing back: its heartbeats
+    /// must go out, and its quorum check already sees the answers that
+    /// came before it (ticks and messages reach raft-rs in order).
+    hold: bool,
+    /// An election's tick was held back.
+    held: bool,
+    /// Time passed: at least one tick.
+    ticked: bool,
+    /// One of them was the leader's heartbeat.
+    beat: bool,
+}
 
 struct PendingRead {
     f: ReadFn,
@@ -792,6 +859,9 @@ struct RaftThread {
     status: watch::Sender<NodeStatus>,
     effects: broadcast::Sender<AppliedEffect>,
     proposals: BTreeMap<ProposalId, (ProposalReply, Instant)>,
+    /// As leader: membership changes waiting for the one in flight, in
+    /// order, with their deadlines (see `propose_membership`).
+    waiting_changes: VecDeque<(MembershipChange, ProposalReply, Instant)>,
     /// Reads waiting for their read index: context -> read.
     reads: BTreeMap<u64, PendingRead>,
     /// Reads whose index is known, waiting for the applied index.
@@ -826,7 +896,9 @@ impl RaftThread {
         let tick = self.options.tick;
         // Leader duties run every check interval: the leader wakes for them.
         let duty_ticks = self.duties.check_interval_ms().div_ceil(tick.as_millis().max(1) as u64).max(1) as usize;
-        let mut last_tick = Instant::now();
+        let mut clock = TickClock { tick, last: Instant::now() };
+        // The last turn held back a tick that acts on silence.
+        let mut held = false;
         loop {
             // Sleep until a tick would do something (a heartbeat, a quorum
             // check, an election, the leader's duties) or an input comes, not
@@ -838,51 +910,52 @@ impl RaftThread {
             } else {
                 self.core.ticks_until_due()
             };
-            let wake_at = last_tick + tick * due as u32;
+            let wake_at = clock.last + tick * due as u32;
+            let mut turn = Turn::default();
             match rx.recv_timeout(wake_at.saturating_duration_since(Instant::now())) {
                 Ok(Input::Shutdown) => return self.core.write_state(),
                 Ok(input) => {
-                    self.handle(input);
+                    let now = Instant::now();
+                    // Behind: this thread runs a tick or more later than it
+                    // should have (the host is overloaded, or it was
+                    // suspended). See `Turn::hold`.
+                    let expected = input.queued().map_or(wake_at, |q| q.min(wake_at));
+                    turn.hold = !held && now.saturating_duration_since(expected) >= tick;
+                    self.tick_then_handle(&mut clock, &mut turn, input);
                     // Batch: take everything already queued.
                     while let Ok(input) = rx.try_recv() {
                         if matches!(input, Input::Shutdown) {
                             self.process_ready()?;
                             return self.core.write_state();
                         }
-                        self.handle(input);
+                        self.tick_then_handle(&mut clock, &mut turn, input);
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    turn.hold = !held && Instant::now().saturating_duration_since(wake_at) >= tick;
+                }
                 Err(RecvTimeoutError::Disconnected) => return self.core.write_state(),
             }
             let now = Instant::now();
-            // The ticks that passed, delivered now (at most a bounded number
-            // after a long stall, such as a suspended process).
-            let passed = (now.saturating_duration_since(last_tick).as_nanos() / tick.as_nanos().max(1)) as usize;
-            let ticked = passed > 0;
-            if ticked {
-                if passed > CATCH_UP_TICKS_MAX {
-                    last_tick = now;
-                } else {
-                    last_tick += tick * passed as u32;
+            self.deliver_ticks(&mut clock, &mut turn, now);
+            held = turn.held;
+            if turn.ticked && !self.removed {
+                // Each heartbeat round also confirms every member's
+                // quorum contact: its read index goes out with it.
+                if turn.beat && self.core.is_leader() {
+                    let ctx = self.rounds.ask(crate::clock::monotonic_ms());
+                    self.core.read_index(ctx);
                 }
-                if !self.removed {
-                    let beat = self.core.is_leader() && passed >= self.core.ticks_until_heartbeat();
-                    for _ in 0..passed.min(CATCH_UP_TICKS_MAX) {
-                        self.core.tick();
-                    }
-                    // Each heartbeat round also confirms every member's
-                    // quorum contact: its read index goes out with it.
-                    if beat && self.core.is_leader() {
-                        let ctx = self.rounds.ask(crate::clock::monotonic_ms());
-                        self.core.read_index(ctx);
-                    }
-                    self.leader_duties();
-                }
+                self.leader_duties();
+            }
+            if turn.ticked {
                 self.expire(now);
             }
             self.process_ready()?;
-            if ticked {
+            if self.propose_waiting_change() {
+                self.process_ready()?;
+            }
+            if turn.ticked {
                 // The applied state `process_ready` deferred, at most a tick
                 // behind the log (see `consensus`).
                 if let Err(e) = self.core.write_state() {
@@ -891,6 +964,50 @@ impl RaftThread {
                     return Err(e);
                 }
             }
+        }
+    }
+
+    /// Handles `input` after the ticks that passed before it was queued:
+    /// ticks and peer messages reach raft-rs in the order they happened, so
+    /// a heartbeat that waited in the queue resets the election timeout
+    /// after the ticks before it, not before them.
+    fn tick_then_handle(&mut self, clock: &mut TickClock, turn: &mut Turn, input: Input) {
+        if let Some(queued) = input.queued() {
+            self.deliver_ticks(clock, turn, queued);
+        }
+        self.handle(input);
+    }
+
+    /// Delivers the ticks that passed by `until` (at most
+    /// [`CATCH_UP_TICKS_MAX`]). In a turn that holds ([`Turn::hold`]) a
+    /// member that does not lead stops before the tick that would start
+    /// its election and drops the time left.
+    fn deliver_ticks(&mut self, clock: &mut TickClock, turn: &mut Turn, until: Instant) {
+        let passed = clock.take(until);
+        if passed == 0 {
+            return;
+        }
+        turn.ticked = true;
+        if self.removed {
+            return;
+        }
+        let mut ticks = passed;
+        if turn.hold
+            && let Some(election) = self.core.ticks_until_election()
+            && ticks >= election
+        {
+            tracing::debug!(
+                passed,
+                election,
+                "the raft thread runs late: an election waits a tick for heartbeats on their way"
+            );
+            ticks = election - 1;
+            clock.skip_to(until);
+            turn.held = true;
+        }
+        turn.beat |= self.core.is_leader() && ticks >= self.core.ticks_until_heartbeat();
+        for _ in 0..ticks {
+            self.core.tick();
         }
     }
 
@@ -943,7 +1060,7 @@ impl RaftThread {
                 let now = Instant::now();
                 self.reads.insert(ctx, PendingRead { f, deadline: now + self.options.request_timeout, asked: now });
             }
-            Input::Raft { from, sent_at_ms, messages, confirmation } => {
+            Input::Raft { from, sent_at_ms, messages, confirmation, .. } => {
                 let now_ms = crate::clock::monotonic_ms();
                 if let Some(sent_at_ms) = sent_at_ms {
                     self.rounds.heard(from, sent_at_ms);
@@ -1034,12 +1151,53 @@ impl RaftThread {
             }
             return;
         }
-        match self.core.propose_membership(&change, now_unix_ms()) {
+        let deadline = Instant::now() + self.options.request_timeout;
+        // raft-rs takes one membership change at a time and drops another
+        // proposed before it applies: a host joining while others do (a
+        // fleet booting at once) would be refused and back off. The leader
+        // queues them instead and proposes each once the one before applied.
+        if self.core.is_leader() && (self.core.has_pending_conf() || !self.waiting_changes.is_empty()) {
+            if self.waiting_changes.len() >= WAITING_CHANGES_MAX {
+                reply(Err(NodeError::Overloaded), self.core.state());
+            } else {
+                self.waiting_changes.push_back((change, reply, deadline));
+            }
+            return;
+        }
+        self.propose_membership_now(&change, reply, deadline);
+    }
+
+    fn propose_membership_now(&mut self, change: &MembershipChange, reply: ProposalReply, deadline: Instant) {
+        match self.core.propose_membership(change, now_unix_ms()) {
             Ok(id) => {
-                self.proposals.insert(id, (reply, Instant::now() + self.options.request_timeout));
+                self.proposals.insert(id, (reply, deadline));
             }
             Err(e) => reply(Err(self.propose_error(e)), self.core.state()),
         }
+    }
+
+    /// Proposes the first waiting membership change once none is in
+    /// flight; a member that no longer leads sends them all back (their
+    /// proposers ask the new leader). Whether it proposed one.
+    fn propose_waiting_change(&mut self) -> bool {
+        if self.waiting_changes.is_empty() {
+            return false;
+        }
+        if !self.core.is_leader() {
+            for (_, reply, _) in std::mem::take(&mut self.waiting_changes) {
+                reply(
+                    Err(self.propose_error(ProposeError::NotLeader { leader: self.core.leader() })),
+                    self.core.state(),
+                );
+            }
+            return false;
+        }
+        if self.core.has_pending_conf() {
+            return false;
+        }
+        let Some((change, reply, deadline)) = self.waiting_changes.pop_front() else { return false };
+        self.propose_membership_now(&change, reply, deadline);
+        true
     }
 
     /// The voter a leader hands leadership to: the most up-to-date other
@@ -1076,6 +1234,14 @@ impl RaftThread {
             if let Some((reply, _)) = self.proposals.remove(&id) {
                 self.core.forget(id);
                 reply(Err(NodeError::Timeout), self.core.state());
+            }
+        }
+        // Never proposed: not applied.
+        while let Some((_, _, deadline)) = self.waiting_changes.front()
+            && *deadline <= now
+        {
+            if let Some((_, reply, _)) = self.waiting_changes.pop_front() {
+                reply(Err(NodeError::Overloaded), self.core.state());
             }
         }
         let expired: Vec<u64> = self.reads.iter().filter(|(_, r)| r.deadline <= now).map(|(k, _)| *k).collect();
@@ -1248,5 +1414,31 @@ impl RaftThread {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tick_clock_takes_whole_ticks_keeps_the_fraction_and_drops_long_stalls() {
+        let start = Instant::now();
+        let tick = Duration::from_millis(25);
+        let mut clock = TickClock { tick, last: start };
+        assert_eq!(clock.take(start + Duration::from_millis(24)), 0);
+        assert_eq!(clock.take(start + Duration::from_millis(60)), 2);
+        // The 10 ms past the second tick count towards the third.
+        assert_eq!(clock.take(start + Duration::from_millis(75)), 1);
+        // An earlier instant (a frame queued before the last tick) takes none.
+        assert_eq!(clock.take(start + Duration::from_millis(30)), 0);
+        // A stall of more than CATCH_UP_TICKS_MAX ticks: that many, the rest dropped.
+        let late = start + tick * (CATCH_UP_TICKS_MAX as u32 + 50);
+        assert_eq!(clock.take(late), CATCH_UP_TICKS_MAX);
+        assert_eq!(clock.take(late + Duration::from_millis(24)), 0);
+        // Held back: the time so far is dropped, the next tick ends a tick later.
+        clock.skip_to(late + Duration::from_millis(40));
+        assert_eq!(clock.take(late + Duration::from_millis(64)), 0);
+        assert_eq!(clock.take(late + Duration::from_millis(65)), 1);
     }
 }
