@@ -83,6 +83,25 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// Raft ticks of `tick_ms` (the default: 25), with the failure timing
+    /// the agent's rules then require (`failure::Timing::validate`,
+    /// docs/config.md): a host fences after the longest election (24 ticks
+    /// with the default 12 election ticks) and 5 heartbeats (20 ticks), and
+    /// the leader reschedules once that fence is certainly done; never
+    /// shorter than the defaults (which 25 ms ticks give).
+    pub fn with_tick_ms(mut self, tick_ms: u64) -> Options {
+        let fence = (44 * tick_ms).max(1500);
+        let fenced_by = fence + 100 + 250;
+        let reschedule = (fenced_by * 101).div_ceil(99).div_ceil(100) * 100;
+        self.tick_ms = tick_ms;
+        self.extra.push_str(&format!(
+            "\n[timing]\nfence_after_ms = {fence}\nreschedule_after_ms = {reschedule}\nnode_down_after_ms = {fence}\n"
+        ));
+        self
+    }
+}
+
 /// What a test client presents and verifies agents with.
 #[derive(Clone)]
 pub struct ClientCredentials {

@@ -42,6 +42,9 @@ const PLACE_TIMEOUT: Duration = Duration::from_secs(300);
 /// defaults aim at 5 s; generous for a loaded machine).
 const FAILOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// `raft.tick_ms` of the 100 agents (see the test).
+const SCALE_TICK_MS: u64 = 100;
+
 /// Pause between two scans for copies on two hosts. A handover takes
 /// `reschedule_after - fence_after` (over a second by default): an overlap
 /// that long cannot fall between two scans.
@@ -239,7 +242,12 @@ fn lose(
 #[ignore = "100 agents do not form yet on a loaded 2-core machine: the 5 voters' leadership flaps (60 elections in 3 minutes, BENCHMARKS.md, issue 21c); run with --ignored"]
 fn a_hundred_agents_run_ten_thousand_vms_and_survive_losing_a_voter_and_a_non_voter() -> Result<()> {
     let started = Instant::now();
-    let options = Options { vcpu: 1024, ..Options::default() };
+    // Raft ticks of 100 ms, not 25 (with the failure timing scaled, see
+    // `Options::with_tick_ms`): 100 agents share this machine's 2 cores, and
+    // a voter's raft thread measured 1.4 s late at p99 while the VMs were
+    // placed (BENCHMARKS.md, issue 21c), beyond the 300..600 ms election
+    // timeout of 25 ms ticks; a real host has its own cores.
+    let options = Options { vcpu: 1024, ..Options::default() }.with_tick_ms(SCALE_TICK_MS);
     let mut cluster = Cluster::configure_joined("scale", AGENTS, INITIAL, options)?;
     for host in 0..AGENTS {
         cluster.install_shared_runners(host, &runners_of(host))?;

@@ -122,6 +122,11 @@ enum Cmd {
         /// Seconds of idle sampling.
         #[arg(long, default_value_t = 20.0)]
         idle_seconds: f64,
+        /// `raft.tick_ms` of the many agents (the failure timing scaled
+        /// with it, see `Options::with_tick_ms`); the 3-member cluster
+        /// compared against keeps the default.
+        #[arg(long, default_value_t = 25)]
+        tick_ms: u64,
     },
 }
 
@@ -718,9 +723,9 @@ fn wait_moved(cluster: &Cluster, vms: &[String], lost: usize, since: Instant) ->
     })
 }
 
-fn scale(agents: usize, vms: usize, clients: usize, seconds: f64, idle_seconds: f64) -> Result<()> {
+fn scale(agents: usize, vms: usize, clients: usize, seconds: f64, idle_seconds: f64, tick_ms: u64) -> Result<()> {
     let rt = runtime()?;
-    let options = Options { vcpu: 4096, ..Options::default() };
+    let options = Options { vcpu: 4096, ..Options::default() }.with_tick_ms(tick_ms);
     let mut cluster = Cluster::configure_joined("scale", agents, 3, options)?;
     // VM i's runner on hosts i, i + 1 and i + 2 (mod agents).
     let names: Vec<String> = (0..vms).map(vm_name).collect();
@@ -844,14 +849,17 @@ fn main() -> Result<()> {
         }
         Cmd::Idle { seconds, settle_seconds, skip_etcd } => idle(seconds, settle_seconds, skip_etcd),
         Cmd::Restart { vms, trials, clients, idle_seconds } => restart(vms, trials, clients, idle_seconds),
-        Cmd::Scale { agents, vms, clients, seconds, idle_seconds } => {
+        Cmd::Scale { agents, vms, clients, seconds, idle_seconds, tick_ms } => {
             if !(4..=blixard_systests::cluster::AGENTS_MAX).contains(&agents) || clients == 0 || vms < agents {
                 bail!(
                     "--agents must be 4 to {}, --clients above 0 and --vms at least --agents",
                     blixard_systests::cluster::AGENTS_MAX
                 );
             }
-            scale(agents, vms, clients, seconds, idle_seconds)
+            if !(10..=1000).contains(&tick_ms) {
+                bail!("--tick-ms must be 10 to 1000");
+            }
+            scale(agents, vms, clients, seconds, idle_seconds, tick_ms)
         }
     }
 }
