@@ -60,7 +60,8 @@ fn runners_of(host: usize) -> Vec<String> {
 }
 
 /// Creates every VM from [`CLIENTS`] concurrent clients; an answer that
-/// leaves the outcome open (timed out, leader changed) is retried, and
+/// leaves the outcome open (timed out, leader changed) or says it was not
+/// applied (dropped by a leader change: `Aborted`) is retried, and
 /// "already exists" after a retry means the first attempt went through.
 fn create_all(cluster: &Cluster) -> Result<()> {
     let clients: Vec<_> = (0..CLIENTS).map(|c| cluster.client(c * AGENTS / CLIENTS)).collect();
@@ -80,8 +81,10 @@ fn create_all(cluster: &Cluster) -> Result<()> {
                                 Ok(_) => break,
                                 Err(e) if retried && e.code() == Code::AlreadyExists => break,
                                 Err(e)
-                                    if matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded)
-                                        && tokio::time::Instant::now() < deadline =>
+                                    if matches!(
+                                        e.code(),
+                                        Code::Unavailable | Code::DeadlineExceeded | Code::Aborted
+                                    ) && tokio::time::Instant::now() < deadline =>
                                 {
                                     retried = true;
                                     tokio::time::sleep(Duration::from_millis(100)).await;
