@@ -403,7 +403,7 @@ in
     openFirewall = mkOption {
       type = types.bool;
       default = false;
-      description = "Open {option}`port` in the firewall (the metrics listener only with {option}`metrics.openFirewall`).";
+      description = "Open {option}`port` in the firewall, TCP (gRPC) and UDP (the peers' QUIC datagram path); the metrics listener only with {option}`metrics.openFirewall`.";
     };
 
     dataDir = mkOption {
@@ -838,6 +838,9 @@ in
     networking.firewall.allowedTCPPorts =
       lib.optional cfg.openFirewall cfg.port
       ++ lib.optional (cfg.metrics.openFirewall && cfg.metricsListenAddress != null) metricsPort;
+    # The peers' second path (QUIC datagrams for heartbeats and quorum
+    # contact) is on the gRPC port number over UDP.
+    networking.firewall.allowedUDPPorts = lib.optional cfg.openFirewall cfg.port;
 
     users.users.blixard = {
       isSystemUser = true;

@@ -34,6 +34,7 @@ use tokio::task::JoinHandle;
 use tonic::Code;
 use tonic::transport::Server;
 
+use crate::api::datagram::{self, DatagramPath};
 use crate::api::context::{Context, ContextControl, Dialer, GRPC_MESSAGE_BYTES_MAX, JoinRequest, Membership};
 use crate::api::gate::Gate;
 use crate::api::pb;
@@ -150,6 +151,7 @@ pub async fn run(
         }
     };
     let dialer = credentials.clone().map_or_else(Dialer::plain, Dialer::tls);
+    let datagrams = credentials.as_deref().and_then(|credentials| bind_datagrams(&listener, credentials));
     let runtime = crate::runtime::open(config.runtime, &config.state_dir, config.start_timeout).await.map_err(|e| {
         anyhow!(
             "cannot start the {} runtime: {e}",
@@ -196,6 +198,14 @@ pub async fn run(
         tracing::info!(%address, "serving health, metrics and the dashboard over HTTP");
     }
     let builder = server_builder(credentials.as_deref())?;
+    if let Some(path) = &datagrams {
+        let service = Arc::new(PeerService::new(context.clone()));
+        let accept: datagram::Accept = Arc::new(move |speaker, batch| {
+            let service = service.clone();
+            Box::pin(async move { service.accept_batch(&speaker, batch).await })
+        });
+        tokio::spawn(datagram::serve(path.clone(), accept, server_stopped.clone()));
+    }
     let mut server = tokio::spawn(serve(builder, listener, context.clone(), server_stopped));
     tracing::info!(
         name = %config.node_name,
@@ -209,8 +219,17 @@ pub async fn run(
         "serving"
     );
 
-    let mut agent =
-        Agent { config: config.clone(), context, control, member: None, reporter: None, runtime, metrics, events };
+    let mut agent = Agent {
+        config: config.clone(),
+        context,
+        control,
+        member: None,
+        reporter: None,
+        runtime,
+        metrics,
+        events,
+        datagrams,
+    };
     let outcome = agent.run(store, known_peers, &mut server, shutdown).await;
 
     notify(sd_notify::NotifyState::Stopping);
@@ -224,6 +243,23 @@ pub async fn run(
     node_result.map_err(|e| anyhow!("the store failed while stopping: {e}"))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The peers' datagram path on the gRPC listener's port over UDP
+/// (`api::datagram`); `None`, with one warning, when it cannot be set up:
+/// peer traffic then goes over TCP alone.
+fn bind_datagrams(listener: &TcpListener, credentials: &Credentials) -> Option<Arc<DatagramPath>> {
+    let at = listener.local_addr().ok()?;
+    match DatagramPath::bind(at, credentials) {
+        Ok(path) => Some(Arc::new(path)),
+        Err(error) => {
+            tracing::warn!(
+                error,
+                "no datagram path for peer traffic: it goes over TCP alone, which packet loss delays more"
+            );
+            None
+        }
+    }
 }
 
 /// What an agent's start takes until it renews its quorum contact, at most,
@@ -474,6 +510,8 @@ struct Agent {
     runtime: Arc<dyn crate::runtime::Runtime>,
     metrics: Arc<Metrics>,
     events: Arc<EventLog>,
+    /// The peers' second path for small messages, if UDP could be bound.
+    datagrams: Option<Arc<DatagramPath>>,
 }
 
 impl Agent {
@@ -743,8 +781,13 @@ impl Agent {
         })?;
         let addresses = AddressBook::default();
         let me = Sender { id: identity.id, cluster_id: identity.cluster_id, address: self.context.address.clone() };
-        let (transport, link) =
-            PeerTransport::new(me, addresses.clone(), self.context.dialer.clone(), tokio::runtime::Handle::current());
+        let (transport, link) = PeerTransport::new(
+            me,
+            addresses.clone(),
+            self.context.dialer.clone(),
+            self.datagrams.clone(),
+            tokio::runtime::Handle::current(),
+        );
         let raft = &self.config.raft;
         let options = NodeOptions {
             tick: Duration::from_millis(raft.tick_ms),

@@ -376,11 +376,29 @@ fn peer_traffic_is_bound_to_member_certificates() {
 
         // No certificate, or one from another CA: no connection at all.
         assert!(refused(c.channel(0, &c.read("ca.pem"), None).await).await);
+
+        // The datagram path (QUIC on the gRPC port over UDP) binds the
+        // sender to its certificate the same way: h2 speaking as h3 is
+        // refused (its heartbeat's term would depose the leader: checked
+        // below).
+        let tls = blixard::config::Tls {
+            ca_file: c.file("ca.pem"),
+            cert_file: c.file("h2.pem"),
+            key_file: c.file("h2.key"),
+        };
+        let credentials = blixard::api::tls::Credentials::load_tls(&tls, "h2").unwrap();
+        let path = blixard::api::datagram::DatagramPath::bind("127.0.0.1:0".parse().unwrap(), &credentials).unwrap();
+        let quic = path.connect(c.address(0)).await.expect("h2 opens a datagram connection");
+        quic.send_datagram(prost::Message::encode_to_vec(&batch(h3, vec![heartbeat(h3)])).into()).unwrap();
+        c.wait_until("agent 0 to refuse the forged datagram", |c| {
+            c.logs().contains("refused a datagram batch") && c.logs().contains("cannot speak for member")
+        });
     });
-    // The forged heartbeat deposed nobody: the cluster still answers and
-    // still has its three members.
+    // The forged heartbeats deposed nobody: the cluster still answers,
+    // still has its three members, and its term is not the forger's.
     let status: Value = c.cli(&["cluster", "status", "--json"]).json();
     assert_eq!(status["members"].as_array().unwrap().len(), 3, "{status}");
+    assert!(status["term"].as_u64().unwrap() < 1_000_000, "{status}");
 }
 
 /// Whether a connection attempt failed, or its first call was refused

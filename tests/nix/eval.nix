@@ -916,20 +916,31 @@ let
     };
 
     testFirewallClosedByDefault = {
-      expr = (evalHost [ base ]).networking.firewall.allowedTCPPorts;
+      expr = with (evalHost [ base ]).networking.firewall; allowedTCPPorts ++ allowedUDPPorts;
       expected = [ ];
     };
 
+    # TCP for gRPC, UDP for the peers' datagram path, both on the one port.
     testOpenFirewallOpensTheAgentPortOnly = {
       expr =
-        (evalHost [
-          base
-          {
-            services.blixard.openFirewall = true;
-            services.blixard.metricsListenAddress = "0.0.0.0:9464";
-          }
-        ]).networking.firewall.allowedTCPPorts;
-      expected = [ 7000 ];
+        let
+          firewall =
+            (evalHost [
+              base
+              {
+                services.blixard.openFirewall = true;
+                services.blixard.metricsListenAddress = "0.0.0.0:9464";
+              }
+            ]).networking.firewall;
+        in
+        {
+          tcp = firewall.allowedTCPPorts;
+          udp = firewall.allowedUDPPorts;
+        };
+      expected = {
+        tcp = [ 7000 ];
+        udp = [ 7000 ];
+      };
     };
 
     testMetricsOpenFirewallOpensTheMetricsPort = {

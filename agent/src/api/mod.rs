@@ -2,6 +2,7 @@
 //! API service. Only this module knows tonic and protobuf wire types.
 //!
 //! - `context`: what both services share; routing of requests to the leader.
+//! - `datagram`: the peers' second path, QUIC datagrams for small Raft messages.
 //! - `gate`: every request's speaker and call, judged by `trust` before any handler runs.
 //! - `peer`: the raft transport (client and `Peer` service), admission.
 //! - `service`: the client API (`Blixard` service).
@@ -9,6 +10,7 @@
 //! - `tls`: mutual TLS settings, and the identity a certificate carries.
 
 pub mod context;
+pub mod datagram;
 pub mod gate;
 pub mod join;
 pub mod peer;

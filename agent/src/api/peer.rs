@@ -14,6 +14,13 @@
 //! loses what was in it, tells Raft the peer is unreachable (so the leader
 //! stops pipelining to it) and backs off before the next.
 //!
+//! The small, loss-tolerant messages (heartbeats and their answers, votes,
+//! append acknowledgements, read-index traffic) and the quorum-contact
+//! confirmations also go as QUIC datagrams when this agent has a datagram
+//! path (`api::datagram`): one task per peer drains a second queue onto its
+//! QUIC connection, so a TCP stream stalled by packet loss delays neither
+//! heartbeats nor contact.
+//!
 //! Snapshots travel separately, streamed in [`SNAPSHOT_CHUNK_BYTES`] chunks
 //! through `Peer.Snapshot`, and their outcome is always reported with
 //! `report_snapshot`: a leader that never hears back keeps the follower in
@@ -40,6 +47,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::datagram::{self, DatagramPath};
 use super::context::{ApiError, Context, Dialer, GRPC_MESSAGE_BYTES_MAX, Membership, Remote, is_forwarded};
 use super::gate::speaker;
 use super::pb;
@@ -81,6 +89,16 @@ const SNAPSHOT_RECEIVE_TIMEOUT: Duration = SNAPSHOT_CALL_TIMEOUT;
 /// ... or when its next chunk takes longer than this (a stalled sender
 /// must not hold the one slot for snapshots).
 const SNAPSHOT_CHUNK_TIMEOUT: Duration = Duration::from_secs(15);
+/// Messages queued for one peer's datagrams before the oldest are dropped
+/// (they are copies: the gRPC queue has them too).
+const DATAGRAM_QUEUE_MAX: usize = 1024;
+/// Pause after a failed QUIC dial, doubled up to the max while failures go
+/// on (what is queued meanwhile is dropped: gRPC carries it).
+const DATAGRAM_REDIAL_MIN: Duration = Duration::from_millis(200);
+const DATAGRAM_REDIAL_MAX: Duration = Duration::from_secs(5);
+/// A peer unreachable over UDP for this long, while it is dialled, is
+/// warned about once (a peer still starting is not).
+const DATAGRAM_WARN_AFTER: Duration = Duration::from_secs(10);
 /// Pause after a failed send, doubled up to the max while failures go on.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Short: a restarted peer hears nothing from us until the pause ends (at
@@ -101,12 +119,19 @@ struct PeerQueue {
     /// A confirmation of the peer's quorum contact, to ride the next batch.
     confirmation: Mutex<Option<Contact>>,
     ready: Notify,
+    /// Copies of the messages that also go as datagrams, and the
+    /// confirmation for the next datagram.
+    datagrams: Mutex<VecDeque<Message>>,
+    datagram_confirmation: Mutex<Option<Contact>>,
+    datagram_ready: Notify,
 }
 
 struct Shared {
     me: Sender,
     addresses: AddressBook,
     dialer: Dialer,
+    /// The second path for small messages, if this agent has one.
+    datagrams: Option<Arc<DatagramPath>>,
     /// The node to report to; set once it runs (the raft thread may send
     /// before `Node::start` has returned its handle).
     node: watch::Receiver<Option<NodeHandle>>,
@@ -153,15 +178,18 @@ impl TransportLink {
 }
 
 impl PeerTransport {
-    /// A transport whose tasks run on `runtime`.
+    /// A transport whose tasks run on `runtime`; small messages go as
+    /// datagrams on `datagrams` too, if given.
     pub fn new(
         me: Sender,
         addresses: AddressBook,
         dialer: Dialer,
+        datagrams: Option<Arc<DatagramPath>>,
         runtime: tokio::runtime::Handle,
     ) -> (Self, TransportLink) {
         let (node_tx, node_rx) = watch::channel(None);
-        let shared = Arc::new(Shared { me, addresses, dialer, node: node_rx, closed: AtomicBool::new(false) });
+        let shared =
+            Arc::new(Shared { me, addresses, dialer, datagrams, node: node_rx, closed: AtomicBool::new(false) });
         (PeerTransport { shared, peers: BTreeMap::new(), runtime }, TransportLink(node_tx))
     }
 
@@ -171,8 +199,14 @@ impl PeerTransport {
                 messages: Mutex::new(VecDeque::new()),
                 confirmation: Mutex::new(None),
                 ready: Notify::new(),
+                datagrams: Mutex::new(VecDeque::new()),
+                datagram_confirmation: Mutex::new(None),
+                datagram_ready: Notify::new(),
             });
             self.runtime.spawn(run_peer(self.shared.clone(), peer, queue.clone()));
+            if let Some(path) = &self.shared.datagrams {
+                self.runtime.spawn(run_datagrams(self.shared.clone(), path.clone(), peer, queue.clone()));
+            }
             queue
         });
         queue.clone()
@@ -193,6 +227,17 @@ impl PeerSender for PeerTransport {
             return;
         }
         let queue = self.queue(to);
+        if self.shared.datagrams.is_some() {
+            let small: Vec<Message> = plain.iter().filter(|m| datagram::rides_datagrams(m)).cloned().collect();
+            if !small.is_empty() {
+                let mut queued = queue.datagrams.lock().unwrap_or_else(|e| e.into_inner());
+                queued.extend(small);
+                let excess = queued.len().saturating_sub(DATAGRAM_QUEUE_MAX);
+                queued.drain(..excess);
+                drop(queued);
+                queue.datagram_ready.notify_one();
+            }
+        }
         {
             let mut queued = queue.messages.lock().unwrap_or_else(|e| e.into_inner());
             queued.extend(plain);
@@ -209,8 +254,10 @@ impl PeerSender for PeerTransport {
     /// frame of its own would cost what confirming saves.
     fn confirm_contact(&mut self, to: NodeId, contact: Contact) {
         let queue = self.queue(to);
-        let mut confirmation = queue.confirmation.lock().unwrap_or_else(|e| e.into_inner());
-        *confirmation = Some(confirmation.map_or(contact, |v| v.max(contact)));
+        for slot in [&queue.confirmation, &queue.datagram_confirmation] {
+            let mut confirmation = slot.lock().unwrap_or_else(|e| e.into_inner());
+            *confirmation = Some(confirmation.map_or(contact, |v| v.max(contact)));
+        }
     }
 }
 
@@ -219,6 +266,7 @@ impl Drop for PeerTransport {
         self.shared.closed.store(true, Ordering::SeqCst);
         for queue in self.peers.values() {
             queue.ready.notify_one();
+            queue.datagram_ready.notify_one();
         }
     }
 }
@@ -343,6 +391,101 @@ async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
                 shared.report_unreachable(peer);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Sends `peer`'s queued datagram copies until the transport is dropped, on
+/// one QUIC connection, dialled again when it closes. Best effort: what
+/// cannot go now is dropped (gRPC carries it), and a peer unreachable over
+/// UDP for [`DATAGRAM_WARN_AFTER`] is warned about once until it answers.
+async fn run_datagrams(shared: Arc<Shared>, path: Arc<DatagramPath>, peer: NodeId, queue: Arc<PeerQueue>) {
+    let mut connection: Option<(String, quinn::Connection)> = None;
+    let mut redial_at: Option<tokio::time::Instant> = None;
+    let mut backoff = DATAGRAM_REDIAL_MIN;
+    let mut failing_since: Option<Instant> = None;
+    let mut warned = false;
+    let drop_queued = |queue: &PeerQueue| {
+        queue.datagrams.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        queue.datagram_confirmation.lock().unwrap_or_else(|e| e.into_inner()).take();
+    };
+    loop {
+        if shared.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        if queue.datagrams.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            queue.datagram_ready.notified().await;
+            continue;
+        }
+        let Some(address) = shared.address_of(peer) else {
+            drop_queued(&queue);
+            continue;
+        };
+        if connection.as_ref().is_some_and(|(known, c)| *known != address || c.close_reason().is_some()) {
+            connection = None;
+        }
+        if connection.is_none() {
+            if redial_at.is_some_and(|at| tokio::time::Instant::now() < at) {
+                drop_queued(&queue);
+                continue;
+            }
+            match path.connect(&address).await {
+                Ok(c) => {
+                    if warned {
+                        tracing::info!(peer, address, "the datagram path to this peer is up again");
+                    }
+                    tracing::debug!(peer, address, "datagram path up");
+                    (warned, failing_since, redial_at, backoff) = (false, None, None, DATAGRAM_REDIAL_MIN);
+                    connection = Some((address.clone(), c));
+                }
+                Err(error) => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if !warned && since.elapsed() >= DATAGRAM_WARN_AFTER {
+                        tracing::warn!(
+                            peer,
+                            address,
+                            error,
+                            "no datagram path (QUIC over UDP) to this peer: its peer traffic goes over TCP alone, \
+                             which packet loss delays more; check that UDP to its gRPC port is open"
+                        );
+                        warned = true;
+                    } else {
+                        tracing::debug!(peer, address, error, "cannot open the datagram path to this peer");
+                    }
+                    redial_at = Some(tokio::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(DATAGRAM_REDIAL_MAX);
+                    drop_queued(&queue);
+                    continue;
+                }
+            }
+        }
+        let Some(open) = connection.as_ref().map(|(_, c)| c.clone()) else { continue };
+        let Some(size_max) = open.max_datagram_size() else {
+            tracing::debug!(peer, address, "this peer takes no datagrams");
+            connection = None;
+            redial_at = Some(tokio::time::Instant::now() + DATAGRAM_REDIAL_MAX);
+            continue;
+        };
+        let messages: Vec<Vec<u8>> = {
+            let mut queued = queue.datagrams.lock().unwrap_or_else(|e| e.into_inner());
+            queued.drain(..).filter_map(|m| m.write_to_bytes().ok()).collect()
+        };
+        let confirmed = queue.datagram_confirmation.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let template = pb::RaftBatch {
+            cluster_id: shared.me.cluster_id,
+            from: shared.me.id,
+            from_address: shared.me.address.clone(),
+            messages: Vec::new(),
+            sent_at_ms: crate::clock::monotonic_ms(),
+            confirmation: None,
+        };
+        let confirmation = confirmed.map(|v| pb::ContactConfirmation { sent_at_ms: v.sent_at_ms, commit: v.commit });
+        for bytes in datagram::pack(&template, messages, confirmation, size_max) {
+            if let Err(e) = open.send_datagram(bytes) {
+                tracing::debug!(peer, address, error = %e, "sending a datagram failed");
+                connection = None;
+                break;
             }
         }
     }
@@ -633,7 +776,7 @@ impl PeerService {
 
     /// Checks one batch of raft messages (sender, cluster, size, and each
     /// message by the trust table) and steps them all, or none.
-    async fn accept_batch(&self, speaker: &Speaker, batch: pb::RaftBatch) -> Result<(), Status> {
+    pub(crate) async fn accept_batch(&self, speaker: &Speaker, batch: pb::RaftBatch) -> Result<(), Status> {
         let member = self.member_for(batch.cluster_id)?;
         self.bind_sender(&member, speaker, batch.from).await?;
         let messages = judge_batch(&published_view(&member), &batch)?;
@@ -1277,6 +1420,10 @@ mod transport_tests {
     }
 
     async fn recorder(streams: bool) -> (Arc<Recorder>, PeerTransport) {
+        recorder_with(streams, None).await
+    }
+
+    async fn recorder_with(streams: bool, datagrams: Option<Arc<DatagramPath>>) -> (Arc<Recorder>, PeerTransport) {
         let recorder = Arc::new(Recorder { streams, batches: Mutex::new(Vec::new()) });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
@@ -1288,7 +1435,8 @@ mod transport_tests {
         let addresses: AddressBook = Arc::default();
         addresses.write().unwrap().insert(2, address);
         let me = Sender { id: 1, cluster_id: 7, address: "127.0.0.1:7000".into() };
-        let (transport, _link) = PeerTransport::new(me, addresses, Dialer::plain(), tokio::runtime::Handle::current());
+        let (transport, _link) =
+            PeerTransport::new(me, addresses, Dialer::plain(), datagrams, tokio::runtime::Handle::current());
         (recorder, transport)
     }
 
@@ -1352,5 +1500,74 @@ mod transport_tests {
         let (commits, how) = received(&recorder);
         assert!((1..=5).all(|c| commits.contains(&c)), "{commits:?}");
         assert_eq!(how, BTreeSet::from(["call"]));
+    }
+
+    /// Heartbeats and quorum contact still get through as datagrams while
+    /// the peer's TCP is stalled (a listener that takes connections and
+    /// never reads them); appends with entries never go that way.
+    #[tokio::test]
+    async fn heartbeats_and_contact_go_as_datagrams_while_tcp_stalls() {
+        use crate::api::datagram::tests::{member, recorder as datagram_recorder, wait_until};
+        let secret = crate::pki::ClusterSecret::generate().unwrap();
+        // The peer: its datagram path, and a stalled TCP listener on the
+        // same port number.
+        let (at, received, _stop, stalled) = loop {
+            let (udp, received, stop) = datagram_recorder(&member(&secret, "h2"), "127.0.0.1:0");
+            let at = udp.local_addr().unwrap();
+            if let Ok(stalled) = tokio::net::TcpListener::bind(at).await {
+                break (at, received, stop, stalled);
+            }
+        };
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = stalled.accept().await {
+                held.push(socket);
+            }
+        });
+        let addresses: AddressBook = Arc::default();
+        addresses.write().unwrap().insert(2, at.to_string());
+        let path = DatagramPath::bind("127.0.0.1:0".parse().unwrap(), &member(&secret, "h1")).unwrap();
+        let me = Sender { id: 1, cluster_id: 7, address: "127.0.0.1:7000".into() };
+        let (mut transport, _link) =
+            PeerTransport::new(me, addresses, Dialer::plain(), Some(Arc::new(path)), tokio::runtime::Handle::current());
+        let mut append = heartbeat(100);
+        append.set_msg_type(MessageType::MsgAppend);
+        append.set_entries(vec![raft::eraftpb::Entry::default()].into());
+        transport.send(2, vec![append]);
+        transport.confirm_contact(2, Contact { sent_at_ms: 42, commit: 9 });
+        let commits = || -> Vec<u64> {
+            let batches = received.lock().unwrap();
+            batches
+                .iter()
+                .flat_map(|(_, b)| b.messages.iter().map(|m| Message::parse_from_bytes(m).unwrap().commit))
+                .collect()
+        };
+        for commit in 1..=5 {
+            transport.send(2, vec![heartbeat(commit)]);
+            wait_until("a heartbeat as a datagram", || commits().contains(&commit)).await;
+        }
+        let batches = received.lock().unwrap();
+        assert!(batches.iter().all(|(speaker, b)| *speaker == Speaker::Member("h1".into()) && b.from == 1));
+        let confirmed: Vec<_> = batches.iter().filter_map(|(_, b)| b.confirmation).collect();
+        assert_eq!(confirmed, vec![pb::ContactConfirmation { sent_at_ms: 42, commit: 9 }]);
+        drop(batches);
+        assert!(!commits().contains(&100), "an append with entries went as a datagram");
+    }
+
+    /// A peer whose UDP port takes nothing (blocked, or an older agent)
+    /// gets everything over its stream all the same.
+    #[tokio::test]
+    async fn a_peer_without_udp_gets_everything_over_tcp() {
+        use crate::api::datagram::tests::member;
+        let secret = crate::pki::ClusterSecret::generate().unwrap();
+        let path = DatagramPath::bind("127.0.0.1:0".parse().unwrap(), &member(&secret, "h1")).unwrap();
+        let (recorder, mut transport) = recorder_with(true, Some(Arc::new(path))).await;
+        for commit in 1..=10 {
+            transport.send(2, vec![heartbeat(commit)]);
+            assert!(wait_for(&recorder, commit, Duration::from_secs(10)).await, "heartbeat {commit} never arrived");
+        }
+        let (commits, how) = received(&recorder);
+        assert_eq!(commits, (1..=10).collect::<Vec<_>>(), "each exactly once, in order");
+        assert_eq!(how, BTreeSet::from(["stream"]));
     }
 }

@@ -361,28 +361,35 @@ impl Credentials {
             .timeout(TLS_HANDSHAKE_TIMEOUT)
     }
 
+    /// Our certificate chain and key, the trusted CAs as a root store, and
+    /// the ring provider: what every rustls config below is built from.
+    fn rustls_parts(&self) -> Result<RustlsParts, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        let invalid = |what: &str, e: &dyn std::fmt::Display| TlsError::Invalid(format!("{what}: {e}"));
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| invalid("`tls.cert_file`", &e))?;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| invalid("`tls.key_file`", &e))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&self.ca_pem) {
+            roots.add(ca.map_err(|e| invalid("`tls.ca_file`", &e))?).map_err(|e| invalid("`tls.ca_file`", &e))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Ok(RustlsParts { chain, key, roots: Arc::new(roots), provider })
+    }
+
     /// The HTTP listener over HTTPS (the dashboard): our certificate, and
     /// client certificates of the cluster CA verified when presented but
     /// not required (health probes and Prometheus need none; the
     /// dashboard itself asks for one, `dashboard::access`). HTTP/1.1 only.
     pub fn http_server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let invalid = |what: &str, e: &dyn std::fmt::Display| TlsError::Invalid(format!("{what}: {e}"));
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&self.cert_pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| invalid("`tls.cert_file`", &e))?;
-        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| invalid("`tls.key_file`", &e))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in CertificateDer::pem_slice_iter(&self.ca_pem) {
-            roots.add(ca.map_err(|e| invalid("`tls.ca_file`", &e))?).map_err(|e| invalid("`tls.ca_file`", &e))?;
-        }
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider.clone())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| invalid("`tls.ca_file`", &e))?;
+        let RustlsParts { chain, key, roots, provider } = self.rustls_parts()?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| invalid("`tls.ca_file`", &e))?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| invalid("TLS", &e))?
@@ -393,11 +400,57 @@ impl Credentials {
         Ok(config)
     }
 
+    /// The peers' datagram path (`api::datagram`), serving: TLS 1.3 only,
+    /// our certificate, and a client certificate of a trusted CA required
+    /// (no joiners: only members send there). No early data: nothing
+    /// replayable is accepted.
+    pub fn datagram_server_config(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
+        let invalid = |what: &str, e: &dyn std::fmt::Display| TlsError::Invalid(format!("{what}: {e}"));
+        let RustlsParts { chain, key, roots, provider } = self.rustls_parts()?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| invalid("`tls.ca_file`", &e))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| invalid("TLS", &e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| invalid("`tls.cert_file` and `tls.key_file`", &e))?;
+        config.alpn_protocols = vec![alpn.to_vec()];
+        config.max_early_data_size = 0;
+        Ok(config)
+    }
+
+    /// The peers' datagram path, dialing: the peer's certificate verified
+    /// against the trusted CAs and the address dialled (as gRPC's
+    /// [`Credentials::client`]), ours presented; TLS 1.3 only.
+    pub fn datagram_client_config(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+        let invalid = |what: &str, e: &dyn std::fmt::Display| TlsError::Invalid(format!("{what}: {e}"));
+        let RustlsParts { chain, key, roots, provider } = self.rustls_parts()?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| invalid("TLS", &e))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| invalid("`tls.cert_file` and `tls.key_file`", &e))?;
+        config.alpn_protocols = vec![alpn.to_vec()];
+        config.enable_early_data = false;
+        Ok(config)
+    }
+
     /// Dialing peers: their certificate verified against the trusted CAs
     /// (and the address dialled), ours presented.
     pub fn client(&self) -> ClientTlsConfig {
         ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem)).identity(self.identity_pem())
     }
+}
+
+/// What [`Credentials::rustls_parts`] gives.
+struct RustlsParts {
+    chain: Vec<CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    roots: Arc<rustls::RootCertStore>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
 /// How this agent authenticates, decided once at start.

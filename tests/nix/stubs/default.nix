@@ -296,6 +296,10 @@ let
           type = types.listOf types.port;
           default = [ ];
         };
+        networking.firewall.allowedUDPPorts = mkOption {
+          type = types.listOf types.port;
+          default = [ ];
+        };
         # nixos/modules/services/monitoring/prometheus: the options
         # services.blixard.prometheus sets, typed as there (a scrape config's
         # unset fields are null).
