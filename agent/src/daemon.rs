@@ -34,8 +34,8 @@ use tokio::task::JoinHandle;
 use tonic::Code;
 use tonic::transport::Server;
 
-use crate::api::datagram::{self, DatagramPath};
 use crate::api::context::{Context, ContextControl, Dialer, GRPC_MESSAGE_BYTES_MAX, JoinRequest, Membership};
+use crate::api::datagram::{self, DatagramPath};
 use crate::api::gate::Gate;
 use crate::api::pb;
 use crate::api::peer::{self, PeerService, PeerTransport, Sender};

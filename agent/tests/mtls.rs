@@ -381,18 +381,19 @@ fn peer_traffic_is_bound_to_member_certificates() {
         // sender to its certificate the same way: h2 speaking as h3 is
         // refused (its heartbeat's term would depose the leader: checked
         // below).
-        let tls = blixard::config::Tls {
-            ca_file: c.file("ca.pem"),
-            cert_file: c.file("h2.pem"),
-            key_file: c.file("h2.key"),
-        };
+        let tls =
+            blixard::config::Tls { ca_file: c.file("ca.pem"), cert_file: c.file("h2.pem"), key_file: c.file("h2.key") };
         let credentials = blixard::api::tls::Credentials::load_tls(&tls, "h2").unwrap();
         let path = blixard::api::datagram::DatagramPath::bind("127.0.0.1:0".parse().unwrap(), &credentials).unwrap();
         let quic = path.connect(c.address(0)).await.expect("h2 opens a datagram connection");
         quic.send_datagram(prost::Message::encode_to_vec(&batch(h3, vec![heartbeat(h3)])).into()).unwrap();
-        c.wait_until("agent 0 to refuse the forged datagram", |c| {
-            c.logs().contains("refused a datagram batch") && c.logs().contains("cannot speak for member")
-        });
+        // Awaited, not slept: the QUIC connection is driven on this runtime.
+        let deadline = Instant::now() + SETTLE;
+        while !c.logs().lines().any(|l| l.contains("refused a datagram batch") && l.contains("cannot speak for member"))
+        {
+            assert!(Instant::now() < deadline, "agent 0 never refused the forged datagram");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     });
     // The forged heartbeats deposed nobody: the cluster still answers,
     // still has its three members, and its term is not the forger's.

@@ -149,7 +149,8 @@ impl DatagramPath {
         let client = QuicClientConfig::try_from(client).map_err(|e| e.to_string())?;
         let mut client = quinn::ClientConfig::new(Arc::new(client));
         client.transport_config(transport_config());
-        let mut endpoint = quinn::Endpoint::server(server, listen).map_err(|e| format!("cannot bind UDP {listen}: {e}"))?;
+        let mut endpoint =
+            quinn::Endpoint::server(server, listen).map_err(|e| format!("cannot bind UDP {listen}: {e}"))?;
         endpoint.set_default_client_config(client);
         Ok(DatagramPath { endpoint })
     }
@@ -338,7 +339,6 @@ pub(crate) mod tests {
         Bytes::from(batch.encode_to_vec())
     }
 
-
     fn sent_times(received: &Received) -> Vec<u64> {
         received.lock().unwrap().iter().map(|(_, b)| b.sent_at_ms).collect()
     }
@@ -362,7 +362,8 @@ pub(crate) mod tests {
             .unwrap();
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap())));
+        endpoint
+            .set_default_client_config(quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap())));
         endpoint.connect(to, "127.0.0.1").unwrap().await.unwrap()
     }
 
@@ -385,7 +386,10 @@ pub(crate) mod tests {
         let ops = client_connection(&ClusterCa::from_secret(&secret), to).await;
         let _ = ops.send_datagram(batch(2, 100));
         let closed = tokio::time::timeout(Duration::from_secs(10), ops.closed()).await.expect("refused");
-        assert!(matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == quinn::VarInt::from_u32(1)), "{closed:?}");
+        assert!(
+            matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == quinn::VarInt::from_u32(1)),
+            "{closed:?}"
+        );
 
         // Another cluster's member, even trusting this cluster's CA.
         let other = ClusterSecret::generate().unwrap();
@@ -478,7 +482,8 @@ pub(crate) mod tests {
 
     #[test]
     fn batches_are_packed_under_the_datagram_size() {
-        let template = pb::RaftBatch { cluster_id: 7, from: 1, from_address: "10.0.0.1:7000".into(), ..Default::default() };
+        let template =
+            pb::RaftBatch { cluster_id: 7, from: 1, from_address: "10.0.0.1:7000".into(), ..Default::default() };
         let confirmation = Some(pb::ContactConfirmation { sent_at_ms: 5, commit: 9 });
         let messages: Vec<Vec<u8>> = (0..40).map(|_| message(MessageType::MsgHeartbeat, 60)).collect();
         let packed = pack(&template, messages, confirmation, 1_000);

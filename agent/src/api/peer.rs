@@ -47,8 +47,8 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::datagram::{self, DatagramPath};
 use super::context::{ApiError, Context, Dialer, GRPC_MESSAGE_BYTES_MAX, Membership, Remote, is_forwarded};
+use super::datagram::{self, DatagramPath};
 use super::gate::speaker;
 use super::pb;
 use super::pb::peer_client::PeerClient;
