@@ -14,7 +14,7 @@ rec {
     services.blixard = {
       enable = true;
       clusterSecretFile = "/run/agenix/blixard-cluster-secret"; # `cluster new-secret`, deployed by agenix
-      openFirewall = true; # TCP 7000: peers and clients
+      openFirewall = true; # TCP 7000: peers and clients; UDP 7000: peers' datagrams
       vms.web = {
         config = ./guests/web.nix; # a NixOS module, as microvm.vms.<name>.config
         vcpu = 2;
