@@ -1470,16 +1470,22 @@ mod transport_tests {
         false
     }
 
+    /// Sends heartbeats `1..=n` one at a time: each arrives exactly once,
+    /// in order, on the stream.
+    async fn heartbeats_arrive_on_the_stream(recorder: &Recorder, transport: &mut PeerTransport, n: u64) {
+        for commit in 1..=n {
+            transport.send(2, vec![heartbeat(commit)]);
+            assert!(wait_for(recorder, commit, Duration::from_secs(10)).await, "heartbeat {commit} never arrived");
+        }
+        let (commits, how) = received(recorder);
+        assert_eq!(commits, (1..=n).collect::<Vec<_>>(), "each exactly once, in order");
+        assert_eq!(how, BTreeSet::from(["stream"]));
+    }
+
     #[tokio::test]
     async fn batches_go_as_frames_on_one_stream() {
         let (recorder, mut transport) = recorder(true).await;
-        for commit in 1..=20 {
-            transport.send(2, vec![heartbeat(commit)]);
-            assert!(wait_for(&recorder, commit, Duration::from_secs(10)).await, "heartbeat {commit} never arrived");
-        }
-        let (commits, how) = received(&recorder);
-        assert_eq!(commits, (1..=20).collect::<Vec<_>>(), "each exactly once, in order");
-        assert_eq!(how, BTreeSet::from(["stream"]));
+        heartbeats_arrive_on_the_stream(&recorder, &mut transport, 20).await;
     }
 
     #[tokio::test]
@@ -1562,12 +1568,6 @@ mod transport_tests {
         let secret = crate::pki::ClusterSecret::generate().unwrap();
         let path = DatagramPath::bind("127.0.0.1:0".parse().unwrap(), &member(&secret, "h1")).unwrap();
         let (recorder, mut transport) = recorder_with(true, Some(Arc::new(path))).await;
-        for commit in 1..=10 {
-            transport.send(2, vec![heartbeat(commit)]);
-            assert!(wait_for(&recorder, commit, Duration::from_secs(10)).await, "heartbeat {commit} never arrived");
-        }
-        let (commits, how) = received(&recorder);
-        assert_eq!(commits, (1..=10).collect::<Vec<_>>(), "each exactly once, in order");
-        assert_eq!(how, BTreeSet::from(["stream"]));
+        heartbeats_arrive_on_the_stream(&recorder, &mut transport, 10).await;
     }
 }
