@@ -35,7 +35,7 @@
 //! before it is handed to Raft.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -96,8 +96,8 @@ const DATAGRAM_QUEUE_MAX: usize = 1024;
 /// on (what is queued meanwhile is dropped: gRPC carries it).
 const DATAGRAM_REDIAL_MIN: Duration = Duration::from_millis(200);
 const DATAGRAM_REDIAL_MAX: Duration = Duration::from_secs(5);
-/// A peer unreachable over UDP for this long, while it is dialled, is
-/// warned about once (a peer still starting is not).
+/// A peer unreachable over UDP for this long while TCP reaches it is warned
+/// about once (a peer still starting, or down, is not).
 const DATAGRAM_WARN_AFTER: Duration = Duration::from_secs(10);
 /// Pause after a failed send, doubled up to the max while failures go on.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -124,6 +124,8 @@ struct PeerQueue {
     datagrams: Mutex<VecDeque<Message>>,
     datagram_confirmation: Mutex<Option<Contact>>,
     datagram_ready: Notify,
+    /// When a batch last went onto the gRPC path (monotonic ms).
+    tcp_sent_at_ms: AtomicU64,
 }
 
 struct Shared {
@@ -132,6 +134,8 @@ struct Shared {
     dialer: Dialer,
     /// The second path for small messages, if this agent has one.
     datagrams: Option<Arc<DatagramPath>>,
+    /// [`DATAGRAM_WARN_AFTER`] (tests shorten it), ms.
+    datagram_warn_after_ms: AtomicU64,
     /// The node to report to; set once it runs (the raft thread may send
     /// before `Node::start` has returned its handle).
     node: watch::Receiver<Option<NodeHandle>>,
@@ -188,8 +192,15 @@ impl PeerTransport {
         runtime: tokio::runtime::Handle,
     ) -> (Self, TransportLink) {
         let (node_tx, node_rx) = watch::channel(None);
-        let shared =
-            Arc::new(Shared { me, addresses, dialer, datagrams, node: node_rx, closed: AtomicBool::new(false) });
+        let shared = Arc::new(Shared {
+            me,
+            addresses,
+            dialer,
+            datagrams,
+            datagram_warn_after_ms: AtomicU64::new(DATAGRAM_WARN_AFTER.as_millis() as u64),
+            node: node_rx,
+            closed: AtomicBool::new(false),
+        });
         (PeerTransport { shared, peers: BTreeMap::new(), runtime }, TransportLink(node_tx))
     }
 
@@ -202,6 +213,7 @@ impl PeerTransport {
                 datagrams: Mutex::new(VecDeque::new()),
                 datagram_confirmation: Mutex::new(None),
                 datagram_ready: Notify::new(),
+                tcp_sent_at_ms: AtomicU64::new(0),
             });
             self.runtime.spawn(run_peer(self.shared.clone(), peer, queue.clone()));
             if let Some(path) = &self.shared.datagrams {
@@ -383,7 +395,10 @@ async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
             }
         };
         match sent {
-            Ok(()) => backoff = BACKOFF_MIN,
+            Ok(()) => {
+                backoff = BACKOFF_MIN;
+                queue.tcp_sent_at_ms.store(crate::clock::monotonic_ms(), Ordering::Relaxed);
+            }
             Err(error) => {
                 // Logged at debug: a peer that is down fails every
                 // heartbeat, and Raft's own role changes say more.
@@ -399,12 +414,13 @@ async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
 /// Sends `peer`'s queued datagram copies until the transport is dropped, on
 /// one QUIC connection, dialled again when it closes. Best effort: what
 /// cannot go now is dropped (gRPC carries it), and a peer unreachable over
-/// UDP for [`DATAGRAM_WARN_AFTER`] is warned about once until it answers.
+/// UDP for [`DATAGRAM_WARN_AFTER`] while gRPC reaches it is warned about
+/// once until it answers.
 async fn run_datagrams(shared: Arc<Shared>, path: Arc<DatagramPath>, peer: NodeId, queue: Arc<PeerQueue>) {
     let mut connection: Option<(String, quinn::Connection)> = None;
     let mut redial_at: Option<tokio::time::Instant> = None;
     let mut backoff = DATAGRAM_REDIAL_MIN;
-    let mut failing_since: Option<Instant> = None;
+    let mut failing_since_ms: Option<u64> = None;
     let mut warned = false;
     let drop_queued = |queue: &PeerQueue| {
         queue.datagrams.lock().unwrap_or_else(|e| e.into_inner()).clear();
@@ -430,24 +446,28 @@ async fn run_datagrams(shared: Arc<Shared>, path: Arc<DatagramPath>, peer: NodeI
                 drop_queued(&queue);
                 continue;
             }
+            let dialled_at_ms = crate::clock::monotonic_ms();
             match path.connect(&address).await {
                 Ok(c) => {
                     if warned {
                         tracing::info!(peer, address, "the datagram path to this peer is up again");
                     }
                     tracing::debug!(peer, address, "datagram path up");
-                    (warned, failing_since, redial_at, backoff) = (false, None, None, DATAGRAM_REDIAL_MIN);
+                    (warned, failing_since_ms, redial_at, backoff) = (false, None, None, DATAGRAM_REDIAL_MIN);
                     connection = Some((address.clone(), c));
                 }
                 Err(error) => {
-                    let since = *failing_since.get_or_insert_with(Instant::now);
-                    if !warned && since.elapsed() >= DATAGRAM_WARN_AFTER {
+                    let now_ms = crate::clock::monotonic_ms();
+                    let since_ms = *failing_since_ms.get_or_insert(dialled_at_ms);
+                    let tcp_works = queue.tcp_sent_at_ms.load(Ordering::Relaxed) >= since_ms;
+                    let warn_after_ms = shared.datagram_warn_after_ms.load(Ordering::Relaxed);
+                    if !warned && tcp_works && now_ms - since_ms >= warn_after_ms {
                         tracing::warn!(
                             peer,
                             address,
                             error,
-                            "no datagram path (QUIC over UDP) to this peer: its peer traffic goes over TCP alone, \
-                             which packet loss delays more; check that UDP to its gRPC port is open"
+                            "no datagram path (QUIC over UDP) to this peer, which TCP reaches: its peer traffic goes \
+                             over TCP alone, which packet loss delays more; open UDP to its gRPC port"
                         );
                         warned = true;
                     } else {
@@ -1568,6 +1588,49 @@ mod transport_tests {
         let secret = crate::pki::ClusterSecret::generate().unwrap();
         let path = DatagramPath::bind("127.0.0.1:0".parse().unwrap(), &member(&secret, "h1")).unwrap();
         let (recorder, mut transport) = recorder_with(true, Some(Arc::new(path))).await;
+        transport.shared.datagram_warn_after_ms.store(0, Ordering::Relaxed);
+        let logs = Captured::default();
+        let subscriber =
+            tracing_subscriber::fmt().with_writer(logs.clone()).with_max_level(tracing::Level::WARN).finish();
+        // This test's runtime runs the transport's tasks on this thread.
+        let _logging = tracing::subscriber::set_default(subscriber);
         heartbeats_arrive_on_the_stream(&recorder, &mut transport, 10).await;
+        // The dial times out (nothing answers on UDP) while TCP works: one
+        // warning, which names the remedy.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !logs.text().contains("no datagram path") {
+            assert!(Instant::now() < deadline, "no warning: {}", logs.text());
+            transport.send(2, vec![heartbeat(11)]);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(logs.text().matches("no datagram path").count(), 1, "{}", logs.text());
+        assert!(logs.text().contains("open UDP to its gRPC port"), "{}", logs.text());
+    }
+
+    /// Log lines written by a test's subscriber.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
     }
 }
