@@ -502,10 +502,15 @@ async fn run_datagrams(shared: Arc<Shared>, path: Arc<DatagramPath>, peer: NodeI
         };
         let confirmation = confirmed.map(|v| pb::ContactConfirmation { sent_at_ms: v.sent_at_ms, commit: v.commit });
         for bytes in datagram::pack(&template, messages, confirmation, size_max) {
-            if let Err(e) = open.send_datagram(bytes) {
-                tracing::debug!(peer, address, error = %e, "sending a datagram failed");
-                connection = None;
-                break;
+            match open.send_datagram(bytes) {
+                Ok(()) => {}
+                // The path's size shrank since it was read: this one is lost.
+                Err(quinn::SendDatagramError::TooLarge) => {}
+                Err(e) => {
+                    tracing::debug!(peer, address, error = %e, "sending a datagram failed");
+                    connection = None;
+                    break;
+                }
             }
         }
     }
