@@ -200,8 +200,20 @@ pub fn speaker_of_connection(connection: &quinn::Connection) -> Result<Speaker, 
     Ok(speaker)
 }
 
+/// Handshakes an endpoint serves at once; a connection attempt beyond
+/// them is refused (its sender dials again). Members need one each.
+const HANDSHAKES_MAX: usize = 64;
+
 /// Accepts peers' connections until `stop`, each batch of each to `accept`.
+///
+/// Before any handshake work, an attempt from an address that has not
+/// shown it receives this endpoint's packets is answered with a Retry (a
+/// stateless packet; one round trip for a real peer): a flood of Initials,
+/// from spoofed or many source addresses, then costs no key exchange, no
+/// state and no amplified answer. At most [`HANDSHAKES_MAX`] handshakes run
+/// at once, each for at most `HANDSHAKE_TIMEOUT`.
 pub async fn serve(path: Arc<DatagramPath>, accept: Accept, mut stop: watch::Receiver<bool>) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
     loop {
         let incoming = tokio::select! {
             incoming = path.endpoint.accept() => incoming,
@@ -211,10 +223,23 @@ pub async fn serve(path: Arc<DatagramPath>, accept: Accept, mut stop: watch::Rec
             path.close();
             return;
         };
+        if !incoming.remote_address_validated() {
+            if incoming.retry().is_err() {
+                tracing::debug!("dropped a datagram connection attempt that may not be retried");
+            }
+            continue;
+        }
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::debug!(from = %incoming.remote_address(), "refused a datagram connection: too many handshakes at once");
+            incoming.refuse();
+            continue;
+        };
         let accept = accept.clone();
         tokio::spawn(async move {
             let from = incoming.remote_address();
-            let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
+            drop(permit);
+            let connection = match handshake {
                 Ok(Ok(connection)) => connection,
                 Ok(Err(e)) => {
                     tracing::debug!(%from, error = %e, "a datagram connection failed its handshake");
@@ -462,6 +487,20 @@ pub(crate) mod tests {
         m.set_msg_type(kind);
         m.set_context(vec![7u8; context].into());
         m.write_to_bytes().unwrap()
+    }
+
+    /// No session is resumed on this path: a resumed session skips the
+    /// certificate checks (an expired certificate would pass).
+    #[test]
+    fn sessions_are_never_resumed() {
+        let secret = ClusterSecret::generate().unwrap();
+        let credentials = member(&secret, "h1");
+        let server = credentials.datagram_server_config(ALPN).unwrap();
+        assert_eq!(server.send_tls13_tickets, 0);
+        assert!(!server.session_storage.put(vec![1], vec![2]), "the server keeps no sessions");
+        assert!(!server.ticketer.enabled());
+        let client = credentials.datagram_client_config(ALPN).unwrap();
+        assert_eq!(format!("{:?}", client.resumption), format!("{:?}", rustls::client::Resumption::disabled()));
     }
 
     #[test]

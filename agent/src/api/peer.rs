@@ -834,6 +834,12 @@ pub fn published_view(member: &Membership) -> trust::View {
 /// Decodes a batch's messages and judges each by the trust table: the
 /// messages to step, or the refusal of the whole batch.
 pub fn judge_batch(view: &trust::View, batch: &pb::RaftBatch) -> Result<Vec<Message>, Status> {
+    // Whatever the batch holds: its messages would be refused anyway, and
+    // an empty one must not refresh a stranger's address or its contact (a
+    // removed member's certificate stays valid).
+    if !view.configuration.contains(&batch.from) {
+        return Err(Status::permission_denied(format!("member {} is not in this member's configuration", batch.from)));
+    }
     if batch.messages.len() > RAFT_BATCH_MESSAGES_MAX {
         return Err(Status::invalid_argument(format!(
             "{} raft messages in one batch; the limit is {RAFT_BATCH_MESSAGES_MAX}",
@@ -1242,6 +1248,20 @@ mod tests {
             }
             assert_eq!(out.unwrap(), message);
         }
+    }
+
+    /// A sender outside the receiver's configuration (a member removed by
+    /// `cluster leave`, whose certificate stays valid) is refused even with
+    /// an empty batch, which would otherwise refresh its address and the
+    /// time the leader last heard from it.
+    #[test]
+    fn a_batch_from_outside_the_configuration_is_refused_even_when_empty() {
+        let view = trust::View { me: 1, term: 3, leader: Some(1), configuration: [1, 2].into(), exact: None };
+        let empty = |from| pb::RaftBatch { cluster_id: 7, from, sent_at_ms: 1 << 40, ..Default::default() };
+        assert!(judge_batch(&view, &empty(2)).unwrap().is_empty());
+        let refused = judge_batch(&view, &empty(3)).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(refused.message().contains("member 3 is not in this member's configuration"), "{refused:?}");
     }
 
     #[test]

@@ -397,6 +397,10 @@ impl Credentials {
             .with_single_cert(chain, key)
             .map_err(|e| invalid("`tls.cert_file` and `tls.key_file`", &e))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // No resumption: a resumed session's client certificate is not
+        // verified again (see `datagram_server_config`).
+        config.send_tls13_tickets = 0;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         Ok(config)
     }
 
@@ -418,6 +422,11 @@ impl Credentials {
             .map_err(|e| invalid("`tls.cert_file` and `tls.key_file`", &e))?;
         config.alpn_protocols = vec![alpn.to_vec()];
         config.max_early_data_size = 0;
+        // No resumption: a resumed session is not verified again, so a
+        // certificate that expired since (or a CA no longer trusted) would
+        // pass. These connections last as long as the agents do.
+        config.send_tls13_tickets = 0;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         Ok(config)
     }
 
@@ -435,6 +444,7 @@ impl Credentials {
             .map_err(|e| invalid("`tls.cert_file` and `tls.key_file`", &e))?;
         config.alpn_protocols = vec![alpn.to_vec()];
         config.enable_early_data = false;
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(config)
     }
 
