@@ -720,7 +720,9 @@ pub fn reference() -> Vec<KeyDoc> {
             "--listen",
             DEFAULT_LISTEN.into(),
             "IP:PORT, not 0.0.0.0, port not 0".into(),
-            "The gRPC port (peers and clients), at an address the other members reach.",
+            "The gRPC port (peers and clients), at an address the other members reach. With TLS, peers also send \
+             heartbeats and quorum contact as QUIC datagrams to the same port number over UDP (open both; without UDP \
+             they go over TCP alone).",
         ),
         k("data_dir", "--data-dir", DEFAULT_DATA_DIR.into(), "an absolute path".into(), "Where the store lives."),
         k(
