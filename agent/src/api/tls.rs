@@ -384,24 +384,7 @@ impl Credentials {
     /// not required (health probes and Prometheus need none; the
     /// dashboard itself asks for one, `dashboard::access`). HTTP/1.1 only.
     pub fn http_server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
-        let invalid = |what: &str, e: &dyn std::fmt::Display| TlsError::Invalid(format!("{what}: {e}"));
-        let RustlsParts { chain, key, roots, provider } = self.rustls_parts()?;
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| invalid("`tls.ca_file`", &e))?;
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| invalid("TLS", &e))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .map_err(|e| invalid("`tls.cert_file` and `tls.key_file`", &e))?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        // No resumption: a resumed session's client certificate is not
-        // verified again (see `datagram_server_config`).
-        config.send_tls13_tickets = 0;
-        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-        Ok(config)
+        self.rustls_server_config(false, rustls::DEFAULT_VERSIONS, b"http/1.1")
     }
 
     /// The peers' datagram path (`api::datagram`), serving: TLS 1.3 only,
@@ -409,22 +392,35 @@ impl Credentials {
     /// (no joiners: only members send there). No early data: nothing
     /// replayable is accepted.
     pub fn datagram_server_config(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
+        let mut config = self.rustls_server_config(true, &[&rustls::version::TLS13], alpn)?;
+        config.max_early_data_size = 0;
+        Ok(config)
+    }
+
+    /// A listener of ours that rustls serves (the HTTPS and datagram ones;
+    /// tonic builds the gRPC one): our certificate, client certificates of
+    /// the trusted CAs verified (and, if `client_cert_required`, required),
+    /// `versions`, one ALPN protocol. No resumption: a resumed session is
+    /// not verified again, so a certificate that expired since (or a CA no
+    /// longer trusted) would pass.
+    fn rustls_server_config(
+        &self,
+        client_cert_required: bool,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        alpn: &[u8],
+    ) -> Result<rustls::ServerConfig, TlsError> {
         let invalid = |what: &str, e: &dyn std::fmt::Display| TlsError::Invalid(format!("{what}: {e}"));
         let RustlsParts { chain, key, roots, provider } = self.rustls_parts()?;
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-            .build()
-            .map_err(|e| invalid("`tls.ca_file`", &e))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+        let verifier = if client_cert_required { verifier } else { verifier.allow_unauthenticated() };
+        let verifier = verifier.build().map_err(|e| invalid("`tls.ca_file`", &e))?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
+            .with_protocol_versions(versions)
             .map_err(|e| invalid("TLS", &e))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .map_err(|e| invalid("`tls.cert_file` and `tls.key_file`", &e))?;
         config.alpn_protocols = vec![alpn.to_vec()];
-        config.max_early_data_size = 0;
-        // No resumption: a resumed session is not verified again, so a
-        // certificate that expired since (or a CA no longer trusted) would
-        // pass. These connections last as long as the agents do.
         config.send_tls13_tickets = 0;
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         Ok(config)
