@@ -31,12 +31,14 @@ use anyhow::{Context as _, anyhow, bail};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt as _;
 use tonic::Code;
 use tonic::transport::Server;
 
 use crate::api::context::{Context, ContextControl, Dialer, GRPC_MESSAGE_BYTES_MAX, JoinRequest, Membership};
 use crate::api::datagram::{self, DatagramPath};
 use crate::api::gate::Gate;
+use crate::api::handshake::Handshaken;
 use crate::api::pb;
 use crate::api::peer::{self, PeerService, PeerTransport, Sender};
 use crate::api::service::BlixardService;
@@ -197,7 +199,18 @@ pub async fn run(
         });
         tracing::info!(%address, "serving health, metrics and the dashboard over HTTP");
     }
-    let builder = server_builder(credentials.as_deref())?;
+    let builder = server_builder();
+    // With credentials, TLS only (a plaintext connection fails its
+    // handshake, and so does one without a client certificate unless the
+    // cluster accepts joiners), with our rustls config: no resumption.
+    let grpc_tls = match credentials.as_deref() {
+        None => None,
+        Some(credentials) => Some(Arc::new(
+            credentials
+                .grpc_server_config()
+                .map_err(|e| anyhow!("invalid configuration: the certificate or key cannot be used: {e}"))?,
+        )),
+    };
     if let Some(path) = &datagrams {
         let service = Arc::new(PeerService::new(context.clone()));
         let accept: datagram::Accept = Arc::new(move |speaker, batch| {
@@ -206,7 +219,7 @@ pub async fn run(
         });
         tokio::spawn(datagram::serve(path.clone(), accept, server_stopped.clone()));
     }
-    let mut server = tokio::spawn(serve(builder, listener, context.clone(), server_stopped));
+    let mut server = tokio::spawn(serve(builder, listener, grpc_tls, context.clone(), server_stopped));
     tracing::info!(
         name = %config.node_name,
         listen = %config.listen,
@@ -327,6 +340,7 @@ async fn open_store(config: &Config) -> anyhow::Result<Store> {
 async fn serve(
     builder: Server,
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     context: Arc<Context>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
@@ -356,23 +370,29 @@ async fn serve(
     // A peer that vanished (power loss, a cut cable) leaves a half-open
     // connection: TCP keepalive ends it (HTTP/2 keepalive pings, set in
     // `server_builder`, end one whose peer stopped answering; the TLS
-    // handshake has a deadline of its own).
+    // handshake has a deadline of its own, `api::handshake`).
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(crate::api::context::TCP_KEEPALIVE))
         .with_keepalive_interval(Some(crate::api::context::TCP_KEEPALIVE_INTERVAL))
         .with_keepalive_retries(Some(crate::api::context::TCP_KEEPALIVE_RETRIES));
     let mut builder = builder;
-    let result = builder
+    let router = builder
         .add_service(peer)
         .add_service(blixard)
         .add_service(Gate::new(health, tls_on))
         .add_service(Gate::new(reflection_v1, tls_on))
-        .add_service(Gate::new(reflection_v1alpha, tls_on))
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = stop.wait_for(|stop| *stop).await;
-        })
-        .await;
+        .add_service(Gate::new(reflection_v1alpha, tls_on));
+    let stopped = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    let result = match tls {
+        None => router.serve_with_incoming_shutdown(incoming, stopped).await,
+        Some(config) => {
+            let incoming = Handshaken::start("gRPC", incoming, config, |tls, _| tls).map(Ok::<_, std::io::Error>);
+            router.serve_with_incoming_shutdown(incoming, stopped).await
+        }
+    };
     health_task.abort();
     result
 }
@@ -408,23 +428,16 @@ async fn report_health(
     }
 }
 
-/// The server's transport settings: with credentials, TLS only (a
-/// plaintext connection fails its handshake, and so does one without a
-/// client certificate unless the cluster accepts joiners).
-fn server_builder(tls: Option<&Credentials>) -> anyhow::Result<Server> {
-    let builder = Server::builder()
+/// The server's transport settings (TLS is `serve`'s, over our own
+/// accept loop: `api::handshake`).
+fn server_builder() -> Server {
+    Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         // Bounds the work one connection can queue on us.
         .concurrency_limit_per_connection(256)
-        .max_concurrent_streams(Some(256));
-    match tls {
-        None => Ok(builder),
-        Some(tls) => builder
-            .tls_config(tls.server())
-            .map_err(|e| anyhow!("invalid configuration: the certificate or key cannot be used: {e}")),
-    }
+        .max_concurrent_streams(Some(256))
 }
 
 /// What a join with a token left.

@@ -32,8 +32,10 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_stream::StreamExt as _;
 
 use crate::api::context::Context;
+use crate::api::handshake::{Handshaken, TlsConnection};
 use crate::metrics::{self, Metrics};
 use crate::node::events::EventLog;
 
@@ -131,72 +133,33 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsL
     }
 }
 
-/// TLS handshakes in progress at once; more connections wait in the
-/// kernel's backlog.
-const HANDSHAKES_MAX: usize = 64;
-/// How long a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// The listener over TLS: connections come out of it handshaken, with what
-/// their client certificate allows. Handshakes run concurrently (a slow
-/// client never holds up the others), at most [`HANDSHAKES_MAX`].
+/// The listener over TLS: connections come out of it handshaken
+/// (`api::handshake`: concurrently, with a deadline), with what their
+/// client certificate allows.
 pub struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Peer)>,
+    ready: Handshaken<(TlsConnection, Peer)>,
     local: SocketAddr,
-    acceptor: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.acceptor.abort();
-    }
 }
 
 impl TlsListener {
     pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> TlsListener {
         let local = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let (tx, ready) = tokio::sync::mpsc::channel(HANDSHAKES_MAX);
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
-        let acceptor = tokio::spawn(async move {
-            loop {
-                let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
-                let (tcp, address) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of descriptors and the like: pause, not spin.
-                        tracing::debug!(error = %e, "the HTTP listener cannot accept");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%address, error = %e, "a TLS handshake on the HTTP listener failed");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    let leaf = tls.get_ref().1.peer_certificates().and_then(|certs| certs.first()).map(|c| c.to_vec());
-                    let peer = Peer { address, access: access_of(leaf.as_deref()) };
-                    let _ = tx.send((tls, peer)).await;
-                });
-            }
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let ready = Handshaken::start("HTTP", incoming, config, |tls, address| {
+            let leaf = tls.get_ref().1.peer_certificates().and_then(|certs| certs.first()).map(|c| c.to_vec());
+            let peer = Peer { address, access: access_of(leaf.as_deref()) };
+            (tls, peer)
         });
-        TlsListener { ready, local, acceptor }
+        TlsListener { ready, local }
     }
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Io = TlsConnection;
     type Addr = Peer;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
+        match self.ready.next().await {
             Some(connection) => connection,
             // The acceptor ended (its listener failed for good): no more
             // connections, as a closed listener.

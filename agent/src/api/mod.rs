@@ -4,6 +4,7 @@
 //! - `context`: what both services share; routing of requests to the leader.
 //! - `datagram`: the peers' second path, QUIC datagrams for small Raft messages.
 //! - `gate`: every request's speaker and call, judged by `trust` before any handler runs.
+//! - `handshake`: TLS over our own accept loop, with our rustls config (no resumption).
 //! - `peer`: the raft transport (client and `Peer` service), admission.
 //! - `service`: the client API (`Blixard` service).
 //! - `status`: agent errors -> gRPC status codes.
@@ -12,6 +13,7 @@
 pub mod context;
 pub mod datagram;
 pub mod gate;
+pub mod handshake;
 pub mod join;
 pub mod peer;
 pub mod service;

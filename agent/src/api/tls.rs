@@ -42,7 +42,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tonic::transport::{Certificate, CertificateDer, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, CertificateDer, ClientTlsConfig, Identity};
 use tonic::{Request, Status};
 use x509_parser::extensions::GeneralName;
 
@@ -53,8 +53,6 @@ use crate::pki::{self, ClusterCa, ClusterSecret, Fingerprint, JoinedFiles};
 pub const IDENTITY_URI_PREFIX: &str = "urn:blixard:";
 /// The namespace of a client's role URI.
 pub const ROLE_URI_PREFIX: &str = "urn:blixard:role:";
-/// How long a TLS handshake may take.
-const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a certificate is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -349,16 +347,12 @@ impl Credentials {
         Identity::from_pem(&self.cert_pem, &self.key_pem)
     }
 
-    /// Serving: our certificate, and client certificates verified against
-    /// the trusted CAs (required, unless joiners are accepted, whom
-    /// `api::gate` then confines to `Peer.Admit`).
-    pub fn server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(self.identity_pem())
-            .client_ca_root(Certificate::from_pem(&self.ca_pem))
-            .client_auth_optional(self.accepts_joiners)
-            // A handshake that stalls must not hold a connection forever.
-            .timeout(TLS_HANDSHAKE_TIMEOUT)
+    /// The gRPC listener (served over `api::handshake`): our certificate,
+    /// client certificates verified against the trusted CAs (required,
+    /// unless joiners are accepted, whom `api::gate` then confines to
+    /// `Peer.Admit`), TLS 1.2 and 1.3, HTTP/2.
+    pub fn grpc_server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
+        self.rustls_server_config(!self.accepts_joiners, rustls::DEFAULT_VERSIONS, b"h2")
     }
 
     /// Our certificate chain and key, the trusted CAs as a root store, and
@@ -397,10 +391,9 @@ impl Credentials {
         Ok(config)
     }
 
-    /// A listener of ours that rustls serves (the HTTPS and datagram ones;
-    /// tonic builds the gRPC one): our certificate, client certificates of
-    /// the trusted CAs verified (and, if `client_cert_required`, required),
-    /// `versions`, one ALPN protocol. No resumption: a resumed session is
+    /// Every listener of ours (gRPC, HTTPS, datagrams): our certificate,
+    /// client certificates of the trusted CAs verified (and, if
+    /// `client_cert_required`, required), `versions`, one ALPN protocol. No resumption: a resumed session is
     /// not verified again, so a certificate that expired since (or a CA no
     /// longer trusted) would pass.
     fn rustls_server_config(
