@@ -300,14 +300,16 @@ impl BedCluster {
         let value = body.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' '));
         match value {
             None => Ok(0.0),
-            Some(v) => v.trim().parse().with_context(|| format!("{name} on {}: {v:?} is not a number", self.name(host))),
+            Some(v) => {
+                v.trim().parse().with_context(|| format!("{name} on {}: {v:?} is not a number", self.name(host)))
+            }
         }
     }
 
     fn metrics_text(&self, host: usize) -> Result<String> {
-        use std::io::{Read as _, Write as _};
         use rustls::pki_types::pem::PemObject as _;
         use rustls::pki_types::{CertificateDer, ServerName};
+        use std::io::{Read as _, Write as _};
         let mut roots = rustls::RootCertStore::empty();
         for ca in CertificateDer::pem_slice_iter(self.credentials.ca_pem.as_bytes()) {
             roots.add(ca.context("the cluster CA")?)?;

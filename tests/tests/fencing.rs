@@ -151,7 +151,12 @@ fn lossy_network(c: &BedCluster, placed: BTreeMap<String, usize>) -> BTreeMap<St
     let before: Vec<_> = ALL.into_iter().map(|h| c.units(h).unwrap()).collect();
     let report = soak(c, Impairment::LOSSY, SOAK).unwrap();
     eprintln!("lossy network: {}", report.describe());
-    assert!(report.healthy(), "a healthy cluster fenced, restarted or moved a guest: {}\n{}", report.describe(), diagnose(c));
+    assert!(
+        report.healthy(),
+        "a healthy cluster fenced, restarted or moved a guest: {}\n{}",
+        report.describe(),
+        diagnose(c)
+    );
     for (host, batches) in ALL.into_iter().zip(&report.datagram_batches) {
         assert!(
             *batches >= SOAK.as_secs(),
