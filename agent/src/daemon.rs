@@ -213,9 +213,14 @@ pub async fn run(
     };
     if let Some(path) = &datagrams {
         let service = Arc::new(PeerService::new(context.clone()));
+        let metrics = metrics.clone();
         let accept: datagram::Accept = Arc::new(move |speaker, batch| {
-            let service = service.clone();
-            Box::pin(async move { service.accept_batch(&speaker, batch).await })
+            let (service, metrics) = (service.clone(), metrics.clone());
+            Box::pin(async move {
+                service.accept_batch(&speaker, batch).await?;
+                metrics.peer_datagram_batches.inc();
+                Ok(())
+            })
         });
         tokio::spawn(datagram::serve(path.clone(), accept, server_stopped.clone()));
     }

@@ -24,6 +24,7 @@
 //! | `reconcile_duration_seconds` | histogram | one reconciler pass on this host |
 //! | `contact_reads_total` | counter | quorum-contact reads this host sent itself because the leader's confirmations stopped (none at rest) |
 //! | `peer_messages_refused_total` | counter | Raft messages from peers the raft thread refused by the trust table (`crate::trust`; none at rest) |
+//! | `peer_datagram_batches_total` | counter | peer batches this member accepted over the QUIC datagram path (`api::datagram`; flat while peers are up: they reach it over TCP alone) |
 //! | `failovers_total` | counter | VMs this leader moved off a fenced (down) host |
 //! | `fencing_events_total{kind}` | counter | `self`: this host fenced itself (lost quorum); `vouched`: this leader cleared a fenced host's handoff |
 //! | `scheduler_decisions_total{kind}` | counter | decisions this leader proposed: `place`, `move`, `unplace`, `host_down`, `host_up`, `clear_handoff` |
@@ -148,6 +149,7 @@ pub struct Metrics {
     pub failovers: Counter,
     pub contact_reads: Counter,
     pub peer_messages_refused: Counter,
+    pub peer_datagram_batches: Counter,
     fencing: Family<KindLabel, Counter>,
     decisions: Family<KindLabel, Counter>,
     start_time_seconds: FloatGauge,
@@ -205,6 +207,7 @@ impl Metrics {
             failovers: Counter::default(),
             contact_reads: Counter::default(),
             peer_messages_refused: Counter::default(),
+            peer_datagram_batches: Counter::default(),
             fencing: Family::default(),
             decisions: Family::default(),
             start_time_seconds: FloatGauge::default(),
@@ -304,6 +307,11 @@ impl Metrics {
             "peer_messages_refused",
             "Raft messages from peers the raft thread refused by the trust table",
             m.peer_messages_refused.clone(),
+        );
+        registry.register(
+            "peer_datagram_batches",
+            "Peer batches this member accepted over the QUIC datagram path",
+            m.peer_datagram_batches.clone(),
         );
         registry.register(
             "fencing_events",

@@ -50,6 +50,8 @@ use crate::{Probe, Testbed, agent_binary, wait_for};
 
 /// The agents' gRPC port, on each host's bridge address.
 pub const PORT: u16 = 7000;
+/// The agents' HTTP port (`metrics_listen`: /metrics over HTTPS), on the same address.
+pub const METRICS_PORT: u16 = 9464;
 /// Where the agents keep their data (and `fence-contact`), inside each host.
 pub const DATA_DIR: &str = "/var/lib/blixard";
 pub const CONFIG_PATH: &str = "/etc/blixard/agent.toml";
@@ -181,7 +183,8 @@ impl BedCluster {
             }
             host.write_file(SECRET_PATH, &secret, 0o600)?;
             let config = format!(
-                "node_name = \"{name}\"\nlisten = \"{addr}:{PORT}\"\ndata_dir = \"{DATA_DIR}\"\n\
+                "node_name = \"{name}\"\nlisten = \"{addr}:{PORT}\"\nmetrics_listen = \"{addr}:{METRICS_PORT}\"\n\
+                 data_dir = \"{DATA_DIR}\"\n\
                  initial_members = [{members}]\ncluster_secret_file = \"{SECRET_PATH}\"\n\n[runtime]\nkind = \"systemd\"\nstate_dir = \"{state}\"\n\n\
                  [capacity]\nvcpu = {HOST_VCPU}\nmemory_mib = {HOST_MEMORY_MIB}\n",
                 name = host.name(),
@@ -288,6 +291,57 @@ impl BedCluster {
             }
             Ok(out)
         })
+    }
+
+    /// The value of the unlabelled metric `name` (`blixard_peer_datagram_batches_total`)
+    /// on `host`'s agent, read from its /metrics over HTTPS; 0 while it has no sample.
+    pub fn metric(&self, host: usize, name: &str) -> Result<f64> {
+        let body = self.metrics_text(host)?;
+        let value = body.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' '));
+        match value {
+            None => Ok(0.0),
+            Some(v) => {
+                v.trim().parse().with_context(|| format!("{name} on {}: {v:?} is not a number", self.name(host)))
+            }
+        }
+    }
+
+    fn metrics_text(&self, host: usize) -> Result<String> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, ServerName};
+        use std::io::{Read as _, Write as _};
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(self.credentials.ca_pem.as_bytes()) {
+            roots.add(ca.context("the cluster CA")?)?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let addr = self.addr(host);
+        let name = ServerName::from(std::net::IpAddr::V4(addr));
+        let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name)?;
+        let at = std::net::SocketAddr::from((addr, METRICS_PORT));
+        let stream = std::net::TcpStream::connect_timeout(&at, CONNECT_TIMEOUT)
+            .with_context(|| format!("connecting to {}'s metrics at {at}", self.name(host)))?;
+        stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+        stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        let mut tls = rustls::StreamOwned::new(connection, stream);
+        write!(tls, "GET /metrics HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\n\r\n")?;
+        let mut bytes = Vec::new();
+        if let Err(e) = tls.read_to_end(&mut bytes) {
+            // A peer that closes without close_notify, after the response.
+            if e.kind() != std::io::ErrorKind::UnexpectedEof || bytes.is_empty() {
+                return Err(e).with_context(|| format!("reading {}'s metrics", self.name(host)));
+            }
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("{}'s /metrics answered {:?}", self.name(host), head.lines().next().unwrap_or(""));
+        }
+        Ok(body.to_string())
     }
 
     /// The events `host`'s agent has recorded (`blixard-agent events`), oldest first.

@@ -14,6 +14,8 @@ use crate::testbed::Impairment;
 
 /// What the agents log (agent and guard alike) each time a host fences itself.
 const FENCE_LINE: &str = "no quorum contact: fencing";
+/// Peer batches an agent accepted over the QUIC datagram path (`api::datagram`).
+pub const DATAGRAM_METRIC: &str = "blixard_peer_datagram_batches_total";
 
 /// What one soak saw.
 #[derive(Debug)]
@@ -28,6 +30,9 @@ pub struct SoakReport {
     pub events: BTreeMap<String, usize>,
     /// Guest starts during the soak, over every guest and host (the fake guests' logs).
     pub guest_starts: usize,
+    /// Peer batches each host accepted over the datagram path during the soak
+    /// ([`DATAGRAM_METRIC`]): none means its peers reached it over TCP alone.
+    pub datagram_batches: Vec<u64>,
     /// What the network did.
     pub network: String,
 }
@@ -45,12 +50,14 @@ impl SoakReport {
 
     pub fn describe(&self) -> String {
         format!(
-            "{:.0} s: {} fences, {} elections, {} guest starts, events {:?}; {}",
+            "{:.0} s: {} fences, {} elections, {} guest starts, events {:?}; datagram batches accepted per host \
+             {:?}; {}",
             self.duration.as_secs_f64(),
             self.fences,
             self.elections,
             self.guest_starts,
             self.events,
+            self.datagram_batches,
             self.network
         )
     }
@@ -86,6 +93,8 @@ pub fn soak(cluster: &BedCluster, impairment: Impairment, duration: Duration) ->
     let fences_before: Vec<usize> = hosts.iter().map(|&h| fence_lines(cluster, h)).collect::<Result<_>>()?;
     let seq_before: Vec<u64> = hosts.iter().map(|&h| last_seq(cluster, h)).collect::<Result<_>>()?;
     let term_before = term(cluster, &hosts)?;
+    let datagrams_before: Vec<f64> =
+        hosts.iter().map(|&h| cluster.metric(h, DATAGRAM_METRIC)).collect::<Result<_>>()?;
 
     let started = Instant::now();
     let impaired = cluster.bed().impair(impairment).context("impairing the network")?;
@@ -93,6 +102,12 @@ pub fn soak(cluster: &BedCluster, impairment: Impairment, duration: Duration) ->
         std::thread::sleep(Duration::from_millis(500).min(duration.saturating_sub(started.elapsed())));
     }
     let network = impaired.counts().summary();
+    // Read while the network is still impaired: what came over datagrams in the soak.
+    let datagram_batches: Vec<u64> = hosts
+        .iter()
+        .zip(&datagrams_before)
+        .map(|(&h, before)| Ok((cluster.metric(h, DATAGRAM_METRIC)? - before).max(0.0) as u64))
+        .collect::<Result<_>>()?;
     impaired.stop().context("healing the network")?;
     let elapsed = started.elapsed();
 
@@ -118,6 +133,7 @@ pub fn soak(cluster: &BedCluster, impairment: Impairment, duration: Duration) ->
         elections,
         events,
         guest_starts: starts_after.saturating_sub(starts_before),
+        datagram_batches,
         network,
     })
 }
