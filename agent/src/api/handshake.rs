@@ -7,12 +7,16 @@
 //!
 //! Each handshake runs in a task of its own with a deadline
 //! ([`HANDSHAKE_TIMEOUT`]), at most [`HANDSHAKES_MAX`] at once (more
-//! connections wait in the kernel's backlog), so a slow or hostile client
-//! holds up nobody else; a handshake that fails is logged (debug) and
-//! dropped, and the listener goes on. Dropping [`Handshaken`] closes the
+//! connections wait in the kernel's backlog) and at most
+//! [`HANDSHAKES_PER_ADDRESS_MAX`] from one IP address (more from it are
+//! closed at once), so a slow or hostile client holds up nobody else: one
+//! address that opens connections and never speaks cannot fill the
+//! listener's slots; a handshake that fails is logged (debug) and dropped,
+//! and the listener goes on. Dropping [`Handshaken`] closes the
 //! listener and ends the handshakes in progress.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -24,7 +28,11 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_stream::{Stream, StreamExt as _};
 
 /// TLS handshakes in progress at once on one listener.
-pub const HANDSHAKES_MAX: usize = 64;
+pub const HANDSHAKES_MAX: usize = 1024;
+/// TLS handshakes in progress at once from one IP address (the members of
+/// a cluster on one machine share 127.0.0.1: a joining storm of a hundred
+/// agents there stays within it).
+pub const HANDSHAKES_PER_ADDRESS_MAX: usize = 64;
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long accepting pauses after the listener fails (out of descriptors
@@ -83,15 +91,22 @@ async fn accept<S, F, T>(
     F: Fn(TlsConnection, SocketAddr) -> T + Send + Sync + 'static,
     T: Send + 'static,
 {
-    let mut handshakes = JoinSet::new();
+    // Each handshake task returns its address's IP, to count it out.
+    let mut handshakes: JoinSet<IpAddr> = JoinSet::new();
+    let mut per_address: HashMap<IpAddr, usize> = HashMap::new();
     loop {
         // At the cap, the next connection waits until a handshake ends.
         while handshakes.len() >= HANDSHAKES_MAX {
-            handshakes.join_next().await;
+            if let Some(done) = handshakes.join_next().await {
+                count_out(&mut per_address, done);
+            }
         }
         let accepted = tokio::select! {
             accepted = incoming.next() => accepted,
-            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => continue,
+            Some(done) = handshakes.join_next(), if !handshakes.is_empty() => {
+                count_out(&mut per_address, done);
+                continue;
+            }
             () = ready.closed() => return,
         };
         let tcp = match accepted {
@@ -104,6 +119,12 @@ async fn accept<S, F, T>(
             None => return,
         };
         let Ok(address) = tcp.peer_addr() else { continue };
+        let from_address = per_address.entry(address.ip()).or_default();
+        if *from_address >= HANDSHAKES_PER_ADDRESS_MAX {
+            tracing::debug!(listener = what, %address, "too many TLS handshakes from one address: connection closed");
+            continue;
+        }
+        *from_address += 1;
         let (acceptor, label, ready) = (acceptor.clone(), label.clone(), ready.clone());
         handshakes.spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -113,7 +134,22 @@ async fn accept<S, F, T>(
                 Ok(Err(e)) => tracing::debug!(listener = what, %address, error = %e, "a TLS handshake failed"),
                 Err(_) => tracing::debug!(listener = what, %address, "a TLS handshake did not finish in time"),
             }
+            address.ip()
         });
+    }
+}
+
+/// Counts out the address of a handshake that ended. A task ends only by
+/// returning (the set is aborted only with the accept loop), so every
+/// address counted in is counted out.
+fn count_out(per_address: &mut HashMap<IpAddr, usize>, ended: Result<IpAddr, tokio::task::JoinError>) {
+    if let Ok(ip) = ended
+        && let Some(count) = per_address.get_mut(&ip)
+    {
+        *count -= 1;
+        if *count == 0 {
+            per_address.remove(&ip);
+        }
     }
 }
 
@@ -218,6 +254,55 @@ mod tests {
             clock.ahead.store(0, Ordering::Relaxed);
         }
         assert!(!server.is_finished(), "the listener survives refused handshakes");
+        server.abort();
+    }
+
+    /// One address that opens connections and never speaks holds at most
+    /// [`HANDSHAKES_PER_ADDRESS_MAX`] handshakes: its next connection is
+    /// closed at once, and a client from another address is served.
+    #[tokio::test]
+    async fn one_silent_address_cannot_fill_the_listener() {
+        let secret = ClusterSecret::generate().unwrap();
+        let credentials = Credentials::from_secret(&secret, None, "h1", "127.0.0.1:7000").unwrap();
+        let ca = ClusterCa::from_secret(&secret);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        let incoming = Handshaken::start(
+            "gRPC",
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            Arc::new(credentials.grpc_server_config().unwrap()),
+            |tls, _| tls,
+        );
+        let (_, health) = tonic_health::server::health_reporter();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming(incoming.map(Ok::<_, std::io::Error>)),
+        );
+        let from = |ip: &str| {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+            socket.connect(at)
+        };
+        let mut silent = Vec::new();
+        for _ in 0..HANDSHAKES_PER_ADDRESS_MAX {
+            silent.push(from("127.0.0.2").await.unwrap());
+        }
+        // The accept loop takes connections in order: once the one past
+        // the cap is closed, the silent ones before it are all counted.
+        let mut past_the_cap = from("127.0.0.2").await.unwrap();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), past_the_cap.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the connection past the cap was not closed: {read:?}");
+        let client = client_config(&ca, &rustls::version::TLS13);
+        assert_eq!(connect(at, &client).await, Some(rustls::HandshakeKind::Full), "another address was not served");
+        // The silent ones still wait (none was closed).
+        for mut tcp in silent {
+            assert!(
+                tokio::time::timeout(Duration::from_millis(1), tcp.read(&mut byte)).await.is_err(),
+                "a silent connection within the cap was closed"
+            );
+        }
         server.abort();
     }
 }
