@@ -202,7 +202,11 @@ pub fn speaker_of_connection(connection: &quinn::Connection) -> Result<Speaker, 
 
 /// Handshakes an endpoint serves at once; a connection attempt beyond
 /// them is refused (its sender dials again). Members need one each.
-const HANDSHAKES_MAX: usize = 64;
+const HANDSHAKES_MAX: usize = 256;
+/// Handshakes an endpoint serves at once from one IP address (members of a
+/// cluster on one machine share 127.0.0.1), so one address that completes
+/// the Retry and abandons its handshakes cannot take every slot.
+const HANDSHAKES_PER_ADDRESS_MAX: usize = 64;
 
 /// Accepts peers' connections until `stop`, each batch of each to `accept`.
 ///
@@ -211,9 +215,11 @@ const HANDSHAKES_MAX: usize = 64;
 /// stateless packet; one round trip for a real peer): a flood of Initials,
 /// from spoofed or many source addresses, then costs no key exchange, no
 /// state and no amplified answer. At most [`HANDSHAKES_MAX`] handshakes run
-/// at once, each for at most `HANDSHAKE_TIMEOUT`.
+/// at once, [`HANDSHAKES_PER_ADDRESS_MAX`] from one IP address, each for at
+/// most `HANDSHAKE_TIMEOUT`.
 pub async fn serve(path: Arc<DatagramPath>, accept: Accept, mut stop: watch::Receiver<bool>) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+    let per_address = crate::api::handshake::PerAddress::new(HANDSHAKES_PER_ADDRESS_MAX);
     loop {
         let incoming = tokio::select! {
             incoming = path.endpoint.accept() => incoming,
@@ -229,6 +235,11 @@ pub async fn serve(path: Arc<DatagramPath>, accept: Accept, mut stop: watch::Rec
             }
             continue;
         }
+        let Some(slot) = per_address.take(incoming.remote_address().ip()) else {
+            tracing::debug!(from = %incoming.remote_address(), "refused a datagram connection: too many handshakes from its address");
+            incoming.refuse();
+            continue;
+        };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             tracing::debug!(from = %incoming.remote_address(), "refused a datagram connection: too many handshakes at once");
             incoming.refuse();
@@ -238,7 +249,7 @@ pub async fn serve(path: Arc<DatagramPath>, accept: Accept, mut stop: watch::Rec
         tokio::spawn(async move {
             let from = incoming.remote_address();
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
-            drop(permit);
+            drop((permit, slot));
             let connection = match handshake {
                 Ok(Ok(connection)) => connection,
                 Ok(Err(e)) => {

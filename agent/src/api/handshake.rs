@@ -91,22 +91,16 @@ async fn accept<S, F, T>(
     F: Fn(TlsConnection, SocketAddr) -> T + Send + Sync + 'static,
     T: Send + 'static,
 {
-    // Each handshake task returns its address's IP, to count it out.
-    let mut handshakes: JoinSet<IpAddr> = JoinSet::new();
-    let mut per_address: HashMap<IpAddr, usize> = HashMap::new();
+    let mut handshakes = JoinSet::new();
+    let per_address = PerAddress::new(HANDSHAKES_PER_ADDRESS_MAX);
     loop {
         // At the cap, the next connection waits until a handshake ends.
         while handshakes.len() >= HANDSHAKES_MAX {
-            if let Some(done) = handshakes.join_next().await {
-                count_out(&mut per_address, done);
-            }
+            handshakes.join_next().await;
         }
         let accepted = tokio::select! {
             accepted = incoming.next() => accepted,
-            Some(done) = handshakes.join_next(), if !handshakes.is_empty() => {
-                count_out(&mut per_address, done);
-                continue;
-            }
+            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => continue,
             () = ready.closed() => return,
         };
         let tcp = match accepted {
@@ -119,14 +113,13 @@ async fn accept<S, F, T>(
             None => return,
         };
         let Ok(address) = tcp.peer_addr() else { continue };
-        let from_address = per_address.entry(address.ip()).or_default();
-        if *from_address >= HANDSHAKES_PER_ADDRESS_MAX {
+        let Some(slot) = per_address.take(address.ip()) else {
             tracing::debug!(listener = what, %address, "too many TLS handshakes from one address: connection closed");
             continue;
-        }
-        *from_address += 1;
+        };
         let (acceptor, label, ready) = (acceptor.clone(), label.clone(), ready.clone());
         handshakes.spawn(async move {
+            let _slot = slot;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     let _ = ready.send(label(tls, address)).await;
@@ -134,21 +127,49 @@ async fn accept<S, F, T>(
                 Ok(Err(e)) => tracing::debug!(listener = what, %address, error = %e, "a TLS handshake failed"),
                 Err(_) => tracing::debug!(listener = what, %address, "a TLS handshake did not finish in time"),
             }
-            address.ip()
         });
     }
 }
 
-/// Counts out the address of a handshake that ended. A task ends only by
-/// returning (the set is aborted only with the accept loop), so every
-/// address counted in is counted out.
-fn count_out(per_address: &mut HashMap<IpAddr, usize>, ended: Result<IpAddr, tokio::task::JoinError>) {
-    if let Ok(ip) = ended
-        && let Some(count) = per_address.get_mut(&ip)
-    {
-        *count -= 1;
-        if *count == 0 {
-            per_address.remove(&ip);
+/// How many handshakes each IP address has in progress, at most `max`
+/// each: [`PerAddress::take`] hands out a slot, given back when dropped.
+#[derive(Clone)]
+pub struct PerAddress {
+    max: usize,
+    taken: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One handshake's place in its address's count, until dropped.
+pub struct AddressSlot {
+    ip: IpAddr,
+    taken: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl PerAddress {
+    pub fn new(max: usize) -> PerAddress {
+        PerAddress { max, taken: Arc::default() }
+    }
+
+    /// A slot for one more handshake from `ip`, or `None` if it has `max`.
+    pub fn take(&self, ip: IpAddr) -> Option<AddressSlot> {
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        let count = taken.entry(ip).or_default();
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot { ip, taken: self.taken.clone() })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = taken.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                taken.remove(&self.ip);
+            }
         }
     }
 }
@@ -255,6 +276,19 @@ mod tests {
         }
         assert!(!server.is_finished(), "the listener survives refused handshakes");
         server.abort();
+    }
+
+    #[test]
+    fn per_address_slots_are_counted_by_ip_and_given_back() {
+        let limit = PerAddress::new(2);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let first = limit.take(a).expect("first");
+        let _second = limit.take(a).expect("second");
+        assert!(limit.take(a).is_none(), "a third from one address");
+        assert!(limit.take(b).is_some(), "another address is not held up");
+        drop(first);
+        assert!(limit.take(a).is_some(), "a dropped slot is given back");
+        assert!(limit.taken.lock().unwrap().get(&b).is_none(), "an address with none in progress is forgotten");
     }
 
     /// One address that opens connections and never speaks holds at most
