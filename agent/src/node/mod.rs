@@ -19,6 +19,7 @@
 
 pub mod autopilot;
 mod contact;
+mod copies;
 pub mod events;
 mod identity;
 mod leader;
@@ -248,6 +249,8 @@ pub struct NodeHandle {
     contact: Arc<watch::Sender<Option<Contact>>>,
     fence_after_ms: u64,
     voters_wanted: usize,
+    /// The heartbeats and answers stepped last, to drop their copies.
+    copies: Arc<copies::Copies>,
     /// Closed when the raft thread ends (see [`NodeHandle::stopped`]).
     alive: watch::Receiver<()>,
 }
@@ -445,6 +448,7 @@ impl Node {
             contact: Arc::new(watch::Sender::new(None)),
             fence_after_ms: options.timing.fence_after_ms,
             voters_wanted: options.voters.target,
+            copies: Arc::new(copies::Copies::new(Duration::from_millis(options.timing.heartbeat_interval_ms / 2))),
             alive: alive_rx,
         };
         let duties = leader::Duties::new(
@@ -624,8 +628,14 @@ impl NodeHandle {
     /// time once a quorum has answered a heartbeat round it started after
     /// receiving it. `confirmation` is the sender's confirmation of this
     /// host's quorum contact, if the frame carries one; it counts only from
-    /// the current leader (see `Input::Raft`).
-    pub fn step_frame(&self, from: NodeId, sent_at_ms: u64, messages: Vec<Message>, confirmation: Option<Contact>) {
+    /// the current leader (see `Input::Raft`). The second copy of a
+    /// heartbeat or of its answer (both paths carry them) is dropped here,
+    /// and a frame left with nothing to say with it (`copies`).
+    pub fn step_frame(&self, from: NodeId, sent_at_ms: u64, mut messages: Vec<Message>, confirmation: Option<Contact>) {
+        if self.copies.drop_copies(from, &mut messages, Instant::now()) && messages.is_empty() && confirmation.is_none()
+        {
+            return;
+        }
         let sent_at_ms = (sent_at_ms != 0).then_some(sent_at_ms);
         let _ = self.submit(Input::Raft { from, sent_at_ms, messages, confirmation, queued: Instant::now() });
     }
