@@ -235,20 +235,11 @@ mod tests {
         }
     }
 
-    /// Through the gRPC listener's config and accept loop: a client that
-    /// would resume gets a full handshake every time (TLS 1.2 and 1.3), so
-    /// a certificate that expired since its first connection is refused on
-    /// the next; a client that never finishes its handshake holds up
-    /// nobody. With tonic's own TLS (a session cache) the second
-    /// connection was resumed and the expired certificate accepted.
-    #[tokio::test]
-    async fn the_grpc_listener_resumes_no_session() {
-        let secret = ClusterSecret::generate().unwrap();
-        let credentials = Credentials::from_secret(&secret, None, "h1", "127.0.0.1:7000").unwrap();
-        let ca = ClusterCa::from_secret(&secret);
-        let clock = Arc::new(Clock::default());
-        let mut config = credentials.grpc_server_config().unwrap();
-        config.time_provider = clock.clone();
+    /// A tonic server (the health service) behind this accept loop with
+    /// `config`, on a loopback port: its address and its task.
+    async fn serve(
+        config: rustls::ServerConfig,
+    ) -> (SocketAddr, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let at = listener.local_addr().unwrap();
         let incoming = Handshaken::start(
@@ -263,6 +254,24 @@ mod tests {
                 .add_service(health)
                 .serve_with_incoming(incoming.map(Ok::<_, std::io::Error>)),
         );
+        (at, server)
+    }
+
+    /// Through the gRPC listener's config and accept loop: a client that
+    /// would resume gets a full handshake every time (TLS 1.2 and 1.3), so
+    /// a certificate that expired since its first connection is refused on
+    /// the next; a client that never finishes its handshake holds up
+    /// nobody. With tonic's own TLS (a session cache) the second
+    /// connection was resumed and the expired certificate accepted.
+    #[tokio::test]
+    async fn the_grpc_listener_resumes_no_session() {
+        let secret = ClusterSecret::generate().unwrap();
+        let credentials = Credentials::from_secret(&secret, None, "h1", "127.0.0.1:7000").unwrap();
+        let ca = ClusterCa::from_secret(&secret);
+        let clock = Arc::new(Clock::default());
+        let mut config = credentials.grpc_server_config().unwrap();
+        config.time_provider = clock.clone();
+        let (at, server) = serve(config).await;
         // Connected, silent: its handshake waits, the others go on.
         let _silent = TcpStream::connect(at).await.unwrap();
 
@@ -299,20 +308,7 @@ mod tests {
         let secret = ClusterSecret::generate().unwrap();
         let credentials = Credentials::from_secret(&secret, None, "h1", "127.0.0.1:7000").unwrap();
         let ca = ClusterCa::from_secret(&secret);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let at = listener.local_addr().unwrap();
-        let incoming = Handshaken::start(
-            "gRPC",
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            Arc::new(credentials.grpc_server_config().unwrap()),
-            |tls, _| tls,
-        );
-        let (_, health) = tonic_health::server::health_reporter();
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(health)
-                .serve_with_incoming(incoming.map(Ok::<_, std::io::Error>)),
-        );
+        let (at, server) = serve(credentials.grpc_server_config().unwrap()).await;
         let from = |ip: &str| {
             let socket = tokio::net::TcpSocket::new_v4().unwrap();
             socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();

@@ -393,9 +393,10 @@ impl Credentials {
 
     /// Every listener of ours (gRPC, HTTPS, datagrams): our certificate,
     /// client certificates of the trusted CAs verified (and, if
-    /// `client_cert_required`, required), `versions`, one ALPN protocol. No resumption: a resumed session is
-    /// not verified again, so a certificate that expired since (or a CA no
-    /// longer trusted) would pass.
+    /// `client_cert_required`, required), `versions`, one ALPN protocol.
+    /// No resumption: a resumed session is not verified again, so a
+    /// certificate that expired since (or a CA no longer trusted) would
+    /// pass.
     fn rustls_server_config(
         &self,
         client_cert_required: bool,
