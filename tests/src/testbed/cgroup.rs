@@ -229,24 +229,22 @@ fn remove_tree(dir: &Path) -> Result<()> {
 /// and the kernel threads KVM and vhost attach to a qemu's cgroup, leave only as the
 /// exit completes. So a busy group is killed again and retried until `EXIT_TIMEOUT`.
 fn remove_dir_ignoring_absent(dir: &Path) -> Result<()> {
-    wait_for(&format!("cgroup {} to be removable", dir.display()), EXIT_TIMEOUT, || {
-        match fs::remove_dir(dir) {
-            Ok(()) => Ok(Probe::Ready(())),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Probe::Ready(())),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                let kill_file = dir.join("cgroup.kill");
-                if kill_file.exists() {
-                    let _ = fs::write(&kill_file, "1");
-                }
-                let events = fs::read_to_string(dir.join("cgroup.events")).unwrap_or_default();
-                let mut left = Vec::new();
-                collect_pids(dir, &mut left);
-                Ok(Probe::NotYet(format!(
-                    "busy ({}); processes left: {left:?}",
-                    events.split_whitespace().collect::<Vec<_>>().join(" ")
-                )))
+    wait_for(&format!("cgroup {} to be removable", dir.display()), EXIT_TIMEOUT, || match fs::remove_dir(dir) {
+        Ok(()) => Ok(Probe::Ready(())),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Probe::Ready(())),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            let kill_file = dir.join("cgroup.kill");
+            if kill_file.exists() {
+                let _ = fs::write(&kill_file, "1");
             }
-            Err(e) => bail!("removing cgroup {}: {e}", dir.display()),
+            let events = fs::read_to_string(dir.join("cgroup.events")).unwrap_or_default();
+            let mut left = Vec::new();
+            collect_pids(dir, &mut left);
+            Ok(Probe::NotYet(format!(
+                "busy ({}); processes left: {left:?}",
+                events.split_whitespace().collect::<Vec<_>>().join(" ")
+            )))
         }
+        Err(e) => bail!("removing cgroup {}: {e}", dir.display()),
     })
 }
