@@ -99,6 +99,18 @@ const DATAGRAM_REDIAL_MAX: Duration = Duration::from_secs(5);
 /// A peer unreachable over UDP for this long while TCP reaches it is warned
 /// about once (a peer still starting, or down, is not).
 const DATAGRAM_WARN_AFTER: Duration = Duration::from_secs(10);
+/// The shortest time between two batches to a learner: what is queued
+/// for it meanwhile goes in one batch, and its appends are merged into one
+/// message, so that under load a learner decodes, syncs and answers once
+/// per pace rather than once per commit (nothing waits on a learner's
+/// acknowledgement; its contact confirmation is this much later at most,
+/// against a `fence_after` of seconds). A batch after a quiet spell goes at
+/// once.
+pub const LEARNER_PACE: Duration = Duration::from_millis(20);
+/// The most entry bytes merged into one append message: raft-rs's own
+/// bound per message (`max_size_per_msg`), so a receiver sees nothing
+/// larger than it would anyway.
+const MERGED_APPEND_BYTES_MAX: usize = 1024 * 1024;
 /// Pause after a failed send, doubled up to the max while failures go on.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Short: a restarted peer hears nothing from us until the pause ends (at
@@ -126,6 +138,9 @@ struct PeerQueue {
     datagram_ready: Notify,
     /// When a batch last went onto the gRPC path (monotonic ms).
     tcp_sent_at_ms: AtomicU64,
+    /// The least time between two batches on the gRPC path, ms (0: none;
+    /// [`LEARNER_PACE`] for a learner).
+    pace_ms: AtomicU64,
 }
 
 struct Shared {
@@ -169,6 +184,10 @@ impl Shared {
 pub struct PeerTransport {
     shared: Arc<Shared>,
     peers: BTreeMap<NodeId, Arc<PeerQueue>>,
+    /// The members that do not vote, paced ([`LEARNER_PACE`]).
+    learners: BTreeSet<NodeId>,
+    /// The pace for learners (tests change it).
+    learner_pace: Duration,
     runtime: tokio::runtime::Handle,
 }
 
@@ -201,10 +220,28 @@ impl PeerTransport {
             node: node_rx,
             closed: AtomicBool::new(false),
         });
-        (PeerTransport { shared, peers: BTreeMap::new(), runtime }, TransportLink(node_tx))
+        let transport = PeerTransport {
+            shared,
+            peers: BTreeMap::new(),
+            learners: BTreeSet::new(),
+            learner_pace: LEARNER_PACE,
+            runtime,
+        };
+        (transport, TransportLink(node_tx))
+    }
+
+    /// The least time between two batches to a learner (default [`LEARNER_PACE`]).
+    pub fn with_learner_pace(mut self, pace: Duration) -> Self {
+        self.learner_pace = pace;
+        self
+    }
+
+    fn pace_of(&self, peer: NodeId) -> u64 {
+        if self.learners.contains(&peer) { self.learner_pace.as_millis() as u64 } else { 0 }
     }
 
     fn queue(&mut self, peer: NodeId) -> Arc<PeerQueue> {
+        let pace_ms = self.pace_of(peer);
         let queue = self.peers.entry(peer).or_insert_with(|| {
             let queue = Arc::new(PeerQueue {
                 messages: Mutex::new(VecDeque::new()),
@@ -214,6 +251,7 @@ impl PeerTransport {
                 datagram_confirmation: Mutex::new(None),
                 datagram_ready: Notify::new(),
                 tcp_sent_at_ms: AtomicU64::new(0),
+                pace_ms: AtomicU64::new(pace_ms),
             });
             self.runtime.spawn(run_peer(self.shared.clone(), peer, queue.clone()));
             if let Some(path) = &self.shared.datagrams {
@@ -271,6 +309,13 @@ impl PeerSender for PeerTransport {
             *confirmation = Some(confirmation.map_or(contact, |v| v.max(contact)));
         }
     }
+
+    fn set_learners(&mut self, learners: &[NodeId]) {
+        self.learners = learners.iter().copied().collect();
+        for (&peer, queue) in &self.peers {
+            queue.pace_ms.store(self.pace_of(peer), Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for PeerTransport {
@@ -289,7 +334,8 @@ pub(crate) fn peer_client(channel: Channel) -> PeerClient<Channel> {
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
 }
 
-/// Takes the next batch off `queue`: up to the message and byte bounds.
+/// Takes the next batch off `queue`: up to the message and byte bounds,
+/// consecutive appends merged ([`merge_appends`]).
 fn next_batch(queue: &PeerQueue) -> Vec<Vec<u8>> {
     let mut queued = queue.messages.lock().unwrap_or_else(|e| e.into_inner());
     let mut batch = Vec::new();
@@ -300,7 +346,12 @@ fn next_batch(queue: &PeerQueue) -> Vec<Vec<u8>> {
         if !batch.is_empty() && bytes + size > RAFT_BATCH_BYTES_MAX {
             break;
         }
-        let message = queued.pop_front().expect("peeked above");
+        let mut message = queued.pop_front().expect("peeked above");
+        while let Some(next) = queued.front()
+            && merge_appends(&mut message, next)
+        {
+            queued.pop_front();
+        }
         match message.write_to_bytes() {
             Ok(encoded) => {
                 bytes += encoded.len();
@@ -310,6 +361,40 @@ fn next_batch(queue: &PeerQueue) -> Vec<Vec<u8>> {
         }
     }
     batch
+}
+
+/// Appends `next` to `first` when both are appends of one term and `next`
+/// continues exactly where `first` ends (its previous index and term are
+/// `first`'s last entry, or `first`'s own when it carries none), within
+/// [`MERGED_APPEND_BYTES_MAX`]: the follower then takes one message for
+/// two, and answers once, for the last index, which acknowledges both to
+/// the leader's progress tracking. Anything else is left as it is.
+fn merge_appends(first: &mut Message, next: &Message) -> bool {
+    if first.get_msg_type() != MessageType::MsgAppend
+        || next.get_msg_type() != MessageType::MsgAppend
+        || first.term != next.term
+        || first.from != next.from
+        || first.to != next.to
+    {
+        return false;
+    }
+    let (last_index, last_term) = match first.entries.last() {
+        Some(entry) => (entry.index, entry.term),
+        None => (first.index, first.log_term),
+    };
+    if next.index != last_index || next.log_term != last_term {
+        return false;
+    }
+    let bytes = |m: &Message| m.entries.iter().map(|e| e.compute_size() as usize).sum::<usize>();
+    if !first.entries.is_empty() && !next.entries.is_empty() && bytes(first) + bytes(next) > MERGED_APPEND_BYTES_MAX {
+        return false;
+    }
+    first.entries.extend(next.entries.iter().cloned());
+    if next.commit >= first.commit {
+        first.commit = next.commit;
+        first.commit_term = next.commit_term;
+    }
+    true
 }
 
 /// An open `Peer.RaftStream` call: batches go into `batches`, and the call
@@ -346,9 +431,21 @@ async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
         if shared.closed.load(Ordering::SeqCst) {
             return;
         }
+        if queue.messages.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            queue.ready.notified().await;
+            continue;
+        }
+        // A paced peer (a learner) waits out its pace since the last batch,
+        // and what comes meanwhile goes with this one.
+        let pace_ms = queue.pace_ms.load(Ordering::Relaxed);
+        if pace_ms > 0 {
+            let since_ms = crate::clock::monotonic_ms().saturating_sub(queue.tcp_sent_at_ms.load(Ordering::Relaxed));
+            if since_ms < pace_ms {
+                tokio::time::sleep(Duration::from_millis(pace_ms - since_ms)).await;
+            }
+        }
         let batch = next_batch(&queue);
         if batch.is_empty() {
-            queue.ready.notified().await;
             continue;
         }
         let Some(address) = shared.address_of(peer) else {
@@ -1525,6 +1622,121 @@ mod transport_tests {
         let (commits, how) = received(recorder);
         assert_eq!(commits, (1..=n).collect::<Vec<_>>(), "each exactly once, in order");
         assert_eq!(how, BTreeSet::from(["stream"]));
+    }
+
+    /// An append from leader 1 (term 3) to 2: after `index` (of `log_term`),
+    /// entries `first..=last` of term 3, leader commit `commit`.
+    fn append(index: u64, log_term: u64, entries: std::ops::RangeInclusive<u64>, commit: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        m.from = 1;
+        m.to = 2;
+        m.term = 3;
+        m.index = index;
+        m.log_term = log_term;
+        m.commit = commit;
+        m.commit_term = 3;
+        for i in entries {
+            m.entries.push(raft::eraftpb::Entry {
+                index: i,
+                term: 3,
+                data: vec![i as u8; 16].into(),
+                ..Default::default()
+            });
+        }
+        m
+    }
+
+    fn indexes(m: &Message) -> Vec<u64> {
+        m.entries.iter().map(|e| e.index).collect()
+    }
+
+    #[test]
+    fn consecutive_appends_merge_and_nothing_else_does() {
+        // 5..=6 then 7..=9: one message, the later commit.
+        let mut first = append(4, 3, 5..=6, 4);
+        assert!(merge_appends(&mut first, &append(6, 3, 7..=9, 6)));
+        assert_eq!(indexes(&first), vec![5, 6, 7, 8, 9]);
+        assert_eq!((first.index, first.log_term, first.commit), (4, 3, 6));
+        // A commit-only append (no entries) continues from its own index.
+        let mut only_commit = append(9, 3, 1..=1, 7);
+        only_commit.entries.clear();
+        assert!(merge_appends(&mut only_commit, &append(9, 3, 10..=10, 9)));
+        assert_eq!((indexes(&only_commit), only_commit.commit), (vec![10], 9));
+        // An older commit does not move the merged one back.
+        let mut newer = append(4, 3, 5..=5, 5);
+        assert!(merge_appends(&mut newer, &append(5, 3, 6..=6, 4)));
+        assert_eq!(newer.commit, 5);
+
+        let base = append(4, 3, 5..=6, 4);
+        let refused = [
+            ("a gap", append(7, 3, 8..=8, 4)),
+            ("an overlap", append(5, 3, 6..=7, 4)),
+            ("another previous term", append(6, 2, 7..=7, 4)),
+            ("another term", {
+                let mut m = append(6, 3, 7..=7, 4);
+                m.term = 4;
+                m
+            }),
+            ("a heartbeat", heartbeat(6)),
+            ("another receiver", {
+                let mut m = append(6, 3, 7..=7, 4);
+                m.to = 3;
+                m
+            }),
+        ];
+        for (what, next) in refused {
+            let mut first = base.clone();
+            assert!(!merge_appends(&mut first, &next), "{what} merged");
+            assert_eq!(first, base, "{what} changed the first message");
+        }
+        let mut heartbeat_first = heartbeat(6);
+        assert!(!merge_appends(&mut heartbeat_first, &append(6, 3, 7..=7, 4)));
+
+        // Within raft-rs's own bound per message.
+        let mut big = append(0, 0, 1..=1, 0);
+        big.entries[0].data = vec![0; MERGED_APPEND_BYTES_MAX].into();
+        assert!(!merge_appends(&mut big, &append(1, 3, 2..=2, 0)));
+    }
+
+    #[tokio::test]
+    async fn a_learner_gets_what_was_queued_in_its_pace_as_one_merged_append() {
+        let pace = Duration::from_secs(1);
+        let (recorder, transport) = recorder(true).await;
+        let mut transport = transport.with_learner_pace(pace);
+        transport.set_learners(&[2]);
+        let arrived = |recorder: &Recorder| -> Vec<Message> {
+            let batches = recorder.batches.lock().unwrap();
+            batches.iter().flat_map(|(_, ms)| ms.iter().map(|m| Message::parse_from_bytes(m).unwrap())).collect()
+        };
+        let wait_entry = async |index: u64| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !arrived(&recorder).iter().any(|m| m.entries.iter().any(|e| e.index == index)) {
+                assert!(Instant::now() < deadline, "entry {index} never arrived");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        // After a quiet spell the first goes at once.
+        transport.send(2, vec![append(0, 0, 1..=1, 0)]);
+        wait_entry(1).await;
+        let first_seen = Instant::now();
+        for i in 2..=10 {
+            transport.send(2, vec![append(i - 1, 3, i..=i, i - 1)]);
+        }
+        wait_entry(10).await;
+        let gap = first_seen.elapsed();
+        assert!(gap >= pace / 2, "the second batch came {gap:?} after the first; the pace is {pace:?}");
+        let messages = arrived(&recorder);
+        assert_eq!(messages.len(), 2, "one message per batch: {messages:?}");
+        assert_eq!(indexes(&messages[1]), (2..=10).collect::<Vec<_>>());
+        assert_eq!((messages[1].index, messages[1].commit), (1, 9));
+        assert_eq!(recorder.batches.lock().unwrap().len(), 2);
+
+        // A learner promoted to voter is paced no more.
+        transport.set_learners(&[]);
+        assert_eq!(transport.peers[&2].pace_ms.load(Ordering::Relaxed), 0);
+        transport.set_learners(&[2, 5]);
+        assert_eq!(transport.peers[&2].pace_ms.load(Ordering::Relaxed), pace.as_millis() as u64);
     }
 
     #[tokio::test]

@@ -135,6 +135,14 @@ pub trait PeerSender: Send + 'static {
     fn confirm_contact(&mut self, to: NodeId, contact: Contact) {
         let _ = (to, contact);
     }
+
+    /// The members that do not vote, in id order, whenever that changes
+    /// (and once at start). Nothing waits on what a learner acknowledges,
+    /// so a transport may pace what it sends them: a learner then syncs
+    /// its log once per batch rather than once per commit.
+    fn set_learners(&mut self, learners: &[NodeId]) {
+        let _ = learners;
+    }
 }
 
 /// Addresses of peers, kept current by the raft thread from the member
@@ -433,6 +441,9 @@ impl Node {
         let core = Core::new(options.core.clone(), store).map_err(|e| NodeError::TooLarge(format!("raft: {e}")))?;
         let (inputs, rx) = mpsc::sync_channel(INPUT_QUEUE_MAX);
         let status = status_of(&core, &identity, &addresses, removed, []);
+        let mut sender = sender;
+        sender.set_learners(&status.learners);
+        let paced_learners = status.learners.clone();
         let (status_tx, status_rx) = watch::channel(status);
         let (effects, _) = broadcast::channel(EFFECTS_CHANNEL_MAX);
         let (alive, alive_rx) = watch::channel(());
@@ -472,6 +483,7 @@ impl Node {
             waiting_reads: VecDeque::new(),
             next_read: 0,
             removed,
+            paced_learners,
             duties,
             last_leader: None,
             events: events_log,
@@ -878,6 +890,8 @@ struct RaftThread {
     waiting_reads: VecDeque<(u64, PendingRead)>,
     next_read: u64,
     removed: bool,
+    /// The learners last given to `sender` (`PeerSender::set_learners`).
+    paced_learners: Vec<NodeId>,
     duties: leader::Duties,
     /// The leader last seen, to count leader changes.
     last_leader: Option<NodeId>,
@@ -1414,6 +1428,10 @@ impl RaftThread {
         if changed {
             let heard = self.duties.heard_recently(crate::clock::monotonic_ms());
             let status = status_of(&self.core, &self.identity, &self.addresses, self.removed, heard);
+            if status.learners != self.paced_learners {
+                self.sender.set_learners(&status.learners);
+                self.paced_learners.clone_from(&status.learners);
+            }
             self.status.send_if_modified(|old| {
                 if *old == status {
                     false
