@@ -467,6 +467,39 @@ fn cpu_time(pid: u32) -> Result<Duration> {
     Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
 }
 
+/// The machine's CPU time so far, from `/proc/stat`'s first line.
+struct MachineCpu {
+    /// Every state but idle and iowait, s.
+    busy_s: f64,
+    /// System, irq and softirq, s.
+    kernel_s: f64,
+    cores: usize,
+}
+
+impl MachineCpu {
+    fn since(&self, before: &MachineCpu) -> MachineCpu {
+        MachineCpu { busy_s: self.busy_s - before.busy_s, kernel_s: self.kernel_s - before.kernel_s, cores: self.cores }
+    }
+}
+
+fn machine_cpu() -> Result<MachineCpu> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>()?;
+    if ticks.len() < 8 {
+        bail!("/proc/stat's cpu line has {} fields", ticks.len());
+    }
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    // user nice system idle iowait irq softirq steal
+    let total: u64 = ticks[..8].iter().sum();
+    Ok(MachineCpu {
+        busy_s: (total - ticks[3] - ticks[4]) as f64 / per_second,
+        kernel_s: (ticks[2] + ticks[5] + ticks[6]) as f64 / per_second,
+        cores: stat.lines().filter(|l| l.starts_with("cpu") && !l.starts_with("cpu ")).count(),
+    })
+}
+
 /// A `kB` field (VmRSS, VmHWM) of `/proc/<pid>/status`, in MiB, and the thread count.
 fn status_field(pid: u32, field: &str) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -803,8 +836,47 @@ fn scale(agents: usize, vms: usize, clients: usize, seconds: f64, idle_seconds: 
     println!("all {agents} agents: {rss:.0} MiB RSS");
 
     // Clients at the 3 initial members (voters or the leader), as in the
-    // 3-member run below.
+    // 3-member run below; where the machine's CPU went meanwhile.
+    let agent_pids: Vec<u32> = all.iter().map(|&i| pid(i)).collect::<Result<_>>()?;
+    let cpu_before: Vec<Duration> = agent_pids.iter().map(|&p| cpu_time(p)).collect::<Result<_>>()?;
+    let machine_before = machine_cpu()?;
+    let loaded = Instant::now();
     let big = commit_latency(&rt, &cluster, 3, clients, seconds, "b");
+    let loaded_s = loaded.elapsed().as_secs_f64();
+    let machine = machine_cpu()?.since(&machine_before);
+    let mut by_role = [0.0f64; 3];
+    for ((&i, &p), before) in all.iter().zip(&agent_pids).zip(&cpu_before) {
+        let used = cpu_time(p)?.saturating_sub(*before).as_secs_f64();
+        by_role[if i == leader {
+            0
+        } else if voters.contains(&i) {
+            1
+        } else {
+            2
+        }] += used;
+    }
+    let agents_s: f64 = by_role.iter().sum();
+    // Per commit at the measured rate (the warm-up ran at about the same).
+    let per_commit_ms = |cpu_s: f64| 1000.0 * cpu_s / loaded_s / big.rate().max(f64::MIN_POSITIVE);
+    println!(
+        "while {clients} clients created VMs ({loaded_s:.1} s with the warm-up): the machine busy {:.0}% of {} cores \
+         ({:.0}% of it in the kernel); the agents' own CPU {:.2} cores: leader {:.2}, {} voters {:.2}, {} learners {:.2}; \
+         per commit {:.1} ms of agent CPU (leader {:.1}, voters {:.1}, learners {:.1}), {:.1} ms of the machine's",
+        100.0 * machine.busy_s / loaded_s / machine.cores as f64,
+        machine.cores,
+        100.0 * machine.kernel_s / machine.busy_s.max(f64::MIN_POSITIVE),
+        agents_s / loaded_s,
+        by_role[0] / loaded_s,
+        voters.len(),
+        by_role[1] / loaded_s,
+        learners.len(),
+        by_role[2] / loaded_s,
+        per_commit_ms(agents_s),
+        per_commit_ms(by_role[0]),
+        per_commit_ms(by_role[1]),
+        per_commit_ms(by_role[2]),
+        per_commit_ms(machine.busy_s),
+    );
 
     // A learner's VMs (a voter's when there is no learner), after SIGKILL.
     let victim = learners.first().or(voters.first()).copied().context("a member besides the leader")?;
@@ -824,8 +896,18 @@ fn scale(agents: usize, vms: usize, clients: usize, seconds: f64, idle_seconds: 
     drop(cluster);
 
     let (small, _) = crate::agents("scale3", Auth::Secret)?;
+    let machine_before = machine_cpu()?;
+    let loaded = Instant::now();
     let three = commit_latency(&rt, &small, 3, clients, seconds, "s");
+    let loaded_s = loaded.elapsed().as_secs_f64();
+    let machine = machine_cpu()?.since(&machine_before);
     drop(small);
+    println!(
+        "while {clients} clients created VMs at 3 agents: the machine busy {:.0}% of {} cores; per commit {:.2} ms of the machine's CPU",
+        100.0 * machine.busy_s / loaded_s / machine.cores as f64,
+        machine.cores,
+        1000.0 * machine.busy_s / loaded_s / three.rate().max(f64::MIN_POSITIVE),
+    );
     println!("vm create, {clients} clients spread over 3 voters, {seconds} s measured:");
     print_header();
     print_row(&format!("{agents} agents"), clients, &big);
