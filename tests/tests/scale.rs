@@ -83,7 +83,10 @@ fn create_all(cluster: &Cluster) -> Result<()> {
                                 Err(e)
                                     if matches!(
                                         e.code(),
-                                        Code::Unavailable | Code::DeadlineExceeded | Code::Aborted
+                                        // Cancelled: the channel's own timeout
+                                        // expired (tonic's TimeoutExpired), an
+                                        // open outcome like DeadlineExceeded.
+                                        Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Cancelled
                                     ) && tokio::time::Instant::now() < deadline =>
                                 {
                                     retried = true;
