@@ -84,9 +84,15 @@ fn create_all(cluster: &Cluster) -> Result<()> {
                                     if matches!(
                                         e.code(),
                                         // Cancelled: the channel's own timeout
-                                        // expired (tonic's TimeoutExpired), an
-                                        // open outcome like DeadlineExceeded.
-                                        Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Cancelled
+                                        // expired (tonic's TimeoutExpired);
+                                        // Unknown: the connection broke under
+                                        // the call (a broken pipe). Both leave
+                                        // the outcome open, as DeadlineExceeded.
+                                        Code::Unavailable
+                                            | Code::DeadlineExceeded
+                                            | Code::Aborted
+                                            | Code::Cancelled
+                                            | Code::Unknown
                                     ) && tokio::time::Instant::now() < deadline =>
                                 {
                                     retried = true;
