@@ -347,8 +347,9 @@ fn next_batch(queue: &PeerQueue) -> Vec<Vec<u8>> {
             break;
         }
         let mut message = queued.pop_front().expect("peeked above");
+        let mut merged_bytes = entry_bytes(&message);
         while let Some(next) = queued.front()
-            && merge_appends(&mut message, next)
+            && merge_appends(&mut message, &mut merged_bytes, next)
         {
             queued.pop_front();
         }
@@ -369,7 +370,9 @@ fn next_batch(queue: &PeerQueue) -> Vec<Vec<u8>> {
 /// [`MERGED_APPEND_BYTES_MAX`]: the follower then takes one message for
 /// two, and answers once, for the last index, which acknowledges both to
 /// the leader's progress tracking. Anything else is left as it is.
-fn merge_appends(first: &mut Message, next: &Message) -> bool {
+/// `first_bytes` is `first`'s [`entry_bytes`], kept up to date here (a
+/// backlog of thousands of appends must not be summed again per merge).
+fn merge_appends(first: &mut Message, first_bytes: &mut usize, next: &Message) -> bool {
     if first.get_msg_type() != MessageType::MsgAppend
         || next.get_msg_type() != MessageType::MsgAppend
         || first.term != next.term
@@ -385,16 +388,22 @@ fn merge_appends(first: &mut Message, next: &Message) -> bool {
     if next.index != last_index || next.log_term != last_term {
         return false;
     }
-    let bytes = |m: &Message| m.entries.iter().map(|e| e.compute_size() as usize).sum::<usize>();
-    if !first.entries.is_empty() && !next.entries.is_empty() && bytes(first) + bytes(next) > MERGED_APPEND_BYTES_MAX {
+    let next_bytes = entry_bytes(next);
+    if !first.entries.is_empty() && !next.entries.is_empty() && *first_bytes + next_bytes > MERGED_APPEND_BYTES_MAX {
         return false;
     }
+    *first_bytes += next_bytes;
     first.entries.extend(next.entries.iter().cloned());
     if next.commit >= first.commit {
         first.commit = next.commit;
         first.commit_term = next.commit_term;
     }
     true
+}
+
+/// The encoded size of `message`'s entries.
+fn entry_bytes(message: &Message) -> usize {
+    message.entries.iter().map(|e| e.compute_size() as usize).sum()
 }
 
 /// An open `Peer.RaftStream` call: batches go into `batches`, and the call
@@ -431,12 +440,8 @@ async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
         if shared.closed.load(Ordering::SeqCst) {
             return;
         }
-        if queue.messages.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
-            queue.ready.notified().await;
-            continue;
-        }
         // A paced peer (a learner) waits out its pace since the last batch,
-        // and what comes meanwhile goes with this one.
+        // and what comes meanwhile goes with the next one.
         let pace_ms = queue.pace_ms.load(Ordering::Relaxed);
         if pace_ms > 0 {
             let since_ms = crate::clock::monotonic_ms().saturating_sub(queue.tcp_sent_at_ms.load(Ordering::Relaxed));
@@ -446,6 +451,7 @@ async fn run_peer(shared: Arc<Shared>, peer: NodeId, queue: Arc<PeerQueue>) {
         }
         let batch = next_batch(&queue);
         if batch.is_empty() {
+            queue.ready.notified().await;
             continue;
         }
         let Some(address) = shared.address_of(peer) else {
@@ -1647,6 +1653,12 @@ mod transport_tests {
         m
     }
 
+    /// [`merge_appends`] with `first`'s entry bytes counted afresh.
+    fn merge(first: &mut Message, next: &Message) -> bool {
+        let mut bytes = entry_bytes(first);
+        merge_appends(first, &mut bytes, next)
+    }
+
     fn indexes(m: &Message) -> Vec<u64> {
         m.entries.iter().map(|e| e.index).collect()
     }
@@ -1655,17 +1667,17 @@ mod transport_tests {
     fn consecutive_appends_merge_and_nothing_else_does() {
         // 5..=6 then 7..=9: one message, the later commit.
         let mut first = append(4, 3, 5..=6, 4);
-        assert!(merge_appends(&mut first, &append(6, 3, 7..=9, 6)));
+        assert!(merge(&mut first, &append(6, 3, 7..=9, 6)));
         assert_eq!(indexes(&first), vec![5, 6, 7, 8, 9]);
         assert_eq!((first.index, first.log_term, first.commit), (4, 3, 6));
         // A commit-only append (no entries) continues from its own index.
         let mut only_commit = append(9, 3, 1..=1, 7);
         only_commit.entries.clear();
-        assert!(merge_appends(&mut only_commit, &append(9, 3, 10..=10, 9)));
+        assert!(merge(&mut only_commit, &append(9, 3, 10..=10, 9)));
         assert_eq!((indexes(&only_commit), only_commit.commit), (vec![10], 9));
         // An older commit does not move the merged one back.
         let mut newer = append(4, 3, 5..=5, 5);
-        assert!(merge_appends(&mut newer, &append(5, 3, 6..=6, 4)));
+        assert!(merge(&mut newer, &append(5, 3, 6..=6, 4)));
         assert_eq!(newer.commit, 5);
 
         let base = append(4, 3, 5..=6, 4);
@@ -1687,16 +1699,16 @@ mod transport_tests {
         ];
         for (what, next) in refused {
             let mut first = base.clone();
-            assert!(!merge_appends(&mut first, &next), "{what} merged");
+            assert!(!merge(&mut first, &next), "{what} merged");
             assert_eq!(first, base, "{what} changed the first message");
         }
         let mut heartbeat_first = heartbeat(6);
-        assert!(!merge_appends(&mut heartbeat_first, &append(6, 3, 7..=7, 4)));
+        assert!(!merge(&mut heartbeat_first, &append(6, 3, 7..=7, 4)));
 
         // Within raft-rs's own bound per message.
         let mut big = append(0, 0, 1..=1, 0);
         big.entries[0].data = vec![0; MERGED_APPEND_BYTES_MAX].into();
-        assert!(!merge_appends(&mut big, &append(1, 3, 2..=2, 0)));
+        assert!(!merge(&mut big, &append(1, 3, 2..=2, 0)));
     }
 
     #[tokio::test]

@@ -421,7 +421,7 @@ impl Node {
     pub fn start(
         store: Store,
         options: NodeOptions,
-        sender: Box<dyn PeerSender>,
+        mut sender: Box<dyn PeerSender>,
         addresses: AddressBook,
         known_peers: BTreeMap<NodeId, String>,
     ) -> Result<Node, NodeError> {
@@ -441,9 +441,7 @@ impl Node {
         let core = Core::new(options.core.clone(), store).map_err(|e| NodeError::TooLarge(format!("raft: {e}")))?;
         let (inputs, rx) = mpsc::sync_channel(INPUT_QUEUE_MAX);
         let status = status_of(&core, &identity, &addresses, removed, []);
-        let mut sender = sender;
         sender.set_learners(&status.learners);
-        let paced_learners = status.learners.clone();
         let (status_tx, status_rx) = watch::channel(status);
         let (effects, _) = broadcast::channel(EFFECTS_CHANNEL_MAX);
         let (alive, alive_rx) = watch::channel(());
@@ -483,7 +481,6 @@ impl Node {
             waiting_reads: VecDeque::new(),
             next_read: 0,
             removed,
-            paced_learners,
             duties,
             last_leader: None,
             events: events_log,
@@ -890,8 +887,6 @@ struct RaftThread {
     waiting_reads: VecDeque<(u64, PendingRead)>,
     next_read: u64,
     removed: bool,
-    /// The learners last given to `sender` (`PeerSender::set_learners`).
-    paced_learners: Vec<NodeId>,
     duties: leader::Duties,
     /// The leader last seen, to count leader changes.
     last_leader: Option<NodeId>,
@@ -1428,9 +1423,9 @@ impl RaftThread {
         if changed {
             let heard = self.duties.heard_recently(crate::clock::monotonic_ms());
             let status = status_of(&self.core, &self.identity, &self.addresses, self.removed, heard);
-            if status.learners != self.paced_learners {
+            // The status last published holds the learners `sender` was last given.
+            if self.status.borrow().learners != status.learners {
                 self.sender.set_learners(&status.learners);
-                self.paced_learners.clone_from(&status.learners);
             }
             self.status.send_if_modified(|old| {
                 if *old == status {
