@@ -58,9 +58,10 @@
 //!
 //! While the contact stays stale it passes again at every check, to stop a
 //! guest whose start raced the deadline; only the agent starts guests, and
-//! it starts none without fresh contact of its own. With the `process`
-//! runtime, where a pass reads every process of the machine, a pass that
-//! found nothing to stop is repeated every [`PROCESS_IDLE_PASS_MS`] once the
+//! it starts none without fresh contact of its own. The first pass of a
+//! fence is *thorough*: with the `process` runtime it reads every process
+//! of the machine, the later ones only the agent's children (`procfs`).
+//! With the `process` runtime a pass that found nothing to stop is repeated every [`PROCESS_IDLE_PASS_MS`] once the
 //! fence is that old, not at every check (100 agents' guards on one
 //! machine passing 20 times a second took both of its cores): the guests
 //! running at the deadline are stopped within the bound as before, and so
@@ -257,8 +258,10 @@ impl Guard {
 /// The guests the guard can see and stop.
 #[async_trait]
 pub trait Guests: Send + Sync {
-    /// Every guest that may be running now.
-    async fn up(&self) -> Result<Vec<String>, RuntimeError>;
+    /// Every guest that may be running now. Not `thorough`, a runtime may
+    /// use a cheaper listing that can miss a guest starting or exiting at
+    /// that very moment (`procfs`); the next pass finds it.
+    async fn up(&self, thorough: bool) -> Result<Vec<String>, RuntimeError>;
     /// Kills `vm` at once (SIGKILL to all its processes, and kept down) and
     /// waits until it is gone: a fenced guest is abandoned, so it is not
     /// given a graceful stop (see `Runtime::kill`).
@@ -270,7 +273,7 @@ struct RuntimeGuests(Arc<dyn Runtime>);
 
 #[async_trait]
 impl Guests for RuntimeGuests {
-    async fn up(&self) -> Result<Vec<String>, RuntimeError> {
+    async fn up(&self, _thorough: bool) -> Result<Vec<String>, RuntimeError> {
         Ok(self.0.list().await?.into_iter().filter(|(_, s)| s.is_up()).map(|(vm, _)| vm).collect())
     }
 
@@ -309,8 +312,9 @@ fn watchdog_usec(ms: u64) -> u32 {
 /// guests) cancels the stop.
 ///
 /// How many guests it found to stop (`None`: it could not list them).
-async fn fence_pass(config: &GuardConfig, contact: &ContactFile, guests: &dyn Guests) -> Option<usize> {
-    let up = match guests.up().await {
+/// `thorough` for the first pass of a fence (see [`Guests::up`]).
+async fn fence_pass(config: &GuardConfig, contact: &ContactFile, guests: &dyn Guests, thorough: bool) -> Option<usize> {
+    let up = match guests.up(thorough).await {
         Ok(up) => up,
         Err(e) => {
             tracing::error!(error = %e, "cannot list the guests to fence; trying again");
@@ -333,8 +337,8 @@ async fn fence_pass(config: &GuardConfig, contact: &ContactFile, guests: &dyn Gu
     Some(found)
 }
 
-/// With the `process` runtime a fence pass reads every process of the
-/// machine (`procfs`), and one machine may run many agents (tests run 100):
+/// With the `process` runtime a fence pass reads `/proc` (`procfs`), and
+/// one machine may run many agents (tests run 100):
 /// every guard passing every period through a long fence took both cores
 /// of such a machine, so that no agent could get its contact back. So,
 /// with that runtime only, once a fence is this old, a pass that found no
@@ -342,12 +346,45 @@ async fn fence_pass(config: &GuardConfig, contact: &ContactFile, guests: &dyn Gu
 /// documentation for why that keeps the bound.
 pub const PROCESS_IDLE_PASS_MS: u64 = 1000;
 
-/// When the next fence pass is due (`monotonic_ms`), after one at `now_ms`
-/// that found `found` guests in a fence that began at `fenced_since_ms`:
-/// the next check unless [`PROCESS_IDLE_PASS_MS`] applies.
-pub fn next_pass_ms(runtime: RuntimeKind, fenced_since_ms: u64, now_ms: u64, found: Option<usize>) -> u64 {
-    let idle = runtime == RuntimeKind::Process && found == Some(0);
-    if idle && now_ms >= fenced_since_ms + PROCESS_IDLE_PASS_MS { now_ms + PROCESS_IDLE_PASS_MS } else { 0 }
+/// When the guard passes: at every check of a fence, but see
+/// [`PROCESS_IDLE_PASS_MS`]. Pure, for the tests; `run` feeds it.
+#[derive(Debug, Clone, Default)]
+pub struct Passes {
+    /// When the current fence began (`monotonic_ms`); `None` while fresh.
+    fenced_since_ms: Option<u64>,
+    /// When the next pass is due; 0: at the next check.
+    next_pass_ms: u64,
+}
+
+/// A pass to make now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// The first of its fence: look at everything (see [`Guests::up`]).
+    pub thorough: bool,
+}
+
+impl Passes {
+    /// A check at `now_ms` that decided `fence`: the pass to make, if any.
+    pub fn due(&mut self, fence: bool, now_ms: u64) -> Option<Pass> {
+        if !fence {
+            // A new fence passes at once, whatever the last one planned.
+            *self = Passes::default();
+            return None;
+        }
+        let thorough = self.fenced_since_ms.is_none();
+        self.fenced_since_ms.get_or_insert(now_ms);
+        (now_ms >= self.next_pass_ms).then_some(Pass { thorough })
+    }
+
+    /// The pass made at `now_ms` found `found` guests to stop (`None`: it
+    /// could not list them): the next is due at the next check, unless
+    /// [`PROCESS_IDLE_PASS_MS`] applies.
+    pub fn done(&mut self, runtime: RuntimeKind, now_ms: u64, found: Option<usize>) {
+        let since = self.fenced_since_ms.unwrap_or(now_ms);
+        let idle = runtime == RuntimeKind::Process && found == Some(0);
+        self.next_pass_ms =
+            if idle && now_ms >= since + PROCESS_IDLE_PASS_MS { now_ms + PROCESS_IDLE_PASS_MS } else { 0 };
+    }
 }
 
 /// One check: reads the record, tells the watchdog, logs a change.
@@ -388,25 +425,17 @@ pub async fn run(config: GuardConfig, shutdown: impl Future<Output = ()>) -> any
     let mut tick = tokio::time::interval(Duration::from_millis(config.period_ms()));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
-    // When the current fence began, and when its next pass is due.
-    let mut fenced_since_ms = None;
-    let mut next_pass = 0;
+    let mut passes = Passes::default();
     loop {
         tokio::select! {
             () = &mut shutdown => return Ok(()),
             _ = tick.tick() => {}
         }
-        if !check(&mut guard, &contact).fence {
-            fenced_since_ms = None;
-            continue;
-        }
+        let fence = check(&mut guard, &contact).fence;
         let now = monotonic_ms();
-        let since = *fenced_since_ms.get_or_insert(now);
-        if now < next_pass {
-            continue;
-        }
-        let found = fence_pass(&config, &contact, guests.as_ref()).await;
-        next_pass = next_pass_ms(config.runtime, since, now, found);
+        let Some(pass) = passes.due(fence, now) else { continue };
+        let found = fence_pass(&config, &contact, guests.as_ref(), pass.thorough).await;
+        passes.done(config.runtime, now, found);
         notify(&[sd_notify::NotifyState::Watchdog]);
     }
 }
@@ -434,7 +463,7 @@ pub async fn fence_if_stale(config: GuardConfig) -> anyhow::Result<()> {
                 "the guard stopped without quorum contact: fencing, stopping every guest on this host"
             );
             let guests = open_guests(&config).await?;
-            fence_pass(&config, &contact, guests.as_ref()).await;
+            fence_pass(&config, &contact, guests.as_ref(), true).await;
             Ok(())
         }
     }

@@ -181,17 +181,43 @@ proptest! {
     }
 }
 
+/// The passes of one fence, as `run` makes them: `(now, found)` for each
+/// check at which the contact is stale, `None` for one at which it is fresh.
+fn passes_made(runtime: RuntimeKind, checks: &[(u64, Option<Option<usize>>)]) -> Vec<(u64, bool)> {
+    let mut passes = Passes::default();
+    let mut made = Vec::new();
+    for &(now, found) in checks {
+        if let Some(pass) = passes.due(found.is_some(), now) {
+            made.push((now, pass.thorough));
+            passes.done(runtime, now, found.flatten());
+        }
+    }
+    made
+}
+
 #[test]
 fn only_the_process_runtime_spaces_out_fence_passes_that_find_nothing_after_the_first_second() {
     let (p, s) = (RuntimeKind::Process, RuntimeKind::Systemd);
-    // The fence's first second: every check passes, found or not.
-    assert_eq!(next_pass_ms(p, 10_000, 10_000, Some(0)), 0);
-    assert_eq!(next_pass_ms(p, 10_000, 10_999, Some(0)), 0);
+    // The fence's first second: every check passes, found or not; the
+    // first pass is the thorough one.
+    let first_second = [(10_000, Some(Some(0))), (10_050, Some(Some(0))), (10_999, Some(Some(0)))];
+    assert_eq!(passes_made(p, &first_second), [(10_000, true), (10_050, false), (10_999, false)]);
     // Then a pass that found nothing waits a second; one that found a
     // guest, or could not list them, does not.
-    assert_eq!(next_pass_ms(p, 10_000, 11_000, Some(0)), 11_000 + PROCESS_IDLE_PASS_MS);
-    assert_eq!(next_pass_ms(p, 10_000, 11_000, Some(1)), 0);
-    assert_eq!(next_pass_ms(p, 10_000, 11_000, None), 0);
+    let later = [(10_000, Some(Some(0))), (11_000, Some(Some(0))), (11_050, Some(Some(0))), (12_000, Some(Some(1)))];
+    assert_eq!(passes_made(p, &later), [(10_000, true), (11_000, false), (12_000, false)]);
+    let found = [(10_000, Some(Some(0))), (11_000, Some(Some(1))), (11_050, Some(None)), (11_100, Some(Some(0)))];
+    assert_eq!(passes_made(p, &found), [(10_000, true), (11_000, false), (11_050, false), (11_100, false)]);
     // systemd's guard passes at every check.
-    assert_eq!(next_pass_ms(s, 10_000, 60_000, Some(0)), 0);
+    let long = [(10_000, Some(Some(0))), (60_000, Some(Some(0))), (60_050, Some(Some(0)))];
+    assert_eq!(passes_made(s, &long), [(10_000, true), (60_000, false), (60_050, false)]);
+}
+
+#[test]
+fn a_fence_that_begins_again_passes_at_once_and_thoroughly() {
+    // A long fence spaced its passes out; contact came back for a moment
+    // and went again before the planned pass: the new fence's first check
+    // passes, and looks at everything (a guest may have started meanwhile).
+    let checks = [(10_000, Some(Some(0))), (11_000, Some(Some(0))), (11_100, None), (11_150, Some(Some(0)))];
+    assert_eq!(passes_made(RuntimeKind::Process, &checks), [(10_000, true), (11_000, false), (11_150, true)]);
 }
