@@ -12,6 +12,11 @@ use blixard::cli::{self, Command, args::GuardArgs, args::RunArgs};
 use blixard::config::Config;
 
 fn main() -> ExitCode {
+    // The process runtime's trampoline between the agent and a child: it
+    // must not parse a command line or set anything up.
+    if let Some(exit) = blixard::runtime::process::exec_child_if_asked() {
+        return exit;
+    }
     // A shell asking for completions (the script `completions SHELL`
     // prints sets COMPLETE): answer and exit.
     if cli::docs::answer_completion_request() {

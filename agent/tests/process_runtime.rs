@@ -33,7 +33,36 @@ fn install(state_dir: &Path, name: &str, script: &str, mode: u32) -> PathBuf {
 }
 
 fn runtime(state_dir: &Path, stop_timeout: Duration) -> ProcessRuntime {
-    ProcessRuntime::new(ProcessConfig { state_dir: state_dir.to_owned(), stop_timeout }).unwrap()
+    runtime_via(state_dir, stop_timeout, Via::Fork)
+}
+
+/// How the runtime under test spawns its children (see `runtime::process`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Forked, PDEATHSIG set in `pre_exec`.
+    Fork,
+    /// Through the agent's binary, as `blixard-agent run` does.
+    Trampoline,
+}
+
+fn runtime_via(state_dir: &Path, stop_timeout: Duration, via: Via) -> ProcessRuntime {
+    let trampoline = (via == Via::Trampoline).then(|| PathBuf::from(env!("CARGO_BIN_EXE_blixard-agent")));
+    ProcessRuntime::new(ProcessConfig { state_dir: state_dir.to_owned(), stop_timeout, trampoline }).unwrap()
+}
+
+/// A test run both ways: `$name` forks, `$name` with `_through_the_trampoline` does not.
+macro_rules! both_ways {
+    ($fork:ident, $trampoline:ident, $body:ident) => {
+        #[tokio::test]
+        async fn $fork() {
+            $body(Via::Fork).await
+        }
+
+        #[tokio::test]
+        async fn $trampoline() {
+            $body(Via::Trampoline).await
+        }
+    };
 }
 
 /// Waits for the next event about `vm` in `phase`, skipping others; returns it.
@@ -80,11 +109,16 @@ fn alive(pid: i32) -> bool {
     }
 }
 
-#[tokio::test]
-async fn start_then_stop_reports_active_then_inactive() {
+both_ways!(
+    start_then_stop_reports_active_then_inactive,
+    start_then_stop_through_the_trampoline,
+    start_then_stop_reports_active_then_inactive_via
+);
+
+async fn start_then_stop_reports_active_then_inactive_via(via: Via) {
     let dir = tempfile::tempdir().unwrap();
     install(dir.path(), "web", SLEEPER, 0o755);
-    let rt = runtime(dir.path(), SETTLE);
+    let rt = runtime_via(dir.path(), SETTLE, via);
     let mut events = rt.events();
     assert_eq!(rt.state("web").await.unwrap(), GuestState::inactive());
 
@@ -114,11 +148,16 @@ async fn start_then_stop_reports_active_then_inactive() {
     assert_ne!(read_pid(dir.path(), "web").await, pid);
 }
 
-#[tokio::test]
-async fn a_guest_that_exits_by_itself_is_reported_failed_with_its_status() {
+both_ways!(
+    a_guest_that_exits_by_itself_is_reported_failed_with_its_status,
+    a_guest_exit_status_through_the_trampoline,
+    a_guest_that_exits_by_itself_is_reported_failed_with_its_status_via
+);
+
+async fn a_guest_that_exits_by_itself_is_reported_failed_with_its_status_via(via: Via) {
     let dir = tempfile::tempdir().unwrap();
     install(dir.path(), "crashy", CRASHER, 0o755);
-    let rt = runtime(dir.path(), SETTLE);
+    let rt = runtime_via(dir.path(), SETTLE, via);
     let mut events = rt.events();
 
     rt.start("crashy").await.unwrap();
@@ -136,11 +175,16 @@ async fn a_guest_that_exits_by_itself_is_reported_failed_with_its_status() {
     event(&mut events, "crashy", Phase::Failed).await;
 }
 
-#[tokio::test]
-async fn a_guest_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
+both_ways!(
+    a_guest_that_ignores_sigterm_is_killed_after_the_stop_timeout,
+    a_stubborn_guest_killed_through_the_trampoline,
+    a_guest_that_ignores_sigterm_is_killed_after_the_stop_timeout_via
+);
+
+async fn a_guest_that_ignores_sigterm_is_killed_after_the_stop_timeout_via(via: Via) {
     let dir = tempfile::tempdir().unwrap();
     install(dir.path(), "stubborn", STUBBORN, 0o755);
-    let rt = runtime(dir.path(), Duration::from_millis(300));
+    let rt = runtime_via(dir.path(), Duration::from_millis(300), via);
     let mut events = rt.events();
     rt.start("stubborn").await.unwrap();
     let pid = read_pid(dir.path(), "stubborn").await;
@@ -152,6 +196,27 @@ async fn a_guest_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
     let stopped = event(&mut events, "stubborn", Phase::Inactive).await;
     assert!(stopped.detail.unwrap().contains("SIGKILL"));
     wait_until("the stubborn guest to be gone", || !alive(pid)).await;
+}
+
+/// Through the trampoline, a runner the kernel cannot run (its interpreter is
+/// missing) fails as a guest that exited (127, as a shell would), saying why in its
+/// log; forked, the start itself fails.
+#[tokio::test]
+async fn a_runner_that_cannot_be_run_fails_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let runner = install(dir.path(), "broken", SLEEPER, 0o755);
+    fs::write(&runner, "#!/nonexistent/interpreter\n").unwrap();
+
+    let rt = runtime_via(dir.path(), SETTLE, Via::Trampoline);
+    let mut events = rt.events();
+    rt.start("broken").await.unwrap();
+    let failed = event(&mut events, "broken", Phase::Failed).await;
+    assert!(failed.detail.as_deref().unwrap_or_default().contains("status 127"), "{failed:?}");
+    let log = fs::read_to_string(dir.path().join("broken/microvm-run.log")).unwrap();
+    assert!(log.contains("cannot run") && log.contains("microvm-run"), "{log}");
+
+    let forked = runtime(dir.path(), SETTLE);
+    assert!(matches!(forked.start("broken").await, Err(RuntimeError::StartFailed { .. })));
 }
 
 #[tokio::test]
@@ -216,6 +281,8 @@ async fn guests_die_with_their_runtime_and_a_new_one_adopts_nothing() {
 
 /// Set by `guests_die_when_the_agent_is_killed` for the helper process it spawns.
 const HELPER_ENV: &str = "BLIXARD_TEST_PROCESS_HELPER_STATE_DIR";
+/// Set too when the helper is to spawn through the trampoline.
+const HELPER_TRAMPOLINE_ENV: &str = "BLIXARD_TEST_PROCESS_HELPER_TRAMPOLINE";
 
 /// Not a test on its own: the helper process of the next test. It stands in for an
 /// agent: it starts a guest and then waits to be killed.
@@ -224,18 +291,25 @@ async fn helper_agent_process() {
     let Some(state_dir) = std::env::var_os(HELPER_ENV) else {
         return;
     };
-    let rt = runtime(Path::new(&state_dir), SETTLE);
+    let via = if std::env::var_os(HELPER_TRAMPOLINE_ENV).is_some() { Via::Trampoline } else { Via::Fork };
+    let rt = runtime_via(Path::new(&state_dir), SETTLE, via);
     rt.start("orphan").await.unwrap();
     std::future::pending::<()>().await;
 }
 
-#[tokio::test]
-async fn guests_die_when_the_agent_is_killed_with_sigkill() {
+both_ways!(
+    guests_die_when_the_agent_is_killed_with_sigkill,
+    guests_die_with_a_sigkilled_agent_through_the_trampoline,
+    guests_die_when_the_agent_is_killed_with_sigkill_via
+);
+
+async fn guests_die_when_the_agent_is_killed_with_sigkill_via(via: Via) {
     let dir = tempfile::tempdir().unwrap();
     install(dir.path(), "orphan", SLEEPER, 0o755);
     let mut helper = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "helper_agent_process", "--nocapture", "--test-threads=1"])
         .env(HELPER_ENV, dir.path())
+        .envs((via == Via::Trampoline).then_some((HELPER_TRAMPOLINE_ENV, "1")))
         .stdout(Stdio::null())
         .spawn()
         .unwrap();

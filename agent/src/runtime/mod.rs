@@ -304,7 +304,9 @@ pub async fn open(
             let config = systemd::SystemdConfig { start_timeout, ..systemd::SystemdConfig::new(state_dir) };
             Arc::new(systemd::SystemdRuntime::connect(config).await?)
         }
-        RuntimeKind::Process => Arc::new(process::ProcessRuntime::new(process::ProcessConfig::new(state_dir))?),
+        RuntimeKind::Process => {
+            Arc::new(process::ProcessRuntime::new(process::ProcessConfig::new(state_dir).through_this_binary())?)
+        }
     })
 }
 

@@ -11,16 +11,28 @@
 //!   thread's exit (PDEATHSIG again) and `kill_on_drop` back that up if the tokio
 //!   runtime is going away too.
 //!
+//! A child is spawned through a trampoline, this binary again (`/proc/self/exe
+//! __exec-child <agent pid> <program> <args>`, see [`exec_child_if_asked`]): it sets
+//! PDEATHSIG, checks that the agent is still its parent, and execs the program. That
+//! lets the spawn itself be a `posix_spawn` (the child shares the agent's memory until
+//! its exec) rather than a `fork`, which copies the page tables of the whole agent for
+//! every child: with 100 agents on one machine starting 10,000 guests, those copies
+//! took a quarter of its CPU. Code between a fork and exec (`pre_exec`) is what forces
+//! the fork, so that is where the trampoline's work moved. Without a trampoline
+//! ([`ProcessConfig::trampoline`] `None`: a library user, the unit tests) the child is
+//! forked and does the same in `pre_exec`.
+//!
 //! Each child leads its own process group: a Ctrl-C meant for the agent in a terminal
 //! does not reach the guests, and stop signals the whole group. A runner that forks
 //! instead of exec'ing its hypervisor (microvm.nix's runners exec) could leave a
 //! grandchild behind when the agent is SIGKILLed: PDEATHSIG is per process.
 
 use std::collections::{BTreeSet, HashMap};
+use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
-use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -42,12 +54,86 @@ pub struct ProcessConfig {
     pub state_dir: PathBuf,
     /// After SIGTERM, how long before SIGKILL.
     pub stop_timeout: Duration,
+    /// This agent's binary, to spawn children through (see the module docs);
+    /// `None`: fork them.
+    pub trampoline: Option<PathBuf>,
 }
 
 impl ProcessConfig {
+    /// Children forked, without a trampoline.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
-        Self { state_dir: state_dir.into(), stop_timeout: STOP_TIMEOUT_DEFAULT }
+        Self { state_dir: state_dir.into(), stop_timeout: STOP_TIMEOUT_DEFAULT, trampoline: None }
     }
+
+    /// Children spawned through the running binary (`/proc/self/exe`, which names it
+    /// even once a rebuild replaced the file): for `blixard-agent run`.
+    pub fn through_this_binary(mut self) -> Self {
+        self.trampoline = Some(PathBuf::from("/proc/self/exe"));
+        self
+    }
+}
+
+/// The first argument that makes `blixard-agent` the trampoline of a child.
+const EXEC_CHILD: &str = "__exec-child";
+
+/// The trampoline (see the module docs): if this process was started as
+/// `blixard-agent __exec-child <agent pid> <program> [args]`, becomes `program` and
+/// returns only if it could not (the exit code to leave with). `None`: this is not a
+/// trampoline; go on as usual. To be called first thing in `main`.
+pub fn exec_child_if_asked() -> Option<ExitCode> {
+    let mut args = std::env::args_os().skip(1);
+    if args.next()? != EXEC_CHILD {
+        return None;
+    }
+    Some(exec_child(args.collect()))
+}
+
+fn exec_child(args: Vec<OsString>) -> ExitCode {
+    let [parent, program, rest @ ..] = args.as_slice() else {
+        eprintln!("blixard-agent: {EXEC_CHILD} needs the agent's pid and a program");
+        return ExitCode::from(2);
+    };
+    let Some(parent) = parent.to_str().and_then(|p| p.parse::<i32>().ok()) else {
+        eprintln!("blixard-agent: {EXEC_CHILD}: {parent:?} is not a pid");
+        return ExitCode::from(2);
+    };
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Some(Signal::SIGKILL)) {
+        eprintln!("blixard-agent: cannot ask to die with the agent: {e}");
+        return ExitCode::from(127);
+    }
+    // The agent died before PDEATHSIG took effect: this child is already orphaned.
+    if nix::unistd::getppid().as_raw() != parent {
+        let _ = nix::sys::signal::raise(Signal::SIGKILL);
+        return ExitCode::from(127);
+    }
+    let error = std::process::Command::new(program).args(rest).exec();
+    eprintln!("blixard-agent: cannot run {}: {error}", Path::new(program).display());
+    ExitCode::from(127)
+}
+
+/// A command that runs `program` as a child that dies with this agent: through
+/// `trampoline` if given, else forked with the same steps in `pre_exec`.
+fn child_command(trampoline: Option<&Path>, program: &Path) -> std::process::Command {
+    let parent = std::process::id();
+    if let Some(trampoline) = trampoline {
+        let mut command = std::process::Command::new(trampoline);
+        command.arg(EXEC_CHILD).arg(parent.to_string()).arg(program);
+        return command;
+    }
+    let mut command = std::process::Command::new(program);
+    // SAFETY: between fork and exec only async-signal-safe calls: prctl, getppid and
+    // raise. If the agent died before prctl took effect, the child is already orphaned
+    // and kills itself.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Some(Signal::SIGKILL))?;
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                nix::sys::signal::raise(Signal::SIGKILL)?;
+            }
+            Ok(())
+        });
+    }
+    command
 }
 
 /// Supervises guests as child processes. See the module docs.
@@ -113,21 +199,8 @@ impl ProcessRuntime {
                 (Stdio::null(), Stdio::null())
             }
         };
-        let mut command = std::process::Command::new(runner);
+        let mut command = child_command(self.config.trampoline.as_deref(), &runner);
         command.current_dir(&dir).stdin(Stdio::null()).stdout(stdout).stderr(stderr).process_group(0);
-        let parent = std::process::id();
-        // SAFETY: between fork and exec only async-signal-safe calls: prctl, getppid and
-        // raise. If the agent died before prctl took effect, the child is already orphaned
-        // and kills itself.
-        unsafe {
-            command.pre_exec(move || {
-                nix::sys::prctl::set_pdeathsig(Some(Signal::SIGKILL))?;
-                if nix::unistd::getppid().as_raw() as u32 != parent {
-                    nix::sys::signal::raise(Signal::SIGKILL)?;
-                }
-                Ok(())
-            });
-        }
         let mut command = Command::from(command);
         command.kill_on_drop(true);
         command
@@ -321,19 +394,8 @@ impl Runtime for ProcessRuntime {
                 Err(e) => restarted = Some(format!("lost track of it: {e}")),
             }
         }
-        let mut command = std::process::Command::new(&spec.program);
+        let mut command = child_command(self.config.trampoline.as_deref(), &spec.program);
         command.args(&spec.args).stdin(Stdio::null()).process_group(0);
-        let parent = std::process::id();
-        // SAFETY: as for the guests in `command`: prctl, getppid and raise only.
-        unsafe {
-            command.pre_exec(move || {
-                nix::sys::prctl::set_pdeathsig(Some(Signal::SIGKILL))?;
-                if nix::unistd::getppid().as_raw() as u32 != parent {
-                    nix::sys::signal::raise(Signal::SIGKILL)?;
-                }
-                Ok(())
-            });
-        }
         let mut command = Command::from(command);
         command.kill_on_drop(true);
         let child = self
