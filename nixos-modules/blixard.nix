@@ -935,6 +935,9 @@ in
         WatchdogSignal = "SIGKILL";
         # The stop-post waits for the guests' kills (SIGKILL at once, gone within seconds).
         TimeoutStopSec = "30s";
+        # Ahead of the guests (system-microvm.slice, weight 100) when the CPU is
+        # contended: a guard starved by its guests would fence late.
+        CPUWeight = 1000;
 
         # Root, so that stopping guests never depends on polkitd, but little
         # else: no network at all, a read-only view of the system.
@@ -992,6 +995,10 @@ in
           # Longer than a failover (a frozen agent's VMs move before systemd
           # restarts it), short enough that a hung agent is back in seconds.
           WatchdogSec = "10s";
+          # Ahead of the guests (system-microvm.slice, weight 100) when they
+          # saturate the CPU: an agent starved of it loses quorum contact, and
+          # its host fences every guest although nothing failed.
+          CPUWeight = 1000;
           User = "blixard";
           Group = "blixard";
           StateDirectory = lib.mkIf dataDirUnderVarLib (lib.removePrefix "/var/lib/" cfg.dataDir);

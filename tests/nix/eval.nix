@@ -214,6 +214,7 @@ let
             RestartSec
             WatchdogSec
             WatchdogSignal
+            CPUWeight
             PrivateNetwork
             RestrictAddressFamilies
             CapabilityBoundingSet
@@ -232,6 +233,7 @@ let
         RestartSec = "100ms";
         WatchdogSec = "1600ms";
         WatchdogSignal = "SIGKILL";
+        CPUWeight = 1000;
         PrivateNetwork = true;
         RestrictAddressFamilies = [ "AF_UNIX" ];
         CapabilityBoundingSet = [ "CAP_DAC_READ_SEARCH" ];
@@ -545,6 +547,7 @@ let
             Group
             StateDirectory
             WatchdogSec
+            CPUWeight
             ;
           inherit (agent)
             wantedBy
@@ -564,6 +567,7 @@ let
         Group = "blixard";
         StateDirectory = "blixard";
         WatchdogSec = "10s";
+        CPUWeight = 1000;
         wantedBy = [ "multi-user.target" ];
         stopIfChanged = false;
         startLimitIntervalSec = 0;

@@ -80,7 +80,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// The agent's service unit: what matters of the NixOS module's unit
 /// (a restart well within `fence_after`, never giving up, a watchdog of a
 /// few seconds: longer than a failover, so a frozen agent's VMs move before
-/// it is restarted). Nothing else: the agent sets up its fence guard itself.
+/// it is restarted, and the CPU ahead of the guests). Nothing else: the agent
+/// sets up its fence guard itself.
 const AGENT_SERVICE: &str = "[Unit]
 Description=Blixard agent
 After=network.target dbus.service
@@ -93,6 +94,7 @@ ExecStart=/usr/local/bin/blixard-agent run --config /etc/blixard/agent.toml
 Restart=always
 RestartSec=100ms
 WatchdogSec=10s
+CPUWeight=1000
 
 [Install]
 WantedBy=multi-user.target

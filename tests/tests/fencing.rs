@@ -196,6 +196,10 @@ fn guests_stop_without_a_live_agent_and_run_once_elsewhere() {
     // (/run is the host's own tmpfs: read it from inside.)
     let dropin = c.bed().host(0).run(&["cat", "/run/systemd/system/microvm@.service.d/50-blixard-guard.conf"]).unwrap();
     assert!(dropin.contains("ExecStartPre=systemctl is-active --quiet blixard-guard.service"), "{dropin}");
+    // Ahead of the guests on a contended CPU.
+    let weight =
+        c.bed().host(0).run(&["systemctl", "show", "--property=CPUWeight", "--value", "blixard-guard.service"]);
+    assert_eq!(weight.unwrap().trim(), "1000");
     wait_for("every host to report its capacity", Duration::from_secs(60), || {
         let mut client = c.client(leader);
         let nodes = match c.block_on(client.node_list(pb::NodeListRequest {})) {

@@ -95,6 +95,8 @@ const GUARD_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// The guard's restart delay after it died: its stop-post has fenced if it
 /// had to, and a new guard should look again at once.
 const GUARD_RESTART: Duration = Duration::from_millis(100);
+/// The transient guard's `CPUWeight` (systemd's default, and the guests', is 100).
+pub const GUARD_CPU_WEIGHT: u64 = 1000;
 
 /// `waitid`'s `si_code` values that systemd reports as `ExecMainCode`.
 const CLD_EXITED: i32 = 1;
@@ -406,6 +408,9 @@ impl SystemdRuntime {
             ("WatchdogSignal", Value::I32(nix::sys::signal::Signal::SIGKILL as i32)),
             // The stop-post waits for the guests' kills (SIGKILL at once).
             ("TimeoutStopUSec", micros(Duration::from_secs(30))),
+            // Ahead of the guests (weight 100) on a contended CPU, as the
+            // NixOS module's unit: a guard starved by them would fence late.
+            ("CPUWeight", Value::U64(GUARD_CPU_WEIGHT)),
             // It needs no network and writes nothing.
             ("PrivateNetwork", Value::Bool(true)),
             ("NoNewPrivileges", Value::Bool(true)),
