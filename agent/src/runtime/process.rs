@@ -17,7 +17,9 @@
 //! lets the spawn itself be a `posix_spawn` (the child shares the agent's memory until
 //! its exec) rather than a `fork`, which copies the page tables of the whole agent for
 //! every child: with 100 agents on one machine starting 10,000 guests, those copies
-//! took a quarter of its CPU. Code between a fork and exec (`pre_exec`) is what forces
+//! took a quarter of its CPU (where `exec` itself is dear, on a virtual machine whose
+//! `cpuid` traps, the trampoline's extra one costs nearly as much: see BENCHMARKS).
+//! Code between a fork and exec (`pre_exec`) is what forces
 //! the fork, so that is where the trampoline's work moved. Without a trampoline
 //! ([`ProcessConfig::trampoline`] `None`: a library user, the unit tests) the child is
 //! forked and does the same in `pre_exec`.
