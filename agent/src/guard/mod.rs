@@ -61,13 +61,13 @@
 //! it starts none without fresh contact of its own. The first pass of a
 //! fence is *thorough*: with the `process` runtime it reads every process
 //! of the machine, the later ones only the agent's children (`procfs`).
-//! With the `process` runtime a pass that found nothing to stop is repeated every [`PROCESS_IDLE_PASS_MS`] once the
-//! fence is that old, not at every check (100 agents' guards on one
-//! machine passing 20 times a second took both of its cores): the guests
-//! running at the deadline are stopped within the bound as before, and so
-//! is a start that raced it by the passes of the fence's first second (one
-//! held up longer than that, on a starved machine, is stopped within a
-//! second of appearing).
+//! With the `process` runtime a pass that found nothing to stop is
+//! repeated every [`PROCESS_IDLE_PASS_MS`] once the fence is that old, not
+//! at every check (100 agents' guards on one machine passing 20 times a
+//! second took both of its cores): the guests running at the deadline are
+//! stopped within the bound as before, and so is a start that raced it by
+//! the passes of the fence's first second (one held up longer than that,
+//! on a starved machine, is stopped within a second of appearing).
 //!
 //! [`Guard`] is the pure decision (what a check sees, what it does, what
 //! it asks of the watchdog); [`run`] and [`fence_if_stale`] are the shell.

@@ -100,7 +100,6 @@ impl ProcessGuests {
         let mut found: Vec<(String, i32)> =
             pids.into_iter().filter_map(|pid| self.guest_of(pid).map(|vm| (vm, pid))).collect();
         found.sort();
-        found.dedup();
         found
     }
 

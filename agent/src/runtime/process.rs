@@ -19,9 +19,9 @@
 //! every child: with 100 agents on one machine starting 10,000 guests, those copies
 //! took a quarter of its CPU (where `exec` itself is dear, on a virtual machine whose
 //! `cpuid` traps, the trampoline's extra one costs nearly as much: see BENCHMARKS).
-//! Code between a fork and exec (`pre_exec`) is what forces
-//! the fork, so that is where the trampoline's work moved. Without a trampoline
-//! ([`ProcessConfig::trampoline`] `None`: a library user, the unit tests) the child is
+//! Code between a fork and exec (`pre_exec`) is what forces the fork, so that is where
+//! the trampoline's work moved. Without a trampoline ([`ProcessConfig::trampoline`]
+//! `None`: a library user, a test running a runtime in its own process) the child is
 //! forked and does the same in `pre_exec`.
 //!
 //! Each child leads its own process group: a Ctrl-C meant for the agent in a terminal

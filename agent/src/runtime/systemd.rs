@@ -96,7 +96,7 @@ const GUARD_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// had to, and a new guard should look again at once.
 const GUARD_RESTART: Duration = Duration::from_millis(100);
 /// The transient guard's `CPUWeight` (systemd's default, and the guests', is 100).
-pub const GUARD_CPU_WEIGHT: u64 = 1000;
+const GUARD_CPU_WEIGHT: u64 = 1000;
 
 /// `waitid`'s `si_code` values that systemd reports as `ExecMainCode`.
 const CLD_EXITED: i32 = 1;
